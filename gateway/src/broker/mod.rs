@@ -1,0 +1,160 @@
+//! The broker seam: how a node hears about every room it has local members in, and how it
+//! publishes into a room for the whole cluster.
+//!
+//! Two implementations sit behind [`Broker`]: [`memory`] (one node alone, no Redis) and [`redis`]
+//! (a cluster sharing one Redis). Both deliver what they receive to the node's
+//! [`Hub`](crate::hub::Hub), never blocking on it. Subscriptions are a *desired set* that the
+//! broker converges to: [`Broker::subscribe`] and [`Broker::unsubscribe`] only change the set (and
+//! are called under the hub's lock, so the order of changes is the order of joins and leaves); the
+//! Redis subscriber task sends the difference to Redis, and sends the whole set again after a
+//! reconnect.
+//!
+//! An enum rather than a trait object: there are exactly two implementations, and the hot path
+//! (publish) stays a direct call.
+
+pub mod memory;
+pub mod redis;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::protocol::RoomName;
+
+/// Why a publish did not reach the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The broker is not connected (Redis down or reconnecting).
+    #[error("broker unavailable")]
+    Unavailable,
+    /// The broker did not answer in time; the connection is being replaced.
+    #[error("broker timed out")]
+    Timeout,
+    /// The broker answered with an error or the connection failed mid-command.
+    #[error("broker error: {0}")]
+    Failed(String),
+    /// The configuration is unusable (a malformed Redis URL).
+    #[error("invalid broker configuration: {0}")]
+    Config(String),
+}
+
+/// The node's broker.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per node, never moved on a hot path
+pub enum Broker {
+    /// In-process: one node alone.
+    Memory(memory::MemoryBroker),
+    /// Redis pub/sub: a cluster.
+    Redis(redis::RedisBroker),
+}
+
+impl Broker {
+    /// Adds `room` to the desired subscriptions. Cheap and synchronous.
+    pub fn subscribe(&self, room: &RoomName) {
+        match self {
+            Self::Memory(b) => b.subscribe(room),
+            Self::Redis(b) => b.subscribe(room),
+        }
+    }
+
+    /// Removes `room` from the desired subscriptions. Cheap and synchronous.
+    pub fn unsubscribe(&self, room: &RoomName) {
+        match self {
+            Self::Memory(b) => b.unsubscribe(room),
+            Self::Redis(b) => b.unsubscribe(room),
+        }
+    }
+
+    /// Waits until the broker has confirmed the subscription to `room`, at most `limit`. Returns
+    /// whether it is confirmed.
+    pub async fn wait_subscribed(&self, room: &RoomName, limit: Duration) -> bool {
+        match self {
+            Self::Memory(_) => true,
+            Self::Redis(b) => tokio::time::timeout(limit, b.wait_subscribed(room))
+                .await
+                .unwrap_or(false),
+        }
+    }
+
+    /// Publishes an encoded message frame to every node subscribed to `room` (this one included).
+    pub async fn publish(&self, room: &RoomName, payload: Bytes) -> Result<(), BrokerError> {
+        match self {
+            Self::Memory(b) => {
+                b.publish(room, payload);
+                Ok(())
+            }
+            Self::Redis(b) => b.publish(room, payload).await,
+        }
+    }
+
+    /// Whether the broker can currently publish and receive.
+    pub fn is_connected(&self) -> bool {
+        match self {
+            Self::Memory(_) => true,
+            Self::Redis(b) => b.is_connected(),
+        }
+    }
+
+    /// A short name for logs and `/readyz`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Memory(_) => "memory",
+            Self::Redis(_) => "redis",
+        }
+    }
+}
+
+/// Capped exponential backoff with full jitter, for reconnect loops that never give up.
+#[derive(Debug)]
+pub struct Backoff {
+    base: Duration,
+    cap: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    /// Starts at `base`, never waits longer than `cap`.
+    pub fn new(base: Duration, cap: Duration) -> Self {
+        Self {
+            base,
+            cap,
+            attempt: 0,
+        }
+    }
+
+    /// The next wait: uniformly random in [base/2, min(cap, base·2^attempt)].
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self
+            .base
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(self.cap);
+        self.attempt = self.attempt.saturating_add(1);
+        let floor = self.base / 2;
+        let span = ceiling.saturating_sub(floor).as_micros() as u64;
+        floor + Duration::from_micros(fastrand::u64(0..=span))
+    }
+
+    /// Back to the first step, after a connection came up.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let delays: Vec<Duration> = (0..40).map(|_| b.next_delay()).collect();
+        assert!(delays
+            .iter()
+            .all(|d| *d >= Duration::from_millis(50) && *d <= Duration::from_secs(2)));
+        assert!(delays[0] <= Duration::from_millis(100));
+        let late: std::collections::HashSet<_> = delays[20..].iter().collect();
+        assert!(late.len() > 5, "jitter spreads the waits");
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,511 @@
+//! The Redis broker: one dedicated subscriber connection and one publisher connection per node.
+//!
+//! The *subscriber task* owns the subscriber connection and the set of channels actually
+//! subscribed on it. It converges that set to the desired set (changed by
+//! [`RedisBroker::subscribe`] / [`RedisBroker::unsubscribe`]) in batches, hands every message to
+//! the hub without blocking, and probes the connection with `PING` every
+//! `--redis-probe-interval`: a Redis that drops the connection *or* stops answering (a stopped
+//! process) is detected within probe interval + `--redis-timeout`. After a loss it reconnects
+//! forever with capped, jittered backoff and subscribes the whole desired set again.
+//!
+//! The *publisher task* keeps one multiplexed connection for `PUBLISH`. A publish on a missing
+//! or failed connection fails at once with [`BrokerError`] (the caller tells the client), and a
+//! failure hands the connection back to the task to replace it.
+//!
+//! Messages published while a node is disconnected are lost for that node (Redis pub/sub keeps
+//! no history); clients learn of the outage through `/readyz`, the `gateway_redis_connected`
+//! gauge and errors on their own publishes.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
+use redis::AsyncConnectionConfig;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use super::{Backoff, BrokerError};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::protocol::RoomName;
+
+/// Channels per SUBSCRIBE / UNSUBSCRIBE command when converging, so that a reconnect with
+/// thousands of rooms sends a few large commands rather than one huge one or thousands of small.
+const SUBSCRIBE_BATCH: usize = 500;
+/// First reconnect wait; doubles up to [`BACKOFF_CAP`], with full jitter.
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// Longest reconnect wait: short enough that service resumes within seconds of Redis returning.
+const BACKOFF_CAP: Duration = Duration::from_secs(2);
+
+/// Timeouts of the Redis connections.
+#[derive(Debug, Clone, Copy)]
+pub struct RedisTimeouts {
+    /// Connect and command deadline.
+    pub command: Duration,
+    /// Interval of the subscriber's PING probe.
+    pub probe_interval: Duration,
+}
+
+/// A node's Redis broker. Cheap to share: state lives in an `Arc`.
+#[derive(Debug)]
+pub struct RedisBroker {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    client: redis::Client,
+    prefix: String,
+    hub: Arc<Hub>,
+    metrics: Metrics,
+    timeouts: RedisTimeouts,
+    /// Desired and confirmed subscriptions. A std lock: only set operations happen under it.
+    subs: Mutex<Subscriptions>,
+    /// Wakes the subscriber task when the desired set changed (a stored permit is never lost).
+    subs_changed: Notify,
+    /// Bumped whenever `confirmed` grows, for [`RedisBroker::wait_subscribed`].
+    confirmed_epoch: watch::Sender<u64>,
+    /// The publisher connection and its generation, `None` while reconnecting.
+    publisher: Mutex<Option<(u64, MultiplexedConnection)>>,
+    /// Wakes the publisher task when the connection failed.
+    publisher_lost: Notify,
+    subscriber_up: AtomicBool,
+    publisher_up: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct Subscriptions {
+    /// Rooms the node wants (local members, or within the unsubscribe delay).
+    desired: HashSet<RoomName>,
+    /// Rooms Redis has confirmed on the current subscriber connection.
+    confirmed: HashSet<RoomName>,
+}
+
+impl RedisBroker {
+    /// Checks the URL and starts the subscriber and publisher tasks on `tracker`; they connect in
+    /// the background and retry until `cancel`.
+    pub fn start(
+        url: &str,
+        prefix: &str,
+        hub: Arc<Hub>,
+        metrics: Metrics,
+        timeouts: RedisTimeouts,
+        tracker: &TaskTracker,
+        cancel: CancellationToken,
+    ) -> Result<Self, BrokerError> {
+        let client = redis::Client::open(url).map_err(|e| BrokerError::Config(e.to_string()))?;
+        metrics.redis_connected.set(0.0);
+        let shared = Arc::new(Shared {
+            client,
+            prefix: prefix.to_string(),
+            hub,
+            metrics,
+            timeouts,
+            subs: Mutex::new(Subscriptions::default()),
+            subs_changed: Notify::new(),
+            confirmed_epoch: watch::Sender::new(0),
+            publisher: Mutex::new(None),
+            publisher_lost: Notify::new(),
+            subscriber_up: AtomicBool::new(false),
+            publisher_up: AtomicBool::new(false),
+        });
+        tracker.spawn(
+            Subscriber {
+                shared: shared.clone(),
+                cancel: cancel.clone(),
+            }
+            .run(),
+        );
+        tracker.spawn(
+            Publisher {
+                shared: shared.clone(),
+                cancel,
+            }
+            .run(),
+        );
+        Ok(Self { shared })
+    }
+
+    pub(super) fn subscribe(&self, room: &RoomName) {
+        let mut subs = self.shared.lock_subs();
+        if subs.desired.insert(room.clone()) {
+            self.shared.subs_changed.notify_one();
+        }
+    }
+
+    pub(super) fn unsubscribe(&self, room: &RoomName) {
+        let mut subs = self.shared.lock_subs();
+        if subs.desired.remove(room) {
+            self.shared.subs_changed.notify_one();
+        }
+    }
+
+    pub(super) async fn wait_subscribed(&self, room: &RoomName) -> bool {
+        let mut epoch = self.shared.confirmed_epoch.subscribe();
+        loop {
+            if self.shared.lock_subs().confirmed.contains(room) {
+                return true;
+            }
+            if epoch.changed().await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    pub(super) async fn publish(&self, room: &RoomName, payload: Bytes) -> Result<(), BrokerError> {
+        let s = &self.shared;
+        let current = s
+            .publisher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some((generation, mut conn)) = current else {
+            return Err(BrokerError::Unavailable);
+        };
+        let channel = s.channel(room);
+        let cmd = redis::cmd("PUBLISH")
+            .arg(&channel)
+            .arg(payload.as_ref())
+            .to_owned();
+        match tokio::time::timeout(s.timeouts.command, cmd.query_async::<i64>(&mut conn)).await {
+            Ok(Ok(_receivers)) => Ok(()),
+            Ok(Err(e)) => {
+                if e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_timeout()
+                    || e.is_unrecoverable_error()
+                {
+                    s.lose_publisher(generation);
+                }
+                Err(BrokerError::Failed(e.to_string()))
+            }
+            Err(_) => {
+                s.lose_publisher(generation);
+                Err(BrokerError::Timeout)
+            }
+        }
+    }
+
+    pub(super) fn is_connected(&self) -> bool {
+        self.shared.subscriber_up.load(Ordering::Relaxed)
+            && self.shared.publisher_up.load(Ordering::Relaxed)
+    }
+}
+
+impl Shared {
+    fn lock_subs(&self) -> std::sync::MutexGuard<'_, Subscriptions> {
+        self.subs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn channel(&self, room: &RoomName) -> String {
+        format!("{}{}", self.prefix, room)
+    }
+
+    fn update_connected(&self) {
+        let up =
+            self.subscriber_up.load(Ordering::Relaxed) && self.publisher_up.load(Ordering::Relaxed);
+        self.metrics.redis_connected.set(if up { 1.0 } else { 0.0 });
+    }
+
+    /// Drops publisher connection `generation` if it is still the current one.
+    fn take_publisher(&self, generation: u64) -> bool {
+        let mut p = self.publisher.lock().unwrap_or_else(|e| e.into_inner());
+        if matches!(&*p, Some((g, _)) if *g == generation) {
+            *p = None;
+            drop(p);
+            self.publisher_up.store(false, Ordering::Relaxed);
+            self.update_connected();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// A publish saw connection `generation` fail: drop it and wake the publisher task.
+    fn lose_publisher(&self, generation: u64) {
+        if self.take_publisher(generation) {
+            self.publisher_lost.notify_one();
+        }
+    }
+
+    fn publisher_generation(&self) -> Option<u64> {
+        self.publisher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|(g, _)| *g)
+    }
+}
+
+/// Why a subscriber connection ended.
+#[derive(Debug, thiserror::Error)]
+enum SubscriberLost {
+    #[error("connection closed by Redis")]
+    Closed,
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// The task that owns the subscriber connection.
+struct Subscriber {
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+}
+
+impl Subscriber {
+    async fn run(self) {
+        let s = &self.shared;
+        let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
+        let mut ever_up = false;
+        let mut failures = 0u64;
+        loop {
+            let connect = tokio::time::timeout(s.timeouts.command, s.client.get_async_pubsub());
+            let conn = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                r = connect => r,
+            };
+            match conn {
+                Ok(Ok(pubsub)) => {
+                    let (mut sink, mut stream) = pubsub.split();
+                    let result = self
+                        .serve(&mut sink, &mut stream, &mut backoff, ever_up)
+                        .await;
+                    ever_up = true;
+                    failures = 0;
+                    s.subscriber_up.store(false, Ordering::Relaxed);
+                    s.update_connected();
+                    s.lock_subs().confirmed.clear();
+                    s.metrics.broker_subscriptions.set(0.0);
+                    match result {
+                        Ok(()) => return,
+                        Err(e) => {
+                            warn!(cause = %e, "redis subscriber connection lost; reconnecting")
+                        }
+                    }
+                }
+                Ok(Err(e)) => {
+                    failures += 1;
+                    if failures == 1 || failures.is_multiple_of(50) {
+                        warn!(cause = %e, attempts = failures, "redis subscriber cannot connect");
+                    }
+                }
+                Err(_) => {
+                    failures += 1;
+                    if failures == 1 || failures.is_multiple_of(50) {
+                        warn!(attempts = failures, "redis subscriber connect timed out");
+                    }
+                }
+            }
+            let wait = backoff.next_delay();
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Serves one connection until it fails (`Err`) or the node shuts down (`Ok`).
+    async fn serve(
+        &self,
+        sink: &mut PubSubSink,
+        stream: &mut PubSubStream,
+        backoff: &mut Backoff,
+        reconnect: bool,
+    ) -> Result<(), SubscriberLost> {
+        let s = &self.shared;
+        let mut current: HashSet<RoomName> = HashSet::new();
+        self.converge(sink, &mut current).await?;
+        s.subscriber_up.store(true, Ordering::Relaxed);
+        s.update_connected();
+        backoff.reset();
+        if reconnect {
+            s.metrics.redis_reconnects_subscriber.increment(1);
+        }
+        info!(rooms = current.len(), "redis subscriber connected");
+        let mut probe = tokio::time::interval(s.timeouts.probe_interval);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        probe.tick().await;
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => return Ok(()),
+                msg = stream.next() => {
+                    let Some(msg) = msg else { return Err(SubscriberLost::Closed) };
+                    match msg.get_channel_name().strip_prefix(s.prefix.as_str()) {
+                        Some(room) => s.hub.deliver(room, Bytes::copy_from_slice(msg.get_payload_bytes())),
+                        None => debug!(channel = msg.get_channel_name(), "message on a foreign channel"),
+                    }
+                }
+                _ = s.subs_changed.notified() => self.converge(sink, &mut current).await?,
+                _ = probe.tick() => {
+                    let t = s.timeouts.command;
+                    match tokio::time::timeout(t, sink.ping::<redis::Value>()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return Err(e.into()),
+                        Err(_) => return Err(SubscriberLost::Timeout(t)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends SUBSCRIBE / UNSUBSCRIBE until `current` equals the desired set.
+    async fn converge(
+        &self,
+        sink: &mut PubSubSink,
+        current: &mut HashSet<RoomName>,
+    ) -> Result<(), SubscriberLost> {
+        let s = &self.shared;
+        let t = s.timeouts.command;
+        loop {
+            let (add, remove): (Vec<RoomName>, Vec<RoomName>) = {
+                let subs = s.lock_subs();
+                (
+                    subs.desired
+                        .difference(current)
+                        .take(SUBSCRIBE_BATCH)
+                        .cloned()
+                        .collect(),
+                    current
+                        .difference(&subs.desired)
+                        .take(SUBSCRIBE_BATCH)
+                        .cloned()
+                        .collect(),
+                )
+            };
+            if add.is_empty() && remove.is_empty() {
+                return Ok(());
+            }
+            if !add.is_empty() {
+                let channels: Vec<String> = add.iter().map(|r| s.channel(r)).collect();
+                match tokio::time::timeout(t, sink.subscribe(&channels)).await {
+                    Ok(r) => r?,
+                    Err(_) => return Err(SubscriberLost::Timeout(t)),
+                }
+                current.extend(add.iter().cloned());
+                s.lock_subs().confirmed.extend(add);
+                s.confirmed_epoch.send_modify(|e| *e += 1);
+            }
+            if !remove.is_empty() {
+                let channels: Vec<String> = remove.iter().map(|r| s.channel(r)).collect();
+                match tokio::time::timeout(t, sink.unsubscribe(&channels)).await {
+                    Ok(r) => r?,
+                    Err(_) => return Err(SubscriberLost::Timeout(t)),
+                }
+                let mut subs = s.lock_subs();
+                for r in &remove {
+                    current.remove(r);
+                    subs.confirmed.remove(r);
+                }
+            }
+            s.metrics.broker_subscriptions.set(current.len() as f64);
+        }
+    }
+}
+
+/// The task that keeps the publisher connection.
+struct Publisher {
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+}
+
+impl Publisher {
+    async fn run(self) {
+        let s = &self.shared;
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(s.timeouts.command))
+            .set_response_timeout(Some(s.timeouts.command));
+        let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
+        let mut generation = 0u64;
+        let mut failures = 0u64;
+        loop {
+            let connect = tokio::time::timeout(
+                s.timeouts.command,
+                s.client
+                    .get_multiplexed_async_connection_with_config(&config),
+            );
+            let conn = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                r = connect => r,
+            };
+            match conn {
+                Ok(Ok(conn)) => {
+                    generation += 1;
+                    if generation > 1 {
+                        s.metrics.redis_reconnects_publisher.increment(1);
+                    }
+                    failures = 0;
+                    backoff.reset();
+                    *s.publisher.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some((generation, conn));
+                    s.publisher_up.store(true, Ordering::Relaxed);
+                    s.update_connected();
+                    info!("redis publisher connected");
+                    if !self.watch(generation).await {
+                        return;
+                    }
+                }
+                Ok(Err(e)) => {
+                    failures += 1;
+                    if failures == 1 || failures.is_multiple_of(50) {
+                        warn!(cause = %e, attempts = failures, "redis publisher cannot connect");
+                    }
+                }
+                Err(_) => {
+                    failures += 1;
+                    if failures == 1 || failures.is_multiple_of(50) {
+                        warn!(attempts = failures, "redis publisher connect timed out");
+                    }
+                }
+            }
+            let wait = backoff.next_delay();
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Probes the publisher connection until it is lost (`true`) or the node shuts down (`false`),
+    /// so that an outage is noticed, and a fresh connection is ready, before the next publish.
+    async fn watch(&self, generation: u64) -> bool {
+        let s = &self.shared;
+        let mut probe = tokio::time::interval(s.timeouts.probe_interval);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        probe.tick().await;
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return false,
+                _ = s.publisher_lost.notified() => {
+                    if s.publisher_generation() == Some(generation) {
+                        continue; // a stale wake-up about an older connection
+                    }
+                    warn!("redis publisher connection lost; reconnecting");
+                    return true;
+                }
+                _ = probe.tick() => {
+                    let conn = s.publisher.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    let Some((_, mut conn)) = conn else { return true };
+                    let ping = redis::cmd("PING").to_owned();
+                    let ok = matches!(
+                        tokio::time::timeout(s.timeouts.command, ping.query_async::<redis::Value>(&mut conn)).await,
+                        Ok(Ok(_))
+                    );
+                    if !ok {
+                        s.take_publisher(generation);
+                        warn!("redis publisher probe failed; reconnecting");
+                        return true;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! Node configuration: every flag, its `GATEWAY_…` environment variable, its default, and the
+//! checks that run before anything binds ([`Config::validate`]).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Configuration of one gateway node.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "gateway",
+    version,
+    about = "WebSocket gateway for live rooms: clients join rooms as hosts or viewers; messages fan \
+             out to every member on every node through Redis (or an in-process broker when no \
+             Redis is given)."
+)]
+pub struct Config {
+    /// Address for WebSocket clients and the HTTP API.
+    #[arg(long, env = "GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Address for /metrics, /healthz and /readyz (keep it off the public network).
+    #[arg(long, env = "GATEWAY_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    pub admin_listen: SocketAddr,
+
+    /// Redis URL (redis://[user:pass@]host:port[/db]). Without it the node runs alone with an
+    /// in-process broker.
+    #[arg(long, env = "GATEWAY_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// This node's id, shown to clients and on every metric as the `node` label.
+    #[arg(long, env = "GATEWAY_NODE_ID", default_value_t = default_node_id())]
+    pub node_id: String,
+
+    /// Key required as `Authorization: Bearer KEY` on the HTTP publish API. Without it the API is
+    /// open (bind --listen to a private address then).
+    #[arg(long, env = "GATEWAY_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Prefix of the Redis channel of each room: a room's channel is PREFIX + room name.
+    #[arg(long, env = "GATEWAY_CHANNEL_PREFIX", default_value = "gw:room:")]
+    pub channel_prefix: String,
+
+    /// Log format; the level comes from RUST_LOG (default info).
+    #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Largest message a client may send or the API accept, in bytes (close 1009 / HTTP 413).
+    /// Also caps the reassembled size of a fragmented message and payloads from Redis.
+    #[arg(long, env = "GATEWAY_MAX_MESSAGE_SIZE", default_value_t = 64 * 1024)]
+    pub max_message_size: usize,
+
+    /// Most frames one fragmented message may have (close 1009 beyond).
+    #[arg(long, env = "GATEWAY_MAX_FRAGMENTS", default_value_t = 64)]
+    pub max_fragments: usize,
+
+    /// Frames a client's outbound queue may hold; a client whose queue is full is too slow and is
+    /// closed with code 4000.
+    #[arg(long, env = "GATEWAY_OUTBOX_FRAMES", default_value_t = 1024)]
+    pub outbox_frames: usize,
+
+    /// Bytes a client's outbound queue may hold (same result as --outbox-frames).
+    #[arg(long, env = "GATEWAY_OUTBOX_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub outbox_bytes: usize,
+
+    /// How long the node stays subscribed to a room after its last local member left, so that
+    /// quick rejoins do not churn Redis subscriptions.
+    #[arg(long, env = "GATEWAY_UNSUBSCRIBE_DELAY", value_parser = parse_duration, default_value = "2s")]
+    pub unsubscribe_delay: Duration,
+
+    /// Interval of WebSocket pings to each client.
+    #[arg(long, env = "GATEWAY_PING_INTERVAL", value_parser = parse_duration, default_value = "25s")]
+    pub ping_interval: Duration,
+
+    /// A client from which nothing (not even a pong) arrives for this long is closed (4001).
+    #[arg(long, env = "GATEWAY_IDLE_TIMEOUT", value_parser = parse_duration, default_value = "60s")]
+    pub idle_timeout: Duration,
+
+    /// Time a Redis command (publish, subscribe, probe) may take before the connection is treated
+    /// as lost.
+    #[arg(long, env = "GATEWAY_REDIS_TIMEOUT", value_parser = parse_duration, default_value = "2s")]
+    pub redis_timeout: Duration,
+
+    /// Interval of the health probe (PING) on the Redis subscriber connection.
+    #[arg(long, env = "GATEWAY_REDIS_PROBE_INTERVAL", value_parser = parse_duration, default_value = "2s")]
+    pub redis_probe_interval: Duration,
+
+    /// Most WebSocket connections this node holds; further upgrades get HTTP 503. 0 means no limit
+    /// other than the process's open-file limit.
+    #[arg(long, env = "GATEWAY_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
+
+    /// On SIGTERM/SIGINT, clients are closed with code 1012 spread evenly over this window (so
+    /// they reconnect elsewhere without a storm); the process exits within it plus 5 s.
+    #[arg(long, env = "GATEWAY_DRAIN_SECONDS", value_parser = parse_duration, default_value = "10")]
+    pub drain_seconds: Duration,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value is out of its range.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// A configuration with every default, for tests and embedding; listens are placeholders since
+    /// [`crate::run`] takes bound listeners.
+    pub fn defaults() -> Self {
+        Self::parse_from(["gateway"])
+    }
+
+    /// The window over which draining closes clients.
+    pub fn drain_window(&self) -> Duration {
+        self.drain_seconds
+    }
+
+    /// Checks values that clap cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if self.node_id.is_empty()
+            || self.node_id.len() > 64
+            || self.node_id.chars().any(char::is_control)
+        {
+            return bad("--node-id must be 1-64 printable characters");
+        }
+        if self.channel_prefix.is_empty() {
+            return bad("--channel-prefix must not be empty");
+        }
+        if self.max_message_size < 128 {
+            return bad("--max-message-size must be at least 128 bytes");
+        }
+        if self.max_fragments == 0 {
+            return bad("--max-fragments must be at least 1");
+        }
+        if self.outbox_frames < 8 || self.outbox_bytes < self.max_message_size {
+            return bad(
+                "--outbox-frames must be at least 8 and --outbox-bytes at least --max-message-size",
+            );
+        }
+        if self.ping_interval.is_zero() || self.idle_timeout <= self.ping_interval {
+            return bad(
+                "--idle-timeout must be longer than --ping-interval, which must not be zero",
+            );
+        }
+        if self.redis_timeout.is_zero() || self.redis_probe_interval.is_zero() {
+            return bad("--redis-timeout and --redis-probe-interval must not be zero");
+        }
+        if let Some(key) = &self.api_key {
+            if key.len() < 8 {
+                return bad("--api-key must be at least 8 characters");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn default_node_id() -> String {
+    gethostname::gethostname()
+        .into_string()
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "gateway".to_string())
+}
+
+/// Parses `250ms`, `25s`, `2m`, `1h`, or a plain number of seconds (`1.5`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (examples: 250ms, 25s, 2m)"))?;
+    if !v.is_finite() || v < 0.0 || v * mult > 1e9 {
+        return Err(format!("`{s}` is out of range"));
+    }
+    Ok(Duration::from_secs_f64(v * mult))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("25s"), Ok(Duration::from_secs(25)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let c = Config::defaults();
+        c.validate().unwrap();
+        assert_eq!(c.channel_prefix, "gw:room:");
+        assert_eq!(c.ping_interval, Duration::from_secs(25));
+        assert!(!c.node_id.is_empty());
+    }
+
+    #[test]
+    fn refuses_bad_values() {
+        let c = Config::parse_from(["gateway", "--idle-timeout", "10s", "--ping-interval", "20s"]);
+        assert!(c.validate().is_err());
+        let c = Config::parse_from(["gateway", "--api-key", "short"]);
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,422 @@
+//! Routes of the client port: WebSocket upgrades into rooms and the HTTP publish API.
+//!
+//! - `GET /ws/{room}?role=host|viewer&name=NAME` — upgrade into `room`.
+//! - `GET /` with an upgrade — join `lobby`; without one, a short page about the node.
+//! - `POST /api/rooms/{room}/messages` — publish as `server` (202 with the message id).
+//!
+//! Every refusal happens before the upgrade, as an HTTP status with a JSON body
+//! `{"error":CODE,"message":TEXT}`, and is counted. [`admit`] is where a connection's identity and
+//! role are decided: a token check (JWT) replaces its trust in the query string there.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde_json::value::RawValue;
+use tracing::{debug, warn};
+
+use crate::metrics::{RefuseReason, Source};
+use crate::node::{Node, SlotError};
+use crate::protocol::{self, Role, RoomName};
+use crate::session::{self, Admission};
+
+/// The response body of every route.
+pub type Body = Full<Bytes>;
+
+/// A refusal: status, machine-readable code, human-readable message.
+#[derive(Debug)]
+pub struct Refusal {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    fn into_response(self) -> Response<Body> {
+        let body = serde_json::json!({ "error": self.code, "message": self.message });
+        json(self.status, &body)
+    }
+}
+
+/// A JSON response.
+pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(value.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// A plain-text or HTML response.
+pub fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+/// Dispatches one request of the client port.
+pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_string();
+    let response = if path == "/" {
+        if fastwebsockets::upgrade::is_upgrade_request(&req) {
+            upgrade(&node, req, protocol::LOBBY)
+        } else if req.method() == Method::GET || req.method() == Method::HEAD {
+            Ok(index(&node))
+        } else {
+            Err(Refusal::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "use GET",
+            ))
+        }
+    } else if let Some(room) = path.strip_prefix("/ws/") {
+        if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+            Err(Refusal::new(
+                StatusCode::UPGRADE_REQUIRED,
+                "upgrade_required",
+                "this endpoint is a WebSocket: connect with Upgrade: websocket",
+            ))
+        } else {
+            let room = room.to_string();
+            upgrade(&node, req, &room)
+        }
+    } else if let Some(room) = path
+        .strip_prefix("/api/rooms/")
+        .and_then(|r| r.strip_suffix("/messages"))
+    {
+        let room = room.to_string();
+        let result = if req.method() == Method::POST {
+            publish(&node, req, &room).await
+        } else {
+            Err(Refusal::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "use POST",
+            ))
+        };
+        let status = match &result {
+            Ok(r) => r.status(),
+            Err(r) => r.status,
+        };
+        node.metrics.http_request(status.as_u16());
+        result
+    } else {
+        Err(Refusal::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such endpoint",
+        ))
+    };
+    Ok(response.unwrap_or_else(Refusal::into_response))
+}
+
+/// Decodes `%XX` escapes and `+` in a query component.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                let hex = std::str::from_utf8(hex).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The query parameters of a request, decoded; a malformed escape is a 400.
+fn query_params(req: &Request<Incoming>) -> Result<Vec<(String, String)>, Refusal> {
+    let Some(q) = req.uri().query() else {
+        return Ok(Vec::new());
+    };
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            match (percent_decode(k), percent_decode(v)) {
+                (Some(k), Some(v)) => Ok((k, v)),
+                _ => Err(Refusal::bad_request("malformed query string")),
+            }
+        })
+        .collect()
+}
+
+fn param<'a>(params: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+fn parse_room(raw: &str) -> Result<RoomName, Refusal> {
+    RoomName::parse(raw).ok_or_else(|| {
+        Refusal::bad_request(format!(
+            "invalid room name: use 1-{} characters of A-Z a-z 0-9 _ . : -",
+            protocol::MAX_ROOM_LEN
+        ))
+    })
+}
+
+/// Decides who a connecting client is. Today the role and name come from the query string; a
+/// token check (JWT) goes here and overrides them.
+fn admit(req: &Request<Incoming>, room: &str) -> Result<Admission, Refusal> {
+    let room = parse_room(room)?;
+    let params = query_params(req)?;
+    let role = match param(&params, "role") {
+        None | Some("") => Role::Viewer,
+        Some(r) => Role::parse_member(r)
+            .ok_or_else(|| Refusal::bad_request("role must be host or viewer"))?,
+    };
+    let name = match param(&params, "name") {
+        None | Some("") => None,
+        Some(n) if protocol::valid_name(n) => Some(Arc::from(n)),
+        Some(_) => {
+            return Err(Refusal::bad_request(format!(
+                "invalid name: 1-{} characters, no control characters",
+                protocol::MAX_NAME_LEN
+            )))
+        }
+    };
+    Ok(Admission { room, role, name })
+}
+
+/// Admits a client, reserves its slot and switches protocols; the session runs in a tracked task.
+fn upgrade(
+    node: &Arc<Node>,
+    mut req: Request<Incoming>,
+    room: &str,
+) -> Result<Response<Body>, Refusal> {
+    let refused = |reason: RefuseReason, r: Refusal| {
+        node.metrics.refused(reason).increment(1);
+        r
+    };
+    if req.method() != Method::GET {
+        return Err(refused(
+            RefuseReason::BadRequest,
+            Refusal::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "upgrade with GET",
+            ),
+        ));
+    }
+    let admission = admit(&req, room).map_err(|r| refused(RefuseReason::BadRequest, r))?;
+    let slot = node.reserve_session().map_err(|e| match e {
+        SlotError::Capacity => refused(
+            RefuseReason::Capacity,
+            Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "capacity",
+                "this node is full; try another",
+            ),
+        ),
+        SlotError::Draining => refused(
+            RefuseReason::Draining,
+            Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "draining",
+                "this node is shutting down; try another",
+            ),
+        ),
+    })?;
+    let (response, upgrade) = fastwebsockets::upgrade::upgrade(&mut req).map_err(|e| {
+        refused(
+            RefuseReason::BadRequest,
+            Refusal::bad_request(format!("bad WebSocket handshake: {e}")),
+        )
+    })?;
+    let node2 = node.clone();
+    node.tracker.spawn(async move {
+        let upgraded = tokio::select! {
+            r = upgrade => r,
+            _ = node2.stopping().cancelled() => return,
+        };
+        match upgraded {
+            Ok(ws) => {
+                let upgraded = ws.into_inner().into_inner();
+                session::run(node2, slot, admission, upgraded).await;
+            }
+            Err(e) => debug!(cause = %e, "upgrade did not complete"),
+        }
+    });
+    let (parts, _) = response.into_parts();
+    Ok(Response::from_parts(parts, Full::new(Bytes::new())))
+}
+
+/// Compares two byte strings in time independent of where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `POST /api/rooms/{room}/messages`.
+async fn publish(
+    node: &Arc<Node>,
+    req: Request<Incoming>,
+    room: &str,
+) -> Result<Response<Body>, Refusal> {
+    if let Some(key) = &node.config.api_key {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(given.as_bytes(), key.as_bytes()) {
+            let mut r = Refusal::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "send Authorization: Bearer KEY",
+            )
+            .into_response();
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return Ok(r);
+        }
+    }
+    let room = parse_room(room)?;
+    let params = query_params(&req)?;
+    let from = match param(&params, "from") {
+        None | Some("") => None,
+        Some(n) if protocol::valid_name(n) => Some(n.to_string()),
+        Some(_) => return Err(Refusal::bad_request("invalid from name")),
+    };
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default();
+    let limit = node.config.max_message_size;
+    let too_large = || {
+        Refusal::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the body is larger than {limit} bytes"),
+        )
+    };
+    let body = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+        Err(e) => {
+            return Err(Refusal::bad_request(format!(
+                "could not read the body: {e}"
+            )))
+        }
+    };
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return Err(Refusal::bad_request(
+            "the body must be UTF-8 (JSON or text)",
+        ));
+    };
+    let is_json = content_type == "application/json" || content_type.ends_with("+json");
+    let data: Box<RawValue> = if content_type.starts_with("text/") {
+        protocol::chat_data(text)
+    } else {
+        match RawValue::from_string(text.trim().to_string()) {
+            Ok(v) => v,
+            Err(_) if is_json => return Err(Refusal::bad_request("the body is not valid JSON")),
+            Err(_) => protocol::chat_data(text),
+        }
+    };
+    match node
+        .publish(&room, from.as_deref(), Role::Server, &data, Source::Http)
+        .await
+    {
+        Ok(p) => Ok(json(
+            StatusCode::ACCEPTED,
+            &serde_json::json!({ "id": p.id, "ts": p.ts, "room": room.as_str() }),
+        )),
+        Err(e) => {
+            warn!(room = %room, cause = %e, "http publish failed");
+            let mut r = Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the cluster's broker is unavailable; retry later",
+            )
+            .into_response();
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            Ok(r)
+        }
+    }
+}
+
+/// `GET /` without an upgrade: what this node is and how to use it.
+fn index(node: &Node) -> Response<Body> {
+    let body = format!(
+        "gateway node {node_id} ({version})\n\n\
+         WebSocket:  GET /ws/{{room}}?role=host|viewer&name=NAME   (GET / with an upgrade joins \"lobby\")\n\
+         Publish:    POST /api/rooms/{{room}}/messages   (body = data; JSON or text)\n\
+         Contract:   docs/protocol.md\n",
+        node_id = node.config.node_id,
+        version = env!("CARGO_PKG_VERSION"),
+    );
+    text(StatusCode::OK, "text/plain; charset=utf-8", body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("Alice%20B").as_deref(), Some("Alice B"));
+        assert_eq!(percent_decode("a+b").as_deref(), Some("a b"));
+        assert_eq!(percent_decode("Zo%C3%AB").as_deref(), Some("Zoë"));
+        assert_eq!(percent_decode("%zz"), None);
+        assert_eq!(percent_decode("%4"), None);
+        assert_eq!(percent_decode("%ff"), None, "not UTF-8");
+    }
+
+    #[test]
+    fn constant_time_comparison() {
+        assert!(constant_time_eq(b"secret-key", b"secret-key"));
+        assert!(!constant_time_eq(b"secret-key", b"secret-kez"));
+        assert!(!constant_time_eq(b"secret", b"secret-key"));
+    }
+}

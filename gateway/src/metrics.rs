@@ -1,0 +1,522 @@
+//! Every metric this node exports: names, labels, buckets and help texts live here and nowhere else.
+//!
+//! Each [`Node`](crate::node::Node) owns its own Prometheus recorder instead of installing a global
+//! one, so several nodes in one process (the integration tests) keep separate registries, and the
+//! hot path increments pre-registered handles instead of looking keys up. The `node` label is a
+//! global label of the recorder, so every series carries it. No label here is per room or per user:
+//! label values come from small closed enums.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{
+    Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit,
+};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+use crate::disconnect::CloseReason;
+use crate::protocol::Role;
+
+/// Current WebSocket connections on this node, by `role` (`host`, `viewer`).
+pub const CONNECTIONS: &str = "gateway_connections";
+/// Rooms with at least one local member.
+pub const ROOMS: &str = "gateway_rooms";
+/// WebSocket sessions accepted (after the upgrade).
+pub const CONNECTIONS_OPENED: &str = "gateway_connections_opened_total";
+/// WebSocket sessions ended, by `reason` (see [`CloseReason::label`]).
+pub const CONNECTIONS_CLOSED: &str = "gateway_connections_closed_total";
+/// Connection attempts refused before the upgrade, by `reason`.
+pub const CONNECTIONS_REFUSED: &str = "gateway_connections_refused_total";
+/// Messages this node accepted for publishing, by `source` (`client`, `http`, `redis`).
+/// `redis` counts payloads that arrived from Redis without our envelope (a raw `PUBLISH`).
+pub const MESSAGES_PUBLISHED: &str = "gateway_messages_published_total";
+/// Frames queued to local clients' outboxes that were written to their sockets.
+pub const MESSAGES_DELIVERED: &str = "gateway_messages_delivered_total";
+/// Messages or frames lost on purpose, by `reason`.
+pub const MESSAGES_DROPPED: &str = "gateway_messages_dropped_total";
+/// Publish time (`ts`) until this node queued the frame to every local member; one sample per
+/// message per node.
+pub const FANOUT_LATENCY: &str = "gateway_fanout_latency_seconds";
+/// Number of local members one message was queued to (one sample per message per node).
+pub const FANOUT_RECIPIENTS: &str = "gateway_fanout_recipients";
+/// Messages received from the broker (any room this node is subscribed to).
+pub const BROKER_MESSAGES_RECEIVED: &str = "gateway_broker_messages_received_total";
+/// Broker publish failures (the publisher got an error or a 503).
+pub const BROKER_PUBLISH_ERRORS: &str = "gateway_broker_publish_errors_total";
+/// Rooms this node's subscriber connection is currently subscribed to in Redis.
+pub const BROKER_SUBSCRIPTIONS: &str = "gateway_broker_subscriptions";
+/// 1 while both Redis connections (subscriber and publisher) are up; 1 for the in-process broker.
+pub const REDIS_CONNECTED: &str = "gateway_redis_connected";
+/// Successful reconnections to Redis after a loss, by `connection` (`subscriber`, `publisher`).
+pub const REDIS_RECONNECTS: &str = "gateway_redis_reconnects_total";
+/// Client commands refused with an `error` event, by `code`.
+pub const CLIENT_ERRORS: &str = "gateway_client_errors_total";
+/// HTTP API requests by `status` class (`2xx`, `4xx`, `5xx`).
+pub const HTTP_REQUESTS: &str = "gateway_http_requests_total";
+/// Always 1; labels carry the build's `version`.
+pub const BUILD_INFO: &str = "gateway_build_info";
+/// CPU time the process has used, in seconds (from /proc).
+pub const PROCESS_CPU: &str = "process_cpu_seconds_total";
+/// Resident set size of the process (from /proc).
+pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
+/// Open file descriptors of the process.
+pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
+/// The soft limit on open file descriptors.
+pub const PROCESS_MAX_FDS: &str = "process_max_fds";
+
+/// Buckets of [`FANOUT_LATENCY`]: 100 µs to 10 s, roughly ×2.5 per step.
+pub const FANOUT_LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+/// Buckets of [`FANOUT_RECIPIENTS`].
+pub const FANOUT_RECIPIENTS_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0, 50000.0,
+];
+
+/// Why a message or frame was dropped: the `reason` label of [`MESSAGES_DROPPED`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// A member's outbox was full: the frame was not queued and the member is being closed.
+    SlowConsumer,
+    /// The broker was unavailable when a client or the HTTP API published.
+    BrokerUnavailable,
+    /// A payload from Redis was larger than `--max-message-size`.
+    TooLarge,
+    /// A payload from Redis named a channel that is not a valid room.
+    InvalidRoom,
+    /// A message arrived for a room that has no local member any more (a race with the last leave).
+    NoMembers,
+    /// A publish was refused by the per-connection rate limit.
+    RateLimited,
+}
+
+impl DropReason {
+    const ALL: [DropReason; 6] = [
+        Self::SlowConsumer,
+        Self::BrokerUnavailable,
+        Self::TooLarge,
+        Self::InvalidRoom,
+        Self::NoMembers,
+        Self::RateLimited,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::SlowConsumer => "slow_consumer",
+            Self::BrokerUnavailable => "broker_unavailable",
+            Self::TooLarge => "too_large",
+            Self::InvalidRoom => "invalid_room",
+            Self::NoMembers => "no_members",
+            Self::RateLimited => "rate_limited",
+        }
+    }
+}
+
+/// Where a published message came from: the `source` label of [`MESSAGES_PUBLISHED`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A client's `publish` command or chat text.
+    Client,
+    /// `POST /api/rooms/{room}/messages`.
+    Http,
+    /// A plain `PUBLISH` on Redis by another program.
+    Redis,
+}
+
+impl Source {
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Http => "http",
+            Self::Redis => "redis",
+        }
+    }
+}
+
+/// Why a connection attempt was refused before the upgrade: the `reason` label of
+/// [`CONNECTIONS_REFUSED`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefuseReason {
+    /// Room name, role or name parameter invalid (HTTP 400).
+    BadRequest,
+    /// `--max-connections` reached (HTTP 503).
+    Capacity,
+    /// Origin not in `--allowed-origins` (HTTP 403).
+    Origin,
+    /// The node is draining (HTTP 503).
+    Draining,
+}
+
+impl RefuseReason {
+    const ALL: [RefuseReason; 4] = [
+        Self::BadRequest,
+        Self::Capacity,
+        Self::Origin,
+        Self::Draining,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::Capacity => "capacity",
+            Self::Origin => "origin",
+            Self::Draining => "draining",
+        }
+    }
+}
+
+/// Pre-registered handles of every metric of one node. Cheap to clone (handles are `Arc`s).
+#[derive(Clone)]
+pub struct Metrics {
+    /// Renders the registry for `GET /metrics`.
+    handle: PrometheusHandle,
+    connections_host: Gauge,
+    connections_viewer: Gauge,
+    /// See [`ROOMS`].
+    pub rooms: Gauge,
+    /// See [`CONNECTIONS_OPENED`].
+    pub connections_opened: Counter,
+    closed: Arc<[Counter]>,
+    refused: Arc<[Counter]>,
+    published: [Counter; 3],
+    /// See [`MESSAGES_DELIVERED`].
+    pub delivered: Counter,
+    dropped: Arc<[Counter]>,
+    /// See [`FANOUT_LATENCY`].
+    pub fanout_latency: Histogram,
+    /// See [`FANOUT_RECIPIENTS`].
+    pub fanout_recipients: Histogram,
+    /// See [`BROKER_MESSAGES_RECEIVED`].
+    pub broker_received: Counter,
+    /// See [`BROKER_PUBLISH_ERRORS`].
+    pub broker_publish_errors: Counter,
+    /// See [`BROKER_SUBSCRIPTIONS`].
+    pub broker_subscriptions: Gauge,
+    /// See [`REDIS_CONNECTED`].
+    pub redis_connected: Gauge,
+    /// See [`REDIS_RECONNECTS`], `connection="subscriber"`.
+    pub redis_reconnects_subscriber: Counter,
+    /// See [`REDIS_RECONNECTS`], `connection="publisher"`.
+    pub redis_reconnects_publisher: Counter,
+    client_errors: Arc<[(&'static str, Counter)]>,
+    http_requests: [Counter; 3],
+    /// A gauge, not a counter: the recorder's counters are integers and CPU seconds are not.
+    process_cpu: Gauge,
+    process_rss: Gauge,
+    process_open_fds: Gauge,
+    process_max_fds: Gauge,
+}
+
+/// `error` event codes that get their own [`CLIENT_ERRORS`] series (see `docs/protocol.md`).
+pub const CLIENT_ERROR_CODES: &[&str] = &[
+    "unknown_command",
+    "invalid_command",
+    "unsupported_binary",
+    "rate_limited",
+    "unavailable",
+];
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// Builds a private registry for the node `node_id` and registers every series, so that all of
+    /// them are exported (at zero) from the first scrape on.
+    pub fn new(node_id: &str) -> Self {
+        let recorder: PrometheusRecorder = PrometheusBuilder::new()
+            .add_global_label("node", node_id)
+            .set_buckets_for_metric(Matcher::Full(FANOUT_LATENCY.into()), FANOUT_LATENCY_BUCKETS)
+            .expect("static buckets are not empty")
+            .set_buckets_for_metric(
+                Matcher::Full(FANOUT_RECIPIENTS.into()),
+                FANOUT_RECIPIENTS_BUCKETS,
+            )
+            .expect("static buckets are not empty")
+            .build_recorder();
+        describe(&recorder);
+        let r = &recorder;
+        let meta = Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+        let counter = |name: &'static str, labels: &[(&'static str, &'static str)]| {
+            r.register_counter(&key(name, labels), &meta)
+        };
+        let gauge = |name: &'static str, labels: &[(&'static str, &'static str)]| {
+            r.register_gauge(&key(name, labels), &meta)
+        };
+        let histogram = |name: &'static str| r.register_histogram(&key(name, &[]), &meta);
+
+        let build = gauge(BUILD_INFO, &[("version", env!("CARGO_PKG_VERSION"))]);
+        build.set(1.0);
+        let redis_connected = gauge(REDIS_CONNECTED, &[]);
+        redis_connected.set(0.0);
+
+        Self {
+            connections_host: gauge(CONNECTIONS, &[("role", "host")]),
+            connections_viewer: gauge(CONNECTIONS, &[("role", "viewer")]),
+            rooms: gauge(ROOMS, &[]),
+            connections_opened: counter(CONNECTIONS_OPENED, &[]),
+            closed: CloseReason::ALL
+                .iter()
+                .map(|r| counter(CONNECTIONS_CLOSED, &[("reason", r.label())]))
+                .collect(),
+            refused: RefuseReason::ALL
+                .iter()
+                .map(|r| counter(CONNECTIONS_REFUSED, &[("reason", r.label())]))
+                .collect(),
+            published: [Source::Client, Source::Http, Source::Redis]
+                .map(|s| counter(MESSAGES_PUBLISHED, &[("source", s.label())])),
+            delivered: counter(MESSAGES_DELIVERED, &[]),
+            dropped: DropReason::ALL
+                .iter()
+                .map(|r| counter(MESSAGES_DROPPED, &[("reason", r.label())]))
+                .collect(),
+            fanout_latency: histogram(FANOUT_LATENCY),
+            fanout_recipients: histogram(FANOUT_RECIPIENTS),
+            broker_received: counter(BROKER_MESSAGES_RECEIVED, &[]),
+            broker_publish_errors: counter(BROKER_PUBLISH_ERRORS, &[]),
+            broker_subscriptions: gauge(BROKER_SUBSCRIPTIONS, &[]),
+            redis_connected,
+            redis_reconnects_subscriber: counter(REDIS_RECONNECTS, &[("connection", "subscriber")]),
+            redis_reconnects_publisher: counter(REDIS_RECONNECTS, &[("connection", "publisher")]),
+            client_errors: CLIENT_ERROR_CODES
+                .iter()
+                .map(|c| (*c, counter(CLIENT_ERRORS, &[("code", c)])))
+                .collect(),
+            http_requests: ["2xx", "4xx", "5xx"].map(|s| counter(HTTP_REQUESTS, &[("status", s)])),
+            process_cpu: gauge(PROCESS_CPU, &[]),
+            process_rss: gauge(PROCESS_RSS, &[]),
+            process_open_fds: gauge(PROCESS_OPEN_FDS, &[]),
+            process_max_fds: gauge(PROCESS_MAX_FDS, &[]),
+            handle: recorder.handle(),
+        }
+    }
+
+    /// The gauge of current connections for `role` (`server` has none and maps to viewers' gauge,
+    /// which never happens: sessions are hosts or viewers).
+    pub fn connections(&self, role: Role) -> &Gauge {
+        match role {
+            Role::Host => &self.connections_host,
+            _ => &self.connections_viewer,
+        }
+    }
+
+    /// The counter of sessions closed for `reason`.
+    pub fn closed(&self, reason: CloseReason) -> &Counter {
+        &self.closed[CloseReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0)]
+    }
+
+    /// The counter of connection attempts refused for `reason`.
+    pub fn refused(&self, reason: RefuseReason) -> &Counter {
+        &self.refused[RefuseReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0)]
+    }
+
+    /// The counter of messages published from `source`.
+    pub fn published(&self, source: Source) -> &Counter {
+        &self.published[source as usize]
+    }
+
+    /// The counter of messages dropped for `reason`.
+    pub fn dropped(&self, reason: DropReason) -> &Counter {
+        &self.dropped[DropReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0)]
+    }
+
+    /// Counts one `error` event sent to a client.
+    pub fn client_error(&self, code: &str) {
+        if let Some((_, c)) = self.client_errors.iter().find(|(name, _)| *name == code) {
+            c.increment(1);
+        }
+    }
+
+    /// Counts one HTTP API answer.
+    pub fn http_request(&self, status: u16) {
+        let i = match status {
+            200..=399 => 0,
+            400..=499 => 1,
+            _ => 2,
+        };
+        self.http_requests[i].increment(1);
+    }
+
+    /// Prometheus text exposition of this node's registry.
+    pub fn render(&self) -> String {
+        self.sample_process();
+        self.handle.render()
+    }
+
+    /// Drains histogram buffers; the exporter needs this called periodically when it does not run
+    /// its own HTTP listener.
+    pub fn run_upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
+    /// Interval of [`Metrics::run_upkeep`].
+    pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+    /// Reads process CPU, memory and descriptors from `/proc/self` (Linux); silently skips what is
+    /// not there.
+    fn sample_process(&self) {
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+            // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+            if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                let ticks = 100.0; // USER_HZ on every Linux target we ship for
+                if let (Some(u), Some(s)) = (f.get(11), f.get(12)) {
+                    let secs =
+                        (u.parse::<f64>().unwrap_or(0.0) + s.parse::<f64>().unwrap_or(0.0)) / ticks;
+                    self.process_cpu.set(secs);
+                }
+                if let Some(rss_pages) = f.get(21).and_then(|v| v.parse::<f64>().ok()) {
+                    self.process_rss.set(rss_pages * 4096.0);
+                }
+            }
+        }
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            self.process_open_fds.set(dir.count() as f64);
+        }
+        if let Ok(limits) = std::fs::read_to_string("/proc/self/limits") {
+            if let Some(line) = limits.lines().find(|l| l.starts_with("Max open files")) {
+                if let Some(soft) = line
+                    .split_whitespace()
+                    .nth(3)
+                    .and_then(|v| v.parse::<f64>().ok())
+                {
+                    self.process_max_fds.set(soft);
+                }
+            }
+        }
+    }
+}
+
+fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
+    Key::from_parts(
+        KeyName::from_const_str(name),
+        labels
+            .iter()
+            .map(|(k, v)| Label::from_static_parts(k, v))
+            .collect::<Vec<_>>(),
+    )
+}
+
+fn describe(r: &PrometheusRecorder) {
+    let d = |name: &'static str, unit: Option<Unit>, help: &'static str| match name {
+        CONNECTIONS | ROOMS | BROKER_SUBSCRIPTIONS | REDIS_CONNECTED | BUILD_INFO | PROCESS_CPU
+        | PROCESS_RSS | PROCESS_OPEN_FDS | PROCESS_MAX_FDS => r.describe_gauge(
+            KeyName::from_const_str(name),
+            unit,
+            SharedString::const_str(help),
+        ),
+        FANOUT_LATENCY | FANOUT_RECIPIENTS => r.describe_histogram(
+            KeyName::from_const_str(name),
+            unit,
+            SharedString::const_str(help),
+        ),
+        _ => r.describe_counter(
+            KeyName::from_const_str(name),
+            unit,
+            SharedString::const_str(help),
+        ),
+    };
+    d(CONNECTIONS, None, "Current WebSocket connections by role.");
+    d(ROOMS, None, "Rooms with at least one local member.");
+    d(CONNECTIONS_OPENED, None, "WebSocket sessions accepted.");
+    d(
+        CONNECTIONS_CLOSED,
+        None,
+        "WebSocket sessions ended, by reason.",
+    );
+    d(
+        CONNECTIONS_REFUSED,
+        None,
+        "Connection attempts refused before the upgrade, by reason.",
+    );
+    d(
+        MESSAGES_PUBLISHED,
+        None,
+        "Messages accepted for publishing, by source.",
+    );
+    d(
+        MESSAGES_DELIVERED,
+        None,
+        "Message frames written to client sockets.",
+    );
+    d(
+        MESSAGES_DROPPED,
+        None,
+        "Messages or frames dropped, by reason.",
+    );
+    d(
+        FANOUT_LATENCY,
+        Some(Unit::Seconds),
+        "Publish time until this node queued the frame to every local member.",
+    );
+    d(
+        FANOUT_RECIPIENTS,
+        None,
+        "Local members one message was queued to.",
+    );
+    d(
+        BROKER_MESSAGES_RECEIVED,
+        None,
+        "Messages received from the broker.",
+    );
+    d(
+        BROKER_PUBLISH_ERRORS,
+        None,
+        "Publishes the broker refused or failed.",
+    );
+    d(
+        BROKER_SUBSCRIPTIONS,
+        None,
+        "Room channels subscribed on the broker.",
+    );
+    d(
+        REDIS_CONNECTED,
+        None,
+        "1 while the broker's connections are up.",
+    );
+    d(
+        REDIS_RECONNECTS,
+        None,
+        "Reconnections to Redis after a loss, by connection.",
+    );
+    d(
+        CLIENT_ERRORS,
+        None,
+        "error events sent to clients, by code.",
+    );
+    d(HTTP_REQUESTS, None, "HTTP API answers by status class.");
+    d(BUILD_INFO, None, "Build information; always 1.");
+    d(
+        PROCESS_CPU,
+        Some(Unit::Seconds),
+        "CPU time used by the process.",
+    );
+    d(
+        PROCESS_RSS,
+        Some(Unit::Bytes),
+        "Resident set size of the process.",
+    );
+    d(PROCESS_OPEN_FDS, None, "Open file descriptors.");
+    d(
+        PROCESS_MAX_FDS,
+        None,
+        "Soft limit on open file descriptors.",
+    );
+}

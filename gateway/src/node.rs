@@ -1,0 +1,238 @@
+//! The node: ties the hub (local rooms) to the broker (the cluster), owns the publish path, the
+//! delayed unsubscribe, the live-session count behind `--max-connections`, and the drain state.
+//!
+//! Every publish — a client's, the HTTP API's — stamps an id and `ts`, encodes the frame once and
+//! hands it to the broker; members receive it only when it comes back from the broker (to this
+//! node as to every other), never directly, so nobody gets a message twice.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use serde_json::value::RawValue;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::memory::MemoryBroker;
+use crate::broker::redis::{RedisBroker, RedisTimeouts};
+use crate::broker::{Broker, BrokerError};
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::metrics::{DropReason, Metrics, Source};
+use crate::protocol::{self, Message, Role, RoomName};
+use crate::session::outbox::Outbox;
+
+/// A message the broker accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// Its cluster-unique id.
+    pub id: String,
+    /// Its publish time, unix microseconds.
+    pub ts: u64,
+}
+
+/// One gateway node.
+#[derive(Debug)]
+pub struct Node {
+    /// The validated configuration.
+    pub config: Config,
+    /// Local rooms.
+    pub hub: Arc<Hub>,
+    /// The cluster.
+    pub broker: Broker,
+    /// This node's metrics.
+    pub metrics: Metrics,
+    /// Tracks every task the node spawns (sessions, timers, broker tasks).
+    pub tracker: TaskTracker,
+    /// Cancelled when draining starts: the client listener stops, sessions close over the drain
+    /// window, `/readyz` fails.
+    draining: CancellationToken,
+    /// Cancelled last: background tasks (broker, timers, admin port) stop.
+    stop: CancellationToken,
+    /// Live WebSocket sessions (reserved before the upgrade, released when the session ends).
+    sessions: AtomicUsize,
+    /// Notified whenever a session ends, for the drain to wait on.
+    session_ended: Notify,
+    /// Session ids, unique on this node.
+    next_session: std::sync::atomic::AtomicU64,
+}
+
+/// A reserved session slot; dropping it releases the slot.
+#[derive(Debug)]
+pub struct SessionSlot {
+    node: Arc<Node>,
+    /// The session's id on this node.
+    pub id: u64,
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.node.sessions.fetch_sub(1, Ordering::AcqRel);
+        self.node.session_ended.notify_waiters();
+    }
+}
+
+/// Why a session slot could not be reserved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotError {
+    /// `--max-connections` reached.
+    Capacity,
+    /// The node is draining.
+    Draining,
+}
+
+impl Node {
+    /// Builds the node and starts its broker tasks on `tracker`; they run until `stop`.
+    pub fn start(
+        config: Config,
+        metrics: Metrics,
+        tracker: TaskTracker,
+        stop: CancellationToken,
+    ) -> Result<Arc<Node>, BrokerError> {
+        let hub = Arc::new(Hub::new(
+            &config.node_id,
+            metrics.clone(),
+            config.max_message_size,
+        ));
+        let broker = match &config.redis_url {
+            None => Broker::Memory(MemoryBroker::new(hub.clone(), metrics.clone())),
+            Some(url) => Broker::Redis(RedisBroker::start(
+                url,
+                &config.channel_prefix,
+                hub.clone(),
+                metrics.clone(),
+                RedisTimeouts {
+                    command: config.redis_timeout,
+                    probe_interval: config.redis_probe_interval,
+                },
+                &tracker,
+                stop.clone(),
+            )?),
+        };
+        Ok(Arc::new(Node {
+            config,
+            hub,
+            broker,
+            metrics,
+            tracker,
+            draining: stop.child_token(),
+            stop,
+            sessions: AtomicUsize::new(0),
+            session_ended: Notify::new(),
+            next_session: std::sync::atomic::AtomicU64::new(1),
+        }))
+    }
+
+    /// Reserves a session slot before the upgrade.
+    pub fn reserve_session(self: &Arc<Self>) -> Result<SessionSlot, SlotError> {
+        if self.is_draining() {
+            return Err(SlotError::Draining);
+        }
+        let max = self.config.max_connections;
+        let before = self.sessions.fetch_add(1, Ordering::AcqRel);
+        let slot = SessionSlot {
+            node: self.clone(),
+            id: self.next_session.fetch_add(1, Ordering::Relaxed),
+        };
+        if max != 0 && before >= max {
+            drop(slot);
+            return Err(SlotError::Capacity);
+        }
+        Ok(slot)
+    }
+
+    /// Live sessions (including upgrades in progress).
+    pub fn session_count(&self) -> usize {
+        self.sessions.load(Ordering::Acquire)
+    }
+
+    /// Adds a member to `room`; subscribes the broker when it is the room's first local member.
+    pub fn join(&self, room: &RoomName, session: u64, role: Role, outbox: Arc<Outbox>) {
+        self.metrics.connections(role).increment(1.0);
+        self.metrics.connections_opened.increment(1);
+        self.hub
+            .join(room, session, role, outbox, || self.broker.subscribe(room));
+    }
+
+    /// Removes a member; when the room has no local member left, unsubscribes after
+    /// `--unsubscribe-delay` unless someone joined again meanwhile.
+    pub fn leave(self: &Arc<Self>, room: &RoomName, session: u64, role: Role) {
+        self.metrics.connections(role).decrement(1.0);
+        if !self.hub.leave(room, session) {
+            return;
+        }
+        let node = self.clone();
+        let room = room.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                _ = node.stop.cancelled() => {}
+                _ = tokio::time::sleep(node.config.unsubscribe_delay) => {
+                    node.hub.if_empty(&room, || node.broker.unsubscribe(&room));
+                }
+            }
+        });
+    }
+
+    /// Publishes `data` in `room` for the whole cluster.
+    pub async fn publish(
+        &self,
+        room: &RoomName,
+        from: Option<&str>,
+        role: Role,
+        data: &RawValue,
+        source: Source,
+    ) -> Result<Published, BrokerError> {
+        let id = self.hub.next_message_id();
+        let ts = protocol::now_micros();
+        let frame = Message::new(room.as_str(), from, role, data, &id, ts).encode();
+        match self.broker.publish(room, frame).await {
+            Ok(()) => {
+                self.metrics.published(source).increment(1);
+                Ok(Published { id, ts })
+            }
+            Err(e) => {
+                self.metrics
+                    .dropped(DropReason::BrokerUnavailable)
+                    .increment(1);
+                self.metrics.broker_publish_errors.increment(1);
+                Err(e)
+            }
+        }
+    }
+
+    /// Ready for clients: not draining and the broker is connected.
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining() && self.broker.is_connected()
+    }
+
+    /// Whether draining has started.
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_cancelled()
+    }
+
+    /// Cancelled when draining starts.
+    pub fn draining(&self) -> &CancellationToken {
+        &self.draining
+    }
+
+    /// Cancelled when the node stops for good.
+    pub fn stopping(&self) -> &CancellationToken {
+        &self.stop
+    }
+
+    /// Starts draining (idempotent).
+    pub fn begin_drain(&self) {
+        self.draining.cancel();
+    }
+
+    /// Resolves when no session is left.
+    pub async fn sessions_gone(&self) {
+        loop {
+            let ended = self.session_ended.notified();
+            if self.session_count() == 0 {
+                return;
+            }
+            ended.await;
+        }
+    }
+}

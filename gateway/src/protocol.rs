@@ -1,0 +1,487 @@
+//! The wire contract (`docs/protocol.md`): room names, roles, what a client may send, and the JSON
+//! events the server sends, each encoded once into [`Bytes`].
+//!
+//! The Redis payload of a message *is* its client frame: a node publishes the exact bytes every
+//! member will receive, and a node that receives them from Redis checks their shape and forwards
+//! them untouched. A payload that does not have that shape came from another program's plain
+//! `PUBLISH` and is wrapped as a `server` message with the payload as a string. This module owns
+//! parsing and encoding only; it does no I/O.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// Longest room name, in bytes.
+pub const MAX_ROOM_LEN: usize = 128;
+/// Longest display name, in bytes.
+pub const MAX_NAME_LEN: usize = 64;
+/// The room a bare `GET /` upgrade joins.
+pub const LOBBY: &str = "lobby";
+
+/// Who published a message, or what a member is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Broadcasts in a room (a streamer).
+    Host,
+    /// Watches and chats.
+    Viewer,
+    /// A backend: the HTTP API or a plain Redis `PUBLISH`. Never a member's role.
+    Server,
+}
+
+impl Role {
+    /// The wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Host => "host",
+            Self::Viewer => "viewer",
+            Self::Server => "server",
+        }
+    }
+
+    /// Parses a member role (`host` or `viewer`); `server` is not something a client can be.
+    pub fn parse_member(s: &str) -> Option<Role> {
+        match s {
+            "host" => Some(Self::Host),
+            "viewer" => Some(Self::Viewer),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A valid room name: 1–128 bytes of `[A-Za-z0-9_.:-]`. Cheap to clone.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RoomName(Arc<str>);
+
+impl RoomName {
+    /// Validates `s` as a room name.
+    pub fn parse(s: &str) -> Option<RoomName> {
+        let ok = !s.is_empty()
+            && s.len() <= MAX_ROOM_LEN
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'));
+        ok.then(|| RoomName(Arc::from(s)))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RoomName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Validates a display name: 1–64 bytes, no control characters.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_NAME_LEN && !s.chars().any(char::is_control)
+}
+
+/// Microseconds since the Unix epoch, the unit of every `ts`.
+pub fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// What a client's text frame asks for.
+#[derive(Debug)]
+pub enum ClientCommand<'a> {
+    /// `{"type":"publish","data":…}`: publish `data` (any JSON) to the client's room.
+    Publish(&'a RawValue),
+    /// A text frame that is not JSON: published as a string `data`.
+    Chat(&'a str),
+    /// `{"type":"ping"}`: answered with `{"type":"pong"}` (browsers cannot send WebSocket pings).
+    Ping,
+}
+
+impl PartialEq for ClientCommand<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Publish(a), Self::Publish(b)) => a.get() == b.get(),
+            (Self::Chat(a), Self::Chat(b)) => a == b,
+            (Self::Ping, Self::Ping) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Why a client's text frame was refused; sent back as an `error` event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    /// Valid JSON that is not a command we know.
+    #[error("not a known command: send {{\"type\":\"publish\",\"data\":...}} or plain text")]
+    Unknown,
+    /// A known command with missing or wrong fields.
+    #[error("{0}")]
+    Invalid(&'static str),
+}
+
+impl CommandError {
+    /// The `code` of the `error` event.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown_command",
+            Self::Invalid(_) => "invalid_command",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawCommand<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
+    /// `Some` whenever the field is present, `null` included.
+    #[serde(borrow, default, deserialize_with = "present")]
+    data: Option<&'a RawValue>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+/// Parses one text frame from a client. Text that is not JSON is chat; JSON must be a command.
+pub fn parse_command(text: &str) -> Result<ClientCommand<'_>, CommandError> {
+    if serde_json::from_str::<&RawValue>(text).is_err() {
+        return Ok(ClientCommand::Chat(text));
+    }
+    match serde_json::from_str::<RawCommand<'_>>(text) {
+        Ok(cmd) => match cmd.kind.as_deref() {
+            Some("publish") => match cmd.data {
+                Some(data) => Ok(ClientCommand::Publish(data)),
+                None => Err(CommandError::Invalid("publish needs a \"data\" field")),
+            },
+            Some("ping") => Ok(ClientCommand::Ping),
+            _ => Err(CommandError::Unknown),
+        },
+        Err(_) => Err(CommandError::Unknown),
+    }
+}
+
+/// A message as it travels: the fields of a `message` event. Serializes to the exact frame every
+/// member receives (and to the Redis payload).
+#[derive(Debug, Serialize)]
+pub struct Message<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    /// Room it was published in.
+    pub room: &'a str,
+    /// Display name of the publisher, if it gave one.
+    pub from: Option<&'a str>,
+    /// What the publisher is.
+    pub role: Role,
+    /// The payload, any JSON, copied verbatim.
+    pub data: &'a RawValue,
+    /// Cluster-unique id, stamped by the publishing node.
+    pub id: &'a str,
+    /// Publish time, unix microseconds.
+    pub ts: u64,
+}
+
+impl<'a> Message<'a> {
+    /// A message with all its fields.
+    pub fn new(
+        room: &'a str,
+        from: Option<&'a str>,
+        role: Role,
+        data: &'a RawValue,
+        id: &'a str,
+        ts: u64,
+    ) -> Self {
+        Self {
+            kind: "message",
+            room,
+            from,
+            role,
+            data,
+            id,
+            ts,
+        }
+    }
+
+    /// The frame bytes, encoded once and shared by every member.
+    pub fn encode(&self) -> Bytes {
+        Bytes::from(serde_json::to_vec(self).expect("a message always serializes"))
+    }
+}
+
+#[derive(Deserialize)]
+struct MessageIn<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow)]
+    room: Cow<'a, str>,
+    #[serde(borrow)]
+    #[allow(dead_code)] // present for the shape check only
+    from: Option<Cow<'a, str>>,
+    role: Role,
+    #[serde(borrow)]
+    #[allow(dead_code)]
+    data: &'a RawValue,
+    #[serde(borrow)]
+    #[allow(dead_code)]
+    id: Cow<'a, str>,
+    ts: u64,
+}
+
+/// What a payload received from the broker for a room turned out to be.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BrokerPayload {
+    /// One of ours (a gateway or a backend that speaks our envelope): forward the bytes as they are.
+    Envelope {
+        /// Publish time, for the fan-out latency.
+        ts: u64,
+    },
+    /// Anything else: another program's plain `PUBLISH`; wrap it as a `server` message.
+    Raw,
+}
+
+/// Classifies a broker payload received on `room`'s channel.
+pub fn classify_broker_payload(room: &RoomName, payload: &[u8]) -> BrokerPayload {
+    match serde_json::from_slice::<MessageIn<'_>>(payload) {
+        Ok(m) if m.kind == "message" && m.room == room.as_str() => {
+            let _ = m.role;
+            BrokerPayload::Envelope { ts: m.ts }
+        }
+        _ => BrokerPayload::Raw,
+    }
+}
+
+/// Wraps a raw broker payload as a `server` message (the payload becomes a string `data`; bytes
+/// that are not UTF-8 are replaced with U+FFFD).
+pub fn wrap_raw_payload(room: &RoomName, payload: &[u8], id: &str, ts: u64) -> Bytes {
+    let text = String::from_utf8_lossy(payload);
+    let data = serde_json::value::to_raw_value(&text).expect("a string always serializes");
+    Message::new(room.as_str(), None, Role::Server, &data, id, ts).encode()
+}
+
+/// Turns chat text into a JSON string value for `data`.
+pub fn chat_data(text: &str) -> Box<RawValue> {
+    serde_json::value::to_raw_value(text).expect("a string always serializes")
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum Event<'a> {
+    Welcome {
+        node: &'a str,
+        room: &'a str,
+        role: Role,
+        connection_id: &'a str,
+        name: Option<&'a str>,
+    },
+    Presence {
+        room: &'a str,
+        hosts: u64,
+        viewers: u64,
+    },
+    Error {
+        code: &'a str,
+        message: &'a str,
+    },
+    Pong {
+        ts: u64,
+    },
+}
+
+fn encode(event: &Event<'_>) -> Bytes {
+    Bytes::from(serde_json::to_vec(event).expect("events always serialize"))
+}
+
+/// `{"type":"welcome",…}`: the first frame of every session.
+pub fn welcome(
+    node: &str,
+    room: &RoomName,
+    role: Role,
+    connection_id: &str,
+    name: Option<&str>,
+) -> Bytes {
+    encode(&Event::Welcome {
+        node,
+        room: room.as_str(),
+        role,
+        connection_id,
+        name,
+    })
+}
+
+/// `{"type":"presence",…}` with cluster-wide counts.
+pub fn presence(room: &RoomName, hosts: u64, viewers: u64) -> Bytes {
+    encode(&Event::Presence {
+        room: room.as_str(),
+        hosts,
+        viewers,
+    })
+}
+
+/// `{"type":"error","code":…,"message":…}`.
+pub fn error(code: &str, message: &str) -> Bytes {
+    encode(&Event::Error { code, message })
+}
+
+/// `{"type":"pong","ts":…}`, the answer to a `ping` command.
+pub fn pong() -> Bytes {
+    encode(&Event::Pong { ts: now_micros() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn json(b: &[u8]) -> Value {
+        serde_json::from_slice(b).unwrap()
+    }
+
+    #[test]
+    fn room_names() {
+        for ok in ["a", "lobby", "Room_1.2:3-x", &"x".repeat(128)] {
+            assert!(RoomName::parse(ok).is_some(), "{ok}");
+        }
+        for bad in ["", "a b", "ä", "a/b", "a?b", &"x".repeat(129), "%41", "a\0"] {
+            assert!(RoomName::parse(bad).is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn names() {
+        assert!(valid_name("Alice B"));
+        assert!(valid_name("Zoë"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("a\nb"));
+        assert!(!valid_name(&"x".repeat(65)));
+    }
+
+    #[test]
+    fn publish_command_keeps_data_verbatim() {
+        let cmd = parse_command(r#"{"type":"publish","data":{"b":[1,2.50,"x"]}}"#).unwrap();
+        match cmd {
+            ClientCommand::Publish(data) => assert_eq!(data.get(), r#"{"b":[1,2.50,"x"]}"#),
+            other => panic!("{other:?}"),
+        }
+        let cmd = parse_command(r#" {"data":null,"type":"publish","extra":1} "#).unwrap();
+        assert!(matches!(cmd, ClientCommand::Publish(d) if d.get() == "null"));
+    }
+
+    #[test]
+    fn text_that_is_not_json_is_chat() {
+        for text in [
+            "hello world!",
+            "{not json",
+            "",
+            "  ",
+            "[1,",
+            "\"unterminated",
+        ] {
+            assert_eq!(
+                parse_command(text),
+                Ok(ClientCommand::Chat(text)),
+                "{text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn json_that_is_not_a_command_is_an_error() {
+        for text in [
+            r#"{"type":"dance"}"#,
+            r#"{}"#,
+            "42",
+            r#""hi""#,
+            "[1,2]",
+            "null",
+            r#"{"type":7}"#,
+        ] {
+            assert_eq!(parse_command(text), Err(CommandError::Unknown), "{text}");
+        }
+        assert_eq!(
+            parse_command(r#"{"type":"publish"}"#).unwrap_err().code(),
+            "invalid_command"
+        );
+        assert_eq!(parse_command(r#"{"type":"ping"}"#), Ok(ClientCommand::Ping));
+        assert_eq!(
+            parse_command(r#"{"type":"p\u0069ng"}"#),
+            Ok(ClientCommand::Ping)
+        );
+    }
+
+    #[test]
+    fn message_frame_shape() {
+        let data = RawValue::from_string(r#"{"k":1}"#.into()).unwrap();
+        let bytes = Message::new("r1", Some("al\"ice"), Role::Host, &data, "id1", 17).encode();
+        assert_eq!(
+            json(&bytes),
+            serde_json::json!({"type":"message","room":"r1","from":"al\"ice","role":"host","data":{"k":1},"id":"id1","ts":17})
+        );
+        let room = RoomName::parse("r1").unwrap();
+        assert_eq!(
+            classify_broker_payload(&room, &bytes),
+            BrokerPayload::Envelope { ts: 17 }
+        );
+        // Same shape, other room: not ours to forward as is.
+        let other = RoomName::parse("r2").unwrap();
+        assert_eq!(classify_broker_payload(&other, &bytes), BrokerPayload::Raw);
+    }
+
+    #[test]
+    fn raw_payloads_become_server_strings() {
+        let room = RoomName::parse("r").unwrap();
+        for raw in [
+            &b"hello"[..],
+            b"{\"type\":\"message\"}",
+            b"{\"score\":3}",
+            b"",
+            b"\xff\xfe",
+            b"42",
+        ] {
+            assert_eq!(classify_broker_payload(&room, raw), BrokerPayload::Raw);
+            let v = json(&wrap_raw_payload(&room, raw, "i", 5));
+            assert_eq!(v["type"], "message");
+            assert_eq!(v["role"], "server");
+            assert_eq!(v["from"], Value::Null);
+            assert_eq!(
+                v["data"],
+                Value::String(String::from_utf8_lossy(raw).into_owned())
+            );
+        }
+    }
+
+    #[test]
+    fn events() {
+        let room = RoomName::parse("lobby").unwrap();
+        let w = json(&welcome("n1", &room, Role::Viewer, "c7", None));
+        assert_eq!(
+            w,
+            serde_json::json!({"type":"welcome","node":"n1","room":"lobby","role":"viewer","connection_id":"c7","name":null})
+        );
+        assert_eq!(
+            json(&presence(&room, 2, 30)),
+            serde_json::json!({"type":"presence","room":"lobby","hosts":2,"viewers":30})
+        );
+        assert_eq!(
+            json(&error("unknown_command", "x")),
+            serde_json::json!({"type":"error","code":"unknown_command","message":"x"})
+        );
+        assert_eq!(json(&pong())["type"], "pong");
+        assert_eq!(
+            json(chat_data("a\"b").get().as_bytes()),
+            Value::String("a\"b".into())
+        );
+    }
+}

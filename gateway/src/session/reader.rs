@@ -1,0 +1,199 @@
+//! The reading half of a session: frames in, commands out, limits enforced.
+//!
+//! This task is the only caller of `read_frame`. It reassembles fragmented messages itself (the
+//! library's collector does not cap a reassembled message) and enforces, each with its close
+//! code: message size including reassembly (1009), fragment count (1009), UTF-8 of text (1007),
+//! masking and framing rules (1002). Pings are answered through the outbox; a client Close ends
+//! the session with an echo. A publish waits for the broker, which paces a client to the speed
+//! the cluster accepts its messages.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use fastwebsockets::{Frame, OpCode, WebSocketError};
+use tokio::io::AsyncRead;
+
+use super::outbox::{Outbox, Outgoing};
+use super::writer::now_millis;
+use crate::disconnect::CloseReason;
+use crate::metrics::Source;
+use crate::node::Node;
+use crate::protocol::{self, ClientCommand, Role, RoomName};
+
+/// The reader task's state.
+pub struct Reader {
+    pub(super) node: Arc<Node>,
+    pub(super) outbox: Arc<Outbox>,
+    pub(super) room: RoomName,
+    pub(super) role: Role,
+    pub(super) name: Option<Arc<str>>,
+    /// Last time anything arrived from the client (ms since an arbitrary epoch); the writer's
+    /// idle check reads it.
+    pub(super) last_seen: Arc<AtomicU64>,
+}
+
+/// A fragmented message being reassembled.
+struct Partial {
+    opcode: OpCode,
+    data: Vec<u8>,
+    frames: usize,
+}
+
+/// Maps a read error to the reason the session ends.
+fn read_error_reason(e: &WebSocketError) -> CloseReason {
+    match e {
+        WebSocketError::FrameTooLarge => CloseReason::TooLarge,
+        WebSocketError::InvalidUTF8 => CloseReason::InvalidUtf8,
+        WebSocketError::UnexpectedEOF => CloseReason::Eof,
+        WebSocketError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            CloseReason::Eof
+        }
+        WebSocketError::IoError(_) => CloseReason::IoError,
+        _ => CloseReason::ProtocolError,
+    }
+}
+
+/// Whether a client may send this close code (RFC 6455 §7.4).
+fn close_code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999)
+}
+
+/// Whether the frame carried a masking key (every client frame must).
+fn was_masked(frame: &mut Frame<'_>) -> bool {
+    let mut head = [0u8; 16];
+    frame.fmt_head(&mut head);
+    head[1] & 0x80 != 0
+}
+
+impl Reader {
+    /// Reads until the client leaves, breaks a rule, or the session is closed from elsewhere (then
+    /// the session aborts this task).
+    pub async fn run(self, read: impl AsyncRead + Unpin) {
+        let (mut ws, _) = fastwebsockets::after_handshake_split(
+            read,
+            tokio::io::sink(),
+            fastwebsockets::Role::Server,
+        );
+        ws.set_auto_close(false);
+        ws.set_auto_pong(false);
+        // The library refuses frames of this size or more; a message of exactly the limit passes.
+        ws.set_max_message_size(self.node.config.max_message_size + 1);
+        // Never called: automatic pongs and closes are off, the outbox answers instead.
+        let mut no_send = |_: Frame<'_>| std::future::ready(Ok::<(), Infallible>(()));
+        let mut partial: Option<Partial> = None;
+        let cfg = &self.node.config;
+        loop {
+            let mut frame = match ws.read_frame(&mut no_send).await {
+                Ok(f) => f,
+                Err(e) => return self.outbox.close(read_error_reason(&e)),
+            };
+            self.last_seen.store(now_millis(), Ordering::Relaxed);
+            if !was_masked(&mut frame) {
+                return self.outbox.close(CloseReason::ProtocolError);
+            }
+            match frame.opcode {
+                OpCode::Text | OpCode::Binary => {
+                    if partial.is_some() {
+                        return self.outbox.close(CloseReason::ProtocolError);
+                    }
+                    if frame.fin {
+                        self.on_message(frame.opcode, &frame.payload).await;
+                    } else {
+                        if cfg.max_fragments < 2 {
+                            return self.outbox.close(CloseReason::TooLarge);
+                        }
+                        partial = Some(Partial {
+                            opcode: frame.opcode,
+                            data: frame.payload.to_vec(),
+                            frames: 1,
+                        });
+                    }
+                }
+                OpCode::Continuation => {
+                    let Some(p) = partial.as_mut() else {
+                        return self.outbox.close(CloseReason::ProtocolError);
+                    };
+                    p.frames += 1;
+                    if p.frames > cfg.max_fragments
+                        || p.data.len() + frame.payload.len() > cfg.max_message_size
+                    {
+                        return self.outbox.close(CloseReason::TooLarge);
+                    }
+                    p.data.extend_from_slice(&frame.payload);
+                    if frame.fin {
+                        let p = partial.take().expect("checked above");
+                        if p.opcode == OpCode::Text && std::str::from_utf8(&p.data).is_err() {
+                            return self.outbox.close(CloseReason::InvalidUtf8);
+                        }
+                        self.on_message(p.opcode, &p.data).await;
+                    }
+                }
+                OpCode::Ping => {
+                    let _ = self
+                        .outbox
+                        .push_item(Outgoing::Pong(Bytes::copy_from_slice(&frame.payload)));
+                }
+                OpCode::Pong => {}
+                OpCode::Close => {
+                    let reason = match frame.payload.len() {
+                        0 => CloseReason::ClientClosed,
+                        1 => CloseReason::ProtocolError,
+                        _ => {
+                            let code = u16::from_be_bytes([frame.payload[0], frame.payload[1]]);
+                            if !close_code_allowed(code) {
+                                CloseReason::ProtocolError
+                            } else if std::str::from_utf8(&frame.payload[2..]).is_err() {
+                                CloseReason::InvalidUtf8
+                            } else {
+                                CloseReason::ClientClosed
+                            }
+                        }
+                    };
+                    return self.outbox.close(reason);
+                }
+            }
+        }
+    }
+
+    /// Handles one complete message.
+    async fn on_message(&self, opcode: OpCode, payload: &[u8]) {
+        if opcode == OpCode::Binary {
+            return self.refuse(
+                "unsupported_binary",
+                "binary messages are not supported; send JSON or text",
+            );
+        }
+        // The library checked UTF-8 of unfragmented text; reassembled text was checked above.
+        let Ok(text) = std::str::from_utf8(payload) else {
+            return self.outbox.close(CloseReason::InvalidUtf8);
+        };
+        match protocol::parse_command(text) {
+            Ok(ClientCommand::Publish(data)) => self.publish(data).await,
+            Ok(ClientCommand::Chat(text)) => self.publish(&protocol::chat_data(text)).await,
+            Ok(ClientCommand::Ping) => {
+                let _ = self.outbox.push(protocol::pong());
+            }
+            Err(e) => self.refuse(e.code(), &e.to_string()),
+        }
+    }
+
+    async fn publish(&self, data: &serde_json::value::RawValue) {
+        let from = self.name.as_deref();
+        if let Err(e) = self
+            .node
+            .publish(&self.room, from, self.role, data, Source::Client)
+            .await
+        {
+            tracing::debug!(room = %self.room, cause = %e, "client publish failed");
+            self.refuse("unavailable", "the message could not be published: the cluster's broker is unavailable; retry later");
+        }
+    }
+
+    /// Sends an `error` event; the connection stays open.
+    fn refuse(&self, code: &str, message: &str) {
+        self.node.metrics.client_error(code);
+        let _ = self.outbox.push(protocol::error(code, message));
+    }
+}
