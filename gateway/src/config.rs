@@ -95,6 +95,29 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_REDIS_PROBE_INTERVAL", value_parser = parse_duration, default_value = "2s")]
     pub redis_probe_interval: Duration,
 
+    /// Interval of `presence` events (cluster-wide host and viewer counts) to each room's members.
+    /// Each node reports its local counts to Redis with a time-to-live of three intervals, so
+    /// the counts of a node that died vanish within that time.
+    #[arg(long, env = "GATEWAY_PRESENCE_INTERVAL", value_parser = parse_duration, default_value = "5s")]
+    pub presence_interval: Duration,
+
+    /// Publishes per second one connection may make (token bucket, bursts up to the same number).
+    /// An excess publish gets an `error` event `rate_limited`; a connection refused more than
+    /// 10 × this number (at least 20) times within 10 s is closed with 1008. 0 disables the limit.
+    #[arg(long, env = "GATEWAY_MAX_PUBLISH_RATE", default_value_t = 20.0)]
+    pub max_publish_rate: f64,
+
+    /// Origins allowed to open WebSockets (comma-separated, e.g.
+    /// `https://live.example.com,https://admin.example.com`); others get HTTP 403. Requests without
+    /// an Origin header (non-browser clients) are allowed. Empty allows every origin.
+    #[arg(
+        long,
+        env = "GATEWAY_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        default_value = ""
+    )]
+    pub allowed_origins: Vec<String>,
+
     /// Most WebSocket connections this node holds; further upgrades get HTTP 503. 0 means no limit
     /// other than the process's open-file limit.
     #[arg(long, env = "GATEWAY_MAX_CONNECTIONS", default_value_t = 0)]
@@ -119,6 +142,28 @@ impl Config {
     /// [`crate::run`] takes bound listeners.
     pub fn defaults() -> Self {
         Self::parse_from(["gateway"])
+    }
+
+    /// Whether a WebSocket from `origin` (the Origin header, if any) is allowed.
+    pub fn origin_allowed(&self, origin: Option<&str>) -> bool {
+        let allowed: Vec<&str> = self
+            .allowed_origins
+            .iter()
+            .map(|o| o.trim())
+            .filter(|o| !o.is_empty())
+            .collect();
+        match origin {
+            _ if allowed.is_empty() => true,
+            None => true,
+            Some(o) => allowed
+                .iter()
+                .any(|a| *a == "*" || a.eq_ignore_ascii_case(o.trim_end_matches('/'))),
+        }
+    }
+
+    /// Time-to-live of this node's presence report in Redis.
+    pub fn presence_ttl(&self) -> Duration {
+        self.presence_interval * 3
     }
 
     /// The window over which draining closes clients.
@@ -156,6 +201,14 @@ impl Config {
         }
         if self.redis_timeout.is_zero() || self.redis_probe_interval.is_zero() {
             return bad("--redis-timeout and --redis-probe-interval must not be zero");
+        }
+        if self.presence_interval < Duration::from_millis(100) {
+            return bad("--presence-interval must be at least 100ms");
+        }
+        if !self.max_publish_rate.is_finite() || self.max_publish_rate < 0.0 {
+            return bad(
+                "--max-publish-rate must be a number of publishes per second, 0 to disable",
+            );
         }
         if let Some(key) = &self.api_key {
             if key.len() < 8 {
@@ -219,6 +272,22 @@ mod tests {
         assert_eq!(c.channel_prefix, "gw:room:");
         assert_eq!(c.ping_interval, Duration::from_secs(25));
         assert!(!c.node_id.is_empty());
+    }
+
+    #[test]
+    fn origins() {
+        let c = Config::defaults();
+        assert!(c.origin_allowed(Some("https://evil.example")));
+        let c = Config::parse_from([
+            "gateway",
+            "--allowed-origins",
+            "https://live.example.com, http://localhost:8080",
+        ]);
+        assert!(c.origin_allowed(Some("https://live.example.com")));
+        assert!(c.origin_allowed(Some("http://localhost:8080")));
+        assert!(c.origin_allowed(None), "non-browser clients send no Origin");
+        assert!(!c.origin_allowed(Some("https://evil.example")));
+        assert!(!c.origin_allowed(Some("https://live.example.com.evil.example")));
     }
 
     #[test]

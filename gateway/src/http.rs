@@ -236,6 +236,20 @@ fn upgrade(
             ),
         ));
     }
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    if !node.config.origin_allowed(origin) {
+        return Err(refused(
+            RefuseReason::Origin,
+            Refusal::new(
+                StatusCode::FORBIDDEN,
+                "origin_not_allowed",
+                "this origin may not connect",
+            ),
+        ));
+    }
     let admission = admit(&req, room).map_err(|r| refused(RefuseReason::BadRequest, r))?;
     let slot = node.reserve_session().map_err(|e| match e {
         SlotError::Capacity => refused(
@@ -364,7 +378,14 @@ async fn publish(
         }
     };
     match node
-        .publish(&room, from.as_deref(), Role::Server, &data, Source::Http)
+        .publish(
+            &room,
+            from.as_deref(),
+            Role::Server,
+            &data,
+            Source::Http,
+            false,
+        )
         .await
     {
         Ok(p) => Ok(json(

@@ -238,7 +238,15 @@ impl Hub {
                 (protocol::wrap_raw_payload(&room, &payload, &id, ts), ts)
             }
         };
-        let out = self.fanout(&room, &frame);
+        self.deliver_local(&room, frame, ts);
+    }
+
+    /// Queues an encoded message frame published at `ts` to the room's local members and records
+    /// the fan-out metrics (the end of [`Hub::deliver`], and the local fallback of a publish
+    /// during a broker outage).
+    pub fn deliver_local(&self, room: &RoomName, frame: Bytes, ts: u64) {
+        let m = &self.metrics;
+        let out = self.fanout(room, &frame);
         if out.queued == 0 && out.dropped == 0 {
             m.dropped(DropReason::NoMembers).increment(1);
             return;

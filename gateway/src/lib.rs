@@ -17,6 +17,7 @@
 //! - [`hub`] — local rooms → members' outboxes; fan-out of one encoded message.
 //! - [`node`] — ties hub and broker: publish path, delayed unsubscribe, session slots, drain.
 //! - [`broker`] — the seam to the cluster: [`broker::memory`] and [`broker::redis`].
+//! - [`presence`] — the presence timer: local counts to the broker, cluster counts to members.
 //! - [`protocol`] — wire types, parsing, encoding once to `Bytes`.
 //! - [`disconnect`] — close codes, their reasons and reconnect meaning.
 //! - [`metrics`] — every metric name, label and bucket.
@@ -34,6 +35,7 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod node;
+pub mod presence;
 pub mod protocol;
 pub mod server;
 pub mod session;
@@ -106,6 +108,7 @@ pub async fn run(
         node.draining().clone(),
         tracker.clone(),
     ));
+    tracker.spawn(presence::run(node.clone()));
     let upkeep = metrics.clone();
     let upkeep_stop = stop.clone();
     tracker.spawn(async move {

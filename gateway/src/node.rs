@@ -55,6 +55,18 @@ pub struct Node {
     session_ended: Notify,
     /// Session ids, unique on this node.
     next_session: std::sync::atomic::AtomicU64,
+    /// Cluster-wide room counts of the last presence tick.
+    pub presence: crate::presence::PresenceCache,
+}
+
+/// A publish the broker did not take.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct PublishFailure {
+    /// What the broker said.
+    pub error: BrokerError,
+    /// Whether this node's own members of the room got the message anyway.
+    pub delivered_locally: bool,
 }
 
 /// A reserved session slot; dropping it releases the slot.
@@ -120,6 +132,7 @@ impl Node {
             sessions: AtomicUsize::new(0),
             session_ended: Notify::new(),
             next_session: std::sync::atomic::AtomicU64::new(1),
+            presence: Default::default(),
         }))
     }
 
@@ -174,6 +187,10 @@ impl Node {
     }
 
     /// Publishes `data` in `room` for the whole cluster.
+    ///
+    /// When the broker fails and `local_fallback` is set (client publishes), the message is still
+    /// delivered to this node's members of the room — local fan-out keeps working through a
+    /// Redis outage — and the error tells the caller that the rest of the cluster missed it.
     pub async fn publish(
         &self,
         room: &RoomName,
@@ -181,21 +198,28 @@ impl Node {
         role: Role,
         data: &RawValue,
         source: Source,
-    ) -> Result<Published, BrokerError> {
+        local_fallback: bool,
+    ) -> Result<Published, PublishFailure> {
         let id = self.hub.next_message_id();
         let ts = protocol::now_micros();
         let frame = Message::new(room.as_str(), from, role, data, &id, ts).encode();
-        match self.broker.publish(room, frame).await {
+        match self.broker.publish(room, frame.clone()).await {
             Ok(()) => {
                 self.metrics.published(source).increment(1);
                 Ok(Published { id, ts })
             }
-            Err(e) => {
+            Err(error) => {
                 self.metrics
                     .dropped(DropReason::BrokerUnavailable)
                     .increment(1);
                 self.metrics.broker_publish_errors.increment(1);
-                Err(e)
+                if local_fallback {
+                    self.hub.deliver_local(room, frame, ts);
+                }
+                Err(PublishFailure {
+                    error,
+                    delivered_locally: local_fallback,
+                })
             }
         }
     }

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::hub::RoomCounts;
 use crate::protocol::RoomName;
 
 /// Why a publish did not reach the broker.
@@ -84,6 +85,21 @@ impl Broker {
                 Ok(())
             }
             Self::Redis(b) => b.publish(room, payload).await,
+        }
+    }
+
+    /// Reports this node's local counts of `rooms`, withdraws its counts of `gone`, and returns
+    /// the cluster-wide counts of `rooms` in order. The in-process broker is the whole cluster.
+    pub async fn presence(
+        &self,
+        node_id: &str,
+        rooms: &[(RoomName, RoomCounts)],
+        gone: &[RoomName],
+        ttl: Duration,
+    ) -> Result<Vec<RoomCounts>, BrokerError> {
+        match self {
+            Self::Memory(_) => Ok(rooms.iter().map(|(_, c)| *c).collect()),
+            Self::Redis(b) => b.presence(node_id, rooms, gone, ttl).await,
         }
     }
 

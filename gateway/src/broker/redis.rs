@@ -31,7 +31,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::{Backoff, BrokerError};
-use crate::hub::Hub;
+use crate::hub::{Hub, RoomCounts};
 use crate::metrics::Metrics;
 use crate::protocol::RoomName;
 
@@ -42,6 +42,39 @@ const SUBSCRIBE_BATCH: usize = 500;
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 /// Longest reconnect wait: short enough that service resumes within seconds of Redis returning.
 const BACKOFF_CAP: Duration = Duration::from_secs(2);
+
+/// Rooms per pipelined presence round trip.
+const PRESENCE_BATCH: usize = 256;
+
+/// Reports one node's counts of one room and returns the room's cluster-wide counts.
+///
+/// The room's hash maps node id → "hosts viewers expires_at_ms". Expiry uses Redis' own clock
+/// (`TIME`), so nodes' clocks do not matter; fields of nodes that stopped reporting are ignored
+/// and deleted once expired, and the whole key expires when no node reports any more. Negative
+/// counts withdraw the node's field (its last member left).
+const PRESENCE_SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[4])
+if tonumber(ARGV[2]) >= 0 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3] .. ' ' .. (now + ttl))
+  redis.call('PEXPIRE', KEYS[1], ttl)
+else
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
+local hosts, viewers = 0, 0
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local h, v, exp = string.match(all[i + 1], '^(%d+) (%d+) (%d+)$')
+  if exp and tonumber(exp) > now then
+    hosts = hosts + tonumber(h)
+    viewers = viewers + tonumber(v)
+  else
+    redis.call('HDEL', KEYS[1], all[i])
+  end
+end
+return {hosts, viewers}
+"#;
 
 /// Timeouts of the Redis connections.
 #[derive(Debug, Clone, Copy)]
@@ -192,6 +225,71 @@ impl RedisBroker {
         }
     }
 
+    /// Reports this node's local counts of `rooms` (and withdraws its counts of `gone` rooms) and
+    /// returns the cluster-wide counts of `rooms`, in order. One pipelined round trip per
+    /// [`PRESENCE_BATCH`] rooms.
+    pub(super) async fn presence(
+        &self,
+        node_id: &str,
+        rooms: &[(RoomName, RoomCounts)],
+        gone: &[RoomName],
+        ttl: Duration,
+    ) -> Result<Vec<RoomCounts>, BrokerError> {
+        let s = &self.shared;
+        let current = s
+            .publisher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some((generation, mut conn)) = current else {
+            return Err(BrokerError::Unavailable);
+        };
+        let ttl_ms = ttl.as_millis() as u64;
+        let mut out = Vec::with_capacity(rooms.len());
+        let reports = rooms
+            .iter()
+            .map(|(r, c)| (r, c.hosts as i64, c.viewers as i64));
+        let withdrawals = gone.iter().map(|r| (r, -1i64, -1i64));
+        let all: Vec<(&RoomName, i64, i64)> = reports.chain(withdrawals).collect();
+        for chunk in all.chunks(PRESENCE_BATCH) {
+            let mut pipe = redis::pipe();
+            for (room, hosts, viewers) in chunk {
+                pipe.cmd("EVAL")
+                    .arg(PRESENCE_SCRIPT)
+                    .arg(1)
+                    .arg(s.presence_key(room))
+                    .arg(node_id)
+                    .arg(*hosts)
+                    .arg(*viewers)
+                    .arg(ttl_ms);
+            }
+            let answer = tokio::time::timeout(
+                s.timeouts.command,
+                pipe.query_async::<Vec<(u64, u64)>>(&mut conn),
+            )
+            .await;
+            match answer {
+                Ok(Ok(counts)) => out.extend(
+                    counts
+                        .into_iter()
+                        .map(|(hosts, viewers)| RoomCounts { hosts, viewers }),
+                ),
+                Ok(Err(e)) => {
+                    if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
+                        s.lose_publisher(generation);
+                    }
+                    return Err(BrokerError::Failed(e.to_string()));
+                }
+                Err(_) => {
+                    s.lose_publisher(generation);
+                    return Err(BrokerError::Timeout);
+                }
+            }
+        }
+        out.truncate(rooms.len());
+        Ok(out)
+    }
+
     pub(super) fn is_connected(&self) -> bool {
         self.shared.subscriber_up.load(Ordering::Relaxed)
             && self.shared.publisher_up.load(Ordering::Relaxed)
@@ -205,6 +303,12 @@ impl Shared {
 
     fn channel(&self, room: &RoomName) -> String {
         format!("{}{}", self.prefix, room)
+    }
+
+    /// The hash holding every node's counts of `room` (keys and channels are separate namespaces
+    /// in Redis; the fixed `presence:` part keeps the mapping one-to-one).
+    fn presence_key(&self, room: &RoomName) -> String {
+        format!("{}presence:{}", self.prefix, room)
     }
 
     fn update_connected(&self) {

@@ -82,7 +82,7 @@ pub async fn run(node: Arc<Node>, slot: SessionSlot, admission: Admission, upgra
         &conn_id,
         name.as_deref(),
     ));
-    let counts = node.hub.counts(&room);
+    let counts = node.presence.estimate(&room, node.hub.counts(&room));
     let _ = outbox.push(protocol::presence(&room, counts.hosts, counts.viewers));
 
     let last_seen = Arc::new(AtomicU64::new(writer::now_millis()));
@@ -94,6 +94,7 @@ pub async fn run(node: Arc<Node>, slot: SessionSlot, admission: Admission, upgra
             role,
             name,
             last_seen: last_seen.clone(),
+            rate: std::sync::Mutex::new(reader::RateLimitState::new(cfg.max_publish_rate)),
         }
         .run(read),
     );
@@ -102,6 +103,7 @@ pub async fn run(node: Arc<Node>, slot: SessionSlot, admission: Admission, upgra
         .await;
 
     node.leave(&room, slot.id, role);
+    node.metrics.closed(reason).increment(1);
     let mut reader = reader;
     if tokio::time::timeout(CLOSE_GRACE, &mut reader)
         .await
@@ -111,7 +113,6 @@ pub async fn run(node: Arc<Node>, slot: SessionSlot, admission: Admission, upgra
         reader.abort();
         debug!(conn = %conn_id, "reader aborted after close grace");
     }
-    node.metrics.closed(reason).increment(1);
     debug!(conn = %conn_id, room = %room, reason = reason.label(), "session ended");
     drop(slot);
 }

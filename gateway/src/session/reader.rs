@@ -10,6 +10,8 @@
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, WebSocketError};
@@ -18,7 +20,7 @@ use tokio::io::AsyncRead;
 use super::outbox::{Outbox, Outgoing};
 use super::writer::now_millis;
 use crate::disconnect::CloseReason;
-use crate::metrics::Source;
+use crate::metrics::{DropReason, Source};
 use crate::node::Node;
 use crate::protocol::{self, ClientCommand, Role, RoomName};
 
@@ -32,6 +34,77 @@ pub struct Reader {
     /// Last time anything arrived from the client (ms since an arbitrary epoch); the writer's
     /// idle check reads it.
     pub(super) last_seen: Arc<AtomicU64>,
+    /// Only this task touches it; the mutex is never contended (it keeps `on_message` `&self`).
+    pub(super) rate: Mutex<RateLimitState>,
+}
+
+/// The per-connection publish rate limit (opaque outside the reader).
+pub struct RateLimitState(RateLimit);
+
+impl RateLimitState {
+    /// A limit of `rate` publishes per second; 0 disables it.
+    pub fn new(rate: f64) -> Self {
+        Self(RateLimit::new(rate))
+    }
+}
+
+/// A token bucket of publishes per connection, with a count of refusals for closing abusers.
+struct RateLimit {
+    /// Publishes per second (and burst size); 0 disables the limit.
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+    /// Refusals in the current window.
+    refused: u32,
+    window_start: Instant,
+}
+
+/// Window over which refusals are counted towards closing a connection.
+const ABUSE_WINDOW: Duration = Duration::from_secs(10);
+
+/// The outcome of one publish attempt against the limit.
+#[derive(Debug, PartialEq, Eq)]
+enum Rate {
+    Allowed,
+    Refused,
+    Abusive,
+}
+
+impl RateLimit {
+    fn new(rate: f64) -> Self {
+        let now = Instant::now();
+        Self {
+            rate,
+            tokens: rate,
+            last: now,
+            refused: 0,
+            window_start: now,
+        }
+    }
+
+    fn check(&mut self, now: Instant) -> Rate {
+        if self.rate <= 0.0 {
+            return Rate::Allowed;
+        }
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate.max(1.0));
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return Rate::Allowed;
+        }
+        if now.saturating_duration_since(self.window_start) > ABUSE_WINDOW {
+            self.window_start = now;
+            self.refused = 0;
+        }
+        self.refused += 1;
+        let limit = (self.rate * 10.0).max(20.0) as u32;
+        if self.refused > limit {
+            Rate::Abusive
+        } else {
+            Rate::Refused
+        }
+    }
 }
 
 /// A fragmented message being reassembled.
@@ -180,14 +253,43 @@ impl Reader {
     }
 
     async fn publish(&self, data: &serde_json::value::RawValue) {
+        let verdict = self
+            .rate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .check(Instant::now());
+        match verdict {
+            Rate::Allowed => {}
+            Rate::Refused => {
+                self.node
+                    .metrics
+                    .dropped(DropReason::RateLimited)
+                    .increment(1);
+                return self.refuse(
+                    "rate_limited",
+                    "publishing too fast; this message was not published",
+                );
+            }
+            Rate::Abusive => {
+                self.node
+                    .metrics
+                    .dropped(DropReason::RateLimited)
+                    .increment(1);
+                return self.outbox.close(CloseReason::RateLimited);
+            }
+        }
         let from = self.name.as_deref();
         if let Err(e) = self
             .node
-            .publish(&self.room, from, self.role, data, Source::Client)
+            .publish(&self.room, from, self.role, data, Source::Client, true)
             .await
         {
             tracing::debug!(room = %self.room, cause = %e, "client publish failed");
-            self.refuse("unavailable", "the message could not be published: the cluster's broker is unavailable; retry later");
+            self.refuse(
+                "unavailable",
+                "the cluster's broker is unavailable: this message reached only the members on this node",
+            );
         }
     }
 
@@ -195,5 +297,32 @@ impl Reader {
     fn refuse(&self, code: &str, message: &str) {
         self.node.metrics.client_error(code);
         let _ = self.outbox.push(protocol::error(code, message));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_refuses_excess_then_closes_abusers() {
+        let t0 = Instant::now();
+        let mut r = RateLimit::new(2.0);
+        assert_eq!(r.check(t0), Rate::Allowed);
+        assert_eq!(r.check(t0), Rate::Allowed);
+        assert_eq!(r.check(t0), Rate::Refused, "burst of 2 used up");
+        assert_eq!(
+            r.check(t0 + Duration::from_millis(500)),
+            Rate::Allowed,
+            "refilled one token"
+        );
+        let mut verdicts = Vec::new();
+        for i in 0..25 {
+            verdicts.push(r.check(t0 + Duration::from_millis(500) + Duration::from_micros(i)));
+        }
+        assert_eq!(verdicts.iter().filter(|v| **v == Rate::Refused).count(), 19);
+        assert_eq!(verdicts.last(), Some(&Rate::Abusive));
+        let mut off = RateLimit::new(0.0);
+        assert!((0..1000).all(|_| off.check(t0) == Rate::Allowed));
     }
 }

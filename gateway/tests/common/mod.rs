@@ -552,11 +552,26 @@ pub struct RawWs {
 impl RawWs {
     /// Connects and completes the upgrade handshake on `path`.
     pub async fn connect(addr: SocketAddr, path: &str) -> Self {
+        Self::connect_with(addr, path, &[])
+            .await
+            .unwrap_or_else(|s| panic!("upgrade refused with {s}"))
+    }
+
+    /// Connects with extra request headers; `Err(status)` when the upgrade is refused.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Self, u16> {
         let mut stream = TcpStream::connect(addr).await.unwrap();
-        let req = format!(
+        let mut req = format!(
             "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
         );
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
         stream.write_all(req.as_bytes()).await.unwrap();
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
@@ -572,15 +587,21 @@ impl RawWs {
             }
         };
         let head = String::from_utf8_lossy(&buf[..end]).to_string();
-        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        if !head.starts_with("HTTP/1.1 101") {
+            return Err(head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0));
+        }
         assert!(
             head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
             "accept key: {head}"
         );
-        Self {
+        Ok(Self {
             stream,
             buf: buf[end..].to_vec(),
-        }
+        })
     }
 
     /// A client frame (masked unless `masked` is false).
@@ -661,5 +682,113 @@ impl RawWs {
                 return serde_json::from_slice(&payload).unwrap();
             }
         }
+    }
+}
+
+/// The real `gateway` binary as a child process, for what only a process shows: signals, exit,
+/// and dying without a word (SIGKILL).
+pub struct GatewayProcess {
+    pub id: String,
+    pub client: SocketAddr,
+    pub admin: SocketAddr,
+    child: Option<Child>,
+}
+
+impl GatewayProcess {
+    /// Starts the `gateway` binary with test timers and `extra` flags; waits for `/readyz`.
+    pub async fn start(node_id: &str, redis: Option<&RedisServer>, extra: &[&str]) -> Self {
+        let client: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gateway"));
+        cmd.args([
+            "--listen",
+            &client.to_string(),
+            "--admin-listen",
+            &admin.to_string(),
+        ])
+        .args(["--node-id", node_id, "--unsubscribe-delay", "200ms"])
+        .args(["--redis-timeout", "1s", "--redis-probe-interval", "500ms"])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+        if let Some(r) = redis {
+            cmd.args(["--redis-url", &r.url()]);
+        }
+        let child = cmd.spawn().expect("gateway binary");
+        let p = Self {
+            id: node_id.to_string(),
+            client,
+            admin,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok((200, _)) = http(p.admin, "GET", "/readyz", &[], b"").await {
+                return p;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway process {node_id} never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub fn ws_url(&self, room: &str, query: &str) -> String {
+        format!("ws://{}/ws/{room}?{query}", self.client)
+    }
+
+    pub async fn join(&self, room: &str, role: &str, name: &str) -> WsClient {
+        let url = self.ws_url(room, &format!("role={role}&name={name}"));
+        let mut c = WsClient::connect(&url).await;
+        assert_eq!(c.next_of("welcome").await["node"], self.id.as_str());
+        c
+    }
+
+    pub async fn metric(&self, series: &str) -> f64 {
+        let (_, body) = http(self.admin, "GET", "/metrics", &[], b"").await.unwrap();
+        metric_value(&String::from_utf8_lossy(&body), series)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Sends SIGTERM (drain).
+    pub fn terminate(&self) {
+        let pid = self.pid().to_string();
+        let ok = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(ok.success());
+    }
+
+    /// Kills with SIGKILL: no drain, no goodbye.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the process to exit; returns its exit status and how long it took.
+    pub async fn wait_exit(&mut self, limit: Duration) -> (std::process::ExitStatus, Duration) {
+        let start = Instant::now();
+        let mut child = self.child.take().expect("running");
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return (status, start.elapsed());
+            }
+            if start.elapsed() > limit {
+                let _ = child.kill();
+                panic!("gateway did not exit within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

@@ -1,0 +1,454 @@
+// Live-room client for the gateway's WebSocket protocol (docs/protocol.md; usage in docs/client.md).
+//
+// A dependency-free ES module. Every gateway node serves it at `/client.js`; bundlers import it
+// from `gateway/assets` (a package named `live-room-client`). It runs wherever a WHATWG
+// `WebSocket` exists (browsers, Deno, Node.js 22+); elsewhere pass one as `options.WebSocket`.
+//
+// One `RoomClient` is one member of one room. It reconnects on its own after drops and drains
+// (exponential backoff with full jitter, honouring the close codes) and rejoins its room: the room,
+// role and name travel in the URL, so every new connection is a new join.
+
+/** Version of this client. */
+export const VERSION = '0.1.0';
+
+/** Close codes the gateway sends (docs/protocol.md, section 7), plus the ones a browser reports. */
+export const CloseCode = Object.freeze({
+  NORMAL: 1000,
+  GOING_AWAY: 1001,
+  PROTOCOL_ERROR: 1002,
+  NO_STATUS: 1005,
+  ABNORMAL: 1006,
+  INVALID_UTF8: 1007,
+  POLICY: 1008,
+  TOO_LARGE: 1009,
+  SERVER_RESTART: 1012,
+  SLOW_CONSUMER: 4000,
+  IDLE_TIMEOUT: 4001,
+});
+
+const DEFAULTS = Object.freeze({
+  role: 'viewer',
+  reconnect: true,
+  backoff: Object.freeze({ initialDelay: 500, maxDelay: 30_000 }),
+  connectTimeout: 10_000,
+  pingInterval: 20_000,
+  pongTimeout: 10_000,
+});
+
+const ROOM = /^[A-Za-z0-9_.:-]{1,128}$/;
+// Rust's `char::is_control`: the C0 and C1 control characters and DEL.
+const CONTROL = /[\u0000-\u001f\u007f-\u009f]/;
+const utf8 = new TextEncoder();
+
+/** Whether `room` is a valid room name: 1–128 characters of `A-Z a-z 0-9 _ . : -`. */
+export function validRoom(room) {
+  return typeof room === 'string' && ROOM.test(room);
+}
+
+/** Whether `name` is a valid display name: 1–64 bytes of UTF-8 without control characters. */
+export function validName(name) {
+  return (
+    typeof name === 'string' &&
+    name.length > 0 &&
+    utf8.encode(name).length <= 64 &&
+    !CONTROL.test(name)
+  );
+}
+
+/**
+ * Whether a client should reconnect after a close with `code`.
+ *
+ * No: 1000 (a deliberate close), 1002, 1003, 1007, 1009, 1010 (the client sent something wrong:
+ * it would again), 1008 (policy, e.g. the publish rate: retrying is what it forbids) and
+ * 4500–4999 (the gateway's "do not reconnect" range). Yes: everything else — 1006 (the connection
+ * dropped, or the handshake failed), 1001, 1011–1014 (the server went away or is restarting:
+ * 1012 is a draining node), 4000–4499 (the gateway's "reconnect with backoff" range) and codes
+ * this client does not know.
+ *
+ * @param {number} code
+ * @returns {boolean}
+ */
+export function shouldReconnect(code) {
+  if (code >= 4000 && code <= 4499) return true;
+  if (code >= 4500 && code <= 4999) return false;
+  switch (code) {
+    case 1000:
+    case 1002:
+    case 1003:
+    case 1007:
+    case 1008:
+    case 1009:
+    case 1010:
+      return false;
+    default:
+      return true;
+  }
+}
+
+/**
+ * The delay before reconnect attempt `attempt` (0 for the first after a connection was lost):
+ * exponential backoff with full jitter, a uniform random delay in
+ * `[0, min(maxDelay, initialDelay × 2^attempt))` milliseconds, so that the clients of a failed
+ * node spread their reconnects instead of arriving together.
+ *
+ * @param {number} attempt
+ * @param {{initialDelay?: number, maxDelay?: number}} [backoff]
+ * @param {() => number} [random] uniform in [0, 1)
+ * @returns {number} milliseconds
+ */
+export function backoffDelay(attempt, backoff = {}, random = Math.random) {
+  const initial = backoff.initialDelay ?? DEFAULTS.backoff.initialDelay;
+  const max = backoff.maxDelay ?? DEFAULTS.backoff.maxDelay;
+  const ceiling = Math.min(max, initial * 2 ** Math.min(Math.max(attempt, 0), 30));
+  return Math.floor(random() * ceiling);
+}
+
+/**
+ * The WebSocket URL of `room` on the gateway at `base`. `base` may be `ws:`, `wss:`, `http:` or
+ * `https:` (mapped to `ws:`/`wss:`), with a path prefix when the gateway is mounted under one;
+ * its query parameters are kept.
+ *
+ * @param {string} base e.g. `wss://live.example.com` or `https://example.com/live/`
+ * @param {string} room
+ * @param {{role?: 'host'|'viewer', name?: string|null}} [who]
+ * @returns {string}
+ */
+export function roomUrl(base, room, { role, name } = {}) {
+  const url = new URL(base);
+  if (url.protocol === 'http:') url.protocol = 'ws:';
+  else if (url.protocol === 'https:') url.protocol = 'wss:';
+  else if (url.protocol !== 'ws:' && url.protocol !== 'wss:') {
+    throw new TypeError(`not a WebSocket or HTTP URL: ${base}`);
+  }
+  if (!validRoom(room)) throw new TypeError(`invalid room name: ${room}`);
+  url.pathname = `${url.pathname.replace(/\/+$/, '')}/ws/${room}`;
+  url.hash = '';
+  if (role) url.searchParams.set('role', role);
+  if (name) url.searchParams.set('name', name);
+  return url.toString();
+}
+
+/** The URL of the page's own origin, when there is a page. */
+function pageOrigin() {
+  const loc = globalThis.location;
+  return loc && /^https?:$/.test(loc.protocol) ? loc.origin : undefined;
+}
+
+/**
+ * @typedef {'idle'|'connecting'|'open'|'reconnecting'|'closed'} State
+ *
+ * @typedef {object} StateChange
+ * @property {State} state the new state
+ * @property {State} previous
+ * @property {string} [url] `connecting`, `open`: the URL of the connection
+ * @property {string} [node] `open`: the node that welcomed the client
+ * @property {boolean} [rejoined] `open`: whether this is a rejoin after a lost connection
+ * @property {number} [code] `reconnecting`, `closed`: the close code (1006 when the connection
+ *   dropped, failed, or was given up by the client's own timeouts)
+ * @property {string} [reason] `reconnecting`, `closed`: the close reason text
+ * @property {number} [delay] `reconnecting`: milliseconds until the next attempt
+ * @property {number} [attempt] `reconnecting`: consecutive attempts without a welcome, from 1
+ *
+ * @typedef {object} Options
+ * @property {string|string[]} [url] the gateway: one URL (a load balancer) or several nodes, tried
+ *   in turn; `ws:`, `wss:`, `http:` or `https:`. Default: the page's own origin.
+ * @property {string} room the room to join
+ * @property {'host'|'viewer'} [role] default `viewer`
+ * @property {string} [name] display name shown to others as `from`
+ * @property {boolean} [reconnect] reconnect after drops and drains; default true
+ * @property {{initialDelay?: number, maxDelay?: number}} [backoff] ms; default 500 and 30000
+ * @property {number} [connectTimeout] ms from opening a socket to its `welcome`; default 10000
+ * @property {number} [pingInterval] ms of silence before the client sends a `ping`; 0 disables the
+ *   heartbeat; default 20000
+ * @property {number} [pongTimeout] ms after that ping without any frame before the connection
+ *   counts as dead (1006) and is replaced; default 10000
+ * @property {typeof WebSocket} [WebSocket] the WebSocket class; default `globalThis.WebSocket`
+ */
+
+/**
+ * One member of one room. Events (`on(type, fn)`):
+ *
+ * - `state` — {@link StateChange}: `idle` → `connecting` → `open` ⇄ `reconnecting` … `closed`.
+ * - `welcome` — `{node, room, role, connection_id, name}` on every (re)join.
+ * - `message` — `{room, from, role, data, id, ts}`; the client's own messages come back too.
+ * - `presence` — `{room, hosts, viewers}`, cluster-wide counts.
+ * - `error` — `{code, message}`: the server refused a command; the connection stays open.
+ * - `pong` — `{ts}`, the answer to {@link RoomClient#ping}.
+ */
+export class RoomClient {
+  /** @type {string[]} */ #urls;
+  #index = 0;
+  #room;
+  #role;
+  #name;
+  #opts;
+  #WebSocket;
+  /** The live socket, or null; events of any other socket are ignored. */
+  #ws = null;
+  /** @type {State} */ #state = 'idle';
+  /** Consecutive attempts that ended before a welcome; reset by each welcome. */
+  #attempt = 0;
+  #welcome = null;
+  #joinedOnce = false;
+  #lastReceived = 0;
+  #pingSent = false;
+  #retryTimer = null;
+  #connectTimer = null;
+  #heartbeatTimer = null;
+  /** @type {Map<string, Set<Function>>} */ #listeners = new Map();
+
+  /** @param {Options} options */
+  constructor(options) {
+    const opts = { ...DEFAULTS, ...options, backoff: { ...DEFAULTS.backoff, ...options?.backoff } };
+    const urls = [opts.url ?? pageOrigin()].flat().filter((u) => u !== undefined && u !== '');
+    if (urls.length === 0) throw new TypeError('options.url is required outside a web page');
+    if (opts.role !== 'host' && opts.role !== 'viewer') {
+      throw new TypeError('options.role must be "host" or "viewer"');
+    }
+    if (opts.name != null && opts.name !== '' && !validName(opts.name)) {
+      throw new TypeError('options.name must be 1-64 bytes without control characters');
+    }
+    const WS = opts.WebSocket ?? globalThis.WebSocket;
+    if (typeof WS !== 'function') throw new TypeError('no WebSocket: pass options.WebSocket');
+    this.#room = opts.room;
+    this.#role = opts.role;
+    this.#name = opts.name || null;
+    // Refuse bad URLs and room names now, not on every reconnect.
+    for (const u of urls) roomUrl(u, this.#room);
+    this.#urls = urls.map(String);
+    this.#opts = opts;
+    this.#WebSocket = WS;
+  }
+
+  /** @returns {State} */
+  get state() {
+    return this.#state;
+  }
+  /** The room this client joins. */
+  get room() {
+    return this.#room;
+  }
+  /** `host` or `viewer`. */
+  get role() {
+    return this.#role;
+  }
+  /** The display name, or null. */
+  get name() {
+    return this.#name;
+  }
+  /** The last `welcome` event, or null before the first. */
+  get welcome() {
+    return this.#welcome;
+  }
+  /** The node of the current connection, or null when not `open`. */
+  get node() {
+    return this.#state === 'open' ? this.#welcome.node : null;
+  }
+
+  /**
+   * Subscribes `fn` to events of `type`.
+   * @param {'state'|'welcome'|'message'|'presence'|'error'|'pong'} type
+   * @param {(event: any) => void} fn
+   * @returns {() => void} unsubscribes
+   */
+  on(type, fn) {
+    if (!this.#listeners.has(type)) this.#listeners.set(type, new Set());
+    this.#listeners.get(type).add(fn);
+    return () => this.off(type, fn);
+  }
+
+  /** Unsubscribes `fn` from events of `type`. */
+  off(type, fn) {
+    this.#listeners.get(type)?.delete(fn);
+  }
+
+  /** Starts joining the room (again, after `closed`). Returns the client. */
+  connect() {
+    if (this.#state === 'idle' || this.#state === 'closed') {
+      this.#attempt = 0;
+      this.#open();
+    }
+    return this;
+  }
+
+  /**
+   * Leaves the room for good: no reconnect until {@link RoomClient#connect}.
+   * @param {number} [code] 1000 or 3000–4999
+   * @param {string} [reason]
+   */
+  close(code = 1000, reason = '') {
+    this.#stopTimers();
+    const ws = this.#ws;
+    this.#ws = null;
+    if (ws) {
+      detach(ws);
+      try {
+        ws.close(code, reason);
+      } catch {
+        // Already closing, or a code the WebSocket refuses: the socket is dropped either way.
+      }
+    }
+    if (this.#state !== 'closed' && this.#state !== 'idle') {
+      this.#setState('closed', { code, reason });
+    }
+  }
+
+  /**
+   * Publishes `data` (any JSON value) to the room. Text is best sent this way too: a bare text
+   * frame that happens to be JSON (`42`, `true`) would be refused by the server.
+   * @param {any} data
+   * @returns {boolean} whether it was handed to an open connection (false while reconnecting:
+   *   nothing is queued, live messages go stale)
+   */
+  publish(data) {
+    if (data === undefined) throw new TypeError('publish(data): data must be a JSON value');
+    return this.#send(JSON.stringify({ type: 'publish', data }));
+  }
+
+  /** Asks the server for a `pong` event. Returns whether it was sent. */
+  ping() {
+    return this.#send('{"type":"ping"}');
+  }
+
+  #send(text) {
+    const ws = this.#ws;
+    if (!ws || this.#state !== 'open' || ws.readyState !== 1) return false;
+    ws.send(text);
+    return true;
+  }
+
+  #open() {
+    const url = roomUrl(this.#urls[this.#index], this.#room, { role: this.#role, name: this.#name });
+    let ws;
+    try {
+      ws = new this.#WebSocket(url);
+    } catch (err) {
+      // E.g. a port the browser blocks: count it as a failed attempt.
+      this.#setState('connecting', { url });
+      this.#lost(CloseCode.ABNORMAL, String(err?.message ?? err));
+      return;
+    }
+    this.#ws = ws;
+    ws.onmessage = (ev) => {
+      if (this.#ws === ws) this.#receive(ev.data);
+    };
+    ws.onclose = (ev) => {
+      if (this.#ws !== ws) return;
+      this.#ws = null;
+      this.#lost(ev.code, ev.reason);
+    };
+    // A failure is followed by a close event; nothing to do here.
+    ws.onerror = () => {};
+    this.#connectTimer = setTimeout(() => this.#giveUp(ws, 'connect timeout'), this.#opts.connectTimeout);
+    this.#setState('connecting', { url });
+  }
+
+  #receive(data) {
+    this.#lastReceived = Date.now();
+    this.#pingSent = false;
+    if (typeof data !== 'string') return;
+    let event;
+    try {
+      event = JSON.parse(data);
+    } catch {
+      return;
+    }
+    if (event === null || typeof event !== 'object' || typeof event.type !== 'string') return;
+    if (event.type === 'state') return;
+    if (event.type === 'welcome') {
+      clearTimeout(this.#connectTimer);
+      this.#connectTimer = null;
+      this.#attempt = 0;
+      this.#welcome = event;
+      const rejoined = this.#joinedOnce;
+      this.#joinedOnce = true;
+      this.#startHeartbeat();
+      this.#emit('welcome', event);
+      this.#setState('open', { url: this.#ws?.url, node: event.node, rejoined });
+      return;
+    }
+    this.#emit(event.type, event);
+  }
+
+  /** The connection ended with `code`: reconnect or stop, by the code. */
+  #lost(code, reason) {
+    this.#stopTimers();
+    if (this.#state === 'closed') return;
+    if (!this.#opts.reconnect || !shouldReconnect(code)) {
+      this.#setState('closed', { code, reason });
+      return;
+    }
+    // With several URLs, the next attempt goes to the next one: this one just failed or drained.
+    this.#index = (this.#index + 1) % this.#urls.length;
+    const delay = backoffDelay(this.#attempt, this.#opts.backoff);
+    this.#attempt += 1;
+    this.#retryTimer = setTimeout(() => {
+      this.#retryTimer = null;
+      this.#open();
+    }, delay);
+    this.#setState('reconnecting', { code, reason, delay, attempt: this.#attempt });
+  }
+
+  /** Drops a socket that is not answering, without waiting for its close handshake. */
+  #giveUp(ws, reason) {
+    if (this.#ws !== ws) return;
+    this.#ws = null;
+    detach(ws);
+    try {
+      ws.close();
+    } catch {
+      // Nothing more to do: the socket is dropped.
+    }
+    this.#lost(CloseCode.ABNORMAL, reason);
+  }
+
+  /**
+   * After `pingInterval` of silence, send a ping; after `pongTimeout` more, the connection is dead
+   * (a half-open TCP connection the browser would not notice for minutes).
+   */
+  #startHeartbeat() {
+    const every = this.#opts.pingInterval;
+    if (!every) return;
+    const ws = this.#ws;
+    this.#lastReceived = Date.now();
+    this.#pingSent = false;
+    const check = Math.max(100, Math.min(every, this.#opts.pongTimeout) / 2);
+    this.#heartbeatTimer = setInterval(() => {
+      const silent = Date.now() - this.#lastReceived;
+      if (silent >= every + this.#opts.pongTimeout) {
+        this.#giveUp(ws, 'heartbeat timeout');
+      } else if (silent >= every && !this.#pingSent) {
+        this.#pingSent = this.ping();
+      }
+    }, check);
+  }
+
+  #stopTimers() {
+    clearTimeout(this.#retryTimer);
+    clearTimeout(this.#connectTimer);
+    clearInterval(this.#heartbeatTimer);
+    this.#retryTimer = this.#connectTimer = this.#heartbeatTimer = null;
+  }
+
+  #setState(state, detail) {
+    const previous = this.#state;
+    this.#state = state;
+    this.#emit('state', { state, previous, ...detail });
+  }
+
+  #emit(type, event) {
+    for (const fn of [...(this.#listeners.get(type) ?? [])]) {
+      try {
+        fn(event);
+      } catch (err) {
+        // A listener's bug must not break the connection; report it like an event handler's.
+        if (typeof globalThis.reportError === 'function') globalThis.reportError(err);
+        else setTimeout(() => { throw err; });
+      }
+    }
+  }
+}
+
+function detach(ws) {
+  ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
+}

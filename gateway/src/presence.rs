@@ -1,0 +1,103 @@
+//! The presence timer: every `--presence-interval`, report this node's local counts of each room
+//! to the broker, get the cluster-wide counts back, and send each room's members one `presence`
+//! event (encoded once per room). Rooms whose last local member left are withdrawn, so leaves
+//! show within one interval; a node that dies stops renewing its reports, which expire after
+//! three intervals.
+//!
+//! The latest cluster-wide counts are cached so that a client that joins between two ticks gets
+//! a sensible `presence` right after its `welcome`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use tracing::warn;
+
+use crate::hub::RoomCounts;
+use crate::node::Node;
+use crate::protocol::{self, RoomName};
+
+/// Cluster-wide counts of the last tick, with this node's own share at that time.
+#[derive(Debug, Default)]
+pub struct PresenceCache {
+    /// Room → (cluster-wide counts, this node's counts) as of the last tick. A std lock: one map
+    /// swap per tick and one lookup per join.
+    rooms: Mutex<HashMap<RoomName, (RoomCounts, RoomCounts)>>,
+}
+
+impl PresenceCache {
+    /// Best estimate of `room`'s cluster-wide counts given this node's counts now: the last
+    /// tick's cluster counts with this node's share replaced by `local_now`.
+    pub fn estimate(&self, room: &RoomName, local_now: RoomCounts) -> RoomCounts {
+        let rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        match rooms.get(room) {
+            Some((cluster, local_then)) => RoomCounts {
+                hosts: cluster.hosts.saturating_sub(local_then.hosts) + local_now.hosts,
+                viewers: cluster.viewers.saturating_sub(local_then.viewers) + local_now.viewers,
+            },
+            None => local_now,
+        }
+    }
+}
+
+/// Runs the presence timer until the node stops, then withdraws this node's reports.
+pub async fn run(node: Arc<Node>) {
+    let mut tick = tokio::time::interval(node.config.presence_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reported: HashSet<RoomName> = HashSet::new();
+    let mut failures = 0u64;
+    loop {
+        tokio::select! {
+            _ = node.stopping().cancelled() => break,
+            _ = tick.tick() => {
+                match once(&node, &mut reported).await {
+                    Ok(()) => failures = 0,
+                    Err(e) => {
+                        failures += 1;
+                        if failures == 1 || failures.is_multiple_of(60) {
+                            warn!(cause = %e, failures, "presence update failed");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Leave no counts behind for the TTL to clean up.
+    let gone: Vec<RoomName> = reported.into_iter().collect();
+    if !gone.is_empty() {
+        let _ = node
+            .broker
+            .presence(&node.config.node_id, &[], &gone, node.config.presence_ttl())
+            .await;
+    }
+}
+
+async fn once(
+    node: &Node,
+    reported: &mut HashSet<RoomName>,
+) -> Result<(), crate::broker::BrokerError> {
+    let local = node.hub.snapshot();
+    let now: HashSet<RoomName> = local.iter().map(|(r, _)| r.clone()).collect();
+    let gone: Vec<RoomName> = reported.difference(&now).cloned().collect();
+    let cluster = node
+        .broker
+        .presence(
+            &node.config.node_id,
+            &local,
+            &gone,
+            node.config.presence_ttl(),
+        )
+        .await?;
+    *reported = now;
+    let mut cache = HashMap::with_capacity(local.len());
+    for ((room, mine), counts) in local.into_iter().zip(cluster) {
+        let frame = protocol::presence(&room, counts.hosts, counts.viewers);
+        node.hub.fanout(&room, &frame);
+        cache.insert(room, (counts, mine));
+    }
+    *node
+        .presence
+        .rooms
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = cache;
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! Redis outages against a real `redis-server` that the tests kill, restart and freeze: nodes
+//! stay up, say they are not ready, keep local fan-out, refuse publishes clearly, and resume
+//! cross-node delivery by themselves after Redis returns.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+async fn readyz(node: &TestNode) -> u16 {
+    http(node.admin, "GET", "/readyz", &[], b"")
+        .await
+        .map(|(s, _)| s)
+        .unwrap_or(0)
+}
+
+/// Two nodes, a member of room `r` on each; checks cross-node delivery works.
+async fn setup(redis: &RedisServer) -> (TestNode, TestNode, WsClient, WsClient) {
+    let n1 = TestNode::start(test_config("n1", Some(redis), &[])).await;
+    let n2 = TestNode::start(test_config("n2", Some(redis), &[])).await;
+    let mut a = n1.join("r", "host", "a").await;
+    let mut b = n2.join("r", "viewer", "b").await;
+    redis.wait_numsub("gw:room:r", 2).await;
+    a.publish(json!("before")).await;
+    assert_eq!(b.next_message().await["data"], "before");
+    assert_eq!(a.next_message().await["data"], "before");
+    (n1, n2, a, b)
+}
+
+async fn expect_outage_seen(nodes: [&TestNode; 2]) {
+    for n in nodes {
+        eventually("redis_connected drops to 0", || async {
+            n.metric("gateway_redis_connected").await == 0.0
+        })
+        .await;
+        eventually("/readyz fails", || async { readyz(n).await == 503 }).await;
+        let (status, _) = http(n.admin, "GET", "/healthz", &[], b"").await.unwrap();
+        assert_eq!(status, 200, "liveness never depends on Redis");
+    }
+}
+
+/// After Redis is back: both nodes ready within 5 s and cross-node delivery resumed.
+async fn expect_recovery(n1: &TestNode, n2: &TestNode, a: &mut WsClient, b: &mut WsClient) {
+    let back = Instant::now();
+    for n in [n1, n2] {
+        eventually("ready again", || async { readyz(n).await == 200 }).await;
+    }
+    // Cross-node delivery resumes: keep publishing until one gets through, within 5 s.
+    let mut i = 0;
+    loop {
+        i += 1;
+        a.publish(json!({"after": i})).await;
+        if let Some(m) = b.next_json_within(Duration::from_millis(200)).await {
+            if m["type"] == "message" && m["data"]["after"].is_number() {
+                break;
+            }
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(5),
+            "cross-node delivery did not resume within 5 s"
+        );
+    }
+    // And it is steady: the next one arrives too.
+    a.publish(json!("steady")).await;
+    loop {
+        let m = b.next_message().await;
+        if m["data"] == "steady" {
+            break;
+        }
+    }
+    assert!(
+        n1.metric("gateway_redis_reconnects_total{connection=\"subscriber\"}")
+            .await
+            >= 1.0
+    );
+    assert_eq!(n2.metric("gateway_redis_connected").await, 1.0);
+    for n in [n1, n2] {
+        let rooms = n.metric("gateway_rooms").await;
+        assert_eq!(
+            n.metric("gateway_broker_subscriptions").await,
+            rooms,
+            "every room resubscribed"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_outage_nodes_stay_up_publishes_fail_clearly_and_delivery_resumes() {
+    let mut redis = RedisServer::start().await;
+    let (n1, n2, mut a, mut b) = setup(&redis).await;
+    let mut a_local = n1.join("r", "viewer", "a2").await;
+
+    redis.kill();
+    expect_outage_seen([&n1, &n2]).await;
+
+    // A client publish during the outage: an error event, and local members still get it.
+    a.publish(json!("during")).await;
+    let e = a.next_of("error").await;
+    assert_eq!(e["code"], "unavailable");
+    assert_eq!(
+        a_local.next_message().await["data"],
+        "during",
+        "local fan-out keeps working"
+    );
+    b.expect_no_message(Duration::from_millis(300)).await;
+    // The HTTP API: 503 with Retry-After, never a silent drop.
+    let (status, body) = http_publish(&n2, "r", &[], b"x").await;
+    assert_eq!((status, body["error"].as_str()), (503, Some("unavailable")));
+    assert!(
+        n1.metric("gateway_messages_dropped_total{reason=\"broker_unavailable\"}")
+            .await
+            >= 1.0
+    );
+    assert!(
+        n2.metric("gateway_messages_dropped_total{reason=\"broker_unavailable\"}")
+            .await
+            >= 1.0
+    );
+    // Joining during the outage works (the subscription is made when Redis returns).
+    let mut late = n2.join("late", "viewer", "l").await;
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    redis.restart().await;
+    expect_recovery(&n1, &n2, &mut a, &mut b).await;
+    redis.wait_numsub("gw:room:late", 1).await;
+    redis.publish("gw:room:late", b"welcome back").await;
+    assert_eq!(late.next_message().await["data"], "welcome back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_outage_of_over_30_seconds_recovers_without_restart() {
+    let mut redis = RedisServer::start().await;
+    let (n1, n2, mut a, mut b) = setup(&redis).await;
+    redis.kill();
+    expect_outage_seen([&n1, &n2]).await;
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    assert_eq!(readyz(&n1).await, 503, "still honest after 30 s");
+    redis.restart().await;
+    expect_recovery(&n1, &n2, &mut a, &mut b).await;
+    assert!(
+        n1.metric("gateway_redis_reconnects_total{connection=\"publisher\"}")
+            .await
+            >= 1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_is_detected_by_the_probe_and_handled_as_an_outage() {
+    let redis = RedisServer::start().await;
+    let (n1, n2, mut a, mut b) = setup(&redis).await;
+    redis.signal("STOP");
+    let frozen = Instant::now();
+    expect_outage_seen([&n1, &n2]).await;
+    // Probe interval 500 ms + timeout 1 s, plus scheduling slack.
+    assert!(
+        frozen.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        frozen.elapsed()
+    );
+    a.publish(json!("while frozen")).await;
+    assert_eq!(a.next_of("error").await["code"], "unavailable");
+    redis.signal("CONT");
+    expect_recovery(&n1, &n2, &mut a, &mut b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_while_redis_is_down_comes_up_when_it_returns() {
+    let mut redis = RedisServer::start().await;
+    redis.kill();
+    let node = TestNode::start_unready(test_config("n1", Some(&redis), &[])).await;
+    eventually("admin answers", || async { readyz(&node).await == 503 }).await;
+    let mut c = node.join("r", "viewer", "c").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    redis.restart().await;
+    node.wait_ready().await;
+    redis.wait_numsub("gw:room:r", 1).await;
+    redis.publish("gw:room:r", b"hello").await;
+    assert_eq!(c.next_message().await["data"], "hello");
+}
