@@ -1,0 +1,160 @@
+//! Timers and endings across real processes: cluster-wide presence that adds up and forgets a
+//! node that died, and a graceful drain on SIGTERM.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+/// Reads presence events until one shows `hosts`/`viewers` (within `limit`).
+async fn presence_reaches(c: &mut WsClient, hosts: u64, viewers: u64, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let left = limit.saturating_sub(start.elapsed());
+        let v = c
+            .next_json_within(left)
+            .await
+            .unwrap_or_else(|| panic!("presence never showed {hosts} hosts / {viewers} viewers"));
+        if v["type"] == "presence" && v["hosts"] == hosts && v["viewers"] == viewers {
+            return start.elapsed();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_adds_up_across_nodes_and_forgets_a_dead_node() {
+    let redis = RedisServer::start().await;
+    let flags = ["--presence-interval", "300ms"];
+    let n1 = GatewayProcess::start("p1", Some(&redis), &flags).await;
+    let n2 = GatewayProcess::start("p2", Some(&redis), &flags).await;
+    let mut n3 = GatewayProcess::start("p3", Some(&redis), &flags).await;
+
+    let mut host = n1.join("stage", "host", "h").await;
+    let _v1 = n1.join("stage", "viewer", "v1").await;
+    let _v2 = n2.join("stage", "viewer", "v2").await;
+    let _v3 = n2.join("stage", "viewer", "v3").await;
+    let _v4 = n3.join("stage", "viewer", "v4").await;
+    let _other = n3.join("elsewhere", "host", "x").await;
+    presence_reaches(&mut host, 1, 4, Duration::from_secs(3)).await;
+
+    // A join shows within one interval (plus the time to get there).
+    let _v5 = n2.join("stage", "viewer", "v5").await;
+    let took = presence_reaches(&mut host, 1, 5, Duration::from_secs(3)).await;
+    assert!(
+        took < Duration::from_millis(900),
+        "join took {took:?} to show"
+    );
+    // A leave too.
+    _v5.close().await;
+    let took = presence_reaches(&mut host, 1, 4, Duration::from_secs(3)).await;
+    assert!(
+        took < Duration::from_millis(900),
+        "leave took {took:?} to show"
+    );
+
+    // Node 3 dies without a word: its viewer vanishes from the counts within the TTL (3 × 300 ms).
+    n3.kill();
+    let took = presence_reaches(&mut host, 1, 3, Duration::from_secs(3)).await;
+    assert!(
+        took < Duration::from_millis(1500),
+        "dead node's counts lasted {took:?}"
+    );
+    // And the counts stay right.
+    host.expect_no_message(Duration::from_millis(700)).await;
+    presence_reaches(&mut host, 1, 3, Duration::from_millis(700)).await;
+    drop(n2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_clients_with_1012_over_the_window_and_the_cluster_keeps_delivering() {
+    let redis = RedisServer::start().await;
+    let flags = ["--drain-seconds", "2"];
+    let n1 = GatewayProcess::start("d1", Some(&redis), &flags).await;
+    let n2 = GatewayProcess::start("d2", Some(&redis), &flags).await;
+    let mut n3 = GatewayProcess::start("d3", Some(&redis), &flags).await;
+
+    let mut host = n1.join("live", "host", "h").await;
+    let mut stay = n2.join("live", "viewer", "stay").await;
+    let mut leaving = Vec::new();
+    for i in 0..20 {
+        leaving.push(n3.join("live", "viewer", &format!("v{i}")).await);
+    }
+    redis.wait_numsub("gw:room:live", 3).await;
+
+    let start = Instant::now();
+    n3.terminate();
+    // /readyz fails at once.
+    eventually("readyz fails at once", || async {
+        http(n3.admin, "GET", "/readyz", &[], b"")
+            .await
+            .map(|(s, _)| s)
+            .unwrap_or(503)
+            == 503
+    })
+    .await;
+    assert!(start.elapsed() < Duration::from_millis(500));
+    // The listener stops accepting.
+    let refused = tokio_tungstenite::connect_async(n3.ws_url("live", "")).await;
+    assert!(refused.is_err(), "a draining node accepts no new clients");
+
+    // Every client of node 3 gets 1012, spread over the 2 s window; the host keeps publishing and
+    // the viewer on node 2 keeps receiving all the while.
+    let mut closes = Vec::new();
+    let mut join = tokio::task::JoinSet::new();
+    for mut c in leaving.drain(..) {
+        join.spawn(async move {
+            let ended = c.ended(Duration::from_secs(6)).await;
+            (ended, Instant::now())
+        });
+    }
+    let mut seq = 0;
+    let publisher = async {
+        while start.elapsed() < Duration::from_millis(2500) {
+            seq += 1;
+            host.publish(json!(seq)).await;
+            assert_eq!(stay.next_message().await["data"], seq);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        seq
+    };
+    let (sent, ()) = tokio::join!(publisher, async {
+        while let Some(r) = join.join_next().await {
+            closes.push(r.unwrap());
+        }
+    });
+    assert!(
+        sent > 20,
+        "kept delivering through the drain ({sent} messages)"
+    );
+    let offsets: Vec<Duration> = closes
+        .iter()
+        .map(|(e, at)| {
+            assert_eq!(*e, Ended::Closed(1012));
+            at.duration_since(start)
+        })
+        .collect();
+    let first = offsets.iter().min().unwrap();
+    let last = offsets.iter().max().unwrap();
+    assert!(
+        *last - *first > Duration::from_millis(800),
+        "closes spread over the window: {first:?}..{last:?}"
+    );
+    assert!(
+        *last < Duration::from_millis(2600),
+        "all closed within the window: {last:?}"
+    );
+
+    let (status, _) = n3.wait_exit(Duration::from_secs(8)).await;
+    assert!(status.success(), "{status:?}");
+    let total = start.elapsed();
+    assert!(
+        total < Duration::from_secs(7),
+        "exited {total:?} after SIGTERM: more than drain + 5 s"
+    );
+    eprintln!("drain: closes from {first:?} to {last:?}, exit after {total:?}");
+    redis.wait_numsub("gw:room:live", 2).await;
+    drop(n1);
+    drop(n2);
+}
