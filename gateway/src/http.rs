@@ -1,7 +1,8 @@
 //! Routes of the client port: WebSocket upgrades into rooms and the HTTP publish API.
 //!
 //! - `GET /ws/{room}?role=host|viewer&name=NAME` — upgrade into `room`.
-//! - `GET /` with an upgrade — join `lobby`; without one, a short page about the node.
+//! - `GET /` with an upgrade — join `lobby`; without one, the live-room page ([`crate::assets`]),
+//!   which loads `/page.js` and `/client.js`.
 //! - `POST /api/rooms/{room}/messages` — publish as `server` (202 with the message id).
 //!
 //! Every refusal happens before the upgrade, as an HTTP status with a JSON body
@@ -19,6 +20,7 @@ use hyper::body::Incoming;
 use serde_json::value::RawValue;
 use tracing::{debug, warn};
 
+use crate::assets;
 use crate::metrics::{RefuseReason, Source};
 use crate::node::{Node, SlotError};
 use crate::protocol::{self, Role, RoomName};
@@ -85,7 +87,17 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<
         if fastwebsockets::upgrade::is_upgrade_request(&req) {
             upgrade(&node, req, protocol::LOBBY)
         } else if req.method() == Method::GET || req.method() == Method::HEAD {
-            Ok(index(&node))
+            Ok(assets::serve(&assets::PAGE, &req))
+        } else {
+            Err(Refusal::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "use GET",
+            ))
+        }
+    } else if let Some(asset) = assets::find(&path) {
+        if req.method() == Method::GET || req.method() == Method::HEAD {
+            Ok(assets::serve(asset, &req))
         } else {
             Err(Refusal::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -405,19 +417,6 @@ async fn publish(
             Ok(r)
         }
     }
-}
-
-/// `GET /` without an upgrade: what this node is and how to use it.
-fn index(node: &Node) -> Response<Body> {
-    let body = format!(
-        "gateway node {node_id} ({version})\n\n\
-         WebSocket:  GET /ws/{{room}}?role=host|viewer&name=NAME   (GET / with an upgrade joins \"lobby\")\n\
-         Publish:    POST /api/rooms/{{room}}/messages   (body = data; JSON or text)\n\
-         Contract:   docs/protocol.md\n",
-        node_id = node.config.node_id,
-        version = env!("CARGO_PKG_VERSION"),
-    );
-    text(StatusCode::OK, "text/plain; charset=utf-8", body)
 }
 
 #[cfg(test)]

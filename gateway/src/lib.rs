@@ -11,6 +11,7 @@
 //! - [`server`] — accept loops, hyper HTTP/1 with upgrades, task tracking.
 //! - [`http`] — client port routes: `/ws/{room}`, `/`, `/api/rooms/{room}/messages`; admission.
 //! - [`admin`] — admin port: `/metrics`, `/healthz`, `/readyz`.
+//! - [`assets`] — the live-room page and the JavaScript client (`/`, `/page.js`, `/client.js`).
 //! - [`session`] — one client's life: [`session::reader`] (frames → commands, limits),
 //!   [`session::writer`] (outbox → socket, batching, pings, drain), [`session::outbox`] (the
 //!   bounded queue between the hub and a writer).
@@ -28,6 +29,7 @@
 //! batch.
 
 pub mod admin;
+pub mod assets;
 pub mod broker;
 pub mod config;
 pub mod disconnect;

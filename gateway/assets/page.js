@@ -1,0 +1,201 @@
+// The live-room page (served at `/`, script at `/page.js`): a form to pick a room and a role, then
+// the room — live host and viewer counts, the node this tab is on, the host's latest broadcast and
+// the room's feed. All networking is `client.js`; this file only renders. Every piece of text from
+// the network goes through `textContent`, never HTML.
+
+import { RoomClient, validName, validRoom } from './client.js';
+
+const $ = (id) => document.getElementById(id);
+const FEED_LIMIT = 300;
+
+/** @type {RoomClient | null} */
+let client = null;
+
+function prefill() {
+  const params = new URLSearchParams(location.search);
+  if (params.has('room')) $('room').value = params.get('room');
+  if (params.has('name')) $('name').value = params.get('name');
+  const role = params.get('role') === 'host' ? 'host' : 'viewer';
+  document.querySelector(`input[name="role"][value="${role}"]`).checked = true;
+}
+
+function join() {
+  const room = $('room').value.trim();
+  const role = document.querySelector('input[name="role"]:checked').value;
+  const name = $('name').value.trim();
+  if (!validRoom(room)) {
+    return formError('Room names are 1–128 characters of A–Z, a–z, 0–9 and _ . : -');
+  }
+  if (name && !validName(name)) {
+    return formError('Names are at most 64 bytes, without control characters.');
+  }
+  formError('');
+  const query = new URLSearchParams({ room, role, ...(name ? { name } : {}) });
+  history.replaceState(null, '', `?${query}`);
+
+  client = new RoomClient({ url: new URL('./', location.href).href, room, role, name });
+  client.on('state', onState);
+  client.on('presence', (p) => {
+    $('hosts').textContent = p.hosts;
+    $('viewers').textContent = p.viewers;
+    $('stats').classList.remove('stale');
+  });
+  client.on('message', onMessage);
+  client.on('error', (e) => note(`The server refused that: ${e.message}`, 'bad'));
+
+  $('room-name').textContent = room;
+  $('you-role').textContent = role;
+  $('you-role').className = `badge ${role}`;
+  $('you-name').textContent = name ? `as ${name}` : '';
+  $('text').placeholder = role === 'host' ? 'Broadcast to the room…' : 'Say something…';
+  $('send').textContent = role === 'host' ? 'Broadcast' : 'Send';
+  $('join').hidden = true;
+  $('live').hidden = false;
+  document.title = `${room} · Live rooms`;
+  client.connect();
+}
+
+function leave() {
+  client?.close();
+  client = null;
+  $('feed').replaceChildren();
+  $('feed-count').textContent = '';
+  $('hosts').textContent = $('viewers').textContent = '–';
+  $('stats').classList.add('stale');
+  $('stage-text').textContent = 'Waiting for the host to broadcast…';
+  $('stage-text').classList.add('empty');
+  $('stage-meta').textContent = '';
+  setPill('idle', 'Not connected');
+  $('node').textContent = '—';
+  $('live').hidden = true;
+  $('join').hidden = false;
+  document.title = 'Live rooms';
+}
+
+const CLOSE_TEXT = {
+  1000: 'closed',
+  1006: 'connection lost',
+  1008: 'refused by policy',
+  1009: 'message too large',
+  1012: 'the node is restarting',
+  4000: 'too slow to keep up',
+  4001: 'idle for too long',
+};
+
+function describeClose(code, reason) {
+  return CLOSE_TEXT[code] ?? (reason || `code ${code}`);
+}
+
+function onState(s) {
+  const open = s.state === 'open';
+  $('text').disabled = $('send').disabled = !open;
+  document.body.dataset.state = s.state;
+  switch (s.state) {
+    case 'connecting':
+      setPill('connecting', s.previous === 'reconnecting' ? 'Reconnecting…' : 'Connecting…');
+      break;
+    case 'open':
+      setPill('open', 'Live');
+      $('node').textContent = s.node;
+      document.body.dataset.node = s.node;
+      note(s.rejoined ? `Rejoined on node ${s.node}` : `Joined ${client.room} on node ${s.node}`,
+        s.rejoined ? 'ok' : '');
+      if (document.activeElement === document.body) $('text').focus();
+      break;
+    case 'reconnecting': {
+      setPill('reconnecting', 'Reconnecting…');
+      $('node').textContent = '—';
+      $('stats').classList.add('stale');
+      const wait = `retrying in ${(s.delay / 1000).toFixed(1)} s`;
+      if (s.previous === 'open') note(`Disconnected: ${describeClose(s.code, s.reason)} — ${wait}`, 'warn');
+      else if (s.attempt % 5 === 0) note(`Still reconnecting (attempt ${s.attempt}) — ${wait}`, 'warn');
+      break;
+    }
+    case 'closed':
+      setPill('closed', 'Disconnected');
+      $('node').textContent = '—';
+      $('stats').classList.add('stale');
+      if (client) note(`Disconnected: ${describeClose(s.code, s.reason)}. Leave and join again to retry.`, 'bad');
+      break;
+  }
+}
+
+function setPill(state, text) {
+  $('state').dataset.state = state;
+  $('state').textContent = text;
+}
+
+/** Text of a message's data: a string as is, `{text}` as its text, other JSON as JSON. */
+function messageText(data) {
+  if (typeof data === 'string') return data;
+  if (data && typeof data.text === 'string') return data.text;
+  return JSON.stringify(data);
+}
+
+function clock(tsMicros) {
+  const d = Number.isFinite(tsMicros) ? new Date(tsMicros / 1000) : new Date();
+  return d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit', second: '2-digit' });
+}
+
+function onMessage(m) {
+  const text = messageText(m.data);
+  const who = m.from ?? (m.role === 'server' ? 'Server' : `Anonymous ${m.role}`);
+  const li = el('li', `msg ${m.role}`);
+  const avatar = el('div', 'avatar', (m.from ?? (m.role === 'server' ? '⚙' : '?')).slice(0, 1).toUpperCase());
+  const body = el('div', 'body');
+  const head = el('div', 'head');
+  head.append(el('span', 'from', who));
+  if (m.role !== 'viewer') head.append(el('span', `badge ${m.role}`, m.role));
+  const time = el('time', '', clock(m.ts));
+  time.dateTime = new Date(m.ts / 1000).toISOString();
+  head.append(time);
+  body.append(head, el('p', 'text', text));
+  li.append(avatar, body);
+  li.dataset.role = m.role;
+  append(li);
+  if (m.role === 'host') {
+    $('stage-text').textContent = text;
+    $('stage-text').classList.remove('empty');
+    $('stage-meta').textContent = `${who} · ${clock(m.ts)}`;
+  }
+}
+
+function note(text, kind = '') {
+  append(el('li', `note ${kind}`.trim(), text));
+}
+
+function append(li) {
+  const feed = $('feed');
+  const atBottom = feed.scrollHeight - feed.scrollTop - feed.clientHeight < 60;
+  feed.append(li);
+  while (feed.children.length > FEED_LIMIT) feed.firstElementChild.remove();
+  const messages = feed.querySelectorAll('.msg').length;
+  $('feed-count').textContent = messages ? `${messages} message${messages === 1 ? '' : 's'}` : '';
+  if (atBottom) feed.scrollTop = feed.scrollHeight;
+}
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function formError(text) {
+  $('join-error').textContent = text;
+  $('join-error').hidden = !text;
+}
+
+$('join-form').addEventListener('submit', (e) => {
+  e.preventDefault();
+  join();
+});
+$('composer').addEventListener('submit', (e) => {
+  e.preventDefault();
+  const text = $('text').value.trim();
+  if (!text || !client) return;
+  if (client.publish(text)) $('text').value = '';
+  else note('Not connected: your message was not sent.', 'warn');
+});
+$('leave').addEventListener('click', leave);
+prefill();
