@@ -1,0 +1,355 @@
+// Unit tests of the browser client's logic (gateway/assets/client.js) with node's built-in test
+// runner and a fake WebSocket: no network, no browser, no npm packages. Timers and Date are mocked.
+
+import assert from 'node:assert/strict';
+import { afterEach, beforeEach, describe, it, mock } from 'node:test';
+
+import {
+  backoffDelay,
+  CloseCode,
+  RoomClient,
+  roomUrl,
+  shouldReconnect,
+  validName,
+  validRoom,
+} from '../../gateway/assets/client.js';
+
+/** A WebSocket the test drives by hand; every instance is recorded in `FakeSocket.all`. */
+class FakeSocket {
+  static all = [];
+  constructor(url) {
+    this.url = url;
+    this.readyState = 0;
+    this.sent = [];
+    this.closedWith = null;
+    FakeSocket.all.push(this);
+  }
+  send(text) {
+    assert.equal(this.readyState, 1, 'send on an open socket only');
+    this.sent.push(text);
+  }
+  close(code, reason) {
+    this.closedWith = { code, reason };
+    this.readyState = 2;
+  }
+  // Test side.
+  serverOpen() {
+    this.readyState = 1;
+    this.onopen?.({});
+  }
+  serverSend(event) {
+    this.onmessage?.({ data: typeof event === 'string' ? event : JSON.stringify(event) });
+  }
+  welcome(node = 'n1') {
+    this.serverOpen();
+    this.serverSend({ type: 'welcome', node, room: 'r', role: 'viewer', connection_id: `${node}-1`, name: null });
+  }
+  serverClose(code, reason = '') {
+    this.readyState = 3;
+    this.onclose?.({ code, reason, wasClean: code !== 1006 });
+  }
+}
+
+function latest() {
+  return FakeSocket.all[FakeSocket.all.length - 1];
+}
+
+function client(extra = {}) {
+  const c = new RoomClient({ url: 'ws://lb.test', room: 'r', WebSocket: FakeSocket, ...extra });
+  const states = [];
+  c.on('state', (s) => states.push(s));
+  return { c, states };
+}
+
+describe('close-code policy', () => {
+  it('reconnects after drops, drains and the 4000-4499 range', () => {
+    for (const code of [1001, 1005, 1006, 1011, 1012, 1013, 1014, 4000, 4001, 4499, 3000]) {
+      assert.equal(shouldReconnect(code), true, `${code}`);
+    }
+  });
+  it('stops on deliberate closes, client faults, policy and the 4500-4999 range', () => {
+    for (const code of [1000, 1002, 1003, 1007, 1008, 1009, 1010, 4500, 4999]) {
+      assert.equal(shouldReconnect(code), false, `${code}`);
+    }
+  });
+  it('names the gateway codes', () => {
+    assert.equal(CloseCode.SERVER_RESTART, 1012);
+    assert.equal(CloseCode.SLOW_CONSUMER, 4000);
+  });
+});
+
+describe('backoff', () => {
+  it('is full jitter under an exponential ceiling', () => {
+    const top = () => 0.999999;
+    assert.equal(backoffDelay(0, {}, () => 0), 0);
+    assert.equal(backoffDelay(0, {}, top), 499);
+    assert.equal(backoffDelay(1, {}, top), 999);
+    assert.equal(backoffDelay(3, {}, top), 3999);
+    assert.equal(backoffDelay(0, {}, () => 0.5), 250);
+  });
+  it('is capped by maxDelay, also for huge attempts', () => {
+    const top = () => 0.999999;
+    assert.equal(backoffDelay(10, {}, top), 29_999);
+    assert.equal(backoffDelay(5000, {}, top), 29_999);
+    assert.equal(backoffDelay(4, { initialDelay: 100, maxDelay: 1000 }, top), 999);
+  });
+  it('spreads delays over the whole range', () => {
+    const delays = Array.from({ length: 2000 }, () => backoffDelay(2, {}));
+    assert.ok(Math.min(...delays) < 200);
+    assert.ok(Math.max(...delays) > 1800);
+    assert.ok(delays.every((d) => d >= 0 && d < 2000));
+  });
+});
+
+describe('names and URLs', () => {
+  it('validates rooms and names like the server', () => {
+    assert.ok(validRoom('Room_1.2:3-x'));
+    assert.ok(validRoom('x'.repeat(128)));
+    for (const bad of ['', 'a b', 'ä', 'a/b', 'x'.repeat(129), undefined]) assert.ok(!validRoom(bad), bad);
+    assert.ok(validName('Zoë B'));
+    assert.ok(validName('é'.repeat(32)));
+    assert.ok(!validName('é'.repeat(33)), '66 bytes');
+    assert.ok(!validName('a\nb'));
+    assert.ok(!validName('a\u0085b'));
+    assert.ok(!validName(''));
+  });
+  it('builds room URLs from ws and http bases, keeping prefixes and parameters', () => {
+    assert.equal(roomUrl('ws://h:1', 'demo'), 'ws://h:1/ws/demo');
+    assert.equal(roomUrl('https://example.com/live/', 'a:b', { role: 'host', name: 'Zoë B' }),
+      'wss://example.com/live/ws/a:b?role=host&name=Zo%C3%AB+B');
+    assert.equal(roomUrl('http://h/?token=t#x', 'r', { role: 'viewer' }), 'ws://h/ws/r?token=t&role=viewer');
+    assert.throws(() => roomUrl('ftp://h', 'r'), TypeError);
+    assert.throws(() => roomUrl('ws://h', 'bad room'), TypeError);
+  });
+  it('refuses bad options up front', () => {
+    const base = { url: 'ws://h', room: 'r', WebSocket: FakeSocket };
+    assert.throws(() => new RoomClient({ ...base, room: 'a/b' }), TypeError);
+    assert.throws(() => new RoomClient({ ...base, role: 'server' }), TypeError);
+    assert.throws(() => new RoomClient({ ...base, name: 'x'.repeat(65) }), TypeError);
+    assert.throws(() => new RoomClient({ ...base, url: undefined }), /url is required/);
+    assert.throws(() => new RoomClient({ ...base, url: 'mailto:x' }), TypeError);
+  });
+});
+
+describe('RoomClient', () => {
+  beforeEach(() => {
+    FakeSocket.all = [];
+    mock.timers.enable({ apis: ['setTimeout', 'setInterval', 'Date'] });
+    mock.method(Math, 'random', () => 0.5);
+  });
+  afterEach(() => {
+    mock.timers.reset();
+    mock.restoreAll();
+  });
+
+  it('joins with its role and name, and is open only after the welcome', () => {
+    const { c, states } = client({ role: 'host', name: 'Ann' });
+    const events = [];
+    c.on('welcome', (w) => events.push(['welcome', w.node]));
+    c.on('presence', (p) => events.push(['presence', p.hosts, p.viewers]));
+    c.on('message', (m) => events.push(['message', m.data]));
+    c.on('error', (e) => events.push(['error', e.code]));
+    c.on('pong', () => events.push(['pong']));
+    assert.equal(c.state, 'idle');
+    c.connect();
+    assert.equal(latest().url, 'ws://lb.test/ws/r?role=host&name=Ann');
+    assert.equal(c.state, 'connecting');
+    latest().serverOpen();
+    assert.equal(c.publish('early'), false, 'not joined yet');
+    latest().welcome('n7');
+    assert.equal(c.state, 'open');
+    assert.equal(c.node, 'n7');
+    latest().serverSend({ type: 'presence', room: 'r', hosts: 1, viewers: 3 });
+    latest().serverSend({ type: 'message', room: 'r', from: 'Ann', role: 'host', data: { text: 'hi' }, id: 'x', ts: 1 });
+    latest().serverSend({ type: 'error', code: 'rate_limited', message: 'slow down' });
+    latest().serverSend('not json');
+    latest().serverSend({ type: 'pong', ts: 2 });
+    assert.deepEqual(events, [
+      ['welcome', 'n7'], ['presence', 1, 3], ['message', { text: 'hi' }], ['error', 'rate_limited'], ['pong'],
+    ]);
+    assert.deepEqual(states.map((s) => s.state), ['connecting', 'open']);
+    assert.equal(states[1].rejoined, false);
+  });
+
+  it('publishes JSON commands, text included', () => {
+    const { c } = client();
+    c.connect();
+    latest().welcome();
+    assert.equal(c.publish('42'), true);
+    assert.equal(c.publish({ a: [1, null] }), true);
+    assert.equal(c.publish(null), true);
+    assert.equal(c.ping(), true);
+    assert.throws(() => c.publish(undefined), TypeError);
+    assert.deepEqual(latest().sent, [
+      '{"type":"publish","data":"42"}',
+      '{"type":"publish","data":{"a":[1,null]}}',
+      '{"type":"publish","data":null}',
+      '{"type":"ping"}',
+    ]);
+  });
+
+  it('reconnects after a drain (1012) and rejoins its room', () => {
+    const { c, states } = client({ name: 'Vic' });
+    const welcomes = [];
+    c.on('welcome', (w) => welcomes.push(w.node));
+    c.connect();
+    latest().welcome('n1');
+    latest().serverClose(1012, 'service restart');
+    assert.equal(c.state, 'reconnecting');
+    const r = states.at(-1);
+    assert.deepEqual([r.code, r.reason, r.delay, r.attempt], [1012, 'service restart', 250, 1]);
+    assert.equal(c.publish('lost'), false, 'nothing is queued while reconnecting');
+    mock.timers.tick(249);
+    assert.equal(FakeSocket.all.length, 1);
+    mock.timers.tick(1);
+    assert.equal(FakeSocket.all.length, 2);
+    assert.equal(latest().url, 'ws://lb.test/ws/r?role=viewer&name=Vic', 'same room, role and name');
+    latest().welcome('n2');
+    assert.equal(c.state, 'open');
+    assert.equal(c.node, 'n2');
+    assert.equal(states.at(-1).rejoined, true);
+    assert.deepEqual(welcomes, ['n1', 'n2']);
+  });
+
+  it('backs off exponentially while attempts fail, and resets after a welcome', () => {
+    const { c, states } = client();
+    c.connect();
+    latest().welcome();
+    const delays = [];
+    for (let i = 0; i < 5; i++) {
+      latest().serverClose(1006);
+      delays.push(states.at(-1).delay);
+      mock.timers.tick(states.at(-1).delay);
+    }
+    assert.deepEqual(delays, [250, 500, 1000, 2000, 4000]);
+    latest().welcome();
+    latest().serverClose(4000, 'slow consumer');
+    assert.equal(states.at(-1).delay, 250, 'a welcome resets the backoff');
+  });
+
+  it('stops on codes that mean do not retry', () => {
+    for (const code of [1008, 1009, 4500, 1000]) {
+      FakeSocket.all = [];
+      const { c, states } = client();
+      c.connect();
+      latest().welcome();
+      latest().serverClose(code, 'x');
+      assert.equal(c.state, 'closed', `${code}`);
+      assert.equal(states.at(-1).code, code);
+      mock.timers.tick(60_000);
+      assert.equal(FakeSocket.all.length, 1, `no new socket after ${code}`);
+    }
+  });
+
+  it('does not reconnect when told not to', () => {
+    const { c } = client({ reconnect: false });
+    c.connect();
+    latest().welcome();
+    latest().serverClose(1012);
+    assert.equal(c.state, 'closed');
+  });
+
+  it('tries the next URL of a list after a failure', () => {
+    const { c } = client({ url: ['ws://a', 'http://b/'] });
+    c.connect();
+    assert.equal(new URL(latest().url).host, 'a');
+    latest().serverClose(1006);
+    mock.timers.tick(30_000);
+    assert.equal(latest().url, 'ws://b/ws/r?role=viewer');
+    latest().serverClose(1006);
+    mock.timers.tick(30_000);
+    assert.equal(new URL(latest().url).host, 'a');
+  });
+
+  it('gives up on a connection without a welcome after connectTimeout', () => {
+    const { c, states } = client({ connectTimeout: 3000 });
+    c.connect();
+    const first = latest();
+    first.serverOpen();
+    mock.timers.tick(3000);
+    assert.equal(c.state, 'reconnecting');
+    assert.equal(states.at(-1).reason, 'connect timeout');
+    assert.ok(first.closedWith, 'the stuck socket is closed');
+    first.serverClose(1006);
+    assert.equal(c.state, 'reconnecting', 'the old socket no longer counts');
+  });
+
+  it('pings a silent server and replaces a dead connection', () => {
+    const { c, states } = client({ pingInterval: 1000, pongTimeout: 500 });
+    c.connect();
+    const ws = latest();
+    ws.welcome();
+    mock.timers.tick(1000);
+    assert.deepEqual(ws.sent, ['{"type":"ping"}']);
+    ws.serverSend({ type: 'pong', ts: 1 });
+    mock.timers.tick(1000);
+    assert.equal(ws.sent.length, 2, 'pings again after the next silence');
+    mock.timers.tick(500);
+    assert.equal(c.state, 'reconnecting');
+    assert.deepEqual([states.at(-1).code, states.at(-1).reason], [1006, 'heartbeat timeout']);
+    assert.ok(ws.closedWith);
+  });
+
+  it('stays quiet while the server talks', () => {
+    const { c } = client({ pingInterval: 1000, pongTimeout: 500 });
+    c.connect();
+    const ws = latest();
+    ws.welcome();
+    for (let i = 0; i < 20; i++) {
+      mock.timers.tick(400);
+      ws.serverSend({ type: 'presence', room: 'r', hosts: 0, viewers: 1 });
+    }
+    assert.deepEqual(ws.sent, []);
+    assert.equal(c.state, 'open');
+  });
+
+  it('closes for good on close(), and can connect again', () => {
+    const { c, states } = client();
+    c.connect();
+    const ws = latest();
+    ws.welcome();
+    c.close();
+    assert.deepEqual(ws.closedWith, { code: 1000, reason: '' });
+    assert.equal(c.state, 'closed');
+    ws.serverClose(1000);
+    mock.timers.tick(60_000);
+    assert.equal(FakeSocket.all.length, 1);
+    c.connect();
+    assert.equal(FakeSocket.all.length, 2);
+    assert.deepEqual(states.map((s) => s.state), ['connecting', 'open', 'closed', 'connecting']);
+  });
+
+  it('cancels a pending reconnect on close()', () => {
+    const { c } = client();
+    c.connect();
+    latest().serverClose(1006);
+    c.close();
+    mock.timers.tick(60_000);
+    assert.equal(FakeSocket.all.length, 1);
+    assert.equal(c.state, 'closed');
+  });
+
+  it('survives a throwing listener', () => {
+    const reported = [];
+    const had = Object.hasOwn(globalThis, 'reportError');
+    const saved = globalThis.reportError;
+    globalThis.reportError = (e) => reported.push(e.message);
+    try {
+      const { c } = client();
+      c.on('welcome', () => {
+        throw new Error('listener bug');
+      });
+      const off = c.on('welcome', () => reported.push('second listener ran'));
+      c.connect();
+      latest().welcome();
+      assert.equal(c.state, 'open');
+      assert.deepEqual(reported, ['listener bug', 'second listener ran']);
+      off();
+      latest().welcome();
+      assert.deepEqual(reported, ['listener bug', 'second listener ran', 'listener bug']);
+    } finally {
+      if (had) globalThis.reportError = saved;
+      else delete globalThis.reportError;
+    }
+  });
+});
