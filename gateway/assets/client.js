@@ -157,7 +157,8 @@ function pageOrigin() {
  * @property {string} [name] display name shown to others as `from`
  * @property {boolean} [reconnect] reconnect after drops and drains; default true
  * @property {{initialDelay?: number, maxDelay?: number}} [backoff] ms; default 500 and 30000
- * @property {number} [connectTimeout] ms from opening a socket to its `welcome`; default 10000
+ * @property {number} [connectTimeout] ms from opening a socket to its `welcome`; 0 disables;
+ *   default 10000
  * @property {number} [pingInterval] ms of silence before the client sends a `ping`; 0 disables the
  *   heartbeat; default 20000
  * @property {number} [pongTimeout] ms after that ping without any frame before the connection
@@ -339,7 +340,9 @@ export class RoomClient {
     };
     // A failure is followed by a close event; nothing to do here.
     ws.onerror = () => {};
-    this.#connectTimer = setTimeout(() => this.#giveUp(ws, 'connect timeout'), this.#opts.connectTimeout);
+    if (this.#opts.connectTimeout > 0) {
+      this.#connectTimer = setTimeout(() => this.#giveUp(ws, 'connect timeout'), this.#opts.connectTimeout);
+    }
     this.#setState('connecting', { url });
   }
 
