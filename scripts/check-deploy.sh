@@ -28,6 +28,9 @@ WORK="$(mktemp -d -t check-deploy.XXXXXX)"
 LOGS="$WORK/logs"
 mkdir -p "$LOGS"
 PY="${PYTHON:-python3}"
+# Console scripts that pip installs (docker-compose, kubernetes-validate, hadolint, kubectl).
+PY_SCRIPTS="$($PY -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null)"
+[[ -n "$PY_SCRIPTS" ]] && PATH="$PY_SCRIPTS:$PATH"
 GATEWAY_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/gateway"
 
 # Kubernetes versions the manifests are validated against (kubernetes-validate's schemas).
@@ -195,6 +198,7 @@ ensure_tools() {
     if [[ ${#pkgs[@]} -gt 0 ]]; then
         log "pip install ${pkgs[*]}"
         pip_install "${pkgs[@]}"
+        command -v pyenv >/dev/null && pyenv rehash
         hash -r
     fi
 
@@ -203,15 +207,17 @@ ensure_tools() {
     if command -v docker >/dev/null && ! docker compose version >/dev/null 2>&1; then
         mkdir -p "$HOME/.docker/cli-plugins"
         ln -sf "$(command -v docker-compose)" "$HOME/.docker/cli-plugins/docker-compose"
+        docker compose version >/dev/null 2>&1 || rm -f "$HOME/.docker/cli-plugins/docker-compose"
     fi
 
     # busybox-static is what the image runs its HEALTHCHECK with: take the same Debian package,
     # unpacked into the work dir (not installed).
-    if [[ ! -x "$WORK/busybox/bin/busybox" ]]; then
-        (cd "$WORK" && apt-get download -qq busybox-static >/dev/null 2>&1 \
-            && dpkg-deb -x busybox-static_*.deb "$WORK/busybox") \
-            || echo "could not fetch busybox-static: the HEALTHCHECK check will be skipped"
+    if ! (cd "$WORK" && apt-get download -qq busybox-static >/dev/null 2>&1); then
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+        (cd "$WORK" && apt-get download -qq busybox-static >/dev/null) \
+            || echo "could not download busybox-static: the HEALTHCHECK check will fail"
     fi
+    dpkg-deb -x "$WORK"/busybox-static_*.deb "$WORK/busybox" 2>/dev/null
 
     local t
     for t in promtool prometheus haproxy redis-server curl docker-compose kubernetes-validate hadolint kubectl; do
@@ -533,6 +539,20 @@ PY
 
 build_gateway() {
     (cd "$ROOT" && cargo build --release --locked -p gateway)
+}
+
+# The binary the image ships must need no shared library beyond what distroless cc-debian12 has
+# (glibc, libgcc, libstdc++, libgomp, OpenSSL 3): the builder and runtime are both bookworm.
+check_runtime_libraries() {
+    local libs
+    libs="$(ldd "$GATEWAY_BIN" | awk '{print $1}' | sed 's#.*/##')" || return 1
+    echo "$GATEWAY_BIN needs: $(echo $libs)"
+    local extra
+    extra="$(grep -v -E '^(linux-vdso\.so\.1|ld-linux-x86-64\.so\.2|lib(c|m|dl|pthread|rt|util|gcc_s|stdc\+\+|gomp|ssl|crypto)\.so\.[0-9]+)$' <<<"$libs")"
+    if [[ -n "$extra" ]]; then
+        echo "not in the distroless runtime image: $extra"
+        return 1
+    fi
 }
 
 start_cluster() {
@@ -972,6 +992,7 @@ main() {
     if [[ "${RESULTS[-1]}" != *$'\t'PASS$'\t'* ]]; then
         skip_check live-checks "the gateway did not build"
     else
+        run_check runtime-libraries check_runtime_libraries
         run_check start-cluster start_cluster
         if [[ -n "${PROM:-}" ]]; then
             run_check start-traffic start_traffic
