@@ -757,6 +757,84 @@ stop_traffic() {
     return $rc
 }
 
+# deploy/compose/haproxy.cfg in front of the live nodes: the same file with loopback addresses
+# for the compose names. Checks that HAProxy's /readyz checks mark every node up, that WebSockets
+# upgrade through it and reach every node (leastconn), and that messages and the HTTP API pass.
+check_haproxy_live() {
+    local hp sp
+    read -r hp sp <<<"$(free_ports 2)"
+    $PY - "$ROOT/deploy/compose/haproxy.cfg" "$WORK/haproxy.cfg" "$hp" "$sp" \
+        "${CLIENT_PORTS[@]}" "${ADMIN_PORTS[@]}" <<'PY' || return 1
+import re, sys
+src, dst, hp, sp = sys.argv[1:5]
+clients, admins = sys.argv[5:8], sys.argv[8:11]
+text = open(src).read()
+text = re.sub(r"\nresolvers compose\n(?:[ \t]+.*\n)+", "\n", text)        # no Docker DNS here
+text = re.sub(r" resolvers compose| init-addr \S+| port 9090", "", text)
+for i in range(3):
+    text, n = re.subn(rf"server gw{i + 1} gateway-{i + 1}:8080",
+                      f"server gw{i + 1} 127.0.0.1:{clients[i]} port {admins[i]}", text)
+    assert n == 1, f"server gw{i + 1} not found"
+text = text.replace("bind :8080", f"bind 127.0.0.1:{hp}").replace("bind :8404", f"bind 127.0.0.1:{sp}")
+# HAProxy wants 2 descriptors per maxconn; this machine's limit is lower than compose's ulimit.
+text = re.sub(r"maxconn \d+", "maxconn 2000", text)
+open(dst, "w").write(text)
+PY
+    haproxy -c -f "$WORK/haproxy.cfg" || return 1
+    haproxy -db -f "$WORK/haproxy.cfg" >"$LOGS/haproxy.out" 2>&1 &
+    PIDS+=($!)
+    wait_http "http://127.0.0.1:$sp/metrics" 10 || return 1
+    $PY - "$hp" "$sp" <<'PY'
+import asyncio, csv, io, json, sys, time, urllib.request
+from websockets.asyncio.client import connect
+hp, sp = sys.argv[1:3]
+
+def servers_up():
+    with urllib.request.urlopen(f"http://127.0.0.1:{sp}/;csv", timeout=5) as r:
+        rows = csv.DictReader(io.StringIO(r.read().decode().lstrip("# ")))
+        return {row["svname"]: row["status"] for row in rows if row["pxname"] == "gateways"
+                and row["svname"] not in ("FRONTEND", "BACKEND")}
+
+deadline = time.monotonic() + 15
+while time.monotonic() < deadline and set(servers_up().values()) != {"UP"}:
+    time.sleep(0.5)
+status = servers_up()
+print("HAProxy backends:", status)
+if set(status.values()) != {"UP"} or len(status) != 3:
+    sys.exit("not every gateway is UP behind HAProxy")
+
+async def main():
+    conns, nodes = [], set()
+    for i in range(12):
+        ws = await connect(f"ws://127.0.0.1:{hp}/ws/through-haproxy?role=viewer&name=lb{i}")
+        welcome = json.loads(await ws.recv())
+        nodes.add(welcome["node"])
+        conns.append(ws)
+    print("nodes reached through HAProxy:", sorted(nodes))
+    if len(nodes) != 3:
+        sys.exit(f"leastconn should spread 12 connections over 3 nodes, got {sorted(nodes)}")
+    await asyncio.sleep(0.5)                       # subscriptions settle on every node
+    await conns[0].send(json.dumps({"type": "publish", "data": {"via": "haproxy"}}))
+    req = urllib.request.Request(f"http://127.0.0.1:{hp}/api/rooms/through-haproxy/messages",
+                                 data=b'{"via":"haproxy-http"}', method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        assert r.status == 202, r.status
+    async def wanted(ws):
+        got = set()
+        while got != {"haproxy", "haproxy-http"}:
+            ev = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            if ev.get("type") == "message":
+                got.add(ev["data"]["via"])
+    await asyncio.gather(*(wanted(ws) for ws in conns))
+    print("every member got the WebSocket and the HTTP message through HAProxy")
+    for ws in conns:
+        await ws.close()
+
+asyncio.run(main())
+PY
+}
+
 # Metric names referenced by the dashboards, the alert rules and the prometheus-adapter rule; one
 # per line as "name<TAB>where".
 referenced_metrics() {
@@ -996,6 +1074,7 @@ main() {
         run_check start-cluster start_cluster
         if [[ -n "${PROM:-}" ]]; then
             run_check start-traffic start_traffic
+            run_check haproxy-websockets check_haproxy_live
             run_check metric-names-exported check_metric_names
             run_check dashboard-queries-have-data check_dashboard_queries
             run_check series-per-node check_series_identity
