@@ -1,0 +1,72 @@
+//! The generator watching itself, so that a slow generator is never mistaken for a slow gateway:
+//! a 10 ms timer whose oversleep is the runtime's scheduling delay, and the process's CPU time
+//! and peak memory from `/proc/self`.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::plan::Window;
+use crate::Shared;
+
+const PERIOD: Duration = Duration::from_millis(10);
+
+/// CPU used by the generator over the window and drain.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    /// CPU seconds / wall seconds × 100 (200 = two cores busy).
+    pub cpu_percent: f64,
+}
+
+/// Where the probe leaves its result; a std `Mutex` written once.
+pub type UsageSlot = Mutex<Option<Usage>>;
+
+/// User + system CPU seconds of this process (`/proc/self/stat`, in USER_HZ = 100 ticks).
+pub fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+/// Peak resident memory of this process in MiB (`VmHWM`).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Runs the timer probe from now to the end of the drain, then stores the CPU usage.
+pub fn spawn(shared: Arc<Shared>, window: Window) {
+    tokio::spawn(async move {
+        let cpu0 = cpu_seconds();
+        let t0 = Instant::now();
+        while Instant::now() < window.drain_end {
+            let before = Instant::now();
+            tokio::time::sleep(PERIOD).await;
+            let over = before.elapsed().saturating_sub(PERIOD);
+            shared.stats.timer_lag.record(0, over.as_micros() as u64);
+        }
+        if let (Some(a), Some(b)) = (cpu0, cpu_seconds()) {
+            let wall = t0.elapsed().as_secs_f64().max(1e-3);
+            *shared.usage.lock().unwrap_or_else(|p| p.into_inner()) = Some(Usage {
+                cpu_percent: (b - a) / wall * 100.0,
+            });
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_its_own_process() {
+        let cpu = cpu_seconds().expect("linux /proc");
+        assert!(cpu >= 0.0);
+        assert!(peak_rss_mib().expect("linux /proc") > 0.0);
+    }
+}
