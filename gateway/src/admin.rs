@@ -30,7 +30,7 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<
         "/readyz" => {
             let draining = node.is_draining();
             let broker = node.broker.is_connected();
-            let status = if !draining && broker {
+            let status = if node.is_ready() {
                 StatusCode::OK
             } else {
                 StatusCode::SERVICE_UNAVAILABLE

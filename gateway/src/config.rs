@@ -91,7 +91,7 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_REDIS_TIMEOUT", value_parser = parse_duration, default_value = "2s")]
     pub redis_timeout: Duration,
 
-    /// Interval of the health probe (PING) on the Redis subscriber connection.
+    /// Interval of the health probes (PING) on the Redis subscriber and publisher connections.
     #[arg(long, env = "GATEWAY_REDIS_PROBE_INTERVAL", value_parser = parse_duration, default_value = "2s")]
     pub redis_probe_interval: Duration,
 
@@ -123,8 +123,8 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_MAX_CONNECTIONS", default_value_t = 0)]
     pub max_connections: usize,
 
-    /// On SIGTERM/SIGINT, clients are closed with code 1012 spread evenly over this window (so
-    /// they reconnect elsewhere without a storm); the process exits within it plus 5 s.
+    /// On SIGTERM/SIGINT, each client is closed with code 1012 at a random moment within this
+    /// window (so they reconnect elsewhere without a storm); the process exits within it plus 5 s.
     #[arg(long, env = "GATEWAY_DRAIN_SECONDS", value_parser = parse_duration, default_value = "10")]
     pub drain_seconds: Duration,
 }

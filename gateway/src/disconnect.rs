@@ -8,7 +8,7 @@
 /// Why a session ended. Each variant maps to one close code and one metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
-    /// The client sent a Close frame; we echo its code (1000 when it gave none).
+    /// The client sent a valid Close frame; we answer with 1000.
     ClientClosed,
     /// The socket ended without a Close frame (client vanished; 1006 on the client side).
     Eof,

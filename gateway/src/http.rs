@@ -281,7 +281,11 @@ fn upgrade(
             ),
         ),
     })?;
-    let (response, upgrade) = fastwebsockets::upgrade::upgrade(&mut req).map_err(|e| {
+    // fastwebsockets checks the handshake headers and builds the 101 answer; the upgraded
+    // connection itself is taken from hyper directly (before fastwebsockets would take it), so no
+    // `WebSocket` with its 8 KiB read buffer is built only to be torn apart again.
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let (response, _unused) = fastwebsockets::upgrade::upgrade(&mut req).map_err(|e| {
         refused(
             RefuseReason::BadRequest,
             Refusal::bad_request(format!("bad WebSocket handshake: {e}")),
@@ -290,14 +294,11 @@ fn upgrade(
     let node2 = node.clone();
     node.tracker.spawn(async move {
         let upgraded = tokio::select! {
-            r = upgrade => r,
+            r = on_upgrade => r,
             _ = node2.stopping().cancelled() => return,
         };
         match upgraded {
-            Ok(ws) => {
-                let upgraded = ws.into_inner().into_inner();
-                session::run(node2, slot, admission, upgraded).await;
-            }
+            Ok(upgraded) => session::run(node2, slot, admission, upgraded).await,
             Err(e) => debug!(cause = %e, "upgrade did not complete"),
         }
     });

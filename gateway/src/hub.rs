@@ -20,6 +20,11 @@ use crate::metrics::{DropReason, Metrics, Source};
 use crate::protocol::{self, BrokerPayload, Role, RoomName};
 use crate::session::outbox::{Outbox, PushError};
 
+/// How far in the future a message's `ts` may be (clock skew between nodes) and still be sampled.
+const MAX_CLOCK_SKEW_US: u64 = 1_000_000;
+/// Latency samples above this are not latency but a foreign clock, and are not recorded.
+const MAX_LATENCY_SAMPLE_US: u64 = 3_600_000_000;
+
 /// A member's entry in a room.
 #[derive(Debug)]
 struct Member {
@@ -199,7 +204,7 @@ impl Hub {
         out
     }
 
-    /// Queues `frame` to every local member of every room (for node-wide notices).
+    /// Calls `f` with every local member's outbox (under the read lock: `f` must not block).
     pub fn for_each_outbox(&self, mut f: impl FnMut(&Arc<Outbox>)) {
         let rooms = self.rooms.read().unwrap_or_else(|e| e.into_inner());
         for r in rooms.values() {
@@ -255,8 +260,12 @@ impl Hub {
             m.dropped(DropReason::SlowConsumer)
                 .increment(out.dropped as u64);
         }
-        let latency = protocol::now_micros().saturating_sub(ts);
-        m.fanout_latency.record(latency as f64 / 1e6);
+        // A `ts` from another program's envelope is not ours to trust: a sample from a clock an
+        // hour off (or from the future) would only poison the histogram.
+        let now = protocol::now_micros();
+        if ts <= now + MAX_CLOCK_SKEW_US && now.saturating_sub(ts) <= MAX_LATENCY_SAMPLE_US {
+            m.fanout_latency.record(now.saturating_sub(ts) as f64 / 1e6);
+        }
         m.fanout_recipients.record(out.queued as f64);
     }
 }

@@ -13,12 +13,14 @@
 //! - [`admin`] — admin port: `/metrics`, `/healthz`, `/readyz`.
 //! - [`assets`] — the live-room page and the JavaScript client (`/`, `/page.js`, `/client.js`).
 //! - [`session`] — one client's life: [`session::reader`] (frames → commands, limits),
-//!   [`session::writer`] (outbox → socket, batching, pings, drain), [`session::outbox`] (the
-//!   bounded queue between the hub and a writer).
+//!   [`session::writer`] (outbox → socket, batching), [`session::outbox`] (the bounded queue
+//!   between the hub and a writer), [`session::codec`] (client frames off the socket).
 //! - [`hub`] — local rooms → members' outboxes; fan-out of one encoded message.
 //! - [`node`] — ties hub and broker: publish path, delayed unsubscribe, session slots, drain.
 //! - [`broker`] — the seam to the cluster: [`broker::memory`] and [`broker::redis`].
 //! - [`presence`] — the presence timer: local counts to the broker, cluster counts to members.
+//! - [`keepalive`] — the ping timer: pings every session, closes silent ones.
+//! - [`shutdown`] — the drain: 1012 closes spread evenly over the drain window.
 //! - [`protocol`] — wire types, parsing, encoding once to `Bytes`.
 //! - [`disconnect`] — close codes, their reasons and reconnect meaning.
 //! - [`metrics`] — every metric name, label and bucket.
@@ -35,14 +37,15 @@ pub mod config;
 pub mod disconnect;
 pub mod http;
 pub mod hub;
+pub mod keepalive;
 pub mod metrics;
 pub mod node;
 pub mod presence;
 pub mod protocol;
 pub mod server;
 pub mod session;
+pub mod shutdown;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -111,6 +114,7 @@ pub async fn run(
         tracker.clone(),
     ));
     tracker.spawn(presence::run(node.clone()));
+    tracker.spawn(keepalive::run(node.clone()));
     let upkeep = metrics.clone();
     let upkeep_stop = stop.clone();
     tracker.spawn(async move {
@@ -126,12 +130,11 @@ pub async fn run(
     shutdown.cancelled().await;
     let window = node.config.drain_window();
     info!(sessions = node.session_count(), window = ?window, "draining");
-    node.begin_drain();
-    let drained = tokio::time::timeout(window + SHUTDOWN_GRACE / 2, node.sessions_gone()).await;
-    if drained.is_err() {
+    shutdown::drain(&node, window, SHUTDOWN_GRACE / 2).await;
+    if node.session_count() > 0 {
         warn!(
             sessions = node.session_count(),
-            "drain window over with sessions left; closing them"
+            "drain over with sessions left; stopping anyway"
         );
     }
     stop.cancel();
@@ -143,6 +146,5 @@ pub async fn run(
         warn!("some tasks did not stop in time");
     }
     info!("gateway node stopped");
-    drop(Arc::clone(&node));
     Ok(())
 }

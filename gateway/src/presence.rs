@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use tracing::warn;
 
 use crate::hub::RoomCounts;
+use crate::metrics::DropReason;
 use crate::node::Node;
 use crate::protocol::{self, RoomName};
 
@@ -91,7 +92,12 @@ async fn once(
     let mut cache = HashMap::with_capacity(local.len());
     for ((room, mine), counts) in local.into_iter().zip(cluster) {
         let frame = protocol::presence(&room, counts.hosts, counts.viewers);
-        node.hub.fanout(&room, &frame);
+        let out = node.hub.fanout(&room, &frame);
+        if out.dropped > 0 {
+            node.metrics
+                .dropped(DropReason::SlowConsumer)
+                .increment(out.dropped as u64);
+        }
         cache.insert(room, (counts, mine));
     }
     *node

@@ -1,28 +1,28 @@
 //! One client's life on this node, from the finished upgrade to the last byte: join the room,
 //! greet, run a reader task and a writer, leave, count why it ended.
 //!
-//! The socket is split in two: the [`reader`] task is the only caller of `read_frame` (which is
-//! not cancel-safe, so it is never raced in a `select!`); the [`writer`] owns the write half and
-//! the [`outbox`]. Either side ends the session by closing the outbox with a reason; the writer
+//! The socket is split in two: the [`reader`] task owns the read half through the [`codec`]'s
+//! decoder; the [`writer`] owns the write half and drains the [`outbox`]. Either side ends the session by closing the outbox with a reason; the writer
 //! then sends the Close frame and the reader, if the client does not answer within
 //! [`CLOSE_GRACE`], is aborted (the socket is being dropped, so losing its read state is fine).
 
+pub mod codec;
 pub mod outbox;
 pub mod reader;
 pub mod writer;
 
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::node::{Node, SessionSlot};
 use crate::protocol::{self, Role, RoomName};
+use codec::Decoder;
 use outbox::Outbox;
 
 /// How long a closing session waits for the client's side (its Close answer, or the last queued
@@ -43,38 +43,31 @@ pub struct Admission {
     pub name: Option<Arc<str>>,
 }
 
-type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
-type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
-
-/// Splits an upgraded connection into owned halves. The common case is our own TCP stream, which
-/// splits without a lock; bytes hyper read past the handshake are replayed first.
-fn split(upgraded: Upgraded) -> (BoxRead, BoxWrite) {
-    match upgraded.downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => {
-            let (r, w) = parts.io.into_inner().into_split();
-            let r = std::io::Cursor::new(parts.read_buf).chain(r);
-            (Box::new(r), Box::new(w))
-        }
-        Err(upgraded) => {
-            let (r, w) = tokio::io::split(TokioIo::new(upgraded));
-            (Box::new(r), Box::new(w))
-        }
-    }
+/// Splits an upgraded connection into the frame decoder and the owned write half. Our listener
+/// only ever serves `TcpStream`s, so the downcast holds; bytes hyper read past the handshake seed
+/// the decoder (copied, so that hyper's 8 KiB read buffer is not kept alive by a slice of it).
+fn split(upgraded: Upgraded, max_payload: usize) -> Option<(Decoder, OwnedWriteHalf)> {
+    let parts = upgraded.downcast::<TokioIo<TcpStream>>().ok()?;
+    let (r, w) = parts.io.into_inner().into_split();
+    Some((Decoder::new(r, &parts.read_buf, max_payload), w))
 }
 
 /// Runs one session to its end.
 pub async fn run(node: Arc<Node>, slot: SessionSlot, admission: Admission, upgraded: Upgraded) {
-    let (read, write) = split(upgraded);
     let cfg = &node.config;
+    let Some((decoder, write)) = split(upgraded, cfg.max_message_size) else {
+        warn!("upgraded connection is not a TCP stream; dropped");
+        return;
+    };
     let (outbox, rx) = Outbox::new(cfg.outbox_frames, cfg.outbox_bytes);
     let outbox = Arc::new(outbox);
     let Admission { room, role, name } = admission;
     let conn_id = format!("{}-{}", cfg.node_id, slot.id);
 
-    node.join(&room, slot.id, role, outbox.clone());
-    // Greet only once the room's subscription is confirmed, so that everything published after
-    // the welcome reaches this client. During a broker outage, greet anyway after the deadline.
-    node.broker.wait_subscribed(&room, cfg.redis_timeout).await;
+    // The welcome is queued first, so it is the first frame whatever is fanned out meanwhile;
+    // the writer starts only once the room's subscription is confirmed, so everything published
+    // after the client sees its welcome reaches it. During a broker outage it starts after the
+    // deadline anyway (the subscription is made when the broker returns).
     let _ = outbox.push(protocol::welcome(
         &cfg.node_id,
         &room,
@@ -82,10 +75,11 @@ pub async fn run(node: Arc<Node>, slot: SessionSlot, admission: Admission, upgra
         &conn_id,
         name.as_deref(),
     ));
+    node.join(&room, slot.id, role, outbox.clone());
+    node.broker.wait_subscribed(&room, cfg.redis_timeout).await;
     let counts = node.presence.estimate(&room, node.hub.counts(&room));
     let _ = outbox.push(protocol::presence(&room, counts.hosts, counts.viewers));
 
-    let last_seen = Arc::new(AtomicU64::new(writer::now_millis()));
     let reader = node.tracker.spawn(
         reader::Reader {
             node: node.clone(),
@@ -93,12 +87,11 @@ pub async fn run(node: Arc<Node>, slot: SessionSlot, admission: Admission, upgra
             room: room.clone(),
             role,
             name,
-            last_seen: last_seen.clone(),
             rate: std::sync::Mutex::new(reader::RateLimitState::new(cfg.max_publish_rate)),
         }
-        .run(read),
+        .run(decoder),
     );
-    let reason = writer::Writer::new(node.clone(), outbox.clone(), rx, write, last_seen)
+    let reason = writer::Writer::new(node.clone(), outbox.clone(), rx, write)
         .run()
         .await;
 

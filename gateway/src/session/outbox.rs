@@ -7,14 +7,24 @@
 //! carries the session's close signal, so anything holding it (the hub, the reader, the node) can
 //! end the session with a reason; the first reason given wins.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::disconnect::CloseReason;
+
+/// Milliseconds on a process-wide monotonic clock (cheap to store in an atomic).
+pub fn now_millis() -> u64 {
+    static START: OnceLock<std::time::Instant> = OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
 
 /// One item of the queue.
 #[derive(Debug)]
@@ -23,12 +33,15 @@ pub enum Outgoing {
     Text(Bytes),
     /// A Pong answering the client's Ping, with its payload.
     Pong(Bytes),
+    /// A keepalive Ping (from the node's keepalive timer).
+    Ping,
 }
 
 impl Outgoing {
     fn len(&self) -> usize {
         match self {
             Self::Text(b) | Self::Pong(b) => b.len(),
+            Self::Ping => 0,
         }
     }
 }
@@ -42,38 +55,52 @@ pub enum PushError {
     Closed,
 }
 
-/// The pushing side of a session's queue, shared (in an `Arc`) by the hub and the session.
+/// A session's queue, shared (in an `Arc`) by the hub, the reader and the writer.
+///
+/// A `VecDeque` under a std mutex rather than a channel: an empty deque owns no memory, and an
+/// idle connection must cost as little as possible. The lock is held for a push or a drain,
+/// never across an await.
 #[derive(Debug)]
 pub struct Outbox {
-    tx: mpsc::Sender<Outgoing>,
-    /// Bytes pushed and not yet taken by the writer; with `max_bytes` it bounds memory per session
-    /// whatever the frame sizes are.
-    queued_bytes: AtomicUsize,
+    queue: Mutex<Queue>,
+    /// Wakes the writer after a push (a stored permit covers a push before the writer waits).
+    ready: Notify,
+    max_frames: usize,
     max_bytes: usize,
     /// Cancelled when the session must end; the writer watches it.
     closing: CancellationToken,
     /// The first reason anyone gave for closing.
     reason: OnceLock<CloseReason>,
+    /// When the client last sent anything (ms on [`now_millis`]'s clock); the keepalive timer
+    /// closes sessions that stay silent too long.
+    last_seen: AtomicU64,
 }
 
-/// The draining side, owned by the session's writer.
-#[derive(Debug)]
-pub struct OutboxReceiver {
-    rx: mpsc::Receiver<Outgoing>,
+#[derive(Debug, Default)]
+struct Queue {
+    items: VecDeque<Outgoing>,
+    /// Bytes queued; with `max_bytes` it bounds memory per session whatever the frame sizes.
+    bytes: usize,
 }
+
+/// The draining side, owned by the session's writer (kept as a type so that only the writer
+/// drains).
+#[derive(Debug)]
+pub struct OutboxReceiver(());
 
 impl Outbox {
     /// A queue of at most `max_frames` frames and `max_bytes` bytes.
     pub fn new(max_frames: usize, max_bytes: usize) -> (Outbox, OutboxReceiver) {
-        let (tx, rx) = mpsc::channel(max_frames);
         let outbox = Outbox {
-            tx,
-            queued_bytes: AtomicUsize::new(0),
+            queue: Mutex::new(Queue::default()),
+            ready: Notify::new(),
+            max_frames,
             max_bytes,
             closing: CancellationToken::new(),
             reason: OnceLock::new(),
+            last_seen: AtomicU64::new(now_millis()),
         };
-        (outbox, OutboxReceiver { rx })
+        (outbox, OutboxReceiver(()))
     }
 
     /// Queues a text frame without waiting. On [`PushError::Full`] the session has been told to
@@ -88,25 +115,18 @@ impl Outbox {
             return Err(PushError::Closed);
         }
         let len = item.len();
-        let before = self.queued_bytes.fetch_add(len, Ordering::Relaxed);
-        if before + len > self.max_bytes {
-            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-            self.close(CloseReason::SlowConsumer);
-            return Err(PushError::Full);
-        }
-        match self.tx.try_send(item) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-                match e {
-                    mpsc::error::TrySendError::Full(_) => {
-                        self.close(CloseReason::SlowConsumer);
-                        Err(PushError::Full)
-                    }
-                    mpsc::error::TrySendError::Closed(_) => Err(PushError::Closed),
-                }
+        {
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if q.items.len() >= self.max_frames || q.bytes + len > self.max_bytes {
+                drop(q);
+                self.close(CloseReason::SlowConsumer);
+                return Err(PushError::Full);
             }
+            q.bytes += len;
+            q.items.push_back(item);
         }
+        self.ready.notify_one();
+        Ok(())
     }
 
     /// Asks the session to end for `reason`; the first reason given is the one the client sees.
@@ -130,30 +150,61 @@ impl Outbox {
         self.reason.get().copied()
     }
 
-    /// Marks `n` bytes as taken off the queue by the writer.
-    fn taken(&self, n: usize) {
-        self.queued_bytes.fetch_sub(n, Ordering::Relaxed);
+    /// Records that the client just sent something.
+    pub fn touch(&self) {
+        self.last_seen.store(now_millis(), Ordering::Relaxed);
+    }
+
+    /// Milliseconds since the client last sent anything.
+    pub fn silent_for_ms(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.last_seen.load(Ordering::Relaxed))
     }
 
     /// Bytes currently queued.
     pub fn queued_bytes(&self) -> usize {
-        self.queued_bytes.load(Ordering::Relaxed)
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).bytes
     }
 }
 
 impl OutboxReceiver {
-    /// Waits for at least one item and moves up to `limit` queued items into `batch`. Returns 0
-    /// only when every sender is gone.
+    /// Waits for at least one item and moves up to `limit` queued items into `batch`.
     pub async fn recv_batch(
         &mut self,
         outbox: &Outbox,
         batch: &mut Vec<Outgoing>,
         limit: usize,
     ) -> usize {
-        let n = self.rx.recv_many(batch, limit).await;
-        let bytes: usize = batch[batch.len() - n..].iter().map(Outgoing::len).sum();
-        outbox.taken(bytes);
-        n
+        loop {
+            let ready = outbox.ready.notified();
+            {
+                let mut q = outbox.queue.lock().unwrap_or_else(|e| e.into_inner());
+                if !q.items.is_empty() {
+                    let n = q.items.len().min(limit);
+                    let mut bytes = 0;
+                    for item in q.items.drain(..n) {
+                        bytes += item.len();
+                        batch.push(item);
+                    }
+                    q.bytes -= bytes;
+                    if q.items.is_empty() && q.items.capacity() > 0 {
+                        // Nothing left: an idle session keeps no queue memory.
+                        q.items = VecDeque::new();
+                    }
+                    return n;
+                }
+            }
+            ready.await;
+        }
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self, outbox: &Outbox) -> bool {
+        outbox
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .items
+            .is_empty()
     }
 }
 

@@ -1,24 +1,17 @@
 //! The reading half of a session: frames in, commands out, limits enforced.
 //!
-//! This task is the only caller of `read_frame`. It reassembles fragmented messages itself (the
-//! library's collector does not cap a reassembled message) and enforces, each with its close
-//! code: message size including reassembly (1009), fragment count (1009), UTF-8 of text (1007),
-//! masking and framing rules (1002). Pings are answered through the outbox; a client Close ends
+//! This task is the only caller of [`Decoder::read_frame`]. It reassembles fragmented messages
+//! and enforces, each with its close code: message size including reassembly (1009), fragment
+//! count (1009), UTF-8 of text (1007), masking and framing rules (1002, found by the decoder). Pings are answered through the outbox; a client Close ends
 //! the session with an echo. A publish waits for the broker, which paces a client to the speed
 //! the cluster accepts its messages.
 
-use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, WebSocketError};
-use tokio::io::AsyncRead;
-
+use super::codec::{opcode, DecodeError, Decoder};
 use super::outbox::{Outbox, Outgoing};
-use super::writer::now_millis;
 use crate::disconnect::CloseReason;
 use crate::metrics::{DropReason, Source};
 use crate::node::Node;
@@ -31,9 +24,6 @@ pub struct Reader {
     pub(super) room: RoomName,
     pub(super) role: Role,
     pub(super) name: Option<Arc<str>>,
-    /// Last time anything arrived from the client (ms since an arbitrary epoch); the writer's
-    /// idle check reads it.
-    pub(super) last_seen: Arc<AtomicU64>,
     /// Only this task touches it; the mutex is never contended (it keeps `on_message` `&self`).
     pub(super) rate: Mutex<RateLimitState>,
 }
@@ -75,7 +65,7 @@ impl RateLimit {
         let now = Instant::now();
         Self {
             rate,
-            tokens: rate,
+            tokens: rate.max(1.0),
             last: now,
             refused: 0,
             window_start: now,
@@ -109,22 +99,18 @@ impl RateLimit {
 
 /// A fragmented message being reassembled.
 struct Partial {
-    opcode: OpCode,
+    opcode: u8,
     data: Vec<u8>,
     frames: usize,
 }
 
-/// Maps a read error to the reason the session ends.
-fn read_error_reason(e: &WebSocketError) -> CloseReason {
+/// Maps a decoding error to the reason the session ends.
+fn read_error_reason(e: &DecodeError) -> CloseReason {
     match e {
-        WebSocketError::FrameTooLarge => CloseReason::TooLarge,
-        WebSocketError::InvalidUTF8 => CloseReason::InvalidUtf8,
-        WebSocketError::UnexpectedEOF => CloseReason::Eof,
-        WebSocketError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
-            CloseReason::Eof
-        }
-        WebSocketError::IoError(_) => CloseReason::IoError,
-        _ => CloseReason::ProtocolError,
+        DecodeError::TooLarge => CloseReason::TooLarge,
+        DecodeError::Eof => CloseReason::Eof,
+        DecodeError::Io(_) => CloseReason::IoError,
+        DecodeError::Protocol(_) => CloseReason::ProtocolError,
     }
 }
 
@@ -133,45 +119,29 @@ fn close_code_allowed(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999)
 }
 
-/// Whether the frame carried a masking key (every client frame must).
-fn was_masked(frame: &mut Frame<'_>) -> bool {
-    let mut head = [0u8; 16];
-    frame.fmt_head(&mut head);
-    head[1] & 0x80 != 0
-}
-
 impl Reader {
     /// Reads until the client leaves, breaks a rule, or the session is closed from elsewhere (then
     /// the session aborts this task).
-    pub async fn run(self, read: impl AsyncRead + Unpin) {
-        let (mut ws, _) = fastwebsockets::after_handshake_split(
-            read,
-            tokio::io::sink(),
-            fastwebsockets::Role::Server,
-        );
-        ws.set_auto_close(false);
-        ws.set_auto_pong(false);
-        // The library refuses frames of this size or more; a message of exactly the limit passes.
-        ws.set_max_message_size(self.node.config.max_message_size + 1);
-        // Never called: automatic pongs and closes are off, the outbox answers instead.
-        let mut no_send = |_: Frame<'_>| std::future::ready(Ok::<(), Infallible>(()));
+    pub async fn run(self, mut decoder: Decoder) {
         let mut partial: Option<Partial> = None;
         let cfg = &self.node.config;
         loop {
-            let mut frame = match ws.read_frame(&mut no_send).await {
+            let frame = match decoder.read_frame().await {
                 Ok(f) => f,
                 Err(e) => return self.outbox.close(read_error_reason(&e)),
             };
-            self.last_seen.store(now_millis(), Ordering::Relaxed);
-            if !was_masked(&mut frame) {
-                return self.outbox.close(CloseReason::ProtocolError);
-            }
+            self.outbox.touch();
             match frame.opcode {
-                OpCode::Text | OpCode::Binary => {
+                opcode::TEXT | opcode::BINARY => {
                     if partial.is_some() {
                         return self.outbox.close(CloseReason::ProtocolError);
                     }
                     if frame.fin {
+                        if frame.opcode == opcode::TEXT
+                            && std::str::from_utf8(&frame.payload).is_err()
+                        {
+                            return self.outbox.close(CloseReason::InvalidUtf8);
+                        }
                         self.on_message(frame.opcode, &frame.payload).await;
                     } else {
                         if cfg.max_fragments < 2 {
@@ -184,7 +154,7 @@ impl Reader {
                         });
                     }
                 }
-                OpCode::Continuation => {
+                opcode::CONTINUATION => {
                     let Some(p) = partial.as_mut() else {
                         return self.outbox.close(CloseReason::ProtocolError);
                     };
@@ -197,27 +167,27 @@ impl Reader {
                     p.data.extend_from_slice(&frame.payload);
                     if frame.fin {
                         let p = partial.take().expect("checked above");
-                        if p.opcode == OpCode::Text && std::str::from_utf8(&p.data).is_err() {
+                        if p.opcode == opcode::TEXT && std::str::from_utf8(&p.data).is_err() {
                             return self.outbox.close(CloseReason::InvalidUtf8);
                         }
                         self.on_message(p.opcode, &p.data).await;
                     }
                 }
-                OpCode::Ping => {
-                    let _ = self
-                        .outbox
-                        .push_item(Outgoing::Pong(Bytes::copy_from_slice(&frame.payload)));
+                opcode::PING => {
+                    let _ = self.outbox.push_item(Outgoing::Pong(frame.payload));
                 }
-                OpCode::Pong => {}
-                OpCode::Close => {
-                    let reason = match frame.payload.len() {
+                opcode::PONG => {}
+                _ => {
+                    // Close (the decoder lets no other opcode through).
+                    let p = &frame.payload;
+                    let reason = match p.len() {
                         0 => CloseReason::ClientClosed,
                         1 => CloseReason::ProtocolError,
                         _ => {
-                            let code = u16::from_be_bytes([frame.payload[0], frame.payload[1]]);
+                            let code = u16::from_be_bytes([p[0], p[1]]);
                             if !close_code_allowed(code) {
                                 CloseReason::ProtocolError
-                            } else if std::str::from_utf8(&frame.payload[2..]).is_err() {
+                            } else if std::str::from_utf8(&p[2..]).is_err() {
                                 CloseReason::InvalidUtf8
                             } else {
                                 CloseReason::ClientClosed
@@ -231,14 +201,14 @@ impl Reader {
     }
 
     /// Handles one complete message.
-    async fn on_message(&self, opcode: OpCode, payload: &[u8]) {
-        if opcode == OpCode::Binary {
+    async fn on_message(&self, op: u8, payload: &[u8]) {
+        if op == opcode::BINARY {
             return self.refuse(
                 "unsupported_binary",
                 "binary messages are not supported; send JSON or text",
             );
         }
-        // The library checked UTF-8 of unfragmented text; reassembled text was checked above.
+        // Checked by the caller; kept as a guard rather than an unwrap.
         let Ok(text) = std::str::from_utf8(payload) else {
             return self.outbox.close(CloseReason::InvalidUtf8);
         };
@@ -280,11 +250,14 @@ impl Reader {
             }
         }
         let from = self.name.as_deref();
-        if let Err(e) = self
-            .node
-            .publish(&self.room, from, self.role, data, Source::Client, true)
-            .await
-        {
+        // Boxed: the publish future (a Redis round trip) is large and only alive while publishing,
+        // so an idle reader task stays small.
+        let publish =
+            Box::pin(
+                self.node
+                    .publish(&self.room, from, self.role, data, Source::Client, true),
+            );
+        if let Err(e) = publish.await {
             tracing::debug!(room = %self.room, cause = %e, "client publish failed");
             self.refuse(
                 "unavailable",
@@ -322,6 +295,14 @@ mod tests {
         }
         assert_eq!(verdicts.iter().filter(|v| **v == Rate::Refused).count(), 19);
         assert_eq!(verdicts.last(), Some(&Rate::Abusive));
+        let mut slow = RateLimit::new(0.5);
+        assert_eq!(
+            slow.check(t0),
+            Rate::Allowed,
+            "a slow limit still allows a first publish"
+        );
+        assert_eq!(slow.check(t0), Rate::Refused);
+        assert_eq!(slow.check(t0 + Duration::from_secs(2)), Rate::Allowed);
         let mut off = RateLimit::new(0.0);
         assert!((0..1000).all(|_| off.check(t0) == Rate::Allowed));
     }

@@ -1,5 +1,5 @@
-//! The writing half of a session: drains the outbox in batches, one socket write per batch,
-//! pings the client, closes idle clients, and spreads drain closes over the drain window.
+//! The writing half of a session: drains the outbox in batches, one socket write per batch, and
+//! sends the Close frame when the session ends.
 //!
 //! Frames are formatted straight into one reusable buffer (server frames are unmasked, so a frame
 //! is a 2–10 byte header plus the shared payload) and written with a single `write` loop, so a
@@ -8,9 +8,8 @@
 //! before the socket is dropped; a write that makes no progress for `--idle-timeout` ends the
 //! session as a slow consumer.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use fastwebsockets::{Frame, OpCode, Payload};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -20,15 +19,9 @@ use super::{CLOSE_GRACE, WRITE_BATCH};
 use crate::disconnect::CloseReason;
 use crate::node::Node;
 
-/// Keep at most this much buffer capacity between batches; a burst of large frames does not pin
-/// its buffer to an idle connection.
+/// Keep at most this much buffer capacity between batches while more is queued; an idle session
+/// keeps none.
 const KEEP_BUFFER: usize = 16 * 1024;
-
-/// Milliseconds on a monotonic clock shared by the reader and the writer.
-pub fn now_millis() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
-}
 
 /// The writer's state.
 pub struct Writer<W> {
@@ -36,7 +29,6 @@ pub struct Writer<W> {
     outbox: Arc<Outbox>,
     rx: OutboxReceiver,
     io: W,
-    last_seen: Arc<AtomicU64>,
     batch: Vec<Outgoing>,
     buf: Vec<u8>,
 }
@@ -59,83 +51,47 @@ enum WriteEnd {
 
 impl<W: AsyncWrite + Unpin> Writer<W> {
     /// A writer for one session.
-    pub fn new(
-        node: Arc<Node>,
-        outbox: Arc<Outbox>,
-        rx: OutboxReceiver,
-        io: W,
-        last_seen: Arc<AtomicU64>,
-    ) -> Self {
+    pub fn new(node: Arc<Node>, outbox: Arc<Outbox>, rx: OutboxReceiver, io: W) -> Self {
         Self {
             node,
             outbox,
             rx,
             io,
-            last_seen,
             batch: Vec::new(),
             buf: Vec::new(),
         }
     }
 
     /// Writes until the session closes; returns why it closed (after sending the Close frame).
+    ///
+    /// Idle, this future waits on two things only (the outbox and its close signal): pings and
+    /// drain closes come from node-wide timers through the outbox, so an idle session owns no
+    /// timer.
     pub async fn run(mut self) -> CloseReason {
-        let cfg = self.node.config.clone();
-        let ping_every = cfg.ping_interval;
-        let idle_ms = cfg.idle_timeout.as_millis() as u64;
-        let mut ping =
-            tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let draining = self.node.draining().clone();
-        let drain_window = cfg.drain_window();
-        let mut drain_at: Option<tokio::time::Instant> = None;
+        let stall_limit = self.node.config.idle_timeout;
         loop {
-            let drain_sleep = async {
-                match drain_at {
-                    Some(t) => tokio::time::sleep_until(t).await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 biased;
                 _ = self.outbox.closed() => break,
                 n = self.rx.recv_batch(&self.outbox, &mut self.batch, WRITE_BATCH) => {
-                    if n == 0 {
-                        self.outbox.close(CloseReason::IoError);
-                        break;
-                    }
+                    let mut texts = 0u64;
                     for item in self.batch.drain(..) {
                         match item {
-                            Outgoing::Text(b) => put_frame(&mut self.buf, OpCode::Text, &b),
+                            Outgoing::Text(b) => {
+                                texts += 1;
+                                put_frame(&mut self.buf, OpCode::Text, &b);
+                            }
                             Outgoing::Pong(b) => put_frame(&mut self.buf, OpCode::Pong, &b),
+                            Outgoing::Ping => put_frame(&mut self.buf, OpCode::Ping, b""),
                         }
                     }
-                    let frames = n as u64;
-                    match self.flush(cfg.idle_timeout).await {
-                        Ok(()) => self.node.metrics.delivered.increment(frames),
+                    debug_assert!(n > 0);
+                    // Boxed: the write future is only alive while writing.
+                    match Box::pin(self.flush(stall_limit)).await {
+                        Ok(()) => self.node.metrics.delivered.increment(texts),
                         Err(WriteEnd::Io) => self.outbox.close(CloseReason::IoError),
                         Err(WriteEnd::Stalled) => self.outbox.close(CloseReason::SlowConsumer),
                     }
-                }
-                _ = ping.tick() => {
-                    let silent = now_millis().saturating_sub(self.last_seen.load(Ordering::Relaxed));
-                    if silent >= idle_ms {
-                        self.outbox.close(CloseReason::IdleTimeout);
-                        break;
-                    }
-                    put_frame(&mut self.buf, OpCode::Ping, b"");
-                    match self.flush(cfg.idle_timeout).await {
-                        Ok(()) => {}
-                        Err(WriteEnd::Io) => self.outbox.close(CloseReason::IoError),
-                        Err(WriteEnd::Stalled) => self.outbox.close(CloseReason::SlowConsumer),
-                    }
-                }
-                _ = draining.cancelled(), if drain_at.is_none() => {
-                    let spread = drain_window.mul_f64(fastrand::f64());
-                    drain_at = Some(tokio::time::Instant::now() + spread);
-                }
-                _ = drain_sleep => {
-                    self.outbox.close(CloseReason::Shutdown);
-                    break;
                 }
             }
         }
@@ -146,7 +102,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             payload.extend_from_slice(&code.to_be_bytes());
             payload.extend_from_slice(reason.text().as_bytes());
             put_frame(&mut self.buf, OpCode::Close, &payload);
-            if self.flush(CLOSE_GRACE).await.is_ok() {
+            if Box::pin(self.flush(CLOSE_GRACE)).await.is_ok() {
                 let _ = tokio::time::timeout(CLOSE_GRACE, self.io.shutdown()).await;
             }
         }
@@ -185,10 +141,11 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             }
         };
         self.buf.clear();
-        if self.buf.capacity() > KEEP_BUFFER {
+        let idle = self.rx.is_empty(&self.outbox);
+        if idle || self.buf.capacity() > KEEP_BUFFER {
             self.buf = Vec::new();
         }
-        if self.batch.capacity() > WRITE_BATCH {
+        if idle || self.batch.capacity() > WRITE_BATCH {
             self.batch = Vec::new();
         }
         result

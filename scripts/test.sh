@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The one command that checks the workspace: installs what the tests need on Debian (redis-server,
+# with apt-get, when it is missing), then formatting, lints and every test.
+#
+# Run it from anywhere, as root or as a user with sudo. The integration tests start their own
+# redis-server on a free port; they find it on PATH or through the REDIS_SERVER variable (then
+# nothing is installed).
+set -euo pipefail
+
+cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
+
+log() { printf '==> %s\n' "$*"; }
+die() {
+  printf 'error: %s\n' "$*" >&2
+  exit 1
+}
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then
+    "$@"
+  elif command -v sudo >/dev/null 2>&1; then
+    sudo "$@"
+  else
+    die "need root or sudo to run: $*"
+  fi
+}
+
+# Debian packages for commands the build and the tests use that are not installed.
+packages=()
+if [ -z "${REDIS_SERVER:-}" ] && ! command -v redis-server >/dev/null 2>&1; then
+  packages+=(redis-server)
+fi
+if ! type -P kill >/dev/null 2>&1; then
+  packages+=(procps) # the tests send STOP/CONT to redis-server with kill(1)
+fi
+if ! command -v cc >/dev/null 2>&1; then
+  packages+=(gcc libc6-dev) # the linker rustc calls
+fi
+if [ "${#packages[@]}" -gt 0 ]; then
+  command -v apt-get >/dev/null 2>&1 ||
+    die "missing ${packages[*]} and no apt-get to install them (or set REDIS_SERVER)"
+  log "installing ${packages[*]}"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    "${packages[@]}"
+fi
+
+# Rust comes from rustup (Debian's own cargo is older than the workspace's rust-version).
+if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
+  # shellcheck source=/dev/null
+  . "$HOME/.cargo/env"
+fi
+command -v cargo >/dev/null 2>&1 ||
+  die "cargo not found: install Rust with rustup (https://rustup.rs), then run this again"
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+  command -v rustup >/dev/null 2>&1 || die "cargo fmt and cargo clippy are needed"
+  log "adding the rustfmt and clippy components"
+  rustup component add rustfmt clippy
+fi
+
+log "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+log "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+log "cargo test --workspace"
+cargo test --workspace
+
+log "all checks passed"
