@@ -252,7 +252,7 @@ async fn viewer(mut s: TcpStream, lat: Arc<std::sync::Mutex<Vec<u32>>>, received
         }
         buf.copy_within(off..have, 0);
         have -= off;
-        if local.len() >= 1000 {
+        if local.len() >= 16 {
             lat.lock().unwrap().append(&mut local);
         }
     }

@@ -161,6 +161,11 @@ pub fn parse_command(text: &str) -> Result<ClientCommand<'_>, CommandError> {
     if serde_json::from_str::<&RawValue>(text).is_err() {
         return Ok(ClientCommand::Chat(text));
     }
+    // Only an object is a command: serde would also read a struct from an array
+    // (`["publish", 5]`), which is not part of the contract (found by the fuzz test).
+    if !text.trim_start().starts_with('{') {
+        return Err(CommandError::Unknown);
+    }
     match serde_json::from_str::<RawCommand<'_>>(text) {
         Ok(cmd) => match cmd.kind.as_deref() {
             Some("publish") => match cmd.data {
@@ -415,6 +420,11 @@ mod tests {
             "invalid_command"
         );
         assert_eq!(parse_command(r#"{"type":"ping"}"#), Ok(ClientCommand::Ping));
+        assert_eq!(parse_command(r#"["ping"]"#), Err(CommandError::Unknown));
+        assert_eq!(
+            parse_command(r#"["publish", 5]"#),
+            Err(CommandError::Unknown)
+        );
         assert_eq!(
             parse_command(r#"{"type":"p\u0069ng"}"#),
             Ok(ClientCommand::Ping)
