@@ -32,7 +32,8 @@ pub const CONNECTIONS_REFUSED: &str = "gateway_connections_refused_total";
 /// Messages this node accepted for publishing, by `source` (`client`, `http`, `redis`).
 /// `redis` counts payloads that arrived from Redis without our envelope (a raw `PUBLISH`).
 pub const MESSAGES_PUBLISHED: &str = "gateway_messages_published_total";
-/// Frames queued to local clients' outboxes that were written to their sockets.
+/// Text frames (messages and JSON events) written to client sockets; WebSocket control frames
+/// are not counted.
 pub const MESSAGES_DELIVERED: &str = "gateway_messages_delivered_total";
 /// Messages or frames lost on purpose, by `reason`.
 pub const MESSAGES_DROPPED: &str = "gateway_messages_dropped_total";
