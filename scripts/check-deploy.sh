@@ -1087,11 +1087,14 @@ main() {
     fi
 
     summary
+    local passed failed
+    passed=$(printf '%s\n' "${RESULTS[@]}" | grep -c $'\tPASS\t')
+    failed=$(printf '%s\n' "${RESULTS[@]}" | grep -c $'\tFAIL\t')
+    echo "check-deploy: $passed passed, $failed failed"
     if [[ $FAILED -ne 0 ]]; then
-        echo "check-deploy: FAILED (logs above; KEEP_WORK=1 keeps $WORK)"
+        echo "check-deploy FAILED (logs above; KEEP_WORK=1 keeps the work dir)"
         exit 1
     fi
-    echo "check-deploy: all checks passed"
 }
 
 main "$@"
