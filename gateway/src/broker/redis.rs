@@ -192,37 +192,14 @@ impl RedisBroker {
     }
 
     pub(super) async fn publish(&self, room: &RoomName, payload: Bytes) -> Result<(), BrokerError> {
-        let s = &self.shared;
-        let current = s
-            .publisher
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let Some((generation, mut conn)) = current else {
-            return Err(BrokerError::Unavailable);
-        };
-        let channel = s.channel(room);
-        let cmd = redis::cmd("PUBLISH")
-            .arg(&channel)
-            .arg(payload.as_ref())
-            .to_owned();
-        match tokio::time::timeout(s.timeouts.command, cmd.query_async::<i64>(&mut conn)).await {
-            Ok(Ok(_receivers)) => Ok(()),
-            Ok(Err(e)) => {
-                if e.is_io_error()
-                    || e.is_connection_dropped()
-                    || e.is_timeout()
-                    || e.is_unrecoverable_error()
-                {
-                    s.lose_publisher(generation);
-                }
-                Err(BrokerError::Failed(e.to_string()))
-            }
-            Err(_) => {
-                s.lose_publisher(generation);
-                Err(BrokerError::Timeout)
-            }
-        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("PUBLISH")
+            .arg(self.shared.channel(room))
+            .arg(payload.as_ref());
+        self.shared
+            .on_publisher::<(i64,)>(&pipe)
+            .await
+            .map(|_receivers| ())
     }
 
     /// Reports this node's local counts of `rooms` (and withdraws its counts of `gone` rooms) and
@@ -236,14 +213,6 @@ impl RedisBroker {
         ttl: Duration,
     ) -> Result<Vec<RoomCounts>, BrokerError> {
         let s = &self.shared;
-        let current = s
-            .publisher
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let Some((generation, mut conn)) = current else {
-            return Err(BrokerError::Unavailable);
-        };
         let ttl_ms = ttl.as_millis() as u64;
         let mut out = Vec::with_capacity(rooms.len());
         let reports = rooms
@@ -263,28 +232,12 @@ impl RedisBroker {
                     .arg(*viewers)
                     .arg(ttl_ms);
             }
-            let answer = tokio::time::timeout(
-                s.timeouts.command,
-                pipe.query_async::<Vec<(u64, u64)>>(&mut conn),
-            )
-            .await;
-            match answer {
-                Ok(Ok(counts)) => out.extend(
-                    counts
-                        .into_iter()
-                        .map(|(hosts, viewers)| RoomCounts { hosts, viewers }),
-                ),
-                Ok(Err(e)) => {
-                    if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
-                        s.lose_publisher(generation);
-                    }
-                    return Err(BrokerError::Failed(e.to_string()));
-                }
-                Err(_) => {
-                    s.lose_publisher(generation);
-                    return Err(BrokerError::Timeout);
-                }
-            }
+            let counts: Vec<(u64, u64)> = s.on_publisher(&pipe).await?;
+            out.extend(
+                counts
+                    .into_iter()
+                    .map(|(hosts, viewers)| RoomCounts { hosts, viewers }),
+            );
         }
         out.truncate(rooms.len());
         Ok(out)
@@ -315,6 +268,40 @@ impl Shared {
         let up =
             self.subscriber_up.load(Ordering::Relaxed) && self.publisher_up.load(Ordering::Relaxed);
         self.metrics.redis_connected.set(if up { 1.0 } else { 0.0 });
+    }
+
+    /// Runs a pipeline on the publisher connection within the command deadline. A missing
+    /// connection fails at once; a failure of the connection itself (I/O, drop, timeout) hands it
+    /// to the publisher task to be replaced.
+    async fn on_publisher<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, BrokerError> {
+        let current = self
+            .publisher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some((generation, mut conn)) = current else {
+            return Err(BrokerError::Unavailable);
+        };
+        match tokio::time::timeout(self.timeouts.command, pipe.query_async::<T>(&mut conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                if e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_timeout()
+                    || e.is_unrecoverable_error()
+                {
+                    self.lose_publisher(generation);
+                }
+                Err(BrokerError::Failed(e.to_string()))
+            }
+            Err(_) => {
+                self.lose_publisher(generation);
+                Err(BrokerError::Timeout)
+            }
+        }
     }
 
     /// Drops publisher connection `generation` if it is still the current one.
