@@ -1,6 +1,6 @@
 //! The generator watching itself, so that a slow generator is never mistaken for a slow gateway:
 //! a 10 ms timer whose oversleep is the runtime's scheduling delay, and the process's CPU time
-//! and peak memory from `/proc/self`.
+//! and peak memory from `/proc/self`, and the machine's load average from `/proc/loadavg`.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -39,6 +39,16 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// The machine's 1-minute load average (`/proc/loadavg`).
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Runs the timer probe from now to the end of the drain, then stores the CPU usage.
 pub fn spawn(shared: Arc<Shared>, window: Window) {
     tokio::spawn(async move {
@@ -68,5 +78,6 @@ mod tests {
         let cpu = cpu_seconds().expect("linux /proc");
         assert!(cpu >= 0.0);
         assert!(peak_rss_mib().expect("linux /proc") > 0.0);
+        assert!(load_average().expect("linux /proc") >= 0.0);
     }
 }

@@ -128,7 +128,7 @@ pub struct Stats {
     pub publish_lag: Recorder,
     /// TCP connect + HTTP upgrade.
     pub connect: Recorder,
-    /// Upgrade done → `welcome` received.
+    /// TCP connect → `welcome` received: the whole join.
     pub join: Recorder,
     /// Oversleep of the generator's 10 ms probe timer: its own scheduling delay.
     pub timer_lag: Recorder,

@@ -58,7 +58,7 @@ pub struct Connections {
     pub members_from_start: u64,
     /// TCP connect + upgrade, µs.
     pub connect_us: LatencySummary,
-    /// Upgrade → welcome, µs.
+    /// TCP connect → welcome, µs.
     pub join_us: LatencySummary,
 }
 
@@ -123,6 +123,8 @@ pub struct Generator {
     pub cores: usize,
     /// Peak resident memory, MiB.
     pub peak_rss_mib: Option<f64>,
+    /// The machine's 1-minute load average at the end (what else competed for the cores).
+    pub load_average: Option<f64>,
     /// Whether the generator itself limited the run; then latency figures are not the gateway's.
     pub bottleneck: bool,
     /// Why it is considered the bottleneck.
@@ -190,7 +192,7 @@ impl Summary {
         let max_lag = opts.max_generator_lag.as_micros() as u64;
         if timer_lag.p99 > max_lag {
             reasons.push(format!(
-                "its timers fired {:.1} ms late (p99): the generator's runtime is overloaded",
+                "its timers fired {:.1} ms late (p99): its process is starved of CPU (by its own load, or by other processes: see load_average)",
                 timer_lag.p99 as f64 / 1e3
             ));
         }
@@ -271,6 +273,7 @@ impl Summary {
                 cpu_percent: usage.map(|u| (u.cpu_percent * 10.0).round() / 10.0),
                 cores,
                 peak_rss_mib: probe::peak_rss_mib().map(|m| m.round()),
+                load_average: probe::load_average(),
                 bottleneck: !reasons.is_empty(),
                 reasons,
             },
@@ -411,11 +414,14 @@ impl Summary {
         let g = &self.generator;
         let _ = writeln!(
             o,
-            "generator: timer lag p99 {:.2} ms, max {:.2} ms; CPU {}% of {} cores; peak RSS {} MiB{}",
+            "generator: timer lag p99 {:.2} ms, max {:.2} ms; CPU {}% of {} cores (load average {}); peak RSS {} MiB{}",
             ms(g.timer_lag_us.p99),
             ms(g.timer_lag_us.max),
             g.cpu_percent.map(|c| format!("{c:.0}")).unwrap_or("?".into()),
             g.cores,
+            g.load_average
+                .map(|c| format!("{c:.1}"))
+                .unwrap_or("?".into()),
             g.peak_rss_mib.map(|c| format!("{c:.0}")).unwrap_or("?".into()),
             if g.bottleneck { "  [BOTTLENECK]" } else { "" }
         );

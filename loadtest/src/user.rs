@@ -130,7 +130,8 @@ async fn attempt(
         .expect("a new connection has its join signal");
     let remaining = timeout.saturating_sub(started.elapsed());
     let failure = match tokio::time::timeout(remaining, joined).await {
-        Ok(Ok(took)) => {
+        Ok(Ok(_)) => {
+            let took = started.elapsed();
             stats.join.record(member.key, took.as_micros() as u64);
             Stats::add(&stats.joined, 1);
             let _ = user
