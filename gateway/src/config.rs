@@ -161,6 +161,12 @@ impl Config {
         }
     }
 
+    /// The API key, if one is set (an empty `GATEWAY_API_KEY` counts as none, as container
+    /// platforms often pass empty variables).
+    pub fn api_key(&self) -> Option<&str> {
+        self.api_key.as_deref().filter(|k| !k.is_empty())
+    }
+
     /// Time-to-live of this node's presence report in Redis.
     pub fn presence_ttl(&self) -> Duration {
         self.presence_interval * 3
@@ -210,7 +216,7 @@ impl Config {
                 "--max-publish-rate must be a number of publishes per second, 0 to disable",
             );
         }
-        if let Some(key) = &self.api_key {
+        if let Some(key) = self.api_key() {
             if key.len() < 8 {
                 return bad("--api-key must be at least 8 characters");
             }
@@ -296,5 +302,8 @@ mod tests {
         assert!(c.validate().is_err());
         let c = Config::parse_from(["gateway", "--api-key", "short"]);
         assert!(c.validate().is_err());
+        let c = Config::parse_from(["gateway", "--api-key", ""]);
+        c.validate().unwrap();
+        assert_eq!(c.api_key(), None, "empty means no key");
     }
 }

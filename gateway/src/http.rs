@@ -320,7 +320,7 @@ async fn publish(
     req: Request<Incoming>,
     room: &str,
 ) -> Result<Response<Body>, Refusal> {
-    if let Some(key) = &node.config.api_key {
+    if let Some(key) = node.config.api_key() {
         let given = req
             .headers()
             .get(header::AUTHORIZATION)

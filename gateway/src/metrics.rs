@@ -66,6 +66,8 @@ pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
 pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
 /// The soft limit on open file descriptors.
 pub const PROCESS_MAX_FDS: &str = "process_max_fds";
+/// `--max-connections` (0: no limit but the open-file limit), for alerts on the headroom.
+pub const MAX_CONNECTIONS: &str = "gateway_max_connections";
 
 /// Buckets of [`FANOUT_LATENCY`]: 100 µs to 10 s, roughly ×2.5 per step.
 pub const FANOUT_LATENCY_BUCKETS: &[f64] = &[
@@ -212,6 +214,8 @@ pub struct Metrics {
     process_rss: Gauge,
     process_open_fds: Gauge,
     process_max_fds: Gauge,
+    /// See [`MAX_CONNECTIONS`].
+    pub max_connections: Gauge,
 }
 
 /// `error` event codes that get their own [`CLIENT_ERRORS`] series (see `docs/protocol.md`).
@@ -296,6 +300,7 @@ impl Metrics {
             process_rss: gauge(PROCESS_RSS, &[]),
             process_open_fds: gauge(PROCESS_OPEN_FDS, &[]),
             process_max_fds: gauge(PROCESS_MAX_FDS, &[]),
+            max_connections: gauge(MAX_CONNECTIONS, &[]),
             handle: recorder.handle(),
         }
     }
@@ -418,7 +423,7 @@ fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
 fn describe(r: &PrometheusRecorder) {
     let d = |name: &'static str, unit: Option<Unit>, help: &'static str| match name {
         CONNECTIONS | ROOMS | BROKER_SUBSCRIPTIONS | REDIS_CONNECTED | BUILD_INFO | PROCESS_CPU
-        | PROCESS_RSS | PROCESS_OPEN_FDS | PROCESS_MAX_FDS => r.describe_gauge(
+        | PROCESS_RSS | PROCESS_OPEN_FDS | PROCESS_MAX_FDS | MAX_CONNECTIONS => r.describe_gauge(
             KeyName::from_const_str(name),
             unit,
             SharedString::const_str(help),
@@ -519,5 +524,10 @@ fn describe(r: &PrometheusRecorder) {
         PROCESS_MAX_FDS,
         None,
         "Soft limit on open file descriptors.",
+    );
+    d(
+        MAX_CONNECTIONS,
+        None,
+        "Configured --max-connections (0: only the open-file limit applies).",
     );
 }

@@ -101,6 +101,7 @@ impl Node {
         tracker: TaskTracker,
         stop: CancellationToken,
     ) -> Result<Arc<Node>, BrokerError> {
+        metrics.max_connections.set(config.max_connections as f64);
         let hub = Arc::new(Hub::new(
             &config.node_id,
             metrics.clone(),
