@@ -2,9 +2,10 @@
 //! greet, run a reader task and a writer, leave, count why it ended.
 //!
 //! The socket is split in two: the [`reader`] task owns the read half through the [`codec`]'s
-//! decoder; the [`writer`] owns the write half and drains the [`outbox`]. Either side ends the session by closing the outbox with a reason; the writer
-//! then sends the Close frame and the reader, if the client does not answer within
-//! [`CLOSE_GRACE`], is aborted (the socket is being dropped, so losing its read state is fine).
+//! decoder; the [`writer`] owns the write half and drains the [`outbox`]. Either side ends the
+//! session by closing the outbox with a reason; the writer then sends the Close frame, and the
+//! reader, if the client does not answer within [`CLOSE_GRACE`], is aborted (the socket is being
+//! dropped, so losing its read state is fine).
 
 pub mod codec;
 pub mod outbox;
@@ -80,17 +81,8 @@ pub async fn run(node: Arc<Node>, slot: SessionSlot, admission: Admission, upgra
     let counts = node.presence.estimate(&room, node.hub.counts(&room));
     let _ = outbox.push(protocol::presence(&room, counts.hosts, counts.viewers));
 
-    let reader = node.tracker.spawn(
-        reader::Reader {
-            node: node.clone(),
-            outbox: outbox.clone(),
-            room: room.clone(),
-            role,
-            name,
-            rate: std::sync::Mutex::new(reader::RateLimitState::new(cfg.max_publish_rate)),
-        }
-        .run(decoder),
-    );
+    let reader = reader::Reader::new(node.clone(), outbox.clone(), room.clone(), role, name);
+    let reader = node.tracker.spawn(reader.run(decoder));
     let reason = writer::Writer::new(node.clone(), outbox.clone(), rx, write)
         .run()
         .await;

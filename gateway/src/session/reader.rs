@@ -7,7 +7,6 @@
 //! the cluster accepts its messages.
 
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::codec::{opcode, DecodeError, Decoder};
@@ -19,23 +18,12 @@ use crate::protocol::{self, ClientCommand, Role, RoomName};
 
 /// The reader task's state.
 pub struct Reader {
-    pub(super) node: Arc<Node>,
-    pub(super) outbox: Arc<Outbox>,
-    pub(super) room: RoomName,
-    pub(super) role: Role,
-    pub(super) name: Option<Arc<str>>,
-    /// Only this task touches it; the mutex is never contended (it keeps `on_message` `&self`).
-    pub(super) rate: Mutex<RateLimitState>,
-}
-
-/// The per-connection publish rate limit (opaque outside the reader).
-pub struct RateLimitState(RateLimit);
-
-impl RateLimitState {
-    /// A limit of `rate` publishes per second; 0 disables it.
-    pub fn new(rate: f64) -> Self {
-        Self(RateLimit::new(rate))
-    }
+    node: Arc<Node>,
+    outbox: Arc<Outbox>,
+    room: RoomName,
+    role: Role,
+    name: Option<Arc<str>>,
+    rate: RateLimit,
 }
 
 /// A token bucket of publishes per connection, with a count of refusals for closing abusers.
@@ -58,6 +46,27 @@ enum Rate {
     Allowed,
     Refused,
     Abusive,
+}
+
+impl Reader {
+    /// A reader for a member of `room`; publishes are limited by `--max-publish-rate`.
+    pub fn new(
+        node: Arc<Node>,
+        outbox: Arc<Outbox>,
+        room: RoomName,
+        role: Role,
+        name: Option<Arc<str>>,
+    ) -> Self {
+        let rate = RateLimit::new(node.config.max_publish_rate);
+        Self {
+            node,
+            outbox,
+            room,
+            role,
+            name,
+            rate,
+        }
+    }
 }
 
 impl RateLimit {
@@ -122,9 +131,10 @@ fn close_code_allowed(code: u16) -> bool {
 impl Reader {
     /// Reads until the client leaves, breaks a rule, or the session is closed from elsewhere (then
     /// the session aborts this task).
-    pub async fn run(self, mut decoder: Decoder) {
+    pub async fn run(mut self, mut decoder: Decoder) {
         let mut partial: Option<Partial> = None;
-        let cfg = &self.node.config;
+        let node = self.node.clone();
+        let cfg = &node.config;
         loop {
             let frame = match decoder.read_frame().await {
                 Ok(f) => f,
@@ -201,7 +211,7 @@ impl Reader {
     }
 
     /// Handles one complete message.
-    async fn on_message(&self, op: u8, payload: &[u8]) {
+    async fn on_message(&mut self, op: u8, payload: &[u8]) {
         if op == opcode::BINARY {
             return self.refuse(
                 "unsupported_binary",
@@ -222,14 +232,8 @@ impl Reader {
         }
     }
 
-    async fn publish(&self, data: &serde_json::value::RawValue) {
-        let verdict = self
-            .rate
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .0
-            .check(Instant::now());
-        match verdict {
+    async fn publish(&mut self, data: &serde_json::value::RawValue) {
+        match self.rate.check(Instant::now()) {
             Rate::Allowed => {}
             Rate::Refused => {
                 self.node
