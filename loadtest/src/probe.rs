@@ -59,6 +59,12 @@ pub fn spawn(shared: Arc<Shared>, window: Window) {
             tokio::time::sleep(PERIOD).await;
             let over = before.elapsed().saturating_sub(PERIOD);
             shared.stats.timer_lag.record(0, over.as_micros() as u64);
+            if over > Duration::from_millis(50) {
+                log::debug!(
+                    "generator stalled {over:?} at {:.3}s into the window",
+                    before.saturating_duration_since(window.start).as_secs_f64()
+                );
+            }
         }
         if let (Some(a), Some(b)) = (cpu0, cpu_seconds()) {
             let wall = t0.elapsed().as_secs_f64().max(1e-3);
