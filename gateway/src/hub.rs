@@ -204,6 +204,15 @@ impl Hub {
         out
     }
 
+    /// The outboxes of `room`'s local members (a snapshot; cheap `Arc` clones).
+    pub fn outboxes(&self, room: &RoomName) -> Vec<Arc<Outbox>> {
+        let rooms = self.rooms.read().unwrap_or_else(|e| e.into_inner());
+        rooms
+            .get(room)
+            .map(|r| r.members.values().map(|m| m.outbox.clone()).collect())
+            .unwrap_or_default()
+    }
+
     /// Calls `f` with every local member's outbox (under the read lock: `f` must not block).
     pub fn for_each_outbox(&self, mut f: impl FnMut(&Arc<Outbox>)) {
         let rooms = self.rooms.read().unwrap_or_else(|e| e.into_inner());
