@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The one command that checks the workspace: installs what the tests need on Debian (redis-server,
-# with apt-get, when it is missing), then formatting, lints and every test.
+# with apt-get, when it is missing), then formatting, lints and every test: the Rust unit and
+# integration tests, the browser tests, the smoke load test and the deployment checks.
+# `scripts/test.sh --rust-only` stops after the Rust tests (the quick loop while coding).
 #
 # Run it from anywhere, as root or as a user with sudo. The integration tests start their own
 # redis-server on a free port; they find it on PATH or through the REDIS_SERVER variable (then
@@ -66,5 +68,21 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 log "cargo test --workspace"
 cargo test --workspace
+
+if [ "${1:-}" = "--rust-only" ]; then
+  log "Rust checks passed (--rust-only: browser, load and deployment tests skipped)"
+  exit 0
+fi
+
+# The tests that need real outside tools; each installs what it needs when missing and stops
+# every process it started.
+log "browser tests in headless Chromium (scripts/browser-test.sh)"
+scripts/browser-test.sh
+
+log "smoke load test through HAProxy (scripts/loadtest-smoke.sh)"
+scripts/loadtest-smoke.sh
+
+log "deployment checks against real tools and a live cluster (scripts/check-deploy.sh)"
+scripts/check-deploy.sh
 
 log "all checks passed"
