@@ -4,7 +4,8 @@
 //! idle timeout + ping interval after its last sign of life.
 //!
 //! One node-wide timer instead of one per session: an idle session owns no timer, which keeps a
-//! quiet viewer's memory small, and a ping round costs one queue push per session.
+//! quiet viewer's memory small, and a ping round costs one queue push per session, spread over
+//! a short window ([`crate::pacing`]) rather than all at once.
 
 use std::sync::Arc;
 
@@ -12,6 +13,7 @@ use tracing::debug;
 
 use crate::disconnect::CloseReason;
 use crate::node::Node;
+use crate::pacing;
 use crate::session::outbox::{now_millis, Outgoing};
 
 /// Runs until the node stops.
@@ -25,17 +27,21 @@ pub async fn run(node: Arc<Node>) {
             _ = node.stopping().cancelled() => return,
             _ = tick.tick() => {
                 let now = now_millis();
-                let (mut pinged, mut closed) = (0usize, 0usize);
-                node.hub.for_each_outbox(|outbox| {
+                let mut sessions = Vec::new();
+                node.hub.for_each_outbox(|o| sessions.push(o.clone()));
+                let mut closed = 0usize;
+                let window = pacing::window(every);
+                pacing::in_slices(&sessions, window, node.stopping(), |outbox| {
                     if outbox.silent_for_ms(now) >= idle_ms {
                         outbox.close(CloseReason::IdleTimeout);
                         closed += 1;
-                    } else if outbox.push_item(Outgoing::Ping).is_ok() {
-                        pinged += 1;
+                    } else {
+                        let _ = outbox.push_item(Outgoing::Ping);
                     }
-                });
+                })
+                .await;
                 if closed > 0 {
-                    debug!(pinged, closed, "keepalive round");
+                    debug!(sessions = sessions.len(), closed, "keepalive round");
                 }
             }
         }

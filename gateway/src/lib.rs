@@ -20,6 +20,7 @@
 //! - [`broker`] — the seam to the cluster: [`broker::memory`] and [`broker::redis`].
 //! - [`presence`] — the presence timer: local counts to the broker, cluster counts to members.
 //! - [`keepalive`] — the ping timer: pings every session, closes silent ones.
+//! - [`pacing`] — spreads node-wide rounds (presence, pings) over a short window.
 //! - [`shutdown`] — the drain: 1012 closes spread evenly over the drain window.
 //! - [`protocol`] — wire types, parsing, encoding once to `Bytes`.
 //! - [`disconnect`] — close codes, their reasons and reconnect meaning.
@@ -40,6 +41,7 @@ pub mod hub;
 pub mod keepalive;
 pub mod metrics;
 pub mod node;
+pub mod pacing;
 pub mod presence;
 pub mod protocol;
 pub mod server;

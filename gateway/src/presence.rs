@@ -19,17 +19,9 @@ use tracing::warn;
 use crate::hub::RoomCounts;
 use crate::metrics::DropReason;
 use crate::node::Node;
+use crate::pacing;
 use crate::protocol::{self, RoomName};
 use crate::session::outbox::{Outbox, PushError};
-
-/// Members per slice when spreading presence frames over the interval.
-const SPREAD_SLICE: usize = 500;
-
-/// The window over which one round of presence frames is spread: a quarter of the interval, at
-/// most one second, so counts still reach everyone soon after the tick.
-fn spread_window(interval: std::time::Duration) -> std::time::Duration {
-    (interval / 4).min(std::time::Duration::from_secs(1))
-}
 
 /// Cluster-wide counts of the last tick, with this node's own share at that time.
 #[derive(Debug, Default)]
@@ -121,26 +113,16 @@ async fn once(
     Ok(())
 }
 
-/// Queues the presence frames in slices of [`SPREAD_SLICE`] spread over [`spread_window`], so a
-/// node with tens of thousands of members does not write them all in the same instant (measured:
-/// a single burst delayed room messages by up to a second on a loaded 2-core machine).
+/// Queues the presence frames spread over [`pacing::window`] of the interval.
 async fn spread(node: &Node, sends: Vec<(Bytes, Arc<Outbox>)>) {
-    let slices = sends.len().div_ceil(SPREAD_SLICE).max(1);
-    let gap = spread_window(node.config.presence_interval) / slices as u32;
     let mut dropped = 0u64;
-    for (i, slice) in sends.chunks(SPREAD_SLICE).enumerate() {
-        if i > 0 {
-            tokio::select! {
-                _ = node.stopping().cancelled() => return,
-                _ = tokio::time::sleep(gap) => {}
-            }
+    let window = pacing::window(node.config.presence_interval);
+    pacing::in_slices(&sends, window, node.stopping(), |(frame, outbox)| {
+        if outbox.push(frame.clone()) == Err(PushError::Full) {
+            dropped += 1;
         }
-        for (frame, outbox) in slice {
-            if outbox.push(frame.clone()) == Err(PushError::Full) {
-                dropped += 1;
-            }
-        }
-    }
+    })
+    .await;
     if dropped > 0 {
         node.metrics
             .dropped(DropReason::SlowConsumer)
