@@ -272,3 +272,41 @@ async fn oversized_or_odd_redis_payloads_never_hurt_the_node() {
         "and it is never subscribed anyway"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_without_request_headers_is_closed_after_10_s_and_keep_alive_is_not() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = TestNode::start(test_config("n1", None, &[])).await;
+    // A slow-loris: half a request line, then nothing.
+    let mut loris = tokio::net::TcpStream::connect(node.client).await.unwrap();
+    loris.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    // A keep-alive client that sent a whole request: not subject to the first-request deadline.
+    let mut kept = tokio::net::TcpStream::connect(node.client).await.unwrap();
+    let req = format!("GET /nope HTTP/1.1\r\nHost: {}\r\n\r\n", node.client);
+    kept.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 1024];
+    let n = kept.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 404"));
+
+    let start = Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(15), loris.read(&mut buf))
+        .await
+        .expect("closed within the deadline")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    let took = start.elapsed();
+    assert!(
+        took > Duration::from_secs(9) && took < Duration::from_secs(12),
+        "{took:?}"
+    );
+
+    kept.write_all(req.as_bytes()).await.unwrap();
+    let n = tokio::time::timeout(WAIT, kept.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 404"),
+        "keep-alive connection still served"
+    );
+}

@@ -179,3 +179,34 @@ async fn a_node_started_while_redis_is_down_comes_up_when_it_returns() {
     redis.publish("gw:room:r", b"hello").await;
     assert_eq!(c.next_message().await["data"], "hello");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_rooms_than_one_subscribe_batch_are_all_resubscribed_after_a_restart() {
+    // The subscriber sends SUBSCRIBE in batches of 500 channels; 600 rooms take two.
+    let mut redis = RedisServer::start().await;
+    let node = TestNode::start(test_config("n1", Some(&redis), &[])).await;
+    let mut members = Vec::new();
+    for i in 0..600 {
+        members.push(node.join(&format!("r{i}"), "viewer", "v").await);
+    }
+    eventually("600 subscriptions", || async {
+        node.metric("gateway_broker_subscriptions").await == 600.0
+    })
+    .await;
+    redis.kill();
+    eventually("outage seen", || async {
+        node.metric("gateway_redis_connected").await == 0.0
+    })
+    .await;
+    redis.restart().await;
+    node.wait_ready().await;
+    eventually("600 subscriptions again", || async {
+        node.metric("gateway_broker_subscriptions").await == 600.0
+    })
+    .await;
+    for i in [0, 499, 500, 599] {
+        redis.wait_numsub(&format!("gw:room:r{i}"), 1).await;
+        redis.publish(&format!("gw:room:r{i}"), b"back").await;
+        assert_eq!(members[i].next_message().await["data"], "back");
+    }
+}
