@@ -16,7 +16,7 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
-use crate::http::Body;
+use crate::response::Body;
 
 /// How long a browser may use an asset without asking again: a minute.
 pub const CACHE_CONTROL: &str = "public, max-age=60";

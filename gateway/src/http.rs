@@ -24,10 +24,8 @@ use crate::assets;
 use crate::metrics::{RefuseReason, Source};
 use crate::node::{Node, SlotError};
 use crate::protocol::{self, Role, RoomName};
+use crate::response::{json, Body};
 use crate::session::{self, Admission};
-
-/// The response body of every route.
-pub type Body = Full<Bytes>;
 
 /// A refusal: status, machine-readable code, human-readable message.
 #[derive(Debug)]
@@ -54,30 +52,6 @@ impl Refusal {
         let body = serde_json::json!({ "error": self.code, "message": self.message });
         json(self.status, &body)
     }
-}
-
-/// A JSON response.
-pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(value.to_string())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
-}
-
-/// A plain-text or HTML response.
-pub fn text(
-    status: StatusCode,
-    content_type: &'static str,
-    body: impl Into<Bytes>,
-) -> Response<Body> {
-    let mut r = Response::new(Full::new(body.into()));
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    r
 }
 
 /// Dispatches one request of the client port.

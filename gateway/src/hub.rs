@@ -1,5 +1,6 @@
 //! Local rooms and their members: who is in which room on this node, and the fan-out of one
-//! encoded message to every local member of a room.
+//! encoded message to every local member of a room. The hub knows nothing of brokers or payload
+//! formats: frames reach it only through [`crate::inbound::Inbound`].
 //!
 //! The hub reports the first-member and last-member transitions of a room to its caller, which
 //! subscribes or (after a delay) unsubscribes the broker *while the hub's lock is held*, so that
@@ -11,19 +12,13 @@
 //! operation under it is a map lookup or a non-blocking queue push.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 
-use crate::metrics::{DropReason, Metrics, Source};
-use crate::protocol::{self, BrokerPayload, Role, RoomName};
+use crate::metrics::Metrics;
+use crate::protocol::{Role, RoomName};
 use crate::session::outbox::{Outbox, PushError};
-
-/// How far in the future a message's `ts` may be (clock skew between nodes) and still be sampled.
-const MAX_CLOCK_SKEW_US: u64 = 1_000_000;
-/// Latency samples above this are not latency but a foreign clock, and are not recorded.
-const MAX_LATENCY_SAMPLE_US: u64 = 3_600_000_000;
 
 /// A member's entry in a room.
 #[derive(Debug)]
@@ -62,41 +57,15 @@ pub struct Fanout {
 pub struct Hub {
     rooms: RwLock<HashMap<RoomName, Room>>,
     metrics: Metrics,
-    /// Largest raw payload from the broker that is wrapped and delivered (`--max-message-size`).
-    max_raw_payload: usize,
-    /// Largest envelope from the broker that is delivered: a message whose `data` was at most
-    /// `--max-message-size` bytes, plus room for JSON string escaping and the envelope fields.
-    max_envelope: usize,
-    ids: MessageIds,
-}
-
-/// Cluster-unique message ids: node id, a random per-process boot tag (so a restarted node never
-/// reuses ids) and a sequence number.
-#[derive(Debug)]
-struct MessageIds {
-    prefix: String,
-    seq: AtomicU64,
 }
 
 impl Hub {
-    /// An empty hub for node `node_id`.
-    pub fn new(node_id: &str, metrics: Metrics, max_message_size: usize) -> Self {
+    /// An empty hub.
+    pub fn new(metrics: Metrics) -> Self {
         Self {
             rooms: RwLock::new(HashMap::new()),
             metrics,
-            max_raw_payload: max_message_size,
-            max_envelope: max_message_size * 6 + 1024,
-            ids: MessageIds {
-                prefix: format!("{node_id}-{:08x}-", fastrand::u32(..)),
-                seq: AtomicU64::new(0),
-            },
         }
-    }
-
-    /// A fresh cluster-unique message id.
-    pub fn next_message_id(&self) -> String {
-        let n = self.ids.seq.fetch_add(1, Ordering::Relaxed);
-        format!("{}{n:x}", self.ids.prefix)
     }
 
     /// Adds a member; `on_first` runs under the lock when it is the room's first local member.
@@ -222,61 +191,6 @@ impl Hub {
             }
         }
     }
-
-    /// Delivers a payload the broker received on `room`'s channel to the room's local members.
-    ///
-    /// Our own envelopes are forwarded byte for byte; anything else is another program's plain
-    /// `PUBLISH` and is wrapped once as a `server` message. Never blocks: a member whose outbox is
-    /// full loses this frame and is closed. Records one fan-out latency sample per message.
-    pub fn deliver(&self, room: &str, payload: Bytes) {
-        let m = &self.metrics;
-        m.broker_received.increment(1);
-        let Some(room) = RoomName::parse(room) else {
-            m.dropped(DropReason::InvalidRoom).increment(1);
-            return;
-        };
-        if payload.len() > self.max_envelope {
-            m.dropped(DropReason::TooLarge).increment(1);
-            return;
-        }
-        let (frame, ts) = match protocol::classify_broker_payload(&room, &payload) {
-            BrokerPayload::Envelope { ts } => (payload, ts),
-            BrokerPayload::Raw => {
-                if payload.len() > self.max_raw_payload {
-                    m.dropped(DropReason::TooLarge).increment(1);
-                    return;
-                }
-                m.published(Source::Redis).increment(1);
-                let ts = protocol::now_micros();
-                let id = self.next_message_id();
-                (protocol::wrap_raw_payload(&room, &payload, &id, ts), ts)
-            }
-        };
-        self.deliver_local(&room, frame, ts);
-    }
-
-    /// Queues an encoded message frame published at `ts` to the room's local members and records
-    /// the fan-out metrics (the end of [`Hub::deliver`], and the local fallback of a publish
-    /// during a broker outage).
-    pub fn deliver_local(&self, room: &RoomName, frame: Bytes, ts: u64) {
-        let m = &self.metrics;
-        let out = self.fanout(room, &frame);
-        if out.queued == 0 && out.dropped == 0 {
-            m.dropped(DropReason::NoMembers).increment(1);
-            return;
-        }
-        if out.dropped > 0 {
-            m.dropped(DropReason::SlowConsumer)
-                .increment(out.dropped as u64);
-        }
-        // A `ts` from another program's envelope is not ours to trust: a sample from a clock an
-        // hour off (or from the future) would only poison the histogram.
-        let now = protocol::now_micros();
-        if ts <= now + MAX_CLOCK_SKEW_US && now.saturating_sub(ts) <= MAX_LATENCY_SAMPLE_US {
-            m.fanout_latency.record(now.saturating_sub(ts) as f64 / 1e6);
-        }
-        m.fanout_recipients.record(out.queued as f64);
-    }
 }
 
 #[cfg(test)]
@@ -284,7 +198,7 @@ mod tests {
     use super::*;
 
     fn hub() -> Hub {
-        Hub::new("n1", Metrics::new("n1"), 1024)
+        Hub::new(Metrics::new("n1"))
     }
 
     #[test]
@@ -340,14 +254,5 @@ mod tests {
             crate::session::outbox::Outgoing::Text(t) => assert_eq!(t.as_ptr(), frame.as_ptr()),
             other => panic!("{other:?}"),
         }
-    }
-
-    #[test]
-    fn message_ids_are_unique() {
-        let hub = hub();
-        let a = hub.next_message_id();
-        let b = hub.next_message_id();
-        assert_ne!(a, b);
-        assert!(a.starts_with("n1-"));
     }
 }

@@ -15,10 +15,14 @@
 //! - [`session`] — one client's life: [`session::reader`] (frames → commands, limits),
 //!   [`session::writer`] (outbox → socket, batching), [`session::outbox`] (the bounded queue
 //!   between the hub and a writer), [`session::codec`] (client frames off the socket).
+//! - [`response`] — the body type and plain JSON/text responses both ports and the assets use.
 //! - [`hub`] — local rooms → members' outboxes; fan-out of one encoded message.
+//! - [`inbound`] — the one door into the hub: classifies, counts and stamps what the broker
+//!   received (and the local fallback), then hands one frame to the hub.
 //! - [`node`] — ties hub and broker: publish path, delayed unsubscribe, session slots, drain.
 //! - [`broker`] — the seam to the cluster: [`broker::memory`] and [`broker::redis`].
 //! - [`presence`] — the presence timer: local counts to the broker, cluster counts to members.
+//! - [`presence_cache`] — the last tick's cluster-wide counts, for a joining client's estimate.
 //! - [`keepalive`] — the ping timer: pings every session, closes silent ones.
 //! - [`pacing`] — spreads node-wide rounds (presence, pings) over a short window.
 //! - [`shutdown`] — the drain: 1012 closes spread evenly over the drain window.
@@ -28,8 +32,9 @@
 //!
 //! # A message's way
 //! reader → [`node::Node::publish`] (stamp id and `ts`, encode once) → broker → every subscribed
-//! node's [`hub::Hub::deliver`] → each member's outbox (the same `Bytes`) → writer, one write per
-//! batch.
+//! node's [`inbound::Inbound::receive`] (classify, count) → [`hub::Hub::fanout`] → each member's
+//! outbox (the same `Bytes`) → writer, one write per batch. Layers point one way: the broker
+//! knows only the inbound handler, the hub only local rooms and members.
 
 pub mod admin;
 pub mod assets;
@@ -38,12 +43,15 @@ pub mod config;
 pub mod disconnect;
 pub mod http;
 pub mod hub;
+pub mod inbound;
 pub mod keepalive;
 pub mod metrics;
 pub mod node;
 pub mod pacing;
 pub mod presence;
+pub mod presence_cache;
 pub mod protocol;
+pub mod response;
 pub mod server;
 pub mod session;
 pub mod shutdown;

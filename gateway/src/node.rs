@@ -18,7 +18,9 @@ use crate::broker::redis::{RedisBroker, RedisTimeouts};
 use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
 use crate::hub::Hub;
+use crate::inbound::Inbound;
 use crate::metrics::{DropReason, Metrics, Source};
+use crate::presence_cache::PresenceCache;
 use crate::protocol::{self, Message, Role, RoomName};
 use crate::session::outbox::Outbox;
 
@@ -38,6 +40,8 @@ pub struct Node {
     pub config: Config,
     /// Local rooms.
     pub hub: Arc<Hub>,
+    /// The one way into the hub: what the broker received, and the local fallback.
+    pub inbound: Arc<Inbound>,
     /// The cluster.
     pub broker: Broker,
     /// This node's metrics.
@@ -56,7 +60,7 @@ pub struct Node {
     /// Session ids, unique on this node.
     next_session: std::sync::atomic::AtomicU64,
     /// Cluster-wide room counts of the last presence tick.
-    pub presence: crate::presence::PresenceCache,
+    pub presence: PresenceCache,
 }
 
 /// A publish the broker did not take.
@@ -102,17 +106,19 @@ impl Node {
         stop: CancellationToken,
     ) -> Result<Arc<Node>, BrokerError> {
         metrics.max_connections.set(config.max_connections as f64);
-        let hub = Arc::new(Hub::new(
+        let hub = Arc::new(Hub::new(metrics.clone()));
+        let inbound = Arc::new(Inbound::new(
             &config.node_id,
+            hub.clone(),
             metrics.clone(),
             config.max_message_size,
         ));
         let broker = match &config.redis_url {
-            None => Broker::Memory(MemoryBroker::new(hub.clone(), metrics.clone())),
+            None => Broker::Memory(MemoryBroker::new(inbound.clone(), metrics.clone())),
             Some(url) => Broker::Redis(RedisBroker::start(
                 url,
                 &config.channel_prefix,
-                hub.clone(),
+                inbound.clone(),
                 metrics.clone(),
                 RedisTimeouts {
                     command: config.redis_timeout,
@@ -125,6 +131,7 @@ impl Node {
         Ok(Arc::new(Node {
             config,
             hub,
+            inbound,
             broker,
             metrics,
             tracker,
@@ -201,7 +208,7 @@ impl Node {
         source: Source,
         local_fallback: bool,
     ) -> Result<Published, PublishFailure> {
-        let id = self.hub.next_message_id();
+        let id = self.inbound.next_message_id();
         let ts = protocol::now_micros();
         let frame = Message::new(room.as_str(), from, role, data, &id, ts).encode();
         match self.broker.publish(room, frame.clone()).await {
@@ -215,7 +222,7 @@ impl Node {
                     .increment(1);
                 self.metrics.broker_publish_errors.increment(1);
                 if local_fallback {
-                    self.hub.deliver_local(room, frame, ts);
+                    self.inbound.deliver(room, frame, ts);
                 }
                 Err(PublishFailure {
                     error,

@@ -7,44 +7,20 @@
 //! The frames of one round go out in slices of 500 members spread over a quarter of the interval
 //! (at most 1 s), not in one burst: a change shows on every member within 1¼ intervals.
 //!
-//! The latest cluster-wide counts are cached so that a client that joins between two ticks gets
-//! a sensible `presence` right after its `welcome`.
+//! The latest cluster-wide counts go to the node's [`crate::presence_cache::PresenceCache`], so that a client that joins
+//! between two ticks gets a sensible `presence` right after its `welcome`.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use tracing::warn;
 
-use crate::hub::RoomCounts;
 use crate::metrics::DropReason;
 use crate::node::Node;
 use crate::pacing;
 use crate::protocol::{self, RoomName};
 use crate::session::outbox::{Outbox, PushError};
-
-/// Cluster-wide counts of the last tick, with this node's own share at that time.
-#[derive(Debug, Default)]
-pub struct PresenceCache {
-    /// Room → (cluster-wide counts, this node's counts) as of the last tick. A std lock: one map
-    /// swap per tick and one lookup per join.
-    rooms: Mutex<HashMap<RoomName, (RoomCounts, RoomCounts)>>,
-}
-
-impl PresenceCache {
-    /// Best estimate of `room`'s cluster-wide counts given this node's counts now: the last
-    /// tick's cluster counts with this node's share replaced by `local_now`.
-    pub fn estimate(&self, room: &RoomName, local_now: RoomCounts) -> RoomCounts {
-        let rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
-        match rooms.get(room) {
-            Some((cluster, local_then)) => RoomCounts {
-                hosts: cluster.hosts.saturating_sub(local_then.hosts) + local_now.hosts,
-                viewers: cluster.viewers.saturating_sub(local_then.viewers) + local_now.viewers,
-            },
-            None => local_now,
-        }
-    }
-}
 
 /// Runs the presence timer until the node stops, then withdraws this node's reports.
 pub async fn run(node: Arc<Node>) {
@@ -104,11 +80,7 @@ async fn once(
         }
         cache.insert(room, (counts, mine));
     }
-    *node
-        .presence
-        .rooms
-        .lock()
-        .unwrap_or_else(|e| e.into_inner()) = cache;
+    node.presence.replace(cache);
     spread(node, sends).await;
     Ok(())
 }

@@ -1,31 +1,31 @@
-//! The in-process broker: a single node with no Redis. A publish is delivered straight to this
-//! node's hub, for the rooms that are subscribed, exactly as the Redis broker would deliver it
-//! after a round trip.
+//! The in-process broker: a single node with no Redis. A publish is handed straight to this
+//! node's [`Inbound`] handler, for the rooms that are subscribed, exactly as the Redis broker would
+//! hand it over after a round trip.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-use crate::hub::Hub;
+use crate::inbound::Inbound;
 use crate::metrics::Metrics;
 use crate::protocol::RoomName;
 
 /// In-process pub/sub for one node.
 #[derive(Debug)]
 pub struct MemoryBroker {
-    hub: Arc<Hub>,
+    inbound: Arc<Inbound>,
     metrics: Metrics,
     /// Rooms subscribed; a std lock, held only for a set operation.
     subscribed: Mutex<HashSet<RoomName>>,
 }
 
 impl MemoryBroker {
-    /// A broker delivering into `hub`.
-    pub fn new(hub: Arc<Hub>, metrics: Metrics) -> Self {
+    /// A broker handing what is published to `inbound`.
+    pub fn new(inbound: Arc<Inbound>, metrics: Metrics) -> Self {
         metrics.redis_connected.set(1.0);
         Self {
-            hub,
+            inbound,
             metrics,
             subscribed: Mutex::new(HashSet::new()),
         }
@@ -50,7 +50,7 @@ impl MemoryBroker {
             .unwrap_or_else(|e| e.into_inner())
             .contains(room);
         if subscribed {
-            self.hub.deliver(room.as_str(), payload);
+            self.inbound.receive(room.as_str(), payload);
         }
     }
 }

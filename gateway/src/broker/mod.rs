@@ -2,8 +2,9 @@
 //! publishes into a room for the whole cluster.
 //!
 //! Two implementations sit behind [`Broker`]: [`memory`] (one node alone, no Redis) and [`redis`]
-//! (a cluster sharing one Redis). Both deliver what they receive to the node's
-//! [`Hub`](crate::hub::Hub), never blocking on it. Subscriptions are a *desired set* that the
+//! (a cluster sharing one Redis). Both hand what they receive to the node's
+//! [`Inbound`](crate::inbound::Inbound) handler, never blocking on it; they know nothing else of
+//! the node. Subscriptions are a *desired set* that the
 //! broker converges to: [`Broker::subscribe`] and [`Broker::unsubscribe`] only change the set (and
 //! are called under the hub's lock, so the order of changes is the order of joins and leaves); the
 //! Redis subscriber task sends the difference to Redis, and sends the whole set again after a

@@ -3,7 +3,7 @@
 //! The *subscriber task* owns the subscriber connection and the set of channels actually
 //! subscribed on it. It converges that set to the desired set (changed by
 //! [`RedisBroker::subscribe`] / [`RedisBroker::unsubscribe`]) in batches, hands every message to
-//! the hub without blocking, and probes the connection with `PING` every
+//! the node's [`Inbound`] handler without blocking, and probes the connection with `PING` every
 //! `--redis-probe-interval`: a Redis that drops the connection *or* stops answering (a stopped
 //! process) is detected within probe interval + `--redis-timeout`. After a loss it reconnects
 //! forever with capped, jittered backoff and subscribes the whole desired set again.
@@ -31,7 +31,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::{Backoff, BrokerError};
-use crate::hub::{Hub, RoomCounts};
+use crate::hub::RoomCounts;
+use crate::inbound::Inbound;
 use crate::metrics::Metrics;
 use crate::protocol::RoomName;
 
@@ -95,7 +96,7 @@ pub struct RedisBroker {
 struct Shared {
     client: redis::Client,
     prefix: String,
-    hub: Arc<Hub>,
+    inbound: Arc<Inbound>,
     metrics: Metrics,
     timeouts: RedisTimeouts,
     /// Desired and confirmed subscriptions. A std lock: only set operations happen under it.
@@ -126,7 +127,7 @@ impl RedisBroker {
     pub fn start(
         url: &str,
         prefix: &str,
-        hub: Arc<Hub>,
+        inbound: Arc<Inbound>,
         metrics: Metrics,
         timeouts: RedisTimeouts,
         tracker: &TaskTracker,
@@ -137,7 +138,7 @@ impl RedisBroker {
         let shared = Arc::new(Shared {
             client,
             prefix: prefix.to_string(),
-            hub,
+            inbound,
             metrics,
             timeouts,
             subs: Mutex::new(Subscriptions::default()),
@@ -431,7 +432,7 @@ impl Subscriber {
                 msg = stream.next() => {
                     let Some(msg) = msg else { return Err(SubscriberLost::Closed) };
                     match msg.get_channel_name().strip_prefix(s.prefix.as_str()) {
-                        Some(room) => s.hub.deliver(room, Bytes::copy_from_slice(msg.get_payload_bytes())),
+                        Some(room) => s.inbound.receive(room, Bytes::copy_from_slice(msg.get_payload_bytes())),
                         None => debug!(channel = msg.get_channel_name(), "message on a foreign channel"),
                     }
                 }

@@ -1,0 +1,173 @@
+//! What the node does with a payload the broker received for a room: count it, check it, classify
+//! it (our envelope, or another program's plain `PUBLISH`), stamp the latter, and hand one
+//! encoded frame to the hub for its local members.
+//!
+//! This is the one door into the hub: the brokers call [`Inbound::receive`], and the node's local
+//! fallback during a broker outage calls [`Inbound::deliver`]; neither goes to the hub directly.
+//! The way is one-directional, as in centrifuge (broker → node's handler → hub): the brokers know
+//! only this handler, and the hub knows only local rooms and members. Message ids are stamped
+//! here too, for the node's publishes and for wrapped plain payloads.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::hub::Hub;
+use crate::metrics::{DropReason, Metrics, Source};
+use crate::protocol::{self, BrokerPayload, RoomName};
+
+/// How far in the future a message's `ts` may be (clock skew between nodes) and still be sampled.
+const MAX_CLOCK_SKEW_US: u64 = 1_000_000;
+/// Latency samples above this are not latency but a foreign clock, and are not recorded.
+const MAX_LATENCY_SAMPLE_US: u64 = 3_600_000_000;
+
+/// The node's handler of broker payloads. Shared by the broker (its only caller from the
+/// cluster side) and the node.
+#[derive(Debug)]
+pub struct Inbound {
+    hub: Arc<Hub>,
+    metrics: Metrics,
+    /// Largest raw payload from the broker that is wrapped and delivered (`--max-message-size`).
+    max_raw_payload: usize,
+    /// Largest envelope from the broker that is delivered: a message whose `data` was at most
+    /// `--max-message-size` bytes, plus room for JSON string escaping and the envelope fields.
+    max_envelope: usize,
+    ids: MessageIds,
+}
+
+/// Cluster-unique message ids: node id, a random per-process boot tag (so a restarted node never
+/// reuses ids) and a sequence number.
+#[derive(Debug)]
+struct MessageIds {
+    prefix: String,
+    seq: AtomicU64,
+}
+
+impl Inbound {
+    /// The handler of node `node_id`, delivering into `hub`.
+    pub fn new(node_id: &str, hub: Arc<Hub>, metrics: Metrics, max_message_size: usize) -> Self {
+        Self {
+            hub,
+            metrics,
+            max_raw_payload: max_message_size,
+            max_envelope: max_message_size * 6 + 1024,
+            ids: MessageIds {
+                prefix: format!("{node_id}-{:08x}-", fastrand::u32(..)),
+                seq: AtomicU64::new(0),
+            },
+        }
+    }
+
+    /// A fresh cluster-unique message id.
+    pub fn next_message_id(&self) -> String {
+        let n = self.ids.seq.fetch_add(1, Ordering::Relaxed);
+        format!("{}{n:x}", self.ids.prefix)
+    }
+
+    /// Handles a payload the broker received on `room`'s channel.
+    ///
+    /// Our own envelopes are forwarded byte for byte; anything else is another program's plain
+    /// `PUBLISH` and is wrapped once as a `server` message. Never blocks.
+    pub fn receive(&self, room: &str, payload: Bytes) {
+        let m = &self.metrics;
+        m.broker_received.increment(1);
+        let Some(room) = RoomName::parse(room) else {
+            m.dropped(DropReason::InvalidRoom).increment(1);
+            return;
+        };
+        if payload.len() > self.max_envelope {
+            m.dropped(DropReason::TooLarge).increment(1);
+            return;
+        }
+        let (frame, ts) = match protocol::classify_broker_payload(&room, &payload) {
+            BrokerPayload::Envelope { ts } => (payload, ts),
+            BrokerPayload::Raw => {
+                if payload.len() > self.max_raw_payload {
+                    m.dropped(DropReason::TooLarge).increment(1);
+                    return;
+                }
+                m.published(Source::Redis).increment(1);
+                let ts = protocol::now_micros();
+                let id = self.next_message_id();
+                (protocol::wrap_raw_payload(&room, &payload, &id, ts), ts)
+            }
+        };
+        self.deliver(&room, frame, ts);
+    }
+
+    /// Hands an encoded message frame published at `ts` to the hub for the room's local members,
+    /// and records the fan-out metrics (the end of [`Inbound::receive`], and the node's local
+    /// fallback of a publish during a broker outage).
+    pub fn deliver(&self, room: &RoomName, frame: Bytes, ts: u64) {
+        let m = &self.metrics;
+        let out = self.hub.fanout(room, &frame);
+        if out.queued == 0 && out.dropped == 0 {
+            m.dropped(DropReason::NoMembers).increment(1);
+            return;
+        }
+        if out.dropped > 0 {
+            m.dropped(DropReason::SlowConsumer)
+                .increment(out.dropped as u64);
+        }
+        // A `ts` from another program's envelope is not ours to trust: a sample from a clock an
+        // hour off (or from the future) would only poison the histogram.
+        let now = protocol::now_micros();
+        if ts <= now + MAX_CLOCK_SKEW_US && now.saturating_sub(ts) <= MAX_LATENCY_SAMPLE_US {
+            m.fanout_latency.record(now.saturating_sub(ts) as f64 / 1e6);
+        }
+        m.fanout_recipients.record(out.queued as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Role;
+    use crate::session::outbox::{Outbox, Outgoing};
+
+    fn inbound() -> (Arc<Hub>, Inbound) {
+        let metrics = Metrics::new("n1");
+        let hub = Arc::new(Hub::new(metrics.clone()));
+        let inbound = Inbound::new("n1", hub.clone(), metrics, 1024);
+        (hub, inbound)
+    }
+
+    #[test]
+    fn message_ids_are_unique() {
+        let (_, inbound) = inbound();
+        let a = inbound.next_message_id();
+        let b = inbound.next_message_id();
+        assert_ne!(a, b);
+        assert!(a.starts_with("n1-"));
+    }
+
+    #[tokio::test]
+    async fn envelopes_pass_byte_for_byte_and_plain_payloads_are_wrapped() {
+        let (hub, inbound) = inbound();
+        let room = RoomName::parse("r").unwrap();
+        let (outbox, mut rx) = Outbox::new(8, 1 << 16);
+        let outbox = Arc::new(outbox);
+        hub.join(&room, 1, Role::Viewer, outbox.clone(), || {});
+        let envelope = Bytes::from_static(
+            br#"{"type":"message","room":"r","from":null,"role":"server","data":1,"id":"x","ts":5}"#,
+        );
+        inbound.receive("r", envelope.clone());
+        inbound.receive("r", Bytes::from_static(b"plain"));
+        inbound.receive("not a room!", Bytes::from_static(b"dropped"));
+        inbound.receive("r", Bytes::from(vec![b'x'; 2000]));
+        let mut batch = Vec::new();
+        rx.recv_batch(&outbox, &mut batch, 8).await;
+        assert_eq!(batch.len(), 2, "{batch:?}");
+        match (&batch[0], &batch[1]) {
+            (Outgoing::Text(a), Outgoing::Text(b)) => {
+                assert_eq!(a.as_ptr(), envelope.as_ptr(), "forwarded, not copied");
+                let wrapped: serde_json::Value = serde_json::from_slice(b).unwrap();
+                assert_eq!(wrapped["data"], "plain");
+                assert_eq!(wrapped["role"], "server");
+                assert!(wrapped["id"].as_str().unwrap().starts_with("n1-"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
