@@ -233,28 +233,18 @@ fn default_node_id() -> String {
         .unwrap_or_else(|| "gateway".to_string())
 }
 
-/// Parses `250ms`, `25s`, `2m`, `1h`, or a plain number of seconds (`1.5`).
+/// Parses a duration as `humantime` writes it (`250ms`, `25s`, `2m`, `1h30m`), or a plain number
+/// of seconds (`10`, `1.5`), which the `--drain-seconds` flag has always taken.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else if let Some(n) = s.strip_suffix('h') {
-        (n, 3600.0)
-    } else {
-        (s, 1.0)
-    };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration (examples: 250ms, 25s, 2m)"))?;
-    if !v.is_finite() || v < 0.0 || v * mult > 1e9 {
-        return Err(format!("`{s}` is out of range"));
+    if let Ok(secs) = s.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs)
+            .ok()
+            .filter(|d| d.as_secs() <= 1_000_000_000)
+            .ok_or_else(|| format!("`{s}` is out of range"));
     }
-    Ok(Duration::from_secs_f64(v * mult))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}` is not a duration ({e}; examples: 250ms, 25s, 2m, 1h30m)"))
 }
 
 #[cfg(test)]
@@ -267,8 +257,13 @@ mod tests {
         assert_eq!(parse_duration("25s"), Ok(Duration::from_secs(25)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("NaN").is_err());
+        assert!(parse_duration("1e30").is_err());
     }
 
     #[test]

@@ -120,30 +120,22 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<
     Ok(response.unwrap_or_else(Refusal::into_response))
 }
 
-/// Decodes `%XX` escapes and `+` in a query component.
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = bytes.get(i + 1..i + 3)?;
-                let hex = std::str::from_utf8(hex).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
+/// Decodes one component of a query string (`+` is a space, `%XX` an escaped byte). A `%` that
+/// is not followed by two hex digits, or escapes that do not decode to UTF-8, are refused (None)
+/// rather than passed through as the lenient URL parsers do: a name must mean one thing.
+fn decode_component(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let escapes_ok = s.match_indices('%').all(|(i, _)| {
+        b.get(i + 1..i + 3)
+            .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !escapes_ok {
+        return None;
     }
-    String::from_utf8(out).ok()
+    percent_encoding::percent_decode_str(&s.replace('+', " "))
+        .decode_utf8()
+        .ok()
+        .map(|c| c.into_owned())
 }
 
 /// The query parameters of a request, decoded; a malformed escape is a 400.
@@ -155,7 +147,7 @@ fn query_params(req: &Request<Incoming>) -> Result<Vec<(String, String)>, Refusa
         .filter(|p| !p.is_empty())
         .map(|p| {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            match (percent_decode(k), percent_decode(v)) {
+            match (decode_component(k), decode_component(v)) {
                 (Some(k), Some(v)) => Ok((k, v)),
                 _ => Err(Refusal::bad_request("malformed query string")),
             }
@@ -400,12 +392,17 @@ mod tests {
 
     #[test]
     fn percent_decoding() {
-        assert_eq!(percent_decode("Alice%20B").as_deref(), Some("Alice B"));
-        assert_eq!(percent_decode("a+b").as_deref(), Some("a b"));
-        assert_eq!(percent_decode("Zo%C3%AB").as_deref(), Some("Zoë"));
-        assert_eq!(percent_decode("%zz"), None);
-        assert_eq!(percent_decode("%4"), None);
-        assert_eq!(percent_decode("%ff"), None, "not UTF-8");
+        assert_eq!(decode_component("Alice%20B").as_deref(), Some("Alice B"));
+        assert_eq!(decode_component("a+b").as_deref(), Some("a b"));
+        assert_eq!(decode_component("Zo%C3%AB").as_deref(), Some("Zoë"));
+        assert_eq!(decode_component("%zz"), None);
+        assert_eq!(decode_component("%4"), None);
+        assert_eq!(decode_component("%ff"), None, "not UTF-8");
+        assert_eq!(
+            decode_component("a%2Bb").as_deref(),
+            Some("a+b"),
+            "an escaped plus stays a plus"
+        );
     }
 
     #[test]
