@@ -102,7 +102,7 @@ impl Inbound {
     pub fn deliver(&self, room: &RoomName, frame: Bytes, ts: u64) {
         let m = &self.metrics;
         let out = self.hub.fanout(room, &frame);
-        if out.queued == 0 && out.dropped == 0 {
+        if out.written == 0 && out.queued == 0 && out.dropped == 0 {
             m.dropped(DropReason::NoMembers).increment(1);
             return;
         }
@@ -116,7 +116,9 @@ impl Inbound {
         if ts <= now + MAX_CLOCK_SKEW_US && now.saturating_sub(ts) <= MAX_LATENCY_SAMPLE_US {
             m.fanout_latency.record(now.saturating_sub(ts) as f64 / 1e6);
         }
-        m.fanout_recipients.record(out.queued as f64);
+        m.delivered.increment(out.written as u64);
+        m.fanout_recipients
+            .record((out.written + out.queued) as f64);
     }
 }
 

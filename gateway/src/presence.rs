@@ -20,7 +20,7 @@ use crate::metrics::DropReason;
 use crate::node::Node;
 use crate::pacing;
 use crate::protocol::{self, RoomName};
-use crate::session::outbox::{Outbox, PushError};
+use crate::session::outbox::{Outbox, PushError, Pushed};
 
 /// Runs the presence timer until the node stops, then withdraws this node's reports.
 pub async fn run(node: Arc<Node>) {
@@ -87,14 +87,20 @@ async fn once(
 
 /// Queues the presence frames spread over [`pacing::window`] of the interval.
 async fn spread(node: &Node, sends: Vec<(Bytes, Arc<Outbox>)>) {
-    let mut dropped = 0u64;
+    let (mut dropped, mut written) = (0u64, 0u64);
     let window = pacing::window(node.config.presence_interval);
-    pacing::in_slices(&sends, window, node.stopping(), |(frame, outbox)| {
-        if outbox.push(frame.clone()) == Err(PushError::Full) {
-            dropped += 1;
-        }
-    })
+    pacing::in_slices(
+        &sends,
+        window,
+        node.stopping(),
+        |(frame, outbox)| match outbox.push(frame.clone()) {
+            Err(PushError::Full) => dropped += 1,
+            Ok(Pushed::Written) => written += 1,
+            _ => {}
+        },
+    )
     .await;
+    node.metrics.delivered.increment(written);
     if dropped > 0 {
         node.metrics
             .dropped(DropReason::SlowConsumer)

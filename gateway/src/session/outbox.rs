@@ -1,17 +1,29 @@
-//! A session's bounded outbound queue: the only way frames reach a client's writer.
+//! A session's way out: the only way frames reach a client. A frame pushed onto an idle outbox is
+//! written to the socket at once by the pusher; anything the socket does not take at once is
+//! queued for the session's writer.
 //!
-//! The hub pushes the same shared [`Bytes`] of a room message into every member's outbox; the
-//! session's writer drains it in batches. The queue is bounded twice, by frames and by bytes, and
-//! never blocks the pusher: a push onto a full outbox fails, the frame is dropped (counted by the
-//! caller) and the session is told to close as a slow consumer (close code 4000). The outbox also
-//! carries the session's close signal, so anything holding it (the hub, the reader, the node) can
-//! end the session with a reason; the first reason given wins.
+//! The hub pushes the same shared [`Bytes`] of a room message into every member's outbox. In the
+//! common case — nothing queued, the writer idle, room in the kernel's send buffer — the push
+//! writes the frame (header and shared payload, one vectored non-blocking write) and is done: no
+//! queue entry, no task wake-up, which at a few thousand members per message is most of the
+//! user-space cost of a fan-out. Otherwise the frame (or what is left of it after a partial write)
+//! is queued and the writer is woken; while the writer has bytes in flight no push writes
+//! directly, so frames never overtake each other.
+//!
+//! The queue is bounded twice, by frames and by bytes, and never blocks the pusher: a push onto a
+//! full outbox fails, the frame is dropped (counted by the caller) and the session is told to
+//! close as a slow consumer (close code 4000). The outbox also carries the session's close
+//! signal, so anything holding it (the hub, the reader, the node) can end the session with a
+//! reason; the first reason given wins.
 
 use std::collections::VecDeque;
+use std::io::{ErrorKind, IoSlice};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use bytes::Bytes;
+use fastwebsockets::{Frame, OpCode, Payload};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -35,15 +47,42 @@ pub enum Outgoing {
     Pong(Bytes),
     /// A keepalive Ping (from the node's keepalive timer).
     Ping,
+    /// The rest of a frame a direct write sent only part of: bytes already framed, and whether
+    /// the frame was a text frame (for the delivered count).
+    Rest(Bytes, bool),
 }
 
 impl Outgoing {
     fn len(&self) -> usize {
         match self {
-            Self::Text(b) | Self::Pong(b) => b.len(),
+            Self::Text(b) | Self::Pong(b) | Self::Rest(b, _) => b.len(),
             Self::Ping => 0,
         }
     }
+
+    /// The frame's opcode and payload (`None` for [`Outgoing::Rest`], which is framed already).
+    pub fn frame(&self) -> Option<(OpCode, &[u8])> {
+        match self {
+            Self::Text(b) => Some((OpCode::Text, b)),
+            Self::Pong(b) => Some((OpCode::Pong, b)),
+            Self::Ping => Some((OpCode::Ping, b"")),
+            Self::Rest(..) => None,
+        }
+    }
+}
+
+/// Formats the header of an unmasked server frame into `head`; returns its length (2–10 bytes).
+pub fn frame_head(head: &mut [u8; 16], opcode: OpCode, payload: &[u8]) -> usize {
+    Frame::new(true, opcode, None, Payload::Borrowed(payload)).fmt_head(head)
+}
+
+/// What became of a push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// The whole frame went to the socket at once.
+    Written,
+    /// It waits in the queue for the writer.
+    Queued,
 }
 
 /// Why a push was refused.
@@ -63,8 +102,13 @@ pub enum PushError {
 #[derive(Debug)]
 pub struct Outbox {
     queue: Mutex<Queue>,
-    /// Wakes the writer after a push (a stored permit covers a push before the writer waits).
+    /// Wakes the writer after a push that queued (a stored permit covers a push before the writer
+    /// waits).
     ready: Notify,
+    /// The socket's write half, set when the session starts writing. Pushes write to it directly
+    /// (non-blocking) while nothing is queued and the writer is idle; the writer waits for it to
+    /// become writable otherwise.
+    socket: OnceLock<OwnedWriteHalf>,
     max_frames: usize,
     max_bytes: usize,
     /// Cancelled when the session must end; the writer watches it.
@@ -76,11 +120,14 @@ pub struct Outbox {
     last_seen: AtomicU64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Queue {
     items: VecDeque<Outgoing>,
     /// Bytes queued; with `max_bytes` it bounds memory per session whatever the frame sizes.
     bytes: usize,
+    /// The writer owns the socket's output: it has taken items it has not finished writing, or has
+    /// not started yet (true until its first idle moment). No push writes directly meanwhile.
+    writing: bool,
 }
 
 /// The draining side, owned by the session's writer (kept as a type so that only the writer
@@ -92,8 +139,13 @@ impl Outbox {
     /// A queue of at most `max_frames` frames and `max_bytes` bytes.
     pub fn new(max_frames: usize, max_bytes: usize) -> (Outbox, OutboxReceiver) {
         let outbox = Outbox {
-            queue: Mutex::new(Queue::default()),
+            queue: Mutex::new(Queue {
+                items: VecDeque::new(),
+                bytes: 0,
+                writing: true,
+            }),
             ready: Notify::new(),
+            socket: OnceLock::new(),
             max_frames,
             max_bytes,
             closing: CancellationToken::new(),
@@ -103,30 +155,56 @@ impl Outbox {
         (outbox, OutboxReceiver(()))
     }
 
-    /// Queues a text frame without waiting. On [`PushError::Full`] the session has been told to
-    /// close as a slow consumer.
-    pub fn push(&self, frame: Bytes) -> Result<(), PushError> {
+    /// Sends a text frame without waiting: written at once when the outbox is idle, else queued.
+    /// On [`PushError::Full`] the session has been told to close as a slow consumer.
+    pub fn push(&self, frame: Bytes) -> Result<Pushed, PushError> {
         self.push_item(Outgoing::Text(frame))
     }
 
-    /// Queues any item without waiting (see [`Outbox::push`]).
-    pub fn push_item(&self, item: Outgoing) -> Result<(), PushError> {
+    /// Sends any item without waiting (see [`Outbox::push`]).
+    pub fn push_item(&self, item: Outgoing) -> Result<Pushed, PushError> {
         if self.closing.is_cancelled() {
             return Err(PushError::Closed);
         }
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        // The lock is held across the write so that no other push, and not the writer, can put
+        // bytes on the socket in between: a non-blocking syscall, never an await.
+        let item = match (q.writing, self.socket.get()) {
+            (false, Some(socket)) => match write_now(socket, &item) {
+                Direct::All => return Ok(Pushed::Written),
+                Direct::Part(rest) => Outgoing::Rest(rest, matches!(item, Outgoing::Text(_))),
+                Direct::None => item,
+                Direct::Failed => {
+                    drop(q);
+                    self.close(CloseReason::IoError);
+                    return Err(PushError::Closed);
+                }
+            },
+            _ => item,
+        };
         let len = item.len();
-        {
-            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-            if q.items.len() >= self.max_frames || q.bytes + len > self.max_bytes {
-                drop(q);
-                self.close(CloseReason::SlowConsumer);
-                return Err(PushError::Full);
-            }
-            q.bytes += len;
-            q.items.push_back(item);
+        if q.items.len() >= self.max_frames || q.bytes + len > self.max_bytes {
+            drop(q);
+            self.close(CloseReason::SlowConsumer);
+            return Err(PushError::Full);
         }
+        q.bytes += len;
+        q.items.push_back(item);
+        q.writing = true;
+        drop(q);
         self.ready.notify_one();
-        Ok(())
+        Ok(Pushed::Queued)
+    }
+
+    /// Hands the socket's write half to the outbox; pushes may write to it directly from the
+    /// writer's first idle moment on.
+    pub fn attach(&self, socket: OwnedWriteHalf) {
+        let _ = self.socket.set(socket);
+    }
+
+    /// The socket's write half, once attached.
+    pub fn socket(&self) -> Option<&OwnedWriteHalf> {
+        self.socket.get()
     }
 
     /// Asks the session to end for `reason`; the first reason given is the one the client sees.
@@ -166,8 +244,48 @@ impl Outbox {
     }
 }
 
+/// What a direct write did.
+enum Direct {
+    /// The whole frame was written.
+    All,
+    /// Only a part: these bytes (framed already) remain.
+    Part(Bytes),
+    /// Nothing: the socket's send buffer is full.
+    None,
+    /// The socket failed.
+    Failed,
+}
+
+/// One vectored non-blocking write of a whole frame: the header from the stack, the payload the
+/// shared bytes themselves (no copy).
+fn write_now(socket: &OwnedWriteHalf, item: &Outgoing) -> Direct {
+    let Some((opcode, payload)) = item.frame() else {
+        return Direct::None;
+    };
+    let mut head = [0u8; 16];
+    let n = frame_head(&mut head, opcode, payload);
+    let total = n + payload.len();
+    match socket.try_write_vectored(&[IoSlice::new(&head[..n]), IoSlice::new(payload)]) {
+        Ok(w) if w == total => Direct::All,
+        Ok(w) if w >= n => Direct::Part(match item {
+            Outgoing::Text(b) | Outgoing::Pong(b) => b.slice(w - n..),
+            _ => Bytes::copy_from_slice(&payload[w - n..]),
+        }),
+        Ok(w) => {
+            let mut rest = Vec::with_capacity(total - w);
+            rest.extend_from_slice(&head[w..n]);
+            rest.extend_from_slice(payload);
+            Direct::Part(Bytes::from(rest))
+        }
+        Err(e) if e.kind() == ErrorKind::WouldBlock => Direct::None,
+        Err(_) => Direct::Failed,
+    }
+}
+
 impl OutboxReceiver {
-    /// Waits for at least one item and moves up to `limit` queued items into `batch`.
+    /// Waits for at least one item and moves up to `limit` queued items into `batch`. The writer
+    /// calls it again once it has written the batch; finding nothing queued then is the moment it
+    /// goes idle, and pushes write directly until they queue again.
     pub async fn recv_batch(
         &mut self,
         outbox: &Outbox,
@@ -186,12 +304,15 @@ impl OutboxReceiver {
                         batch.push(item);
                     }
                     q.bytes -= bytes;
+                    q.writing = true;
                     if q.items.is_empty() && q.items.capacity() > 0 {
                         // Nothing left: an idle session keeps no queue memory.
                         q.items = VecDeque::new();
                     }
                     return n;
                 }
+                // Idle: pushes may write directly now.
+                q.writing = false;
             }
             ready.await;
         }
@@ -250,5 +371,46 @@ mod tests {
         outbox.close(CloseReason::Shutdown);
         outbox.close(CloseReason::SlowConsumer);
         assert_eq!(outbox.close_reason(), Some(CloseReason::Shutdown));
+    }
+
+    #[tokio::test]
+    async fn direct_writes_only_while_idle_and_never_overtake_queued_frames() {
+        use tokio::io::AsyncReadExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        let (_read_half, write_half) = server.into_split();
+        let (outbox, mut rx) = Outbox::new(1 << 20, 1 << 30);
+        outbox.attach(write_half);
+        let frame = Bytes::from(vec![b'x'; 4096]);
+        assert_eq!(
+            outbox.push(frame.clone()),
+            Ok(Pushed::Queued),
+            "the writer has not gone idle yet"
+        );
+        let mut batch = Vec::new();
+        rx.recv_batch(&outbox, &mut batch, 8).await;
+        // The writer finds nothing more: idle (its wait is cut short here).
+        let idle = tokio::time::timeout(
+            std::time::Duration::from_millis(10),
+            rx.recv_batch(&outbox, &mut batch, 8),
+        );
+        assert!(idle.await.is_err());
+        assert_eq!(outbox.push(frame.clone()), Ok(Pushed::Written));
+        // Nobody reads: the kernel's buffers fill and pushes start to queue.
+        let mut pushes = 0;
+        while outbox.push(frame.clone()) == Ok(Pushed::Written) {
+            pushes += 1;
+            assert!(pushes < 100_000, "the socket never filled");
+        }
+        // The client reads: the socket has room again, but frames are queued, so a push must
+        // queue behind them rather than write.
+        let mut sink = vec![0u8; 1 << 20];
+        let _ = client.read(&mut sink).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert_eq!(outbox.push(frame.clone()), Ok(Pushed::Queued));
+        assert!(!rx.is_empty(&outbox));
     }
 }

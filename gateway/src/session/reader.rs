@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::codec::{opcode, DecodeError, Decoder};
-use super::outbox::{Outbox, Outgoing};
+use super::outbox::{Outbox, Outgoing, Pushed};
 use crate::disconnect::CloseReason;
 use crate::metrics::{DropReason, Source};
 use crate::node::Node;
@@ -225,9 +225,7 @@ impl Reader {
         match protocol::parse_command(text) {
             Ok(ClientCommand::Publish(data)) => self.publish(data).await,
             Ok(ClientCommand::Chat(text)) => self.publish(&protocol::chat_data(text)).await,
-            Ok(ClientCommand::Ping) => {
-                let _ = self.outbox.push(protocol::pong());
-            }
+            Ok(ClientCommand::Ping) => self.send(protocol::pong()),
             Err(e) => self.refuse(e.code(), &e.to_string()),
         }
     }
@@ -273,7 +271,15 @@ impl Reader {
     /// Sends an `error` event; the connection stays open.
     fn refuse(&self, code: &str, message: &str) {
         self.node.metrics.client_error(code);
-        let _ = self.outbox.push(protocol::error(code, message));
+        self.send(protocol::error(code, message));
+    }
+
+    /// Sends an event to this client (counted as delivered when the socket took it at once; the
+    /// writer counts what it writes).
+    fn send(&self, frame: bytes::Bytes) {
+        if let Ok(Pushed::Written) = self.outbox.push(frame) {
+            self.node.metrics.delivered.increment(1);
+        }
     }
 }
 

@@ -1,20 +1,25 @@
-//! The writing half of a session: drains the outbox in batches, one socket write per batch, and
-//! sends the Close frame when the session ends.
+//! The writing half of a session: writes what the outbox had to queue (the socket did not take it
+//! at once, see [`super::outbox`]), in batches, one socket write per batch, and sends the Close
+//! frame when the session ends. In the common case pushes write directly and this task sleeps.
 //!
 //! Frames are formatted straight into one reusable buffer (server frames are unmasked, so a frame
 //! is a 2–10 byte header plus the shared payload) and written with a single `write` loop, so a
-//! member that has 50 messages queued costs one syscall, not 50. Writes race the session's close
+//! member that has 50 messages queued costs one syscall, not 50. (Copying the payloads is cheaper
+//! here than a vectored write of many small slices whose partial writes must be tracked: this is
+//! the backlog path, not the common one.) Writes race the session's close
 //! signal: once the session is closing, the last write and the Close frame get [`CLOSE_GRACE`]
 //! before the socket is dropped; a write that makes no progress for `--idle-timeout` ends the
 //! session as a slow consumer.
 
+use std::io::ErrorKind;
+use std::net::Shutdown;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fastwebsockets::{Frame, OpCode, Payload};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use fastwebsockets::OpCode;
+use tokio::net::tcp::OwnedWriteHalf;
 
-use super::outbox::{Outbox, OutboxReceiver, Outgoing};
+use super::outbox::{frame_head, Outbox, OutboxReceiver, Outgoing};
 use super::{CLOSE_GRACE, WRITE_BATCH};
 use crate::disconnect::CloseReason;
 use crate::node::Node;
@@ -24,11 +29,10 @@ use crate::node::Node;
 const KEEP_BUFFER: usize = 16 * 1024;
 
 /// The writer's state.
-pub struct Writer<W> {
+pub struct Writer {
     node: Arc<Node>,
     outbox: Arc<Outbox>,
     rx: OutboxReceiver,
-    io: W,
     batch: Vec<Outgoing>,
     buf: Vec<u8>,
 }
@@ -36,9 +40,21 @@ pub struct Writer<W> {
 /// Appends one unmasked frame to `buf`.
 fn put_frame(buf: &mut Vec<u8>, opcode: OpCode, payload: &[u8]) {
     let mut head = [0u8; 16];
-    let n = Frame::new(true, opcode, None, Payload::Borrowed(payload)).fmt_head(&mut head);
+    let n = frame_head(&mut head, opcode, payload);
     buf.extend_from_slice(&head[..n]);
     buf.extend_from_slice(payload);
+}
+
+/// Writes some of `buf` once the socket is writable (what `AsyncWrite::write` does, on a shared
+/// reference: the outbox holds the socket so that pushes can write to it directly too).
+async fn write_some(socket: &OwnedWriteHalf, buf: &[u8]) -> std::io::Result<usize> {
+    loop {
+        socket.writable().await?;
+        match socket.try_write(buf) {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
 }
 
 /// How a write ended early.
@@ -49,14 +65,19 @@ enum WriteEnd {
     Stalled,
 }
 
-impl<W: AsyncWrite + Unpin> Writer<W> {
-    /// A writer for one session.
-    pub fn new(node: Arc<Node>, outbox: Arc<Outbox>, rx: OutboxReceiver, io: W) -> Self {
+impl Writer {
+    /// A writer for one session; gives the socket's write half to the outbox.
+    pub fn new(
+        node: Arc<Node>,
+        outbox: Arc<Outbox>,
+        rx: OutboxReceiver,
+        socket: OwnedWriteHalf,
+    ) -> Self {
+        outbox.attach(socket);
         Self {
             node,
             outbox,
             rx,
-            io,
             batch: Vec::new(),
             buf: Vec::new(),
         }
@@ -81,8 +102,15 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                                 texts += 1;
                                 put_frame(&mut self.buf, OpCode::Text, &b);
                             }
-                            Outgoing::Pong(b) => put_frame(&mut self.buf, OpCode::Pong, &b),
-                            Outgoing::Ping => put_frame(&mut self.buf, OpCode::Ping, b""),
+                            Outgoing::Rest(b, text) => {
+                                texts += u64::from(text);
+                                self.buf.extend_from_slice(&b);
+                            }
+                            other => {
+                                if let Some((op, payload)) = other.frame() {
+                                    put_frame(&mut self.buf, op, payload);
+                                }
+                            }
                         }
                     }
                     debug_assert!(n > 0);
@@ -103,7 +131,9 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             payload.extend_from_slice(reason.text().as_bytes());
             put_frame(&mut self.buf, OpCode::Close, &payload);
             if Box::pin(self.flush(CLOSE_GRACE)).await.is_ok() {
-                let _ = tokio::time::timeout(CLOSE_GRACE, self.io.shutdown()).await;
+                if let Some(socket) = self.outbox.socket() {
+                    let _ = socket2::SockRef::from(socket.as_ref()).shutdown(Shutdown::Write);
+                }
             }
         }
         reason
@@ -118,13 +148,16 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         if closing {
             deadline = deadline.min(tokio::time::Instant::now() + CLOSE_GRACE);
         }
+        let Some(socket) = self.outbox.socket() else {
+            return Err(WriteEnd::Io);
+        };
         let result = loop {
             if off == self.buf.len() {
                 break Ok(());
             }
             tokio::select! {
                 biased;
-                r = self.io.write(&self.buf[off..]) => match r {
+                r = write_some(socket, &self.buf[off..]) => match r {
                     Ok(0) | Err(_) => break Err(WriteEnd::Io),
                     Ok(n) => {
                         off += n;
@@ -149,5 +182,133 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             self.batch = Vec::new();
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::metrics::Metrics;
+    use crate::session::outbox::Pushed;
+    use bytes::Bytes;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    /// A connected pair: (our write half, the client's stream).
+    async fn pair() -> (OwnedWriteHalf, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        let (_r, w) = server.into_split();
+        std::mem::forget(_r); // keep the read half open for the test's lifetime
+        (w, client)
+    }
+
+    /// Reads unmasked server frames until `n` text payloads arrived.
+    async fn read_texts(client: &mut TcpStream, n: usize) -> Vec<Vec<u8>> {
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        let mut chunk = vec![0u8; 1 << 16];
+        while out.len() < n {
+            let got = client.read(&mut chunk).await.unwrap();
+            assert!(got > 0, "socket closed after {} frames", out.len());
+            buf.extend_from_slice(&chunk[..got]);
+            loop {
+                if buf.len() < 2 {
+                    break;
+                }
+                let (len, off) = match buf[1] & 0x7f {
+                    126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+                    127 if buf.len() >= 10 => (
+                        u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
+                        10,
+                    ),
+                    126 | 127 => break,
+                    l => (l as usize, 2),
+                };
+                if buf.len() < off + len {
+                    break;
+                }
+                assert_eq!(buf[0], 0x81, "a whole text frame, FIN set");
+                out.push(buf[off..off + len].to_vec());
+                buf.drain(..off + len);
+            }
+        }
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_outbox_writes_at_once_then_queues_in_order_when_the_socket_is_full() {
+        let mut config = Config::defaults();
+        config.outbox_frames = 1 << 20;
+        config.outbox_bytes = 1 << 30;
+        let node = crate::node::Node::start(
+            config,
+            Metrics::new("n1"),
+            TaskTracker::new(),
+            CancellationToken::new(),
+        )
+        .unwrap();
+        let (outbox, rx) = Outbox::new(1 << 20, 1 << 30);
+        let outbox = Arc::new(outbox);
+        let (socket, mut client) = pair().await;
+        // Before the writer's first idle moment everything is queued (the welcome goes first).
+        assert_eq!(
+            outbox.push(Bytes::from_static(b"first")),
+            Ok(Pushed::Queued)
+        );
+        let writer = tokio::spawn(Writer::new(node, outbox.clone(), rx, socket).run());
+        assert_eq!(read_texts(&mut client, 1).await, vec![b"first".to_vec()]);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            outbox.push(Bytes::from_static(b"second")),
+            Ok(Pushed::Written),
+            "an idle outbox writes directly"
+        );
+        assert_eq!(read_texts(&mut client, 1).await, vec![b"second".to_vec()]);
+
+        // The client reads late and slowly: the kernel's buffers fill, pushes start to queue
+        // (after partial writes) while the writer drains on another thread and the client reads,
+        // and the frames still arrive whole and in order.
+        let payload = |i: usize| format!("{i:08}{}", "x".repeat(1000 + i % 7)).into_bytes();
+        let total = 20_000;
+        let (start_reading, go) = tokio::sync::oneshot::channel::<()>();
+        let reading = tokio::spawn(async move {
+            let _ = go.await;
+            read_texts(&mut client, total).await
+        });
+        let mut start_reading = Some(start_reading);
+        let (mut written, mut queued) = (0, 0);
+        for i in 0..total {
+            match outbox.push(Bytes::from(payload(i))).unwrap() {
+                Pushed::Written => written += 1,
+                Pushed::Queued => queued += 1,
+            }
+            if i == total / 4 {
+                let _ = start_reading.take().map(|s| s.send(()));
+            }
+            if i > total / 4 && i % 50 == 0 {
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+        }
+        assert!(
+            written > 0 && queued > 0,
+            "{written} written, {queued} queued"
+        );
+        let got = reading.await.unwrap();
+        for (i, p) in got.iter().enumerate() {
+            assert_eq!(p, &payload(i), "frame {i} whole and in order");
+        }
+        // Drained: direct writes resume.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            outbox.push(Bytes::from_static(b"again")),
+            Ok(Pushed::Written)
+        );
+        outbox.close(CloseReason::Shutdown);
+        assert_eq!(writer.await.unwrap(), CloseReason::Shutdown);
     }
 }
