@@ -25,7 +25,6 @@ use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Payload};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use crate::disconnect::CloseReason;
 
@@ -111,9 +110,11 @@ pub struct Outbox {
     socket: OnceLock<OwnedWriteHalf>,
     max_frames: usize,
     max_bytes: usize,
-    /// Cancelled when the session must end; the writer watches it.
-    closing: CancellationToken,
-    /// The first reason anyone gave for closing.
+    /// Woken (all waiters) when the session must end; the writer watches it. A `Notify` beside
+    /// `reason` rather than a `CancellationToken`, whose tree node is one more allocation per
+    /// connection.
+    closing: Notify,
+    /// The first reason anyone gave for closing; set means closing.
     reason: OnceLock<CloseReason>,
     /// When the client last sent anything (ms on [`now_millis`]'s clock); the keepalive timer
     /// closes sessions that stay silent too long.
@@ -148,7 +149,7 @@ impl Outbox {
             socket: OnceLock::new(),
             max_frames,
             max_bytes,
-            closing: CancellationToken::new(),
+            closing: Notify::new(),
             reason: OnceLock::new(),
             last_seen: AtomicU64::new(now_millis()),
         };
@@ -163,7 +164,7 @@ impl Outbox {
 
     /// Sends any item without waiting (see [`Outbox::push`]).
     pub fn push_item(&self, item: Outgoing) -> Result<Pushed, PushError> {
-        if self.closing.is_cancelled() {
+        if self.is_closing() {
             return Err(PushError::Closed);
         }
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -210,17 +211,24 @@ impl Outbox {
     /// Asks the session to end for `reason`; the first reason given is the one the client sees.
     pub fn close(&self, reason: CloseReason) {
         let _ = self.reason.set(reason);
-        self.closing.cancel();
+        self.closing.notify_waiters();
     }
 
     /// Whether the session has been asked to end.
     pub fn is_closing(&self) -> bool {
-        self.closing.is_cancelled()
+        self.reason.get().is_some()
     }
 
     /// Resolves once the session has been asked to end.
     pub async fn closed(&self) {
-        self.closing.cancelled().await
+        let notified = self.closing.notified();
+        tokio::pin!(notified);
+        // Registered before the check, so a close in between is not missed.
+        notified.as_mut().enable();
+        if self.is_closing() {
+            return;
+        }
+        notified.await
     }
 
     /// The reason given to [`Outbox::close`], if any.
