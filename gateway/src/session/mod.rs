@@ -1,11 +1,12 @@
 //! One client's life on this node, from the finished upgrade to the last byte: join the room,
 //! greet, run a reader task and a writer, leave, count why it ended.
 //!
-//! The socket is split in two: the [`reader`] task owns the read half through the [`codec`]'s
-//! decoder; the [`writer`] owns the write half and drains the [`outbox`]. Either side ends the
-//! session by closing the outbox with a reason; the writer then sends the Close frame, and the
-//! reader, if the client does not answer within [`CLOSE_GRACE`], is aborted (the socket is being
-//! dropped, so losing its read state is fine).
+//! The socket is split in two, both halves driven by the session's one task: the [`reader`] owns
+//! the read half through the [`codec`]'s decoder; the [`outbox`] holds the write half, which
+//! pushes write to directly, and the [`writer`] drains what the socket did not take at once.
+//! Either side ends the session by closing the outbox with a reason; the writer then sends the
+//! Close frame, and the reader, if the client does not answer within [`CLOSE_GRACE`], is dropped
+//! (the socket is being dropped, so losing its read state is fine).
 
 pub mod codec;
 pub mod outbox;
@@ -55,10 +56,36 @@ fn split(upgraded: Upgraded, max_payload: usize) -> Option<(Decoder, OwnedWriteH
 
 /// Runs one session to its end.
 pub async fn run(node: Arc<Node>, slot: SessionSlot, admission: Admission, upgraded: Upgraded) {
+    // Joining is boxed and dropped before the session goes live: its awaits would otherwise size
+    // the long-lived future that every idle connection keeps.
+    let Some(live) = Box::pin(join(node, slot, admission, upgraded)).await else {
+        return;
+    };
+    live.run().await
+}
+
+/// A session that has joined its room: what stays alive while it is connected.
+struct Live {
+    node: Arc<Node>,
+    slot: SessionSlot,
+    room: RoomName,
+    role: Role,
+    reader: reader::Reader,
+    decoder: Decoder,
+    writer: writer::Writer,
+}
+
+/// Joins the room and greets the client; `None` when the connection is not usable.
+async fn join(
+    node: Arc<Node>,
+    slot: SessionSlot,
+    admission: Admission,
+    upgraded: Upgraded,
+) -> Option<Live> {
     let cfg = &node.config;
     let Some((decoder, write)) = split(upgraded, cfg.max_message_size) else {
         warn!("upgraded connection is not a TCP stream; dropped");
-        return;
+        return None;
     };
     let (outbox, rx) = Outbox::new(cfg.outbox_frames, cfg.outbox_bytes);
     let outbox = Arc::new(outbox);
@@ -66,9 +93,10 @@ pub async fn run(node: Arc<Node>, slot: SessionSlot, admission: Admission, upgra
     let conn_id = format!("{}-{}", cfg.node_id, slot.id);
 
     // The welcome is queued first, so it is the first frame whatever is fanned out meanwhile;
-    // the writer starts only once the room's subscription is confirmed, so everything published
-    // after the client sees its welcome reaches it. During a broker outage it starts after the
-    // deadline anyway (the subscription is made when the broker returns).
+    // nothing is written before the writer runs, which is only once the room's subscription is
+    // confirmed, so everything published after the client sees its welcome reaches it. During a
+    // broker outage it starts after the deadline anyway (the subscription is made when the
+    // broker returns).
     let _ = outbox.push(protocol::welcome(
         &cfg.node_id,
         &room,
@@ -82,22 +110,47 @@ pub async fn run(node: Arc<Node>, slot: SessionSlot, admission: Admission, upgra
     let _ = outbox.push(protocol::presence(&room, counts.hosts, counts.viewers));
 
     let reader = reader::Reader::new(node.clone(), outbox.clone(), room.clone(), role, name);
-    let reader = node.tracker.spawn(reader.run(decoder));
-    let reason = writer::Writer::new(node.clone(), outbox.clone(), rx, write)
-        .run()
-        .await;
+    let writer = writer::Writer::new(node.clone(), outbox, rx, write);
+    Some(Live {
+        node,
+        slot,
+        room,
+        role,
+        reader,
+        decoder,
+        writer,
+    })
+}
 
-    node.leave(&room, slot.id, role);
-    node.metrics.closed(reason).increment(1);
-    let mut reader = reader;
-    if tokio::time::timeout(CLOSE_GRACE, &mut reader)
-        .await
-        .is_err()
-    {
-        // The client did not answer our Close: its read half is dropped unread.
-        reader.abort();
-        debug!(conn = %conn_id, "reader aborted after close grace");
+impl Live {
+    /// Reads and writes in this one task until the session closes. One task rather than a reader
+    /// task and a writer task: pushes write to the socket directly (see [`outbox`]), so the
+    /// writing half rarely wakes, and a second task per connection cost more idle memory than
+    /// anything else the connection owns.
+    async fn run(self) {
+        let Live {
+            node,
+            slot,
+            room,
+            role,
+            reader,
+            decoder,
+            writer,
+        } = self;
+        let reading = reader.run(decoder);
+        let writing = writer.run();
+        tokio::pin!(reading, writing);
+        let (reason, read_done) = tokio::select! {
+            reason = &mut writing => (reason, false),
+            () = &mut reading => (writing.await, true),
+        };
+        node.leave(&room, slot.id, role);
+        node.metrics.closed(reason).increment(1);
+        if !read_done && tokio::time::timeout(CLOSE_GRACE, reading).await.is_err() {
+            // The client did not answer our Close: its read half is dropped unread.
+            debug!(session = slot.id, "reader dropped after close grace");
+        }
+        debug!(session = slot.id, room = %room, reason = reason.label(), "session ended");
+        drop(slot);
     }
-    debug!(conn = %conn_id, room = %room, reason = reason.label(), "session ended");
-    drop(slot);
 }

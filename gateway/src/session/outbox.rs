@@ -23,6 +23,7 @@ use std::sync::{Mutex, OnceLock};
 
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Payload};
+use tokio::io::Interest;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
@@ -264,6 +265,16 @@ enum Direct {
     Failed,
 }
 
+/// A non-blocking `sendmsg` through the runtime's readiness tracking (a `WouldBlock` clears it,
+/// so the writer's next wait is a real one). `sendmsg` rather than `writev`: a socket call skips
+/// the VFS write path, which showed as ~10 % of the gateway's CPU in a broadcast profile.
+pub fn send_vectored(socket: &OwnedWriteHalf, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+    let stream = socket.as_ref();
+    stream.try_io(Interest::WRITABLE, || {
+        socket2::SockRef::from(stream).send_vectored(bufs)
+    })
+}
+
 /// One vectored non-blocking write of a whole frame: the header from the stack, the payload the
 /// shared bytes themselves (no copy).
 fn write_now(socket: &OwnedWriteHalf, item: &Outgoing) -> Direct {
@@ -273,7 +284,7 @@ fn write_now(socket: &OwnedWriteHalf, item: &Outgoing) -> Direct {
     let mut head = [0u8; 16];
     let n = frame_head(&mut head, opcode, payload);
     let total = n + payload.len();
-    match socket.try_write_vectored(&[IoSlice::new(&head[..n]), IoSlice::new(payload)]) {
+    match send_vectored(socket, &[IoSlice::new(&head[..n]), IoSlice::new(payload)]) {
         Ok(w) if w == total => Direct::All,
         Ok(w) if w >= n => Direct::Part(match item {
             Outgoing::Text(b) | Outgoing::Pong(b) => b.slice(w - n..),

@@ -1,9 +1,10 @@
 //! The reading half of a session: frames in, commands out, limits enforced.
 //!
-//! This task is the only caller of [`Decoder::read_frame`]. It reassembles fragmented messages
-//! and enforces, each with its close code: message size including reassembly (1009), fragment
-//! count (1009), UTF-8 of text (1007), masking and framing rules (1002, found by the decoder). Pings are answered through the outbox; a client Close ends
-//! the session with an echo. A publish waits for the broker, which paces a client to the speed
+//! The reader is the only caller of [`Decoder::read_frame`]; it runs in the session's task beside
+//! the writer. It reassembles fragmented messages and enforces, each with its close code: message
+//! size including reassembly (1009), fragment count (1009), UTF-8 of text (1007), masking and
+//! framing rules (1002, found by the decoder). Pings are answered through the outbox; a client
+//! Close ends the session with an echo. A publish waits for the broker, which paces a client to the speed
 //! the cluster accepts its messages.
 
 use std::sync::Arc;
@@ -152,7 +153,7 @@ impl Reader {
                         {
                             return self.outbox.close(CloseReason::InvalidUtf8);
                         }
-                        self.on_message(frame.opcode, &frame.payload).await;
+                        Box::pin(self.on_message(frame.opcode, &frame.payload)).await;
                     } else {
                         if cfg.max_fragments < 2 {
                             return self.outbox.close(CloseReason::TooLarge);
@@ -180,7 +181,7 @@ impl Reader {
                         if p.opcode == opcode::TEXT && std::str::from_utf8(&p.data).is_err() {
                             return self.outbox.close(CloseReason::InvalidUtf8);
                         }
-                        self.on_message(p.opcode, &p.data).await;
+                        Box::pin(self.on_message(p.opcode, &p.data)).await;
                     }
                 }
                 opcode::PING => {
@@ -211,6 +212,8 @@ impl Reader {
     }
 
     /// Handles one complete message.
+    /// Handles one whole message. Callers box this future: its awaits (a publish waiting for the
+    /// broker) would otherwise size the idle session's future.
     async fn on_message(&mut self, op: u8, payload: &[u8]) {
         if op == opcode::BINARY {
             return self.refuse(

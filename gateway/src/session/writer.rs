@@ -11,7 +11,7 @@
 //! before the socket is dropped; a write that makes no progress for `--idle-timeout` ends the
 //! session as a slow consumer.
 
-use std::io::ErrorKind;
+use std::io::{ErrorKind, IoSlice};
 use std::net::Shutdown;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +19,7 @@ use std::time::Duration;
 use fastwebsockets::OpCode;
 use tokio::net::tcp::OwnedWriteHalf;
 
-use super::outbox::{frame_head, Outbox, OutboxReceiver, Outgoing};
+use super::outbox::{frame_head, send_vectored, Outbox, OutboxReceiver, Outgoing};
 use super::{CLOSE_GRACE, WRITE_BATCH};
 use crate::disconnect::CloseReason;
 use crate::node::Node;
@@ -50,7 +50,7 @@ fn put_frame(buf: &mut Vec<u8>, opcode: OpCode, payload: &[u8]) {
 async fn write_some(socket: &OwnedWriteHalf, buf: &[u8]) -> std::io::Result<usize> {
     loop {
         socket.writable().await?;
-        match socket.try_write(buf) {
+        match send_vectored(socket, &[IoSlice::new(buf)]) {
             Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
             r => return r,
         }
