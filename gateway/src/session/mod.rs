@@ -13,6 +13,8 @@ pub mod outbox;
 pub mod reader;
 pub mod writer;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +24,7 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
+use crate::disconnect::CloseReason;
 use crate::node::{Node, SessionSlot};
 use crate::protocol::{self, Role, RoomName};
 use codec::Decoder;
@@ -54,25 +57,32 @@ fn split(upgraded: Upgraded, max_payload: usize) -> Option<(Decoder, OwnedWriteH
     Some((Decoder::new(r, &parts.read_buf, max_payload), w))
 }
 
-/// Runs one session to its end.
+/// Starts one session: joins the room, greets the client, and spawns the session's one live
+/// task on the node's tracker. The caller's task (the upgrade) ends here, so nothing of the
+/// handshake and the join stays alive with the connection.
 pub async fn run(node: Arc<Node>, slot: SessionSlot, admission: Admission, upgraded: Upgraded) {
-    // Joining is boxed and dropped before the session goes live: its awaits would otherwise size
-    // the long-lived future that every idle connection keeps.
-    let Some(live) = Box::pin(join(node, slot, admission, upgraded)).await else {
-        return;
-    };
-    live.run().await
+    if let Some(live) = join(node, slot, admission, upgraded).await {
+        let tracker = live.node.tracker.clone();
+        tracker.spawn(live.run());
+    }
 }
 
-/// A session that has joined its room: what stays alive while it is connected.
+/// The reading half's future (see [`reader::Reader::run`]).
+type Reading = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// The writing half's future (see [`writer::Writer::run`]).
+type Writing = Pin<Box<dyn Future<Output = CloseReason> + Send>>;
+
+/// A session that has joined its room: all that stays alive while it is connected. The two
+/// halves are boxed futures of exactly their own size: held inline, the compiler's layout of
+/// the enclosing future kept copies of their state (moved-from arguments still take room in an
+/// async fn), which cost more idle memory per connection than the boxes.
 struct Live {
     node: Arc<Node>,
     slot: SessionSlot,
     room: RoomName,
     role: Role,
-    reader: reader::Reader,
-    decoder: Decoder,
-    writer: writer::Writer,
+    reading: Reading,
+    writing: Writing,
 }
 
 /// Joins the room and greets the client; `None` when the connection is not usable.
@@ -116,9 +126,8 @@ async fn join(
         slot,
         room,
         role,
-        reader,
-        decoder,
-        writer,
+        reading: Box::pin(reader.run(decoder)),
+        writing: Box::pin(writer.run()),
     })
 }
 
@@ -127,30 +136,22 @@ impl Live {
     /// task and a writer task: pushes write to the socket directly (see [`outbox`]), so the
     /// writing half rarely wakes, and a second task per connection cost more idle memory than
     /// anything else the connection owns.
-    async fn run(self) {
-        let Live {
-            node,
-            slot,
-            room,
-            role,
-            reader,
-            decoder,
-            writer,
-        } = self;
-        let reading = reader.run(decoder);
-        let writing = writer.run();
-        tokio::pin!(reading, writing);
+    async fn run(mut self) {
         let (reason, read_done) = tokio::select! {
-            reason = &mut writing => (reason, false),
-            () = &mut reading => (writing.await, true),
+            reason = &mut self.writing => (reason, false),
+            () = &mut self.reading => ((&mut self.writing).await, true),
         };
-        node.leave(&room, slot.id, role);
+        let node = &self.node;
+        node.leave(&self.room, self.slot.id, self.role);
         node.metrics.closed(reason).increment(1);
-        if !read_done && tokio::time::timeout(CLOSE_GRACE, reading).await.is_err() {
+        if !read_done
+            && tokio::time::timeout(CLOSE_GRACE, &mut self.reading)
+                .await
+                .is_err()
+        {
             // The client did not answer our Close: its read half is dropped unread.
-            debug!(session = slot.id, "reader dropped after close grace");
+            debug!(session = self.slot.id, "reader dropped after close grace");
         }
-        debug!(session = slot.id, room = %room, reason = reason.label(), "session ended");
-        drop(slot);
+        debug!(session = self.slot.id, room = %self.room, reason = reason.label(), "session ended");
     }
 }
