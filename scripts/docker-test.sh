@@ -33,6 +33,8 @@
 #   scripts/docker-test.sh                # everything (as root; installs what is missing)
 #   KEEP_WORK=1 scripts/docker-test.sh    # keep target/docker-test/run (logs, summaries)
 #   DOCKER_TEST_FRESH=1 ...               # rebuild the cached debootstrap root filesystems
+#   DOCKER_TEST_REQUIRE_NO_LOSS=1 ...     # fail when a fault loses messages (once recovery exists)
+#   LOAD_ROOMS=20x1x20 ...                # the load (loadtest --rooms)
 #
 # Exits non-zero when any check fails.
 
@@ -66,6 +68,11 @@ LOADTEST_IMAGE=live-gateway-loadtest:dev
 # The load: 20 rooms of one host and 20 viewers (420 connections, ~840 deliveries/s), small
 # enough for two shared cores running the whole cluster.
 LOAD_ROOMS="${LOAD_ROOMS:-20x1x20}"
+# The load tester's rules across a fault. Messages published while a node is cut off from Redis
+# are lost for now (Redis pub/sub keeps no history; the continuity issue adds recovery): the loss
+# is reported, not judged, unless DOCKER_TEST_REQUIRE_NO_LOSS=1.
+FAULT_RULES="delivered>0"
+[[ -n "${DOCKER_TEST_REQUIRE_NO_LOSS:-}" ]] && FAULT_RULES="lost==0"
 
 # Open files a container may have: this machine's hard limit (a container cannot get more), at
 # most what the compose file asks for. HAProxy needs two per connection.
@@ -662,7 +669,7 @@ load_baseline() {
 fault_partition() {
     local c gw2 t errors=0 r0 r1 e0 e1 nodes
     c="$(cid gateway-2)"
-    start_load partition 40s "delivered>0"
+    start_load partition 40s "$FAULT_RULES"
     wait_window 10
     e0="$(metric gateway-2 gateway_broker_publish_errors_total)"
     echo "t0: disconnect gateway-2 from ${PROJECT}_redis"
@@ -697,10 +704,10 @@ fault_partition() {
 fault_redis_pause() {
     local r errors=0 t n
     r="$(cid redis)"
-    start_load redis-pause 35s "delivered>0"
+    start_load redis-pause 35s "$FAULT_RULES"
     wait_window 10
     echo "t0: docker pause redis"
-    docker pause "$r" || errors=1
+    docker pause "$r" >/dev/null || errors=1
     local t0=$SECONDS
     for n in gateway-1 gateway-2 gateway-3; do
         t="$(wait_until 9 not_ready "$n")" && echo "$n /readyz 503 (${t}s after the previous check)" ||
@@ -709,7 +716,7 @@ fault_redis_pause() {
     echo "redis_connected: gw1 $(metric gateway-1 gateway_redis_connected) gw2 $(metric gateway-2 gateway_redis_connected) gw3 $(metric gateway-3 gateway_redis_connected)"
     sleep $(( 10 - (SECONDS - t0) > 0 ? 10 - (SECONDS - t0) : 0 ))
     echo "t0+$((SECONDS - t0))s: docker unpause redis"
-    docker unpause "$r" || errors=1
+    docker unpause "$r" >/dev/null || errors=1
     for n in gateway-1 gateway-2 gateway-3; do
         t="$(wait_until 60 ready "$n")" && echo "$n /readyz 200 after ${t}s" || { echo "$n did not recover"; errors=1; }
     done
