@@ -224,10 +224,13 @@ ensure_tools() {
     return 0
 }
 
+# A ruleset without its comments and packet counters, to compare and restore.
+rules() { "$1" 2>/dev/null | grep -v '^#' | sed -E 's/ \[[0-9]+:[0-9]+\]$//'; }
+
 # What the daemon may change on the host, as it was before.
 save_host_state() {
-    IPTABLES_SAVED="$(iptables-save 2>/dev/null)"
-    IP6TABLES_SAVED="$(ip6tables-save 2>/dev/null)"
+    IPTABLES_SAVED="$(rules iptables-save)"
+    IP6TABLES_SAVED="$(rules ip6tables-save)"
     IP_FORWARD_BEFORE="$(sysctl -n net.ipv4.ip_forward 2>/dev/null)"
     ip link show docker0 >/dev/null 2>&1 && DOCKER0_BEFORE=1
     return 0
@@ -237,7 +240,7 @@ save_host_state() {
 # with the saved rules where the table existed before and empty built-in chains otherwise.
 restore_iptables() {
     local save="$1" restore="$2" saved="$3" now table chains out=""
-    now="$($save 2>/dev/null)" || return 0
+    now="$(rules "$save")" || return 0
     [[ "$now" == "$saved" ]] && return 0
     for table in $(sed -n 's/^\*//p' <<<"$now"); do
         if grep -qx "\*$table" <<<"$saved"; then
@@ -324,6 +327,16 @@ start_engine() {
     docker info >/dev/null 2>&1 || { tail -20 "$RUN/dockerd.log"; return 1; }
     docker version --format 'engine {{.Server.Version}}, API {{.Server.APIVersion}}'
     docker info --format 'cgroup {{.CgroupVersion}} ({{.CgroupDriver}}), storage {{.Driver}}'
+    # What an earlier run that could not tear down left in the data root would come back now
+    # (restart: unless-stopped): remove it.
+    local stale
+    stale="$(docker ps -aq)"
+    if [[ -n "$stale" ]]; then
+        echo "removing containers an earlier run left: $stale"
+        docker rm -fv $stale >/dev/null
+    fi
+    docker network prune -f >/dev/null
+    docker volume prune -f >/dev/null
     # `docker compose` resolves to the Compose v2 binary through this config dir only.
     if [[ "${COMPOSE[0]}" != docker ]]; then
         ln -sf "${COMPOSE[0]}" "$DOCKER_CONFIG/cli-plugins/docker-compose"
@@ -381,7 +394,7 @@ cleanup() {
         stop_engine
         restore_host_state
     fi
-    if [[ -z "${KEEP_WORK:-}" && $FAILED -eq 0 ]]; then
+    if [[ -z "${KEEP_WORK:-}" && $FAILED -eq 0 && $rc -eq 0 ]]; then
         rm -rf "$RUN"
     else
         echo "logs kept: $RUN"
@@ -785,4 +798,4 @@ main() {
     [[ $FAILED -eq 0 ]] || { echo "docker-test FAILED (logs: $RUN)"; exit 1; }
 }
 
-main "$@"
+main "$@"; exit $?
