@@ -278,6 +278,8 @@ check_compose() {
     local f="$ROOT/deploy/compose/docker-compose.yml"
     compose_cmd -f "$f" config -q || return 1
     compose_cmd -f "$f" --profile loadtest config -q || return 1
+    # CI's layer for scripts/docker-test.sh must stay valid on top of it.
+    compose_cmd -f "$f" -f "$ROOT/deploy/compose/docker-compose.test.yml" --profile loadtest config -q || return 1
     compose_cmd -f "$f" --profile loadtest config --format json >"$WORK/compose.json" || return 1
     $PY - "$WORK/compose.json" "$ROOT/deploy/compose/prometheus.yml" <<'PY'
 import json, sys, yaml

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one command that checks the workspace: installs what the tests need on Debian (redis-server,
 # with apt-get, when it is missing), then formatting, lints and every test: the Rust unit and
-# integration tests, the browser tests, the smoke load test and the deployment checks.
+# integration tests, the browser tests, the smoke load test, the deployment checks and the
+# containers for real (image, compose cluster, load and faults in Docker).
 # `scripts/test.sh --rust-only` stops after the Rust tests (the quick loop while coding).
 #
 # Run it from anywhere, as root or as a user with sudo. The integration tests start their own
@@ -84,5 +85,9 @@ scripts/loadtest-smoke.sh
 
 log "deployment checks against real tools and a live cluster (scripts/check-deploy.sh)"
 scripts/check-deploy.sh
+
+# Root: it starts its own dockerd (and restores the host's firewall and forwarding state after).
+log "the image and the compose cluster in a real Docker engine, with load and faults (scripts/docker-test.sh)"
+as_root env "PATH=$PATH" scripts/docker-test.sh
 
 log "all checks passed"
