@@ -4,10 +4,13 @@
 //! - `GET /` with an upgrade — join `lobby`; without one, the live-room page ([`crate::assets`]),
 //!   which loads `/page.js` and `/client.js`.
 //! - `POST /api/rooms/{room}/messages` — publish as `server` (202 with the message id).
+//! - `POST /api/users/{sub}/disconnect`, `POST /api/rooms/{room}/disconnect`, `/api/bans` —
+//!   moderation ([`crate::moderation`]).
 //!
 //! Every refusal happens before the upgrade, as an HTTP status with a JSON body
 //! `{"error":CODE,"message":TEXT}`, and is counted. [`admit`] is where a connection's identity and
-//! role are decided: a token check (JWT) replaces its trust in the query string there.
+//! role are decided: with `--auth jwt` from the token (header or `token` query parameter), never
+//! from the query string; a refusal there is 401 or 403 and counted by reason.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -21,7 +24,9 @@ use serde_json::value::RawValue;
 use tracing::{debug, warn};
 
 use crate::assets;
+use crate::auth::AuthError;
 use crate::metrics::{RefuseReason, Source};
+use crate::moderation;
 use crate::node::{Node, SlotError};
 use crate::protocol::{self, Role, RoomName};
 use crate::session::{self, Admission};
@@ -38,7 +43,8 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    /// A refusal with `status`, `code` and `message` (which must never quote a token or key).
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -46,13 +52,29 @@ impl Refusal {
         }
     }
 
-    fn bad_request(message: impl Into<String>) -> Self {
+    /// A 400.
+    pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
-    fn into_response(self) -> Response<Body> {
+    /// The refusal of a token check: 401 `unauthorized` or 403 `forbidden`.
+    pub fn auth(e: AuthError) -> Self {
+        if e.is_forbidden() {
+            Self::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())
+        } else {
+            Self::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
+        }
+    }
+
+    /// The HTTP answer (a 401 carries `WWW-Authenticate: Bearer`).
+    pub fn into_response(self) -> Response<Body> {
         let body = serde_json::json!({ "error": self.code, "message": self.message });
-        json(self.status, &body)
+        let mut r = json(self.status, &body);
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
     }
 }
 
@@ -85,7 +107,7 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<
     let path = req.uri().path().to_string();
     let response = if path == "/" {
         if fastwebsockets::upgrade::is_upgrade_request(&req) {
-            upgrade(&node, req, protocol::LOBBY)
+            upgrade(&node, req, protocol::LOBBY).await
         } else if req.method() == Method::GET || req.method() == Method::HEAD {
             Ok(assets::serve(&assets::PAGE, &req))
         } else {
@@ -114,8 +136,27 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<
             ))
         } else {
             let room = room.to_string();
-            upgrade(&node, req, &room)
+            upgrade(&node, req, &room).await
         }
+    } else if path.starts_with("/api/users/")
+        || path == "/api/bans"
+        || (path.starts_with("/api/rooms/") && path.ends_with("/disconnect"))
+    {
+        let result = moderation::route(&node, req, &path)
+            .await
+            .unwrap_or_else(|| {
+                Err(Refusal::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "no such endpoint",
+                ))
+            });
+        let status = match &result {
+            Ok(r) => r.status(),
+            Err(r) => r.status,
+        };
+        node.metrics.http_request(status.as_u16());
+        result
     } else if let Some(room) = path
         .strip_prefix("/api/rooms/")
         .and_then(|r| r.strip_suffix("/messages"))
@@ -147,7 +188,7 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<
 }
 
 /// Decodes `%XX` escapes and `+` in a query component.
-fn percent_decode(s: &str) -> Option<String> {
+pub(crate) fn percent_decode(s: &str) -> Option<String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -189,6 +230,11 @@ fn query_params(req: &Request<Incoming>) -> Result<Vec<(String, String)>, Refusa
         .collect()
 }
 
+/// One decoded query parameter of a request.
+pub(crate) fn query_param(req: &Request<Incoming>, key: &str) -> Result<Option<String>, Refusal> {
+    Ok(param(&query_params(req)?, key).map(str::to_string))
+}
+
 fn param<'a>(params: &'a [(String, String)], key: &str) -> Option<&'a str> {
     params
         .iter()
@@ -197,6 +243,11 @@ fn param<'a>(params: &'a [(String, String)], key: &str) -> Option<&'a str> {
 }
 
 fn parse_room(raw: &str) -> Result<RoomName, Refusal> {
+    if raw == moderation::CONTROL_ROOM {
+        return Err(Refusal::bad_request(
+            "the room name _control is reserved for the control channel",
+        ));
+    }
     RoomName::parse(raw).ok_or_else(|| {
         Refusal::bad_request(format!(
             "invalid room name: use 1-{} characters of A-Z a-z 0-9 _ . : -",
@@ -205,15 +256,41 @@ fn parse_room(raw: &str) -> Result<RoomName, Refusal> {
     })
 }
 
-/// Decides who a connecting client is. Today the role and name come from the query string; a
-/// token check (JWT) goes here and overrides them.
-fn admit(req: &Request<Incoming>, room: &str) -> Result<Admission, Refusal> {
+/// Why an upgrade was refused by [`admit`]: a bad request, or a token check.
+enum AdmitError {
+    BadRequest(Refusal),
+    Auth(AuthError),
+}
+
+impl From<Refusal> for AdmitError {
+    fn from(r: Refusal) -> Self {
+        Self::BadRequest(r)
+    }
+}
+
+/// The token of an upgrade: `Authorization: Bearer` wins over the `token` query parameter.
+fn bearer_token<'a>(req: &'a Request<Incoming>, params: &'a [(String, String)]) -> Option<&'a str> {
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .or_else(|| param(params, "token"))
+        .filter(|t| !t.is_empty())
+}
+
+/// Decides who a connecting client is. With `--auth none` the role and name come from the query
+/// string; with `--auth jwt` from the token (the query's `role`, if given, must be the granted
+/// one), and a banned user is refused.
+async fn admit(node: &Node, req: &Request<Incoming>, room: &str) -> Result<Admission, AdmitError> {
     let room = parse_room(room)?;
     let params = query_params(req)?;
     let role = match param(&params, "role") {
-        None | Some("") => Role::Viewer,
-        Some(r) => Role::parse_member(r)
-            .ok_or_else(|| Refusal::bad_request("role must be host or viewer"))?,
+        None | Some("") => None,
+        Some(r) => Some(
+            Role::parse_member(r)
+                .ok_or_else(|| Refusal::bad_request("role must be host or viewer"))?,
+        ),
     };
     let name = match param(&params, "name") {
         None | Some("") => None,
@@ -222,14 +299,60 @@ fn admit(req: &Request<Incoming>, room: &str) -> Result<Admission, Refusal> {
             return Err(Refusal::bad_request(format!(
                 "invalid name: 1-{} characters, no control characters",
                 protocol::MAX_NAME_LEN
-            )))
+            ))
+            .into())
         }
     };
-    Ok(Admission { room, role, name })
+    let Some(verifier) = &node.auth else {
+        return Ok(Admission {
+            room,
+            role: role.unwrap_or(Role::Viewer),
+            name,
+            user: None,
+            exp: None,
+            publish: true,
+        });
+    };
+    let Some(token) = bearer_token(req, &params) else {
+        if verifier.allow_anonymous_viewers && role != Some(Role::Host) {
+            return Ok(Admission {
+                room,
+                role: Role::Viewer,
+                name,
+                user: None,
+                exp: None,
+                publish: false,
+            });
+        }
+        return Err(AdmitError::Auth(AuthError::Missing));
+    };
+    let identity = verifier.verify(token).await.map_err(AdmitError::Auth)?;
+    let right = identity
+        .right(&room)
+        .ok_or(AdmitError::Auth(AuthError::RoomNotGranted))?;
+    if role.is_some_and(|r| r != right.role) {
+        return Err(AdmitError::Auth(AuthError::RoleNotGranted));
+    }
+    if moderation::is_banned(node, &identity.sub, &room).await {
+        return Err(AdmitError::Auth(AuthError::Banned));
+    }
+    Ok(Admission {
+        room,
+        role: right.role,
+        name: Some(
+            identity
+                .name
+                .clone()
+                .unwrap_or_else(|| identity.sub.clone()),
+        ),
+        user: Some(identity.sub),
+        exp: Some(identity.exp),
+        publish: right.publish,
+    })
 }
 
 /// Admits a client, reserves its slot and switches protocols; the session runs in a tracked task.
-fn upgrade(
+async fn upgrade(
     node: &Arc<Node>,
     mut req: Request<Incoming>,
     room: &str,
@@ -262,7 +385,15 @@ fn upgrade(
             ),
         ));
     }
-    let admission = admit(&req, room).map_err(|r| refused(RefuseReason::BadRequest, r))?;
+    let admission = match admit(node, &req, room).await {
+        Ok(a) => a,
+        Err(AdmitError::BadRequest(r)) => return Err(refused(RefuseReason::BadRequest, r)),
+        Err(AdmitError::Auth(e)) => {
+            node.metrics.auth_failure(e);
+            debug!(reason = e.label(), "upgrade refused by authentication");
+            return Err(refused(RefuseReason::Auth, Refusal::auth(e)));
+        }
+    };
     let slot = node.reserve_session().map_err(|e| match e {
         SlotError::Capacity => refused(
             RefuseReason::Capacity,
@@ -306,12 +437,38 @@ fn upgrade(
     Ok(Response::from_parts(parts, Full::new(Bytes::new())))
 }
 
-/// Compares two byte strings in time independent of where they differ.
+/// Compares two byte strings in time independent of where they differ (crate `subtle`; only
+/// the length may leak, and a key's length is not a secret worth the padding).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+    use subtle::ConstantTimeEq;
+    a.len() == b.len() && bool::from(a.ct_eq(b))
+}
+
+/// Checks `Authorization: Bearer KEY` against every `--api-key` (each compared in constant
+/// time, all of them compared, so the time does not tell which key matched). No key configured
+/// means the API is open.
+pub(crate) fn check_api_key(node: &Node, req: &Request<Incoming>) -> Result<(), Refusal> {
+    if !node.config.api_key_required() {
+        return Ok(());
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let matched = node.config.api_keys().fold(false, |acc, key| {
+        acc | constant_time_eq(given.as_bytes(), key.as_bytes())
+    });
+    if matched {
+        Ok(())
+    } else {
+        Err(Refusal::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send Authorization: Bearer KEY",
+        ))
+    }
 }
 
 /// `POST /api/rooms/{room}/messages`.
@@ -320,25 +477,7 @@ async fn publish(
     req: Request<Incoming>,
     room: &str,
 ) -> Result<Response<Body>, Refusal> {
-    if let Some(key) = node.config.api_key() {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !constant_time_eq(given.as_bytes(), key.as_bytes()) {
-            let mut r = Refusal::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "send Authorization: Bearer KEY",
-            )
-            .into_response();
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return Ok(r);
-        }
-    }
+    check_api_key(node, &req)?;
     let room = parse_room(room)?;
     let params = query_params(&req)?;
     let from = match param(&params, "from") {

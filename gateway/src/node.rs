@@ -13,13 +13,16 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::Verifier;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::{RedisBroker, RedisTimeouts};
 use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::{DropReason, Metrics, Source};
+use crate::moderation;
 use crate::protocol::{self, Message, Role, RoomName};
+use crate::registry::Registry;
 use crate::session::outbox::Outbox;
 
 /// A message the broker accepted.
@@ -57,6 +60,10 @@ pub struct Node {
     next_session: std::sync::atomic::AtomicU64,
     /// Cluster-wide room counts of the last presence tick.
     pub presence: crate::presence::PresenceCache,
+    /// The token verifier; `None` with `--auth none`.
+    pub auth: Option<Arc<Verifier>>,
+    /// Sessions by id with their user, room and token deadline (moderation, expiry).
+    pub registry: Registry,
 }
 
 /// A publish the broker did not take.
@@ -94,12 +101,14 @@ pub enum SlotError {
 }
 
 impl Node {
-    /// Builds the node and starts its broker tasks on `tracker`; they run until `stop`.
+    /// Builds the node and starts its broker tasks (and the moderation task that applies the
+    /// broker's control commands) on `tracker`; they run until `stop`.
     pub fn start(
         config: Config,
         metrics: Metrics,
         tracker: TaskTracker,
         stop: CancellationToken,
+        auth: Option<Arc<Verifier>>,
     ) -> Result<Arc<Node>, BrokerError> {
         metrics.max_connections.set(config.max_connections as f64);
         let hub = Arc::new(Hub::new(
@@ -122,7 +131,10 @@ impl Node {
                 stop.clone(),
             )?),
         };
-        Ok(Arc::new(Node {
+        let (control_tx, control_rx) = tokio::sync::mpsc::channel(moderation::CONTROL_QUEUE);
+        broker.set_control(control_tx);
+        let registry = Registry::new(config.token_expiry_warning.as_millis() as u64);
+        let node = Arc::new(Node {
             config,
             hub,
             broker,
@@ -134,7 +146,12 @@ impl Node {
             session_ended: Notify::new(),
             next_session: std::sync::atomic::AtomicU64::new(1),
             presence: Default::default(),
-        }))
+            auth,
+            registry,
+        });
+        node.tracker
+            .spawn(moderation::run(node.clone(), control_rx));
+        Ok(node)
     }
 
     /// Reserves a session slot before the upgrade.

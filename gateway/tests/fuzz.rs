@@ -70,6 +70,7 @@ fn command_input(r: &mut fastrand::Rng) -> String {
         2 => json_value(r, 0).to_string(),
         3 => text(r, 40),
         4 => serde_json::json!({"type": "ping"}).to_string(),
+        5 if r.bool() => serde_json::json!({"type": "refresh", "token": text(r, 40)}).to_string(),
         _ => serde_json::json!({"type": "publish"}).to_string(),
     };
     match r.u8(0..4) {
@@ -145,6 +146,13 @@ fn command_parser_classifies_every_input_consistently() {
                         protocol::classify_broker_payload(&room, &frame),
                         BrokerPayload::Envelope { ts: 7 }
                     );
+                }
+                Ok(ClientCommand::Refresh(token)) => {
+                    assert!(is_json);
+                    if let Ok(v) = &parsed {
+                        assert_eq!(v["type"], "refresh", "{input}");
+                        assert_eq!(v["token"], *token, "{input}");
+                    }
                 }
                 Ok(ClientCommand::Ping) => {
                     assert!(is_json);

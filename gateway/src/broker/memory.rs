@@ -9,15 +9,20 @@ use bytes::Bytes;
 
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::moderation::{ControlSink, MemoryBans};
 use crate::protocol::RoomName;
 
 /// In-process pub/sub for one node.
 #[derive(Debug)]
 pub struct MemoryBroker {
     hub: Arc<Hub>,
-    metrics: Metrics,
+    pub(super) metrics: Metrics,
     /// Rooms subscribed; a std lock, held only for a set operation.
     subscribed: Mutex<HashSet<RoomName>>,
+    /// Moderation commands go straight to this node's queue.
+    pub(super) control: ControlSink,
+    /// Bans, in memory (the in-process broker is the whole cluster).
+    pub(super) bans: MemoryBans,
 }
 
 impl MemoryBroker {
@@ -28,6 +33,8 @@ impl MemoryBroker {
             hub,
             metrics,
             subscribed: Mutex::new(HashSet::new()),
+            control: ControlSink::default(),
+            bans: MemoryBans::default(),
         }
     }
 
