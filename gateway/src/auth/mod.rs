@@ -523,6 +523,64 @@ mod tests {
         );
     }
 
+    fn fixture(name: &str) -> String {
+        format!("{}/tests/fixtures/auth/{name}", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    fn signed(alg: Algorithm, key: &EncodingKey) -> String {
+        encode(&Header::new(alg), &claims(now() + 60), key).unwrap()
+    }
+
+    #[tokio::test]
+    async fn pem_keys_fix_the_algorithm() {
+        let keys = format!(
+            "{},{},{}",
+            fixture("rsa1.pub"),
+            fixture("ec256.pub"),
+            fixture("ed25519.pub")
+        );
+        let v = verifier(&["--jwt-public-key", &keys]);
+        let pem = |f: &str| std::fs::read(fixture(f)).unwrap();
+        let rsa = EncodingKey::from_rsa_pem(&pem("rsa1.key")).unwrap();
+        let ec = EncodingKey::from_ec_pem(&pem("ec256.key")).unwrap();
+        let ed = EncodingKey::from_ed_pem(&pem("ed25519.key")).unwrap();
+        for (alg, key) in [
+            (Algorithm::RS256, &rsa),
+            (Algorithm::RS512, &rsa),
+            (Algorithm::PS256, &rsa),
+            (Algorithm::ES256, &ec),
+            (Algorithm::EdDSA, &ed),
+        ] {
+            assert!(v.verify(&signed(alg, key)).await.is_ok(), "{alg:?}");
+        }
+        // Algorithm confusion: HS256 with the RSA public key's PEM as the HMAC secret. No HMAC
+        // key is configured, so no key verifies HS256 at all.
+        let confused = EncodingKey::from_secret(&pem("rsa1.pub"));
+        assert_eq!(
+            v.verify(&signed(Algorithm::HS256, &confused))
+                .await
+                .unwrap_err(),
+            AuthError::Algorithm
+        );
+        // The right family, another key: a signature failure.
+        let other = EncodingKey::from_rsa_pem(&pem("rsa2.key")).unwrap();
+        assert_eq!(
+            v.verify(&signed(Algorithm::RS256, &other))
+                .await
+                .unwrap_err(),
+            AuthError::Signature
+        );
+        // A file that is no key is refused at start.
+        let c = Config::parse_from([
+            "gateway",
+            "--auth",
+            "jwt",
+            "--jwt-public-key",
+            &fixture("README.md"),
+        ]);
+        assert!(matches!(Verifier::from_config(&c), Err(KeyError::Pem(_))));
+    }
+
     #[tokio::test]
     async fn audience_and_issuer() {
         let v = verifier(&[
