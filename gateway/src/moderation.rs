@@ -277,7 +277,8 @@ async fn serve(
     };
     match (target, req.method().clone()) {
         (Target::User(sub), Method::POST) => {
-            let sub = crate::http::percent_decode(&sub)
+            // A path segment: `+` is a plus sign there, not a space.
+            let sub = crate::http::percent_decode(&sub.replace('+', "%2B"))
                 .filter(|s| valid_sub(s))
                 .ok_or_else(|| Refusal::bad_request("sub must be 1-128 bytes"))?;
             let cmd = Command::Disconnect {

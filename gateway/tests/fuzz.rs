@@ -434,7 +434,7 @@ async fn the_token_path_is_bounded_and_never_panics() {
         let result = verifier.verify(&t).await;
         assert!(result.is_err(), "a random token was accepted: {t:?}");
         assert!(
-            started.elapsed() < Duration::from_millis(200),
+            started.elapsed() < Duration::from_secs(1),
             "one token took {:?}",
             started.elapsed()
         );
