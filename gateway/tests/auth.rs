@@ -830,3 +830,48 @@ async fn tokens_never_appear_in_logs_metrics_or_answers() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moderation_works_with_the_in_process_broker_and_needs_a_key() {
+    let node = TestNode::start(test_config(
+        "solo",
+        None,
+        &jwt_flags(&["--api-key", API_KEY]),
+    ))
+    .await;
+    let t = token(&claims("u1", &[("*", "viewer")], 600));
+    let (mut a, _) = connect_token(node.client, "r", &t).await.unwrap();
+    let (status, _) = http(
+        node.client,
+        "POST",
+        "/api/users/u1/disconnect",
+        &[("Authorization", "Bearer wrong-key-123")],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 401);
+    let (status, _) = api(&node, "POST", "/api/rooms/r/disconnect", Value::Null).await;
+    assert_eq!(status, 202);
+    assert_eq!(a.ended(Duration::from_secs(1)).await, Ended::Closed(4501));
+    let (status, _) = api(
+        &node,
+        "PUT",
+        "/api/bans",
+        json!({"sub":"u1","room":null,"duration":"1m"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(connect_token(node.client, "r", &t).await.err(), Some(403));
+    let (_, list) = api(&node, "GET", "/api/bans?sub=u1", Value::Null).await;
+    assert_eq!(list["bans"][0]["room"], Value::Null, "{list}");
+    assert_eq!(
+        node.metric("gateway_control_commands_total{result=\"applied\"}")
+            .await,
+        2.0
+    );
+    // Without any API key the moderation routes are refused outright.
+    let open = TestNode::start(test_config("open", None, &jwt_flags(&[]))).await;
+    let (status, body) = api(&open, "POST", "/api/users/u1/disconnect", Value::Null).await;
+    assert_eq!((status, body["error"].clone()), (403, json!("forbidden")));
+}
