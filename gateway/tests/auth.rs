@@ -875,3 +875,36 @@ async fn moderation_works_with_the_in_process_broker_and_needs_a_key() {
     let (status, body) = api(&open, "POST", "/api/users/u1/disconnect", Value::Null).await;
     assert_eq!((status, body["error"].clone()), (403, json!("forbidden")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_channel_is_subscribed_again_after_a_redis_restart() {
+    let mut redis = RedisServer::start().await;
+    let node = TestNode::start(test_config(
+        "n1",
+        Some(&redis),
+        &jwt_flags(&["--api-key", API_KEY]),
+    ))
+    .await;
+    redis.wait_numsub("gw:room:_control", 1).await;
+    redis.restart().await;
+    redis.wait_numsub("gw:room:_control", 1).await;
+    node.wait_ready().await;
+    let t = token(&claims("u1", &[("r", "viewer")], 600));
+    let (mut c, _) = connect_token(node.client, "r", &t).await.unwrap();
+    // A backend may publish a command itself.
+    redis
+        .publish(
+            "gw:room:_control",
+            br#"{"type":"disconnect","sub":"u1","room":null,"reason":"kicked"}"#,
+        )
+        .await;
+    assert_eq!(c.ended(Duration::from_secs(1)).await, Ended::Closed(4501));
+    redis.publish("gw:room:_control", b"not a command").await;
+    let n = &node;
+    eventually("the invalid command is counted", || async move {
+        n.metric("gateway_control_commands_total{result=\"invalid\"}")
+            .await
+            == 1.0
+    })
+    .await;
+}
