@@ -4,7 +4,9 @@
 # Unit-tests the client's logic with node's test runner, then starts a real cluster on loopback —
 # redis-server, three gateway nodes (release build) and HAProxy in front of them — and drives the
 # page in headless Debian Chromium with Playwright (browser/test/live-room.test.mjs): two pages on
-# two nodes, presence, broadcast and chat, a raw WebSocket, then a drained and a killed node.
+# two nodes, presence, broadcast and chat, a raw WebSocket, then a drained and a killed node; then
+# (browser/test/live-room-auth.test.mjs) a node of its own with --auth jwt: a token in the page's
+# URL fragment, and an anonymous viewer.
 #
 # Works on a fresh Debian machine as root: installs chromium, redis-server, haproxy and curl with
 # apt when they are missing (Node.js 20+ and npm must be there). Screenshots and node logs go to
@@ -175,7 +177,9 @@ GATEWAY_URL="http://127.0.0.1:$LB" \
   GATEWAY_NODES="[$(IFS=,; echo "${NODES_JSON[*]}")]" \
   CHROMIUM="$CHROMIUM" \
   SCREENSHOT_DIR="$OUT" \
-  setsid node --test --test-concurrency=1 --test-timeout=240000 browser/test/live-room.test.mjs &
+  GATEWAY_BIN="$BIN" \
+  setsid node --test --test-concurrency=1 --test-timeout=240000 browser/test/live-room.test.mjs \
+    browser/test/live-room-auth.test.mjs &
 TEST_PID=$!
 wait "$TEST_PID"
 

@@ -10,6 +10,7 @@ import {
   RoomClient,
   roomUrl,
   shouldReconnect,
+  tokenExpiry,
   validName,
   validRoom,
 } from '../../gateway/assets/client.js';
@@ -75,6 +76,11 @@ describe('close-code policy', () => {
   it('names the gateway codes', () => {
     assert.equal(CloseCode.SERVER_RESTART, 1012);
     assert.equal(CloseCode.SLOW_CONSUMER, 4000);
+    assert.equal(CloseCode.TOKEN_EXPIRED, 4010);
+    assert.equal(shouldReconnect(CloseCode.TOKEN_EXPIRED), true, 'get a new token, then reconnect');
+    for (const code of [CloseCode.KICKED, CloseCode.BANNED, CloseCode.FORBIDDEN]) {
+      assert.equal(shouldReconnect(code), false, `${code}`);
+    }
   });
 });
 
@@ -351,5 +357,157 @@ describe('RoomClient', () => {
       if (had) globalThis.reportError = saved;
       else delete globalThis.reportError;
     }
+  });
+});
+
+/** An unsigned JWT-shaped token with `exp` (the client never verifies; it only reads `exp`). */
+function fakeToken(exp, sub = 'u1') {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
+  return `${b64({ alg: 'HS256' })}.${b64({ sub, exp, rooms: [{ room: 'r', role: 'viewer' }] })}.sig`;
+}
+
+/** Lets pending promise callbacks (getToken) run. */
+async function settle() {
+  for (let i = 0; i < 5; i += 1) await Promise.resolve();
+}
+
+describe('RoomClient with tokens', () => {
+  beforeEach(() => {
+    FakeSocket.all = [];
+    mock.timers.enable({ apis: ['setTimeout', 'setInterval', 'Date'], now: 1_000_000_000_000 });
+    mock.method(Math, 'random', () => 0.5);
+  });
+  afterEach(() => {
+    mock.timers.reset();
+    mock.restoreAll();
+  });
+
+  it('reads exp from a token', () => {
+    assert.equal(tokenExpiry(fakeToken(1234)), 1234);
+    assert.equal(tokenExpiry('not a token'), null);
+    assert.equal(tokenExpiry(fakeToken(undefined)), null);
+  });
+
+  it('sends the token of getToken() as the token query parameter on every connection', async () => {
+    let calls = 0;
+    const { c, states } = client({ getToken: async () => fakeToken(2_000_000_000, `u${(calls += 1)}`) });
+    c.connect();
+    assert.equal(FakeSocket.all.length, 0, 'waits for the token');
+    await settle();
+    const first = new URL(latest().url);
+    assert.equal(tokenExpiry(first.searchParams.get('token')), 2_000_000_000);
+    latest().serverOpen();
+    latest().serverSend({ type: 'welcome', node: 'n1', room: 'r', role: 'viewer', connection_id: 'c', name: 'Ann', user: 'u1' });
+    assert.equal(c.user, 'u1');
+    assert.ok(!states.some((s) => String(s.url).includes('token=')), 'state events never carry the token');
+    assert.deepEqual(states.map((s) => s.state), ['connecting', 'open']);
+    latest().serverClose(1012);
+    mock.timers.tick(1000);
+    await settle();
+    assert.equal(FakeSocket.all.length, 2);
+    assert.equal(calls, 2, 'a fresh token for the new connection');
+  });
+
+  it('refreshes on the server\'s expiring event and on its own timer before exp', async () => {
+    const now = Date.now() / 1000;
+    let exp = now + 300;
+    const { c } = client({ getToken: () => fakeToken((exp += 300)), pingInterval: 0 });
+    const refreshed = [];
+    c.on('refreshed', (e) => refreshed.push(e.exp));
+    c.connect();
+    await settle();
+    latest().welcome();
+    // The server's warning.
+    latest().serverSend({ type: 'expiring', exp: now + 600 });
+    await settle();
+    const sent = JSON.parse(latest().sent.at(-1));
+    assert.equal(sent.type, 'refresh');
+    assert.equal(tokenExpiry(sent.token), now + 900);
+    latest().serverSend({ type: 'refreshed', exp: now + 900 });
+    assert.deepEqual(refreshed, [now + 900]);
+    // Its own timer: refreshBefore (60 s) before the new exp, without any server event.
+    const refreshes = () => latest().sent.filter((t) => JSON.parse(t).type === 'refresh');
+    mock.timers.tick((900 - 60) * 1000 - 10);
+    await settle();
+    assert.equal(refreshes().length, 1);
+    mock.timers.tick(20);
+    await settle();
+    assert.equal(refreshes().length, 2, 'refreshed 60 s before exp');
+    assert.equal(tokenExpiry(JSON.parse(refreshes()[1]).token), now + 1200);
+    assert.equal(FakeSocket.all.length, 1, 'on the same connection');
+    c.close();
+  });
+
+  it('does not resend a token that extends nothing', async () => {
+    const token = fakeToken(Date.now() / 1000 + 300);
+    const { c } = client({ getToken: () => token, pingInterval: 0 });
+    c.connect();
+    await settle();
+    latest().welcome();
+    latest().serverSend({ type: 'expiring', exp: Date.now() / 1000 + 300 });
+    await settle();
+    mock.timers.tick(299_000);
+    await settle();
+    assert.deepEqual(latest().sent, [], 'the same token is not sent again');
+    c.close();
+  });
+
+  it('gets a new token after 4010 and reconnects, but stays away after a kick or a ban', async () => {
+    let calls = 0;
+    const { c } = client({ getToken: () => fakeToken(2_000_000_000, `t${(calls += 1)}`) });
+    c.connect();
+    await settle();
+    latest().welcome();
+    latest().serverClose(CloseCode.TOKEN_EXPIRED, 'token expired');
+    assert.equal(c.state, 'reconnecting');
+    mock.timers.tick(1000);
+    await settle();
+    assert.equal(calls, 2);
+    assert.equal(FakeSocket.all.length, 2);
+    latest().welcome();
+    for (const code of [CloseCode.KICKED, CloseCode.BANNED, CloseCode.FORBIDDEN]) {
+      const sockets = FakeSocket.all.length;
+      latest().serverClose(code, 'moderated');
+      assert.equal(c.state, 'closed', `${code}`);
+      mock.timers.tick(60_000);
+      await settle();
+      assert.equal(FakeSocket.all.length, sockets, `no reconnect after ${code}`);
+      c.connect();
+      await settle();
+      latest().welcome();
+    }
+  });
+
+  it('retries with backoff when getToken fails, and drops a token that arrives after close()', async () => {
+    let fail = true;
+    const errors = [];
+    const { c, states } = client({
+      getToken: () => (fail ? Promise.reject(new Error('backend down')) : fakeToken(2_000_000_000)),
+    });
+    c.on('error', (e) => errors.push(e.code));
+    c.connect();
+    await settle();
+    assert.equal(c.state, 'reconnecting');
+    assert.match(states.at(-1).reason, /backend down/);
+    fail = false;
+    mock.timers.tick(1000);
+    await settle();
+    assert.equal(FakeSocket.all.length, 1);
+    latest().welcome();
+    assert.equal(c.state, 'open');
+    // A refresh whose getToken fails reports it; the connection stays.
+    fail = true;
+    latest().serverSend({ type: 'expiring', exp: 2_000_000_000 });
+    await settle();
+    assert.deepEqual(errors, ['refresh_failed']);
+    assert.equal(c.state, 'open');
+    // close() while a token is on its way: nothing opens.
+    fail = false;
+    c.close();
+    c.connect();
+    c.close();
+    await settle();
+    assert.equal(FakeSocket.all.length, 1);
+    assert.equal(c.state, 'closed');
   });
 });

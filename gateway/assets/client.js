@@ -7,6 +7,13 @@
 // One `RoomClient` is one member of one room. It reconnects on its own after drops and drains
 // (exponential backoff with full jitter, honouring the close codes) and rejoins its room: the room,
 // role and name travel in the URL, so every new connection is a new join.
+//
+// With a gateway that requires tokens (`--auth jwt`), pass `getToken`: it is called before every
+// connection (the token travels as the `token` query parameter, since browsers cannot set headers
+// on a WebSocket), and again to refresh the token on the open socket before it expires — on the
+// server's `expiring` event, and on the client's own timer from the token's `exp`. A close with
+// 4010 (token expired) reconnects with a fresh token; 4501-4503 (kicked, banned, forbidden) do not
+// reconnect.
 
 /** Version of this client. */
 export const VERSION = '0.1.0';
@@ -24,6 +31,10 @@ export const CloseCode = Object.freeze({
   SERVER_RESTART: 1012,
   SLOW_CONSUMER: 4000,
   IDLE_TIMEOUT: 4001,
+  TOKEN_EXPIRED: 4010,
+  KICKED: 4501,
+  BANNED: 4502,
+  FORBIDDEN: 4503,
 });
 
 const DEFAULTS = Object.freeze({
@@ -33,6 +44,7 @@ const DEFAULTS = Object.freeze({
   connectTimeout: 10_000,
   pingInterval: 20_000,
   pongTimeout: 10_000,
+  refreshBefore: 60_000,
 });
 
 const ROOM = /^[A-Za-z0-9_.:-]{1,128}$/;
@@ -110,10 +122,10 @@ export function backoffDelay(attempt, backoff = {}, random = Math.random) {
  *
  * @param {string} base e.g. `wss://live.example.com` or `https://example.com/live/`
  * @param {string} room
- * @param {{role?: 'host'|'viewer', name?: string|null}} [who]
+ * @param {{role?: 'host'|'viewer', name?: string|null, token?: string|null}} [who]
  * @returns {string}
  */
-export function roomUrl(base, room, { role, name } = {}) {
+export function roomUrl(base, room, { role, name, token } = {}) {
   const url = new URL(base);
   if (url.protocol === 'http:') url.protocol = 'ws:';
   else if (url.protocol === 'https:') url.protocol = 'wss:';
@@ -125,7 +137,27 @@ export function roomUrl(base, room, { role, name } = {}) {
   url.hash = '';
   if (role) url.searchParams.set('role', role);
   if (name) url.searchParams.set('name', name);
+  if (token) url.searchParams.set('token', token);
   return url.toString();
+}
+
+/**
+ * The `exp` claim (seconds) of a JSON Web Token, read without verifying it (the client only uses
+ * it to time a refresh), or null when the token has none or is not a JWT.
+ *
+ * @param {string} token
+ * @returns {number|null}
+ */
+export function tokenExpiry(token) {
+  try {
+    const part = String(token).split('.')[1];
+    const b64 = part.replace(/-/g, '+').replace(/_/g, '/');
+    const json = new TextDecoder().decode(Uint8Array.from(atob(b64.padEnd(b64.length + ((4 - (b64.length % 4)) % 4), '=')), (c) => c.charCodeAt(0)));
+    const exp = JSON.parse(json).exp;
+    return Number.isFinite(exp) ? exp : null;
+  } catch {
+    return null;
+  }
 }
 
 /** The URL of the page's own origin, when there is a page. */
@@ -153,7 +185,8 @@ function pageOrigin() {
  * @property {string|string[]} [url] the gateway: one URL (a load balancer) or several nodes, tried
  *   in turn; `ws:`, `wss:`, `http:` or `https:`. Default: the page's own origin.
  * @property {string} room the room to join
- * @property {'host'|'viewer'} [role] default `viewer`
+ * @property {'host'|'viewer'|null} [role] default `viewer`; `null` with `getToken`: the token's grant
+ *   decides (a role that the token does not grant is refused with 403)
  * @property {string} [name] display name shown to others as `from`
  * @property {boolean} [reconnect] reconnect after drops and drains; default true
  * @property {{initialDelay?: number, maxDelay?: number}} [backoff] ms; default 500 and 30000
@@ -164,17 +197,25 @@ function pageOrigin() {
  * @property {number} [pongTimeout] ms after that ping without any frame before the connection
  *   counts as dead (1006) and is replaced; default 10000
  * @property {typeof WebSocket} [WebSocket] the WebSocket class; default `globalThis.WebSocket`
+ * @property {() => string|Promise<string>} [getToken] returns a fresh token from your backend;
+ *   called before every connection and to refresh the token on the open socket
+ * @property {number} [refreshBefore] ms before the token's `exp` to refresh it (at the latest at
+ *   half its remaining lifetime); default 60000. The server's `expiring` event also triggers one.
  */
 
 /**
  * One member of one room. Events (`on(type, fn)`):
  *
  * - `state` — {@link StateChange}: `idle` → `connecting` → `open` ⇄ `reconnecting` … `closed`.
- * - `welcome` — `{node, room, role, connection_id, name}` on every (re)join.
+ * - `welcome` — `{node, room, role, connection_id, name, user}` on every (re)join (`user`: the
+ *   token's `sub`, null without one).
  * - `message` — `{room, from, role, data, id, ts}`; the client's own messages come back too.
  * - `presence` — `{room, hosts, viewers}`, cluster-wide counts.
  * - `error` — `{code, message}`: the server refused a command; the connection stays open.
  * - `pong` — `{ts}`, the answer to {@link RoomClient#ping}.
+ * - `refreshed` — `{exp}`: the server accepted a refreshed token.
+ * - `expiring` — `{exp}`: the server's warning that the token expires soon (a refresh follows
+ *   when `getToken` is set).
  */
 export class RoomClient {
   /** @type {string[]} */ #urls;
@@ -196,6 +237,11 @@ export class RoomClient {
   #retryTimer = null;
   #connectTimer = null;
   #heartbeatTimer = null;
+  #refreshTimer = null;
+  /** Whether a refresh is under way (one at a time). */
+  #refreshing = false;
+  /** Bumped by every open and close, so that a token that arrives late is not used. */
+  #generation = 0;
   /** @type {Map<string, Set<Function>>} */ #listeners = new Map();
 
   /** @param {Options} options */
@@ -203,14 +249,18 @@ export class RoomClient {
     const opts = { ...DEFAULTS, ...options, backoff: { ...DEFAULTS.backoff, ...options?.backoff } };
     const urls = [opts.url ?? pageOrigin()].flat().filter((u) => u !== undefined && u !== '');
     if (urls.length === 0) throw new TypeError('options.url is required outside a web page');
-    if (opts.role !== 'host' && opts.role !== 'viewer') {
-      throw new TypeError('options.role must be "host" or "viewer"');
+    // With a token, `role: null` lets the token's grant decide.
+    if (opts.role !== 'host' && opts.role !== 'viewer' && !(opts.role === null && opts.getToken)) {
+      throw new TypeError('options.role must be "host" or "viewer" (or null with getToken)');
     }
     if (opts.name != null && opts.name !== '' && !validName(opts.name)) {
       throw new TypeError('options.name must be 1-64 bytes without control characters');
     }
     const WS = opts.WebSocket ?? globalThis.WebSocket;
     if (typeof WS !== 'function') throw new TypeError('no WebSocket: pass options.WebSocket');
+    if (opts.getToken != null && typeof opts.getToken !== 'function') {
+      throw new TypeError('options.getToken must be a function returning a token');
+    }
     this.#room = opts.room;
     this.#role = opts.role;
     this.#name = opts.name || null;
@@ -229,9 +279,9 @@ export class RoomClient {
   get room() {
     return this.#room;
   }
-  /** `host` or `viewer`. */
+  /** `host` or `viewer`: the role asked for, or (with `role: null`) the one the server gave. */
   get role() {
-    return this.#role;
+    return this.#role ?? this.#welcome?.role ?? null;
   }
   /** The display name, or null. */
   get name() {
@@ -240,6 +290,10 @@ export class RoomClient {
   /** The last `welcome` event, or null before the first. */
   get welcome() {
     return this.#welcome;
+  }
+  /** The user id (`sub`) the server admitted this client as, or null (anonymous, no auth). */
+  get user() {
+    return this.#welcome?.user ?? null;
   }
   /** The node of the current connection, or null when not `open`. */
   get node() {
@@ -278,6 +332,7 @@ export class RoomClient {
    * @param {string} [reason]
    */
   close(code = 1000, reason = '') {
+    this.#generation += 1;
     this.#stopTimers();
     const ws = this.#ws;
     this.#ws = null;
@@ -318,14 +373,78 @@ export class RoomClient {
     return true;
   }
 
+  /**
+   * Sends a fresh token on the open socket (`refresh`). Called on `expiring` and by the client's
+   * own timer; callable by the application too. Resolves to whether a token was sent.
+   * @returns {Promise<boolean>}
+   */
+  async refresh() {
+    if (!this.#opts.getToken || this.#refreshing) return false;
+    this.#refreshing = true;
+    const generation = this.#generation;
+    try {
+      const token = await this.#opts.getToken();
+      if (generation !== this.#generation || typeof token !== 'string' || token === '') return false;
+      // A token that does not outlive the current one (getToken returned the same) is not sent:
+      // it would extend nothing.
+      const exp = tokenExpiry(token);
+      if (exp !== null && this.#tokenExp !== null && exp <= this.#tokenExp) return false;
+      const sent = this.#send(JSON.stringify({ type: 'refresh', token }));
+      if (sent) this.#tokenExp = exp;
+      return sent;
+    } catch (err) {
+      this.#emit('error', { code: 'refresh_failed', message: String(err?.message ?? err) });
+      return false;
+    } finally {
+      this.#refreshing = false;
+    }
+  }
+
+  /** Schedules the proactive refresh of a token that expires at `exp` (seconds). */
+  #scheduleRefresh(exp) {
+    clearTimeout(this.#refreshTimer);
+    this.#refreshTimer = null;
+    if (!this.#opts.getToken || !Number.isFinite(exp)) return;
+    const left = exp * 1000 - Date.now();
+    const delay = Math.max(0, Math.max(left - this.#opts.refreshBefore, left / 2));
+    this.#refreshTimer = setTimeout(() => {
+      this.#refreshTimer = null;
+      this.refresh();
+    }, delay);
+  }
+
   #open() {
+    if (!this.#opts.getToken) {
+      this.#openWith(null);
+      return;
+    }
+    const generation = ++this.#generation;
     const url = roomUrl(this.#urls[this.#index], this.#room, { role: this.#role, name: this.#name });
+    this.#setState('connecting', { url });
+    Promise.resolve()
+      .then(() => this.#opts.getToken())
+
+      .then((token) => {
+        if (generation !== this.#generation) return;
+        if (typeof token !== 'string' || token === '') throw new TypeError('getToken() returned no token');
+        this.#openWith(token);
+      })
+      .catch((err) => {
+        if (generation !== this.#generation) return;
+        // No token (the backend is down, the user logged out): a failed attempt, with backoff.
+        this.#lost(CloseCode.ABNORMAL, `getToken failed: ${String(err?.message ?? err)}`);
+      });
+  }
+
+  #openWith(token) {
+    const url = roomUrl(this.#urls[this.#index], this.#room, { role: this.#role, name: this.#name, token });
+    this.#tokenExp = token ? tokenExpiry(token) : null;
     let ws;
     try {
       ws = new this.#WebSocket(url);
     } catch (err) {
       // E.g. a port the browser blocks: count it as a failed attempt.
-      this.#setState('connecting', { url });
+      if (this.#state !== 'connecting') this.#setState('connecting', { url });
       this.#lost(CloseCode.ABNORMAL, String(err?.message ?? err));
       return;
     }
@@ -343,8 +462,11 @@ export class RoomClient {
     if (this.#opts.connectTimeout > 0) {
       this.#connectTimer = setTimeout(() => this.#giveUp(ws, 'connect timeout'), this.#opts.connectTimeout);
     }
-    this.#setState('connecting', { url });
+    if (this.#state !== 'connecting') this.#setState('connecting', { url });
   }
+
+  /** The `exp` of the token the current connection was opened with. */
+  #tokenExp = null;
 
   #receive(data) {
     this.#lastReceived = Date.now();
@@ -366,10 +488,15 @@ export class RoomClient {
       const rejoined = this.#joinedOnce;
       this.#joinedOnce = true;
       this.#startHeartbeat();
+      this.#scheduleRefresh(this.#tokenExp);
       this.#emit('welcome', event);
-      this.#setState('open', { url: this.#ws?.url, node: event.node, rejoined });
+      // The URL without its token: state events end up in logs and on pages.
+      const url = roomUrl(this.#urls[this.#index], this.#room, { role: this.#role, name: this.#name });
+      this.#setState('open', { url, node: event.node, rejoined });
       return;
     }
+    if (event.type === 'refreshed') this.#scheduleRefresh(event.exp);
+    if (event.type === 'expiring') this.refresh();
     this.#emit(event.type, event);
   }
 
@@ -430,7 +557,8 @@ export class RoomClient {
     clearTimeout(this.#retryTimer);
     clearTimeout(this.#connectTimer);
     clearInterval(this.#heartbeatTimer);
-    this.#retryTimer = this.#connectTimer = this.#heartbeatTimer = null;
+    clearTimeout(this.#refreshTimer);
+    this.#retryTimer = this.#connectTimer = this.#heartbeatTimer = this.#refreshTimer = null;
   }
 
   #setState(state, detail) {

@@ -11,12 +11,30 @@ const FEED_LIMIT = 300;
 /** @type {RoomClient | null} */
 let client = null;
 
+/**
+ * A token handed to the page in the URL fragment (`/#token=JWT`, or `?room=…#token=…`): the
+ * fragment never reaches a server or its logs. It is kept in memory only and taken off the address
+ * bar. With a token, the server decides the role and the name; without one the page joins as
+ * before (a node with `--auth jwt` then admits it only as an anonymous viewer, if at all).
+ */
+const pageToken = (() => {
+  const token = new URLSearchParams(location.hash.slice(1)).get('token');
+  if (token) history.replaceState(null, '', location.pathname + location.search);
+  return token || null;
+})();
+
 function prefill() {
   const params = new URLSearchParams(location.search);
   if (params.has('room')) $('room').value = params.get('room');
   if (params.has('name')) $('name').value = params.get('name');
   const role = params.get('role') === 'host' ? 'host' : 'viewer';
   document.querySelector(`input[name="role"][value="${role}"]`).checked = true;
+  if (pageToken) {
+    $('token-note').hidden = false;
+    $('name').disabled = true;
+    $('name').placeholder = 'From your token';
+    for (const r of document.querySelectorAll('input[name="role"]')) r.disabled = true;
+  }
 }
 
 function join() {
@@ -33,7 +51,12 @@ function join() {
   const query = new URLSearchParams({ room, role, ...(name ? { name } : {}) });
   history.replaceState(null, '', `?${query}`);
 
-  client = new RoomClient({ url: new URL('./', location.href).href, room, role, name });
+  client = new RoomClient({
+    url: new URL('./', location.href).href,
+    room,
+    ...(pageToken ? { role: null, getToken: () => pageToken } : { role, name }),
+  });
+  client.on('welcome', showIdentity);
   client.on('state', onState);
   client.on('presence', (p) => {
     $('hosts').textContent = p.hosts;
@@ -44,15 +67,25 @@ function join() {
   client.on('error', (e) => note(`The server refused that: ${e.message}`, 'bad'));
 
   $('room-name').textContent = room;
-  $('you-role').textContent = role;
-  $('you-role').className = `badge ${role}`;
-  $('you-name').textContent = name ? `as ${name}` : '';
-  $('text').placeholder = role === 'host' ? 'Broadcast to the room…' : 'Say something…';
-  $('send').textContent = role === 'host' ? 'Broadcast' : 'Send';
+  showIdentity(pageToken ? { role: 'viewer', name: null, user: null } : { role, name: name || null, user: null });
   $('join').hidden = true;
   $('live').hidden = false;
   document.title = `${room} · Live rooms`;
   client.connect();
+}
+
+/** Shows who the page joined as: role, name and (with a token) the user id it was admitted as. */
+function showIdentity(w) {
+  $('you-role').textContent = w.role;
+  $('you-role').className = `badge ${w.role}`;
+  const parts = [];
+  if (w.name) parts.push(`as ${w.name}`);
+  if (w.user) parts.push(`(user ${w.user})`);
+  $('you-name').textContent = parts.join(' ');
+  $('you-name').dataset.user = w.user ?? '';
+  const host = w.role === 'host';
+  $('text').placeholder = host ? 'Broadcast to the room…' : 'Say something…';
+  $('send').textContent = host ? 'Broadcast' : 'Send';
 }
 
 function leave() {
@@ -80,6 +113,10 @@ const CLOSE_TEXT = {
   1012: 'the node is restarting',
   4000: 'too slow to keep up',
   4001: 'idle for too long',
+  4010: 'the token expired',
+  4501: 'removed by a moderator',
+  4502: 'banned from this room',
+  4503: 'the token no longer grants this room',
 };
 
 function describeClose(code, reason) {

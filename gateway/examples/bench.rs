@@ -5,6 +5,9 @@
 //! - `fanout`: one publisher, V viewers in one room, S-byte messages at R per second: gateway
 //!   deliveries per gateway CPU-second, and publish → receive latency percentiles (client send
 //!   time in the payload against the same clock on the receiving side).
+//! - `handshakes`: WebSocket handshakes per second and gateway CPU per handshake, with
+//!   `--auth none` or `--auth jwt` (HS256 or RS256 tokens minted up front, one per connection, in
+//!   the `token` query parameter as a browser sends it).
 //!
 //! The clients are minimal hand-written WebSocket clients (no per-message JSON parsing) so that
 //! the load generator costs as little CPU as possible on a 2-core machine. Loopback only.
@@ -47,6 +50,51 @@ enum What {
         #[arg(long, default_value_t = 15)]
         seconds: u64,
     },
+    /// Handshakes per second, with and without token verification.
+    Handshakes {
+        /// `none`, `hs256` or `rs256`.
+        #[arg(long, default_value = "none")]
+        auth: String,
+        #[arg(long, default_value_t = 5000)]
+        connections: usize,
+        /// Handshakes in flight at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
+}
+
+/// HMAC secret of the handshake benchmark (loopback only).
+const BENCH_SECRET: &str = "bench-secret-0123456789abcdef";
+
+/// One token per connection, minted before the clock starts (`None` for `--auth none`).
+fn bench_tokens(auth: &str, n: usize) -> Vec<Option<String>> {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let key = match auth {
+        "none" => return vec![None; n],
+        "hs256" => (
+            Algorithm::HS256,
+            EncodingKey::from_secret(BENCH_SECRET.as_bytes()),
+        ),
+        "rs256" => {
+            let pem = std::fs::read(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/auth/rsa1.key"
+            ))
+            .unwrap();
+            (Algorithm::RS256, EncodingKey::from_rsa_pem(&pem).unwrap())
+        }
+        other => panic!("--auth must be none, hs256 or rs256, not {other}"),
+    };
+    let exp = now_us() / 1_000_000 + 3600;
+    (0..n)
+        .map(|i| {
+            let claims = serde_json::json!({
+                "sub": format!("user-{i}"), "name": format!("User {i}"), "exp": exp,
+                "rooms": [{"room": "hs-*", "role": "viewer"}, {"room": "stage", "role": "host"}],
+            });
+            Some(encode(&Header::new(key.0), &claims, &key.1).unwrap())
+        })
+        .collect()
 }
 
 fn free_port() -> u16 {
@@ -307,6 +355,55 @@ async fn main() {
                 connect_time.as_secs_f64()
             );
             drop(sockets);
+        }
+        What::Handshakes {
+            auth,
+            connections,
+            concurrency,
+        } => {
+            let pub_key = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/auth/rsa1.pub");
+            let flags: Vec<&str> = match auth.as_str() {
+                "none" => vec![],
+                "hs256" => vec!["--auth", "jwt", "--jwt-hmac-secret", BENCH_SECRET],
+                _ => vec!["--auth", "jwt", "--jwt-public-key", pub_key],
+            };
+            let tokens = bench_tokens(&auth, connections);
+            let g = Gateway::start(&args.gateway, &flags).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let cpu0 = g.cpu_seconds();
+            let start = Instant::now();
+            let sem = Arc::new(tokio::sync::Semaphore::new(concurrency));
+            let mut set = tokio::task::JoinSet::new();
+            for (i, token) in tokens.into_iter().enumerate() {
+                let permit = sem.clone().acquire_owned().await.unwrap();
+                let addr = g.client;
+                set.spawn(async move {
+                    let path = match token {
+                        Some(t) => format!("/ws/hs-{}?token={t}", i % 100),
+                        None => format!("/ws/hs-{}", i % 100),
+                    };
+                    // The 101 is the end of the handshake; the socket is then dropped.
+                    let r = ws_connect(addr, &path, 1 + (i % 200) as u8).await;
+                    drop(permit);
+                    r.map(drop)
+                });
+                while let Some(r) = set.try_join_next() {
+                    r.unwrap().expect("handshake");
+                }
+            }
+            while let Some(r) = set.join_next().await {
+                r.unwrap().expect("handshake");
+            }
+            let secs = start.elapsed().as_secs_f64();
+            // The sessions' ends (the clients hung up) belong to the cost of a handshake too.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let cpu = g.cpu_seconds() - cpu0;
+            println!(
+                "{{\"bench\":\"handshakes\",\"auth\":\"{auth}\",\"connections\":{connections},\"concurrency\":{concurrency},\
+                 \"seconds\":{secs:.2},\"handshakes_per_second\":{:.0},\"gateway_cpu_seconds\":{cpu:.2},\"gateway_cpu_us_per_handshake\":{:.0}}}",
+                connections as f64 / secs,
+                cpu * 1e6 / connections as f64,
+            );
         }
         What::Fanout {
             viewers,

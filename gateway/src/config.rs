@@ -15,6 +15,40 @@ pub enum LogFormat {
     Json,
 }
 
+/// How WebSocket clients are authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    /// No authentication: role and name come from the query string.
+    None,
+    /// Signed JSON Web Tokens decide who joins which room as what.
+    Jwt,
+}
+
+/// A secret value (an API key, an HMAC secret): never printed by `Debug`, so that a logged
+/// configuration does not leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
+impl Secret {
+    /// The secret itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
 /// Configuration of one gateway node.
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -42,10 +76,61 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_NODE_ID", default_value_t = default_node_id())]
     pub node_id: String,
 
-    /// Key required as `Authorization: Bearer KEY` on the HTTP publish API. Without it the API is
-    /// open (bind --listen to a private address then).
-    #[arg(long, env = "GATEWAY_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    /// Keys accepted as `Authorization: Bearer KEY` on the HTTP API (comma list, so that keys
+    /// rotate without downtime; compared in constant time). Without one the publish API is open
+    /// (bind --listen to a private address then) and the moderation API is refused.
+    #[arg(
+        long = "api-key",
+        env = "GATEWAY_API_KEY",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub api_keys: Vec<Secret>,
+
+    /// `none` (default): anyone may join any room with the role and name of the query string.
+    /// `jwt`: every WebSocket upgrade needs a signed token (see docs/protocol.md, Authentication).
+    #[arg(long, env = "GATEWAY_AUTH", value_enum, default_value = "none")]
+    pub auth: AuthMode,
+
+    /// With `--auth jwt`: clients without a token join as viewers who may not publish.
+    #[arg(long, env = "GATEWAY_ALLOW_ANONYMOUS_VIEWERS")]
+    pub allow_anonymous_viewers: bool,
+
+    /// HMAC secrets (HS256/384/512) that sign tokens, each `SECRET` or `KID=SECRET`; several
+    /// (repeat the flag or a comma list) so that secrets rotate without downtime.
+    #[arg(
+        long = "jwt-hmac-secret",
+        env = "GATEWAY_JWT_HMAC_SECRETS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub jwt_hmac_secrets: Vec<Secret>,
+
+    /// PEM public keys (RSA, EC P-256/P-384, Ed25519) that verify tokens, each `FILE` or
+    /// `KID=FILE`; repeatable.
+    #[arg(
+        long = "jwt-public-key",
+        env = "GATEWAY_JWT_PUBLIC_KEYS",
+        value_delimiter = ','
+    )]
+    pub jwt_public_keys: Vec<String>,
+
+    /// A JWKS URL whose keys verify tokens: fetched at start, every 5 minutes, and when a token
+    /// names an unknown `kid` (at most every 5 s).
+    #[arg(long, env = "GATEWAY_JWKS_URL")]
+    pub jwks_url: Option<String>,
+
+    /// Required `aud` of tokens (when set).
+    #[arg(long, env = "GATEWAY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Required `iss` of tokens (when set).
+    #[arg(long, env = "GATEWAY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// How long before a connection's token expires the client gets an `expiring` event.
+    #[arg(long, env = "GATEWAY_TOKEN_EXPIRY_WARNING", value_parser = parse_duration, default_value = "30s")]
+    pub token_expiry_warning: Duration,
 
     /// Prefix of the Redis channel of each room: a room's channel is PREFIX + room name.
     #[arg(long, env = "GATEWAY_CHANNEL_PREFIX", default_value = "gw:room:")]
@@ -161,10 +246,27 @@ impl Config {
         }
     }
 
-    /// The API key, if one is set (an empty `GATEWAY_API_KEY` counts as none, as container
-    /// platforms often pass empty variables).
-    pub fn api_key(&self) -> Option<&str> {
-        self.api_key.as_deref().filter(|k| !k.is_empty())
+    /// The API keys (empty entries are ignored: an empty `GATEWAY_API_KEY` counts as none, as
+    /// container platforms often pass empty variables).
+    pub fn api_keys(&self) -> impl Iterator<Item = &str> {
+        self.api_keys
+            .iter()
+            .map(|k| k.expose().trim())
+            .filter(|k| !k.is_empty())
+    }
+
+    /// Whether the HTTP API requires a key.
+    pub fn api_key_required(&self) -> bool {
+        self.api_keys().next().is_some()
+    }
+
+    /// The HMAC secrets as `(kid, secret)`; empty entries are ignored.
+    pub fn jwt_hmac_secrets(&self) -> impl Iterator<Item = (Option<&str>, &str)> {
+        self.jwt_hmac_secrets
+            .iter()
+            .map(|s| s.expose().trim())
+            .filter(|s| !s.is_empty())
+            .map(split_kid)
     }
 
     /// Time-to-live of this node's presence report in Redis.
@@ -216,12 +318,33 @@ impl Config {
                 "--max-publish-rate must be a number of publishes per second, 0 to disable",
             );
         }
-        if let Some(key) = self.api_key() {
-            if key.len() < 8 {
-                return bad("--api-key must be at least 8 characters");
-            }
+        if self.api_keys().any(|k| k.len() < 8) {
+            return bad("--api-key must be at least 8 characters");
+        }
+        if self.auth == AuthMode::Jwt
+            && self.jwt_hmac_secrets().next().is_none()
+            && self.jwt_public_keys.iter().all(|k| k.trim().is_empty())
+            && self.jwks_url.is_none()
+        {
+            return bad(
+                "--auth jwt needs at least one of --jwt-hmac-secret, --jwt-public-key, --jwks-url",
+            );
+        }
+        if self.jwt_hmac_secrets().any(|(_, s)| s.len() < 16) {
+            return bad("--jwt-hmac-secret values must be at least 16 bytes");
+        }
+        if self.allow_anonymous_viewers && self.auth != AuthMode::Jwt {
+            return bad("--allow-anonymous-viewers needs --auth jwt");
         }
         Ok(())
+    }
+}
+
+/// Splits `KID=VALUE` into its key id and value; a value without `=` has no key id.
+pub fn split_kid(s: &str) -> (Option<&str>, &str) {
+    match s.split_once('=') {
+        Some((kid, v)) if !kid.is_empty() && !kid.contains(['/', ' ']) => (Some(kid), v),
+        _ => (None, s),
     }
 }
 
@@ -299,6 +422,33 @@ mod tests {
         assert!(c.validate().is_err());
         let c = Config::parse_from(["gateway", "--api-key", ""]);
         c.validate().unwrap();
-        assert_eq!(c.api_key(), None, "empty means no key");
+        assert!(!c.api_key_required(), "empty means no key");
+        let c = Config::parse_from(["gateway", "--api-key", "old-key-123,new-key-456"]);
+        c.validate().unwrap();
+        assert_eq!(c.api_keys().count(), 2);
+        assert!(
+            !format!("{c:?}").contains("old-key-123"),
+            "secrets are not printed"
+        );
+        let c = Config::parse_from(["gateway", "--auth", "jwt"]);
+        assert!(c.validate().is_err(), "jwt without a key");
+        let c = Config::parse_from(["gateway", "--allow-anonymous-viewers"]);
+        assert!(c.validate().is_err(), "anonymous viewers without jwt");
+        let c = Config::parse_from([
+            "gateway",
+            "--auth",
+            "jwt",
+            "--jwt-hmac-secret",
+            "k1=0123456789abcdef,0123456789abcdefXYZ",
+        ]);
+        c.validate().unwrap();
+        let secrets: Vec<_> = c.jwt_hmac_secrets().collect();
+        assert_eq!(
+            secrets,
+            vec![
+                (Some("k1"), "0123456789abcdef"),
+                (None, "0123456789abcdefXYZ")
+            ]
+        );
     }
 }

@@ -30,11 +30,19 @@ pub enum CloseReason {
     IdleTimeout,
     /// The node is draining or shutting down (1012, reconnect elsewhere).
     Shutdown,
+    /// The connection's token expired without a refresh (4010: get a new token, then reconnect).
+    TokenExpired,
+    /// A moderator disconnected the user or the room (4501, do not reconnect automatically).
+    Kicked,
+    /// The user was banned from the room (4502, do not reconnect).
+    Banned,
+    /// A refreshed token no longer grants this room or role (4503, do not reconnect).
+    Forbidden,
 }
 
 impl CloseReason {
     /// Every reason, for registering one metric series each.
-    pub const ALL: [CloseReason; 10] = [
+    pub const ALL: [CloseReason; 14] = [
         Self::ClientClosed,
         Self::Eof,
         Self::IoError,
@@ -45,6 +53,10 @@ impl CloseReason {
         Self::SlowConsumer,
         Self::IdleTimeout,
         Self::Shutdown,
+        Self::TokenExpired,
+        Self::Kicked,
+        Self::Banned,
+        Self::Forbidden,
     ];
 
     /// The close code sent to the client, or `None` when no Close frame can be sent (the socket is
@@ -60,6 +72,10 @@ impl CloseReason {
             Self::SlowConsumer => Some(4000),
             Self::IdleTimeout => Some(4001),
             Self::Shutdown => Some(1012),
+            Self::TokenExpired => Some(4010),
+            Self::Kicked => Some(4501),
+            Self::Banned => Some(4502),
+            Self::Forbidden => Some(4503),
         }
     }
 
@@ -75,6 +91,10 @@ impl CloseReason {
             Self::SlowConsumer => "slow consumer",
             Self::IdleTimeout => "idle timeout",
             Self::Shutdown => "service restart",
+            Self::TokenExpired => "token expired",
+            Self::Kicked => "kicked",
+            Self::Banned => "banned",
+            Self::Forbidden => "forbidden",
         }
     }
 
@@ -82,7 +102,12 @@ impl CloseReason {
     pub fn reconnect(self) -> bool {
         matches!(
             self,
-            Self::Eof | Self::IoError | Self::SlowConsumer | Self::IdleTimeout | Self::Shutdown
+            Self::Eof
+                | Self::IoError
+                | Self::SlowConsumer
+                | Self::IdleTimeout
+                | Self::Shutdown
+                | Self::TokenExpired
         )
     }
 
@@ -99,6 +124,10 @@ impl CloseReason {
             Self::SlowConsumer => "slow_consumer",
             Self::IdleTimeout => "idle_timeout",
             Self::Shutdown => "shutdown",
+            Self::TokenExpired => "token_expired",
+            Self::Kicked => "kicked",
+            Self::Banned => "banned",
+            Self::Forbidden => "forbidden",
         }
     }
 }

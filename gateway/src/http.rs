@@ -4,10 +4,13 @@
 //! - `GET /` with an upgrade — join `lobby`; without one, the live-room page ([`crate::assets`]),
 //!   which loads `/page.js` and `/client.js`.
 //! - `POST /api/rooms/{room}/messages` — publish as `server` (202 with the message id).
+//! - `POST /api/users/{sub}/disconnect`, `POST /api/rooms/{room}/disconnect`, `/api/bans` —
+//!   moderation ([`crate::moderation`]).
 //!
 //! Every refusal happens before the upgrade, as an HTTP status with a JSON body
 //! `{"error":CODE,"message":TEXT}`, and is counted. [`admit`] is where a connection's identity and
-//! role are decided: a token check (JWT) replaces its trust in the query string there.
+//! role are decided: with `--auth jwt` from the token (header or `token` query parameter), never
+//! from the query string; a refusal there is 401 or 403 and counted by reason.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -21,45 +24,23 @@ use serde_json::value::RawValue;
 use tracing::{debug, warn};
 
 use crate::assets;
+use crate::auth::AuthError;
+use crate::control;
 use crate::metrics::{RefuseReason, Source};
+use crate::moderation;
+use crate::moderation_api;
 use crate::node::{Node, SlotError};
 use crate::protocol::{self, Role, RoomName};
-use crate::response::{json, Body};
+use crate::request::{check_api_key, param, query_params};
+use crate::response::{json, Body, Refusal};
 use crate::session::{self, Admission};
-
-/// A refusal: status, machine-readable code, human-readable message.
-#[derive(Debug)]
-pub struct Refusal {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-}
-
-impl Refusal {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-
-    fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
-    }
-
-    fn into_response(self) -> Response<Body> {
-        let body = serde_json::json!({ "error": self.code, "message": self.message });
-        json(self.status, &body)
-    }
-}
 
 /// Dispatches one request of the client port.
 pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
     let response = if path == "/" {
         if fastwebsockets::upgrade::is_upgrade_request(&req) {
-            upgrade(&node, req, protocol::LOBBY)
+            upgrade(&node, req, protocol::LOBBY).await
         } else if req.method() == Method::GET || req.method() == Method::HEAD {
             Ok(assets::serve(&assets::PAGE, &req))
         } else {
@@ -88,8 +69,27 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<
             ))
         } else {
             let room = room.to_string();
-            upgrade(&node, req, &room)
+            upgrade(&node, req, &room).await
         }
+    } else if path.starts_with("/api/users/")
+        || path == "/api/bans"
+        || (path.starts_with("/api/rooms/") && path.ends_with("/disconnect"))
+    {
+        let result = moderation_api::route(&node, req, &path)
+            .await
+            .unwrap_or_else(|| {
+                Err(Refusal::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "no such endpoint",
+                ))
+            });
+        let status = match &result {
+            Ok(r) => r.status(),
+            Err(r) => r.status(),
+        };
+        node.metrics.http_request(status.as_u16());
+        result
     } else if let Some(room) = path
         .strip_prefix("/api/rooms/")
         .and_then(|r| r.strip_suffix("/messages"))
@@ -106,7 +106,7 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<
         };
         let status = match &result {
             Ok(r) => r.status(),
-            Err(r) => r.status,
+            Err(r) => r.status(),
         };
         node.metrics.http_request(status.as_u16());
         result
@@ -120,49 +120,12 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<
     Ok(response.unwrap_or_else(Refusal::into_response))
 }
 
-/// Decodes one component of a query string (`+` is a space, `%XX` an escaped byte). A `%` that
-/// is not followed by two hex digits, or escapes that do not decode to UTF-8, are refused (None)
-/// rather than passed through as the lenient URL parsers do: a name must mean one thing.
-fn decode_component(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let escapes_ok = s.match_indices('%').all(|(i, _)| {
-        b.get(i + 1..i + 3)
-            .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
-    });
-    if !escapes_ok {
-        return None;
-    }
-    percent_encoding::percent_decode_str(&s.replace('+', " "))
-        .decode_utf8()
-        .ok()
-        .map(|c| c.into_owned())
-}
-
-/// The query parameters of a request, decoded; a malformed escape is a 400.
-fn query_params(req: &Request<Incoming>) -> Result<Vec<(String, String)>, Refusal> {
-    let Some(q) = req.uri().query() else {
-        return Ok(Vec::new());
-    };
-    q.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            match (decode_component(k), decode_component(v)) {
-                (Some(k), Some(v)) => Ok((k, v)),
-                _ => Err(Refusal::bad_request("malformed query string")),
-            }
-        })
-        .collect()
-}
-
-fn param<'a>(params: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    params
-        .iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.as_str())
-}
-
 fn parse_room(raw: &str) -> Result<RoomName, Refusal> {
+    if raw == control::CONTROL_ROOM {
+        return Err(Refusal::bad_request(
+            "the room name _control is reserved for the control channel",
+        ));
+    }
     RoomName::parse(raw).ok_or_else(|| {
         Refusal::bad_request(format!(
             "invalid room name: use 1-{} characters of A-Z a-z 0-9 _ . : -",
@@ -171,15 +134,41 @@ fn parse_room(raw: &str) -> Result<RoomName, Refusal> {
     })
 }
 
-/// Decides who a connecting client is. Today the role and name come from the query string; a
-/// token check (JWT) goes here and overrides them.
-fn admit(req: &Request<Incoming>, room: &str) -> Result<Admission, Refusal> {
+/// Why an upgrade was refused by [`admit`]: a bad request, or a token check.
+enum AdmitError {
+    BadRequest(Refusal),
+    Auth(AuthError),
+}
+
+impl From<Refusal> for AdmitError {
+    fn from(r: Refusal) -> Self {
+        Self::BadRequest(r)
+    }
+}
+
+/// The token of an upgrade: `Authorization: Bearer` wins over the `token` query parameter.
+fn bearer_token<'a>(req: &'a Request<Incoming>, params: &'a [(String, String)]) -> Option<&'a str> {
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .or_else(|| param(params, "token"))
+        .filter(|t| !t.is_empty())
+}
+
+/// Decides who a connecting client is. With `--auth none` the role and name come from the query
+/// string; with `--auth jwt` from the token (the query's `role`, if given, must be the granted
+/// one), and a banned user is refused.
+async fn admit(node: &Node, req: &Request<Incoming>, room: &str) -> Result<Admission, AdmitError> {
     let room = parse_room(room)?;
     let params = query_params(req)?;
     let role = match param(&params, "role") {
-        None | Some("") => Role::Viewer,
-        Some(r) => Role::parse_member(r)
-            .ok_or_else(|| Refusal::bad_request("role must be host or viewer"))?,
+        None | Some("") => None,
+        Some(r) => Some(
+            Role::parse_member(r)
+                .ok_or_else(|| Refusal::bad_request("role must be host or viewer"))?,
+        ),
     };
     let name = match param(&params, "name") {
         None | Some("") => None,
@@ -188,14 +177,60 @@ fn admit(req: &Request<Incoming>, room: &str) -> Result<Admission, Refusal> {
             return Err(Refusal::bad_request(format!(
                 "invalid name: 1-{} characters, no control characters",
                 protocol::MAX_NAME_LEN
-            )))
+            ))
+            .into())
         }
     };
-    Ok(Admission { room, role, name })
+    let Some(verifier) = &node.auth else {
+        return Ok(Admission {
+            room,
+            role: role.unwrap_or(Role::Viewer),
+            name,
+            user: None,
+            exp: None,
+            publish: true,
+        });
+    };
+    let Some(token) = bearer_token(req, &params) else {
+        if verifier.allow_anonymous_viewers && role != Some(Role::Host) {
+            return Ok(Admission {
+                room,
+                role: Role::Viewer,
+                name,
+                user: None,
+                exp: None,
+                publish: false,
+            });
+        }
+        return Err(AdmitError::Auth(AuthError::Missing));
+    };
+    let identity = verifier.verify(token).await.map_err(AdmitError::Auth)?;
+    let right = identity
+        .right(&room)
+        .ok_or(AdmitError::Auth(AuthError::RoomNotGranted))?;
+    if role.is_some_and(|r| r != right.role) {
+        return Err(AdmitError::Auth(AuthError::RoleNotGranted));
+    }
+    if moderation::is_banned(node, &identity.sub, &room).await {
+        return Err(AdmitError::Auth(AuthError::Banned));
+    }
+    Ok(Admission {
+        room,
+        role: right.role,
+        name: Some(
+            identity
+                .name
+                .clone()
+                .unwrap_or_else(|| identity.sub.clone()),
+        ),
+        user: Some(identity.sub),
+        exp: Some(identity.exp),
+        publish: right.publish,
+    })
 }
 
 /// Admits a client, reserves its slot and switches protocols; the session runs in a tracked task.
-fn upgrade(
+async fn upgrade(
     node: &Arc<Node>,
     mut req: Request<Incoming>,
     room: &str,
@@ -228,7 +263,15 @@ fn upgrade(
             ),
         ));
     }
-    let admission = admit(&req, room).map_err(|r| refused(RefuseReason::BadRequest, r))?;
+    let admission = match admit(node, &req, room).await {
+        Ok(a) => a,
+        Err(AdmitError::BadRequest(r)) => return Err(refused(RefuseReason::BadRequest, r)),
+        Err(AdmitError::Auth(e)) => {
+            node.metrics.auth_failure(e);
+            debug!(reason = e.label(), "upgrade refused by authentication");
+            return Err(refused(RefuseReason::Auth, Refusal::auth(e)));
+        }
+    };
     let slot = node.reserve_session().map_err(|e| match e {
         SlotError::Capacity => refused(
             RefuseReason::Capacity,
@@ -272,39 +315,13 @@ fn upgrade(
     Ok(Response::from_parts(parts, Full::new(Bytes::new())))
 }
 
-/// Compares two byte strings in time independent of where they differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// `POST /api/rooms/{room}/messages`.
 async fn publish(
     node: &Arc<Node>,
     req: Request<Incoming>,
     room: &str,
 ) -> Result<Response<Body>, Refusal> {
-    if let Some(key) = node.config.api_key() {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !constant_time_eq(given.as_bytes(), key.as_bytes()) {
-            let mut r = Refusal::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "send Authorization: Bearer KEY",
-            )
-            .into_response();
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return Ok(r);
-        }
-    }
+    check_api_key(&node.config, &req)?;
     let room = parse_room(room)?;
     let params = query_params(&req)?;
     let from = match param(&params, "from") {
@@ -383,32 +400,5 @@ async fn publish(
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             Ok(r)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percent_decoding() {
-        assert_eq!(decode_component("Alice%20B").as_deref(), Some("Alice B"));
-        assert_eq!(decode_component("a+b").as_deref(), Some("a b"));
-        assert_eq!(decode_component("Zo%C3%AB").as_deref(), Some("Zoë"));
-        assert_eq!(decode_component("%zz"), None);
-        assert_eq!(decode_component("%4"), None);
-        assert_eq!(decode_component("%ff"), None, "not UTF-8");
-        assert_eq!(
-            decode_component("a%2Bb").as_deref(),
-            Some("a+b"),
-            "an escaped plus stays a plus"
-        );
-    }
-
-    #[test]
-    fn constant_time_comparison() {
-        assert!(constant_time_eq(b"secret-key", b"secret-key"));
-        assert!(!constant_time_eq(b"secret-key", b"secret-kez"));
-        assert!(!constant_time_eq(b"secret", b"secret-key"));
     }
 }

@@ -9,7 +9,8 @@
 //! # Layout
 //! - [`config`] — every flag and environment variable, defaults, validation.
 //! - [`server`] — accept loops, hyper HTTP/1 with upgrades, task tracking.
-//! - [`http`] — client port routes: `/ws/{room}`, `/`, `/api/rooms/{room}/messages`; admission.
+//! - [`http`] — client port routes: `/ws/{room}`, `/`, `/api/rooms/{room}/messages`, the
+//!   moderation routes; admission (token, room right, ban).
 //! - [`admin`] — admin port: `/metrics`, `/healthz`, `/readyz`.
 //! - [`assets`] — the live-room page and the JavaScript client (`/`, `/page.js`, `/client.js`).
 //! - [`session`] — one client's life: [`session::reader`] (frames → commands, limits),
@@ -21,6 +22,10 @@
 //!   received (and the local fallback), then hands one frame to the hub.
 //! - [`node`] — ties hub and broker: publish path, delayed unsubscribe, session slots, drain.
 //! - [`broker`] — the seam to the cluster: [`broker::memory`] and [`broker::redis`].
+//! - [`auth`] — token verification: keys (HMAC, PEM, [`auth::jwks`]), [`auth::claims`] and grants.
+//! - [`moderation`] — disconnect and ban across the cluster: admin routes, control commands, bans.
+//! - [`registry`] — sessions by user and room, with their token deadlines.
+//! - [`expiry`] — the token timer: `expiring` events, 4010 closes.
 //! - [`presence`] — the presence timer: local counts to the broker, cluster counts to members.
 //! - [`presence_cache`] — the last tick's cluster-wide counts, for a joining client's estimate.
 //! - [`keepalive`] — the ping timer: pings every session, closes silent ones.
@@ -38,19 +43,26 @@
 
 pub mod admin;
 pub mod assets;
+pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod control;
 pub mod disconnect;
+pub mod expiry;
 pub mod http;
 pub mod hub;
 pub mod inbound;
 pub mod keepalive;
 pub mod metrics;
+pub mod moderation;
+pub mod moderation_api;
 pub mod node;
 pub mod pacing;
 pub mod presence;
 pub mod presence_cache;
 pub mod protocol;
+pub mod registry;
+pub mod request;
 pub mod response;
 pub mod server;
 pub mod session;
@@ -86,6 +98,9 @@ pub enum Error {
     /// The broker could not be set up.
     #[error(transparent)]
     Broker(#[from] broker::BrokerError),
+    /// The authentication keys are unusable.
+    #[error(transparent)]
+    Keys(#[from] auth::KeyError),
 }
 
 /// Runs a node until `shutdown` is cancelled, then drains: `/readyz` fails, the client listener
@@ -100,7 +115,12 @@ pub async fn run(
     let metrics = metrics::Metrics::new(&config.node_id);
     let tracker = TaskTracker::new();
     let stop = CancellationToken::new();
-    let node = node::Node::start(config, metrics.clone(), tracker.clone(), stop.clone())?;
+    let auth = auth::Verifier::from_config(&config)?.map(std::sync::Arc::new);
+    if let Some(jwks) = auth.as_ref().and_then(|a| a.jwks()) {
+        tracker.spawn(jwks.clone().run(stop.clone()));
+    }
+    let node = node::Node::start(config, metrics.clone(), tracker.clone(), stop.clone(), auth)?;
+    moderation::start(&node);
     info!(
         node = %node.config.node_id,
         client = ?listeners.client.local_addr().ok(),
@@ -125,6 +145,7 @@ pub async fn run(
     ));
     tracker.spawn(presence::run(node.clone()));
     tracker.spawn(keepalive::run(node.clone()));
+    tracker.spawn(expiry::run(node.clone()));
     let upkeep = metrics.clone();
     let upkeep_stop = stop.clone();
     tracker.spawn(async move {

@@ -16,6 +16,7 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
+use crate::auth::AuthError;
 use crate::disconnect::CloseReason;
 use crate::protocol::Role;
 
@@ -68,6 +69,11 @@ pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
 pub const PROCESS_MAX_FDS: &str = "process_max_fds";
 /// `--max-connections` (0: no limit but the open-file limit), for alerts on the headroom.
 pub const MAX_CONNECTIONS: &str = "gateway_max_connections";
+/// Tokens refused (at an upgrade or a refresh), by `reason` (see [`AuthError::label`]).
+pub const AUTH_FAILURES: &str = "gateway_auth_failures_total";
+/// Moderation commands (disconnect, ban) this node received on the control channel, by `result`
+/// (`applied`, `invalid`, `dropped` when the control queue was full).
+pub const CONTROL_COMMANDS: &str = "gateway_control_commands_total";
 
 /// Buckets of [`FANOUT_LATENCY`]: 100 µs to 10 s, roughly ×2.5 per step.
 pub const FANOUT_LATENCY_BUCKETS: &[f64] = &[
@@ -153,14 +159,18 @@ pub enum RefuseReason {
     Origin,
     /// The node is draining (HTTP 503).
     Draining,
+    /// No valid token, or no right to the room or role, or banned (HTTP 401/403; the reason is
+    /// in [`AUTH_FAILURES`]).
+    Auth,
 }
 
 impl RefuseReason {
-    const ALL: [RefuseReason; 4] = [
+    const ALL: [RefuseReason; 5] = [
         Self::BadRequest,
         Self::Capacity,
         Self::Origin,
         Self::Draining,
+        Self::Auth,
     ];
 
     /// The label value.
@@ -170,6 +180,7 @@ impl RefuseReason {
             Self::Capacity => "capacity",
             Self::Origin => "origin",
             Self::Draining => "draining",
+            Self::Auth => "auth",
         }
     }
 }
@@ -216,6 +227,20 @@ pub struct Metrics {
     process_max_fds: Gauge,
     /// See [`MAX_CONNECTIONS`].
     pub max_connections: Gauge,
+    auth_failures: Arc<[Counter]>,
+    /// See [`CONTROL_COMMANDS`]: applied, invalid, dropped.
+    control: [Counter; 3],
+}
+
+/// The `result` of a control command (see [`CONTROL_COMMANDS`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlResult {
+    /// Parsed and applied to this node's sessions.
+    Applied = 0,
+    /// Not a command this node understands.
+    Invalid = 1,
+    /// The control queue was full.
+    Dropped = 2,
 }
 
 /// `error` event codes that get their own [`CLIENT_ERRORS`] series (see `docs/protocol.md`).
@@ -225,6 +250,8 @@ pub const CLIENT_ERROR_CODES: &[&str] = &[
     "unsupported_binary",
     "rate_limited",
     "unavailable",
+    "forbidden",
+    "refresh_failed",
 ];
 
 impl std::fmt::Debug for Metrics {
@@ -296,6 +323,12 @@ impl Metrics {
                 .map(|c| (*c, counter(CLIENT_ERRORS, &[("code", c)])))
                 .collect(),
             http_requests: ["2xx", "4xx", "5xx"].map(|s| counter(HTTP_REQUESTS, &[("status", s)])),
+            auth_failures: AuthError::ALL
+                .iter()
+                .map(|r| counter(AUTH_FAILURES, &[("reason", r.label())]))
+                .collect(),
+            control: ["applied", "invalid", "dropped"]
+                .map(|r| counter(CONTROL_COMMANDS, &[("result", r)])),
             process_cpu: gauge(PROCESS_CPU, &[]),
             process_rss: gauge(PROCESS_RSS, &[]),
             process_open_fds: gauge(PROCESS_OPEN_FDS, &[]),
@@ -328,6 +361,18 @@ impl Metrics {
             .iter()
             .position(|r| *r == reason)
             .unwrap_or(0)]
+    }
+
+    /// Counts one refused token.
+    pub fn auth_failure(&self, reason: AuthError) {
+        if let Some(i) = AuthError::ALL.iter().position(|r| *r == reason) {
+            self.auth_failures[i].increment(1);
+        }
+    }
+
+    /// Counts one control command.
+    pub fn control(&self, result: ControlResult) {
+        self.control[result as usize].increment(1);
     }
 
     /// The counter of messages published from `source`.
@@ -451,6 +496,16 @@ fn describe(r: &PrometheusRecorder) {
         CONNECTIONS_REFUSED,
         None,
         "Connection attempts refused before the upgrade, by reason.",
+    );
+    d(
+        AUTH_FAILURES,
+        None,
+        "Tokens refused at an upgrade or a refresh, by reason.",
+    );
+    d(
+        CONTROL_COMMANDS,
+        None,
+        "Moderation commands received on the control channel, by result.",
     );
     d(
         MESSAGES_PUBLISHED,

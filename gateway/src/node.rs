@@ -13,6 +13,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::Verifier;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::{RedisBroker, RedisTimeouts};
 use crate::broker::{Broker, BrokerError};
@@ -22,6 +23,7 @@ use crate::inbound::Inbound;
 use crate::metrics::{DropReason, Metrics, Source};
 use crate::presence_cache::PresenceCache;
 use crate::protocol::{self, Message, Role, RoomName};
+use crate::registry::Registry;
 use crate::session::outbox::Outbox;
 
 /// A message the broker accepted.
@@ -61,6 +63,10 @@ pub struct Node {
     next_session: std::sync::atomic::AtomicU64,
     /// Cluster-wide room counts of the last presence tick.
     pub presence: PresenceCache,
+    /// The token verifier; `None` with `--auth none`.
+    pub auth: Option<Arc<Verifier>>,
+    /// Sessions by id with their user, room and token deadline (moderation, expiry).
+    pub registry: Registry,
 }
 
 /// A publish the broker did not take.
@@ -104,6 +110,7 @@ impl Node {
         metrics: Metrics,
         tracker: TaskTracker,
         stop: CancellationToken,
+        auth: Option<Arc<Verifier>>,
     ) -> Result<Arc<Node>, BrokerError> {
         metrics.max_connections.set(config.max_connections as f64);
         let hub = Arc::new(Hub::new(metrics.clone()));
@@ -128,7 +135,8 @@ impl Node {
                 stop.clone(),
             )?),
         };
-        Ok(Arc::new(Node {
+        let registry = Registry::new(config.token_expiry_warning.as_millis() as u64);
+        let node = Arc::new(Node {
             config,
             hub,
             inbound,
@@ -141,7 +149,10 @@ impl Node {
             session_ended: Notify::new(),
             next_session: std::sync::atomic::AtomicU64::new(1),
             presence: Default::default(),
-        }))
+            auth,
+            registry,
+        });
+        Ok(node)
     }
 
     /// Reserves a session slot before the upgrade.

@@ -109,6 +109,8 @@ pub enum ClientCommand<'a> {
     Chat(&'a str),
     /// `{"type":"ping"}`: answered with `{"type":"pong"}` (browsers cannot send WebSocket pings).
     Ping,
+    /// `{"type":"refresh","token":…}`: a new token for this connection (same `sub`).
+    Refresh(Cow<'a, str>),
 }
 
 impl PartialEq for ClientCommand<'_> {
@@ -117,6 +119,7 @@ impl PartialEq for ClientCommand<'_> {
             (Self::Publish(a), Self::Publish(b)) => a.get() == b.get(),
             (Self::Chat(a), Self::Chat(b)) => a == b,
             (Self::Ping, Self::Ping) => true,
+            (Self::Refresh(a), Self::Refresh(b)) => a == b,
             _ => false,
         }
     }
@@ -150,6 +153,9 @@ struct RawCommand<'a> {
     /// `Some` whenever the field is present, `null` included.
     #[serde(borrow, default, deserialize_with = "present")]
     data: Option<&'a RawValue>,
+    /// The token of a `refresh`.
+    #[serde(borrow, default)]
+    token: Option<Cow<'a, str>>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -173,6 +179,10 @@ pub fn parse_command(text: &str) -> Result<ClientCommand<'_>, CommandError> {
                 None => Err(CommandError::Invalid("publish needs a \"data\" field")),
             },
             Some("ping") => Ok(ClientCommand::Ping),
+            Some("refresh") => match cmd.token {
+                Some(token) => Ok(ClientCommand::Refresh(token)),
+                None => Err(CommandError::Invalid("refresh needs a \"token\" field")),
+            },
             _ => Err(CommandError::Unknown),
         },
         Err(_) => Err(CommandError::Unknown),
@@ -290,6 +300,14 @@ enum Event<'a> {
         role: Role,
         connection_id: &'a str,
         name: Option<&'a str>,
+        /// The token's `sub`; null when anonymous or without authentication.
+        user: Option<&'a str>,
+    },
+    Refreshed {
+        exp: u64,
+    },
+    Expiring {
+        exp: u64,
     },
     Presence {
         room: &'a str,
@@ -316,6 +334,7 @@ pub fn welcome(
     role: Role,
     connection_id: &str,
     name: Option<&str>,
+    user: Option<&str>,
 ) -> Bytes {
     encode(&Event::Welcome {
         node,
@@ -323,7 +342,19 @@ pub fn welcome(
         role,
         connection_id,
         name,
+        user,
     })
+}
+
+/// `{"type":"refreshed","exp":…}`: a `refresh` was accepted; the connection now lasts until `exp`.
+pub fn refreshed(exp: u64) -> Bytes {
+    encode(&Event::Refreshed { exp })
+}
+
+/// `{"type":"expiring","exp":…}`: the connection's token expires at `exp` (seconds); send a
+/// `refresh` before then.
+pub fn expiring(exp: u64) -> Bytes {
+    encode(&Event::Expiring { exp })
 }
 
 /// `{"type":"presence",…}` with cluster-wide counts.
@@ -475,10 +506,35 @@ mod tests {
     #[test]
     fn events() {
         let room = RoomName::parse("lobby").unwrap();
-        let w = json(&welcome("n1", &room, Role::Viewer, "c7", None));
+        let w = json(&welcome("n1", &room, Role::Viewer, "c7", None, None));
         assert_eq!(
             w,
-            serde_json::json!({"type":"welcome","node":"n1","room":"lobby","role":"viewer","connection_id":"c7","name":null})
+            serde_json::json!({"type":"welcome","node":"n1","room":"lobby","role":"viewer","connection_id":"c7","name":null,"user":null})
+        );
+        let w = json(&welcome(
+            "n1",
+            &room,
+            Role::Host,
+            "c7",
+            Some("Ann"),
+            Some("u-42"),
+        ));
+        assert_eq!(w["user"], "u-42");
+        assert_eq!(
+            json(&refreshed(17)),
+            serde_json::json!({"type":"refreshed","exp":17})
+        );
+        assert_eq!(
+            json(&expiring(17)),
+            serde_json::json!({"type":"expiring","exp":17})
+        );
+        assert_eq!(
+            parse_command(r#"{"type":"refresh","token":"a.b.c"}"#),
+            Ok(ClientCommand::Refresh("a.b.c".into()))
+        );
+        assert_eq!(
+            parse_command(r#"{"type":"refresh"}"#).unwrap_err().code(),
+            "invalid_command"
         );
         assert_eq!(
             json(&presence(&room, 2, 30)),

@@ -70,6 +70,7 @@ fn command_input(r: &mut fastrand::Rng) -> String {
         2 => json_value(r, 0).to_string(),
         3 => text(r, 40),
         4 => serde_json::json!({"type": "ping"}).to_string(),
+        5 if r.bool() => serde_json::json!({"type": "refresh", "token": text(r, 40)}).to_string(),
         _ => serde_json::json!({"type": "publish"}).to_string(),
     };
     match r.u8(0..4) {
@@ -145,6 +146,13 @@ fn command_parser_classifies_every_input_consistently() {
                         protocol::classify_broker_payload(&room, &frame),
                         BrokerPayload::Envelope { ts: 7 }
                     );
+                }
+                Ok(ClientCommand::Refresh(token)) => {
+                    assert!(is_json);
+                    if let Ok(v) = &parsed {
+                        assert_eq!(v["type"], "refresh", "{input}");
+                        assert_eq!(v["token"], *token, "{input}");
+                    }
                 }
                 Ok(ClientCommand::Ping) => {
                     assert!(is_json);
@@ -370,4 +378,118 @@ async fn a_live_node_survives_garbage_from_many_clients() {
         }
     }
     eprintln!("live node: {clients} garbage clients");
+}
+
+/// A random token-like string: JWT-shaped pieces, random bytes, or something huge.
+fn token_input(r: &mut fastrand::Rng) -> String {
+    use base64::Engine as _;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let header = match r.u8(0..6) {
+        0 => r#"{"alg":"HS256"}"#.to_string(),
+        1 => r#"{"alg":"none"}"#.to_string(),
+        2 => r#"{"alg":"RS256","kid":"k"}"#.to_string(),
+        3 => json_value(r, 0).to_string(),
+        4 => text(r, 30),
+        _ => r#"{"alg":"HS256","kid":""}"#.to_string(),
+    };
+    match r.u8(0..5) {
+        0 => (0..r.usize(0..200)).map(|_| r.char(..)).collect(),
+        1 => format!(
+            "{}.{}.{}",
+            b64(header.as_bytes()),
+            b64(json_value(r, 0).to_string().as_bytes()),
+            b64(&(0..r.usize(0..64)).map(|_| r.u8(..)).collect::<Vec<_>>())
+        ),
+        2 => "a.".repeat(r.usize(0..5000)),
+        3 => {
+            // Huge: far beyond the 8 KiB bound.
+            let n = r.usize(8 * 1024..200 * 1024);
+            format!("{}.{}.x", b64(header.as_bytes()), "A".repeat(n))
+        }
+        _ => format!("{}.{}", b64(header.as_bytes()), text(r, 40)),
+    }
+}
+
+#[tokio::test]
+async fn the_token_path_is_bounded_and_never_panics() {
+    let mut r = rng("token verifier");
+    let config = test_config(
+        "n1",
+        None,
+        &[
+            "--auth",
+            "jwt",
+            "--jwt-hmac-secret",
+            "fuzz-secret-0123456789",
+        ],
+    );
+    let verifier = gateway::auth::Verifier::from_config(&config)
+        .unwrap()
+        .unwrap();
+    let end = Instant::now() + budget();
+    let mut n = 0u64;
+    while Instant::now() < end {
+        let t = token_input(&mut r);
+        let started = Instant::now();
+        let result = verifier.verify(&t).await;
+        assert!(result.is_err(), "a random token was accepted: {t:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "one token took {:?}",
+            started.elapsed()
+        );
+        n += 1;
+    }
+    eprintln!("token verifier: {n} tokens");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_tokens_on_a_live_node_get_a_clean_refusal() {
+    let mut r = rng("live tokens");
+    let node = TestNode::start(test_config(
+        "n1",
+        None,
+        &[
+            "--auth",
+            "jwt",
+            "--jwt-hmac-secret",
+            "fuzz-secret-0123456789",
+        ],
+    ))
+    .await;
+    let end = Instant::now() + budget();
+    let mut n = 0u64;
+    while Instant::now() < end {
+        let t = token_input(&mut r);
+        // As a header (raw: arbitrary bytes that HTTP allows) or as a query parameter.
+        let status = if r.bool() && t.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            RawWs::connect_with(
+                node.client,
+                "/ws/r",
+                &[("Authorization", &format!("Bearer {t}"))],
+            )
+            .await
+            .err()
+        } else {
+            let q: String = t.bytes().map(|b| format!("%{b:02X}")).collect();
+            RawWs::connect_with(node.client, &format!("/ws/r?token={q}"), &[])
+                .await
+                .err()
+        };
+        // 401 for a bad token; 400/431 when the request itself is too large or malformed.
+        assert!(
+            matches!(status, Some(400 | 401 | 414 | 431)),
+            "status {status:?} for {} bytes",
+            t.len()
+        );
+        n += 1;
+    }
+    let (status, _) = http(node.admin, "GET", "/readyz", &[], b"").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        node.metric("gateway_auth_failures_total{reason=\"malformed\"}")
+            .await
+            > 0.0
+    );
+    eprintln!("live tokens: {n} upgrades");
 }

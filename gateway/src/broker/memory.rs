@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
+use crate::control::{ControlSink, MemoryBans};
 use crate::inbound::Inbound;
 use crate::metrics::Metrics;
 use crate::protocol::RoomName;
@@ -15,9 +16,13 @@ use crate::protocol::RoomName;
 #[derive(Debug)]
 pub struct MemoryBroker {
     inbound: Arc<Inbound>,
-    metrics: Metrics,
+    pub(super) metrics: Metrics,
     /// Rooms subscribed; a std lock, held only for a set operation.
     subscribed: Mutex<HashSet<RoomName>>,
+    /// Moderation commands go straight to this node's queue.
+    pub(super) control: ControlSink,
+    /// Bans, in memory (the in-process broker is the whole cluster).
+    pub(super) bans: MemoryBans,
 }
 
 impl MemoryBroker {
@@ -28,6 +33,8 @@ impl MemoryBroker {
             inbound,
             metrics,
             subscribed: Mutex::new(HashSet::new()),
+            control: ControlSink::default(),
+            bans: MemoryBans::default(),
         }
     }
 

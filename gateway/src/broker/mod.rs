@@ -104,6 +104,52 @@ impl Broker {
         }
     }
 
+    /// Connects the broker's control channel to the node's moderation queue.
+    pub fn set_control(&self, tx: tokio::sync::mpsc::Sender<Bytes>) {
+        match self {
+            Self::Memory(b) => b.control.set(tx),
+            Self::Redis(b) => b.set_control(tx),
+        }
+    }
+
+    /// Publishes a moderation command to every node (this one included).
+    pub async fn publish_control(&self, payload: Bytes) -> Result<(), BrokerError> {
+        match self {
+            Self::Memory(b) => {
+                b.control.deliver(&payload, &b.metrics);
+                Ok(())
+            }
+            Self::Redis(b) => b.publish_control(payload).await,
+        }
+    }
+
+    /// Bans `sub` from `field` (a room, or `*` for every room) until `until_ms` (unix ms).
+    pub async fn ban(&self, sub: &str, field: &str, until_ms: u64) -> Result<(), BrokerError> {
+        match self {
+            Self::Memory(b) => {
+                b.bans.ban(sub, field, until_ms);
+                Ok(())
+            }
+            Self::Redis(b) => b.ban(sub, field, until_ms).await,
+        }
+    }
+
+    /// Lifts a ban; returns whether one was there.
+    pub async fn unban(&self, sub: &str, field: &str) -> Result<bool, BrokerError> {
+        match self {
+            Self::Memory(b) => Ok(b.bans.unban(sub, field)),
+            Self::Redis(b) => b.unban(sub, field).await,
+        }
+    }
+
+    /// The bans of `sub` as (field, expiry in unix ms); some may have expired.
+    pub async fn bans(&self, sub: &str) -> Result<Vec<(String, u64)>, BrokerError> {
+        match self {
+            Self::Memory(b) => Ok(b.bans.list(sub)),
+            Self::Redis(b) => b.bans(sub).await,
+        }
+    }
+
     /// Whether the broker can currently publish and receive.
     pub fn is_connected(&self) -> bool {
         match self {

@@ -31,6 +31,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::{Backoff, BrokerError};
+use crate::control::{self, ControlSink};
 use crate::hub::RoomCounts;
 use crate::inbound::Inbound;
 use crate::metrics::Metrics;
@@ -111,6 +112,8 @@ struct Shared {
     publisher_lost: Notify,
     subscriber_up: AtomicBool,
     publisher_up: AtomicBool,
+    /// Where commands from the control channel go (see [`crate::moderation`]).
+    control: ControlSink,
 }
 
 #[derive(Debug, Default)]
@@ -148,6 +151,7 @@ impl RedisBroker {
             publisher_lost: Notify::new(),
             subscriber_up: AtomicBool::new(false),
             publisher_up: AtomicBool::new(false),
+            control: ControlSink::default(),
         });
         tracker.spawn(
             Subscriber {
@@ -244,6 +248,49 @@ impl RedisBroker {
         Ok(out)
     }
 
+    pub(super) fn set_control(&self, tx: tokio::sync::mpsc::Sender<Bytes>) {
+        self.shared.control.set(tx);
+    }
+
+    pub(super) async fn publish_control(&self, payload: Bytes) -> Result<(), BrokerError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("PUBLISH")
+            .arg(self.shared.control_channel())
+            .arg(payload.as_ref());
+        self.shared.on_publisher::<(i64,)>(&pipe).await.map(|_| ())
+    }
+
+    pub(super) async fn ban(
+        &self,
+        sub: &str,
+        field: &str,
+        until_ms: u64,
+    ) -> Result<(), BrokerError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("EVAL")
+            .arg(control::BAN_SCRIPT)
+            .arg(1)
+            .arg(self.shared.ban_key(sub))
+            .arg(field)
+            .arg(until_ms);
+        self.shared.on_publisher::<(i64,)>(&pipe).await.map(|_| ())
+    }
+
+    pub(super) async fn unban(&self, sub: &str, field: &str) -> Result<bool, BrokerError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HDEL").arg(self.shared.ban_key(sub)).arg(field);
+        let (n,): (i64,) = self.shared.on_publisher(&pipe).await?;
+        Ok(n > 0)
+    }
+
+    pub(super) async fn bans(&self, sub: &str) -> Result<Vec<(String, u64)>, BrokerError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGETALL").arg(self.shared.ban_key(sub));
+        let (all,): (std::collections::HashMap<String, u64>,) =
+            self.shared.on_publisher(&pipe).await?;
+        Ok(all.into_iter().collect())
+    }
+
     pub(super) fn is_connected(&self) -> bool {
         self.shared.subscriber_up.load(Ordering::Relaxed)
             && self.shared.publisher_up.load(Ordering::Relaxed)
@@ -257,6 +304,17 @@ impl Shared {
 
     fn channel(&self, room: &RoomName) -> String {
         format!("{}{}", self.prefix, room)
+    }
+
+    /// The channel of moderation commands, which every node subscribes to permanently (the
+    /// room name `_control` is reserved so that no room's channel is this one).
+    fn control_channel(&self) -> String {
+        format!("{}{}", self.prefix, control::CONTROL_ROOM)
+    }
+
+    /// The hash of a user's bans.
+    fn ban_key(&self, sub: &str) -> String {
+        format!("{}ban:{}", self.prefix, sub)
     }
 
     /// The hash holding every node's counts of `room` (keys and channels are separate namespaces
@@ -414,6 +472,11 @@ impl Subscriber {
     ) -> Result<(), SubscriberLost> {
         let s = &self.shared;
         let mut current: HashSet<RoomName> = HashSet::new();
+        let control = s.control_channel();
+        match tokio::time::timeout(s.timeouts.command, sink.subscribe(&control)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(SubscriberLost::Timeout(s.timeouts.command)),
+        }
         self.converge(sink, &mut current).await?;
         s.subscriber_up.store(true, Ordering::Relaxed);
         s.update_connected();
@@ -431,6 +494,10 @@ impl Subscriber {
                 _ = self.cancel.cancelled() => return Ok(()),
                 msg = stream.next() => {
                     let Some(msg) = msg else { return Err(SubscriberLost::Closed) };
+                    if msg.get_channel_name() == control {
+                        s.control.deliver(msg.get_payload_bytes(), &s.metrics);
+                        continue;
+                    }
                     match msg.get_channel_name().strip_prefix(s.prefix.as_str()) {
                         Some(room) => s.inbound.receive(room, Bytes::copy_from_slice(msg.get_payload_bytes())),
                         None => debug!(channel = msg.get_channel_name(), "message on a foreign channel"),

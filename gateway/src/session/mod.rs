@@ -44,8 +44,14 @@ pub struct Admission {
     pub room: RoomName,
     /// Host or viewer.
     pub role: Role,
-    /// Display name, if it gave one.
+    /// Display name, if it gave one (the token's `name`, or its `sub`, with `--auth jwt`).
     pub name: Option<Arc<str>>,
+    /// The token's `sub`; `None` when anonymous or with `--auth none`.
+    pub user: Option<Arc<str>>,
+    /// The token's `exp` (seconds), when there is a token.
+    pub exp: Option<u64>,
+    /// Whether the client's publishes are accepted.
+    pub publish: bool,
 }
 
 /// Splits an upgraded connection into the frame decoder and the owned write half. Our listener
@@ -99,7 +105,14 @@ async fn join(
     };
     let (outbox, rx) = Outbox::new(cfg.outbox_frames, cfg.outbox_bytes);
     let outbox = Arc::new(outbox);
-    let Admission { room, role, name } = admission;
+    let Admission {
+        room,
+        role,
+        name,
+        user,
+        exp,
+        publish,
+    } = admission;
     let conn_id = format!("{}-{}", cfg.node_id, slot.id);
 
     // The welcome is queued first, so it is the first frame whatever is fanned out meanwhile;
@@ -113,13 +126,17 @@ async fn join(
         role,
         &conn_id,
         name.as_deref(),
+        user.as_deref(),
     ));
     node.join(&room, slot.id, role, outbox.clone());
+    node.registry
+        .register(slot.id, room.clone(), user.clone(), exp, outbox.clone());
     node.broker.wait_subscribed(&room, cfg.redis_timeout).await;
     let counts = node.presence.estimate(&room, node.hub.counts(&room));
     let _ = outbox.push(protocol::presence(&room, counts.hosts, counts.viewers));
 
-    let reader = reader::Reader::new(node.clone(), outbox.clone(), room.clone(), role, name);
+    let reader = reader::Reader::new(node.clone(), outbox.clone(), room.clone(), role, name)
+        .with_access(slot.id, user, publish);
     let writer = writer::Writer::new(node.clone(), outbox, rx, write);
     Some(Live {
         node,
@@ -142,6 +159,7 @@ impl Live {
             () = &mut self.reading => ((&mut self.writing).await, true),
         };
         let node = &self.node;
+        node.registry.unregister(self.slot.id);
         node.leave(&self.room, self.slot.id, self.role);
         node.metrics.closed(reason).increment(1);
         if !read_done

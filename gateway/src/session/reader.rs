@@ -12,8 +12,10 @@ use std::time::{Duration, Instant};
 
 use super::codec::{opcode, DecodeError, Decoder};
 use super::outbox::{Outbox, Outgoing, Pushed};
+use crate::auth::AuthError;
 use crate::disconnect::CloseReason;
 use crate::metrics::{DropReason, Source};
+use crate::moderation;
 use crate::node::Node;
 use crate::protocol::{self, ClientCommand, Role, RoomName};
 
@@ -25,6 +27,18 @@ pub struct Reader {
     role: Role,
     name: Option<Arc<str>>,
     rate: RateLimit,
+    /// Who the token says the client is, and what it may do (see [`Reader::with_access`]).
+    access: Access,
+}
+
+/// A session's identity and publish right.
+struct Access {
+    /// The session's id on this node (for the registry's token deadline).
+    session: u64,
+    /// The token's `sub`, `None` when anonymous or with `--auth none`.
+    user: Option<Arc<str>>,
+    /// Whether publishes are accepted; a refresh may change it.
+    publish: bool,
 }
 
 /// A token bucket of publishes per connection, with a count of refusals for closing abusers.
@@ -66,7 +80,22 @@ impl Reader {
             role,
             name,
             rate,
+            access: Access {
+                session: 0,
+                user: None,
+                publish: true,
+            },
         }
+    }
+
+    /// Sets the session's id, its user (`sub`) and whether it may publish.
+    pub fn with_access(mut self, session: u64, user: Option<Arc<str>>, publish: bool) -> Self {
+        self.access = Access {
+            session,
+            user,
+            publish,
+        };
+        self
     }
 }
 
@@ -229,11 +258,59 @@ impl Reader {
             Ok(ClientCommand::Publish(data)) => self.publish(data).await,
             Ok(ClientCommand::Chat(text)) => self.publish(&protocol::chat_data(text)).await,
             Ok(ClientCommand::Ping) => self.send(protocol::pong()),
+            Ok(ClientCommand::Refresh(token)) => {
+                // Boxed for the same reason as a publish: verification may wait for a JWKS
+                // fetch and a ban check, and an idle reader task should stay small.
+                Box::pin(self.refresh(&token)).await
+            }
             Err(e) => self.refuse(e.code(), &e.to_string()),
         }
     }
 
+    /// A new token on the open socket: same `sub`, rights re-read, ban re-checked. Rights that
+    /// no longer cover this room and role close the session (4503), a ban closes it (4502).
+    async fn refresh(&mut self, token: &str) {
+        let node = self.node.clone();
+        let Some(verifier) = &node.auth else {
+            return self.refuse("refresh_failed", "authentication is off on this node");
+        };
+        let identity = match verifier.verify(token).await {
+            Ok(i) => i,
+            Err(e) => {
+                node.metrics.auth_failure(e);
+                return self.refuse("refresh_failed", &e.to_string());
+            }
+        };
+        if self.access.user.as_deref() != Some(&*identity.sub) {
+            return self.refuse(
+                "refresh_failed",
+                "a refresh must carry a token for the same user (sub)",
+            );
+        }
+        match identity.right(&self.room) {
+            Some(right) if right.role == self.role => self.access.publish = right.publish,
+            _ => {
+                let reason = if identity.right(&self.room).is_some() {
+                    AuthError::RoleNotGranted
+                } else {
+                    AuthError::RoomNotGranted
+                };
+                node.metrics.auth_failure(reason);
+                return self.outbox.close(CloseReason::Forbidden);
+            }
+        }
+        if moderation::is_banned(&node, &identity.sub, &self.room).await {
+            node.metrics.auth_failure(AuthError::Banned);
+            return self.outbox.close(CloseReason::Banned);
+        }
+        node.registry.extend(self.access.session, identity.exp);
+        let _ = self.outbox.push(protocol::refreshed(identity.exp));
+    }
+
     async fn publish(&mut self, data: &serde_json::value::RawValue) {
+        if !self.access.publish {
+            return self.refuse("forbidden", "you may not publish in this room");
+        }
         match self.rate.check(Instant::now()) {
             Rate::Allowed => {}
             Rate::Refused => {

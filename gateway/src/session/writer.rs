@@ -250,6 +250,7 @@ mod tests {
             Metrics::new("n1"),
             TaskTracker::new(),
             CancellationToken::new(),
+            None,
         )
         .unwrap();
         let (outbox, rx) = Outbox::new(1 << 20, 1 << 30);

@@ -697,6 +697,25 @@ pub struct GatewayProcess {
 impl GatewayProcess {
     /// Starts the `gateway` binary with test timers and `extra` flags; waits for `/readyz`.
     pub async fn start(node_id: &str, redis: Option<&RedisServer>, extra: &[&str]) -> Self {
+        Self::start_with_log(node_id, redis, extra, None).await
+    }
+
+    /// Like [`GatewayProcess::start`], with every log line (`RUST_LOG=debug`) written to `log`.
+    pub async fn start_logged(
+        node_id: &str,
+        redis: Option<&RedisServer>,
+        extra: &[&str],
+        log: &std::path::Path,
+    ) -> Self {
+        Self::start_with_log(node_id, redis, extra, Some(log)).await
+    }
+
+    async fn start_with_log(
+        node_id: &str,
+        redis: Option<&RedisServer>,
+        extra: &[&str],
+        log: Option<&std::path::Path>,
+    ) -> Self {
         let client: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_gateway"));
@@ -712,6 +731,12 @@ impl GatewayProcess {
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
+        if let Some(path) = log {
+            let file = std::fs::File::create(path).expect("log file");
+            cmd.env("RUST_LOG", "debug")
+                .stdout(file.try_clone().expect("log file"))
+                .stderr(file);
+        }
         if let Some(r) = redis {
             cmd.args(["--redis-url", &r.url()]);
         }
