@@ -81,6 +81,7 @@ async fn run(
         let url = format!("{}/api/rooms/{name}/messages?from=api", target.http_url());
         let body = ws::stamp_data(stamp, &shared.filler);
         let key = ws::publish_key(stamp);
+        let lag = Instant::now().saturating_duration_since(at);
         let mut outcome = Err(String::new());
         for attempt in 0..2 {
             if attempt > 0 {
@@ -94,7 +95,6 @@ async fn run(
                 Err(_) => {}
             }
         }
-        let lag = Instant::now().saturating_duration_since(at);
         match outcome {
             Ok(()) => {
                 sent += 1;

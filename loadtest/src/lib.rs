@@ -203,6 +203,9 @@ pub async fn run(mut goose_config: GooseConfiguration, opts: Options) -> anyhow:
     if !opts.goose_output {
         goose_config.no_print_metrics = true;
         goose_config.no_error_summary = true;
+        if goose_config.verbose == 0 {
+            goose_config.quiet = goose_config.quiet.max(1);
+        }
     }
 
     let mut raw_targets = opts.targets.clone();

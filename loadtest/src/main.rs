@@ -17,7 +17,7 @@ use loadtest::Outcome;
 /// by itself after its measured window and drain. `loadtest merge --help` for merging the
 /// summaries of several generators. Manual: docs/loadtest.md.
 #[derive(Debug, Parser)]
-#[command(name = "loadtest", version)]
+#[command(name = "loadtest", version, disable_version_flag = true)]
 struct Cli {
     #[command(flatten)]
     goose: GooseConfiguration,

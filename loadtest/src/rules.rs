@@ -392,9 +392,15 @@ pub fn judge_all(rules: &[Rule], o: &Observations) -> (Vec<Verdict>, bool) {
 
 /// The one-line verdict of a rule, as CI logs show it: `PASS lost==0 (observed 0)`.
 pub fn verdict_line(v: &Verdict) -> String {
+    let shown = |o: f64| match v.rule.parse::<Rule>() {
+        Ok(r) if is_time(r.metric) || matches!(r.metric, Metric::Loss | Metric::ErrorRate) => {
+            r.show(o)
+        }
+        _ => trim_float(o),
+    };
     let observed = v
         .observed
-        .map(|o| format!(" (observed {})", trim_float(o)))
+        .map(|o| format!(" (observed {})", shown(o)))
         .unwrap_or_default();
     let note = v
         .note
@@ -523,7 +529,8 @@ mod tests {
         assert!(!pass);
         assert!(v[0].note.as_ref().unwrap().contains("generator"));
         assert!(verdict_line(&v[0]).starts_with("FAIL p99<1ms — observed"));
-        let (v, _) = judge_all(&["lost<=2".parse().unwrap()], &s);
+        let (v, _) = judge_all(&["lost<=2".parse().unwrap(), "p50<1s".parse().unwrap()], &s);
         assert_eq!(verdict_line(&v[0]), "PASS lost<=2 (observed 2)");
+        assert_eq!(verdict_line(&v[1]), "PASS p50<1s (observed 50.00ms)");
     }
 }

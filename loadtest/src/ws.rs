@@ -89,6 +89,13 @@ fn handshake_error(e: WsError) -> ConnectError {
                 detail: format!("upgrade refused with HTTP {status}"),
             }
         }
+        // rustls reports a refused certificate through tokio-rustls as an I/O error.
+        WsError::Io(e)
+            if e.get_ref()
+                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some()) =>
+        {
+            ConnectError::new("tls", e.to_string())
+        }
         WsError::Io(e) => ConnectError::new(io_cause(&e), e.to_string()),
         WsError::ConnectionClosed | WsError::AlreadyClosed => {
             ConnectError::new("eof", "closed during the handshake")
