@@ -607,6 +607,13 @@ impl Summary {
             "  duplicates {}, reordered {}, gaps {} (open {}), rooms with loss {}, after drain {}, late members {}",
             m.duplicates, m.reordered, m.gaps, m.open_holes, m.rooms_with_loss, m.after_drain, m.late_member_deliveries
         );
+        if r.shard.is_split() {
+            let _ = writeln!(
+                o,
+                "  (shard {}: its members also hear the other shards' publishers, so expected/lost are not the run's; judge the whole with `loadtest merge`)",
+                r.shard
+            );
+        }
         let k = &self.continuity;
         if k.offsets_seen || k.resumes > 0 || k.acks > 0 {
             let _ = writeln!(
