@@ -280,6 +280,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// seconds since the Unix epoch. Returns unix microseconds.
 pub fn parse_start_at(s: &str) -> Result<u64, String> {
     let s = s.trim();
+    if s.is_empty() {
+        return Err(
+            "empty: set it (or LOADTEST_START_AT) to the same time for every generator, e.g. $(( $(date +%s) + 90 ))"
+                .into(),
+        );
+    }
     if let Ok(secs) = s.parse::<f64>() {
         if secs.is_finite() && secs > 0.0 {
             return Ok((secs * 1e6) as u64);
