@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
 use crate::plan::{unix_micros, Cadence, Window};
+use crate::shared::Shared;
 use crate::stats::Stats;
 use crate::ws::{self, Stamp};
-use crate::Shared;
 
 /// Longest one HTTP publish may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);

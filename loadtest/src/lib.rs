@@ -14,6 +14,7 @@
 //! - [`plan`] — the population (seats, this shard's share), rooms' ledgers, and the phases.
 //! - [`personas`] — host and viewer as goose scenarios; [`user`] — a goose user's life
 //!   (join, tick, leave) and reconnect policy.
+//! - [`shared`] — what every user of the process shares; [`conductor`] — the window's timers.
 //! - [`session`] — one connection's task and the member's books (ledger, resume position,
 //!   unacknowledged publishes); [`api`] — the HTTP API publishers.
 //! - [`ws`] — the client side of the wire contract: connect, frames, events.
@@ -24,6 +25,7 @@
 //!   report with charts.
 
 pub mod api;
+pub mod conductor;
 pub mod config;
 pub mod ledger;
 pub mod live;
@@ -33,6 +35,7 @@ pub mod probe;
 pub mod report;
 pub mod rules;
 pub mod session;
+pub mod shared;
 pub mod spec;
 pub mod stats;
 pub mod summary;
@@ -53,40 +56,12 @@ use goose::config::GooseConfiguration;
 use goose::prelude::*;
 
 use crate::config::Options;
-use crate::plan::{Plan, Role, Schedule, Window};
+use crate::plan::{Plan, Role, Schedule};
 use crate::rules::Rule;
+pub use crate::shared::Shared;
 use crate::stats::Stats;
 use crate::summary::{Continuity, Histograms, Point, RoomFigures, Summary};
 use crate::token::{Minter, Tokens};
-
-/// Everything the users of one process share.
-pub struct Shared {
-    /// Our options.
-    pub opts: Options,
-    /// Seats, rooms and targets.
-    pub plan: Plan,
-    /// Phases.
-    pub schedule: Schedule,
-    /// Measurements.
-    pub stats: Arc<Stats>,
-    /// Id in every message, to tell ours from anyone else's: random, or derived from the room
-    /// prefix in a sharded run so that every generator of it uses the same.
-    pub run_id: u32,
-    /// Room name prefix.
-    pub prefix: String,
-    /// Members' tokens.
-    pub tokens: Tokens,
-    /// How connections are opened.
-    pub dialer: ws::Dialer,
-    /// The HTTP API client (when `--api-publish-rate` is set).
-    pub http: Option<reqwest::Client>,
-    /// The padding string of every message (`--message-size` bytes).
-    pub filler: String,
-    /// Name of the sampled delivery row (`deliver 1/N`).
-    pub deliver_row: String,
-    /// Generator CPU, left by the probe.
-    pub usage: probe::UsageSlot,
-}
 
 /// How a run ended, for the exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,36 +70,6 @@ pub enum Outcome {
     Pass,
     /// A rule (ours or goose's `--threshold`) failed.
     Fail,
-}
-
-/// Once the window is fixed: start the generator probe and the HTTP API publishers, and end the
-/// run when the drain is over.
-pub fn spawn_conductor(shared: Arc<Shared>, window: Window) {
-    log::info!(
-        "all {} members made their first attempt; measured window starts in {:?}",
-        shared.schedule.first_attempts(),
-        window.start.saturating_duration_since(Instant::now())
-    );
-    let probe = probe::spawn(shared.stats.timer_lag.clone(), window.drain_end);
-    let api = match &shared.http {
-        Some(c) => api::spawn_publishers(&shared, c.clone(), window),
-        None => Vec::new(),
-    };
-    tokio::spawn(async move {
-        tokio::time::sleep_until(window.end.into()).await;
-        log::info!("measured window over; draining");
-        tokio::time::sleep_until(window.drain_end.into()).await;
-        for p in api {
-            if let Ok(unsent) = p.await {
-                Stats::add(&shared.stats.unsent, unsent);
-            }
-        }
-        if let Ok(usage) = probe.await {
-            *shared.usage.lock().unwrap_or_else(|p| p.into_inner()) = usage;
-        }
-        shared.schedule.complete.store(true, Ordering::Release);
-        goose::trigger_killswitch("loadtest: measured window and drain complete");
-    });
 }
 
 /// Stops the run if users stop making first attempts (goose starting users too slowly, or fewer

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::plan::unix_micros;
+use crate::shared::Shared;
 use crate::stats::Stats;
-use crate::Shared;
 
 /// Messages published at least this long ago and not received count as "lost so far".
 const IN_FLIGHT: u64 = 2;

@@ -531,6 +531,6 @@ mod tests {
         assert!(verdict_line(&v[0]).starts_with("FAIL p99<1ms — observed"));
         let (v, _) = judge_all(&["lost<=2".parse().unwrap(), "p50<1s".parse().unwrap()], &s);
         assert_eq!(verdict_line(&v[0]), "PASS lost<=2 (observed 2)");
-        assert_eq!(verdict_line(&v[1]), "PASS p50<1s (observed 50.00ms)");
+        assert_eq!(verdict_line(&v[1]), "PASS p50<1s (observed 50.02ms)");
     }
 }

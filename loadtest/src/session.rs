@@ -25,9 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ledger::{Arrival, Ledger};
 use crate::plan::{unix_micros, Cadence, Slot, Window};
+use crate::shared::Shared;
 use crate::stats::Stats;
 use crate::ws::{self, Event, Position, Stamp, Ws};
-use crate::Shared;
 
 /// How long a close handshake may take before the socket is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);

@@ -17,8 +17,9 @@ use tokio::sync::Mutex as AsyncMutex;
 use crate::config::TokenIn;
 use crate::plan::Role;
 use crate::session::{self, Conn, End, Member, Row, Rows};
+use crate::shared::Shared;
 use crate::stats::Stats;
-use crate::{token, ws, Shared};
+use crate::{token, ws};
 
 /// Longest a `tick` waits before returning to goose.
 const TICK: Duration = Duration::from_secs(1);
@@ -82,7 +83,7 @@ pub async fn join(user: &mut GooseUser, shared: &Arc<Shared>, role: Role) -> Tra
     }
     user.set_session_data(UserState(Arc::new(AsyncMutex::new(inner))));
     if let Some(window) = shared.schedule.first_attempt_done() {
-        crate::spawn_conductor(shared.clone(), window);
+        crate::conductor::spawn_conductor(shared.clone(), window);
     }
     Ok(())
 }
