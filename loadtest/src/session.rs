@@ -36,6 +36,32 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// counted) so a gateway that never acks cannot grow memory.
 const MAX_UNACKED: usize = 10_000;
 
+/// What a welcome meant for the books.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Welcomed {
+    /// The gateway numbers messages.
+    pub numbered: bool,
+    /// A resume was answered (`recovered` present after `since=`).
+    pub resumed: bool,
+    /// ... with `recovered: false`.
+    pub incomplete: bool,
+    /// After a complete resume: messages up to this offset come from history.
+    pub recovered_upto: Option<u64>,
+    /// Publishes to send again.
+    pub resend: Vec<String>,
+}
+
+/// What one message's room position meant.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Positioned {
+    /// Recovered from history (at or below the resume welcome's offset).
+    pub recovered: bool,
+    /// An offset the member already had.
+    pub duplicate: bool,
+    /// An offset after a higher one.
+    pub reordered: bool,
+}
+
 /// A member's books, kept across its connections. A std `Mutex`: short updates, no await.
 #[derive(Debug, Default)]
 pub struct Book {
@@ -53,6 +79,88 @@ pub struct Book {
     pub unacked: BTreeMap<u64, String>,
     /// Window messages received, for sampling rows.
     pub received: u64,
+}
+
+impl Book {
+    /// A welcome arrived; `resuming` when the connection asked for `since=`, `resend` whether to
+    /// hand back the unacknowledged publishes.
+    pub fn on_welcome(
+        &mut self,
+        position: Option<Position>,
+        recovered: Option<bool>,
+        resuming: bool,
+        resend: bool,
+    ) -> Welcomed {
+        let Some(position) = position else {
+            return Welcomed::default();
+        };
+        let mut w = Welcomed {
+            numbered: true,
+            ..Welcomed::default()
+        };
+        if resuming {
+            if let Some(r) = recovered {
+                w.resumed = true;
+                if r {
+                    w.recovered_upto = Some(position.offset);
+                } else {
+                    w.incomplete = true;
+                }
+            }
+        }
+        // The welcome's position is where a member resumes from only when it has none of its
+        // own, or the recovery failed: after a complete one, the missed messages are still to
+        // come, and a drop during the catch-up must resume before them.
+        if self.position.is_none() || recovered == Some(false) {
+            self.position = Some(position);
+        }
+        if resend {
+            w.resend = self.unacked.values().cloned().collect();
+        }
+        w
+    }
+
+    /// A message with a room position arrived.
+    pub fn on_position(&mut self, p: Position, recovered_upto: Option<u64>) -> Positioned {
+        let mut out = Positioned {
+            recovered: recovered_upto.is_some_and(|upto| p.offset <= upto),
+            ..Positioned::default()
+        };
+        if self.offsets_epoch.as_deref() != Some(p.epoch.as_str()) {
+            self.offsets = Ledger::new(false);
+            self.offsets_epoch = Some(p.epoch.clone());
+        }
+        match self.offsets.record(0, p.offset) {
+            Arrival::Duplicate => out.duplicate = true,
+            Arrival::Reordered => out.reordered = true,
+            _ => {}
+        }
+        let newer = match &self.position {
+            Some(old) => old.epoch != p.epoch || p.offset > old.offset,
+            None => true,
+        };
+        if newer {
+            self.position = Some(p);
+        }
+        out
+    }
+
+    /// Keeps a keyed publish until its ack; returns whether an older one had to be forgotten.
+    pub fn remember(&mut self, seq: u64, frame: String) -> bool {
+        self.unacked.insert(seq, frame);
+        if self.unacked.len() > MAX_UNACKED {
+            self.unacked.pop_first();
+            return true;
+        }
+        false
+    }
+
+    /// An ack or keyed error came for `key` (`RUN-PUBLISHER-SEQ`).
+    pub fn forget(&mut self, key: &str) {
+        if let Some(seq) = key.rsplit('-').next().and_then(|s| s.parse::<u64>().ok()) {
+            self.unacked.remove(&seq);
+        }
+    }
 }
 
 /// A goose user's identity, which outlives its connections.
@@ -334,13 +442,11 @@ impl Session {
             t: w.start_unix_us + cadence.offset(k).as_micros() as u64,
         };
         let frame = ws::publish_frame(stamp, &self.shared.filler, true);
-        if self.numbered && !self.shared.opts.no_resume {
-            let mut book = self.member.book();
-            book.unacked.insert(k, frame.clone());
-            if book.unacked.len() > MAX_UNACKED {
-                book.unacked.pop_first();
-                Stats::add(&self.shared.stats.unacked_dropped, 1);
-            }
+        if self.numbered
+            && !self.shared.opts.no_resume
+            && self.member.book().remember(k, frame.clone())
+        {
+            Stats::add(&self.shared.stats.unacked_dropped, 1);
         }
         let result = ws.send(Message::text(frame)).await;
         let lag = Instant::now().saturating_duration_since(at);
@@ -432,63 +538,44 @@ impl Session {
         position: Option<Position>,
         recovered: Option<bool>,
     ) -> Option<Vec<String>> {
-        let position = position?;
-        self.numbered = true;
+        let resend = !self.shared.opts.no_resume;
+        let w = self
+            .member
+            .book()
+            .on_welcome(position, recovered, self.resuming, resend);
         let stats = &self.shared.stats;
-        Stats::add(&stats.numbered_welcomes, 1);
-        let mut book = self.member.book();
-        if self.resuming {
-            if let Some(r) = recovered {
-                Stats::add(&stats.resumes, 1);
-                if r {
-                    self.recovered_upto = Some(position.offset);
-                } else {
-                    Stats::add(&stats.resumes_incomplete, 1);
-                }
-            }
+        self.numbered = w.numbered;
+        self.recovered_upto = w.recovered_upto;
+        if w.numbered {
+            Stats::add(&stats.numbered_welcomes, 1);
         }
-        // The welcome's position is where a member resumes from only when it has none of its
-        // own, or the recovery failed: after a complete one, the missed messages are still to
-        // come, and a drop during the catch-up must resume before them.
-        if book.position.is_none() || recovered == Some(false) {
-            book.position = Some(position);
+        if w.resumed {
+            Stats::add(&stats.resumes, 1);
         }
-        if self.shared.opts.no_resume || book.unacked.is_empty() {
-            return None;
+        if w.incomplete {
+            Stats::add(&stats.resumes_incomplete, 1);
         }
-        Some(book.unacked.values().cloned().collect())
+        (!w.resend.is_empty()).then_some(w.resend)
     }
 
     /// Follows the room's numbering: where to resume, and duplicates or reorders by offset.
     fn on_position(&mut self, p: Position) {
+        let out = self.member.book().on_position(p, self.recovered_upto);
         let stats = &self.shared.stats;
-        if self.recovered_upto.is_some_and(|upto| p.offset <= upto) {
+        if out.recovered {
             Stats::add(&stats.recovered, 1);
         }
-        let mut book = self.member.book();
-        if book.offsets_epoch.as_deref() != Some(p.epoch.as_str()) {
-            book.offsets = Ledger::new(false);
-            book.offsets_epoch = Some(p.epoch.clone());
+        if out.duplicate {
+            Stats::add(&stats.offset_duplicates, 1);
         }
-        match book.offsets.record(0, p.offset) {
-            Arrival::Duplicate => Stats::add(&stats.offset_duplicates, 1),
-            Arrival::Reordered => Stats::add(&stats.offset_reorders, 1),
-            _ => {}
-        }
-        let newer = match &book.position {
-            Some(old) => old.epoch != p.epoch || p.offset > old.offset,
-            None => true,
-        };
-        if newer {
-            book.position = Some(p);
+        if out.reordered {
+            Stats::add(&stats.offset_reorders, 1);
         }
     }
 
     /// An ack or keyed error came: the publish need not be sent again.
     fn forget(&mut self, key: &str) {
-        if let Some(seq) = key.rsplit('-').next().and_then(|s| s.parse::<u64>().ok()) {
-            self.member.book().unacked.remove(&seq);
-        }
+        self.member.book().forget(key);
     }
 
     fn on_message(&mut self, ts: u64, stamp: Stamp) {
@@ -574,5 +661,103 @@ impl Session {
         if self.welcomed_at.is_some() {
             self.shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(epoch: &str, offset: u64) -> Position {
+        Position {
+            epoch: epoch.into(),
+            offset,
+        }
+    }
+
+    #[test]
+    fn a_gateway_without_offsets_engages_nothing() {
+        let mut b = Book::default();
+        let w = b.on_welcome(None, None, false, true);
+        assert_eq!(w, Welcomed::default());
+        assert!(
+            b.position.is_none(),
+            "nothing to resume from: reconnect as before"
+        );
+    }
+
+    #[test]
+    fn resume_counts_recovered_duplicates_and_reorders() {
+        let mut b = Book::default();
+        let w = b.on_welcome(Some(at("e1", 5)), None, false, true);
+        assert!(w.numbered && !w.resumed);
+        assert_eq!(b.position, Some(at("e1", 5)));
+        for o in [6, 7] {
+            assert_eq!(b.on_position(at("e1", o), None), Positioned::default());
+        }
+        assert_eq!(
+            b.position,
+            Some(at("e1", 7)),
+            "resume from the last message seen"
+        );
+
+        // Reconnect with since=e1:7; the room is at 10 now.
+        let w = b.on_welcome(Some(at("e1", 10)), Some(true), true, true);
+        assert!(w.resumed && !w.incomplete);
+        assert_eq!(w.recovered_upto, Some(10));
+        assert_eq!(
+            b.position,
+            Some(at("e1", 7)),
+            "a drop during the catch-up must resume before the missed messages"
+        );
+        let recovered = (8..=10)
+            .filter(|o| b.on_position(at("e1", *o), w.recovered_upto).recovered)
+            .count();
+        assert_eq!(recovered, 3);
+        assert!(
+            !b.on_position(at("e1", 11), w.recovered_upto).recovered,
+            "live"
+        );
+        assert!(b.on_position(at("e1", 9), None).duplicate);
+        assert!(!b.on_position(at("e1", 13), None).duplicate);
+        assert!(b.on_position(at("e1", 12), None).reordered);
+        assert_eq!(b.position, Some(at("e1", 13)));
+    }
+
+    #[test]
+    fn an_incomplete_recovery_starts_over_at_the_new_epoch() {
+        let mut b = Book::default();
+        b.on_welcome(Some(at("e1", 5)), None, false, true);
+        b.on_position(at("e1", 6), None);
+        let w = b.on_welcome(Some(at("e2", 3)), Some(false), true, true);
+        assert!(w.resumed && w.incomplete);
+        assert_eq!(w.recovered_upto, None);
+        assert_eq!(b.position, Some(at("e2", 3)));
+        let p = b.on_position(at("e2", 4), None);
+        assert_eq!(p, Positioned::default(), "a new epoch is a new numbering");
+        // `recovered` is only read after a resume.
+        let w = b.on_welcome(Some(at("e2", 9)), Some(false), false, true);
+        assert!(!w.resumed);
+    }
+
+    #[test]
+    fn unacknowledged_publishes_are_sent_again_in_order() {
+        let mut b = Book::default();
+        for seq in 0..3 {
+            assert!(!b.remember(seq, format!("frame{seq}")));
+        }
+        b.forget("0badf00d-7-1");
+        b.forget("garbage");
+        let w = b.on_welcome(Some(at("e", 1)), Some(true), true, true);
+        assert_eq!(w.resend, ["frame0", "frame2"]);
+        let w = b.on_welcome(Some(at("e", 1)), Some(true), true, false);
+        assert!(w.resend.is_empty(), "--no-resume sends nothing again");
+        let mut full = Book::default();
+        for seq in 0..MAX_UNACKED as u64 {
+            full.remember(seq, String::new());
+        }
+        assert!(full.remember(MAX_UNACKED as u64, String::new()), "bounded");
+        assert_eq!(full.unacked.len(), MAX_UNACKED);
+        assert!(!full.unacked.contains_key(&0), "the oldest goes");
     }
 }
