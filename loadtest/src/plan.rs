@@ -237,6 +237,12 @@ impl Window {
     /// past starts it now.
     pub fn starting_at(start_unix_us: u64, measure: Duration, drain: Duration) -> Self {
         let now_us = unix_micros();
+        if start_unix_us < now_us {
+            log::warn!(
+                "--start-at passed {:.1} s before every member had made its first attempt: the window starts now, out of line with other generators",
+                (now_us - start_unix_us) as f64 / 1e6
+            );
+        }
         let ahead = Duration::from_micros(start_unix_us.saturating_sub(now_us));
         Self::at(
             Instant::now() + ahead,
