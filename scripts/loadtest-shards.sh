@@ -32,6 +32,11 @@ mkdir -p "$out"
 export CLUSTER_DIR="$out/cluster"
 export BASE_PORT="${SHARDS_BASE_PORT:-27700}"
 loadtest="${LOADTEST_BIN:-$root/target/release/loadtest}"
+if ! command -v python3 >/dev/null 2>&1; then
+  [ "$(id -u)" -eq 0 ] || die "python3 is needed: install it or run as root"
+  DEBIAN_FRONTEND=noninteractive apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3
+fi
 export GATEWAY_BIN="${GATEWAY_BIN:-$root/target/release/gateway}"
 if [ -z "${LOADTEST_BIN:-}" ] || [ ! -x "$GATEWAY_BIN" ]; then
   log "building the gateway and the load tester (release)"

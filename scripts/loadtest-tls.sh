@@ -46,6 +46,7 @@ export GATEWAY_BIN="${GATEWAY_BIN:-$root/target/release/gateway}"
 missing=()
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
 if [ "${#missing[@]}" -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || die "missing ${missing[*]}: install them or run as root"
   log "installing ${missing[*]}"
