@@ -589,7 +589,9 @@ impl Session {
             Stats::add(&stats.foreign, 1);
             return;
         };
-        if self.member.book().measured.is_none() && now >= w.start {
+        // A window message can come a little before this generator's own window start (another
+        // generator's clock runs ahead): decide now, before the ledger counts it.
+        if self.member.book().measured.is_none() {
             self.decide();
         }
         if now > w.drain_end {
