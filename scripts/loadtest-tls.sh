@@ -7,6 +7,7 @@
 #      (lost==0, no connect error);
 #   2. the same works by the name `localhost` without --resolve;
 #   3. without --ca-file the certificate is refused: connect errors of cause `tls`, exit non-zero;
+#      with --insecure (and no CA) it is accepted;
 #   4. the run's HTML report opens in headless Chromium without a console error
 #      (browser/test/loadtest-report.test.mjs; skipped with LOADTEST_TLS_NO_BROWSER=1).
 #
@@ -142,6 +143,10 @@ run untrusted --target "wss://gw.test:$tls_port" --resolve "gw.test:$tls_port:12
 [ "$status" -ne 0 ] || die "the untrusted certificate was accepted"
 grep -q '"tls": [1-9]' "$out/untrusted.json" || die "the refusals were not counted as tls errors"
 echo "refused as expected (exit $status)"
+
+log "3b. --insecure accepts the untrusted certificate (explicitly)"
+run insecure --target "wss://gw.test:$tls_port" --resolve "gw.test:$tls_port:127.0.0.1" \
+  --insecure --expect lost==0 --expect connect-errors==0 || die "--insecure did not connect"
 
 if [ "${LOADTEST_TLS_NO_BROWSER:-0}" != 1 ]; then
   log "4. the HTML report in headless Chromium"
