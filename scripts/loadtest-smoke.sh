@@ -14,7 +14,8 @@
 #
 # Environment:
 #   LOADTEST_P99       p99 budget (default 500ms)
-#   LOADTEST_OUT       where reports go (default target/loadtest-smoke): summary.json, report.html,
+#   LOADTEST_OUT       where reports go (default target/loadtest-smoke): summary.json,
+#                      loadtest-report.html (charts), report.html,
 #                      report.json (goose), loadtest.log, and the cluster's logs under cluster/
 #   SMOKE_BASE_PORT    port base of the cluster (default 27000; see deploy/local/cluster.sh)
 #   SMOKE_MEASURE      length of the measured window (default 20s)
@@ -69,6 +70,7 @@ timeout 600 target/release/loadtest \
   --expect publish-errors==0 --expect unsent==0 --expect "p99<$p99" \
   --summary-file "$out/summary.json" \
   --report-file "$out/report.html" --report-file "$out/report.json" \
+  --html-report "$out/loadtest-report.html" \
   >"$out/loadtest.log" 2>&1 || status=$?
 
 # The summary block (goose's tables are in the log and the reports).

@@ -83,6 +83,12 @@ scripts/browser-test.sh
 log "smoke load test through HAProxy (scripts/loadtest-smoke.sh)"
 scripts/loadtest-smoke.sh
 
+log "load tester over TLS through HAProxy, and its HTML report in Chromium (scripts/loadtest-tls.sh)"
+scripts/loadtest-tls.sh
+
+log "distributed load test: two shards and a merge (scripts/loadtest-shards.sh)"
+scripts/loadtest-shards.sh
+
 log "deployment checks against real tools and a live cluster (scripts/check-deploy.sh)"
 scripts/check-deploy.sh
 

@@ -1,23 +1,22 @@
 //! The load tester's own options (goose's are flattened beside them in `main.rs`): where to
-//! connect, what the rooms look like, the phases of a run, and the pass/fail rules. Parsing and
-//! validation only; nothing here opens a socket.
+//! connect and how (TLS, tokens), what the rooms look like, this generator's shard, the phases of
+//! a run, the reports and the pass/fail rules. Parsing and validation only; nothing here opens a
+//! socket.
 
-use std::fmt;
-use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
 use crate::rules::Rule;
+pub use crate::spec::{AddrRange, RoomGroup, Shard};
+use crate::target::ResolveOverride;
 
 /// Options of the live-rooms simulation. Every one has a `LOADTEST_…` environment variable too.
 #[derive(Debug, Clone, clap::Args)]
 #[command(next_help_heading = "Live rooms (loadtest)")]
 pub struct Options {
-    /// Gateway URLs, comma-separated or repeated (ws://127.0.0.1:8080, or http://…, which means
-    /// the same). Users are spread over them round robin: give one load balancer, or every node.
-    /// Only loopback addresses (127.0.0.0/8, localhost, ::1) are accepted. Without it, goose's
-    /// --host is the target.
+    /// Gateway URLs, comma-separated or repeated: ws://HOST:PORT or wss://HOST:PORT (http:// and
+    /// https:// mean the same). Users are spread over them round robin: give one load balancer,
+    /// or every node. Without it, goose's --host is the target.
     #[arg(
         long = "target",
         env = "LOADTEST_TARGET",
@@ -87,8 +86,8 @@ pub struct Options {
     pub connect_timeout: Duration,
 
     /// Source addresses to bind, round robin over connections: a comma-separated list of IPv4
-    /// addresses or ranges in 127.0.0.0/8, such as `127.0.0.2-127.0.0.9`. Each address has its
-    /// own ~28 000 ephemeral ports. Without it the kernel picks (127.0.0.1).
+    /// addresses or ranges, such as `127.0.0.2-127.0.0.9`. Each address has its own ~28 000
+    /// ephemeral ports. Without it the kernel picks.
     #[arg(
         long = "bind",
         env = "LOADTEST_BIND",
@@ -97,11 +96,18 @@ pub struct Options {
     )]
     pub bind: Vec<AddrRange>,
 
-    /// Prefix of room names. Rooms are `PREFIX-gG-N`. Generators running side by side must use
-    /// different prefixes (the default includes the process id), since each process accounts for
-    /// its own rooms only.
+    /// Prefix of room names. Rooms are `PREFIX-gG-N`. Independent generators running side by
+    /// side must use different prefixes (the default includes the process id); the shards of one
+    /// distributed run must use the same one (required with --shard), which also gives them one
+    /// run id.
     #[arg(long, env = "LOADTEST_ROOM_PREFIX", value_name = "PREFIX")]
     pub room_prefix: Option<String>,
+
+    /// Do not resume on reconnect: no `since=` (the messages missed meanwhile count as lost), and
+    /// no re-sending of unacknowledged publishes. Against a gateway without offsets nothing is
+    /// resumed anyway.
+    #[arg(long, env = "LOADTEST_NO_RESUME")]
+    pub no_resume: bool,
 
     /// Do not reconnect after an unexpected close. By default members reconnect as the protocol
     /// says: at once (with jitter) after 1012, with backoff after 4000, 4001 and an abnormal close,
@@ -125,15 +131,127 @@ pub struct Options {
     #[arg(long, env = "LOADTEST_MAX_GENERATOR_LAG", value_parser = parse_duration, default_value = "25ms")]
     pub max_generator_lag: Duration,
 
-    /// Write the JSON summary (delivered, expected, lost, latency percentiles, errors) here; it is
-    /// printed on stdout at the end in any case.
+    /// Write the JSON summary (schema in docs/loadtest.md) here; without it, it is printed on
+    /// stdout at the end.
     #[arg(long, env = "LOADTEST_SUMMARY_FILE", value_name = "PATH")]
     pub summary_file: Option<PathBuf>,
 
+    /// Write the HTML report (charts of latency, connections, deliveries and losses over time,
+    /// with the rules' thresholds) here.
+    #[arg(long, env = "LOADTEST_HTML_REPORT", value_name = "PATH")]
+    pub html_report: Option<PathBuf>,
+
+    /// Seconds between live lines on stderr (members connected, messages per second, p50/p99 and
+    /// lost so far); 0 for none.
+    #[arg(long, env = "LOADTEST_LIVE_INTERVAL", value_parser = parse_duration, default_value = "5s")]
+    pub live_interval: Duration,
+
+    /// Show goose's own output (its metrics tables at the end). Off by default: the live lines,
+    /// the summary and one verdict line per rule are what a CI log needs.
+    #[arg(long, env = "LOADTEST_GOOSE_OUTPUT")]
+    pub goose_output: bool,
+
+    /// curl-style address override: connect to ADDR for HOST:PORT instead of asking DNS (the
+    /// URL's host name still goes in SNI, the certificate check and `Host`). Repeatable.
+    #[arg(
+        long = "resolve",
+        env = "LOADTEST_RESOLVE",
+        value_delimiter = ',',
+        value_name = "HOST:PORT:ADDR"
+    )]
+    pub resolve: Vec<ResolveOverride>,
+
+    /// PEM file of CA certificates to trust for wss:// and https:// besides the system's
+    /// (a private CA). Repeatable.
+    #[arg(
+        long = "ca-file",
+        env = "LOADTEST_CA_FILE",
+        value_delimiter = ',',
+        value_name = "PEM"
+    )]
+    pub ca_files: Vec<PathBuf>,
+
+    /// Accept any TLS certificate (a self-signed staging cluster). Off by default.
+    #[arg(long, env = "LOADTEST_INSECURE")]
+    pub insecure: bool,
+
+    /// Messages per second per room published through the HTTP API (`POST
+    /// /api/rooms/ROOM/messages`) during the window, besides the members' publishes; counted in
+    /// the same loss ledger. 0 for none.
+    #[arg(
+        long,
+        env = "LOADTEST_API_PUBLISH_RATE",
+        default_value_t = 0.0,
+        value_name = "PER_SEC"
+    )]
+    pub api_publish_rate: f64,
+
+    /// The gateway's API key (`Authorization: Bearer KEY` on HTTP API publishes).
+    #[arg(
+        long,
+        env = "LOADTEST_API_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    pub api_key: Option<String>,
+
+    /// Mint members' tokens (HS256) with this secret, for gateways running `--auth jwt`.
+    #[arg(
+        long,
+        env = "LOADTEST_JWT_HMAC_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub jwt_hmac_secret: Option<String>,
+
+    /// Mint members' tokens with this PEM private key: RSA (RS256), EC P-256 (ES256) or Ed25519
+    /// (EdDSA), by the key's type.
+    #[arg(long, env = "LOADTEST_JWT_PRIVATE_KEY", value_name = "PEM")]
+    pub jwt_private_key: Option<PathBuf>,
+
+    /// `kid` header of minted tokens.
+    #[arg(long, env = "LOADTEST_JWT_KID", value_name = "KID")]
+    pub jwt_kid: Option<String>,
+
+    /// `aud` claim of minted tokens.
+    #[arg(long, env = "LOADTEST_JWT_AUDIENCE", value_name = "AUD")]
+    pub jwt_audience: Option<String>,
+
+    /// `iss` claim of minted tokens.
+    #[arg(long, env = "LOADTEST_JWT_ISSUER", value_name = "ISS")]
+    pub jwt_issuer: Option<String>,
+
+    /// Lifetime of minted tokens (a token is minted for every connection attempt).
+    #[arg(long, env = "LOADTEST_JWT_TTL", value_parser = parse_duration, default_value = "1h")]
+    pub jwt_ttl: Duration,
+
+    /// Ready tokens, one per line, handed to members round robin (instead of minting).
+    #[arg(long, env = "LOADTEST_TOKEN_FILE", value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+
+    /// Where the token goes on the upgrade request.
+    #[arg(long, env = "LOADTEST_TOKEN_IN", value_enum, default_value = "query")]
+    pub token_in: TokenIn,
+
+    /// This generator's share of a distributed run, INDEX/TOTAL (`0/4` … `3/4`): every TOTAL-th
+    /// host, viewer and HTTP API room from INDEX. Without it, JOB_COMPLETION_INDEX (set by a
+    /// Kubernetes Indexed Job) with --shards gives the same.
+    #[arg(long, env = "LOADTEST_SHARD", value_name = "I/N")]
+    pub shard: Option<Shard>,
+
+    /// Total generators, with the index from JOB_COMPLETION_INDEX.
+    #[arg(long, env = "LOADTEST_SHARDS", value_name = "N")]
+    pub shards: Option<usize>,
+
+    /// Wall-clock start of the measured window (RFC 3339, e.g. 2026-11-30T14:05:00Z, or unix
+    /// seconds), so that several generators measure the same window. Every member should have
+    /// joined by then.
+    #[arg(long, env = "LOADTEST_START_AT", value_parser = parse_start_at, value_name = "TIME")]
+    pub start_at: Option<u64>,
+
     /// A pass/fail rule on the summary; repeat for several. Metrics: `lost`, `loss` (% of
     /// expected), `delivered`, `connect-errors`, `closes` (unexpected), `publish-errors`,
-    /// `unsent`, `error-rate` (%), latency `p50` `p90` `p99` `p99.9` `max` (units us, ms, s; bare
-    /// is ms), `generator-lag`. Operators < <= > >= ==. Examples: `lost==0`, `p99<250ms`,
+    /// `unsent`, `duplicates`, `reordered`, `error-rate` (%), latency `p50` `p90` `p99` `p99.9` `max` (humantime units: us, ms, s; bare is ms), `generator-lag`. Operators < <= > >= ==. Examples: `lost==0`, `p99<250ms`,
     /// `error-rate<0.1`. Any failing rule makes the process exit 1.
     #[arg(
         long = "expect",
@@ -144,186 +262,52 @@ pub struct Options {
     pub rules: Vec<Rule>,
 }
 
-/// A set of identical rooms.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RoomGroup {
-    /// How many rooms.
-    pub rooms: usize,
-    /// Hosts in each room.
-    pub hosts: usize,
-    /// Viewers in each room.
-    pub viewers: usize,
-    /// Per-host rate of this group; `None` takes --host-rate.
-    pub host_rate: Option<f64>,
-    /// Per-viewer rate of this group; `None` takes --viewer-rate.
-    pub viewer_rate: Option<f64>,
-}
-
-impl FromStr for RoomGroup {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || {
-            format!("`{s}` is not a room group: write ROOMSxHOSTSxVIEWERS[@HOST_RATE[/VIEWER_RATE]], e.g. 1x2x1000 or 100x1x5@5/0.2")
-        };
-        let (counts, rates) = match s.split_once('@') {
-            Some((c, r)) => (c, Some(r)),
-            None => (s, None),
-        };
-        let n: Vec<usize> = counts
-            .split(['x', 'X'])
-            .map(|p| p.trim().parse::<usize>())
-            .collect::<Result<_, _>>()
-            .map_err(|_| bad())?;
-        let [rooms, hosts, viewers] = n[..] else {
-            return Err(bad());
-        };
-        if rooms == 0 || hosts + viewers == 0 {
-            return Err(format!(
-                "`{s}`: a group needs at least one room and one member"
-            ));
-        }
-        let rate = |r: &str| -> Result<f64, String> {
-            let v: f64 = r.trim().parse().map_err(|_| bad())?;
-            if v.is_finite() && v >= 0.0 {
-                Ok(v)
-            } else {
-                Err(bad())
-            }
-        };
-        let (host_rate, viewer_rate) = match rates {
-            None => (None, None),
-            Some(r) => match r.split_once('/') {
-                Some((h, v)) => (Some(rate(h)?), Some(rate(v)?)),
-                None => (Some(rate(r)?), None),
-            },
-        };
-        Ok(RoomGroup {
-            rooms,
-            hosts,
-            viewers,
-            host_rate,
-            viewer_rate,
-        })
-    }
-}
-
-impl fmt::Display for RoomGroup {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}x{}x{}", self.rooms, self.hosts, self.viewers)?;
-        match (self.host_rate, self.viewer_rate) {
-            (Some(h), Some(v)) => write!(f, "@{h}/{v}"),
-            (Some(h), None) => write!(f, "@{h}"),
-            _ => Ok(()),
-        }
-    }
-}
-
-/// An inclusive range of IPv4 loopback source addresses (one address is a range of one).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AddrRange {
-    /// First address.
-    pub first: Ipv4Addr,
-    /// Last address, not below `first`.
-    pub last: Ipv4Addr,
-}
-
-impl AddrRange {
-    /// Every address of the range, in order.
-    pub fn addrs(&self) -> impl Iterator<Item = Ipv4Addr> {
-        (u32::from(self.first)..=u32::from(self.last)).map(Ipv4Addr::from)
-    }
-}
-
-impl FromStr for AddrRange {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let parse = |a: &str| -> Result<Ipv4Addr, String> {
-            let ip: Ipv4Addr = a
-                .trim()
-                .parse()
-                .map_err(|_| format!("`{a}` is not an IPv4 address"))?;
-            if !ip.is_loopback() {
-                return Err(format!(
-                    "`{ip}` is not a loopback address: load traffic stays on 127.0.0.0/8"
-                ));
-            }
-            Ok(ip)
-        };
-        let (first, last) = match s.split_once('-') {
-            Some((a, b)) => (parse(a)?, parse(b)?),
-            None => (parse(s)?, parse(s)?),
-        };
-        if u32::from(last) < u32::from(first) {
-            return Err(format!("`{s}`: the range ends before it starts"));
-        }
-        if u32::from(last) - u32::from(first) >= 4096 {
-            return Err(format!("`{s}`: at most 4096 addresses"));
-        }
-        Ok(AddrRange { first, last })
-    }
-}
-
-/// Parses `250ms`, `25s`, `2m`, `1h`, `5us`, or a plain number of seconds (`1.5`).
+/// Parses a duration with humantime (`250ms`, `20s`, `2m`, `1h 30m`); a bare number is seconds
+/// (`1.5`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (num, mult) = if let Some(n) = s.strip_suffix("us") {
-        (n, 1e-6)
-    } else if let Some(n) = s.strip_suffix("ms") {
-        (n, 1e-3)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else if let Some(n) = s.strip_suffix('h') {
-        (n, 3600.0)
-    } else {
-        (s, 1.0)
-    };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration (examples: 250ms, 20s, 2m)"))?;
-    if !v.is_finite() || v < 0.0 || v * mult > 1e7 {
+    if let Ok(v) = s.parse::<f64>() {
+        if v.is_finite() && (0.0..=1e7).contains(&v) {
+            return Ok(Duration::from_secs_f64(v));
+        }
         return Err(format!("`{s}` is out of range"));
     }
-    Ok(Duration::from_secs_f64(v * mult))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}` is not a duration ({e}; examples: 250ms, 20s, 2m)"))
 }
 
-/// Turns a target into the WebSocket base URL (`ws://host:port`), refusing anything that is not
-/// on this machine's loopback.
-pub fn normalize_target(raw: &str) -> Result<String, String> {
-    let raw = raw.trim().trim_end_matches('/');
-    let rest = raw
-        .strip_prefix("ws://")
-        .or_else(|| raw.strip_prefix("http://"))
-        .ok_or_else(|| format!("`{raw}`: targets start with ws:// or http:// (no TLS)"))?;
-    if rest.contains('/') || rest.contains('?') {
-        return Err(format!(
-            "`{raw}`: give the base URL only; the load tester adds /ws/ROOM"
-        ));
+/// Parses `--start-at`: an RFC 3339 time (`2026-11-30T14:05:00Z`, fractions allowed), or
+/// seconds since the Unix epoch. Returns unix microseconds.
+pub fn parse_start_at(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err(
+            "empty: set it (or LOADTEST_START_AT) to the same time for every generator, e.g. $(( $(date +%s) + 90 ))"
+                .into(),
+        );
     }
-    let host = match rest.rsplit_once(':') {
-        Some((h, port)) if port.parse::<u16>().is_ok() => h,
-        _ if rest.starts_with('[') && rest.ends_with(']') => rest,
-        Some(_) if !rest.starts_with('[') => {
-            return Err(format!("`{raw}`: bad port"));
+    if let Ok(secs) = s.parse::<f64>() {
+        if secs.is_finite() && secs > 0.0 {
+            return Ok((secs * 1e6) as u64);
         }
-        _ => rest,
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let loopback = host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .map(|ip| ip.is_loopback())
-            .unwrap_or(false);
-    if !loopback {
-        return Err(format!(
-            "`{raw}`: only loopback targets (127.0.0.0/8, localhost, ::1) are allowed"
-        ));
     }
-    Ok(format!("ws://{rest}"))
+    let t = humantime::parse_rfc3339_weak(s).map_err(|e| {
+        format!("`{s}` is not a time ({e}): write 2026-11-30T14:05:00Z or unix seconds")
+    })?;
+    Ok(t.duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| format!("`{s}` is before 1970"))?
+        .as_micros() as u64)
+}
+
+/// Where a member's token goes on the upgrade request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TokenIn {
+    /// The `token` query parameter.
+    Query,
+    /// `Authorization: Bearer`.
+    Header,
+    /// Both.
+    Both,
 }
 
 impl Options {
@@ -347,8 +331,46 @@ impl Options {
             .sum()
     }
 
+    /// This generator's shard: `--shard`, else JOB_COMPLETION_INDEX with `--shards`, else 0/1.
+    pub fn resolved_shard(&self) -> Result<Shard, String> {
+        self.shard_from(std::env::var("JOB_COMPLETION_INDEX").ok())
+    }
+
+    fn shard_from(&self, job_index: Option<String>) -> Result<Shard, String> {
+        if let Some(s) = self.shard {
+            return Ok(s);
+        }
+        match (job_index, self.shards) {
+            (Some(i), Some(n)) => format!("{}/{n}", i.trim()).parse(),
+            (None, Some(n)) if n > 1 => {
+                Err("--shards without --shard needs JOB_COMPLETION_INDEX".into())
+            }
+            _ => Ok(Shard::default()),
+        }
+    }
+
     /// Checks what clap cannot.
     pub fn validate(&self) -> Result<(), String> {
+        let shard = self.resolved_shard()?;
+        if shard.is_split() && self.room_prefix.is_none() {
+            return Err(
+                "--shard: give every generator the same --room-prefix (it names the rooms and the run)"
+                    .into(),
+            );
+        }
+        if shard.is_split() && self.start_at.is_none() {
+            return Err("--shard: give every generator the same --start-at, so that their measured windows line up".into());
+        }
+        if self.jwt_hmac_secret.is_some() as u8
+            + self.jwt_private_key.is_some() as u8
+            + self.token_file.is_some() as u8
+            > 1
+        {
+            return Err("--jwt-hmac-secret, --jwt-private-key and --token-file: choose one".into());
+        }
+        if !self.api_publish_rate.is_finite() || !(0.0..=1000.0).contains(&self.api_publish_rate) {
+            return Err("--api-publish-rate: 0 to 1000 messages per second per room".into());
+        }
         for r in [self.host_rate, self.viewer_rate] {
             if !r.is_finite() || r < 0.0 {
                 return Err("--host-rate and --viewer-rate must be 0 or more".into());
@@ -394,54 +416,57 @@ impl Options {
 mod tests {
     use super::*;
 
-    #[test]
-    fn room_groups() {
-        let g: RoomGroup = "1x2x1000".parse().unwrap();
-        assert_eq!((g.rooms, g.hosts, g.viewers), (1, 2, 1000));
-        assert_eq!((g.host_rate, g.viewer_rate), (None, None));
-        let g: RoomGroup = "100x1x5@5/0.2".parse().unwrap();
-        assert_eq!((g.host_rate, g.viewer_rate), (Some(5.0), Some(0.2)));
-        assert_eq!(g.to_string(), "100x1x5@5/0.2");
-        let g: RoomGroup = "3x0x7@4".parse().unwrap();
-        assert_eq!((g.host_rate, g.viewer_rate), (Some(4.0), None));
-        for bad in [
-            "",
-            "1x2",
-            "0x1x1",
-            "1x0x0",
-            "ax1x1",
-            "1x1x1@-1",
-            "1x1x1@x/1",
-        ] {
-            assert!(bad.parse::<RoomGroup>().is_err(), "{bad}");
-        }
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        o: Options,
+    }
+
+    fn opts(args: &[&str]) -> Options {
+        Cli::try_parse_from(std::iter::once("lt").chain(args.iter().copied()))
+            .unwrap()
+            .o
     }
 
     #[test]
-    fn address_ranges() {
-        let r: AddrRange = "127.0.0.2-127.0.0.4".parse().unwrap();
-        let all: Vec<String> = r.addrs().map(|a| a.to_string()).collect();
-        assert_eq!(all, ["127.0.0.2", "127.0.0.3", "127.0.0.4"]);
-        assert_eq!("127.0.0.9".parse::<AddrRange>().unwrap().addrs().count(), 1);
-        assert!("10.0.0.1".parse::<AddrRange>().is_err());
-        assert!("127.0.0.4-127.0.0.2".parse::<AddrRange>().is_err());
+    fn shards_from_flags_or_the_job_index() {
+        let o = opts(&["--shard", "1/4"]);
+        assert_eq!(o.shard_from(None).unwrap(), Shard { index: 1, total: 4 });
+        let o = opts(&["--shards", "3"]);
+        assert_eq!(
+            o.shard_from(Some("2".into())).unwrap(),
+            Shard { index: 2, total: 3 }
+        );
+        assert!(o.shard_from(Some("3".into())).is_err());
+        assert!(o.shard_from(None).is_err());
+        assert_eq!(opts(&[]).shard_from(None).unwrap(), Shard::default());
+        let o = opts(&["--shard", "0/2"]);
+        assert!(o.validate().unwrap_err().contains("room-prefix"));
+        let o = opts(&["--shard", "0/2", "--room-prefix", "x"]);
+        assert!(o.validate().unwrap_err().contains("start-at"));
+        let o = opts(&[
+            "--shard",
+            "0/2",
+            "--room-prefix",
+            "x",
+            "--start-at",
+            "1795713448",
+        ]);
+        assert!(o.validate().is_ok());
+        let o = opts(&["--jwt-hmac-secret", "a", "--token-file", "/t"]);
+        assert!(o.validate().is_err());
     }
 
     #[test]
-    fn targets_stay_on_loopback() {
+    fn start_times() {
+        assert_eq!(parse_start_at("1795713448"), Ok(1_795_713_448_000_000));
         assert_eq!(
-            normalize_target("http://127.0.0.1:8080/").unwrap(),
-            "ws://127.0.0.1:8080"
+            parse_start_at("2026-11-30T14:05:00Z"),
+            Ok(1_796_047_500_000_000)
         );
-        assert_eq!(
-            normalize_target("ws://localhost:80").unwrap(),
-            "ws://localhost:80"
-        );
-        assert_eq!(normalize_target("ws://[::1]:80").unwrap(), "ws://[::1]:80");
-        assert!(normalize_target("ws://127.0.0.1:8080/ws/x").is_err());
-        assert!(normalize_target("ws://192.168.1.1:80").is_err());
-        assert!(normalize_target("ws://example.com:80").is_err());
-        assert!(normalize_target("wss://127.0.0.1:443").is_err());
+        assert!(parse_start_at("tomorrow").is_err());
     }
 
     #[test]
@@ -450,6 +475,8 @@ mod tests {
         assert_eq!(parse_duration("20s"), Ok(Duration::from_secs(20)));
         assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("500us"), Ok(Duration::from_micros(500)));
+        assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
         assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-1").is_err());
     }
 }

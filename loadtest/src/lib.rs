@@ -1,32 +1,52 @@
 //! Load tester for the gateway, built on goose: simulated hosts and viewers in live rooms, with
-//! end-to-end latency, loss and order measured per message. `docs/loadtest.md` is the manual.
+//! end-to-end latency, loss and order measured per message, against any deployment (`ws://` or
+//! `wss://`, tokens, the HTTP API), from one generator or several (`--shard`, `loadtest merge`).
+//! `docs/loadtest.md` is the manual.
 //!
 //! # Layout
-//! - `main.rs` — the binary: parses goose's options and ours, calls [`run`], maps the exit code.
-//! - [`config`] — our options (`--target`, `--rooms`, rates, phases, `--bind`, `--expect`).
-//! - [`plan`] — the population (seats), rooms' ledgers, and the phases of a run (warm-up, settle,
-//!   measured window, drain).
+//! Modules point one way: plain values at the bottom, the run at the top.
+//! - `main.rs` — the binary: `loadtest [OPTIONS]` runs, `loadtest merge FILES` merges; exit codes.
+//! - [`spec`] — plain shared values (role, room group, address range, shard); imports nothing.
+//! - [`rules`] — `--expect` rules judged on plain [`rules::Observations`].
+//! - [`config`] — our options (`--target`, `--rooms`, rates, phases, TLS, tokens, shard, rules).
+//! - [`target`] — target URLs and `--resolve`; [`tls`] — the rustls client configuration;
+//!   [`token`] — minted or file tokens for `--auth jwt` gateways.
+//! - [`plan`] — the population (seats, this shard's share), rooms' ledgers, and the phases.
 //! - [`personas`] — host and viewer as goose scenarios; [`user`] — a goose user's life
 //!   (join, tick, leave) and reconnect policy.
-//! - [`session`] — one connection's task: reads frames, publishes on schedule, keeps the ledger.
-//! - [`ws`] — the client side of the wire contract: connect from a source address, frames.
+//! - [`shared`] — what every user of the process shares; [`conductor`] — the window's timers.
+//! - [`session`] — one connection's task and the member's books (ledger, resume position,
+//!   unacknowledged publishes); [`api`] — the HTTP API publishers.
+//! - [`ws`] — the client side of the wire contract: connect, frames, events.
 //! - [`ledger`] — gap, duplicate and reorder detection per publisher.
-//! - [`stats`] — histograms and counters; [`probe`] — the generator watching itself.
-//! - [`summary`] — the JSON summary and its printout; [`rules`] — pass/fail rules.
+//! - [`stats`] — histograms, counters and the per-second timeline; [`probe`] — the generator
+//!   watching itself; [`live`] — the live line.
+//! - [`summary`] — the JSON summary (versioned), its merge and printout; [`report`] — the HTML
+//!   report with charts.
 
+pub mod api;
+pub mod conductor;
 pub mod config;
 pub mod ledger;
+pub mod live;
 pub mod personas;
 pub mod plan;
 pub mod probe;
+pub mod report;
 pub mod rules;
 pub mod session;
+pub mod shared;
+pub mod spec;
 pub mod stats;
 pub mod summary;
+pub mod target;
+pub mod tls;
+pub mod token;
 pub mod user;
 pub mod ws;
 
-use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -36,29 +56,12 @@ use goose::config::GooseConfiguration;
 use goose::prelude::*;
 
 use crate::config::Options;
-use crate::plan::{Plan, Role, Schedule, Window};
+use crate::plan::{Plan, Role, Schedule};
+use crate::rules::Rule;
+pub use crate::shared::Shared;
 use crate::stats::Stats;
-use crate::summary::Summary;
-
-/// Everything the users of one process share.
-pub struct Shared {
-    /// Our options.
-    pub opts: Options,
-    /// Seats, rooms and targets.
-    pub plan: Plan,
-    /// Phases.
-    pub schedule: Schedule,
-    /// Measurements.
-    pub stats: Stats,
-    /// Random id in every message, to tell ours from anyone else's.
-    pub run_id: u32,
-    /// The padding string of every message (`--message-size` bytes).
-    pub filler: String,
-    /// Name of the sampled delivery row (`deliver 1/N`).
-    pub deliver_row: String,
-    /// Generator CPU, left by the probe.
-    pub usage: probe::UsageSlot,
-}
+use crate::summary::{Continuity, Histograms, Point, RoomFigures, Summary};
+use crate::token::{Minter, Tokens};
 
 /// How a run ended, for the exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,23 +70,6 @@ pub enum Outcome {
     Pass,
     /// A rule (ours or goose's `--threshold`) failed.
     Fail,
-}
-
-/// Once the window is fixed: start the generator probe, and end the run when the drain is over.
-pub fn spawn_conductor(shared: Arc<Shared>, window: Window) {
-    log::info!(
-        "all {} members made their first attempt; measured window starts in {:?}",
-        shared.schedule.first_attempts(),
-        window.start.saturating_duration_since(Instant::now())
-    );
-    probe::spawn(shared.clone(), window);
-    tokio::spawn(async move {
-        tokio::time::sleep_until(window.end.into()).await;
-        log::info!("measured window over; draining");
-        tokio::time::sleep_until(window.drain_end.into()).await;
-        shared.schedule.complete.store(true, Ordering::Release);
-        goose::trigger_killswitch("loadtest: measured window and drain complete");
-    });
 }
 
 /// Stops the run if users stop making first attempts (goose starting users too slowly, or fewer
@@ -110,41 +96,48 @@ fn spawn_watchdog(shared: Arc<Shared>) {
     });
 }
 
-/// Resolves a target's address (loopback only, checked again after resolution).
-fn resolve(url: &str) -> anyhow::Result<SocketAddr> {
-    let hostport = url.trim_start_matches("ws://");
-    let with_port = if hostport
-        .rsplit_once(':')
-        .is_some_and(|(h, p)| p.parse::<u16>().is_ok() && (!h.starts_with('[') || h.ends_with(']')))
-    {
-        hostport.to_string()
-    } else {
-        format!("{hostport}:80")
-    };
-    let addr = with_port
-        .to_socket_addrs()
-        .with_context(|| format!("cannot resolve {url}"))?
-        .find(|a| a.ip().is_loopback())
-        .with_context(|| format!("{url} does not resolve to a loopback address"))?;
-    Ok(addr)
+/// FNV-1a of the room prefix: the run id every shard of a distributed run derives alike.
+fn run_id_of(prefix: &str) -> u32 {
+    prefix.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
 }
 
-/// Runs a load test: goose with our scenarios, then our summary and rules.
+fn tokens(opts: &Options) -> anyhow::Result<Tokens> {
+    let with = |m: Minter| {
+        m.with(
+            opts.jwt_ttl,
+            opts.jwt_audience.clone(),
+            opts.jwt_issuer.clone(),
+        )
+    };
+    Ok(if let Some(secret) = &opts.jwt_hmac_secret {
+        Tokens::Mint(Box::new(with(Minter::hmac(
+            secret.as_bytes(),
+            opts.jwt_kid.clone(),
+        ))))
+    } else if let Some(path) = &opts.jwt_private_key {
+        let pem =
+            std::fs::read(path).with_context(|| format!("--jwt-private-key {}", path.display()))?;
+        Tokens::Mint(Box::new(with(
+            Minter::private_key(&pem, opts.jwt_kid.clone()).map_err(anyhow::Error::msg)?,
+        )))
+    } else if let Some(path) = &opts.token_file {
+        Tokens::from_file(path).map_err(anyhow::Error::msg)?
+    } else {
+        Tokens::None
+    })
+}
+
+/// Runs a load test: goose with our scenarios, then our summary, reports and rules.
 pub async fn run(mut goose_config: GooseConfiguration, opts: Options) -> anyhow::Result<Outcome> {
     opts.validate().map_err(anyhow::Error::msg)?;
-    let population = opts.population();
-    match goose_config.users {
-        None => goose_config.users = Some(population),
-        Some(u) if u == population => {}
-        Some(u) => {
-            bail!("--users {u} does not match the rooms ({population} members); leave --users out")
-        }
+    let shard = opts.resolved_shard().map_err(anyhow::Error::msg)?;
+    if goose_config.iterations.is_some() {
+        bail!("--iterations does not apply: the run's phases end it");
     }
     if goose_config.increase_rate.is_none() && goose_config.increase_time.is_none() {
         goose_config.increase_rate = Some("500".into());
-    }
-    if goose_config.iterations.is_some() {
-        bail!("--iterations does not apply: the run's phases end it");
     }
     // Connection rows from the warm-up are what we want to keep; per-tick transaction rows mean
     // nothing; a Controller changing the user count would break the accounting.
@@ -152,53 +145,93 @@ pub async fn run(mut goose_config: GooseConfiguration, opts: Options) -> anyhow:
     goose_config.no_transaction_metrics = true;
     goose_config.no_scenario_metrics = true;
     goose_config.no_telnet = true;
+    if !opts.goose_output {
+        goose_config.no_print_metrics = true;
+        goose_config.no_error_summary = true;
+        if goose_config.verbose == 0 {
+            goose_config.quiet = goose_config.quiet.max(1);
+        }
+    }
 
     let mut raw_targets = opts.targets.clone();
     if raw_targets.is_empty() {
         match &goose_config.host {
             Some(h) => raw_targets.push(h.clone()),
-            None => bail!("give --target ws://127.0.0.1:PORT (or goose's --host)"),
+            None => bail!("give --target ws://HOST:PORT or wss://HOST:PORT (or goose's --host)"),
         }
     }
     let mut targets = Vec::new();
     for t in &raw_targets {
-        let url = config::normalize_target(t).map_err(anyhow::Error::msg)?;
-        let addr = resolve(&url)?;
-        targets.push((url, addr));
+        targets.push(target::resolve(t, &opts.resolve).map_err(anyhow::Error::msg)?);
     }
     if goose_config.host.is_none() {
-        goose_config.host = Some(targets[0].0.replacen("ws://", "http://", 1));
+        goose_config.host = Some(targets[0].http_url());
     }
     let binds: Vec<Ipv4Addr> = opts.bind.iter().flat_map(|r| r.addrs()).collect();
-    if !binds.is_empty() && targets.iter().any(|t| t.1.is_ipv6()) {
+    if !binds.is_empty() && targets.iter().any(|t| t.addr.is_ipv6()) {
         bail!("--bind takes IPv4 addresses; IPv6 targets cannot use them");
     }
+    let tls = tls::client_config(&opts.ca_files, opts.insecure).map_err(anyhow::Error::msg)?;
+    if opts.insecure {
+        eprintln!("loadtest: --insecure: TLS certificates are not checked");
+    }
 
-    let run_id = fastrand::u32(..);
     let prefix = opts
         .room_prefix
         .clone()
         .unwrap_or_else(|| format!("lt{}", std::process::id()));
-    let plan = Plan::new(&opts.resolved_groups(), &prefix, targets, binds);
+    let run_id = if shard.is_split() {
+        run_id_of(&prefix)
+    } else {
+        fastrand::u32(..)
+    };
+    let plan = Plan::new(&opts.resolved_groups(), &prefix, targets, binds, shard);
     let (hosts, viewers) = (plan.host_count(), plan.viewer_count());
-    let shared = Arc::new(Shared {
-        schedule: Schedule::new(population, opts.settle, opts.measure, opts.drain),
+    let population = hosts + viewers;
+    if population == 0 {
+        bail!("shard {shard} has no member: fewer members than shards");
+    }
+    match goose_config.users {
+        None => goose_config.users = Some(population),
+        Some(u) if u == population => {}
+        Some(u) => {
+            bail!("--users {u} does not match the rooms ({population} members); leave --users out")
+        }
+    }
+    let mut shared = Shared {
+        schedule: Schedule::new(population, opts.settle, opts.measure, opts.drain)
+            .with_start_at(opts.start_at),
         plan,
-        stats: Stats::default(),
+        stats: Arc::default(),
         run_id,
+        prefix: prefix.clone(),
+        tokens: tokens(&opts)?,
+        dialer: ws::Dialer {
+            tls: Arc::new(tls.clone()),
+        },
+        http: None,
         filler: "x".repeat(opts.message_size),
         deliver_row: format!("deliver 1/{}", opts.deliver_sample),
         usage: Mutex::new(None),
         opts,
-    });
+    };
+    if shared.opts.api_publish_rate > 0.0 {
+        shared.http = Some(api::client(&shared, tls)?);
+    }
+    let shared = Arc::new(shared);
     eprintln!(
-        "loadtest: {} rooms, {hosts} hosts, {viewers} viewers ({population} connections) → {}; run {run_id:08x}, rooms {prefix}-*",
+        "loadtest: {} rooms, {hosts} hosts, {viewers} viewers ({population} connections{}) → {}; run {run_id:08x}, rooms {prefix}-*",
         shared.plan.rooms.len(),
+        if shard.is_split() {
+            format!(", shard {shard}")
+        } else {
+            String::new()
+        },
         shared
             .plan
             .targets
             .iter()
-            .map(|t| t.0.as_str())
+            .map(|t| t.url.as_str())
             .collect::<Vec<_>>()
             .join(", ")
     );
@@ -214,27 +247,245 @@ pub async fn run(mut goose_config: GooseConfiguration, opts: Options) -> anyhow:
         attack = attack.register_scenario(personas::scenario(&shared, Role::Viewer, viewers)?);
     }
     spawn_watchdog(shared.clone());
+    live::spawn(shared.clone(), population);
     let goose_failed = match attack.execute().await {
         Ok(_) => false,
         Err(GooseError::ThresholdsFailed { .. }) => true,
         Err(e) => return Err(e.into()),
     };
 
-    let mut summary = Summary::collect(&shared);
+    let mut summary = collect(&shared);
     summary.judge(&shared.opts.rules);
-    let json = serde_json::to_string_pretty(&summary)?;
+    let outcome = publish(
+        &summary,
+        shared.opts.summary_file.as_deref(),
+        shared.opts.html_report.as_deref(),
+    )?;
+    if goose_failed {
+        println!("goose thresholds (--threshold) failed");
+        return Ok(Outcome::Fail);
+    }
+    Ok(outcome)
+}
+
+/// Prints the summary block (one verdict line per rule), writes the JSON summary (or prints it)
+/// and the HTML report.
+fn publish(
+    summary: &Summary,
+    json_file: Option<&Path>,
+    html: Option<&Path>,
+) -> anyhow::Result<Outcome> {
+    let json = serde_json::to_string_pretty(summary)?;
     println!("\n{}", summary.human());
-    match &shared.opts.summary_file {
+    match json_file {
         Some(path) => std::fs::write(path, format!("{json}\n"))
             .with_context(|| format!("cannot write {}", path.display()))?,
         None => println!("{json}"),
     }
-    if goose_failed {
-        println!("goose thresholds (--threshold) failed");
+    if let Some(path) = html {
+        std::fs::write(path, report::html(summary))
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    Ok(if summary.pass && !goose_failed {
+    Ok(if summary.pass {
         Outcome::Pass
     } else {
         Outcome::Fail
     })
+}
+
+/// `loadtest merge`: adds generators' summaries into one and judges it, with `rules` or, when
+/// none are given, the rules the generators ran with.
+pub fn merge(
+    files: &[PathBuf],
+    rules: &[Rule],
+    json_file: Option<&Path>,
+    html: Option<&Path>,
+) -> anyhow::Result<Outcome> {
+    let mut parts = Vec::new();
+    for f in files {
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+        let s: Summary = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a load tester summary", f.display()))?;
+        parts.push(s);
+    }
+    let mut merged = Summary::merge(parts).map_err(anyhow::Error::msg)?;
+    let rules: Vec<Rule> = if rules.is_empty() {
+        merged
+            .expect
+            .iter()
+            .map(|r| r.parse().map_err(anyhow::Error::msg))
+            .collect::<anyhow::Result<_>>()?
+    } else {
+        rules.to_vec()
+    };
+    merged.judge(&rules);
+    publish(&merged, json_file, html)
+}
+
+fn p99(h: &hdrhistogram::Histogram<u64>) -> u64 {
+    if h.is_empty() {
+        0
+    } else {
+        h.value_at_quantile(0.99)
+    }
+}
+
+/// Reads the totals once every user has left.
+pub fn collect(shared: &Shared) -> Summary {
+    let s: &Stats = &shared.stats;
+    let opts = &shared.opts;
+    let window = shared.schedule.window();
+    let usage = *shared.usage.lock().unwrap_or_else(|p| p.into_inner());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let histograms = Histograms {
+        latency_us: s.e2e.merged(),
+        fanout_us: s.fanout.merged(),
+        publish_lag_us: s.publish_lag.merged(),
+        connect_us: s.connect.merged(),
+        join_us: s.join.merged(),
+        timer_lag_us: s.timer_lag.merged(),
+    };
+    let mut reasons = Vec::new();
+    let max_lag = opts.max_generator_lag.as_micros() as u64;
+    let timer_p99 = p99(&histograms.timer_lag_us);
+    if timer_p99 > max_lag {
+        reasons.push(format!(
+            "its timers fired {:.1} ms late (p99): its process is starved of CPU (by its own load, or by other processes: see load_average)",
+            timer_p99 as f64 / 1e3
+        ));
+    }
+    let lag_p99 = p99(&histograms.publish_lag_us);
+    if lag_p99 > max_lag {
+        reasons.push(format!(
+            "publishers wrote {:.1} ms behind schedule (p99): generator overloaded, or the gateway pushed back on writes",
+            lag_p99 as f64 / 1e3
+        ));
+    }
+    if let Some(u) = usage {
+        if u.cpu_percent > 90.0 * cores as f64 {
+            reasons.push(format!(
+                "it used {:.0}% CPU of {cores} cores",
+                u.cpu_percent
+            ));
+        }
+    }
+    let rooms = shared
+        .plan
+        .rooms
+        .iter()
+        .map(|r| RoomFigures {
+            name: r.name.clone(),
+            members_from_start: Stats::get(&r.members_from_start),
+            delivered: Stats::get(&r.delivered),
+            published: r
+                .published
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        })
+        .collect();
+    let timeline = s
+        .timeline
+        .merged()
+        .into_iter()
+        .map(|(t, sec)| Point {
+            t,
+            connected: sec.connected,
+            sent: sec.sent,
+            received: sec.received,
+            expected: 0,
+            delivered: sec.delivered,
+            lost: 0,
+            p50_us: 0,
+            p99_us: 0,
+            max_us: 0,
+            latency: sec.latency,
+        })
+        .collect();
+    let errors_by_code = s.error_events.snapshot();
+    let mut summary = Summary {
+        run: summary::RunInfo {
+            run_id: shared.run_id,
+            rooms_spec: opts.groups.iter().map(|g| g.to_string()).collect(),
+            rooms: shared.plan.rooms.len(),
+            hosts: shared.plan.host_count(),
+            viewers: shared.plan.viewer_count(),
+            targets: shared.plan.targets.iter().map(|t| t.url.clone()).collect(),
+            source_addresses: shared.plan.binds.len(),
+            measure_s: window.map(|w| w.measure().as_secs_f64()).unwrap_or(0.0),
+            drain_s: opts.drain.as_secs_f64(),
+            window_start_unix_us: window.map(|w| w.start_unix_us).unwrap_or(0),
+            complete: shared.schedule.complete.load(Ordering::Acquire),
+            shard: shared.plan.shard,
+            generators: 1,
+        },
+        connections: summary::Connections {
+            attempts: Stats::get(&s.connect_attempts),
+            joined: Stats::get(&s.joined),
+            reconnects: Stats::get(&s.reconnects),
+            errors_by_cause: s.connect_errors.snapshot(),
+            closes_by_code: s.closes.snapshot(),
+            ..Default::default()
+        },
+        messages: summary::Messages {
+            published: Stats::get(&s.published),
+            api_published: Stats::get(&s.api_published),
+            unsent: Stats::get(&s.unsent),
+            publish_errors: errors_by_code.values().sum::<u64>()
+                + Stats::get(&s.publish_write_errors)
+                + s.api_errors.total(),
+            errors_by_code,
+            api_errors_by_cause: s.api_errors.snapshot(),
+            duplicates: Stats::get(&s.duplicates),
+            reordered: Stats::get(&s.reordered),
+            gaps: Stats::get(&s.gaps),
+            open_holes: Stats::get(&s.open_holes),
+            late_member_deliveries: Stats::get(&s.delivered_late_members),
+            after_drain: Stats::get(&s.after_drain),
+            before_welcome: Stats::get(&s.before_welcome),
+            foreign: Stats::get(&s.foreign),
+            ..Default::default()
+        },
+        continuity: Continuity {
+            offsets_seen: Stats::get(&s.numbered_welcomes) > 0,
+            resumes: Stats::get(&s.resumes),
+            incomplete: Stats::get(&s.resumes_incomplete),
+            recovered: Stats::get(&s.recovered),
+            offset_duplicates: Stats::get(&s.offset_duplicates),
+            offset_reorders: Stats::get(&s.offset_reorders),
+            acks: Stats::get(&s.acks),
+            ack_duplicates: Stats::get(&s.ack_duplicates),
+            resent: Stats::get(&s.resent),
+            unacked_dropped: Stats::get(&s.unacked_dropped),
+        },
+        generator: summary::Generator {
+            cpu_percent: usage.map(|u| (u.cpu_percent * 10.0).round() / 10.0),
+            cores,
+            peak_rss_mib: probe::peak_rss_mib().map(|m| m.round()),
+            load_average: probe::load_average(),
+            bottleneck: !reasons.is_empty(),
+            reasons,
+            ..Default::default()
+        },
+        histograms,
+        rooms,
+        timeline,
+        ..Summary::default()
+    };
+    summary.derive();
+    summary
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_of_one_run_share_its_id() {
+        assert_eq!(run_id_of("staging-1"), run_id_of("staging-1"));
+        assert_ne!(run_id_of("staging-1"), run_id_of("staging-2"));
+    }
 }

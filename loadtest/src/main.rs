@@ -1,19 +1,23 @@
-//! The `loadtest` binary: goose's options and ours on one command line, then [`loadtest::run`].
+//! The `loadtest` binary: goose's options and ours on one command line, then [`loadtest::run`];
+//! or `loadtest merge SUMMARY…` to add several generators' summaries into one
+//! ([`loadtest::merge`]).
 //! Exit status: 0 every rule held, 1 a rule failed, 2 bad command line, 3 the run could not start.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use goose::config::GooseConfiguration;
 use loadtest::config::Options;
+use loadtest::rules::Rule;
 use loadtest::Outcome;
 
 /// Simulates live rooms against gateway nodes: hosts publish on an open-loop schedule, viewers
-/// receive and chat; measures connect results, loss, order and end-to-end latency. Traffic goes
-/// to loopback targets only, and the run stops by itself after its measured window and drain.
-/// Manual: docs/loadtest.md.
+/// receive and chat; measures connect results, loss, order and end-to-end latency. The run stops
+/// by itself after its measured window and drain. `loadtest merge --help` for merging the
+/// summaries of several generators. Manual: docs/loadtest.md.
 #[derive(Debug, Parser)]
-#[command(name = "loadtest", version)]
+#[command(name = "loadtest", version, disable_version_flag = true)]
 struct Cli {
     #[command(flatten)]
     goose: GooseConfiguration,
@@ -21,10 +25,28 @@ struct Cli {
     options: Options,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match loadtest::run(cli.goose, cli.options).await {
+/// Adds the JSON summaries of a distributed run's generators (`--shard I/N`) into one summary,
+/// as if one generator had made all the load, and judges the rules on the whole.
+#[derive(Debug, Parser)]
+#[command(name = "loadtest merge", version)]
+struct MergeCli {
+    /// The generators' summary files (`--summary-file` of each).
+    #[arg(required = true, value_name = "SUMMARY")]
+    files: Vec<PathBuf>,
+    /// Rules to judge the whole on (same syntax as the run's); without any, the rules the
+    /// generators ran with.
+    #[arg(long = "expect", value_delimiter = ',', value_name = "RULE")]
+    rules: Vec<Rule>,
+    /// Write the merged JSON summary here (else it is printed).
+    #[arg(long, value_name = "PATH")]
+    summary_file: Option<PathBuf>,
+    /// Write the merged HTML report here.
+    #[arg(long, value_name = "PATH")]
+    html_report: Option<PathBuf>,
+}
+
+fn exit(r: anyhow::Result<Outcome>) -> ExitCode {
+    match r {
         Ok(Outcome::Pass) => ExitCode::SUCCESS,
         Ok(Outcome::Fail) => ExitCode::from(1),
         Err(e) => {
@@ -32,4 +54,21 @@ async fn main() -> ExitCode {
             ExitCode::from(3)
         }
     }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let mut args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("merge") {
+        args.remove(1);
+        let cli = MergeCli::parse_from(args);
+        return exit(loadtest::merge(
+            &cli.files,
+            &cli.rules,
+            cli.summary_file.as_deref(),
+            cli.html_report.as_deref(),
+        ));
+    }
+    let cli = Cli::parse_from(args);
+    exit(loadtest::run(cli.goose, cli.options).await)
 }

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use goose::prelude::*;
 
 use crate::plan::Role;
+use crate::shared::Shared;
 use crate::user;
-use crate::Shared;
 
 /// The scenario of `role` with `weight` users (the number of members of that role, so that
 /// goose's allocation, which repeats the weights, hands out exactly the planned seats).

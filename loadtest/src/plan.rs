@@ -1,11 +1,13 @@
 //! Who is who and when: the population (every member's room, role and publish rate, handed out to
-//! goose users as they start), the rooms' delivery ledgers, and the run's phases.
+//! goose users as they start), this generator's share of it (`--shard`), the rooms' delivery
+//! ledgers, and the run's phases.
 //!
 //! # Phases
 //! 1. **Warm-up.** Goose starts users at its `--increase-rate`; each connects and waits for its
 //!    welcome. Nobody publishes.
 //! 2. **Settle.** When every member has made its first attempt (joined or failed), the window is
-//!    fixed to start `--settle` later.
+//!    fixed to start `--settle` later — or at `--start-at`, the wall-clock time that lines up the
+//!    windows of several generators.
 //! 3. **Measured window** (`--measure`). Members publish on their open-loop schedule. A member
 //!    that is in its room (welcome received, not closed) when the window starts is a *member from
 //!    the start*: it must receive every message published in its room during the window.
@@ -17,41 +19,26 @@
 //! end of the drain. Lost = expected − delivered. Members that joined late (reconnects) add
 //! latency samples but are not in the expected count.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
-use crate::config::RoomGroup;
+pub use crate::spec::Role;
+use crate::spec::{RoomGroup, Shard};
+use crate::target::Target;
 
-/// What a member is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Publishes at the host rate.
-    Host,
-    /// Watches, and chats at the viewer rate.
-    Viewer,
-}
-
-impl Role {
-    /// The wire spelling, for `?role=`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Host => "host",
-            Role::Viewer => "viewer",
-        }
-    }
-}
-
-/// One room's delivery ledger.
+/// One room's delivery ledger (this generator's members and publishers).
 #[derive(Debug)]
 pub struct Room {
     /// The room name on the wire.
     pub name: String,
-    /// Window messages written by any member of this room.
-    pub published: AtomicU64,
+    /// Window messages written into this room by this generator, by unix second. A std `Mutex`:
+    /// one map increment per publish, never held across an await.
+    pub published: Mutex<BTreeMap<u64, u64>>,
     /// Members in the room when the window started.
     pub members_from_start: AtomicU64,
     /// Distinct window messages those members received.
@@ -67,7 +54,8 @@ pub struct Slot {
     pub role: Role,
     /// Messages per second during the window (0: never publishes).
     pub rate: f64,
-    /// Publisher id, unique in the process; goes in every message this member publishes.
+    /// Publisher id, unique in the whole run (every shard numbers seats the same way); goes in
+    /// every message this member publishes.
     pub publisher: u32,
     /// Display name (`h17`, `v302`).
     pub name: String,
@@ -83,19 +71,26 @@ pub struct Plan {
     next_host: AtomicUsize,
     next_viewer: AtomicUsize,
     next_conn: AtomicUsize,
-    /// Base WebSocket URLs with their resolved addresses, round robin over connections.
-    pub targets: Vec<(String, SocketAddr)>,
+    /// Gateway base URLs with their resolved addresses, round robin over connections.
+    pub targets: Vec<Target>,
     /// Source addresses, round robin over connections; empty lets the kernel choose.
     pub binds: Vec<Ipv4Addr>,
+    /// This generator's share.
+    pub shard: Shard,
+    /// Members in the whole run (all shards): HTTP API publishers are numbered after them.
+    pub all_members: u32,
 }
 
 impl Plan {
-    /// Lays out `groups` (rates resolved) as rooms named `PREFIX-gG-N`.
+    /// Lays out `groups` (rates resolved) as rooms named `PREFIX-gG-N`, and keeps the seats of
+    /// `shard`: every `total`-th host and viewer, in the interleaved order, so that each shard
+    /// gets its share of every room and no seat is in two shards.
     pub fn new(
         groups: &[RoomGroup],
         prefix: &str,
-        targets: Vec<(String, SocketAddr)>,
+        targets: Vec<Target>,
         binds: Vec<Ipv4Addr>,
+        shard: Shard,
     ) -> Self {
         let mut rooms = Vec::new();
         let mut hosts = Vec::new();
@@ -106,7 +101,7 @@ impl Plan {
                 let room = rooms.len();
                 rooms.push(Room {
                     name: format!("{prefix}-g{g}-{n}"),
-                    published: AtomicU64::new(0),
+                    published: Mutex::new(BTreeMap::new()),
                     members_from_start: AtomicU64::new(0),
                     delivered: AtomicU64::new(0),
                 });
@@ -145,7 +140,12 @@ impl Plan {
         // to start goes to the k-th room, not to the first room's k-th seat.
         let interleave = |mut seats: Vec<(usize, Slot)>| -> Vec<Slot> {
             seats.sort_by_key(|(seat, slot)| (*seat, slot.room));
-            seats.into_iter().map(|(_, slot)| slot).collect()
+            seats
+                .into_iter()
+                .enumerate()
+                .filter(|(n, _)| shard.owns(*n))
+                .map(|(_, (_, slot))| slot)
+                .collect()
         };
         let (hosts, viewers) = (interleave(hosts), interleave(viewers));
         Self {
@@ -157,7 +157,28 @@ impl Plan {
             next_conn: AtomicUsize::new(0),
             targets,
             binds,
+            shard,
+            all_members: publisher,
         }
+    }
+
+    /// Counts a window message published into room `room` at unix second `sec`.
+    pub fn count_published(&self, room: usize, sec: u64) {
+        let mut m = self.rooms[room]
+            .published
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *m.entry(sec).or_default() += 1;
+    }
+
+    /// The rooms whose HTTP API publisher runs in this generator (every `total`-th room).
+    pub fn api_rooms(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.rooms.len()).filter(|r| self.shard.owns(*r))
+    }
+
+    /// The publisher id of room `room`'s HTTP API publisher (after every member's id).
+    pub fn api_publisher(&self, room: usize) -> u32 {
+        self.all_members + room as u32
     }
 
     /// Hosts in the population.
@@ -180,7 +201,7 @@ impl Plan {
     }
 
     /// Target and source address for the next connection (round robin).
-    pub fn route(&self) -> (&(String, SocketAddr), Option<Ipv4Addr>) {
+    pub fn route(&self) -> (&Target, Option<Ipv4Addr>) {
         let n = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let target = &self.targets[n % self.targets.len()];
         let bind = (!self.binds.is_empty()).then(|| self.binds[n % self.binds.len()]);
@@ -209,6 +230,29 @@ impl Window {
         let now = Instant::now();
         let start = now + settle;
         let start_unix_us = unix_micros() + settle.as_micros() as u64;
+        Self::at(start, start_unix_us, measure, drain)
+    }
+
+    /// The window starting at wall-clock time `start_unix_us` (`--start-at`); a time already
+    /// past starts it now.
+    pub fn starting_at(start_unix_us: u64, measure: Duration, drain: Duration) -> Self {
+        let now_us = unix_micros();
+        if start_unix_us < now_us {
+            log::warn!(
+                "--start-at passed {:.1} s before every member had made its first attempt: the window starts now, out of line with other generators",
+                (now_us - start_unix_us) as f64 / 1e6
+            );
+        }
+        let ahead = Duration::from_micros(start_unix_us.saturating_sub(now_us));
+        Self::at(
+            Instant::now() + ahead,
+            start_unix_us.max(now_us),
+            measure,
+            drain,
+        )
+    }
+
+    fn at(start: Instant, start_unix_us: u64, measure: Duration, drain: Duration) -> Self {
         Self {
             start,
             start_unix_us,
@@ -224,8 +268,8 @@ impl Window {
     }
 }
 
-/// Microseconds since the Unix epoch: the one clock of every stamp (all processes of a run are
-/// on this machine).
+/// Microseconds since the Unix epoch: the one clock of every stamp (generators on several
+/// machines need their clocks synchronized, as NTP keeps them, for end-to-end latency).
 pub fn unix_micros() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -273,6 +317,8 @@ pub struct Schedule {
     settle: Duration,
     measure: Duration,
     drain: Duration,
+    /// `--start-at`, unix microseconds.
+    start_at: Option<u64>,
     window: watch::Sender<Option<Window>>,
     /// Set when the drain ended by the schedule (not cut short by goose).
     pub complete: AtomicBool,
@@ -287,6 +333,7 @@ impl Schedule {
             settle,
             measure,
             drain,
+            start_at: None,
             window: watch::Sender::new(None),
             complete: AtomicBool::new(false),
         }
@@ -298,9 +345,18 @@ impl Schedule {
         if n != self.population {
             return None;
         }
-        let w = Window::starting_in(self.settle, self.measure, self.drain);
+        let w = match self.start_at {
+            Some(at) => Window::starting_at(at, self.measure, self.drain),
+            None => Window::starting_in(self.settle, self.measure, self.drain),
+        };
         self.window.send_replace(Some(w));
         Some(w)
+    }
+
+    /// Starts the window at a wall-clock time (unix microseconds) instead of after the settle.
+    pub fn with_start_at(mut self, start_at: Option<u64>) -> Self {
+        self.start_at = start_at;
+        self
     }
 
     /// The window, once fixed.
@@ -336,13 +392,23 @@ mod tests {
         }
     }
 
-    fn target() -> Vec<(String, SocketAddr)> {
-        vec![("ws://127.0.0.1:1".into(), "127.0.0.1:1".parse().unwrap())]
+    fn t(port: u16) -> Target {
+        crate::target::resolve(&format!("ws://127.0.0.1:{port}"), &[]).unwrap()
+    }
+
+    fn target() -> Vec<Target> {
+        vec![t(1)]
     }
 
     #[test]
     fn population_layout() {
-        let p = Plan::new(&[group(1, 2, 3), group(2, 1, 1)], "t", target(), vec![]);
+        let p = Plan::new(
+            &[group(1, 2, 3), group(2, 1, 1)],
+            "t",
+            target(),
+            vec![],
+            Shard::default(),
+        );
         assert_eq!(p.rooms.len(), 3);
         assert_eq!(p.rooms[0].name, "t-g0-0");
         assert_eq!(p.rooms[2].name, "t-g1-1");
@@ -365,19 +431,77 @@ mod tests {
 
     #[test]
     fn routes_round_robin() {
-        let targets = vec![
-            ("ws://127.0.0.1:1".into(), "127.0.0.1:1".parse().unwrap()),
-            ("ws://127.0.0.1:2".into(), "127.0.0.1:2".parse().unwrap()),
-        ];
+        let targets = vec![t(1), t(2)];
         let binds = vec![Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3)];
-        let p = Plan::new(&[group(1, 1, 1)], "t", targets, binds);
+        let p = Plan::new(&[group(1, 1, 1)], "t", targets, binds, Shard::default());
         let a = p.route();
         let b = p.route();
         let c = p.route();
-        assert_ne!(a.0 .0, b.0 .0);
-        assert_eq!(a.0 .0, c.0 .0);
+        assert_ne!(a.0.url, b.0.url);
+        assert_eq!(a.0.url, c.0.url);
         assert_eq!(a.1, Some(Ipv4Addr::new(127, 0, 0, 2)));
         assert_eq!(b.1, Some(Ipv4Addr::new(127, 0, 0, 3)));
+    }
+
+    #[test]
+    fn shards_split_seats_disjointly_and_keep_ids() {
+        let groups = [group(1, 2, 1000), group(100, 1, 5)];
+        let whole = Plan::new(&groups, "t", target(), vec![], Shard::default());
+        let mut all = std::collections::HashSet::new();
+        let mut counts = Vec::new();
+        for i in 0..3 {
+            let p = Plan::new(&groups, "t", target(), vec![], Shard { index: i, total: 3 });
+            assert_eq!(
+                p.rooms.len(),
+                whole.rooms.len(),
+                "every shard knows every room"
+            );
+            assert_eq!(p.all_members, whole.all_members);
+            counts.push((p.host_count(), p.viewer_count()));
+            for role in [Role::Host, Role::Viewer] {
+                while let Some(s) = p.take(role) {
+                    assert!(
+                        all.insert(s.publisher),
+                        "seat {} in two shards",
+                        s.publisher
+                    );
+                }
+            }
+        }
+        assert_eq!(all.len(), whole.host_count() + whole.viewer_count());
+        let hosts: Vec<usize> = counts.iter().map(|c| c.0).collect();
+        assert_eq!(hosts, [34, 34, 34], "102 hosts, evenly");
+        for c in &counts {
+            assert!((500..=501).contains(&c.1), "{counts:?}");
+        }
+        // The HTTP API publishers too: every room exactly once.
+        let api: usize = (0..3)
+            .map(|i| {
+                Plan::new(&groups, "t", target(), vec![], Shard { index: i, total: 3 })
+                    .api_rooms()
+                    .count()
+            })
+            .sum();
+        assert_eq!(api, 101);
+        assert_eq!(whole.api_publisher(0), whole.all_members);
+    }
+
+    #[test]
+    fn a_start_time_fixes_the_window() {
+        let at = unix_micros() + 3_000_000;
+        let s = Schedule::new(
+            1,
+            Duration::from_secs(30),
+            Duration::from_secs(5),
+            Duration::ZERO,
+        )
+        .with_start_at(Some(at));
+        let w = s.first_attempt_done().unwrap();
+        assert_eq!(w.start_unix_us, at, "not the settle");
+        let ahead = w.start.saturating_duration_since(Instant::now());
+        assert!(ahead > Duration::from_millis(2500) && ahead <= Duration::from_secs(3));
+        let past = Window::starting_at(1, Duration::from_secs(1), Duration::ZERO);
+        assert!(past.start_unix_us > 1, "a past time starts now");
     }
 
     #[test]

@@ -5,8 +5,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::plan::Window;
-use crate::Shared;
+use tokio::task::JoinHandle;
+
+use crate::stats::Recorder;
 
 const PERIOD: Duration = Duration::from_millis(10);
 
@@ -49,30 +50,27 @@ pub fn load_average() -> Option<f64> {
         .ok()
 }
 
-/// Runs the timer probe from now to the end of the drain, then stores the CPU usage.
-pub fn spawn(shared: Arc<Shared>, window: Window) {
+/// Runs the timer probe from now until `until`, recording its oversleep into `lag`; yields the
+/// CPU usage over that time.
+pub fn spawn(lag: Arc<Recorder>, until: Instant) -> JoinHandle<Option<Usage>> {
     tokio::spawn(async move {
         let cpu0 = cpu_seconds();
         let t0 = Instant::now();
-        while Instant::now() < window.drain_end {
+        while Instant::now() < until {
             let before = Instant::now();
             tokio::time::sleep(PERIOD).await;
             let over = before.elapsed().saturating_sub(PERIOD);
-            shared.stats.timer_lag.record(0, over.as_micros() as u64);
+            lag.record(0, over.as_micros() as u64);
             if over > Duration::from_millis(50) {
-                log::debug!(
-                    "generator stalled {over:?} at {:.3}s into the window",
-                    before.saturating_duration_since(window.start).as_secs_f64()
-                );
+                log::debug!("generator stalled {over:?}");
             }
         }
-        if let (Some(a), Some(b)) = (cpu0, cpu_seconds()) {
-            let wall = t0.elapsed().as_secs_f64().max(1e-3);
-            *shared.usage.lock().unwrap_or_else(|p| p.into_inner()) = Some(Usage {
-                cpu_percent: (b - a) / wall * 100.0,
-            });
-        }
-    });
+        let (a, b) = (cpu0?, cpu_seconds()?);
+        let wall = t0.elapsed().as_secs_f64().max(1e-3);
+        Some(Usage {
+            cpu_percent: (b - a) / wall * 100.0,
+        })
+    })
 }
 
 #[cfg(test)]
@@ -85,5 +83,15 @@ mod tests {
         assert!(cpu >= 0.0);
         assert!(peak_rss_mib().expect("linux /proc") > 0.0);
         assert!(load_average().expect("linux /proc") >= 0.0);
+    }
+
+    #[tokio::test]
+    async fn the_timer_probe_records_and_reports() {
+        let lag = Arc::new(Recorder::default());
+        let usage = spawn(lag.clone(), Instant::now() + Duration::from_millis(100))
+            .await
+            .unwrap();
+        assert!(usage.is_some());
+        assert!(lag.merged().len() >= 3, "about ten 10 ms rounds");
     }
 }

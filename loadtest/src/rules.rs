@@ -1,13 +1,14 @@
-//! Pass/fail rules (`--expect p99<250ms`): parsing, and judging them against a [`Summary`].
-//! Goose's own `--threshold` rules judge goose's rows; these judge what goose cannot see (loss,
-//! end-to-end latency, connection failures).
+//! Pass/fail rules (`--expect p99<250ms`): parsing, and judging them against [`Observations`],
+//! the plain figures a summary (one generator's, or merged ones) hands over. Goose's own
+//! `--threshold` rules judge goose's rows; these judge what goose cannot see (loss, end-to-end
+//! latency, connection failures). Nothing here imports the rest of the crate.
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
 
-use serde::Serialize;
-
-use crate::summary::Summary;
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
 
 /// What a rule looks at.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -27,6 +28,10 @@ pub enum Metric {
     PublishErrors,
     /// Scheduled messages the publishers never managed to send.
     Unsent,
+    /// Receipts of a message a member already had.
+    Duplicates,
+    /// Receipts after a later message of the same publisher.
+    Reordered,
     /// (connect errors + unexpected closes + publish errors) / (connect attempts + publishes), %.
     ErrorRate,
     /// End-to-end latency percentile (in per cent, e.g. 99.9), microseconds.
@@ -88,7 +93,7 @@ pub struct Rule {
 }
 
 /// One rule's verdict.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Verdict {
     /// The rule as written.
     pub rule: String,
@@ -107,22 +112,15 @@ fn is_time(m: Metric) -> bool {
     )
 }
 
-/// Parses a time in microseconds: `250ms`, `2s`, `900us`; a bare number is milliseconds.
+/// Parses a time in microseconds: `250ms`, `2s`, `900us` (humantime units); a bare number is
+/// milliseconds.
 fn parse_micros(s: &str) -> Option<f64> {
-    let (n, mult) = if let Some(n) = s.strip_suffix("us") {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix("ms") {
-        (n, 1e3)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1e6)
-    } else {
-        (s, 1e3)
-    };
-    n.trim()
-        .parse::<f64>()
+    if let Ok(ms) = s.trim().parse::<f64>() {
+        return (ms.is_finite() && ms >= 0.0).then_some(ms * 1e3);
+    }
+    humantime::parse_duration(s.trim())
         .ok()
-        .filter(|v| v.is_finite() && *v >= 0.0)
-        .map(|v| v * mult)
+        .map(|d: Duration| d.as_secs_f64() * 1e6)
 }
 
 impl FromStr for Rule {
@@ -155,6 +153,8 @@ impl FromStr for Rule {
             "closes" => Metric::Closes,
             "publish-errors" => Metric::PublishErrors,
             "unsent" => Metric::Unsent,
+            "duplicates" => Metric::Duplicates,
+            "reordered" => Metric::Reordered,
             "error-rate" => Metric::ErrorRate,
             "max" => Metric::LatencyMax,
             "generator-lag" => Metric::GeneratorLag,
@@ -169,7 +169,7 @@ impl FromStr for Rule {
             }
             other => {
                 return Err(format!(
-                    "`{s}`: unknown metric `{other}` (lost, loss, delivered, connect-errors, closes, publish-errors, unsent, error-rate, p50…p99.9, max, generator-lag)"
+                    "`{s}`: unknown metric `{other}` (lost, loss, delivered, connect-errors, closes, publish-errors, unsent, duplicates, reordered, error-rate, p50…p99.9, max, generator-lag)"
                 ))
             }
         };
@@ -199,39 +199,121 @@ impl fmt::Display for Rule {
     }
 }
 
+/// The plain figures rules are judged on: what one generator measured, or what `loadtest merge`
+/// added up from several.
+#[derive(Debug, Clone)]
+pub struct Observations {
+    /// Expected deliveries that did not arrive.
+    pub lost: u64,
+    /// Expected deliveries.
+    pub expected: u64,
+    /// Unique deliveries to measured members.
+    pub delivered: u64,
+    /// Failed connection attempts.
+    pub connect_errors: u64,
+    /// Connection attempts.
+    pub connect_attempts: u64,
+    /// Unexpected closes.
+    pub closes: u64,
+    /// Publish errors.
+    pub publish_errors: u64,
+    /// Publishes written.
+    pub published: u64,
+    /// Scheduled messages never sent.
+    pub unsent: u64,
+    /// Duplicate receipts.
+    pub duplicates: u64,
+    /// Reordered receipts.
+    pub reordered: u64,
+    /// End-to-end latency, µs.
+    pub latency: Histogram<u64>,
+    /// The generator's timer lag p99, µs (the worst generator's when merged).
+    pub generator_lag_p99: u64,
+    /// Whether the window and drain ran to their end (every generator's, when merged).
+    pub complete: bool,
+    /// Whether a generator limited the run.
+    pub bottleneck: bool,
+}
+
+impl Default for Observations {
+    fn default() -> Self {
+        Self {
+            lost: 0,
+            expected: 0,
+            delivered: 0,
+            connect_errors: 0,
+            connect_attempts: 0,
+            closes: 0,
+            publish_errors: 0,
+            published: 0,
+            unsent: 0,
+            duplicates: 0,
+            reordered: 0,
+            latency: Histogram::new(3).expect("3 significant digits is valid"),
+            generator_lag_p99: 0,
+            complete: false,
+            bottleneck: false,
+        }
+    }
+}
+
+impl Observations {
+    /// `lost` as a percentage of `expected` (0 when nothing was expected).
+    pub fn loss_percent(&self) -> f64 {
+        if self.expected == 0 {
+            0.0
+        } else {
+            self.lost as f64 * 100.0 / self.expected as f64
+        }
+    }
+
+    /// (connect errors + unexpected closes + publish errors) / (attempts + publishes), per cent.
+    pub fn error_rate_percent(&self) -> f64 {
+        let errors = self.connect_errors + self.closes + self.publish_errors;
+        let ops = self.connect_attempts + self.published;
+        if ops == 0 {
+            0.0
+        } else {
+            errors as f64 * 100.0 / ops as f64
+        }
+    }
+}
+
 impl Rule {
     /// The observed value in the rule's unit, `None` when there is nothing to judge (no latency
     /// sample at all).
-    pub fn observe(&self, s: &Summary) -> Option<f64> {
-        let lat = &s.latency_us;
+    pub fn observe(&self, o: &Observations) -> Option<f64> {
+        let lat = &o.latency;
         Some(match self.metric {
-            Metric::Lost => s.messages.lost as f64,
-            Metric::Loss => s.messages.loss_percent(),
-            Metric::Delivered => s.messages.delivered as f64,
-            Metric::ConnectErrors => s.connections.errors as f64,
-            Metric::Closes => s.connections.unexpected_closes as f64,
-            Metric::PublishErrors => s.messages.publish_errors as f64,
-            Metric::Unsent => s.messages.unsent as f64,
-            Metric::ErrorRate => s.error_rate_percent(),
+            Metric::Lost => o.lost as f64,
+            Metric::Loss => o.loss_percent(),
+            Metric::Delivered => o.delivered as f64,
+            Metric::ConnectErrors => o.connect_errors as f64,
+            Metric::Closes => o.closes as f64,
+            Metric::PublishErrors => o.publish_errors as f64,
+            Metric::Unsent => o.unsent as f64,
+            Metric::Duplicates => o.duplicates as f64,
+            Metric::Reordered => o.reordered as f64,
+            Metric::ErrorRate => o.error_rate_percent(),
             Metric::Latency(q) => {
-                if lat.count == 0 {
+                if lat.is_empty() {
                     return None;
                 }
-                s.latency_percentile(q)? as f64
+                lat.value_at_percentile(q) as f64
             }
             Metric::LatencyMax => {
-                if lat.count == 0 {
+                if lat.is_empty() {
                     return None;
                 }
-                lat.max as f64
+                lat.max() as f64
             }
-            Metric::GeneratorLag => s.generator.timer_lag_us.p99 as f64,
+            Metric::GeneratorLag => o.generator_lag_p99 as f64,
         })
     }
 
-    /// Judges the rule against a summary.
-    pub fn judge(&self, s: &Summary) -> Verdict {
-        let observed = self.observe(s);
+    /// Judges the rule.
+    pub fn judge(&self, o: &Observations) -> Verdict {
+        let observed = self.observe(o);
         let pass = observed.is_some_and(|v| self.op.holds(v, self.value));
         let note = match observed {
             None => Some("no samples: nothing was delivered".to_string()),
@@ -273,10 +355,78 @@ impl Rule {
     }
 }
 
+/// Judges `rules`, plus the rules every judged run must meet: it ran to its end, and it
+/// expected something. Returns the verdicts and whether all held (true without rules).
+pub fn judge_all(rules: &[Rule], o: &Observations) -> (Vec<Verdict>, bool) {
+    let mut verdicts: Vec<Verdict> = rules.iter().map(|r| r.judge(o)).collect();
+    if !rules.is_empty() {
+        verdicts.push(Verdict {
+            rule: "complete".into(),
+            observed: Some(f64::from(u8::from(o.complete))),
+            pass: o.complete,
+            note: (!o.complete).then(|| {
+                "the run stopped before its window and drain ended (goose --run-time, Ctrl-C or the watchdog)".to_string()
+            }),
+        });
+        verdicts.push(Verdict {
+            rule: "expected>0".into(),
+            observed: Some(o.expected as f64),
+            pass: o.expected > 0,
+            note: (o.expected == 0)
+                .then(|| "nothing was published to a member: nothing was measured".to_string()),
+        });
+    }
+    if o.bottleneck {
+        for (v, r) in verdicts.iter_mut().zip(rules) {
+            if r.is_latency() && !v.pass {
+                let note = v.note.take().unwrap_or_default();
+                v.note = Some(format!(
+                    "{note}; the generator was the bottleneck, so this latency is not the gateway's"
+                ));
+            }
+        }
+    }
+    let pass = verdicts.iter().all(|v| v.pass);
+    (verdicts, pass)
+}
+
+/// The one-line verdict of a rule, as CI logs show it: `PASS lost==0 (observed 0)`.
+pub fn verdict_line(v: &Verdict) -> String {
+    let shown = |o: f64| match v.rule.parse::<Rule>() {
+        Ok(r) if is_time(r.metric) || matches!(r.metric, Metric::Loss | Metric::ErrorRate) => {
+            r.show(o)
+        }
+        _ => trim_float(o),
+    };
+    let observed = v
+        .observed
+        .map(|o| format!(" (observed {})", shown(o)))
+        .unwrap_or_default();
+    let note = v
+        .note
+        .as_ref()
+        .map(|n| format!(" — {n}"))
+        .unwrap_or_default();
+    format!(
+        "{} {}{}{}",
+        if v.pass { "PASS" } else { "FAIL" },
+        v.rule,
+        if v.pass { observed } else { String::new() },
+        note
+    )
+}
+
+fn trim_float(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{}", v as i64)
+    } else {
+        format!("{v:.4}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::summary::tests::sample_summary;
 
     #[test]
     fn parses_rules() {
@@ -307,9 +457,28 @@ mod tests {
         }
     }
 
+    /// 1000 expected, 998 delivered, latency 1…100 ms uniformly.
+    pub(crate) fn sample() -> Observations {
+        let mut h = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).unwrap();
+        for ms in 1..=100u64 {
+            h.record(ms * 1000).unwrap();
+        }
+        Observations {
+            lost: 2,
+            expected: 1000,
+            delivered: 998,
+            connect_errors: 1,
+            connect_attempts: 100,
+            published: 100,
+            latency: h,
+            complete: true,
+            ..Observations::default()
+        }
+    }
+
     #[test]
     fn judges_rules() {
-        let s = sample_summary();
+        let s = sample();
         let verdict = |r: &str| r.parse::<Rule>().unwrap().judge(&s);
         assert!(verdict("lost==2").pass);
         assert!(!verdict("lost==0").pass);
@@ -321,11 +490,47 @@ mod tests {
         assert!(verdict("p99<100ms").pass);
         assert!(!verdict("p99<1ms").pass);
         assert!(verdict("max<=1s").pass);
+        assert!(verdict("duplicates==0").pass);
         let v = verdict("p99<1ms");
         assert!(v.note.unwrap().contains("observed"), "says what it saw");
-        let mut empty = sample_summary();
-        empty.latency_us = Default::default();
+        let mut empty = sample();
+        empty.latency = Histogram::new(3).unwrap();
         let v = "p99<1s".parse::<Rule>().unwrap().judge(&empty);
         assert!(!v.pass, "a latency rule with no sample fails");
+        assert!((s.loss_percent() - 0.2).abs() < 1e-9);
+        assert!((s.error_rate_percent() - 0.5).abs() < 1e-9, "1 of 200");
+        assert_eq!(Observations::default().loss_percent(), 0.0);
+    }
+
+    #[test]
+    fn judged_runs_must_complete_and_measure_something() {
+        let rules: Vec<Rule> = vec!["lost<=2".parse().unwrap()];
+        let (v, pass) = judge_all(&rules, &sample());
+        assert!(pass, "{v:?}");
+        let mut s = sample();
+        s.complete = false;
+        assert!(!judge_all(&rules, &s).1);
+        let mut s = sample();
+        s.expected = 0;
+        s.lost = 0;
+        assert!(
+            !judge_all(&rules, &s).1,
+            "lost 0 of 0 expected is not a pass"
+        );
+        let (v, pass) = judge_all(&[], &sample());
+        assert!(pass && v.is_empty(), "no rules, no verdicts");
+    }
+
+    #[test]
+    fn a_lagging_generator_is_named_in_latency_failures() {
+        let mut s = sample();
+        s.bottleneck = true;
+        let (v, pass) = judge_all(&["p99<1ms".parse().unwrap()], &s);
+        assert!(!pass);
+        assert!(v[0].note.as_ref().unwrap().contains("generator"));
+        assert!(verdict_line(&v[0]).starts_with("FAIL p99<1ms — observed"));
+        let (v, _) = judge_all(&["lost<=2".parse().unwrap(), "p50<1s".parse().unwrap()], &s);
+        assert_eq!(verdict_line(&v[0]), "PASS lost<=2 (observed 2)");
+        assert_eq!(verdict_line(&v[1]), "PASS p50<1s (observed 50.02ms)");
     }
 }

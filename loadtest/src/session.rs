@@ -1,8 +1,15 @@
-//! One connection's life, in one task: read every frame (welcome, messages, errors, close), publish
-//! on the member's open-loop schedule, and keep the member's sequence ledger. The goose user that
+//! One connection's life, in one task: read every frame (welcome, messages, acks, errors, close),
+//! publish on the member's open-loop schedule, and keep the member's books. The goose user that
 //! owns it (`user.rs`) only starts it, reads its rows, and stops it; goose cannot wait inside a
 //! transaction for a socket that lives for the whole run.
+//!
+//! The books belong to the member, not the connection, so that a member's deliveries count
+//! across reconnects (`lost` is what it never received by any path), and so that it can resume:
+//! it remembers the last room position it saw (`epoch`/`offset` from the welcome and each
+//! message) for `since=`, and its publishes not yet acknowledged, to send them again (same
+//! idempotency key) after a reconnect. Against a gateway without offsets, none of that engages.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,14 +23,145 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use crate::ledger::Ledger;
+use crate::ledger::{Arrival, Ledger};
 use crate::plan::{unix_micros, Cadence, Slot, Window};
+use crate::shared::Shared;
 use crate::stats::Stats;
-use crate::ws::{self, Event, Stamp, Ws};
-use crate::Shared;
+use crate::ws::{self, Event, Position, Stamp, Ws};
 
 /// How long a close handshake may take before the socket is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Most unacknowledged publishes a member keeps for re-sending; older ones are forgotten (and
+/// counted) so a gateway that never acks cannot grow memory.
+const MAX_UNACKED: usize = 10_000;
+
+/// What a welcome meant for the books.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Welcomed {
+    /// The gateway numbers messages.
+    pub numbered: bool,
+    /// A resume was answered (`recovered` present after `since=`).
+    pub resumed: bool,
+    /// ... with `recovered: false`.
+    pub incomplete: bool,
+    /// After a complete resume: messages up to this offset come from history.
+    pub recovered_upto: Option<u64>,
+    /// Publishes to send again.
+    pub resend: Vec<String>,
+}
+
+/// What one message's room position meant.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Positioned {
+    /// Recovered from history (at or below the resume welcome's offset).
+    pub recovered: bool,
+    /// An offset the member already had.
+    pub duplicate: bool,
+    /// An offset after a higher one.
+    pub reordered: bool,
+}
+
+/// A member's books, kept across its connections. A std `Mutex`: short updates, no await.
+#[derive(Debug, Default)]
+pub struct Book {
+    /// Decided at the window start: was the member in its room then?
+    pub measured: Option<bool>,
+    /// Publisher sequence numbers received (end-to-end truth).
+    pub ledger: Ledger,
+    /// Room offsets received in the current epoch (the gateway's numbering).
+    pub offsets: Ledger,
+    /// The epoch of `offsets`.
+    pub offsets_epoch: Option<String>,
+    /// The last position seen, for `since=`.
+    pub position: Option<Position>,
+    /// Publishes with a key and no ack yet, by sequence number: the frames to send again.
+    pub unacked: BTreeMap<u64, String>,
+    /// Window messages received, for sampling rows.
+    pub received: u64,
+}
+
+impl Book {
+    /// A welcome arrived; `resuming` when the connection asked for `since=`, `resend` whether to
+    /// hand back the unacknowledged publishes.
+    pub fn on_welcome(
+        &mut self,
+        position: Option<Position>,
+        recovered: Option<bool>,
+        resuming: bool,
+        resend: bool,
+    ) -> Welcomed {
+        let Some(position) = position else {
+            return Welcomed::default();
+        };
+        let mut w = Welcomed {
+            numbered: true,
+            ..Welcomed::default()
+        };
+        if resuming {
+            if let Some(r) = recovered {
+                w.resumed = true;
+                if r {
+                    w.recovered_upto = Some(position.offset);
+                } else {
+                    w.incomplete = true;
+                }
+            }
+        }
+        // The welcome's position is where a member resumes from only when it has none of its
+        // own, or the recovery failed: after a complete one, the missed messages are still to
+        // come, and a drop during the catch-up must resume before them.
+        if self.position.is_none() || recovered == Some(false) {
+            self.position = Some(position);
+        }
+        if resend {
+            w.resend = self.unacked.values().cloned().collect();
+        }
+        w
+    }
+
+    /// A message with a room position arrived.
+    pub fn on_position(&mut self, p: Position, recovered_upto: Option<u64>) -> Positioned {
+        let mut out = Positioned {
+            recovered: recovered_upto.is_some_and(|upto| p.offset <= upto),
+            ..Positioned::default()
+        };
+        if self.offsets_epoch.as_deref() != Some(p.epoch.as_str()) {
+            self.offsets = Ledger::new(false);
+            self.offsets_epoch = Some(p.epoch.clone());
+        }
+        match self.offsets.record(0, p.offset) {
+            Arrival::Duplicate => out.duplicate = true,
+            Arrival::Reordered => out.reordered = true,
+            _ => {}
+        }
+        let newer = match &self.position {
+            Some(old) => old.epoch != p.epoch || p.offset > old.offset,
+            None => true,
+        };
+        if newer {
+            self.position = Some(p);
+        }
+        out
+    }
+
+    /// Keeps a keyed publish until its ack; returns whether an older one had to be forgotten.
+    pub fn remember(&mut self, seq: u64, frame: String) -> bool {
+        self.unacked.insert(seq, frame);
+        if self.unacked.len() > MAX_UNACKED {
+            self.unacked.pop_first();
+            return true;
+        }
+        false
+    }
+
+    /// An ack or keyed error came for `key` (`RUN-PUBLISHER-SEQ`).
+    pub fn forget(&mut self, key: &str) {
+        if let Some(seq) = key.rsplit('-').next().and_then(|s| s.parse::<u64>().ok()) {
+            self.unacked.remove(&seq);
+        }
+    }
+}
 
 /// A goose user's identity, which outlives its connections.
 #[derive(Debug)]
@@ -37,6 +175,8 @@ pub struct Member {
     /// Next sequence number to publish. Kept here, not in the connection, so that numbering
     /// stays contiguous across reconnects and a hole always means a lost message.
     pub next_seq: AtomicU64,
+    /// The member's books.
+    pub book: Mutex<Book>,
 }
 
 impl Member {
@@ -51,6 +191,38 @@ impl Member {
             key,
             cadence,
             next_seq: AtomicU64::new(0),
+            book: Mutex::new(Book::default()),
+        }
+    }
+
+    /// Locks the books.
+    pub fn book(&self) -> std::sync::MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Where to resume from, when the member has seen a position.
+    pub fn since(&self) -> Option<Position> {
+        self.book().position.clone()
+    }
+
+    /// Adds the member's books to the totals, once, when it leaves.
+    pub fn account(&self, shared: &Shared) {
+        let stats = &shared.stats;
+        let book = self.book();
+        let c = book.ledger.counts();
+        match book.measured {
+            Some(true) => {
+                Stats::add(&stats.delivered, c.unique);
+                shared.plan.rooms[self.slot.room]
+                    .delivered
+                    .fetch_add(c.unique, Ordering::Relaxed);
+                Stats::add(&stats.duplicates, c.duplicates);
+                Stats::add(&stats.reordered, c.reordered);
+                Stats::add(&stats.gaps, c.gaps);
+                Stats::add(&stats.open_holes, book.ledger.open_holes());
+            }
+            Some(false) => Stats::add(&stats.delivered_late_members, c.unique),
+            None => {}
         }
     }
 }
@@ -102,8 +274,8 @@ pub struct Conn {
     pub joined: Option<oneshot::Receiver<Duration>>,
 }
 
-/// Starts a connection's task on an upgraded socket.
-pub fn spawn(shared: Arc<Shared>, member: Arc<Member>, rows: Rows, ws: Ws) -> Conn {
+/// Starts a connection's task on an upgraded socket; `resuming` when it asked for `since=`.
+pub fn spawn(shared: Arc<Shared>, member: Arc<Member>, rows: Rows, ws: Ws, resuming: bool) -> Conn {
     let cancel = CancellationToken::new();
     let done = CancellationToken::new();
     let (joined_tx, joined_rx) = oneshot::channel();
@@ -116,9 +288,9 @@ pub fn spawn(shared: Arc<Shared>, member: Arc<Member>, rows: Rows, ws: Ws) -> Co
         started: Instant::now(),
         welcomed_at: None,
         joined: Some(joined_tx),
-        measured: None,
-        ledger: Ledger::new(false),
-        received: 0,
+        resuming,
+        numbered: false,
+        recovered_upto: None,
     };
     let task = tokio::spawn(session.run(ws, cancel.clone(), done.clone()));
     Conn {
@@ -138,11 +310,12 @@ struct Session {
     started: Instant,
     welcomed_at: Option<Instant>,
     joined: Option<oneshot::Sender<Duration>>,
-    /// Decided when the window starts: was this connection in the room then?
-    measured: Option<bool>,
-    ledger: Ledger,
-    /// Window messages received, for sampling rows.
-    received: u64,
+    /// This connection asked to resume (`since=`).
+    resuming: bool,
+    /// The gateway numbers messages (the welcome had a position): keep unacked publishes.
+    numbered: bool,
+    /// After a resume: messages up to this offset are recovered ones.
+    recovered_upto: Option<u64>,
 }
 
 impl Session {
@@ -150,9 +323,10 @@ impl Session {
         let _done = done.drop_guard();
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
         let mut window_gone = false;
+        let mut decided = false;
         let end = loop {
-            let decide_at = match (self.measured, self.window) {
-                (None, Some(w)) => Some(w.start),
+            let decide_at = match (decided, self.window) {
+                (false, Some(w)) => Some(w.start),
                 _ => None,
             };
             let publish_at = self.next_publish_at();
@@ -167,6 +341,7 @@ impl Session {
                 }
                 _ = sleep_until(decide_at.unwrap_or(far).into()), if decide_at.is_some() => {
                     self.decide();
+                    decided = true;
                 }
                 _ = sleep_until(publish_at.map(|(at, _)| at).unwrap_or(far).into()), if publish_at.is_some() => {
                     let (at, k) = publish_at.expect("guarded");
@@ -175,7 +350,13 @@ impl Session {
                     }
                 }
                 frame = ws.next() => match frame {
-                    Some(Ok(Message::Text(text))) => self.on_text(text.as_str()),
+                    Some(Ok(Message::Text(text))) => {
+                        if let Some(resend) = self.on_text(text.as_str()) {
+                            if let Err(end) = self.resend(&mut ws, resend).await {
+                                break end;
+                            }
+                        }
+                    }
                     Some(Ok(Message::Close(frame))) => {
                         // tungstenite has queued the reply; let it go out and see the end.
                         let _ = tokio::time::timeout(CLOSE_GRACE, async {
@@ -196,6 +377,21 @@ impl Session {
         };
         self.finish();
         end
+    }
+
+    /// Sends again the publishes that had no ack when the previous connection ended.
+    async fn resend(&mut self, ws: &mut Ws, frames: Vec<String>) -> Result<(), End> {
+        let n = frames.len() as u64;
+        for f in frames {
+            if let Err(e) = ws.feed(Message::text(f)).await {
+                return Err(self.end(false, None, e.to_string()));
+            }
+        }
+        if let Err(e) = ws.flush().await {
+            return Err(self.end(false, None, e.to_string()));
+        }
+        Stats::add(&self.shared.stats.resent, n);
+        Ok(())
     }
 
     fn end(&self, requested: bool, code: Option<u16>, reason: String) -> End {
@@ -245,17 +441,27 @@ impl Session {
             s: k,
             t: w.start_unix_us + cadence.offset(k).as_micros() as u64,
         };
-        let frame = ws::publish_frame(stamp, &self.shared.filler);
+        let frame = ws::publish_frame(stamp, &self.shared.filler, true);
+        if self.numbered
+            && !self.shared.opts.no_resume
+            && self.member.book().remember(k, frame.clone())
+        {
+            Stats::add(&self.shared.stats.unacked_dropped, 1);
+        }
         let result = ws.send(Message::text(frame)).await;
         let lag = Instant::now().saturating_duration_since(at);
         let stats = &self.shared.stats;
         match result {
             Ok(()) => {
                 self.member.next_seq.store(k + 1, Ordering::Relaxed);
-                self.shared.plan.rooms[self.member.slot.room]
-                    .published
-                    .fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .plan
+                    .count_published(self.member.slot.room, stamp.t / 1_000_000);
                 Stats::add(&stats.published, 1);
+                Stats::add(&stats.sent_total, 1);
+                stats
+                    .timeline
+                    .with(self.member.key, unix_micros() / 1_000_000, |s| s.sent += 1);
                 stats
                     .publish_lag
                     .record(self.member.key, lag.as_micros() as u64);
@@ -280,25 +486,96 @@ impl Session {
             .push(row);
     }
 
-    fn on_text(&mut self, text: &str) {
+    /// Handles one server frame; returns the frames to send again after a resume's welcome.
+    fn on_text(&mut self, text: &str) -> Option<Vec<String>> {
         match ws::parse_event(text) {
-            Some(Event::Welcome) if self.welcomed_at.is_none() => {
+            Some(Event::Welcome {
+                position,
+                recovered,
+            }) if self.welcomed_at.is_none() => {
                 self.welcomed_at = Some(Instant::now());
+                self.shared.stats.connected.fetch_add(1, Ordering::Relaxed);
                 if let Some(tx) = self.joined.take() {
                     let _ = tx.send(self.started.elapsed());
                 }
+                return self.on_welcome(position, recovered);
             }
             Some(Event::Message {
                 ts,
-                stamp: Some(stamp),
-            }) if stamp.lt == self.shared.run_id => self.on_message(ts, stamp),
-            Some(Event::Message { .. }) => Stats::add(&self.shared.stats.foreign, 1),
-            Some(Event::Error(code)) => {
+                stamp,
+                position,
+            }) => {
+                if let Some(p) = position {
+                    self.on_position(p);
+                }
+                match stamp {
+                    Some(stamp) if stamp.lt == self.shared.run_id => self.on_message(ts, stamp),
+                    _ => Stats::add(&self.shared.stats.foreign, 1),
+                }
+            }
+            Some(Event::Ack { key, duplicate }) => {
+                let stats = &self.shared.stats;
+                Stats::add(&stats.acks, 1);
+                if duplicate {
+                    Stats::add(&stats.ack_duplicates, 1);
+                }
+                self.forget(&key);
+            }
+            Some(Event::Error { code, key }) => {
                 self.shared.stats.error_events.add(&code);
+                if let Some(k) = key {
+                    self.forget(&k);
+                }
                 self.push(Row::Error(code));
             }
             _ => {}
         }
+        None
+    }
+
+    fn on_welcome(
+        &mut self,
+        position: Option<Position>,
+        recovered: Option<bool>,
+    ) -> Option<Vec<String>> {
+        let resend = !self.shared.opts.no_resume;
+        let w = self
+            .member
+            .book()
+            .on_welcome(position, recovered, self.resuming, resend);
+        let stats = &self.shared.stats;
+        self.numbered = w.numbered;
+        self.recovered_upto = w.recovered_upto;
+        if w.numbered {
+            Stats::add(&stats.numbered_welcomes, 1);
+        }
+        if w.resumed {
+            Stats::add(&stats.resumes, 1);
+        }
+        if w.incomplete {
+            Stats::add(&stats.resumes_incomplete, 1);
+        }
+        (!w.resend.is_empty()).then_some(w.resend)
+    }
+
+    /// Follows the room's numbering: where to resume, and duplicates or reorders by offset.
+    fn on_position(&mut self, p: Position) {
+        let out = self.member.book().on_position(p, self.recovered_upto);
+        let stats = &self.shared.stats;
+        if out.recovered {
+            Stats::add(&stats.recovered, 1);
+        }
+        if out.duplicate {
+            Stats::add(&stats.offset_duplicates, 1);
+        }
+        if out.reordered {
+            Stats::add(&stats.offset_reorders, 1);
+        }
+    }
+
+    /// An ack or keyed error came: the publish need not be sent again.
+    fn forget(&mut self, key: &str) {
+        self.member.book().forget(key);
     }
 
     fn on_message(&mut self, ts: u64, stamp: Stamp) {
@@ -307,11 +584,14 @@ impl Session {
         let shared = self.shared.clone();
         let stats = &shared.stats;
         let Some(w) = self.window else {
-            // Our run id but no window yet: cannot happen, publishers wait for it.
+            // Our run id but no window yet: another generator of the run started publishing
+            // before this one fixed its window (a --start-at in the past), or a stray.
             Stats::add(&stats.foreign, 1);
             return;
         };
-        if self.measured.is_none() {
+        // A window message can come a little before this generator's own window start (another
+        // generator's clock runs ahead): decide now, before the ledger counts it.
+        if self.member.book().measured.is_none() {
             self.decide();
         }
         if now > w.drain_end {
@@ -328,22 +608,46 @@ impl Session {
                 .fanout
                 .record(self.member.key, now_unix.saturating_sub(ts));
         }
-        self.received += 1;
-        if self
-            .received
-            .is_multiple_of(u64::from(self.shared.opts.deliver_sample))
-        {
+        Stats::add(&stats.received_total, 1);
+        stats
+            .timeline
+            .with(self.member.key, now_unix / 1_000_000, |s| {
+                s.received += 1;
+                s.latency.saturating_record(e2e.max(1));
+            });
+        let (arrival, measured, sample) = {
+            let mut book = self.member.book();
+            book.received += 1;
+            let sample = book
+                .received
+                .is_multiple_of(u64::from(self.shared.opts.deliver_sample));
+            (
+                book.ledger.record(stamp.p, stamp.s),
+                book.measured == Some(true),
+                sample,
+            )
+        };
+        if measured && arrival != Arrival::Duplicate {
+            stats
+                .timeline
+                .with(self.member.key, stamp.t / 1_000_000, |s| s.delivered += 1);
+        }
+        if sample {
             self.push(Row::Deliver(Duration::from_micros(e2e)));
         }
-        self.ledger.record(stamp.p, stamp.s);
     }
 
-    /// Decides, at the window start, whether this connection is a member from the start.
+    /// Decides, at the window start, whether the member is a member from the start (once per
+    /// member: a reconnect does not change it).
     fn decide(&mut self) {
         let Some(w) = self.window else { return };
+        let mut book = self.member.book();
+        if book.measured.is_some() {
+            return;
+        }
         let measured = self.welcomed_at.is_some_and(|at| at < w.start);
-        self.measured = Some(measured);
-        self.ledger = Ledger::new(measured);
+        book.measured = Some(measured);
+        book.ledger = Ledger::new(measured);
         if measured {
             self.shared.plan.rooms[self.member.slot.room]
                 .members_from_start
@@ -351,26 +655,111 @@ impl Session {
         }
     }
 
-    /// Adds this connection's ledger to the totals.
+    /// Leaves the member's connected count when the connection ends.
     fn finish(&mut self) {
-        if self.measured.is_none() && self.window.is_some_and(|w| Instant::now() >= w.start) {
+        if self.window.is_some_and(|w| Instant::now() >= w.start) {
             self.decide();
         }
-        let stats = &self.shared.stats;
-        let c = self.ledger.counts();
-        match self.measured {
-            Some(true) => {
-                Stats::add(&stats.delivered, c.unique);
-                self.shared.plan.rooms[self.member.slot.room]
-                    .delivered
-                    .fetch_add(c.unique, Ordering::Relaxed);
-                Stats::add(&stats.duplicates, c.duplicates);
-                Stats::add(&stats.reordered, c.reordered);
-                Stats::add(&stats.gaps, c.gaps);
-                Stats::add(&stats.open_holes, self.ledger.open_holes());
-            }
-            Some(false) => Stats::add(&stats.delivered_late_members, c.unique),
-            None => {}
+        if self.welcomed_at.is_some() {
+            self.shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(epoch: &str, offset: u64) -> Position {
+        Position {
+            epoch: epoch.into(),
+            offset,
+        }
+    }
+
+    #[test]
+    fn a_gateway_without_offsets_engages_nothing() {
+        let mut b = Book::default();
+        let w = b.on_welcome(None, None, false, true);
+        assert_eq!(w, Welcomed::default());
+        assert!(
+            b.position.is_none(),
+            "nothing to resume from: reconnect as before"
+        );
+    }
+
+    #[test]
+    fn resume_counts_recovered_duplicates_and_reorders() {
+        let mut b = Book::default();
+        let w = b.on_welcome(Some(at("e1", 5)), None, false, true);
+        assert!(w.numbered && !w.resumed);
+        assert_eq!(b.position, Some(at("e1", 5)));
+        for o in [6, 7] {
+            assert_eq!(b.on_position(at("e1", o), None), Positioned::default());
+        }
+        assert_eq!(
+            b.position,
+            Some(at("e1", 7)),
+            "resume from the last message seen"
+        );
+
+        // Reconnect with since=e1:7; the room is at 10 now.
+        let w = b.on_welcome(Some(at("e1", 10)), Some(true), true, true);
+        assert!(w.resumed && !w.incomplete);
+        assert_eq!(w.recovered_upto, Some(10));
+        assert_eq!(
+            b.position,
+            Some(at("e1", 7)),
+            "a drop during the catch-up must resume before the missed messages"
+        );
+        let recovered = (8..=10)
+            .filter(|o| b.on_position(at("e1", *o), w.recovered_upto).recovered)
+            .count();
+        assert_eq!(recovered, 3);
+        assert!(
+            !b.on_position(at("e1", 11), w.recovered_upto).recovered,
+            "live"
+        );
+        assert!(b.on_position(at("e1", 9), None).duplicate);
+        assert!(!b.on_position(at("e1", 13), None).duplicate);
+        assert!(b.on_position(at("e1", 12), None).reordered);
+        assert_eq!(b.position, Some(at("e1", 13)));
+    }
+
+    #[test]
+    fn an_incomplete_recovery_starts_over_at_the_new_epoch() {
+        let mut b = Book::default();
+        b.on_welcome(Some(at("e1", 5)), None, false, true);
+        b.on_position(at("e1", 6), None);
+        let w = b.on_welcome(Some(at("e2", 3)), Some(false), true, true);
+        assert!(w.resumed && w.incomplete);
+        assert_eq!(w.recovered_upto, None);
+        assert_eq!(b.position, Some(at("e2", 3)));
+        let p = b.on_position(at("e2", 4), None);
+        assert_eq!(p, Positioned::default(), "a new epoch is a new numbering");
+        // `recovered` is only read after a resume.
+        let w = b.on_welcome(Some(at("e2", 9)), Some(false), false, true);
+        assert!(!w.resumed);
+    }
+
+    #[test]
+    fn unacknowledged_publishes_are_sent_again_in_order() {
+        let mut b = Book::default();
+        for seq in 0..3 {
+            assert!(!b.remember(seq, format!("frame{seq}")));
+        }
+        b.forget("0badf00d-7-1");
+        b.forget("garbage");
+        let w = b.on_welcome(Some(at("e", 1)), Some(true), true, true);
+        assert_eq!(w.resend, ["frame0", "frame2"]);
+        let w = b.on_welcome(Some(at("e", 1)), Some(true), true, false);
+        assert!(w.resend.is_empty(), "--no-resume sends nothing again");
+        let mut full = Book::default();
+        for seq in 0..MAX_UNACKED as u64 {
+            full.remember(seq, String::new());
+        }
+        assert!(full.remember(MAX_UNACKED as u64, String::new()), "bounded");
+        assert_eq!(full.unacked.len(), MAX_UNACKED);
+        assert!(!full.unacked.contains_key(&0), "the oldest goes");
     }
 }

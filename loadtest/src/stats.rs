@@ -3,11 +3,13 @@
 //! the exact figures behind the JSON summary and the pass/fail rules.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use base64::Engine as _;
+use hdrhistogram::serialization::{Deserializer, Serializer, V2DeflateSerializer};
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Largest latency a histogram holds (one hour, in µs); larger values are clamped to it.
 const MAX_MICROS: u64 = 3_600_000_000;
@@ -16,8 +18,49 @@ const MAX_MICROS: u64 = 3_600_000_000;
 /// one lock. A std `Mutex` is right: the critical section is one array increment, never an await.
 const SHARDS: usize = 16;
 
-fn new_histogram() -> Histogram<u64> {
+/// An empty latency histogram with the bounds every recorder uses (mergeable with any other).
+pub fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_MICROS, 3).expect("static histogram bounds are valid")
+}
+
+/// A histogram in HdrHistogram's interchange form: V2 compressed encoding, base64 (the
+/// `HISTFAAA…` strings other HdrHistogram libraries read).
+pub fn encode_histogram(h: &Histogram<u64>) -> String {
+    let mut buf = Vec::new();
+    V2DeflateSerializer::new()
+        .serialize(h, &mut buf)
+        .expect("serializing into memory cannot fail");
+    base64::engine::general_purpose::STANDARD.encode(buf)
+}
+
+/// Reads [`encode_histogram`]'s form back, resized to hold anything another recorder holds.
+pub fn decode_histogram(s: &str) -> Result<Histogram<u64>, String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(s.trim())
+        .map_err(|e| format!("histogram is not base64: {e}"))?;
+    let h: Histogram<u64> = Deserializer::new()
+        .deserialize(&mut bytes.as_slice())
+        .map_err(|e| format!("histogram does not decode: {e:?}"))?;
+    let mut all = new_histogram();
+    all.add(&h)
+        .map_err(|e| format!("histogram out of bounds: {e:?}"))?;
+    Ok(all)
+}
+
+/// Serde adapter: a histogram field as its encoded string.
+pub mod hist_b64 {
+    use super::*;
+
+    /// Writes the encoded form.
+    pub fn serialize<S: serde::Serializer>(h: &Histogram<u64>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&encode_histogram(h))
+    }
+
+    /// Reads the encoded form.
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Histogram<u64>, D::Error> {
+        let text = String::deserialize(d)?;
+        decode_histogram(&text).map_err(serde::de::Error::custom)
+    }
 }
 
 /// A latency histogram in microseconds, sharded for concurrent writers.
@@ -54,7 +97,7 @@ impl Recorder {
 }
 
 /// Percentiles of a histogram, microseconds.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LatencySummary {
     /// Samples.
     pub count: u64,
@@ -91,6 +134,74 @@ impl LatencySummary {
             p99_9: h.value_at_quantile(0.999),
             max: h.max(),
         }
+    }
+}
+
+/// One second of the run, by wall-clock second: what the HTML report draws.
+#[derive(Debug, Clone)]
+pub struct Second {
+    /// Members connected (welcomed, not closed), the highest sample in the second.
+    pub connected: u64,
+    /// Publishes written (WebSocket and HTTP API) in this second.
+    pub sent: u64,
+    /// Our messages received in this second (every member, duplicates too).
+    pub received: u64,
+    /// Distinct window messages published in this second that measured members received (by
+    /// the end of the drain): the loss over time is the expected count minus this.
+    pub delivered: u64,
+    /// End-to-end latency of the messages received in this second, µs.
+    pub latency: Histogram<u64>,
+}
+
+impl Default for Second {
+    fn default() -> Self {
+        Self {
+            connected: 0,
+            sent: 0,
+            received: 0,
+            delivered: 0,
+            latency: new_histogram(),
+        }
+    }
+}
+
+/// Per-second series, sharded like [`Recorder`] (a std `Mutex` each: one map update, no await).
+pub struct Timeline {
+    shards: Vec<Mutex<BTreeMap<u64, Second>>>,
+}
+
+impl Default for Timeline {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(BTreeMap::new())).collect(),
+        }
+    }
+}
+
+impl Timeline {
+    /// Updates second `sec` in the shard picked by `key`.
+    pub fn with(&self, key: usize, sec: u64, f: impl FnOnce(&mut Second)) {
+        let mut m = self.shards[key % SHARDS]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        f(m.entry(sec).or_default());
+    }
+
+    /// Every second, shards added up.
+    pub fn merged(&self) -> BTreeMap<u64, Second> {
+        let mut all: BTreeMap<u64, Second> = BTreeMap::new();
+        for s in &self.shards {
+            let m = s.lock().unwrap_or_else(|p| p.into_inner());
+            for (sec, b) in m.iter() {
+                let e = all.entry(*sec).or_default();
+                e.connected = e.connected.max(b.connected);
+                e.sent += b.sent;
+                e.received += b.received;
+                e.delivered += b.delivered;
+                e.latency.add(&b.latency).expect("same bounds");
+            }
+        }
+        all
     }
 }
 
@@ -131,7 +242,15 @@ pub struct Stats {
     /// TCP connect → `welcome` received: the whole join.
     pub join: Recorder,
     /// Oversleep of the generator's 10 ms probe timer: its own scheduling delay.
-    pub timer_lag: Recorder,
+    pub timer_lag: std::sync::Arc<Recorder>,
+    /// Per-second series for the report and the live line.
+    pub timeline: Timeline,
+    /// Members connected now (welcome received, not closed).
+    pub connected: AtomicI64,
+    /// Our messages received, every member, since the start (the live line's rate).
+    pub received_total: AtomicU64,
+    /// Publishes written since the start, window or not (the live line's rate).
+    pub sent_total: AtomicU64,
 
     /// Connection attempts, first ones and reconnects.
     pub connect_attempts: AtomicU64,
@@ -171,6 +290,34 @@ pub struct Stats {
     pub foreign: AtomicU64,
     /// Messages received before the welcome (allowed by the protocol; counted for information).
     pub before_welcome: AtomicU64,
+
+    /// Window messages published through the HTTP API (202).
+    pub api_published: AtomicU64,
+    /// HTTP API publishes that failed, by cause (`http_503`, `timeout`, …).
+    pub api_errors: Tally,
+
+    /// Welcomes that carried a room position (the gateway numbers messages).
+    pub numbered_welcomes: AtomicU64,
+    /// Reconnects that asked to resume (`since=`) and got a welcome saying how it went.
+    pub resumes: AtomicU64,
+    /// Of those, welcomes with `recovered: false`.
+    pub resumes_incomplete: AtomicU64,
+    /// Messages received after a resume with an offset at or below the welcome's: recovered from
+    /// history rather than live.
+    pub recovered: AtomicU64,
+    /// Receipts whose room offset a member had already received (the gateway's view of a
+    /// duplicate).
+    pub offset_duplicates: AtomicU64,
+    /// Receipts whose room offset came after a higher one.
+    pub offset_reorders: AtomicU64,
+    /// `ack` events for our publishes.
+    pub acks: AtomicU64,
+    /// Acks with `duplicate: true` (a re-sent publish the cluster had already taken).
+    pub ack_duplicates: AtomicU64,
+    /// Publishes sent again after a reconnect because no ack had come.
+    pub resent: AtomicU64,
+    /// Unacknowledged publishes forgotten because a member held too many.
+    pub unacked_dropped: AtomicU64,
 }
 
 impl Stats {
@@ -220,6 +367,38 @@ mod tests {
         assert_eq!(s.count, 2);
         assert_eq!(s.min, 1);
         assert!(s.max >= MAX_MICROS);
+    }
+
+    #[test]
+    fn histograms_round_trip_in_interchange_form() {
+        let r = Recorder::default();
+        for v in [1u64, 10, 1_000, 250_000, 3_000_000] {
+            r.record(0, v);
+        }
+        let h = r.merged();
+        let text = encode_histogram(&h);
+        assert!(text.starts_with("HISTF"), "V2 compressed cookie: {text}");
+        let back = decode_histogram(&text).unwrap();
+        assert_eq!(back, h);
+        assert!(decode_histogram("not base64!").is_err());
+        assert!(decode_histogram("aGVsbG8=").is_err());
+    }
+
+    #[test]
+    fn timeline_adds_shards() {
+        let t = Timeline::default();
+        t.with(0, 100, |s| s.received += 2);
+        t.with(1, 100, |s| {
+            s.received += 3;
+            s.connected = 7;
+            s.latency.record(1000).unwrap();
+        });
+        t.with(2, 101, |s| s.sent += 1);
+        let m = t.merged();
+        assert_eq!(m[&100].received, 5);
+        assert_eq!(m[&100].connected, 7);
+        assert_eq!(m[&100].latency.len(), 1);
+        assert_eq!(m[&101].sent, 1);
     }
 
     #[test]

@@ -14,11 +14,12 @@ use std::time::{Duration, Instant};
 use goose::prelude::*;
 use tokio::sync::Mutex as AsyncMutex;
 
+use crate::config::TokenIn;
 use crate::plan::Role;
 use crate::session::{self, Conn, End, Member, Row, Rows};
+use crate::shared::Shared;
 use crate::stats::Stats;
-use crate::ws;
-use crate::Shared;
+use crate::{token, ws};
 
 /// Longest a `tick` waits before returning to goose.
 const TICK: Duration = Duration::from_secs(1);
@@ -82,7 +83,7 @@ pub async fn join(user: &mut GooseUser, shared: &Arc<Shared>, role: Role) -> Tra
     }
     user.set_session_data(UserState(Arc::new(AsyncMutex::new(inner))));
     if let Some(window) = shared.schedule.first_attempt_done() {
-        crate::spawn_conductor(shared.clone(), window);
+        crate::conductor::spawn_conductor(shared.clone(), window);
     }
     Ok(())
 }
@@ -96,34 +97,78 @@ async fn attempt(
 ) -> Result<Conn, ()> {
     let stats = &shared.stats;
     Stats::add(&stats.connect_attempts, 1);
-    let ((base, addr), bind) = shared.plan.route();
+    let (target, bind) = shared.plan.route();
     let room = &shared.plan.rooms[member.slot.room].name;
-    let url = ws::join_url(base, room, member.slot.role, &member.slot.name);
-    let timeout = shared.opts.connect_timeout;
+    let sub = format!("{}-{}", shared.prefix, member.slot.name);
+    let persona = token::Persona {
+        sub: &sub,
+        name: &member.slot.name,
+        room,
+        role: member.slot.role,
+        publishes: member.slot.rate > 0.0,
+    };
     let started = Instant::now();
-    let (socket, took) = match ws::connect(&url, *addr, bind, timeout).await {
-        Ok(ok) => ok,
+    let token = match shared
+        .tokens
+        .for_member(member.slot.publisher as usize, &persona)
+    {
+        Ok(t) => t,
         Err(e) => {
-            stats.connect_errors.add(&e.cause);
-            let _ = user
-                .record_custom_request_duration(
-                    "WS",
-                    "connect",
-                    started.elapsed(),
-                    false,
-                    e.status,
-                    Some(&e.cause),
-                )
-                .await;
-            log::debug!("connect {url}: {} ({})", e.cause, e.detail);
+            stats.connect_errors.add("token");
+            log::warn!("{e}");
             return Err(());
         }
     };
+    let (in_query, in_header) = match shared.opts.token_in {
+        TokenIn::Query => (true, false),
+        TokenIn::Header => (false, true),
+        TokenIn::Both => (true, true),
+    };
+    let since = if shared.opts.no_resume {
+        None
+    } else {
+        member.since()
+    };
+    let url = ws::join_url(
+        &target.url,
+        room,
+        member.slot.role,
+        &member.slot.name,
+        since.as_ref().map(|p| (p.epoch.as_str(), p.offset)),
+        token.as_deref().filter(|_| in_query),
+    );
+    let timeout = shared.opts.connect_timeout;
+    let bearer = token.as_deref().filter(|_| in_header);
+    let (socket, took) =
+        match ws::connect(&shared.dialer, &url, target.addr, bind, bearer, timeout).await {
+            Ok(ok) => ok,
+            Err(e) => {
+                stats.connect_errors.add(&e.cause);
+                let _ = user
+                    .record_custom_request_duration(
+                        "WS",
+                        "connect",
+                        started.elapsed(),
+                        false,
+                        e.status,
+                        Some(&e.cause),
+                    )
+                    .await;
+                log::debug!("connect {}: {} ({})", target.url, e.cause, e.detail);
+                return Err(());
+            }
+        };
     stats.connect.record(member.key, took.as_micros() as u64);
     let _ = user
         .record_custom_request_duration("WS", "connect", took, true, Some(101), None)
         .await;
-    let mut conn = session::spawn(shared.clone(), member.clone(), rows.clone(), socket);
+    let mut conn = session::spawn(
+        shared.clone(),
+        member.clone(),
+        rows.clone(),
+        socket,
+        since.is_some(),
+    );
     let joined = conn
         .joined
         .take()
@@ -317,6 +362,7 @@ pub async fn leave(user: &mut GooseUser, shared: &Arc<Shared>) -> TransactionRes
     }
     let rows = inner.rows.clone();
     flush_rows(user, shared, &rows).await?;
+    inner.member.account(shared);
     if let (Some(cadence), Some(w)) = (inner.member.cadence, shared.schedule.window()) {
         let scheduled = cadence.scheduled(w.measure());
         let sent = inner

@@ -1,23 +1,26 @@
-//! The WebSocket client side of the wire contract (`docs/protocol.md`): opening a connection from
-//! a chosen source address, naming why an attempt failed, encoding a publish and reading the
-//! server's events. No accounting here; `session.rs` owns that.
+//! The WebSocket client side of the wire contract (`docs/protocol.md`): opening a connection
+//! (from a chosen source address, over TLS for `wss://`, with a token), naming why an attempt
+//! failed, encoding a publish and reading the server's events. No accounting here;
+//! `session.rs` owns that.
 
 use std::borrow::Cow;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Error as WsError;
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
-use crate::plan::Role;
+use crate::spec::Role;
 
 /// An open client connection.
-pub type Ws = WebSocketStream<TcpStream>;
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Why a connection attempt failed: a short label for counting, and the detail for logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,10 +89,18 @@ fn handshake_error(e: WsError) -> ConnectError {
                 detail: format!("upgrade refused with HTTP {status}"),
             }
         }
+        // rustls reports a refused certificate through tokio-rustls as an I/O error.
+        WsError::Io(e)
+            if e.get_ref()
+                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some()) =>
+        {
+            ConnectError::new("tls", e.to_string())
+        }
         WsError::Io(e) => ConnectError::new(io_cause(&e), e.to_string()),
         WsError::ConnectionClosed | WsError::AlreadyClosed => {
             ConnectError::new("eof", "closed during the handshake")
         }
+        WsError::Tls(e) => ConnectError::new("tls", e.to_string()),
         other => ConnectError::new("handshake", other.to_string()),
     }
 }
@@ -103,17 +114,42 @@ fn ws_config() -> WebSocketConfig {
         .max_message_size(Some(1 << 20))
 }
 
-/// The upgrade path for a member.
-pub fn join_url(base: &str, room: &str, role: Role, name: &str) -> String {
-    format!("{base}/ws/{room}?role={}&name={name}", role.as_str())
+/// The upgrade URL for a member: role and name, then `since=EPOCH:OFFSET` when resuming and
+/// `token=` when the token goes in the query (room names and epochs are URL-safe by the
+/// protocol's rules; a JWT is base64url with dots).
+pub fn join_url(
+    base: &str,
+    room: &str,
+    role: Role,
+    name: &str,
+    since: Option<(&str, u64)>,
+    token: Option<&str>,
+) -> String {
+    let mut url = format!("{base}/ws/{room}?role={}&name={name}", role.as_str());
+    if let Some((epoch, offset)) = since {
+        url.push_str(&format!("&since={epoch}:{offset}"));
+    }
+    if let Some(t) = token {
+        url.push_str(&format!("&token={t}"));
+    }
+    url
 }
 
-/// Opens TCP (from `bind` when given) and upgrades, within `timeout`. Returns the socket and
-/// how long it took.
+/// How to open connections: TLS configuration for `wss://`.
+#[derive(Clone)]
+pub struct Dialer {
+    /// The rustls client configuration (`tls.rs`).
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+/// Opens TCP to `addr` (from `bind` when given), TLS for `wss://` URLs, and upgrades, within
+/// `timeout`; `bearer` goes in an `Authorization` header. Returns the socket and how long it took.
 pub async fn connect(
+    dialer: &Dialer,
     url: &str,
     addr: SocketAddr,
     bind: Option<Ipv4Addr>,
+    bearer: Option<&str>,
     timeout: Duration,
 ) -> Result<(Ws, Duration), ConnectError> {
     let started = Instant::now();
@@ -133,10 +169,28 @@ pub async fn connect(
             .await
             .map_err(|e| ConnectError::new(io_cause(&e), format!("connect {addr}: {e}")))?;
         let _ = stream.set_nodelay(true);
-        let (ws, _response) =
-            tokio_tungstenite::client_async_with_config(url, stream, Some(ws_config()))
-                .await
-                .map_err(handshake_error)?;
+        let mut request = url
+            .into_client_request()
+            .map_err(|e| ConnectError::new("bad_url", e.to_string()))?;
+        if let Some(t) = bearer {
+            let value = format!("Bearer {t}")
+                .parse()
+                .map_err(|_| ConnectError::new("bad_token", "token is not a header value"))?;
+            request.headers_mut().insert("authorization", value);
+        }
+        let connector = if url.starts_with("wss://") {
+            Connector::Rustls(dialer.tls.clone())
+        } else {
+            Connector::Plain
+        };
+        let (ws, _response) = tokio_tungstenite::client_async_tls_with_config(
+            request,
+            stream,
+            Some(ws_config()),
+            Some(connector),
+        )
+        .await
+        .map_err(handshake_error)?;
         Ok(ws)
     };
     match tokio::time::timeout(timeout, attempt).await {
@@ -162,28 +216,76 @@ pub struct Stamp {
     pub t: u64,
 }
 
-/// Encodes a publish command carrying `stamp` and `filler` bytes of padding.
-pub fn publish_frame(stamp: Stamp, filler: &str) -> String {
+/// The `data` of a message carrying `stamp` and `filler` bytes of padding.
+pub fn stamp_data(stamp: Stamp, filler: &str) -> String {
     format!(
-        r#"{{"type":"publish","data":{{"lt":{},"p":{},"s":{},"t":{},"f":"{}"}}}}"#,
+        r#"{{"lt":{},"p":{},"s":{},"t":{},"f":"{}"}}"#,
         stamp.lt, stamp.p, stamp.s, stamp.t, filler
     )
+}
+
+/// The idempotency key of a message: unique in the run, the same when it is re-sent.
+pub fn publish_key(stamp: Stamp) -> String {
+    format!("{:08x}-{}-{}", stamp.lt, stamp.p, stamp.s)
+}
+
+/// Encodes a publish command carrying `stamp` and `filler` bytes of padding, with the
+/// idempotency key when `keyed`.
+pub fn publish_frame(stamp: Stamp, filler: &str, keyed: bool) -> String {
+    let data = stamp_data(stamp, filler);
+    if keyed {
+        format!(
+            r#"{{"type":"publish","data":{data},"key":"{}"}}"#,
+            publish_key(stamp)
+        )
+    } else {
+        format!(r#"{{"type":"publish","data":{data}}}"#)
+    }
+}
+
+/// A room position: epoch and offset (docs/protocol.md, continuity).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    /// The room's epoch.
+    pub epoch: String,
+    /// The offset.
+    pub offset: u64,
 }
 
 /// A server event, as much of it as the load tester reads.
 #[derive(Debug, PartialEq)]
 pub enum Event {
-    /// `welcome`.
-    Welcome,
+    /// `welcome`, with the room's position when the gateway numbers messages, and whether a
+    /// resume was complete when one was asked for.
+    Welcome {
+        /// `epoch` + `offset`.
+        position: Option<Position>,
+        /// `recovered`, present only after `since=`.
+        recovered: Option<bool>,
+    },
     /// A `message` with the gateway's publish stamp; `stamp` is `None` when its data is not ours.
     Message {
         /// The gateway's `ts`.
         ts: u64,
         /// Our fields, when the data has them.
         stamp: Option<Stamp>,
+        /// The message's room position, when the gateway numbers messages.
+        position: Option<Position>,
     },
-    /// `error` with its code.
-    Error(String),
+    /// `ack` of a keyed publish.
+    Ack {
+        /// The publish's key.
+        key: String,
+        /// Whether the cluster already had it.
+        duplicate: bool,
+    },
+    /// `error` with its code, and the key of the publish it answers.
+    Error {
+        /// The code.
+        code: String,
+        /// The key, for a keyed publish.
+        key: Option<String>,
+    },
     /// `presence`, `pong`, or anything else.
     Other,
 }
@@ -198,18 +300,46 @@ struct Incoming<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow, default)]
     code: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    key: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    epoch: Option<Cow<'a, str>>,
+    #[serde(default)]
+    offset: Option<u64>,
+    #[serde(default)]
+    recovered: Option<bool>,
+    #[serde(default)]
+    duplicate: Option<bool>,
 }
 
 /// Reads one text frame from the server; `None` when it is not an event at all.
 pub fn parse_event(text: &str) -> Option<Event> {
     let e: Incoming<'_> = serde_json::from_str(text).ok()?;
+    let position = match (&e.epoch, e.offset) {
+        (Some(epoch), Some(offset)) => Some(Position {
+            epoch: epoch.to_string(),
+            offset,
+        }),
+        _ => None,
+    };
     Some(match e.kind.as_ref() {
-        "welcome" => Event::Welcome,
+        "welcome" => Event::Welcome {
+            position,
+            recovered: e.recovered,
+        },
         "message" => Event::Message {
             ts: e.ts.unwrap_or(0),
             stamp: e.data.and_then(|d| serde_json::from_str(d.get()).ok()),
+            position,
         },
-        "error" => Event::Error(e.code.as_deref().unwrap_or("unknown").to_string()),
+        "ack" => Event::Ack {
+            key: e.key.as_deref().unwrap_or_default().to_string(),
+            duplicate: e.duplicate.unwrap_or(false),
+        },
+        "error" => Event::Error {
+            code: e.code.as_deref().unwrap_or("unknown").to_string(),
+            key: e.key.map(|k| k.to_string()),
+        },
         _ => Event::Other,
     })
 }
@@ -226,9 +356,13 @@ mod tests {
             s: 41,
             t: 1_795_713_452_926_009,
         };
-        let frame = publish_frame(stamp, "xxxx");
+        let frame = publish_frame(stamp, "xxxx", true);
         let v: serde_json::Value = serde_json::from_str(&frame).unwrap();
         assert_eq!(v["type"], "publish");
+        assert_eq!(v["key"], "00000009-3-41");
+        let plain: serde_json::Value =
+            serde_json::from_str(&publish_frame(stamp, "xxxx", false)).unwrap();
+        assert!(plain.get("key").is_none());
         // What the gateway sends back: our data verbatim inside a message event.
         let echoed = format!(
             r#"{{"type":"message","room":"r","from":"h3","role":"host","data":{},"id":"n1-a-1","ts":1795713452927000}}"#,
@@ -238,9 +372,25 @@ mod tests {
             parse_event(&echoed),
             Some(Event::Message {
                 ts: 1_795_713_452_927_000,
-                stamp: Some(stamp)
+                stamp: Some(stamp),
+                position: None,
             })
         );
+        let numbered = format!(
+            "{}{}",
+            &echoed[..echoed.len() - 1],
+            r#","offset":12,"epoch":"e7"}"#
+        );
+        match parse_event(&numbered) {
+            Some(Event::Message { position, .. }) => assert_eq!(
+                position,
+                Some(Position {
+                    epoch: "e7".into(),
+                    offset: 12
+                })
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -249,11 +399,38 @@ mod tests {
             parse_event(
                 r#"{"type":"welcome","node":"n1","room":"r","role":"viewer","connection_id":"n1-1","name":null}"#
             ),
-            Some(Event::Welcome)
+            Some(Event::Welcome {
+                position: None,
+                recovered: None
+            })
+        );
+        assert_eq!(
+            parse_event(
+                r#"{"type":"welcome","node":"n1","room":"r","role":"viewer","connection_id":"n1-1","name":null,"epoch":"ab1","offset":40,"recovered":false}"#
+            ),
+            Some(Event::Welcome {
+                position: Some(Position {
+                    epoch: "ab1".into(),
+                    offset: 40
+                }),
+                recovered: Some(false)
+            })
         );
         assert_eq!(
             parse_event(r#"{"type":"error","code":"rate_limited","message":"slow down"}"#),
-            Some(Event::Error("rate_limited".into()))
+            Some(Event::Error {
+                code: "rate_limited".into(),
+                key: None
+            })
+        );
+        assert_eq!(
+            parse_event(
+                r#"{"type":"ack","key":"k1","offset":3,"epoch":"e","id":"x","duplicate":true}"#
+            ),
+            Some(Event::Ack {
+                key: "k1".into(),
+                duplicate: true
+            })
         );
         assert_eq!(
             parse_event(r#"{"type":"presence","room":"r","hosts":1,"viewers":2}"#),
@@ -263,7 +440,11 @@ mod tests {
             parse_event(
                 r#"{"type":"message","room":"r","from":null,"role":"server","data":"hi","id":"x","ts":5}"#
             ),
-            Some(Event::Message { ts: 5, stamp: None }),
+            Some(Event::Message {
+                ts: 5,
+                stamp: None,
+                position: None
+            }),
             "someone else's message"
         );
         assert_eq!(parse_event("not json"), None);
@@ -288,5 +469,24 @@ mod tests {
             Some("capacity")
         );
         assert_eq!(refusal_code(Some(b"<html>")), None);
+    }
+
+    #[test]
+    fn join_urls() {
+        assert_eq!(
+            join_url(
+                "wss://gw",
+                "r1",
+                Role::Viewer,
+                "v3",
+                Some(("e1", 17)),
+                Some("a.b.c")
+            ),
+            "wss://gw/ws/r1?role=viewer&name=v3&since=e1:17&token=a.b.c"
+        );
+        assert_eq!(
+            join_url("ws://gw:80", "r1", Role::Host, "h0", None, None),
+            "ws://gw:80/ws/r1?role=host&name=h0"
+        );
     }
 }
