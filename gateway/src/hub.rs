@@ -157,13 +157,14 @@ impl Hub {
         self.rooms.read().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// Queues `frame` (the same bytes) to every local member of `room`.
-    pub fn fanout(&self, room: &RoomName, frame: &Bytes) -> Fanout {
+    /// Queues `frame` (the same bytes), the message with `offset` in `room`, to every local
+    /// member of `room` (a member catching up on history merges by the offset).
+    pub fn fanout(&self, room: &RoomName, frame: &Bytes, offset: Option<u64>) -> Fanout {
         let rooms = self.rooms.read().unwrap_or_else(|e| e.into_inner());
         let mut out = Fanout::default();
         if let Some(r) = rooms.get(room) {
             for m in r.members.values() {
-                match m.outbox.push(frame.clone()) {
+                match m.outbox.push_message(frame.clone(), offset) {
                     Ok(()) => out.queued += 1,
                     Err(PushError::Full) => out.dropped += 1,
                     Err(PushError::Closed) => {}
@@ -239,7 +240,7 @@ mod tests {
         hub.join(&room, 1, Role::Viewer, a.clone(), || {});
         hub.join(&room, 2, Role::Viewer, b.clone(), || {});
         let frame = Bytes::from_static(b"0123456789");
-        let out = hub.fanout(&room, &frame);
+        let out = hub.fanout(&room, &frame, Some(1));
         assert_eq!(
             out,
             Fanout {

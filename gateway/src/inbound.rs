@@ -80,8 +80,8 @@ impl Inbound {
             m.dropped(DropReason::TooLarge).increment(1);
             return;
         }
-        let (frame, ts) = match protocol::classify_broker_payload(&room, &payload) {
-            BrokerPayload::Envelope { ts } => (payload, ts),
+        let (frame, ts, offset) = match protocol::classify_broker_payload(&room, &payload) {
+            BrokerPayload::Envelope { ts, offset } => (payload, ts, offset),
             BrokerPayload::Raw => {
                 if payload.len() > self.max_raw_payload {
                     m.dropped(DropReason::TooLarge).increment(1);
@@ -90,18 +90,22 @@ impl Inbound {
                 m.published(Source::Redis).increment(1);
                 let ts = protocol::now_micros();
                 let id = self.next_message_id();
-                (protocol::wrap_raw_payload(&room, &payload, &id, ts), ts)
+                (
+                    protocol::wrap_raw_payload(&room, &payload, &id, ts),
+                    ts,
+                    None,
+                )
             }
         };
-        self.deliver(&room, frame, ts);
+        self.deliver(&room, frame, ts, offset);
     }
 
-    /// Hands an encoded message frame published at `ts` to the hub for the room's local members,
-    /// and records the fan-out metrics (the end of [`Inbound::receive`], and the node's local
-    /// fallback of a publish during a broker outage).
-    pub fn deliver(&self, room: &RoomName, frame: Bytes, ts: u64) {
+    /// Hands an encoded message frame published at `ts` (with its room `offset`, if it has one)
+    /// to the hub for the room's local members, and records the fan-out metrics (the end of
+    /// [`Inbound::receive`], and the node's local fallback of a publish during a broker outage).
+    pub fn deliver(&self, room: &RoomName, frame: Bytes, ts: u64, offset: Option<u64>) {
         let m = &self.metrics;
-        let out = self.hub.fanout(room, &frame);
+        let out = self.hub.fanout(room, &frame, offset);
         if out.queued == 0 && out.dropped == 0 {
             m.dropped(DropReason::NoMembers).increment(1);
             return;

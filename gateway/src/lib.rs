@@ -17,6 +17,8 @@
 //!   between the hub and a writer), [`session::codec`] (client frames off the socket).
 //! - [`response`] — the body type and plain JSON/text responses both ports and the assets use.
 //! - [`hub`] — local rooms → members' outboxes; fan-out of one encoded message.
+//! - [`history`] — room positions (epoch + offset), resume requests, history reads, publish
+//!   acks: the plain data of continuity; the brokers number and record, sessions catch up.
 //! - [`inbound`] — the one door into the hub: classifies, counts and stamps what the broker
 //!   received (and the local fallback), then hands one frame to the hub.
 //! - [`node`] — ties hub and broker: publish path, delayed unsubscribe, session slots, drain.
@@ -31,7 +33,8 @@
 //! - [`metrics`] — every metric name, label and bucket.
 //!
 //! # A message's way
-//! reader → [`node::Node::publish`] (stamp id and `ts`, encode once) → broker → every subscribed
+//! reader → [`node::Node::publish`] (stamp id and `ts`, encode once) → broker (number it with the
+//! room's offset and epoch, append it to history, publish — one atomic step) → every subscribed
 //! node's [`inbound::Inbound::receive`] (classify, count) → [`hub::Hub::fanout`] → each member's
 //! outbox (the same `Bytes`) → writer, one write per batch. Layers point one way: the broker
 //! knows only the inbound handler, the hub only local rooms and members.
@@ -41,6 +44,7 @@ pub mod assets;
 pub mod broker;
 pub mod config;
 pub mod disconnect;
+pub mod history;
 pub mod http;
 pub mod hub;
 pub mod inbound;

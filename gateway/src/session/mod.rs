@@ -1,5 +1,13 @@
 //! One client's life on this node, from the finished upgrade to the last byte: join the room,
-//! greet, run a reader task and a writer, leave, count why it ended.
+//! catch up on history, greet, run a reader task and a writer, leave, count why it ended.
+//!
+//! Joining is gapless (docs/protocol.md, "Continuity"): the outbox is held and the member joins
+//! the hub, so live messages from then on wait with their offsets; the room's subscription is
+//! confirmed; only then is history read (the room's position, the missed messages after `since`,
+//! or the backlog). The welcome and the history are queued first, then the held live messages
+//! with an offset above the position read; then the session is live. A message published before
+//! the read is in the history (or below the welcome's offset), one published after it arrives
+//! live, and none twice.
 //!
 //! The socket is split in two: the [`reader`] task owns the read half through the [`codec`]'s
 //! decoder; the [`writer`] owns the write half and drains the [`outbox`]. Either side ends the
@@ -21,8 +29,10 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
+use crate::history::{HistoryQuery, Since};
+use crate::metrics::RecoveryResult;
 use crate::node::{Node, SessionSlot};
-use crate::protocol::{self, Role, RoomName};
+use crate::protocol::{self, Role, RoomName, WelcomePosition};
 use codec::Decoder;
 use outbox::Outbox;
 
@@ -42,6 +52,17 @@ pub struct Admission {
     pub role: Role,
     /// Display name, if it gave one.
     pub name: Option<Arc<str>>,
+    /// What it asks of the room's history.
+    pub resume: Resume,
+}
+
+/// What a joining client asks of the room's history (`since=E:N`, `backlog=N` in the query).
+#[derive(Debug, Clone, Default)]
+pub struct Resume {
+    /// Resume after this position.
+    pub since: Option<Since>,
+    /// The last N messages on join (clamped to `--max-backlog`).
+    pub backlog: usize,
 }
 
 /// Splits an upgraded connection into the frame decoder and the owned write half. Our listener
@@ -62,24 +83,27 @@ pub async fn run(node: Arc<Node>, slot: SessionSlot, admission: Admission, upgra
     };
     let (outbox, rx) = Outbox::new(cfg.outbox_frames, cfg.outbox_bytes);
     let outbox = Arc::new(outbox);
-    let Admission { room, role, name } = admission;
+    let Admission {
+        room,
+        role,
+        name,
+        resume,
+    } = admission;
     let conn_id = format!("{}-{}", cfg.node_id, slot.id);
 
-    // The welcome is queued first, so it is the first frame whatever is fanned out meanwhile;
-    // the writer starts only once the room's subscription is confirmed, so everything published
-    // after the client sees its welcome reaches it. During a broker outage it starts after the
-    // deadline anyway (the subscription is made when the broker returns).
-    let _ = outbox.push(protocol::welcome(
-        &cfg.node_id,
+    // Boxed: the catch-up's state (a history read) lives only while joining, not in every
+    // session's future.
+    Box::pin(join(
+        &node,
+        &outbox,
         &room,
         role,
-        &conn_id,
         name.as_deref(),
-    ));
-    node.join(&room, slot.id, role, outbox.clone());
-    node.broker.wait_subscribed(&room, cfg.redis_timeout).await;
-    let counts = node.presence.estimate(&room, node.hub.counts(&room));
-    let _ = outbox.push(protocol::presence(&room, counts.hosts, counts.viewers));
+        slot.id,
+        &conn_id,
+        resume,
+    ))
+    .await;
 
     let reader = reader::Reader::new(node.clone(), outbox.clone(), room.clone(), role, name);
     let reader = node.tracker.spawn(reader.run(decoder));
@@ -100,4 +124,79 @@ pub async fn run(node: Arc<Node>, slot: SessionSlot, admission: Admission, upgra
     }
     debug!(conn = %conn_id, room = %room, reason = reason.label(), "session ended");
     drop(slot);
+}
+
+/// Joins `room` and catches up: see the module docs for the order that makes it gapless.
+#[allow(clippy::too_many_arguments)]
+async fn join(
+    node: &Arc<Node>,
+    outbox: &Arc<Outbox>,
+    room: &RoomName,
+    role: Role,
+    name: Option<&str>,
+    session: u64,
+    conn_id: &str,
+    resume: Resume,
+) {
+    let cfg = &node.config;
+    // Held first, then in the hub: every live message from now on waits with its offset. The
+    // history is read only once the subscription is confirmed, so that anything published after
+    // the read arrives live. During a broker outage the welcome goes out without a position after
+    // the subscription deadline (the subscription is made when the broker returns).
+    outbox.hold();
+    node.join(room, session, role, outbox.clone());
+    let subscribed = node.broker.wait_subscribed(room, cfg.redis_timeout).await;
+    let query = HistoryQuery {
+        since: resume.since.clone(),
+        max_recovery: cfg.max_recovery,
+        backlog: resume.backlog.min(cfg.max_backlog),
+    };
+    let read = if subscribed && node.broker.is_connected() {
+        node.history(room, &query).await.ok()
+    } else {
+        None
+    };
+    let asked = query.since.is_some();
+    let (position, history, covered) = match &read {
+        Some(r) => (
+            WelcomePosition {
+                epoch: (!r.epoch.is_empty()).then_some(r.epoch.as_str()),
+                offset: r.offset,
+                recovered: r.recovered(),
+            },
+            r.frames.as_slice(),
+            Some(r.offset),
+        ),
+        None => (
+            WelcomePosition {
+                epoch: None,
+                offset: 0,
+                recovered: asked.then_some(false),
+            },
+            &[][..],
+            None,
+        ),
+    };
+    if asked {
+        let result = if outbox.is_closing() {
+            RecoveryResult::Overflow
+        } else {
+            match read.as_ref().and_then(|r| r.recovery) {
+                Some(r) => r.into(),
+                None => RecoveryResult::Unavailable,
+            }
+        };
+        node.metrics.recovery(result).increment(1);
+    }
+    node.metrics
+        .history_replayed
+        .increment(history.len() as u64);
+    let welcome = protocol::welcome(&cfg.node_id, room, role, conn_id, name, position);
+    outbox.release(
+        std::iter::once(welcome).chain(history.iter().map(|(_, f)| f.clone())),
+        covered,
+    );
+    drop(read);
+    let counts = node.presence.estimate(room, node.hub.counts(room));
+    let _ = outbox.push(protocol::presence(room, counts.hosts, counts.viewers));
 }

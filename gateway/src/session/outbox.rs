@@ -6,6 +6,13 @@
 //! caller) and the session is told to close as a slow consumer (close code 4000). The outbox also
 //! carries the session's close signal, so anything holding it (the hub, the reader, the node) can
 //! end the session with a reason; the first reason given wins.
+//!
+//! While a joining session reads the room's history, its outbox is *held* ([`Outbox::hold`]):
+//! everything pushed meanwhile (live messages with their offsets, presence, pings) waits in a
+//! side buffer with the same bounds, and [`Outbox::release`] queues the welcome and the history
+//! first, then the held items minus the messages the history already covered. Overflowing the
+//! side buffer closes the session as a slow consumer (4000): it reconnects and resumes. The side
+//! buffer exists only during the catch-up; an idle outbox pays one empty pointer for it.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -81,6 +88,15 @@ struct Queue {
     items: VecDeque<Outgoing>,
     /// Bytes queued; with `max_bytes` it bounds memory per session whatever the frame sizes.
     bytes: usize,
+    /// Items pushed while the session catches up on history, with their message offsets; boxed
+    /// so that the common case (not catching up) costs one pointer.
+    held: Option<Box<Held>>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    items: VecDeque<(Option<u64>, Outgoing)>,
+    bytes: usize,
 }
 
 /// The draining side, owned by the session's writer (kept as a type so that only the writer
@@ -109,14 +125,34 @@ impl Outbox {
         self.push_item(Outgoing::Text(frame))
     }
 
+    /// Queues a room message with its offset (`None`: a message without one) without waiting
+    /// (see [`Outbox::push`]); the offset matters only while the outbox is held.
+    pub fn push_message(&self, frame: Bytes, offset: Option<u64>) -> Result<(), PushError> {
+        self.push_entry(offset, Outgoing::Text(frame))
+    }
+
     /// Queues any item without waiting (see [`Outbox::push`]).
     pub fn push_item(&self, item: Outgoing) -> Result<(), PushError> {
+        self.push_entry(None, item)
+    }
+
+    fn push_entry(&self, offset: Option<u64>, item: Outgoing) -> Result<(), PushError> {
         if self.closing.is_cancelled() {
             return Err(PushError::Closed);
         }
         let len = item.len();
         {
             let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(held) = q.held.as_mut() {
+                if held.items.len() >= self.max_frames || held.bytes + len > self.max_bytes {
+                    drop(q);
+                    self.close(CloseReason::SlowConsumer);
+                    return Err(PushError::Full);
+                }
+                held.bytes += len;
+                held.items.push_back((offset, item));
+                return Ok(());
+            }
             if q.items.len() >= self.max_frames || q.bytes + len > self.max_bytes {
                 drop(q);
                 self.close(CloseReason::SlowConsumer);
@@ -127,6 +163,42 @@ impl Outbox {
         }
         self.ready.notify_one();
         Ok(())
+    }
+
+    /// Holds everything pushed from now on until [`Outbox::release`] (a joining session reading
+    /// history).
+    pub fn hold(&self) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.held.get_or_insert_with(Default::default);
+    }
+
+    /// Ends the hold: queues `first` (the welcome and the history, in order), then the held items
+    /// except messages with an offset at or below `covered` (the history or the welcome's
+    /// position already accounts for them). `first` is not checked against the bounds: it is
+    /// bounded by `--max-recovery` and the message size. Returns how many held messages were
+    /// skipped as covered.
+    pub fn release(&self, first: impl IntoIterator<Item = Bytes>, covered: Option<u64>) -> usize {
+        let mut skipped = 0;
+        {
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            let held = q.held.take();
+            for frame in first {
+                q.bytes += frame.len();
+                q.items.push_back(Outgoing::Text(frame));
+            }
+            for (offset, item) in held.map(|h| h.items).unwrap_or_default() {
+                if let (Some(o), Some(c)) = (offset, covered) {
+                    if o <= c {
+                        skipped += 1;
+                        continue;
+                    }
+                }
+                q.bytes += item.len();
+                q.items.push_back(item);
+            }
+        }
+        self.ready.notify_one();
+        skipped
     }
 
     /// Asks the session to end for `reason`; the first reason given is the one the client sees.
@@ -242,6 +314,59 @@ mod tests {
         let mut batch = Vec::new();
         assert_eq!(rx.recv_batch(&outbox, &mut batch, 10).await, 1);
         assert_eq!(outbox.queued_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn held_items_follow_history_minus_what_it_covered() {
+        let (outbox, mut rx) = Outbox::new(8, 1 << 20);
+        outbox.hold();
+        for o in [3, 4, 5] {
+            outbox
+                .push_message(Bytes::from(format!("live{o}")), Some(o))
+                .unwrap();
+        }
+        outbox.push(Bytes::from_static(b"presence")).unwrap();
+        outbox
+            .push_message(Bytes::from_static(b"raw"), None)
+            .unwrap();
+        let skipped = outbox.release(
+            ["welcome", "hist3", "hist4"].map(|s| Bytes::from_static(s.as_bytes())),
+            Some(4),
+        );
+        assert_eq!(skipped, 2);
+        let mut batch = Vec::new();
+        rx.recv_batch(&outbox, &mut batch, 100).await;
+        let texts: Vec<String> = batch
+            .iter()
+            .map(|i| match i {
+                Outgoing::Text(b) => String::from_utf8(b.to_vec()).unwrap(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            texts,
+            ["welcome", "hist3", "hist4", "live5", "presence", "raw"]
+        );
+        assert_eq!(outbox.queued_bytes(), 0);
+        // Released: pushes go straight to the queue again.
+        outbox.push(Bytes::from_static(b"x")).unwrap();
+        assert_eq!(outbox.queued_bytes(), 1);
+    }
+
+    #[test]
+    fn overflowing_the_hold_closes_as_slow_consumer() {
+        let (outbox, _rx) = Outbox::new(8, 1 << 20);
+        outbox.hold();
+        for o in 0..8 {
+            outbox
+                .push_message(Bytes::from_static(b"m"), Some(o))
+                .unwrap();
+        }
+        assert_eq!(
+            outbox.push_message(Bytes::from_static(b"m"), Some(9)),
+            Err(PushError::Full)
+        );
+        assert_eq!(outbox.close_reason(), Some(CloseReason::SlowConsumer));
     }
 
     #[test]
