@@ -143,6 +143,34 @@ pub struct Ack {
     pub duplicate: bool,
 }
 
+/// A message's place in its room: offset and a tag of its epoch, as the fan-out carries it so
+/// that a member catching up can tell what its history already covered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    /// The message's offset.
+    pub offset: u64,
+    /// [`epoch_tag`] of its epoch.
+    pub epoch: u64,
+}
+
+impl Stamp {
+    /// The stamp of `offset` in `epoch`.
+    pub fn new(offset: u64, epoch: &str) -> Self {
+        Self {
+            offset,
+            epoch: epoch_tag(epoch),
+        }
+    }
+}
+
+/// A 64-bit tag of an epoch (FNV-1a): comparing tags is comparing epochs, without keeping the
+/// string in every member's outbox.
+pub fn epoch_tag(epoch: &str) -> u64 {
+    epoch.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 /// The tail a broker appends to a message frame's prefix (the frame minus its closing `}`).
 pub fn frame_tail(offset: u64, epoch: &str) -> String {
     format!(",\"offset\":{offset},\"epoch\":\"{epoch}\"}}")

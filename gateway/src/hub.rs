@@ -16,6 +16,7 @@ use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 
+use crate::history::Stamp;
 use crate::metrics::Metrics;
 use crate::protocol::{Role, RoomName};
 use crate::session::outbox::{Outbox, PushError};
@@ -157,14 +158,14 @@ impl Hub {
         self.rooms.read().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// Queues `frame` (the same bytes), the message with `offset` in `room`, to every local
-    /// member of `room` (a member catching up on history merges by the offset).
-    pub fn fanout(&self, room: &RoomName, frame: &Bytes, offset: Option<u64>) -> Fanout {
+    /// Queues `frame` (the same bytes), the message with `stamp` in `room`, to every local
+    /// member of `room` (a member catching up on history merges by the stamp).
+    pub fn fanout(&self, room: &RoomName, frame: &Bytes, stamp: Option<Stamp>) -> Fanout {
         let rooms = self.rooms.read().unwrap_or_else(|e| e.into_inner());
         let mut out = Fanout::default();
         if let Some(r) = rooms.get(room) {
             for m in r.members.values() {
-                match m.outbox.push_message(frame.clone(), offset) {
+                match m.outbox.push_message(frame.clone(), stamp) {
                     Ok(()) => out.queued += 1,
                     Err(PushError::Full) => out.dropped += 1,
                     Err(PushError::Closed) => {}
@@ -240,7 +241,7 @@ mod tests {
         hub.join(&room, 1, Role::Viewer, a.clone(), || {});
         hub.join(&room, 2, Role::Viewer, b.clone(), || {});
         let frame = Bytes::from_static(b"0123456789");
-        let out = hub.fanout(&room, &frame, Some(1));
+        let out = hub.fanout(&room, &frame, None);
         assert_eq!(
             out,
             Fanout {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::history::Stamp;
 use crate::hub::Hub;
 use crate::metrics::{DropReason, Metrics, Source};
 use crate::protocol::{self, BrokerPayload, RoomName};
@@ -80,8 +81,8 @@ impl Inbound {
             m.dropped(DropReason::TooLarge).increment(1);
             return;
         }
-        let (frame, ts, offset) = match protocol::classify_broker_payload(&room, &payload) {
-            BrokerPayload::Envelope { ts, offset } => (payload, ts, offset),
+        let (frame, ts, stamp) = match protocol::classify_broker_payload(&room, &payload) {
+            BrokerPayload::Envelope { ts, stamp } => (payload, ts, stamp),
             BrokerPayload::Raw => {
                 if payload.len() > self.max_raw_payload {
                     m.dropped(DropReason::TooLarge).increment(1);
@@ -97,15 +98,15 @@ impl Inbound {
                 )
             }
         };
-        self.deliver(&room, frame, ts, offset);
+        self.deliver(&room, frame, ts, stamp);
     }
 
-    /// Hands an encoded message frame published at `ts` (with its room `offset`, if it has one)
+    /// Hands an encoded message frame published at `ts` (with its `stamp`, if it has one)
     /// to the hub for the room's local members, and records the fan-out metrics (the end of
     /// [`Inbound::receive`], and the node's local fallback of a publish during a broker outage).
-    pub fn deliver(&self, room: &RoomName, frame: Bytes, ts: u64, offset: Option<u64>) {
+    pub fn deliver(&self, room: &RoomName, frame: Bytes, ts: u64, stamp: Option<Stamp>) {
         let m = &self.metrics;
-        let out = self.hub.fanout(room, &frame, offset);
+        let out = self.hub.fanout(room, &frame, stamp);
         if out.queued == 0 && out.dropped == 0 {
             m.dropped(DropReason::NoMembers).increment(1);
             return;

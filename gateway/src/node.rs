@@ -26,6 +26,9 @@ use crate::presence_cache::PresenceCache;
 use crate::protocol::{self, Message, Role, RoomName};
 use crate::session::outbox::Outbox;
 
+/// Pause between two attempts of a failed history read.
+const HISTORY_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// A message the broker accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
@@ -247,14 +250,23 @@ impl Node {
         }
     }
 
-    /// Reads `room`'s position and history (timed in the history read latency).
+    /// Reads `room`'s position and history (timed in the history read latency). A failed read
+    /// is retried until `--redis-timeout` has passed: the first command on a connection that
+    /// died unnoticed (Redis restarted) fails and hands it to be replaced, and a joining client is
+    /// better served by a short wait than by a welcome without a position.
     pub async fn history(
         &self,
         room: &RoomName,
         query: &HistoryQuery,
     ) -> Result<HistoryRead, BrokerError> {
         let start = std::time::Instant::now();
-        let read = self.broker.history(room, query).await;
+        let read = loop {
+            let read = self.broker.history(room, query).await;
+            if read.is_ok() || start.elapsed() + HISTORY_RETRY > self.config.redis_timeout {
+                break read;
+            }
+            tokio::time::sleep(HISTORY_RETRY).await;
+        };
         self.metrics
             .history_read_latency
             .record(start.elapsed().as_secs_f64());

@@ -16,6 +16,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::history::Stamp;
+
 /// Longest room name, in bytes.
 pub const MAX_ROOM_LEN: usize = 128;
 /// Longest display name, in bytes.
@@ -271,7 +273,6 @@ struct MessageIn<'a> {
     #[serde(default)]
     offset: Option<u64>,
     #[serde(borrow, default)]
-    #[allow(dead_code)] // present for the shape check only
     epoch: Option<Cow<'a, str>>,
 }
 
@@ -282,9 +283,9 @@ pub enum BrokerPayload {
     Envelope {
         /// Publish time, for the fan-out latency.
         ts: u64,
-        /// The message's offset in the room (published through a node or the documented script);
-        /// `None` for an envelope published without one.
-        offset: Option<u64>,
+        /// The message's offset and epoch in the room (published through a node or the
+        /// documented script); `None` for an envelope published without them.
+        stamp: Option<Stamp>,
     },
     /// Anything else: another program's plain `PUBLISH`; wrap it as a `server` message.
     Raw,
@@ -297,7 +298,10 @@ pub fn classify_broker_payload(room: &RoomName, payload: &[u8]) -> BrokerPayload
             let _ = m.role;
             BrokerPayload::Envelope {
                 ts: m.ts,
-                offset: m.offset,
+                stamp: match (m.offset, &m.epoch) {
+                    (Some(o), Some(e)) => Some(Stamp::new(o, e)),
+                    _ => None,
+                },
             }
         }
         _ => BrokerPayload::Raw,
@@ -541,7 +545,7 @@ mod tests {
             classify_broker_payload(&room, &bytes),
             BrokerPayload::Envelope {
                 ts: 17,
-                offset: None
+                stamp: None
             }
         );
         let prefix = Message::new("r1", None, Role::Host, &data, "id1", 17).encode_prefix();
@@ -552,7 +556,7 @@ mod tests {
             classify_broker_payload(&room, &full),
             BrokerPayload::Envelope {
                 ts: 17,
-                offset: Some(9)
+                stamp: Some(Stamp::new(9, "E1"))
             }
         );
         // Same shape, other room: not ours to forward as is.

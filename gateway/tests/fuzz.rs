@@ -145,7 +145,7 @@ fn command_parser_classifies_every_input_consistently() {
                         protocol::classify_broker_payload(&room, &frame),
                         BrokerPayload::Envelope {
                             ts: 7,
-                            offset: None
+                            stamp: None
                         }
                     );
                 }

@@ -29,7 +29,7 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use crate::history::{HistoryQuery, Since};
+use crate::history::{HistoryQuery, Since, Stamp};
 use crate::metrics::RecoveryResult;
 use crate::node::{Node, SessionSlot};
 use crate::protocol::{self, Role, RoomName, WelcomePosition};
@@ -152,7 +152,13 @@ async fn join(
         backlog: resume.backlog.min(cfg.max_backlog),
     };
     let read = if subscribed && node.broker.is_connected() {
-        node.history(room, &query).await.ok()
+        match node.history(room, &query).await {
+            Ok(read) => Some(read),
+            Err(e) => {
+                debug!(room = %room, cause = %e, "history read failed; welcome without a position");
+                None
+            }
+        }
     } else {
         None
     };
@@ -165,7 +171,7 @@ async fn join(
                 recovered: r.recovered(),
             },
             r.frames.as_slice(),
-            Some(r.offset),
+            Some(Stamp::new(r.offset, &r.epoch)),
         ),
         None => (
             WelcomePosition {

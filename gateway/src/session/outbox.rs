@@ -8,11 +8,17 @@
 //! end the session with a reason; the first reason given wins.
 //!
 //! While a joining session reads the room's history, its outbox is *held* ([`Outbox::hold`]):
-//! everything pushed meanwhile (live messages with their offsets, presence, pings) waits in a
+//! everything pushed meanwhile (live messages with their stamps, presence, pings) waits in a
 //! side buffer with the same bounds, and [`Outbox::release`] queues the welcome and the history
 //! first, then the held items minus the messages the history already covered. Overflowing the
 //! side buffer closes the session as a slow consumer (4000): it reconnects and resumes. The side
 //! buffer exists only during the catch-up; an idle outbox pays one empty pointer for it.
+//!
+//! The *cut* (the position the history covered) outlives the release: a message published
+//! before the history read may still be on its way through the node's subscription when the
+//! read's answer arrives on the other connection. Live messages of the cut's epoch at or below
+//! it are dropped until the first one above it (or of another epoch) passes; then the cut is
+//! gone. It costs 24 bytes inline, no allocation.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +29,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::disconnect::CloseReason;
+use crate::history::Stamp;
 
 /// Milliseconds on a process-wide monotonic clock (cheap to store in an atomic).
 pub fn now_millis() -> u64 {
@@ -88,15 +95,30 @@ struct Queue {
     items: VecDeque<Outgoing>,
     /// Bytes queued; with `max_bytes` it bounds memory per session whatever the frame sizes.
     bytes: usize,
-    /// Items pushed while the session catches up on history, with their message offsets; boxed
+    /// Items pushed while the session catches up on history, with their message stamps; boxed
     /// so that the common case (not catching up) costs one pointer.
     held: Option<Box<Held>>,
+    /// What the history covered: live messages at or below it are not queued again.
+    cut: Option<Stamp>,
 }
 
 #[derive(Debug, Default)]
 struct Held {
-    items: VecDeque<(Option<u64>, Outgoing)>,
+    items: VecDeque<(Option<Stamp>, Outgoing)>,
     bytes: usize,
+}
+
+/// Whether a message with `stamp` is covered by `cut` (drop it); clears the cut once a message
+/// passes it.
+fn covered(cut: &mut Option<Stamp>, stamp: Option<Stamp>) -> bool {
+    let (Some(c), Some(s)) = (*cut, stamp) else {
+        return false;
+    };
+    if s.epoch == c.epoch && s.offset <= c.offset {
+        return true;
+    }
+    *cut = None;
+    false
 }
 
 /// The draining side, owned by the session's writer (kept as a type so that only the writer
@@ -125,10 +147,10 @@ impl Outbox {
         self.push_item(Outgoing::Text(frame))
     }
 
-    /// Queues a room message with its offset (`None`: a message without one) without waiting
-    /// (see [`Outbox::push`]); the offset matters only while the outbox is held.
-    pub fn push_message(&self, frame: Bytes, offset: Option<u64>) -> Result<(), PushError> {
-        self.push_entry(offset, Outgoing::Text(frame))
+    /// Queues a room message with its stamp (`None`: a message without one) without waiting
+    /// (see [`Outbox::push`]); a message the session's history covered is dropped (`Ok`).
+    pub fn push_message(&self, frame: Bytes, stamp: Option<Stamp>) -> Result<(), PushError> {
+        self.push_entry(stamp, Outgoing::Text(frame))
     }
 
     /// Queues any item without waiting (see [`Outbox::push`]).
@@ -136,7 +158,7 @@ impl Outbox {
         self.push_entry(None, item)
     }
 
-    fn push_entry(&self, offset: Option<u64>, item: Outgoing) -> Result<(), PushError> {
+    fn push_entry(&self, stamp: Option<Stamp>, item: Outgoing) -> Result<(), PushError> {
         if self.closing.is_cancelled() {
             return Err(PushError::Closed);
         }
@@ -150,7 +172,10 @@ impl Outbox {
                     return Err(PushError::Full);
                 }
                 held.bytes += len;
-                held.items.push_back((offset, item));
+                held.items.push_back((stamp, item));
+                return Ok(());
+            }
+            if covered(&mut q.cut, stamp) {
                 return Ok(());
             }
             if q.items.len() >= self.max_frames || q.bytes + len > self.max_bytes {
@@ -173,25 +198,24 @@ impl Outbox {
     }
 
     /// Ends the hold: queues `first` (the welcome and the history, in order), then the held items
-    /// except messages with an offset at or below `covered` (the history or the welcome's
-    /// position already accounts for them). `first` is not checked against the bounds: it is
-    /// bounded by `--max-recovery` and the message size. Returns how many held messages were
-    /// skipped as covered.
-    pub fn release(&self, first: impl IntoIterator<Item = Bytes>, covered: Option<u64>) -> usize {
+    /// except messages at or below `cut` in its epoch (the history or the welcome's position
+    /// already accounts for them); the cut stays for messages still on their way. `first` is not
+    /// checked against the bounds: it is bounded by `--max-recovery` and the message size.
+    /// Returns how many held messages were skipped as covered.
+    pub fn release(&self, first: impl IntoIterator<Item = Bytes>, cut: Option<Stamp>) -> usize {
         let mut skipped = 0;
         {
             let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
             let held = q.held.take();
+            q.cut = cut.filter(|c| c.offset > 0);
             for frame in first {
                 q.bytes += frame.len();
                 q.items.push_back(Outgoing::Text(frame));
             }
-            for (offset, item) in held.map(|h| h.items).unwrap_or_default() {
-                if let (Some(o), Some(c)) = (offset, covered) {
-                    if o <= c {
-                        skipped += 1;
-                        continue;
-                    }
+            for (stamp, item) in held.map(|h| h.items).unwrap_or_default() {
+                if covered(&mut q.cut, stamp) {
+                    skipped += 1;
+                    continue;
                 }
                 q.bytes += item.len();
                 q.items.push_back(item);
@@ -322,7 +346,7 @@ mod tests {
         outbox.hold();
         for o in [3, 4, 5] {
             outbox
-                .push_message(Bytes::from(format!("live{o}")), Some(o))
+                .push_message(Bytes::from(format!("live{o}")), Some(Stamp::new(o, "E")))
                 .unwrap();
         }
         outbox.push(Bytes::from_static(b"presence")).unwrap();
@@ -331,7 +355,7 @@ mod tests {
             .unwrap();
         let skipped = outbox.release(
             ["welcome", "hist3", "hist4"].map(|s| Bytes::from_static(s.as_bytes())),
-            Some(4),
+            Some(Stamp::new(4, "E")),
         );
         assert_eq!(skipped, 2);
         let mut batch = Vec::new();
@@ -353,17 +377,52 @@ mod tests {
         assert_eq!(outbox.queued_bytes(), 1);
     }
 
+    #[tokio::test]
+    async fn the_cut_drops_late_covered_messages_until_one_passes_it() {
+        let (outbox, mut rx) = Outbox::new(16, 1 << 20);
+        outbox.hold();
+        outbox.release([Bytes::from_static(b"w")], Some(Stamp::new(10, "E")));
+        let push = |o: u64, e: &str| {
+            outbox
+                .push_message(Bytes::from(format!("{e}{o}")), Some(Stamp::new(o, e)))
+                .unwrap()
+        };
+        push(9, "E"); // published before the read, late through the subscription
+        push(10, "E");
+        push(11, "E");
+        push(10, "E"); // cannot happen in order; once passed, the cut is gone
+        let (other, mut rx2) = Outbox::new(16, 1 << 20);
+        other.hold();
+        other.release([], Some(Stamp::new(10, "E")));
+        other
+            .push_message(Bytes::from_static(b"F1"), Some(Stamp::new(1, "F")))
+            .unwrap();
+        let mut batch = Vec::new();
+        rx.recv_batch(&outbox, &mut batch, 100).await;
+        let texts: Vec<Vec<u8>> = batch
+            .iter()
+            .map(|i| match i {
+                Outgoing::Text(b) => b.to_vec(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(texts, [&b"w"[..], b"E11", b"E10"]);
+        batch.clear();
+        rx2.recv_batch(&other, &mut batch, 100).await;
+        assert_eq!(batch.len(), 1, "a new epoch is not covered by the old one");
+    }
+
     #[test]
     fn overflowing_the_hold_closes_as_slow_consumer() {
         let (outbox, _rx) = Outbox::new(8, 1 << 20);
         outbox.hold();
         for o in 0..8 {
             outbox
-                .push_message(Bytes::from_static(b"m"), Some(o))
+                .push_message(Bytes::from_static(b"m"), Some(Stamp::new(o, "E")))
                 .unwrap();
         }
         assert_eq!(
-            outbox.push_message(Bytes::from_static(b"m"), Some(9)),
+            outbox.push_message(Bytes::from_static(b"m"), Some(Stamp::new(9, "E"))),
             Err(PushError::Full)
         );
         assert_eq!(outbox.close_reason(), Some(CloseReason::SlowConsumer));
