@@ -6,7 +6,10 @@
 //
 // One `RoomClient` is one member of one room. It reconnects on its own after drops and drains
 // (exponential backoff with full jitter, honouring the close codes) and rejoins its room: the room,
-// role and name travel in the URL, so every new connection is a new join.
+// role and name travel in the URL, so every new connection is a new join. It keeps the room's
+// position (epoch and offset of the last message) and resumes from it on every reconnect
+// (`since`), so that no message is lost or repeated; when the server cannot replay everything it
+// emits `recovery` with `recovered: false` (reload your state then).
 
 /** Version of this client. */
 export const VERSION = '0.1.0';
@@ -110,10 +113,11 @@ export function backoffDelay(attempt, backoff = {}, random = Math.random) {
  *
  * @param {string} base e.g. `wss://live.example.com` or `https://example.com/live/`
  * @param {string} room
- * @param {{role?: 'host'|'viewer', name?: string|null}} [who]
+ * @param {{role?: 'host'|'viewer', name?: string|null, since?: string, backlog?: number}} [who]
+ *   `since`: `EPOCH:OFFSET` to resume after; `backlog`: the last N messages on join
  * @returns {string}
  */
-export function roomUrl(base, room, { role, name } = {}) {
+export function roomUrl(base, room, { role, name, since, backlog } = {}) {
   const url = new URL(base);
   if (url.protocol === 'http:') url.protocol = 'ws:';
   else if (url.protocol === 'https:') url.protocol = 'wss:';
@@ -125,6 +129,8 @@ export function roomUrl(base, room, { role, name } = {}) {
   url.hash = '';
   if (role) url.searchParams.set('role', role);
   if (name) url.searchParams.set('name', name);
+  if (since) url.searchParams.set('since', since);
+  if (backlog) url.searchParams.set('backlog', String(backlog));
   return url.toString();
 }
 
@@ -164,14 +170,25 @@ function pageOrigin() {
  * @property {number} [pongTimeout] ms after that ping without any frame before the connection
  *   counts as dead (1006) and is replaced; default 10000
  * @property {typeof WebSocket} [WebSocket] the WebSocket class; default `globalThis.WebSocket`
+ * @property {number} [backlog] the last N messages of the room on the first join (the server
+ *   caps N at its `--max-backlog`); default 0
+ * @property {{epoch: string, offset: number}} [since] resume from a position saved earlier
+ *   (e.g. across a page reload) instead of joining fresh
  */
 
 /**
  * One member of one room. Events (`on(type, fn)`):
  *
  * - `state` — {@link StateChange}: `idle` → `connecting` → `open` ⇄ `reconnecting` … `closed`.
- * - `welcome` — `{node, room, role, connection_id, name}` on every (re)join.
- * - `message` — `{room, from, role, data, id, ts}`; the client's own messages come back too.
+ * - `welcome` — `{node, room, role, connection_id, name, epoch, offset, recovered?}` on every
+ *   (re)join.
+ * - `message` — `{room, from, role, data, id, ts, offset, epoch}`; the client's own messages come
+ *   back too. After a resume the missed ones come first, in order; none twice.
+ * - `recovery` — `{recovered: false, reason, epoch, offset}`: messages were missed and cannot be
+ *   replayed (`reason`: `not_recovered` — history lost, trimmed, or too many missed; `epoch` —
+ *   the room's history was lost while connected). Reload the room's state.
+ * - `ack` — `{key, offset, epoch, id, duplicate}`: a publish with a `key` was published (or had
+ *   been, `duplicate`); an `error` with that `key` means it was not.
  * - `presence` — `{room, hosts, viewers}`, cluster-wide counts.
  * - `error` — `{code, message}`: the server refused a command; the connection stays open.
  * - `pong` — `{ts}`, the answer to {@link RoomClient#ping}.
@@ -197,6 +214,14 @@ export class RoomClient {
   #connectTimer = null;
   #heartbeatTimer = null;
   /** @type {Map<string, Set<Function>>} */ #listeners = new Map();
+  /** The room's epoch as last seen, or null before one is known. */
+  #epoch = null;
+  /** Offset of the last message received in `#epoch`. */
+  #offset = 0;
+  /** Messages at or below this offset are the join's backlog, not live ones. */
+  #backlogUntil = 0;
+  /** Whether the current connection asked to resume. */
+  #resuming = false;
 
   /** @param {Options} options */
   constructor(options) {
@@ -219,6 +244,10 @@ export class RoomClient {
     this.#urls = urls.map(String);
     this.#opts = opts;
     this.#WebSocket = WS;
+    if (opts.since && typeof opts.since.epoch === 'string' && Number.isSafeInteger(opts.since.offset)) {
+      this.#epoch = opts.since.epoch;
+      this.#offset = opts.since.offset;
+    }
   }
 
   /** @returns {State} */
@@ -240,6 +269,13 @@ export class RoomClient {
   /** The last `welcome` event, or null before the first. */
   get welcome() {
     return this.#welcome;
+  }
+  /**
+   * The room position this client has: `{epoch, offset}` of the last message received (what it
+   * resumes from), or null before the room had one.
+   */
+  get position() {
+    return this.#epoch === null ? null : { epoch: this.#epoch, offset: this.#offset };
   }
   /** The node of the current connection, or null when not `open`. */
   get node() {
@@ -298,12 +334,18 @@ export class RoomClient {
    * Publishes `data` (any JSON value) to the room. Text is best sent this way too: a bare text
    * frame that happens to be JSON (`42`, `true`) would be refused by the server.
    * @param {any} data
+   * @param {{key?: string}} [options] `key`: an idempotency key (1-128 bytes): the server answers
+   *   with an `ack` event (or an `error` carrying the key), and a repeat with the same key — say
+   *   after a reconnect, when no ack came — is not published twice
    * @returns {boolean} whether it was handed to an open connection (false while reconnecting:
    *   nothing is queued, live messages go stale)
    */
-  publish(data) {
+  publish(data, { key } = {}) {
     if (data === undefined) throw new TypeError('publish(data): data must be a JSON value');
-    return this.#send(JSON.stringify({ type: 'publish', data }));
+    if (key !== undefined && (typeof key !== 'string' || key.length === 0 || utf8.encode(key).length > 128)) {
+      throw new TypeError('publish(data, {key}): key must be 1-128 bytes');
+    }
+    return this.#send(JSON.stringify(key === undefined ? { type: 'publish', data } : { type: 'publish', data, key }));
   }
 
   /** Asks the server for a `pong` event. Returns whether it was sent. */
@@ -319,7 +361,13 @@ export class RoomClient {
   }
 
   #open() {
-    const url = roomUrl(this.#urls[this.#index], this.#room, { role: this.#role, name: this.#name });
+    this.#resuming = this.#epoch !== null;
+    const url = roomUrl(this.#urls[this.#index], this.#room, {
+      role: this.#role,
+      name: this.#name,
+      since: this.#resuming ? `${this.#epoch}:${this.#offset}` : undefined,
+      backlog: this.#resuming ? undefined : this.#opts.backlog,
+    });
     let ws;
     try {
       ws = new this.#WebSocket(url);
@@ -363,6 +411,7 @@ export class RoomClient {
       this.#connectTimer = null;
       this.#attempt = 0;
       this.#welcome = event;
+      this.#welcomed(event);
       const rejoined = this.#joinedOnce;
       this.#joinedOnce = true;
       this.#startHeartbeat();
@@ -370,7 +419,61 @@ export class RoomClient {
       this.#setState('open', { url: this.#ws?.url, node: event.node, rejoined });
       return;
     }
+    if (event.type === 'message' && !this.#track(event)) return;
     this.#emit(event.type, event);
+  }
+
+  /** Takes the room position from a welcome. */
+  #welcomed(w) {
+    if (this.#resuming && w.recovered === true) return; // the missed messages follow
+    const lost = this.#resuming && w.recovered === false;
+    const typed = typeof w.epoch === 'string' && Number.isSafeInteger(w.offset);
+    this.#epoch = typed ? w.epoch : null;
+    this.#offset = typed ? w.offset : 0;
+    this.#backlogUntil = this.#offset;
+    if (lost) {
+      this.#emit('recovery', { recovered: false, reason: 'not_recovered', epoch: this.#epoch, offset: this.#offset });
+    }
+  }
+
+  /**
+   * Follows the room position with a message; returns whether to emit it. A message already
+   * seen is dropped; a jump in offsets (the node missed messages, e.g. during a Redis outage)
+   * resumes on a new connection, which replays them.
+   */
+  #track(m) {
+    if (!Number.isSafeInteger(m.offset) || typeof m.epoch !== 'string') return true; // plain PUBLISH
+    if (m.epoch !== this.#epoch) {
+      const known = this.#epoch !== null;
+      this.#epoch = m.epoch;
+      this.#offset = m.offset;
+      this.#backlogUntil = 0;
+      if (known) this.#emit('recovery', { recovered: false, reason: 'epoch', epoch: m.epoch, offset: m.offset });
+      return true;
+    }
+    if (m.offset <= this.#backlogUntil) return true; // the join's backlog
+    if (m.offset <= this.#offset) return false;
+    if (m.offset > this.#offset + 1) {
+      this.#resync();
+      return false;
+    }
+    this.#offset = m.offset;
+    return true;
+  }
+
+  /** Replaces the connection at once, resuming from the position: it replays what was missed. */
+  #resync() {
+    const ws = this.#ws;
+    if (!ws) return;
+    this.#ws = null;
+    this.#stopTimers();
+    detach(ws);
+    try {
+      ws.close(1000, 'resync');
+    } catch {
+      // Dropped either way.
+    }
+    this.#open();
   }
 
   /** The connection ended with `code`: reconnect or stop, by the code. */
