@@ -143,10 +143,7 @@ fn command_parser_classifies_every_input_consistently() {
                     .encode();
                     assert_eq!(
                         protocol::classify_broker_payload(&room, &frame),
-                        BrokerPayload::Envelope {
-                            ts: 7,
-                            stamp: None
-                        }
+                        BrokerPayload::Envelope { ts: 7, stamp: None }
                     );
                 }
                 Ok(ClientCommand::Ping) => {
