@@ -29,7 +29,7 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use crate::history::{HistoryQuery, Since, Stamp};
+use crate::history::{HistoryQuery, HistoryRead, Recovery, Since, Stamp};
 use crate::metrics::RecoveryResult;
 use crate::node::{Node, SessionSlot};
 use crate::protocol::{self, Role, RoomName, WelcomePosition};
@@ -153,7 +153,10 @@ async fn join(
     };
     let read = if subscribed && node.broker.is_connected() {
         match node.history(room, &query).await {
-            Ok(read) => Some(read),
+            Ok(mut read) => {
+                fit_outbox(&mut read, cfg.outbox_bytes);
+                Some(read)
+            }
             Err(e) => {
                 debug!(room = %room, cause = %e, "history read failed; welcome without a position");
                 None
@@ -205,4 +208,63 @@ async fn join(
     drop(read);
     let counts = node.presence.estimate(room, node.hub.counts(room));
     let _ = outbox.push(protocol::presence(room, counts.hosts, counts.viewers));
+}
+
+/// Keeps what a joining client is sent from history within `--outbox-bytes`: a resume that does
+/// not fit is not recovered (the client reloads instead), a backlog that does not fit loses its
+/// oldest messages.
+fn fit_outbox(read: &mut HistoryRead, max_bytes: usize) {
+    let total: usize = read.frames.iter().map(|(_, f)| f.len()).sum();
+    if total <= max_bytes {
+        return;
+    }
+    if read.recovery == Some(Recovery::Complete) {
+        read.recovery = Some(Recovery::TooMany);
+        read.frames.clear();
+        return;
+    }
+    let mut kept = 0;
+    let keep = read
+        .frames
+        .iter()
+        .rev()
+        .take_while(|(_, f)| {
+            kept += f.len();
+            kept <= max_bytes
+        })
+        .count();
+    read.frames.drain(..read.frames.len() - keep);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn history_is_kept_within_the_outbox_bytes() {
+        let frames = |n: u64| (1..=n).map(|o| (o, Bytes::from(vec![b'x'; 10]))).collect();
+        let mut resume = HistoryRead {
+            epoch: "E".into(),
+            offset: 5,
+            recovery: Some(Recovery::Complete),
+            frames: frames(5),
+        };
+        fit_outbox(&mut resume, 50);
+        assert_eq!(resume.frames.len(), 5, "fits exactly");
+        fit_outbox(&mut resume, 49);
+        assert_eq!(resume.recovery, Some(Recovery::TooMany));
+        assert!(resume.frames.is_empty());
+        let mut backlog = HistoryRead {
+            epoch: "E".into(),
+            offset: 5,
+            recovery: None,
+            frames: frames(5),
+        };
+        fit_outbox(&mut backlog, 35);
+        assert_eq!(
+            backlog.frames.iter().map(|f| f.0).collect::<Vec<_>>(),
+            [3, 4, 5]
+        );
+    }
 }

@@ -200,7 +200,7 @@ impl Outbox {
     /// Ends the hold: queues `first` (the welcome and the history, in order), then the held items
     /// except messages at or below `cut` in its epoch (the history or the welcome's position
     /// already accounts for them); the cut stays for messages still on their way. `first` is not
-    /// checked against the bounds: it is bounded by `--max-recovery` and the message size.
+    /// checked against the bounds: the session keeps it within `--outbox-bytes`.
     /// Returns how many held messages were skipped as covered.
     pub fn release(&self, first: impl IntoIterator<Item = Bytes>, cut: Option<Stamp>) -> usize {
         let mut skipped = 0;
