@@ -1,6 +1,7 @@
 //! What the node does with a payload the broker received for a room: count it, check it, classify
-//! it (our envelope, or another program's plain `PUBLISH`), stamp the latter, and hand one
-//! encoded frame to the hub for its local members.
+//! it (our envelope, with its offset and epoch if it has them, or another program's plain
+//! `PUBLISH`), stamp the latter, and hand one encoded frame to the hub for its local members,
+//! with the message's [`Stamp`] so that members catching up on history merge by it.
 //!
 //! This is the one door into the hub: the brokers call [`Inbound::receive`], and the node's local
 //! fallback during a broker outage calls [`Inbound::deliver`]; neither goes to the hub directly.

@@ -22,7 +22,9 @@
 //! - [`inbound`] — the one door into the hub: classifies, counts and stamps what the broker
 //!   received (and the local fallback), then hands one frame to the hub.
 //! - [`node`] — ties hub and broker: publish path, delayed unsubscribe, session slots, drain.
-//! - [`broker`] — the seam to the cluster: [`broker::memory`] and [`broker::redis`].
+//! - [`broker`] — the seam to the cluster: [`broker::memory`] and [`broker::redis`] (with its
+//!   Lua scripts `broker/publish.lua` and `broker/history.lua`), each numbering, recording and
+//!   publishing a room's messages in one atomic step.
 //! - [`presence`] — the presence timer: local counts to the broker, cluster counts to members.
 //! - [`presence_cache`] — the last tick's cluster-wide counts, for a joining client's estimate.
 //! - [`keepalive`] — the ping timer: pings every session, closes silent ones.
