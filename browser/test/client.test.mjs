@@ -511,3 +511,154 @@ describe('RoomClient with tokens', () => {
     assert.equal(c.state, 'closed');
   });
 });
+
+describe('resume (continuity)', () => {
+  beforeEach(() => {
+    FakeSocket.all = [];
+    mock.timers.enable({ apis: ['setTimeout', 'setInterval', 'Date'] });
+    mock.method(Math, 'random', () => 0.5);
+  });
+  afterEach(() => {
+    mock.timers.reset();
+    mock.restoreAll();
+  });
+
+  const msg = (offset, epoch = 'E1') => ({ type: 'message', room: 'r', from: null, role: 'host', data: offset, id: `m${offset}`, ts: 1, offset, epoch });
+  const welcome = (extra) => ({ type: 'welcome', node: 'n1', room: 'r', role: 'viewer', connection_id: 'c', name: null, ...extra });
+
+  it('asks for a backlog on the first join only, then resumes with since on every reconnect', () => {
+    const { c } = client({ backlog: 20 });
+    const got = [];
+    c.on('message', (m) => got.push(m.offset));
+    c.connect();
+    assert.equal(latest().url, 'ws://lb.test/ws/r?role=viewer&backlog=20');
+    latest().serverOpen();
+    latest().serverSend(welcome({ epoch: 'E1', offset: 5 }));
+    for (const o of [4, 5, 6, 7]) latest().serverSend(msg(o)); // backlog 4, 5, then live 6, 7
+    assert.deepEqual(c.position, { epoch: 'E1', offset: 7 });
+    latest().serverClose(1012, 'drain');
+    mock.timers.tick(1000);
+    assert.equal(latest().url, 'ws://lb.test/ws/r?role=viewer&since=E1%3A7');
+    latest().serverOpen();
+    latest().serverSend(welcome({ epoch: 'E1', offset: 9, recovered: true }));
+    for (const o of [7, 8, 9, 10]) latest().serverSend(msg(o)); // 7 again is dropped
+    assert.deepEqual(got, [4, 5, 6, 7, 8, 9, 10]);
+    assert.deepEqual(c.position, { epoch: 'E1', offset: 10 });
+  });
+
+  it('emits recovery when the server could not replay everything, and starts over from the welcome', () => {
+    const { c } = client();
+    const recoveries = [];
+    c.on('recovery', (r) => recoveries.push(r));
+    c.connect();
+    latest().welcome();
+    latest().serverSend(msg(1));
+    latest().serverClose(1006);
+    mock.timers.tick(1000);
+    assert.match(latest().url, /since=E1%3A1$/);
+    latest().serverOpen();
+    latest().serverSend(welcome({ epoch: 'E2', offset: 3, recovered: false }));
+    assert.deepEqual(recoveries, [{ recovered: false, reason: 'not_recovered', epoch: 'E2', offset: 3 }]);
+    assert.deepEqual(c.position, { epoch: 'E2', offset: 3 });
+    latest().serverSend(msg(4, 'E2'));
+    assert.deepEqual(c.position, { epoch: 'E2', offset: 4 });
+  });
+
+  it('resumes at once on a gap in offsets, and reports an epoch change while connected', () => {
+    const { c } = client();
+    const got = [];
+    const recoveries = [];
+    c.on('message', (m) => got.push(`${m.epoch}:${m.offset}`));
+    c.on('recovery', (r) => recoveries.push(r.reason));
+    c.connect();
+    latest().serverOpen();
+    latest().serverSend(welcome({ epoch: 'E1', offset: 2 }));
+    latest().serverSend(msg(3));
+    const first = latest();
+    first.serverSend(msg(6)); // 4 and 5 never reached this node
+    assert.equal(FakeSocket.all.length, 2, 'a new connection at once, no backoff');
+    assert.deepEqual(first.closedWith, { code: 1000, reason: 'resync' });
+    assert.match(latest().url, /since=E1%3A3$/);
+    latest().serverOpen();
+    latest().serverSend(welcome({ epoch: 'E1', offset: 6, recovered: true }));
+    for (const o of [4, 5, 6]) latest().serverSend(msg(o));
+    latest().serverSend(msg(1, 'E9')); // Redis lost the room's history meanwhile
+    latest().serverSend({ type: 'message', room: 'r', from: null, role: 'server', data: 'plain', id: 'p', ts: 1 });
+    assert.deepEqual(got, ['E1:3', 'E1:4', 'E1:5', 'E1:6', 'E9:1', 'undefined:undefined']);
+    assert.deepEqual(recoveries, ['epoch']);
+  });
+
+  it('resumes from a saved position and publishes with idempotency keys', () => {
+    const { c } = client({ since: { epoch: 'E5', offset: 40 } });
+    const acks = [];
+    c.on('ack', (a) => acks.push(a));
+    c.connect();
+    assert.match(latest().url, /since=E5%3A40$/);
+    latest().serverOpen();
+    latest().serverSend(welcome({ epoch: 'E5', offset: 40, recovered: true }));
+    assert.equal(c.publish({ bid: 3 }, { key: 'bid-1' }), true);
+    assert.equal(latest().sent.at(-1), '{"type":"publish","data":{"bid":3},"key":"bid-1"}');
+    assert.throws(() => c.publish(1, { key: '' }), TypeError);
+    assert.throws(() => c.publish(1, { key: 'x'.repeat(129) }), TypeError);
+    latest().serverSend({ type: 'ack', key: 'bid-1', offset: 41, epoch: 'E5', id: 'i', duplicate: false });
+    assert.deepEqual(acks.map((a) => [a.key, a.offset]), [['bid-1', 41]]);
+  });
+});
+
+describe('tokens and resume together', () => {
+  beforeEach(() => {
+    FakeSocket.all = [];
+    mock.timers.enable({ apis: ['setTimeout', 'setInterval', 'Date'], now: 1_000_000_000_000 });
+    mock.method(Math, 'random', () => 0.5);
+  });
+  afterEach(() => {
+    mock.timers.reset();
+    mock.restoreAll();
+  });
+
+  const msg = (offset, epoch = 'E1') => ({ type: 'message', room: 'r', from: null, role: 'host', data: offset, id: `m${offset}`, ts: 1, offset, epoch });
+  const welcome = (extra) => ({ type: 'welcome', node: 'n1', room: 'r', role: 'viewer', connection_id: 'c', name: null, user: 'u1', ...extra });
+
+  it('puts the token and the backlog or since in every URL; a 4010 resumes with a fresh token', async () => {
+    let calls = 0;
+    const { c, states } = client({ backlog: 10, getToken: async () => fakeToken(2_000_000_000, `u${(calls += 1)}`) });
+    const got = [];
+    c.on('message', (m) => got.push(m.offset));
+    c.connect();
+    await settle();
+    let url = new URL(latest().url);
+    assert.equal(url.searchParams.get('backlog'), '10');
+    assert.equal(url.searchParams.get('since'), null);
+    assert.equal(tokenExpiry(url.searchParams.get('token')), 2_000_000_000);
+    latest().serverOpen();
+    latest().serverSend(welcome({ epoch: 'E1', offset: 2 }));
+    for (const o of [1, 2, 3]) latest().serverSend(msg(o));
+    latest().serverClose(CloseCode.TOKEN_EXPIRED, 'token expired');
+    assert.equal(c.state, 'reconnecting');
+    mock.timers.tick(1000);
+    await settle();
+    assert.equal(calls, 2, 'a fresh token for the new connection');
+    url = new URL(latest().url);
+    assert.equal(url.searchParams.get('since'), 'E1:3');
+    assert.equal(url.searchParams.get('backlog'), null);
+    assert.ok(url.searchParams.get('token'));
+    latest().serverOpen();
+    latest().serverSend(welcome({ epoch: 'E1', offset: 4, recovered: true }));
+    for (const o of [3, 4]) latest().serverSend(msg(o));
+    assert.deepEqual(got, [1, 2, 3, 4]);
+    // A gap resyncs at once, with a token again; state events never carry the token.
+    latest().serverSend(msg(7));
+    await settle();
+    assert.equal(calls, 3);
+    url = new URL(latest().url);
+    assert.equal(url.searchParams.get('since'), 'E1:4');
+    assert.ok(url.searchParams.get('token'));
+    assert.ok(!states.some((s) => String(s.url).includes('token=')), 'state events never carry the token');
+    // A kick stops for good; the position is kept for a later connect().
+    latest().serverOpen();
+    latest().serverSend(welcome({ epoch: 'E1', offset: 7, recovered: true }));
+    latest().serverClose(CloseCode.KICKED, 'kicked');
+    assert.equal(c.state, 'closed');
+    assert.deepEqual(c.position, { epoch: 'E1', offset: 4 });
+  });
+});

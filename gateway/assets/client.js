@@ -6,14 +6,17 @@
 //
 // One `RoomClient` is one member of one room. It reconnects on its own after drops and drains
 // (exponential backoff with full jitter, honouring the close codes) and rejoins its room: the room,
-// role and name travel in the URL, so every new connection is a new join.
+// role and name travel in the URL, so every new connection is a new join. It keeps the room's
+// position (epoch and offset of the last message) and resumes from it on every reconnect
+// (`since`), so that no message is lost or repeated; when the server cannot replay everything it
+// emits `recovery` with `recovered: false` (reload your state then).
 //
 // With a gateway that requires tokens (`--auth jwt`), pass `getToken`: it is called before every
 // connection (the token travels as the `token` query parameter, since browsers cannot set headers
 // on a WebSocket), and again to refresh the token on the open socket before it expires — on the
 // server's `expiring` event, and on the client's own timer from the token's `exp`. A close with
 // 4010 (token expired) reconnects with a fresh token; 4501-4503 (kicked, banned, forbidden) do not
-// reconnect.
+// reconnect (a 4010 reconnect resumes from the room position like any other).
 
 /** Version of this client. */
 export const VERSION = '0.1.0';
@@ -122,10 +125,13 @@ export function backoffDelay(attempt, backoff = {}, random = Math.random) {
  *
  * @param {string} base e.g. `wss://live.example.com` or `https://example.com/live/`
  * @param {string} room
- * @param {{role?: 'host'|'viewer', name?: string|null, token?: string|null}} [who]
+ * @param {{role?: 'host'|'viewer', name?: string|null, since?: string, backlog?: number,
+ *   token?: string|null}} [who]
+ *   `since`: `EPOCH:OFFSET` to resume after; `backlog`: the last N messages on join;
+ *   `token`: a JWT for a gateway that requires one
  * @returns {string}
  */
-export function roomUrl(base, room, { role, name, token } = {}) {
+export function roomUrl(base, room, { role, name, since, backlog, token } = {}) {
   const url = new URL(base);
   if (url.protocol === 'http:') url.protocol = 'ws:';
   else if (url.protocol === 'https:') url.protocol = 'wss:';
@@ -137,6 +143,8 @@ export function roomUrl(base, room, { role, name, token } = {}) {
   url.hash = '';
   if (role) url.searchParams.set('role', role);
   if (name) url.searchParams.set('name', name);
+  if (since) url.searchParams.set('since', since);
+  if (backlog) url.searchParams.set('backlog', String(backlog));
   if (token) url.searchParams.set('token', token);
   return url.toString();
 }
@@ -201,15 +209,25 @@ function pageOrigin() {
  *   called before every connection and to refresh the token on the open socket
  * @property {number} [refreshBefore] ms before the token's `exp` to refresh it (at the latest at
  *   half its remaining lifetime); default 60000. The server's `expiring` event also triggers one.
+ * @property {number} [backlog] the last N messages of the room on the first join (the server
+ *   caps N at its `--max-backlog`); default 0
+ * @property {{epoch: string, offset: number}} [since] resume from a position saved earlier
+ *   (e.g. across a page reload) instead of joining fresh
  */
 
 /**
  * One member of one room. Events (`on(type, fn)`):
  *
  * - `state` — {@link StateChange}: `idle` → `connecting` → `open` ⇄ `reconnecting` … `closed`.
- * - `welcome` — `{node, room, role, connection_id, name, user}` on every (re)join (`user`: the
- *   token's `sub`, null without one).
- * - `message` — `{room, from, role, data, id, ts}`; the client's own messages come back too.
+ * - `welcome` — `{node, room, role, connection_id, name, user, epoch, offset, recovered?}` on
+ *   every (re)join (`user`: the token's `sub`, null without one).
+ * - `message` — `{room, from, role, data, id, ts, offset, epoch}`; the client's own messages come
+ *   back too. After a resume the missed ones come first, in order; none twice.
+ * - `recovery` — `{recovered: false, reason, epoch, offset}`: messages were missed and cannot be
+ *   replayed (`reason`: `not_recovered` — history lost, trimmed, or too many missed; `epoch` —
+ *   the room's history was lost while connected). Reload the room's state.
+ * - `ack` — `{key, offset, epoch, id, duplicate}`: a publish with a `key` was published (or had
+ *   been, `duplicate`); an `error` with that `key` means it was not.
  * - `presence` — `{room, hosts, viewers}`, cluster-wide counts.
  * - `error` — `{code, message}`: the server refused a command; the connection stays open.
  * - `pong` — `{ts}`, the answer to {@link RoomClient#ping}.
@@ -243,6 +261,14 @@ export class RoomClient {
   /** Bumped by every open and close, so that a token that arrives late is not used. */
   #generation = 0;
   /** @type {Map<string, Set<Function>>} */ #listeners = new Map();
+  /** The room's epoch as last seen, or null before one is known. */
+  #epoch = null;
+  /** Offset of the last message received in `#epoch`. */
+  #offset = 0;
+  /** Messages at or below this offset are the join's backlog, not live ones. */
+  #backlogUntil = 0;
+  /** Whether the current connection asked to resume. */
+  #resuming = false;
 
   /** @param {Options} options */
   constructor(options) {
@@ -269,6 +295,10 @@ export class RoomClient {
     this.#urls = urls.map(String);
     this.#opts = opts;
     this.#WebSocket = WS;
+    if (opts.since && typeof opts.since.epoch === 'string' && Number.isSafeInteger(opts.since.offset)) {
+      this.#epoch = opts.since.epoch;
+      this.#offset = opts.since.offset;
+    }
   }
 
   /** @returns {State} */
@@ -295,6 +325,13 @@ export class RoomClient {
   get user() {
     return this.#welcome?.user ?? null;
   }
+  /**
+   * The room position this client has: `{epoch, offset}` of the last message received (what it
+   * resumes from), or null before the room had one.
+   */
+  get position() {
+    return this.#epoch === null ? null : { epoch: this.#epoch, offset: this.#offset };
+  }
   /** The node of the current connection, or null when not `open`. */
   get node() {
     return this.#state === 'open' ? this.#welcome.node : null;
@@ -302,7 +339,7 @@ export class RoomClient {
 
   /**
    * Subscribes `fn` to events of `type`.
-   * @param {'state'|'welcome'|'message'|'presence'|'error'|'pong'} type
+   * @param {'state'|'welcome'|'message'|'recovery'|'ack'|'presence'|'error'|'pong'|'refreshed'|'expiring'} type
    * @param {(event: any) => void} fn
    * @returns {() => void} unsubscribes
    */
@@ -353,12 +390,18 @@ export class RoomClient {
    * Publishes `data` (any JSON value) to the room. Text is best sent this way too: a bare text
    * frame that happens to be JSON (`42`, `true`) would be refused by the server.
    * @param {any} data
+   * @param {{key?: string}} [options] `key`: an idempotency key (1-128 bytes): the server answers
+   *   with an `ack` event (or an `error` carrying the key), and a repeat with the same key — say
+   *   after a reconnect, when no ack came — is not published twice
    * @returns {boolean} whether it was handed to an open connection (false while reconnecting:
    *   nothing is queued, live messages go stale)
    */
-  publish(data) {
+  publish(data, { key } = {}) {
     if (data === undefined) throw new TypeError('publish(data): data must be a JSON value');
-    return this.#send(JSON.stringify({ type: 'publish', data }));
+    if (key !== undefined && (typeof key !== 'string' || key.length === 0 || utf8.encode(key).length > 128)) {
+      throw new TypeError('publish(data, {key}): key must be 1-128 bytes');
+    }
+    return this.#send(JSON.stringify(key === undefined ? { type: 'publish', data } : { type: 'publish', data, key }));
   }
 
   /** Asks the server for a `pong` event. Returns whether it was sent. */
@@ -413,21 +456,33 @@ export class RoomClient {
     }, delay);
   }
 
+  /** The join's URL parameters: a resume from the room position when there is one. */
+  #joinParams() {
+    this.#resuming = this.#epoch !== null;
+    return {
+      role: this.#role,
+      name: this.#name,
+      since: this.#resuming ? `${this.#epoch}:${this.#offset}` : undefined,
+      backlog: this.#resuming ? undefined : this.#opts.backlog,
+    };
+  }
+
   #open() {
+    const params = this.#joinParams();
     if (!this.#opts.getToken) {
-      this.#openWith(null);
+      this.#openWith(params, null);
       return;
     }
     const generation = ++this.#generation;
-    const url = roomUrl(this.#urls[this.#index], this.#room, { role: this.#role, name: this.#name });
+    // The URL without its token: state events end up in logs and on pages.
+    const url = roomUrl(this.#urls[this.#index], this.#room, params);
     this.#setState('connecting', { url });
     Promise.resolve()
       .then(() => this.#opts.getToken())
-
       .then((token) => {
         if (generation !== this.#generation) return;
         if (typeof token !== 'string' || token === '') throw new TypeError('getToken() returned no token');
-        this.#openWith(token);
+        this.#openWith(params, token);
       })
       .catch((err) => {
         if (generation !== this.#generation) return;
@@ -436,8 +491,8 @@ export class RoomClient {
       });
   }
 
-  #openWith(token) {
-    const url = roomUrl(this.#urls[this.#index], this.#room, { role: this.#role, name: this.#name, token });
+  #openWith(params, token) {
+    const url = roomUrl(this.#urls[this.#index], this.#room, { ...params, token });
     this.#tokenExp = token ? tokenExpiry(token) : null;
     let ws;
     try {
@@ -485,6 +540,7 @@ export class RoomClient {
       this.#connectTimer = null;
       this.#attempt = 0;
       this.#welcome = event;
+      this.#welcomed(event);
       const rejoined = this.#joinedOnce;
       this.#joinedOnce = true;
       this.#startHeartbeat();
@@ -497,7 +553,61 @@ export class RoomClient {
     }
     if (event.type === 'refreshed') this.#scheduleRefresh(event.exp);
     if (event.type === 'expiring') this.refresh();
+    if (event.type === 'message' && !this.#track(event)) return;
     this.#emit(event.type, event);
+  }
+
+  /** Takes the room position from a welcome. */
+  #welcomed(w) {
+    if (this.#resuming && w.recovered === true) return; // the missed messages follow
+    const lost = this.#resuming && w.recovered === false;
+    const typed = typeof w.epoch === 'string' && Number.isSafeInteger(w.offset);
+    this.#epoch = typed ? w.epoch : null;
+    this.#offset = typed ? w.offset : 0;
+    this.#backlogUntil = this.#offset;
+    if (lost) {
+      this.#emit('recovery', { recovered: false, reason: 'not_recovered', epoch: this.#epoch, offset: this.#offset });
+    }
+  }
+
+  /**
+   * Follows the room position with a message; returns whether to emit it. A message already
+   * seen is dropped; a jump in offsets (the node missed messages, e.g. during a Redis outage)
+   * resumes on a new connection, which replays them.
+   */
+  #track(m) {
+    if (!Number.isSafeInteger(m.offset) || typeof m.epoch !== 'string') return true; // plain PUBLISH
+    if (m.epoch !== this.#epoch) {
+      const known = this.#epoch !== null;
+      this.#epoch = m.epoch;
+      this.#offset = m.offset;
+      this.#backlogUntil = 0;
+      if (known) this.#emit('recovery', { recovered: false, reason: 'epoch', epoch: m.epoch, offset: m.offset });
+      return true;
+    }
+    if (m.offset <= this.#backlogUntil) return true; // the join's backlog
+    if (m.offset <= this.#offset) return false;
+    if (m.offset > this.#offset + 1) {
+      this.#resync();
+      return false;
+    }
+    this.#offset = m.offset;
+    return true;
+  }
+
+  /** Replaces the connection at once, resuming from the position: it replays what was missed. */
+  #resync() {
+    const ws = this.#ws;
+    if (!ws) return;
+    this.#ws = null;
+    this.#stopTimers();
+    detach(ws);
+    try {
+      ws.close(1000, 'resync');
+    } catch {
+      // Dropped either way.
+    }
+    this.#open();
   }
 
   /** The connection ended with `code`: reconnect or stop, by the code. */

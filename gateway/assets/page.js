@@ -8,6 +8,10 @@ import { RoomClient, validName, validRoom } from './client.js';
 const $ = (id) => document.getElementById(id);
 const FEED_LIMIT = 300;
 
+/** Messages shown from the room's history when joining. */
+const BACKLOG = 50;
+/** The room position of the first welcome: messages up to it are the backlog. */
+let backlogUntil = null;
 /** @type {RoomClient | null} */
 let client = null;
 
@@ -51,12 +55,20 @@ function join() {
   const query = new URLSearchParams({ room, role, ...(name ? { name } : {}) });
   history.replaceState(null, '', `?${query}`);
 
+  // The last messages of the room are shown on join; after a reconnect the client resumes and
+  // fills in what was missed, so the feed has no gap and no repeat.
   client = new RoomClient({
     url: new URL('./', location.href).href,
     room,
     ...(pageToken ? { role: null, getToken: () => pageToken } : { role, name }),
+    backlog: BACKLOG,
+  });
+  backlogUntil = null;
+  client.on('welcome', (w) => {
+    if (backlogUntil === null) backlogUntil = { epoch: w.epoch, offset: w.offset };
   });
   client.on('welcome', showIdentity);
+  client.on('recovery', () => note('Some messages were missed while disconnected and could not be replayed.', 'warn'));
   client.on('state', onState);
   client.on('presence', (p) => {
     $('hosts').textContent = p.hosts;
@@ -176,6 +188,7 @@ function clock(tsMicros) {
 
 function onMessage(m) {
   const text = messageText(m.data);
+  const earlier = backlogUntil !== null && m.epoch === backlogUntil.epoch && m.offset <= backlogUntil.offset;
   const who = m.from ?? (m.role === 'server' ? 'Server' : `Anonymous ${m.role}`);
   const li = el('li', `msg ${m.role}`);
   const avatar = el('div', 'avatar', (m.from ?? (m.role === 'server' ? '⚙' : '?')).slice(0, 1).toUpperCase());
@@ -189,6 +202,7 @@ function onMessage(m) {
   body.append(head, el('p', 'text', text));
   li.append(avatar, body);
   li.dataset.role = m.role;
+  if (earlier) li.classList.add('backlog');
   append(li);
   if (m.role === 'host') {
     $('stage-text').textContent = text;

@@ -27,6 +27,9 @@ struct Args {
     /// Path of the gateway binary (build it with `cargo build --release -p gateway`).
     #[arg(long, default_value = "target/release/gateway")]
     gateway: String,
+    /// An extra flag for the gateway (repeat for several), e.g. `--gateway-arg=--history-size=0`.
+    #[arg(long = "gateway-arg", allow_hyphen_values = true)]
+    gateway_args: Vec<String>,
     #[command(subcommand)]
     what: What,
 }
@@ -320,7 +323,8 @@ async fn main() {
     let args = Args::parse();
     match args.what {
         What::Idle { connections } => {
-            let g = Gateway::start(&args.gateway, &[]).await;
+            let extra: Vec<&str> = args.gateway_args.iter().map(String::as_str).collect();
+            let g = Gateway::start(&args.gateway, &extra).await;
             tokio::time::sleep(Duration::from_secs(1)).await;
             let base = g.rss_bytes();
             let start = Instant::now();
@@ -411,7 +415,9 @@ async fn main() {
             size,
             seconds,
         } => {
-            let g = Gateway::start(&args.gateway, &["--max-publish-rate", "0"]).await;
+            let mut extra = vec!["--max-publish-rate", "0"];
+            extra.extend(args.gateway_args.iter().map(String::as_str));
+            let g = Gateway::start(&args.gateway, &extra).await;
             let lat = Arc::new(std::sync::Mutex::new(Vec::new()));
             let received = Arc::new(AtomicU64::new(0));
             let mut set = tokio::task::JoinSet::new();

@@ -212,6 +212,29 @@ pub struct Config {
     /// window (so they reconnect elsewhere without a storm); the process exits within it plus 5 s.
     #[arg(long, env = "GATEWAY_DRAIN_SECONDS", value_parser = parse_duration, default_value = "10")]
     pub drain_seconds: Duration,
+
+    /// Messages kept per room for recovery and backlog (a Redis stream per room, or memory with
+    /// the in-process broker); 0 turns history off (offsets are still assigned).
+    #[arg(long, env = "GATEWAY_HISTORY_SIZE", default_value_t = 300)]
+    pub history_size: usize,
+
+    /// Age after which a history entry counts as gone (and a room's idle history expires).
+    #[arg(long, env = "GATEWAY_HISTORY_TTL", value_parser = parse_duration, default_value = "10m")]
+    pub history_ttl: Duration,
+
+    /// Most messages a client may ask for with `backlog=N` on join (larger asks are clamped), and
+    /// the default and largest `limit` of `GET /api/rooms/{room}/messages` without `since`.
+    #[arg(long, env = "GATEWAY_MAX_BACKLOG", default_value_t = 100)]
+    pub max_backlog: usize,
+
+    /// Most missed messages one resume (`since=`) replays; a client that missed more gets
+    /// `recovered: false`.
+    #[arg(long, env = "GATEWAY_MAX_RECOVERY", default_value_t = 1000)]
+    pub max_recovery: usize,
+
+    /// How long the cluster remembers a publish's idempotency key (`key` / `Idempotency-Key`).
+    #[arg(long, env = "GATEWAY_IDEMPOTENCY_TTL", value_parser = parse_duration, default_value = "5m")]
+    pub idempotency_ttl: Duration,
 }
 
 /// Why a configuration was refused.
@@ -274,6 +297,15 @@ impl Config {
         self.presence_interval * 3
     }
 
+    /// The history bounds the brokers apply.
+    pub fn history_limits(&self) -> crate::history::HistoryLimits {
+        crate::history::HistoryLimits {
+            size: self.history_size,
+            ttl: self.history_ttl,
+            idempotency_ttl: self.idempotency_ttl,
+        }
+    }
+
     /// The window over which draining closes clients.
     pub fn drain_window(&self) -> Duration {
         self.drain_seconds
@@ -317,6 +349,14 @@ impl Config {
             return bad(
                 "--max-publish-rate must be a number of publishes per second, 0 to disable",
             );
+        }
+        if self.history_ttl < Duration::from_secs(1)
+            || self.idempotency_ttl < Duration::from_secs(1)
+        {
+            return bad("--history-ttl and --idempotency-ttl must be at least 1s");
+        }
+        if self.max_recovery == 0 || self.max_recovery > 100_000 || self.max_backlog > 100_000 {
+            return bad("--max-recovery must be 1-100000 and --max-backlog at most 100000");
         }
         if self.api_keys().any(|k| k.len() < 8) {
             return bad("--api-key must be at least 8 characters");

@@ -3,9 +3,11 @@
 //! - `GET /ws/{room}?role=host|viewer&name=NAME` — upgrade into `room`.
 //! - `GET /` with an upgrade — join `lobby`; without one, the live-room page ([`crate::assets`]),
 //!   which loads `/page.js` and `/client.js`.
-//! - `POST /api/rooms/{room}/messages` — publish as `server` (202 with the message id).
+//! - `POST /api/rooms/{room}/messages` — publish as `server` (202 with the message id, offset
+//!   and epoch; `Idempotency-Key` publishes a repeat once).
 //! - `POST /api/users/{sub}/disconnect`, `POST /api/rooms/{room}/disconnect`, `/api/bans` —
-//!   moderation ([`crate::moderation`]).
+//!   moderation ([`crate::moderation_api`]).
+//! - `GET /api/rooms/{room}/messages?since=E:N&limit=L` — the room's history.
 //!
 //! Every refusal happens before the upgrade, as an HTTP status with a JSON body
 //! `{"error":CODE,"message":TEXT}`, and is counted. [`admit`] is where a connection's identity and
@@ -26,6 +28,7 @@ use tracing::{debug, warn};
 use crate::assets;
 use crate::auth::AuthError;
 use crate::control;
+use crate::history::{self, HistoryQuery, Since};
 use crate::metrics::{RefuseReason, Source};
 use crate::moderation;
 use crate::moderation_api;
@@ -33,7 +36,7 @@ use crate::node::{Node, SlotError};
 use crate::protocol::{self, Role, RoomName};
 use crate::request::{check_api_key, param, query_params};
 use crate::response::{json, Body, Refusal};
-use crate::session::{self, Admission};
+use crate::session::{self, Admission, Resume};
 
 /// Dispatches one request of the client port.
 pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
@@ -97,11 +100,13 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<
         let room = room.to_string();
         let result = if req.method() == Method::POST {
             publish(&node, req, &room).await
+        } else if req.method() == Method::GET {
+            history(&node, req, &room).await
         } else {
             Err(Refusal::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
-                "use POST",
+                "use GET or POST",
             ))
         };
         let status = match &result {
@@ -181,6 +186,7 @@ async fn admit(node: &Node, req: &Request<Incoming>, room: &str) -> Result<Admis
             .into())
         }
     };
+    let resume = parse_resume(&params)?;
     let Some(verifier) = &node.auth else {
         return Ok(Admission {
             room,
@@ -189,6 +195,7 @@ async fn admit(node: &Node, req: &Request<Incoming>, room: &str) -> Result<Admis
             user: None,
             exp: None,
             publish: true,
+            resume,
         });
     };
     let Some(token) = bearer_token(req, &params) else {
@@ -200,6 +207,7 @@ async fn admit(node: &Node, req: &Request<Incoming>, room: &str) -> Result<Admis
                 user: None,
                 exp: None,
                 publish: false,
+                resume,
             });
         }
         return Err(AdmitError::Auth(AuthError::Missing));
@@ -226,7 +234,26 @@ async fn admit(node: &Node, req: &Request<Incoming>, room: &str) -> Result<Admis
         user: Some(identity.sub),
         exp: Some(identity.exp),
         publish: right.publish,
+        resume,
     })
+}
+
+/// `since=E:N` and `backlog=N` of an upgrade (a backlog above `--max-backlog` is clamped by the
+/// session).
+fn parse_resume(params: &[(String, String)]) -> Result<Resume, Refusal> {
+    let since = match param(params, "since") {
+        None | Some("") => None,
+        Some(s) => Some(Since::parse(s).ok_or_else(|| {
+            Refusal::bad_request("since must be EPOCH:OFFSET as the welcome and messages give them")
+        })?),
+    };
+    let backlog = match param(params, "backlog") {
+        None | Some("") => 0,
+        Some(n) => n
+            .parse::<usize>()
+            .map_err(|_| Refusal::bad_request("backlog must be a number of messages"))?,
+    };
+    Ok(Resume { since, backlog })
 }
 
 /// Admits a client, reserves its slot and switches protocols; the session runs in a tracked task.
@@ -315,6 +342,79 @@ async fn upgrade(
     Ok(Response::from_parts(parts, Full::new(Bytes::new())))
 }
 
+/// `GET /api/rooms/{room}/messages?since=E:N&limit=L`: the messages after `since` (all of them,
+/// up to `--max-recovery`, or `recovered: false`), or without `since` the last `limit` (default
+/// and at most `--max-backlog`).
+async fn history(
+    node: &Arc<Node>,
+    req: Request<Incoming>,
+    room: &str,
+) -> Result<Response<Body>, Refusal> {
+    check_api_key(&node.config, &req)?;
+    let room = parse_room(room)?;
+    let params = query_params(&req)?;
+    let cfg = &node.config;
+    let since = parse_resume(&params)?.since;
+    let limit = match param(&params, "limit") {
+        None | Some("") => None,
+        Some(n) => Some(
+            n.parse::<usize>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| Refusal::bad_request("limit must be a positive number"))?,
+        ),
+    };
+    let query = match &since {
+        Some(_) => HistoryQuery {
+            since,
+            max_recovery: limit.unwrap_or(cfg.max_recovery).min(cfg.max_recovery),
+            backlog: 0,
+        },
+        None => HistoryQuery {
+            since: None,
+            max_recovery: cfg.max_recovery,
+            backlog: limit.unwrap_or(cfg.max_backlog).min(cfg.max_backlog),
+        },
+    };
+    match node.history(&room, &query).await {
+        Ok(read) => {
+            let messages: Vec<&RawValue> = read
+                .frames
+                .iter()
+                .filter_map(|(_, f)| serde_json::from_slice::<&RawValue>(f).ok())
+                .collect();
+            let epoch = (!read.epoch.is_empty()).then_some(read.epoch.as_str());
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "room": room.as_str(),
+                    "epoch": epoch,
+                    "offset": read.offset,
+                    "recovered": read.recovered().unwrap_or(true),
+                    "messages": messages,
+                }),
+            ))
+        }
+        Err(e) => {
+            warn!(room = %room, cause = %e, "history read failed");
+            Ok(unavailable())
+        }
+    }
+}
+
+/// 503 with `Retry-After: 1`: the broker is unavailable.
+fn unavailable() -> Response<Body> {
+    let mut r = Refusal::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "the cluster's broker is unavailable; retry later",
+    )
+    .into_response();
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
 /// `POST /api/rooms/{room}/messages`.
 async fn publish(
     node: &Arc<Node>,
@@ -323,6 +423,18 @@ async fn publish(
 ) -> Result<Response<Body>, Refusal> {
     check_api_key(&node.config, &req)?;
     let room = parse_room(room)?;
+    let key = match req.headers().get("idempotency-key") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .filter(|k| history::valid_key(k))
+                .ok_or_else(|| {
+                    Refusal::bad_request("Idempotency-Key must be 1-128 visible characters")
+                })?
+                .to_string(),
+        ),
+    };
     let params = query_params(&req)?;
     let from = match param(&params, "from") {
         None | Some("") => None,
@@ -381,24 +493,24 @@ async fn publish(
             &data,
             Source::Http,
             false,
+            key.as_deref(),
         )
         .await
     {
         Ok(p) => Ok(json(
             StatusCode::ACCEPTED,
-            &serde_json::json!({ "id": p.id, "ts": p.ts, "room": room.as_str() }),
+            &serde_json::json!({
+                "id": p.ack.id,
+                "ts": p.ts,
+                "room": room.as_str(),
+                "offset": p.ack.offset,
+                "epoch": p.ack.epoch,
+                "duplicate": p.ack.duplicate,
+            }),
         )),
         Err(e) => {
             warn!(room = %room, cause = %e, "http publish failed");
-            let mut r = Refusal::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "the cluster's broker is unavailable; retry later",
-            )
-            .into_response();
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            Ok(r)
+            Ok(unavailable())
         }
     }
 }

@@ -16,6 +16,7 @@ use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 
+use crate::history::Stamp;
 use crate::metrics::Metrics;
 use crate::protocol::{Role, RoomName};
 use crate::session::outbox::{Outbox, PushError, Pushed};
@@ -159,20 +160,22 @@ impl Hub {
         self.rooms.read().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// Sends `frame` (the same bytes) to every local member of `room`: written to the socket at
-    /// once where the member's outbox is idle, queued for its writer otherwise.
+    /// Sends `frame` (the same bytes), the message with `stamp` in `room`, to every local member
+    /// of `room`: written to the socket at once where the member's outbox is idle, queued for its
+    /// writer otherwise (a member catching up on history merges by the stamp).
     ///
     /// The read lock is held through the members' non-blocking writes: joins and leaves of any
     /// room wait for one fan-out (a few ms for thousands of members), which is cheaper than a
     /// snapshot of every member's outbox per message.
-    pub fn fanout(&self, room: &RoomName, frame: &Bytes) -> Fanout {
+    pub fn fanout(&self, room: &RoomName, frame: &Bytes, stamp: Option<Stamp>) -> Fanout {
         let rooms = self.rooms.read().unwrap_or_else(|e| e.into_inner());
         let mut out = Fanout::default();
         if let Some(r) = rooms.get(room) {
             for m in r.members.values() {
-                match m.outbox.push(frame.clone()) {
+                match m.outbox.push_message(frame.clone(), stamp) {
                     Ok(Pushed::Written) => out.written += 1,
                     Ok(Pushed::Queued) => out.queued += 1,
+                    Ok(Pushed::Covered) => {}
                     Err(PushError::Full) => out.dropped += 1,
                     Err(PushError::Closed) => {}
                 }
@@ -247,7 +250,7 @@ mod tests {
         hub.join(&room, 1, Role::Viewer, a.clone(), || {});
         hub.join(&room, 2, Role::Viewer, b.clone(), || {});
         let frame = Bytes::from_static(b"0123456789");
-        let out = hub.fanout(&room, &frame);
+        let out = hub.fanout(&room, &frame, None);
         assert_eq!(
             out,
             Fanout {

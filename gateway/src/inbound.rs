@@ -1,6 +1,7 @@
 //! What the node does with a payload the broker received for a room: count it, check it, classify
-//! it (our envelope, or another program's plain `PUBLISH`), stamp the latter, and hand one
-//! encoded frame to the hub for its local members.
+//! it (our envelope, with its offset and epoch if it has them, or another program's plain
+//! `PUBLISH`), stamp the latter, and hand one encoded frame to the hub for its local members,
+//! with the message's [`Stamp`] so that members catching up on history merge by it.
 //!
 //! This is the one door into the hub: the brokers call [`Inbound::receive`], and the node's local
 //! fallback during a broker outage calls [`Inbound::deliver`]; neither goes to the hub directly.
@@ -13,6 +14,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::history::Stamp;
 use crate::hub::Hub;
 use crate::metrics::{DropReason, Metrics, Source};
 use crate::protocol::{self, BrokerPayload, RoomName};
@@ -80,8 +82,8 @@ impl Inbound {
             m.dropped(DropReason::TooLarge).increment(1);
             return;
         }
-        let (frame, ts) = match protocol::classify_broker_payload(&room, &payload) {
-            BrokerPayload::Envelope { ts } => (payload, ts),
+        let (frame, ts, stamp) = match protocol::classify_broker_payload(&room, &payload) {
+            BrokerPayload::Envelope { ts, stamp } => (payload, ts, stamp),
             BrokerPayload::Raw => {
                 if payload.len() > self.max_raw_payload {
                     m.dropped(DropReason::TooLarge).increment(1);
@@ -90,18 +92,22 @@ impl Inbound {
                 m.published(Source::Redis).increment(1);
                 let ts = protocol::now_micros();
                 let id = self.next_message_id();
-                (protocol::wrap_raw_payload(&room, &payload, &id, ts), ts)
+                (
+                    protocol::wrap_raw_payload(&room, &payload, &id, ts),
+                    ts,
+                    None,
+                )
             }
         };
-        self.deliver(&room, frame, ts);
+        self.deliver(&room, frame, ts, stamp);
     }
 
-    /// Hands an encoded message frame published at `ts` to the hub for the room's local members,
-    /// and records the fan-out metrics (the end of [`Inbound::receive`], and the node's local
-    /// fallback of a publish during a broker outage).
-    pub fn deliver(&self, room: &RoomName, frame: Bytes, ts: u64) {
+    /// Hands an encoded message frame published at `ts` (with its `stamp`, if it has one)
+    /// to the hub for the room's local members, and records the fan-out metrics (the end of
+    /// [`Inbound::receive`], and the node's local fallback of a publish during a broker outage).
+    pub fn deliver(&self, room: &RoomName, frame: Bytes, ts: u64, stamp: Option<Stamp>) {
         let m = &self.metrics;
-        let out = self.hub.fanout(room, &frame);
+        let out = self.hub.fanout(room, &frame, stamp);
         if out.written == 0 && out.queued == 0 && out.dropped == 0 {
             m.dropped(DropReason::NoMembers).increment(1);
             return;

@@ -18,10 +18,14 @@
 //!   between the hub and a writer), [`session::codec`] (client frames off the socket).
 //! - [`response`] — the body type and plain JSON/text responses both ports and the assets use.
 //! - [`hub`] — local rooms → members' outboxes; fan-out of one encoded message.
+//! - [`history`] — room positions (epoch + offset), resume requests, history reads, publish
+//!   acks: the plain data of continuity; the brokers number and record, sessions catch up.
 //! - [`inbound`] — the one door into the hub: classifies, counts and stamps what the broker
 //!   received (and the local fallback), then hands one frame to the hub.
 //! - [`node`] — ties hub and broker: publish path, delayed unsubscribe, session slots, drain.
-//! - [`broker`] — the seam to the cluster: [`broker::memory`] and [`broker::redis`].
+//! - [`broker`] — the seam to the cluster: [`broker::memory`] and [`broker::redis`] (with its
+//!   Lua scripts `broker/publish.lua` and `broker/history.lua`), each numbering, recording and
+//!   publishing a room's messages in one atomic step.
 //! - [`auth`] — token verification: keys (HMAC, PEM, [`auth::jwks`]), [`auth::claims`] and grants.
 //! - [`moderation`] — disconnect and ban across the cluster: admin routes, control commands, bans.
 //! - [`registry`] — sessions by user and room, with their token deadlines.
@@ -36,7 +40,8 @@
 //! - [`metrics`] — every metric name, label and bucket.
 //!
 //! # A message's way
-//! reader → [`node::Node::publish`] (stamp id and `ts`, encode once) → broker → every subscribed
+//! reader → [`node::Node::publish`] (stamp id and `ts`, encode once) → broker (number it with the
+//! room's offset and epoch, append it to history, publish — one atomic step) → every subscribed
 //! node's [`inbound::Inbound::receive`] (classify, count) → [`hub::Hub::fanout`] → each member's
 //! outbox (the same `Bytes`) → writer, one write per batch. Layers point one way: the broker
 //! knows only the inbound handler, the hub only local rooms and members.
@@ -49,6 +54,7 @@ pub mod config;
 pub mod control;
 pub mod disconnect;
 pub mod expiry;
+pub mod history;
 pub mod http;
 pub mod hub;
 pub mod inbound;

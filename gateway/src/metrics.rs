@@ -74,6 +74,71 @@ pub const AUTH_FAILURES: &str = "gateway_auth_failures_total";
 /// Moderation commands (disconnect, ban) this node received on the control channel, by `result`
 /// (`applied`, `invalid`, `dropped` when the control queue was full).
 pub const CONTROL_COMMANDS: &str = "gateway_control_commands_total";
+/// Joins that asked to resume (`since`), by `result` (see [`RecoveryResult::label`]).
+pub const RECOVERIES: &str = "gateway_recoveries_total";
+/// Messages sent to joining clients from history (missed ones on resume, and backlogs).
+pub const HISTORY_REPLAYED: &str = "gateway_history_messages_replayed_total";
+/// Time of one history read (a joining client's position and missed messages, or the API's).
+pub const HISTORY_READ_LATENCY: &str = "gateway_history_read_seconds";
+/// Publishes not published again because their idempotency key was seen (acked `duplicate`).
+pub const PUBLISH_DUPLICATES: &str = "gateway_publish_duplicates_total";
+
+/// Buckets of [`HISTORY_READ_LATENCY`]: 100 µs to 2.5 s.
+pub const HISTORY_READ_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// How a resume ended: the `result` label of [`RECOVERIES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecoveryResult {
+    /// Every missed message was replayed (`recovered: true`).
+    Complete,
+    /// The room's epoch changed (`recovered: false`).
+    EpochChanged,
+    /// History no longer reached back far enough (`recovered: false`).
+    Trimmed,
+    /// More than `--max-recovery` were missed (`recovered: false`).
+    TooMany,
+    /// History could not be read (broker down; `recovered: false`).
+    Unavailable,
+    /// Live messages overflowed the catch-up buffer: closed with 4000 before the welcome.
+    Overflow,
+}
+
+impl RecoveryResult {
+    const ALL: [RecoveryResult; 6] = [
+        Self::Complete,
+        Self::EpochChanged,
+        Self::Trimmed,
+        Self::TooMany,
+        Self::Unavailable,
+        Self::Overflow,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Complete => "complete",
+            Self::EpochChanged => "epoch_changed",
+            Self::Trimmed => "trimmed",
+            Self::TooMany => "too_many",
+            Self::Unavailable => "unavailable",
+            Self::Overflow => "overflow",
+        }
+    }
+}
+
+impl From<crate::history::Recovery> for RecoveryResult {
+    fn from(r: crate::history::Recovery) -> Self {
+        use crate::history::Recovery;
+        match r {
+            Recovery::Complete => Self::Complete,
+            Recovery::EpochChanged => Self::EpochChanged,
+            Recovery::Trimmed => Self::Trimmed,
+            Recovery::TooMany => Self::TooMany,
+        }
+    }
+}
 
 /// Buckets of [`FANOUT_LATENCY`]: 100 µs to 10 s, roughly ×2.5 per step.
 pub const FANOUT_LATENCY_BUCKETS: &[f64] = &[
@@ -230,6 +295,13 @@ pub struct Metrics {
     auth_failures: Arc<[Counter]>,
     /// See [`CONTROL_COMMANDS`]: applied, invalid, dropped.
     control: [Counter; 3],
+    recoveries: Arc<[Counter]>,
+    /// See [`HISTORY_REPLAYED`].
+    pub history_replayed: Counter,
+    /// See [`HISTORY_READ_LATENCY`].
+    pub history_read_latency: Histogram,
+    /// See [`PUBLISH_DUPLICATES`].
+    pub publish_duplicates: Counter,
 }
 
 /// The `result` of a control command (see [`CONTROL_COMMANDS`]).
@@ -271,6 +343,11 @@ impl Metrics {
             .set_buckets_for_metric(
                 Matcher::Full(FANOUT_RECIPIENTS.into()),
                 FANOUT_RECIPIENTS_BUCKETS,
+            )
+            .expect("static buckets are not empty")
+            .set_buckets_for_metric(
+                Matcher::Full(HISTORY_READ_LATENCY.into()),
+                HISTORY_READ_BUCKETS,
             )
             .expect("static buckets are not empty")
             .build_recorder();
@@ -334,6 +411,13 @@ impl Metrics {
             process_open_fds: gauge(PROCESS_OPEN_FDS, &[]),
             process_max_fds: gauge(PROCESS_MAX_FDS, &[]),
             max_connections: gauge(MAX_CONNECTIONS, &[]),
+            recoveries: RecoveryResult::ALL
+                .iter()
+                .map(|r| counter(RECOVERIES, &[("result", r.label())]))
+                .collect(),
+            history_replayed: counter(HISTORY_REPLAYED, &[]),
+            history_read_latency: histogram(HISTORY_READ_LATENCY),
+            publish_duplicates: counter(PUBLISH_DUPLICATES, &[]),
             handle: recorder.handle(),
         }
     }
@@ -385,6 +469,14 @@ impl Metrics {
         &self.dropped[DropReason::ALL
             .iter()
             .position(|r| *r == reason)
+            .unwrap_or(0)]
+    }
+
+    /// The counter of resumes that ended with `result`.
+    pub fn recovery(&self, result: RecoveryResult) -> &Counter {
+        &self.recoveries[RecoveryResult::ALL
+            .iter()
+            .position(|r| *r == result)
             .unwrap_or(0)]
     }
 
@@ -473,7 +565,7 @@ fn describe(r: &PrometheusRecorder) {
             unit,
             SharedString::const_str(help),
         ),
-        FANOUT_LATENCY | FANOUT_RECIPIENTS => r.describe_histogram(
+        FANOUT_LATENCY | FANOUT_RECIPIENTS | HISTORY_READ_LATENCY => r.describe_histogram(
             KeyName::from_const_str(name),
             unit,
             SharedString::const_str(help),
@@ -584,5 +676,21 @@ fn describe(r: &PrometheusRecorder) {
         MAX_CONNECTIONS,
         None,
         "Configured --max-connections (0: only the open-file limit applies).",
+    );
+    d(RECOVERIES, None, "Joins that asked to resume, by result.");
+    d(
+        HISTORY_REPLAYED,
+        None,
+        "Messages sent to joining clients from history.",
+    );
+    d(
+        HISTORY_READ_LATENCY,
+        Some(Unit::Seconds),
+        "Time of one history read.",
+    );
+    d(
+        PUBLISH_DUPLICATES,
+        None,
+        "Publishes skipped as repeats of an idempotency key.",
     );
 }

@@ -1,7 +1,8 @@
 //! The node: ties the hub (local rooms) to the broker (the cluster), owns the publish path, the
 //! delayed unsubscribe, the live-session count behind `--max-connections`, and the drain state.
 //!
-//! Every publish — a client's, the HTTP API's — stamps an id and `ts`, encodes the frame once and
+//! Every publish — a client's, the HTTP API's — stamps an id and `ts`, encodes the frame once
+//! (without its `offset`/`epoch` tail, which the broker appends when it numbers the message) and
 //! hands it to the broker; members receive it only when it comes back from the broker (to this
 //! node as to every other), never directly, so nobody gets a message twice.
 
@@ -18,6 +19,7 @@ use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::{RedisBroker, RedisTimeouts};
 use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
+use crate::history::{Ack, HistoryQuery, HistoryRead};
 use crate::hub::Hub;
 use crate::inbound::Inbound;
 use crate::metrics::{DropReason, Metrics, Source};
@@ -26,6 +28,9 @@ use crate::protocol::{self, Message, Role, RoomName};
 use crate::registry::Registry;
 use crate::session::outbox::Outbox;
 
+/// Pause between two attempts of a failed history read.
+const HISTORY_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// A message the broker accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
@@ -33,6 +38,8 @@ pub struct Published {
     pub id: String,
     /// Its publish time, unix microseconds.
     pub ts: u64,
+    /// Its offset, epoch, and whether it was a repeat of an idempotency key.
+    pub ack: Ack,
 }
 
 /// One gateway node.
@@ -120,8 +127,9 @@ impl Node {
             metrics.clone(),
             config.max_message_size,
         ));
+        let limits = config.history_limits();
         let broker = match &config.redis_url {
-            None => Broker::Memory(MemoryBroker::new(inbound.clone(), metrics.clone())),
+            None => Broker::Memory(MemoryBroker::new(inbound.clone(), metrics.clone(), limits)),
             Some(url) => Broker::Redis(RedisBroker::start(
                 url,
                 &config.channel_prefix,
@@ -131,6 +139,7 @@ impl Node {
                     command: config.redis_timeout,
                     probe_interval: config.redis_probe_interval,
                 },
+                limits,
                 &tracker,
                 stop.clone(),
             )?),
@@ -205,11 +214,13 @@ impl Node {
         });
     }
 
-    /// Publishes `data` in `room` for the whole cluster.
+    /// Publishes `data` in `room` for the whole cluster, once per idempotency `key`.
     ///
     /// When the broker fails and `local_fallback` is set (client publishes), the message is still
     /// delivered to this node's members of the room — local fan-out keeps working through a
-    /// Redis outage — and the error tells the caller that the rest of the cluster missed it.
+    /// Redis outage, without an offset — and the error tells the caller that the rest of the
+    /// cluster missed it.
+    #[allow(clippy::too_many_arguments)]
     pub async fn publish(
         &self,
         room: &RoomName,
@@ -218,14 +229,19 @@ impl Node {
         data: &RawValue,
         source: Source,
         local_fallback: bool,
+        key: Option<&str>,
     ) -> Result<Published, PublishFailure> {
         let id = self.inbound.next_message_id();
         let ts = protocol::now_micros();
-        let frame = Message::new(room.as_str(), from, role, data, &id, ts).encode();
-        match self.broker.publish(room, frame.clone()).await {
-            Ok(()) => {
-                self.metrics.published(source).increment(1);
-                Ok(Published { id, ts })
+        let prefix = Message::new(room.as_str(), from, role, data, &id, ts).encode_prefix();
+        match self.broker.publish(room, prefix.clone(), &id, key).await {
+            Ok(ack) => {
+                if ack.duplicate {
+                    self.metrics.publish_duplicates.increment(1);
+                } else {
+                    self.metrics.published(source).increment(1);
+                }
+                Ok(Published { id, ts, ack })
             }
             Err(error) => {
                 self.metrics
@@ -233,7 +249,9 @@ impl Node {
                     .increment(1);
                 self.metrics.broker_publish_errors.increment(1);
                 if local_fallback {
-                    self.inbound.deliver(room, frame, ts);
+                    let mut frame = prefix.to_vec();
+                    frame.push(b'}');
+                    self.inbound.deliver(room, frame.into(), ts, None);
                 }
                 Err(PublishFailure {
                     error,
@@ -241,6 +259,29 @@ impl Node {
                 })
             }
         }
+    }
+
+    /// Reads `room`'s position and history (timed in the history read latency). A failed read
+    /// is retried until `--redis-timeout` has passed: the first command on a connection that
+    /// died unnoticed (Redis restarted) fails and hands it to be replaced, and a joining client is
+    /// better served by a short wait than by a welcome without a position.
+    pub async fn history(
+        &self,
+        room: &RoomName,
+        query: &HistoryQuery,
+    ) -> Result<HistoryRead, BrokerError> {
+        let start = std::time::Instant::now();
+        let read = loop {
+            let read = self.broker.history(room, query).await;
+            if read.is_ok() || start.elapsed() + HISTORY_RETRY > self.config.redis_timeout {
+                break read;
+            }
+            tokio::time::sleep(HISTORY_RETRY).await;
+        };
+        self.metrics
+            .history_read_latency
+            .record(start.elapsed().as_secs_f64());
+        read
     }
 
     /// Ready for clients: not draining and the broker is connected.

@@ -16,6 +16,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::history::Stamp;
+
 /// Longest room name, in bytes.
 pub const MAX_ROOM_LEN: usize = 128;
 /// Longest display name, in bytes.
@@ -103,8 +105,9 @@ pub fn now_micros() -> u64 {
 /// What a client's text frame asks for.
 #[derive(Debug)]
 pub enum ClientCommand<'a> {
-    /// `{"type":"publish","data":…}`: publish `data` (any JSON) to the client's room.
-    Publish(&'a RawValue),
+    /// `{"type":"publish","data":…,"key":…}`: publish `data` (any JSON) to the client's room;
+    /// with an idempotency `key`, the server acknowledges (`ack`) and publishes a repeat only once.
+    Publish(&'a RawValue, Option<Cow<'a, str>>),
     /// A text frame that is not JSON: published as a string `data`.
     Chat(&'a str),
     /// `{"type":"ping"}`: answered with `{"type":"pong"}` (browsers cannot send WebSocket pings).
@@ -116,7 +119,7 @@ pub enum ClientCommand<'a> {
 impl PartialEq for ClientCommand<'_> {
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
-            (Self::Publish(a), Self::Publish(b)) => a.get() == b.get(),
+            (Self::Publish(a, ka), Self::Publish(b, kb)) => a.get() == b.get() && ka == kb,
             (Self::Chat(a), Self::Chat(b)) => a == b,
             (Self::Ping, Self::Ping) => true,
             (Self::Refresh(a), Self::Refresh(b)) => a == b,
@@ -156,11 +159,16 @@ struct RawCommand<'a> {
     /// The token of a `refresh`.
     #[serde(borrow, default)]
     token: Option<Cow<'a, str>>,
+    /// The publish's idempotency key; anything but a string is refused.
+    #[serde(borrow, default)]
+    key: Option<&'a RawValue>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
     <&RawValue>::deserialize(d).map(Some)
 }
+
+const INVALID_KEY: &str = "key must be a string of 1-128 bytes without control characters";
 
 /// Parses one text frame from a client. Text that is not JSON is chat; JSON must be a command.
 pub fn parse_command(text: &str) -> Result<ClientCommand<'_>, CommandError> {
@@ -175,7 +183,16 @@ pub fn parse_command(text: &str) -> Result<ClientCommand<'_>, CommandError> {
     match serde_json::from_str::<RawCommand<'_>>(text) {
         Ok(cmd) => match cmd.kind.as_deref() {
             Some("publish") => match cmd.data {
-                Some(data) => Ok(ClientCommand::Publish(data)),
+                Some(data) => {
+                    let key = match cmd.key {
+                        None => None,
+                        Some(raw) => match serde_json::from_str::<Cow<'_, str>>(raw.get()) {
+                            Ok(k) if crate::history::valid_key(&k) => Some(k),
+                            _ => return Err(CommandError::Invalid(INVALID_KEY)),
+                        },
+                    };
+                    Ok(ClientCommand::Publish(data, key))
+                }
                 None => Err(CommandError::Invalid("publish needs a \"data\" field")),
             },
             Some("ping") => Ok(ClientCommand::Ping),
@@ -234,6 +251,16 @@ impl<'a> Message<'a> {
     pub fn encode(&self) -> Bytes {
         Bytes::from(serde_json::to_vec(self).expect("a message always serializes"))
     }
+
+    /// The frame without its closing `}`, for the broker to append `offset` and `epoch`
+    /// (`,"offset":N,"epoch":"E"}`): everything but that tail is encoded once, here.
+    pub fn encode_prefix(&self) -> Bytes {
+        let mut v = Vec::with_capacity(256);
+        serde_json::to_writer(&mut v, self).expect("a message always serializes");
+        debug_assert_eq!(v.last(), Some(&b'}'));
+        v.pop();
+        Bytes::from(v)
+    }
 }
 
 #[derive(Deserialize)]
@@ -253,6 +280,10 @@ struct MessageIn<'a> {
     #[allow(dead_code)]
     id: Cow<'a, str>,
     ts: u64,
+    #[serde(default)]
+    offset: Option<u64>,
+    #[serde(borrow, default)]
+    epoch: Option<Cow<'a, str>>,
 }
 
 /// What a payload received from the broker for a room turned out to be.
@@ -262,6 +293,9 @@ pub enum BrokerPayload {
     Envelope {
         /// Publish time, for the fan-out latency.
         ts: u64,
+        /// The message's offset and epoch in the room (published through a node or the
+        /// documented script); `None` for an envelope published without them.
+        stamp: Option<Stamp>,
     },
     /// Anything else: another program's plain `PUBLISH`; wrap it as a `server` message.
     Raw,
@@ -272,7 +306,13 @@ pub fn classify_broker_payload(room: &RoomName, payload: &[u8]) -> BrokerPayload
     match serde_json::from_slice::<MessageIn<'_>>(payload) {
         Ok(m) if m.kind == "message" && m.room == room.as_str() => {
             let _ = m.role;
-            BrokerPayload::Envelope { ts: m.ts }
+            BrokerPayload::Envelope {
+                ts: m.ts,
+                stamp: match (m.offset, &m.epoch) {
+                    (Some(o), Some(e)) => Some(Stamp::new(o, e)),
+                    _ => None,
+                },
+            }
         }
         _ => BrokerPayload::Raw,
     }
@@ -302,12 +342,25 @@ enum Event<'a> {
         name: Option<&'a str>,
         /// The token's `sub`; null when anonymous or without authentication.
         user: Option<&'a str>,
+        /// The room's epoch; null when the room has no sequence yet or history was unreadable.
+        epoch: Option<&'a str>,
+        /// The room's current offset: every message after it reaches the client.
+        offset: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
     },
     Refreshed {
         exp: u64,
     },
     Expiring {
         exp: u64,
+    },
+    Ack {
+        key: &'a str,
+        offset: u64,
+        epoch: &'a str,
+        id: &'a str,
+        duplicate: bool,
     },
     Presence {
         room: &'a str,
@@ -327,6 +380,17 @@ fn encode(event: &Event<'_>) -> Bytes {
     Bytes::from(serde_json::to_vec(event).expect("events always serialize"))
 }
 
+/// The room's position and the outcome of a resume, as the `welcome` tells them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WelcomePosition<'a> {
+    /// The room's epoch (`None`: no sequence yet, or history unreadable).
+    pub epoch: Option<&'a str>,
+    /// The room's current offset.
+    pub offset: u64,
+    /// Whether the resume asked with `since` was complete (`None`: no `since`).
+    pub recovered: Option<bool>,
+}
+
 /// `{"type":"welcome",…}`: the first frame of every session.
 pub fn welcome(
     node: &str,
@@ -335,6 +399,7 @@ pub fn welcome(
     connection_id: &str,
     name: Option<&str>,
     user: Option<&str>,
+    position: WelcomePosition<'_>,
 ) -> Bytes {
     encode(&Event::Welcome {
         node,
@@ -343,6 +408,9 @@ pub fn welcome(
         connection_id,
         name,
         user,
+        epoch: position.epoch,
+        offset: position.offset,
+        recovered: position.recovered,
     })
 }
 
@@ -355,6 +423,27 @@ pub fn refreshed(exp: u64) -> Bytes {
 /// `refresh` before then.
 pub fn expiring(exp: u64) -> Bytes {
     encode(&Event::Expiring { exp })
+}
+
+/// `{"type":"ack",…}`: a keyed publish was published (or had been: `duplicate`).
+pub fn ack(key: &str, ack: &crate::history::Ack) -> Bytes {
+    encode(&Event::Ack {
+        key,
+        offset: ack.offset,
+        epoch: &ack.epoch,
+        id: &ack.id,
+        duplicate: ack.duplicate,
+    })
+}
+
+/// `{"type":"error","code":…,"message":…,"key":…}`: a keyed publish failed.
+pub fn error_for_key(code: &str, message: &str, key: &str) -> Bytes {
+    Bytes::from(
+        serde_json::to_vec(&serde_json::json!({
+            "type": "error", "code": code, "message": message, "key": key
+        }))
+        .expect("events always serialize"),
+    )
 }
 
 /// `{"type":"presence",…}` with cluster-wide counts.
@@ -408,11 +497,23 @@ mod tests {
     fn publish_command_keeps_data_verbatim() {
         let cmd = parse_command(r#"{"type":"publish","data":{"b":[1,2.50,"x"]}}"#).unwrap();
         match cmd {
-            ClientCommand::Publish(data) => assert_eq!(data.get(), r#"{"b":[1,2.50,"x"]}"#),
+            ClientCommand::Publish(data, None) => {
+                assert_eq!(data.get(), r#"{"b":[1,2.50,"x"]}"#)
+            }
             other => panic!("{other:?}"),
         }
         let cmd = parse_command(r#" {"data":null,"type":"publish","extra":1} "#).unwrap();
-        assert!(matches!(cmd, ClientCommand::Publish(d) if d.get() == "null"));
+        assert!(matches!(cmd, ClientCommand::Publish(d, None) if d.get() == "null"));
+        let cmd = parse_command(r#"{"type":"publish","data":1,"key":"k\u0031"}"#).unwrap();
+        assert!(matches!(cmd, ClientCommand::Publish(_, Some(k)) if k == "k1"));
+        for bad in [r#""""#, "5", "[]", &format!("{:?}", "k".repeat(129))] {
+            let text = format!(r#"{{"type":"publish","data":1,"key":{bad}}}"#);
+            assert_eq!(
+                parse_command(&text),
+                Err(CommandError::Invalid(INVALID_KEY)),
+                "{text}"
+            );
+        }
     }
 
     #[test]
@@ -473,7 +574,21 @@ mod tests {
         let room = RoomName::parse("r1").unwrap();
         assert_eq!(
             classify_broker_payload(&room, &bytes),
-            BrokerPayload::Envelope { ts: 17 }
+            BrokerPayload::Envelope {
+                ts: 17,
+                stamp: None
+            }
+        );
+        let prefix = Message::new("r1", None, Role::Host, &data, "id1", 17).encode_prefix();
+        let mut full = prefix.to_vec();
+        full.extend_from_slice(crate::history::frame_tail(9, "E1").as_bytes());
+        assert_eq!(json(&full)["offset"], 9);
+        assert_eq!(
+            classify_broker_payload(&room, &full),
+            BrokerPayload::Envelope {
+                ts: 17,
+                stamp: Some(Stamp::new(9, "E1"))
+            }
         );
         // Same shape, other room: not ours to forward as is.
         let other = RoomName::parse("r2").unwrap();
@@ -506,10 +621,18 @@ mod tests {
     #[test]
     fn events() {
         let room = RoomName::parse("lobby").unwrap();
-        let w = json(&welcome("n1", &room, Role::Viewer, "c7", None, None));
+        let w = json(&welcome(
+            "n1",
+            &room,
+            Role::Viewer,
+            "c7",
+            None,
+            None,
+            WelcomePosition::default(),
+        ));
         assert_eq!(
             w,
-            serde_json::json!({"type":"welcome","node":"n1","room":"lobby","role":"viewer","connection_id":"c7","name":null,"user":null})
+            serde_json::json!({"type":"welcome","node":"n1","room":"lobby","role":"viewer","connection_id":"c7","name":null,"user":null,"epoch":null,"offset":0})
         );
         let w = json(&welcome(
             "n1",
@@ -518,6 +641,7 @@ mod tests {
             "c7",
             Some("Ann"),
             Some("u-42"),
+            WelcomePosition::default(),
         ));
         assert_eq!(w["user"], "u-42");
         assert_eq!(
@@ -535,6 +659,24 @@ mod tests {
         assert_eq!(
             parse_command(r#"{"type":"refresh"}"#).unwrap_err().code(),
             "invalid_command"
+        );
+        let position = WelcomePosition {
+            epoch: Some("E"),
+            offset: 4,
+            recovered: Some(false),
+        };
+        let w = json(&welcome(
+            "n1",
+            &room,
+            Role::Viewer,
+            "c7",
+            None,
+            None,
+            position,
+        ));
+        assert_eq!(
+            (&w["epoch"], &w["offset"], &w["recovered"]),
+            (&Value::from("E"), &Value::from(4), &Value::from(false))
         );
         assert_eq!(
             json(&presence(&room, 2, 30)),

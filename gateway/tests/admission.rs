@@ -98,7 +98,7 @@ async fn api_key_room_and_body_refusals_on_the_http_api() {
     let big = vec![b'a'; 64 * 1024 + 1];
     let (status, body) = http_publish(&node, "r", &[auth], &big).await;
     assert_eq!((status, body["error"].as_str()), (413, Some("too_large")));
-    let (status, _) = http(node.client, "GET", "/api/rooms/r/messages", &[auth], b"")
+    let (status, _) = http(node.client, "PUT", "/api/rooms/r/messages", &[auth], b"")
         .await
         .unwrap();
     assert_eq!(status, 405);

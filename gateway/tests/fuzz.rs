@@ -117,7 +117,7 @@ fn command_parser_classifies_every_input_consistently() {
                         Value::String(input.clone())
                     );
                 }
-                Ok(ClientCommand::Publish(data)) => {
+                Ok(ClientCommand::Publish(data, _)) => {
                     assert!(is_json, "{input}");
                     if let Ok(v) = &parsed {
                         assert_eq!(v["type"], "publish");
@@ -144,7 +144,7 @@ fn command_parser_classifies_every_input_consistently() {
                     .encode();
                     assert_eq!(
                         protocol::classify_broker_payload(&room, &frame),
-                        BrokerPayload::Envelope { ts: 7 }
+                        BrokerPayload::Envelope { ts: 7, stamp: None }
                     );
                 }
                 Ok(ClientCommand::Refresh(token)) => {

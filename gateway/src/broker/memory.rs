@@ -1,40 +1,86 @@
-//! The in-process broker: a single node with no Redis. A publish is handed straight to this
-//! node's [`Inbound`] handler, for the rooms that are subscribed, exactly as the Redis broker would
-//! hand it over after a round trip.
+//! The in-process broker: a single node with no Redis. A publish is numbered, appended to the
+//! room's history and handed straight to this node's [`Inbound`] handler (for the rooms that are
+//! subscribed), exactly as the Redis broker's script does it in Redis and hands it over after a
+//! round trip.
+//!
+//! Same semantics as Redis, in memory and bounded: per room a sequence, an epoch (random, so a
+//! restarted node's epochs never match its old ones), the last `--history-size` entries with
+//! their age; idempotency keys for `--idempotency-ttl`, at most [`MAX_KEYS`] of them (the oldest
+//! go first). A room's log is forgotten after [`META_TTL`] without a publish.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use bytes::Bytes;
 
 use crate::control::{ControlSink, MemoryBans};
+use crate::history::{
+    frame_tail, Ack, HistoryLimits, HistoryQuery, HistoryRead, Recovery, META_TTL,
+};
 use crate::inbound::Inbound;
 use crate::metrics::Metrics;
 use crate::protocol::RoomName;
+
+/// Most idempotency keys remembered at once; beyond, the oldest are forgotten early.
+pub const MAX_KEYS: usize = 100_000;
+/// Publishes between two sweeps of idle rooms.
+const SWEEP_EVERY: u64 = 4096;
 
 /// In-process pub/sub for one node.
 #[derive(Debug)]
 pub struct MemoryBroker {
     inbound: Arc<Inbound>,
     pub(super) metrics: Metrics,
+    limits: HistoryLimits,
     /// Rooms subscribed; a std lock, held only for a set operation.
     subscribed: Mutex<HashSet<RoomName>>,
+    /// Sequences, histories and keys. A std lock held for one publish *including* its hand-off
+    /// to the inbound handler (which never blocks), so that members get offsets in order.
+    logs: Mutex<Logs>,
     /// Moderation commands go straight to this node's queue.
     pub(super) control: ControlSink,
     /// Bans, in memory (the in-process broker is the whole cluster).
     pub(super) bans: MemoryBans,
 }
 
+#[derive(Debug, Default)]
+struct Logs {
+    rooms: HashMap<RoomName, RoomLog>,
+    /// (room, key) → the first publish's ack.
+    keys: HashMap<(RoomName, String), Ack>,
+    /// Keys in insertion order (= expiry order, the TTL being one for all), with their expiry.
+    key_order: VecDeque<(Instant, RoomName, String)>,
+    publishes: u64,
+}
+
+#[derive(Debug)]
+struct RoomLog {
+    epoch: String,
+    seq: u64,
+    entries: VecDeque<Entry>,
+    touched: Instant,
+}
+
+#[derive(Debug)]
+struct Entry {
+    offset: u64,
+    at: Instant,
+    frame: Bytes,
+}
+
 impl MemoryBroker {
     /// A broker handing what is published to `inbound`.
-    pub fn new(inbound: Arc<Inbound>, metrics: Metrics) -> Self {
+    pub fn new(inbound: Arc<Inbound>, metrics: Metrics, limits: HistoryLimits) -> Self {
         metrics.redis_connected.set(1.0);
         Self {
             inbound,
             metrics,
+            limits,
             subscribed: Mutex::new(HashSet::new()),
             control: ControlSink::default(),
             bans: MemoryBans::default(),
+            logs: Mutex::new(Logs::default()),
         }
     }
 
@@ -50,14 +96,268 @@ impl MemoryBroker {
         self.metrics.broker_subscriptions.set(s.len() as f64);
     }
 
-    pub(super) fn publish(&self, room: &RoomName, payload: Bytes) {
+    /// Numbers, records and delivers one message; `prefix` is its frame without the closing `}`.
+    pub(super) fn publish(
+        &self,
+        room: &RoomName,
+        prefix: &[u8],
+        id: &str,
+        key: Option<&str>,
+    ) -> Ack {
+        let now = Instant::now();
+        let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+        logs.forget_expired_keys(now);
+        if let Some(key) = key {
+            if let Some(ack) = logs.keys.get(&(room.clone(), key.to_string())) {
+                return Ack {
+                    duplicate: true,
+                    ..ack.clone()
+                };
+            }
+        }
+        logs.publishes += 1;
+        if logs.publishes.is_multiple_of(SWEEP_EVERY) {
+            logs.rooms
+                .retain(|_, r| now.duration_since(r.touched) < META_TTL);
+        }
+        let log = logs.rooms.entry(room.clone()).or_insert_with(|| RoomLog {
+            epoch: fastrand::alphanumeric().to_string()
+                + &std::iter::repeat_with(fastrand::alphanumeric)
+                    .take(9)
+                    .collect::<String>(),
+            seq: 0,
+            entries: VecDeque::new(),
+            touched: now,
+        });
+        if now.duration_since(log.touched) >= META_TTL {
+            // The room was silent longer than its meta lives: a new sequence, as in Redis.
+            log.epoch = std::iter::repeat_with(fastrand::alphanumeric)
+                .take(10)
+                .collect();
+            log.seq = 0;
+            log.entries.clear();
+        }
+        log.touched = now;
+        log.seq += 1;
+        let tail = frame_tail(log.seq, &log.epoch);
+        let mut frame = Vec::with_capacity(prefix.len() + tail.len());
+        frame.extend_from_slice(prefix);
+        frame.extend_from_slice(tail.as_bytes());
+        let frame = Bytes::from(frame);
+        if self.limits.size > 0 {
+            if log.entries.len() >= self.limits.size {
+                log.entries.pop_front();
+            }
+            log.entries.push_back(Entry {
+                offset: log.seq,
+                at: now,
+                frame: frame.clone(),
+            });
+        }
+        let ack = Ack {
+            offset: log.seq,
+            epoch: log.epoch.clone(),
+            id: id.to_string(),
+            duplicate: false,
+        };
+        if let Some(key) = key {
+            let expires = now + self.limits.idempotency_ttl;
+            logs.keys
+                .insert((room.clone(), key.to_string()), ack.clone());
+            logs.key_order
+                .push_back((expires, room.clone(), key.to_string()));
+            while logs.key_order.len() > MAX_KEYS {
+                if let Some((_, r, k)) = logs.key_order.pop_front() {
+                    logs.keys.remove(&(r, k));
+                }
+            }
+        }
         let subscribed = self
             .subscribed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .contains(room);
         if subscribed {
-            self.inbound.receive(room.as_str(), payload);
+            self.inbound.receive(room.as_str(), frame);
         }
+        ack
+    }
+
+    /// Reads `room`'s position and history for `query` (see `history.lua` for the same rules).
+    pub(super) fn history(&self, room: &RoomName, query: &HistoryQuery) -> HistoryRead {
+        let now = Instant::now();
+        let logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+        let log = logs
+            .rooms
+            .get(room)
+            .filter(|l| now.duration_since(l.touched) < META_TTL);
+        let (epoch, seq) = log.map(|l| (l.epoch.clone(), l.seq)).unwrap_or_default();
+        let young = |e: &&Entry| now.duration_since(e.at) < self.limits.ttl;
+        let mut read = HistoryRead {
+            epoch,
+            offset: seq,
+            recovery: None,
+            frames: Vec::new(),
+        };
+        if let Some(since) = &query.since {
+            let recovery =
+                if read.epoch.is_empty() || since.epoch != read.epoch || since.offset > seq {
+                    Recovery::EpochChanged
+                } else if since.offset == seq {
+                    Recovery::Complete
+                } else if seq - since.offset > query.max_recovery as u64 {
+                    Recovery::TooMany
+                } else {
+                    let entries = &log.expect("a room with a sequence has a log").entries;
+                    let first = entries.iter().find(|e| e.offset > since.offset);
+                    match first {
+                        Some(e) if e.offset == since.offset + 1 && young(&e) => {
+                            read.frames = entries
+                                .iter()
+                                .filter(|e| e.offset > since.offset)
+                                .map(|e| (e.offset, e.frame.clone()))
+                                .collect();
+                            Recovery::Complete
+                        }
+                        _ => Recovery::Trimmed,
+                    }
+                };
+            read.recovery = Some(recovery);
+            if recovery == Recovery::Complete {
+                return read;
+            }
+        }
+        if query.backlog > 0 {
+            if let Some(log) = log {
+                let skip = log.entries.len().saturating_sub(query.backlog);
+                read.frames = log
+                    .entries
+                    .iter()
+                    .skip(skip)
+                    .filter(young)
+                    .map(|e| (e.offset, e.frame.clone()))
+                    .collect();
+            }
+        }
+        read
+    }
+}
+
+impl Logs {
+    fn forget_expired_keys(&mut self, now: Instant) {
+        while let Some((expires, _, _)) = self.key_order.front() {
+            if *expires > now {
+                break;
+            }
+            let (_, r, k) = self.key_order.pop_front().expect("front exists");
+            self.keys.remove(&(r, k));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::Since;
+    use std::time::Duration;
+
+    fn broker(size: usize) -> MemoryBroker {
+        let metrics = Metrics::new("n1");
+        let hub = Arc::new(crate::hub::Hub::new(metrics.clone()));
+        let inbound = Arc::new(Inbound::new("n1", hub, metrics.clone(), 1024));
+        MemoryBroker::new(
+            inbound,
+            metrics,
+            HistoryLimits {
+                size,
+                ttl: Duration::from_secs(60),
+                idempotency_ttl: Duration::from_secs(60),
+            },
+        )
+    }
+
+    fn since(read: &HistoryRead, offset: u64, backlog: usize) -> HistoryQuery {
+        HistoryQuery {
+            since: Some(Since {
+                epoch: read.epoch.clone(),
+                offset,
+            }),
+            max_recovery: 5,
+            backlog,
+        }
+    }
+
+    #[test]
+    fn numbers_records_and_recovers() {
+        let b = broker(4);
+        let room = RoomName::parse("r").unwrap();
+        let empty = b.history(&room, &HistoryQuery::default());
+        assert_eq!((empty.epoch.as_str(), empty.offset), ("", 0));
+        for i in 1..=6u64 {
+            let ack = b.publish(&room, br#"{"type":"message","data":1"#, "id", None);
+            assert_eq!(ack.offset, i);
+            assert!(!ack.duplicate);
+        }
+        let now = b.history(&room, &HistoryQuery::default());
+        assert_eq!(now.offset, 6);
+        assert_eq!(now.epoch.len(), 10);
+        let r = b.history(&room, &since(&now, 3, 0));
+        assert_eq!(r.recovery, Some(Recovery::Complete));
+        assert_eq!(r.frames.iter().map(|f| f.0).collect::<Vec<_>>(), [4, 5, 6]);
+        let f: serde_json::Value = serde_json::from_slice(&r.frames[0].1).unwrap();
+        assert_eq!(f["offset"], 4);
+        assert_eq!(f["epoch"], now.epoch.as_str());
+        assert_eq!(
+            b.history(&room, &since(&now, 6, 0)).recovery,
+            Some(Recovery::Complete)
+        );
+        let trimmed = b.history(&room, &since(&now, 1, 2));
+        assert_eq!(
+            trimmed.recovery,
+            Some(Recovery::Trimmed),
+            "4 kept, 5 missed"
+        );
+        assert_eq!(
+            trimmed.frames.iter().map(|f| f.0).collect::<Vec<_>>(),
+            [5, 6],
+            "the backlog instead"
+        );
+        let mut other = since(&now, 3, 0);
+        other.since.as_mut().unwrap().epoch = "old".into();
+        assert_eq!(
+            b.history(&room, &other).recovery,
+            Some(Recovery::EpochChanged)
+        );
+        let mut many = since(&now, 0, 0);
+        many.max_recovery = 2;
+        assert_eq!(b.history(&room, &many).recovery, Some(Recovery::TooMany));
+    }
+
+    #[test]
+    fn idempotency_keys_publish_once() {
+        let b = broker(10);
+        let room = RoomName::parse("r").unwrap();
+        let a = b.publish(&room, b"{", "first", Some("k"));
+        let again = b.publish(&room, b"{", "second", Some("k"));
+        assert_eq!(again.offset, a.offset);
+        assert_eq!(again.id, "first");
+        assert!(again.duplicate);
+        let other = b.publish(&room, b"{", "third", Some("k2"));
+        assert_eq!(other.offset, a.offset + 1);
+        let elsewhere = b.publish(&RoomName::parse("s").unwrap(), b"{", "x", Some("k"));
+        assert!(!elsewhere.duplicate, "keys are per room");
+    }
+
+    #[test]
+    fn history_off_still_numbers() {
+        let b = broker(0);
+        let room = RoomName::parse("r").unwrap();
+        b.publish(&room, b"{", "a", None);
+        let now = b.history(&room, &HistoryQuery::default());
+        assert_eq!(now.offset, 1);
+        assert_eq!(
+            b.history(&room, &since(&now, 0, 5)).recovery,
+            Some(Recovery::Trimmed)
+        );
     }
 }

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::history::{Ack, HistoryQuery, HistoryRead};
 use crate::hub::RoomCounts;
 use crate::protocol::RoomName;
 
@@ -35,6 +36,9 @@ pub enum BrokerError {
     /// The broker answered with an error or the connection failed mid-command.
     #[error("broker error: {0}")]
     Failed(String),
+    /// Redis had no cached copy of a script (it restarted); the caller loads it and retries.
+    #[error("script not loaded")]
+    NoScript,
     /// The configuration is unusable (a malformed Redis URL).
     #[error("invalid broker configuration: {0}")]
     Config(String),
@@ -78,14 +82,33 @@ impl Broker {
         }
     }
 
-    /// Publishes an encoded message frame to every node subscribed to `room` (this one included).
-    pub async fn publish(&self, room: &RoomName, payload: Bytes) -> Result<(), BrokerError> {
+    /// Publishes a message to every node subscribed to `room` (this one included): numbers it
+    /// with the room's next offset and epoch, appends it to the room's history and remembers
+    /// `key` — all in one atomic step. `prefix` is the encoded frame without its closing `}`; the
+    /// broker appends `,"offset":N,"epoch":"E"}`. A repeat of `key` within `--idempotency-ttl`
+    /// publishes nothing and returns the first publish's ack, marked `duplicate`.
+    pub async fn publish(
+        &self,
+        room: &RoomName,
+        prefix: Bytes,
+        id: &str,
+        key: Option<&str>,
+    ) -> Result<Ack, BrokerError> {
         match self {
-            Self::Memory(b) => {
-                b.publish(room, payload);
-                Ok(())
-            }
-            Self::Redis(b) => b.publish(room, payload).await,
+            Self::Memory(b) => Ok(b.publish(room, &prefix, id, key)),
+            Self::Redis(b) => b.publish(room, prefix, id, key).await,
+        }
+    }
+
+    /// Reads `room`'s position and the history `query` asks for, in one atomic step.
+    pub async fn history(
+        &self,
+        room: &RoomName,
+        query: &HistoryQuery,
+    ) -> Result<HistoryRead, BrokerError> {
+        match self {
+            Self::Memory(b) => Ok(b.history(room, query)),
+            Self::Redis(b) => b.history(room, query).await,
         }
     }
 

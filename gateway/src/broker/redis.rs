@@ -12,9 +12,15 @@
 //! or failed connection fails at once with [`BrokerError`] (the caller tells the client), and a
 //! failure hands the connection back to the task to replace it.
 //!
-//! Messages published while a node is disconnected are lost for that node (Redis pub/sub keeps
-//! no history); clients learn of the outage through `/readyz`, the `gateway_redis_connected`
-//! gauge and errors on their own publishes.
+//! Publishing runs `publish.lua` (loaded once, run with `EVALSHA`): the room's next offset, its
+//! epoch, the history append (a stream per room), the idempotency key and the `PUBLISH` happen in
+//! one atomic step. `history.lua` reads a room's position and history for joining clients.
+//!
+//! Messages published while a node's subscriber is disconnected are not delivered live by that
+//! node (Redis pub/sub keeps nothing); its members see a jump in offsets, and a client that
+//! resumes with `since` gets them from history (`/client.js` does so on a gap). Clients learn of
+//! the outage through `/readyz`, the `gateway_redis_connected` gauge and errors on their own
+//! publishes.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,6 +38,7 @@ use tracing::{debug, info, warn};
 
 use super::{Backoff, BrokerError};
 use crate::control::{self, ControlSink};
+use crate::history::{Ack, HistoryLimits, HistoryQuery, HistoryRead, Recovery, META_TTL};
 use crate::hub::RoomCounts;
 use crate::inbound::Inbound;
 use crate::metrics::Metrics;
@@ -78,6 +85,77 @@ end
 return {hosts, viewers}
 "#;
 
+/// Numbers, records and publishes one message (loaded once, run with `EVALSHA`).
+const PUBLISH_SCRIPT: &str = include_str!("publish.lua");
+/// Reads a room's position and history for a joining or resuming client.
+const HISTORY_SCRIPT: &str = include_str!("history.lua");
+
+/// A Lua script run with `EVALSHA`: loaded with `SCRIPT LOAD` on first use, and again when Redis
+/// answers `NOSCRIPT` (it restarted and lost its script cache).
+#[derive(Debug)]
+struct Script {
+    source: &'static str,
+    /// The SHA1 Redis gave for it; a std lock held only to copy it.
+    sha: Mutex<Option<String>>,
+}
+
+impl Script {
+    fn new(source: &'static str) -> Self {
+        Self {
+            source,
+            sha: Mutex::new(None),
+        }
+    }
+
+    fn sha(&self) -> Option<String> {
+        self.sha.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_sha(&self, sha: Option<String>) {
+        *self.sha.lock().unwrap_or_else(|e| e.into_inner()) = sha;
+    }
+}
+
+/// Parses `history.lua`'s answer.
+fn parse_history(values: Vec<redis::Value>) -> Option<HistoryRead> {
+    use redis::Value;
+    fn text(v: &Value) -> Option<String> {
+        match v {
+            Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+            Value::SimpleString(s) => Some(s.clone()),
+            _ => None,
+        }
+    }
+    fn int(v: &Value) -> Option<u64> {
+        match v {
+            Value::Int(n) => u64::try_from(*n).ok(),
+            other => text(other)?.parse().ok(),
+        }
+    }
+    let mut it = values.into_iter();
+    let epoch = text(&it.next()?)?;
+    let offset = int(&it.next()?)?;
+    let status = text(&it.next()?)?;
+    let recovery = match status.as_str() {
+        "none" => None,
+        s => Some(Recovery::from_status(s)?),
+    };
+    let mut frames = Vec::new();
+    while let Some(off) = it.next() {
+        let frame = match it.next()? {
+            Value::BulkString(b) => Bytes::from(b),
+            _ => return None,
+        };
+        frames.push((int(&off)?, frame));
+    }
+    Some(HistoryRead {
+        epoch,
+        offset,
+        recovery,
+        frames,
+    })
+}
+
 /// Timeouts of the Redis connections.
 #[derive(Debug, Clone, Copy)]
 pub struct RedisTimeouts {
@@ -110,6 +188,15 @@ struct Shared {
     publisher: Mutex<Option<(u64, MultiplexedConnection)>>,
     /// Wakes the publisher task when the connection failed.
     publisher_lost: Notify,
+    /// History bounds passed to the scripts.
+    limits: HistoryLimits,
+    /// `publish.lua`.
+    publish_script: Script,
+    /// `history.lua`.
+    history_script: Script,
+    /// The command `publish.lua` publishes with: `PUBLISH` (a sharded cluster would use
+    /// `SPUBLISH` on the room's hash-tagged channel).
+    publish_command: &'static str,
     subscriber_up: AtomicBool,
     publisher_up: AtomicBool,
     /// Where commands from the control channel go (see [`crate::moderation`]).
@@ -127,12 +214,14 @@ struct Subscriptions {
 impl RedisBroker {
     /// Checks the URL and starts the subscriber and publisher tasks on `tracker`; they connect in
     /// the background and retry until `cancel`.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         url: &str,
         prefix: &str,
         inbound: Arc<Inbound>,
         metrics: Metrics,
         timeouts: RedisTimeouts,
+        limits: HistoryLimits,
         tracker: &TaskTracker,
         cancel: CancellationToken,
     ) -> Result<Self, BrokerError> {
@@ -149,6 +238,10 @@ impl RedisBroker {
             confirmed_epoch: watch::Sender::new(0),
             publisher: Mutex::new(None),
             publisher_lost: Notify::new(),
+            limits,
+            publish_script: Script::new(PUBLISH_SCRIPT),
+            history_script: Script::new(HISTORY_SCRIPT),
+            publish_command: "PUBLISH",
             subscriber_up: AtomicBool::new(false),
             publisher_up: AtomicBool::new(false),
             control: ControlSink::default(),
@@ -196,15 +289,64 @@ impl RedisBroker {
         }
     }
 
-    pub(super) async fn publish(&self, room: &RoomName, payload: Bytes) -> Result<(), BrokerError> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("PUBLISH")
-            .arg(self.shared.channel(room))
-            .arg(payload.as_ref());
-        self.shared
-            .on_publisher::<(i64,)>(&pipe)
-            .await
-            .map(|_receivers| ())
+    /// Runs `publish.lua`: numbers, records and publishes one message (see [`super::Broker::publish`]).
+    pub(super) async fn publish(
+        &self,
+        room: &RoomName,
+        prefix: Bytes,
+        id: &str,
+        key: Option<&str>,
+    ) -> Result<Ack, BrokerError> {
+        let s = &self.shared;
+        let mut keys = vec![s.room_key(room, "meta"), s.room_key(room, "hist")];
+        if let Some(k) = key {
+            keys.push(s.room_key(room, &format!("idem:{k}")));
+        }
+        let limits = s.limits;
+        let channel = s.channel(room);
+        let (offset, epoch, duplicate, id): (u64, String, i64, String) = s
+            .eval(&s.publish_script, &keys, |cmd| {
+                cmd.arg(prefix.as_ref())
+                    .arg(limits.size)
+                    .arg(limits.ttl.as_millis() as u64)
+                    .arg(limits.idempotency_ttl.as_millis() as u64)
+                    .arg(s.publish_command)
+                    .arg(&channel)
+                    .arg(META_TTL.as_millis() as u64)
+                    .arg(id);
+            })
+            .await?;
+        Ok(Ack {
+            offset,
+            epoch,
+            id,
+            duplicate: duplicate == 1,
+        })
+    }
+
+    /// Runs `history.lua`: the room's position and the history `query` asks for.
+    pub(super) async fn history(
+        &self,
+        room: &RoomName,
+        query: &HistoryQuery,
+    ) -> Result<HistoryRead, BrokerError> {
+        let s = &self.shared;
+        let keys = [s.room_key(room, "meta"), s.room_key(room, "hist")];
+        let (epoch, offset) = match &query.since {
+            Some(since) => (since.epoch.as_str(), since.offset),
+            None => ("", 0),
+        };
+        let ttl = s.limits.ttl.as_millis() as u64;
+        let values: Vec<redis::Value> = s
+            .eval(&s.history_script, &keys, |cmd| {
+                cmd.arg(epoch)
+                    .arg(offset)
+                    .arg(query.max_recovery)
+                    .arg(query.backlog)
+                    .arg(ttl);
+            })
+            .await?;
+        parse_history(values).ok_or_else(|| BrokerError::Failed("unexpected history answer".into()))
     }
 
     /// Reports this node's local counts of `rooms` (and withdraws its counts of `gone` rooms) and
@@ -317,6 +459,45 @@ impl Shared {
         format!("{}ban:{}", self.prefix, sub)
     }
 
+    /// A key of `room`'s history: `{prefix}{<room>}:<suffix>`, hash-tagged by the room so that
+    /// a script's keys share one cluster slot.
+    fn room_key(&self, room: &RoomName, suffix: &str) -> String {
+        format!("{}{{{}}}:{}", self.prefix, room, suffix)
+    }
+
+    /// Runs `script` with `EVALSHA` on the publisher connection (loading it first if needed, and
+    /// once more if Redis lost it); `args` appends the script's arguments after its keys.
+    async fn eval<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        keys: &[String],
+        args: impl Fn(&mut redis::Cmd),
+    ) -> Result<T, BrokerError> {
+        for _ in 0..2 {
+            let sha = match script.sha() {
+                Some(sha) => sha,
+                None => {
+                    let mut load = redis::pipe();
+                    load.cmd("SCRIPT").arg("LOAD").arg(script.source);
+                    let (sha,): (String,) = self.on_publisher(&load).await?;
+                    script.set_sha(Some(sha.clone()));
+                    sha
+                }
+            };
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(&sha).arg(keys.len()).arg(keys);
+            args(&mut cmd);
+            let mut pipe = redis::pipe();
+            pipe.add_command(cmd);
+            match self.on_publisher::<(T,)>(&pipe).await {
+                Ok((v,)) => return Ok(v),
+                Err(BrokerError::NoScript) => script.set_sha(None),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(BrokerError::NoScript)
+    }
+
     /// The hash holding every node's counts of `room` (keys and channels are separate namespaces
     /// in Redis; the fixed `presence:` part keeps the mapping one-to-one).
     fn presence_key(&self, room: &RoomName) -> String {
@@ -346,6 +527,7 @@ impl Shared {
         };
         match tokio::time::timeout(self.timeouts.command, pipe.query_async::<T>(&mut conn)).await {
             Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) if e.code() == Some("NOSCRIPT") => Err(BrokerError::NoScript),
             Ok(Err(e)) => {
                 if e.is_io_error()
                     || e.is_connection_dropped()

@@ -1,5 +1,13 @@
 //! One client's life on this node, from the finished upgrade to the last byte: join the room,
-//! greet, run a reader task and a writer, leave, count why it ended.
+//! catch up on history, greet, run the reader and the writer, leave, count why it ended.
+//!
+//! Joining is gapless (docs/protocol.md, "Continuity"): the outbox is held and the member joins
+//! the hub, so live messages from then on wait with their offsets; the room's subscription is
+//! confirmed; only then is history read (the room's position, the missed messages after `since`,
+//! or the backlog). The welcome and the history are queued first, then the held live messages
+//! with an offset above the position read; then the session is live. A message published before
+//! the read is in the history (or below the welcome's offset), one published after it arrives
+//! live, and none twice.
 //!
 //! The socket is split in two, both halves driven by the session's one task: the [`reader`] owns
 //! the read half through the [`codec`]'s decoder; the [`outbox`] holds the write half, which
@@ -25,8 +33,10 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use crate::disconnect::CloseReason;
+use crate::history::{HistoryQuery, HistoryRead, Recovery, Since, Stamp};
+use crate::metrics::RecoveryResult;
 use crate::node::{Node, SessionSlot};
-use crate::protocol::{self, Role, RoomName};
+use crate::protocol::{self, Role, RoomName, WelcomePosition};
 use codec::Decoder;
 use outbox::Outbox;
 
@@ -52,6 +62,17 @@ pub struct Admission {
     pub exp: Option<u64>,
     /// Whether the client's publishes are accepted.
     pub publish: bool,
+    /// What it asks of the room's history.
+    pub resume: Resume,
+}
+
+/// What a joining client asks of the room's history (`since=E:N`, `backlog=N` in the query).
+#[derive(Debug, Clone, Default)]
+pub struct Resume {
+    /// Resume after this position.
+    pub since: Option<Since>,
+    /// The last N messages on join (clamped to `--max-backlog`).
+    pub backlog: usize,
 }
 
 /// Splits an upgraded connection into the frame decoder and the owned write half. Our listener
@@ -112,28 +133,24 @@ async fn join(
         user,
         exp,
         publish,
+        resume,
     } = admission;
     let conn_id = format!("{}-{}", cfg.node_id, slot.id);
 
-    // The welcome is queued first, so it is the first frame whatever is fanned out meanwhile;
-    // nothing is written before the writer runs, which is only once the room's subscription is
-    // confirmed, so everything published after the client sees its welcome reaches it. During a
-    // broker outage it starts after the deadline anyway (the subscription is made when the
-    // broker returns).
-    let _ = outbox.push(protocol::welcome(
-        &cfg.node_id,
-        &room,
-        role,
-        &conn_id,
-        name.as_deref(),
-        user.as_deref(),
-    ));
-    node.join(&room, slot.id, role, outbox.clone());
     node.registry
         .register(slot.id, room.clone(), user.clone(), exp, outbox.clone());
-    node.broker.wait_subscribed(&room, cfg.redis_timeout).await;
-    let counts = node.presence.estimate(&room, node.hub.counts(&room));
-    let _ = outbox.push(protocol::presence(&room, counts.hosts, counts.viewers));
+    catch_up(
+        &node,
+        &outbox,
+        &room,
+        role,
+        name.as_deref(),
+        user.as_deref(),
+        slot.id,
+        &conn_id,
+        resume,
+    )
+    .await;
 
     let reader = reader::Reader::new(node.clone(), outbox.clone(), room.clone(), role, name)
         .with_access(slot.id, user, publish);
@@ -171,5 +188,149 @@ impl Live {
             debug!(session = self.slot.id, "reader dropped after close grace");
         }
         debug!(session = self.slot.id, room = %self.room, reason = reason.label(), "session ended");
+    }
+}
+
+/// Joins `room` and catches up: see the module docs for the order that makes it gapless.
+#[allow(clippy::too_many_arguments)]
+async fn catch_up(
+    node: &Arc<Node>,
+    outbox: &Arc<Outbox>,
+    room: &RoomName,
+    role: Role,
+    name: Option<&str>,
+    user: Option<&str>,
+    session: u64,
+    conn_id: &str,
+    resume: Resume,
+) {
+    let cfg = &node.config;
+    // Held first, then in the hub: every live message from now on waits with its offset. The
+    // history is read only once the subscription is confirmed, so that anything published after
+    // the read arrives live. During a broker outage the welcome goes out without a position after
+    // the subscription deadline (the subscription is made when the broker returns).
+    outbox.hold();
+    node.join(room, session, role, outbox.clone());
+    let subscribed = node.broker.wait_subscribed(room, cfg.redis_timeout).await;
+    let query = HistoryQuery {
+        since: resume.since.clone(),
+        max_recovery: cfg.max_recovery,
+        backlog: resume.backlog.min(cfg.max_backlog),
+    };
+    let read = if subscribed && node.broker.is_connected() {
+        match node.history(room, &query).await {
+            Ok(mut read) => {
+                fit_outbox(&mut read, cfg.outbox_bytes);
+                Some(read)
+            }
+            Err(e) => {
+                debug!(room = %room, cause = %e, "history read failed; welcome without a position");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let asked = query.since.is_some();
+    let (position, history, covered) = match &read {
+        Some(r) => (
+            WelcomePosition {
+                epoch: (!r.epoch.is_empty()).then_some(r.epoch.as_str()),
+                offset: r.offset,
+                recovered: r.recovered(),
+            },
+            r.frames.as_slice(),
+            Some(Stamp::new(r.offset, &r.epoch)),
+        ),
+        None => (
+            WelcomePosition {
+                epoch: None,
+                offset: 0,
+                recovered: asked.then_some(false),
+            },
+            &[][..],
+            None,
+        ),
+    };
+    if asked {
+        let result = if outbox.is_closing() {
+            RecoveryResult::Overflow
+        } else {
+            match read.as_ref().and_then(|r| r.recovery) {
+                Some(r) => r.into(),
+                None => RecoveryResult::Unavailable,
+            }
+        };
+        node.metrics.recovery(result).increment(1);
+    }
+    node.metrics
+        .history_replayed
+        .increment(history.len() as u64);
+    let welcome = protocol::welcome(&cfg.node_id, room, role, conn_id, name, user, position);
+    outbox.release(
+        std::iter::once(welcome).chain(history.iter().map(|(_, f)| f.clone())),
+        covered,
+    );
+    drop(read);
+    let counts = node.presence.estimate(room, node.hub.counts(room));
+    let _ = outbox.push(protocol::presence(room, counts.hosts, counts.viewers));
+}
+
+/// Keeps what a joining client is sent from history within `--outbox-bytes`: a resume that does
+/// not fit is not recovered (the client reloads instead), a backlog that does not fit loses its
+/// oldest messages.
+fn fit_outbox(read: &mut HistoryRead, max_bytes: usize) {
+    let total: usize = read.frames.iter().map(|(_, f)| f.len()).sum();
+    if total <= max_bytes {
+        return;
+    }
+    if read.recovery == Some(Recovery::Complete) {
+        read.recovery = Some(Recovery::TooMany);
+        read.frames.clear();
+        return;
+    }
+    let mut kept = 0;
+    let keep = read
+        .frames
+        .iter()
+        .rev()
+        .take_while(|(_, f)| {
+            kept += f.len();
+            kept <= max_bytes
+        })
+        .count();
+    read.frames.drain(..read.frames.len() - keep);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn history_is_kept_within_the_outbox_bytes() {
+        let frames = |n: u64| (1..=n).map(|o| (o, Bytes::from(vec![b'x'; 10]))).collect();
+        let mut resume = HistoryRead {
+            epoch: "E".into(),
+            offset: 5,
+            recovery: Some(Recovery::Complete),
+            frames: frames(5),
+        };
+        fit_outbox(&mut resume, 50);
+        assert_eq!(resume.frames.len(), 5, "fits exactly");
+        fit_outbox(&mut resume, 49);
+        assert_eq!(resume.recovery, Some(Recovery::TooMany));
+        assert!(resume.frames.is_empty());
+        let mut backlog = HistoryRead {
+            epoch: "E".into(),
+            offset: 5,
+            recovery: None,
+            frames: frames(5),
+        };
+        fit_outbox(&mut backlog, 35);
+        assert_eq!(
+            backlog.frames.iter().map(|f| f.0).collect::<Vec<_>>(),
+            [3, 4, 5]
+        );
     }
 }

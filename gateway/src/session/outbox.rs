@@ -15,6 +15,19 @@
 //! close as a slow consumer (close code 4000). The outbox also carries the session's close
 //! signal, so anything holding it (the hub, the reader, the node) can end the session with a
 //! reason; the first reason given wins.
+//!
+//! While a joining session reads the room's history, its outbox is *held* ([`Outbox::hold`]):
+//! everything pushed meanwhile (live messages with their stamps, presence, pings) waits in a
+//! side buffer with the same bounds, and [`Outbox::release`] queues the welcome and the history
+//! first, then the held items minus the messages the history already covered. Overflowing the
+//! side buffer closes the session as a slow consumer (4000): it reconnects and resumes. The side
+//! buffer exists only during the catch-up; an idle outbox pays one empty pointer for it.
+//!
+//! The *cut* (the position the history covered) outlives the release: a message published
+//! before the history read may still be on its way through the node's subscription when the
+//! read's answer arrives on the other connection. Live messages of the cut's epoch at or below
+//! it are dropped until the first one above it (or of another epoch) passes; then the cut is
+//! gone. It costs 24 bytes inline, no allocation.
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, IoSlice};
@@ -28,6 +41,7 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
 use crate::disconnect::CloseReason;
+use crate::history::Stamp;
 
 /// Milliseconds on a process-wide monotonic clock (cheap to store in an atomic).
 pub fn now_millis() -> u64 {
@@ -81,8 +95,11 @@ pub fn frame_head(head: &mut [u8; 16], opcode: OpCode, payload: &[u8]) -> usize 
 pub enum Pushed {
     /// The whole frame went to the socket at once.
     Written,
-    /// It waits in the queue for the writer.
+    /// It waits in the queue for the writer (or, while the session catches up on history, in the
+    /// held buffer).
     Queued,
+    /// Not sent: the session's history already covered this message.
+    Covered,
 }
 
 /// Why a push was refused.
@@ -130,6 +147,30 @@ struct Queue {
     /// The writer owns the socket's output: it has taken items it has not finished writing, or has
     /// not started yet (true until its first idle moment). No push writes directly meanwhile.
     writing: bool,
+    /// Items pushed while the session catches up on history, with their message stamps; boxed
+    /// so that the common case (not catching up) costs one pointer.
+    held: Option<Box<Held>>,
+    /// What the history covered: live messages at or below it are not queued again.
+    cut: Option<Stamp>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    items: VecDeque<(Option<Stamp>, Outgoing)>,
+    bytes: usize,
+}
+
+/// Whether a message with `stamp` is covered by `cut` (drop it); clears the cut once a message
+/// passes it.
+fn covered(cut: &mut Option<Stamp>, stamp: Option<Stamp>) -> bool {
+    let (Some(c), Some(s)) = (*cut, stamp) else {
+        return false;
+    };
+    if s.epoch == c.epoch && s.offset <= c.offset {
+        return true;
+    }
+    *cut = None;
+    false
 }
 
 /// The draining side, owned by the session's writer (kept as a type so that only the writer
@@ -145,6 +186,8 @@ impl Outbox {
                 items: VecDeque::new(),
                 bytes: 0,
                 writing: true,
+                held: None,
+                cut: None,
             }),
             ready: Notify::new(),
             socket: OnceLock::new(),
@@ -163,12 +206,37 @@ impl Outbox {
         self.push_item(Outgoing::Text(frame))
     }
 
+    /// Sends a room message with its stamp (`None`: a message without one) without waiting (see
+    /// [`Outbox::push`]); a message the session's history covered is dropped
+    /// ([`Pushed::Covered`]).
+    pub fn push_message(&self, frame: Bytes, stamp: Option<Stamp>) -> Result<Pushed, PushError> {
+        self.push_entry(stamp, Outgoing::Text(frame))
+    }
+
     /// Sends any item without waiting (see [`Outbox::push`]).
     pub fn push_item(&self, item: Outgoing) -> Result<Pushed, PushError> {
+        self.push_entry(None, item)
+    }
+
+    fn push_entry(&self, stamp: Option<Stamp>, item: Outgoing) -> Result<Pushed, PushError> {
         if self.is_closing() {
             return Err(PushError::Closed);
         }
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = q.held.as_mut() {
+            let len = item.len();
+            if held.items.len() >= self.max_frames || held.bytes + len > self.max_bytes {
+                drop(q);
+                self.close(CloseReason::SlowConsumer);
+                return Err(PushError::Full);
+            }
+            held.bytes += len;
+            held.items.push_back((stamp, item));
+            return Ok(Pushed::Queued);
+        }
+        if covered(&mut q.cut, stamp) {
+            return Ok(Pushed::Covered);
+        }
         // The lock is held across the write so that no other push, and not the writer, can put
         // bytes on the socket in between: a non-blocking syscall, never an await.
         let item = match (q.writing, self.socket.get()) {
@@ -207,6 +275,42 @@ impl Outbox {
     /// The socket's write half, once attached.
     pub fn socket(&self) -> Option<&OwnedWriteHalf> {
         self.socket.get()
+    }
+
+    /// Holds everything pushed from now on until [`Outbox::release`] (a joining session reading
+    /// history).
+    pub fn hold(&self) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.held.get_or_insert_with(Default::default);
+    }
+
+    /// Ends the hold: queues `first` (the welcome and the history, in order), then the held items
+    /// except messages at or below `cut` in its epoch (the history or the welcome's position
+    /// already accounts for them); the cut stays for messages still on their way. `first` is not
+    /// checked against the bounds: the session keeps it within `--outbox-bytes`.
+    /// Returns how many held messages were skipped as covered.
+    pub fn release(&self, first: impl IntoIterator<Item = Bytes>, cut: Option<Stamp>) -> usize {
+        let mut skipped = 0;
+        {
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            let held = q.held.take();
+            q.cut = cut.filter(|c| c.offset > 0);
+            q.writing = true;
+            for frame in first {
+                q.bytes += frame.len();
+                q.items.push_back(Outgoing::Text(frame));
+            }
+            for (stamp, item) in held.map(|h| h.items).unwrap_or_default() {
+                if covered(&mut q.cut, stamp) {
+                    skipped += 1;
+                    continue;
+                }
+                q.bytes += item.len();
+                q.items.push_back(item);
+            }
+        }
+        self.ready.notify_one();
+        skipped
     }
 
     /// Asks the session to end for `reason`; the first reason given is the one the client sees.
@@ -382,6 +486,94 @@ mod tests {
         let mut batch = Vec::new();
         assert_eq!(rx.recv_batch(&outbox, &mut batch, 10).await, 1);
         assert_eq!(outbox.queued_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn held_items_follow_history_minus_what_it_covered() {
+        let (outbox, mut rx) = Outbox::new(8, 1 << 20);
+        outbox.hold();
+        for o in [3, 4, 5] {
+            outbox
+                .push_message(Bytes::from(format!("live{o}")), Some(Stamp::new(o, "E")))
+                .unwrap();
+        }
+        outbox.push(Bytes::from_static(b"presence")).unwrap();
+        outbox
+            .push_message(Bytes::from_static(b"raw"), None)
+            .unwrap();
+        let skipped = outbox.release(
+            ["welcome", "hist3", "hist4"].map(|s| Bytes::from_static(s.as_bytes())),
+            Some(Stamp::new(4, "E")),
+        );
+        assert_eq!(skipped, 2);
+        let mut batch = Vec::new();
+        rx.recv_batch(&outbox, &mut batch, 100).await;
+        let texts: Vec<String> = batch
+            .iter()
+            .map(|i| match i {
+                Outgoing::Text(b) => String::from_utf8(b.to_vec()).unwrap(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            texts,
+            ["welcome", "hist3", "hist4", "live5", "presence", "raw"]
+        );
+        assert_eq!(outbox.queued_bytes(), 0);
+        // Released: pushes go straight to the queue again.
+        outbox.push(Bytes::from_static(b"x")).unwrap();
+        assert_eq!(outbox.queued_bytes(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_cut_drops_late_covered_messages_until_one_passes_it() {
+        let (outbox, mut rx) = Outbox::new(16, 1 << 20);
+        outbox.hold();
+        outbox.release([Bytes::from_static(b"w")], Some(Stamp::new(10, "E")));
+        let push = |o: u64, e: &str| {
+            outbox
+                .push_message(Bytes::from(format!("{e}{o}")), Some(Stamp::new(o, e)))
+                .unwrap()
+        };
+        push(9, "E"); // published before the read, late through the subscription
+        push(10, "E");
+        push(11, "E");
+        push(10, "E"); // cannot happen in order; once passed, the cut is gone
+        let (other, mut rx2) = Outbox::new(16, 1 << 20);
+        other.hold();
+        other.release([], Some(Stamp::new(10, "E")));
+        other
+            .push_message(Bytes::from_static(b"F1"), Some(Stamp::new(1, "F")))
+            .unwrap();
+        let mut batch = Vec::new();
+        rx.recv_batch(&outbox, &mut batch, 100).await;
+        let texts: Vec<Vec<u8>> = batch
+            .iter()
+            .map(|i| match i {
+                Outgoing::Text(b) => b.to_vec(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(texts, [&b"w"[..], b"E11", b"E10"]);
+        batch.clear();
+        rx2.recv_batch(&other, &mut batch, 100).await;
+        assert_eq!(batch.len(), 1, "a new epoch is not covered by the old one");
+    }
+
+    #[test]
+    fn overflowing_the_hold_closes_as_slow_consumer() {
+        let (outbox, _rx) = Outbox::new(8, 1 << 20);
+        outbox.hold();
+        for o in 0..8 {
+            outbox
+                .push_message(Bytes::from_static(b"m"), Some(Stamp::new(o, "E")))
+                .unwrap();
+        }
+        assert_eq!(
+            outbox.push_message(Bytes::from_static(b"m"), Some(Stamp::new(9, "E"))),
+            Err(PushError::Full)
+        );
+        assert_eq!(outbox.close_reason(), Some(CloseReason::SlowConsumer));
     }
 
     #[test]

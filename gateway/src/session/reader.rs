@@ -255,8 +255,8 @@ impl Reader {
             return self.outbox.close(CloseReason::InvalidUtf8);
         };
         match protocol::parse_command(text) {
-            Ok(ClientCommand::Publish(data)) => self.publish(data).await,
-            Ok(ClientCommand::Chat(text)) => self.publish(&protocol::chat_data(text)).await,
+            Ok(ClientCommand::Publish(data, key)) => self.publish(data, key.as_deref()).await,
+            Ok(ClientCommand::Chat(text)) => self.publish(&protocol::chat_data(text), None).await,
             Ok(ClientCommand::Ping) => self.send(protocol::pong()),
             Ok(ClientCommand::Refresh(token)) => {
                 // Boxed for the same reason as a publish: verification may wait for a JWKS
@@ -307,7 +307,8 @@ impl Reader {
         let _ = self.outbox.push(protocol::refreshed(identity.exp));
     }
 
-    async fn publish(&mut self, data: &serde_json::value::RawValue) {
+    /// Publishes `data`; with an idempotency `key`, answers `ack` (or an `error` carrying the key).
+    async fn publish(&mut self, data: &serde_json::value::RawValue, key: Option<&str>) {
         if !self.access.publish {
             return self.refuse("forbidden", "you may not publish in this room");
         }
@@ -334,17 +335,37 @@ impl Reader {
         let from = self.name.as_deref();
         // Boxed: the publish future (a Redis round trip) is large and only alive while publishing,
         // so an idle reader task stays small.
-        let publish =
-            Box::pin(
-                self.node
-                    .publish(&self.room, from, self.role, data, Source::Client, true),
-            );
-        if let Err(e) = publish.await {
-            tracing::debug!(room = %self.room, cause = %e, "client publish failed");
-            self.refuse(
-                "unavailable",
-                "the cluster's broker is unavailable: this message reached only the members on this node",
-            );
+        let publish = Box::pin(self.node.publish(
+            &self.room,
+            from,
+            self.role,
+            data,
+            Source::Client,
+            key.is_none(),
+            key,
+        ));
+        match (publish.await, key) {
+            (Ok(p), Some(key)) => {
+                let _ = self.outbox.push(protocol::ack(key, &p.ack));
+            }
+            (Ok(_), None) => {}
+            (Err(e), key) => {
+                tracing::debug!(room = %self.room, cause = %e, "client publish failed");
+                let message = "the cluster's broker is unavailable: this message reached only the members on this node";
+                match key {
+                    // Keyed: the publisher retries with the same key; nothing was delivered locally
+                    // either (see below), so the retry cannot make a duplicate.
+                    Some(key) => {
+                        self.node.metrics.client_error("unavailable");
+                        let _ = self.outbox.push(protocol::error_for_key(
+                            "unavailable",
+                            "the cluster's broker is unavailable: not published; retry with the same key",
+                            key,
+                        ));
+                    }
+                    None => self.refuse("unavailable", message),
+                }
+            }
         }
     }
 

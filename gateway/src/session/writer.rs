@@ -287,6 +287,7 @@ mod tests {
             match outbox.push(Bytes::from(payload(i))).unwrap() {
                 Pushed::Written => written += 1,
                 Pushed::Queued => queued += 1,
+                Pushed::Covered => unreachable!("no history cut here"),
             }
             if i == total / 4 {
                 let _ = start_reading.take().map(|s| s.send(()));
