@@ -9,6 +9,15 @@
 # no connect error, no unexpected close, no publish error, nothing left unsent, and p99 end-to-end
 # latency under LOADTEST_P99 (default 500ms; docs/loadtest.md says why).
 #
+# The nodes run with `--auth jwt` (an HMAC secret made for the run): every WebSocket carries a
+# token the load tester mints per persona (hosts get host rights, chatting viewers the right to
+# publish), so CI exercises the token path at load.
+#
+# Then a second run kills one node (SIGKILL) in the middle of its window: its members reconnect
+# through HAProxy to the other nodes and resume from their last offset (`since=`), publishers
+# re-send what was not acknowledged (idempotency keys), and the rules are: nothing lost,
+# duplicated or reordered per member, nothing left unsent.
+#
 # Works from a fresh clone as root (or with sudo): installs redis-server and haproxy when missing
 # and builds the release binaries. Takes about 2 minutes after the build.
 #
@@ -56,7 +65,12 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-log "starting the local cluster: redis, 3 nodes, HAProxy"
+# A secret for this run only: the nodes verify, the load tester mints.
+secret="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+export GATEWAY_ARGS="${GATEWAY_ARGS:-} --auth jwt --jwt-hmac-secret $secret"
+export LOADTEST_JWT_HMAC_SECRET="$secret"
+
+log "starting the local cluster: redis, 3 nodes (--auth jwt), HAProxy"
 deploy/local/cluster.sh start 3
 eval "$(deploy/local/cluster.sh env)"
 
@@ -75,10 +89,39 @@ timeout 600 target/release/loadtest \
 
 # The summary block (goose's tables are in the log and the reports).
 sed -n '/=== LIVE ROOMS SUMMARY/,$p' "$out/loadtest.log"
-if [ "$status" -eq 0 ]; then
-  log "smoke load test passed (reports in $out)"
-else
+if [ "$status" -ne 0 ]; then
   tail -n 40 "$out/loadtest.log" | grep -v '^ *$' >&2 || true
   log "smoke load test FAILED with status $status (reports and logs in $out)"
+  exit "$status"
+fi
+log "smoke load test passed (reports in $out)"
+
+# The node kill: 1 room of 1 host (5 msg/s) and 300 viewers plus 20 small rooms, a 20 s window;
+# node 2 is killed 8 s after the load started (2 s settle + 6 s into the window).
+kill_out="$out/kill"
+mkdir -p "$kill_out"
+log "node kill with recovery: SIGKILL node 2 in the middle of the window; lost, duplicates, reordered == 0"
+(
+  sleep 8
+  pid="$(cat "$CLUSTER_DIR/node2.pid")"
+  printf '==> SIGKILL node 2 (pid %s)\n' "$pid"
+  kill -KILL "$pid"
+) &
+killer=$!
+status=0
+timeout 600 target/release/loadtest \
+  --target "$CLUSTER_LB" \
+  --rooms "1x1x300@5/0 20x1x5@5/0.2" --room-prefix smoke-kill \
+  --settle 2s --measure 20s --drain 8s \
+  --expect lost==0 --expect duplicates==0 --expect reordered==0 --expect unsent==0 \
+  --summary-file "$kill_out/summary.json" --html-report "$kill_out/loadtest-report.html" \
+  >"$kill_out/loadtest.log" 2>&1 || status=$?
+wait "$killer" || true
+sed -n '/=== LIVE ROOMS SUMMARY/,$p' "$kill_out/loadtest.log"
+if [ "$status" -eq 0 ]; then
+  log "node kill: nothing lost (reports in $kill_out)"
+else
+  tail -n 40 "$kill_out/loadtest.log" | grep -v '^ *$' >&2 || true
+  log "node kill FAILED with status $status (reports and logs in $kill_out)"
 fi
 exit "$status"

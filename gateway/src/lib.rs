@@ -13,10 +13,12 @@
 //!   moderation routes; admission (token, room right, ban).
 //! - [`admin`] — admin port: `/metrics`, `/healthz`, `/readyz`.
 //! - [`assets`] — the live-room page and the JavaScript client (`/`, `/page.js`, `/client.js`).
-//! - [`session`] — one client's life: [`session::reader`] (frames → commands, limits),
-//!   [`session::writer`] (outbox → socket, batching), [`session::outbox`] (the bounded queue
-//!   between the hub and a writer), [`session::codec`] (client frames off the socket).
-//! - [`response`] — the body type and plain JSON/text responses both ports and the assets use.
+//! - [`session`] — one client's life, one task per connection: [`session::reader`] (frames →
+//!   commands, limits), [`session::outbox`] (the way out: a push writes straight to an idle
+//!   socket, else queues, bounded), [`session::writer`] (drains what the socket did not take,
+//!   batching), [`session::codec`] (client frames off the socket).
+//! - [`response`] — the body type, plain JSON/text responses and the refusal every route uses.
+//! - [`request`] — strict query decoding and the API key check, below the routes.
 //! - [`hub`] — local rooms → members' outboxes; fan-out of one encoded message.
 //! - [`history`] — room positions (epoch + offset), resume requests, history reads, publish
 //!   acks: the plain data of continuity; the brokers number and record, sessions catch up.
@@ -27,7 +29,9 @@
 //!   Lua scripts `broker/publish.lua` and `broker/history.lua`), each numbering, recording and
 //!   publishing a room's messages in one atomic step.
 //! - [`auth`] — token verification: keys (HMAC, PEM, [`auth::jwks`]), [`auth::claims`] and grants.
-//! - [`moderation`] — disconnect and ban across the cluster: admin routes, control commands, bans.
+//! - [`control`] — what the brokers carry for moderation: control commands, the bans' storage.
+//! - [`moderation`] — applies the control channel's disconnects on this node; ban checks.
+//! - [`moderation_api`] — the moderation routes (kick a user or a room, bans).
 //! - [`registry`] — sessions by user and room, with their token deadlines.
 //! - [`expiry`] — the token timer: `expiring` events, 4010 closes.
 //! - [`presence`] — the presence timer: local counts to the broker, cluster counts to members.
@@ -43,8 +47,10 @@
 //! reader → [`node::Node::publish`] (stamp id and `ts`, encode once) → broker (number it with the
 //! room's offset and epoch, append it to history, publish — one atomic step) → every subscribed
 //! node's [`inbound::Inbound::receive`] (classify, count) → [`hub::Hub::fanout`] → each member's
-//! outbox (the same `Bytes`) → writer, one write per batch. Layers point one way: the broker
-//! knows only the inbound handler, the hub only local rooms and members.
+//! outbox (the same `Bytes`): written to the socket by the push itself when the member is idle
+//! (one vectored `sendmsg`, no task wake-up), else queued for the writer, which sends whatever
+//! queued in one write. Layers point one way: the broker knows only the inbound handler, the hub
+//! only local rooms and members.
 
 pub mod admin;
 pub mod assets;
