@@ -117,7 +117,6 @@ impl Hub {
             _ => entry.viewers += 1,
         }
         if first {
-            self.metrics.rooms.set(rooms.len() as f64);
             on_first();
         }
     }
@@ -136,7 +135,6 @@ impl Hub {
         }
         if entry.members.is_empty() {
             rooms.remove(room);
-            self.metrics.rooms.set(rooms.len() as f64);
             true
         } else {
             false
@@ -181,6 +179,19 @@ impl Hub {
                 )
             })
             .collect()
+    }
+
+    /// Local members of every room summed by role, and the number of rooms, from one read of the
+    /// rooms (the source of the `gateway_connections` and `gateway_rooms` gauges). O(rooms); called
+    /// once per scrape.
+    pub fn totals(&self) -> (RoomCounts, usize) {
+        let rooms = self.rooms.read().unwrap_or_else(|e| e.into_inner());
+        let mut sum = RoomCounts::default();
+        for r in rooms.values() {
+            sum.hosts += r.hosts;
+            sum.viewers += r.viewers;
+        }
+        (sum, rooms.len())
     }
 
     /// Number of rooms with local members.

@@ -6,7 +6,7 @@
 //! global label of the recorder, so every series carries it. No label here is per room or per user:
 //! label values come from small closed enums.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use metrics::{
@@ -17,7 +17,6 @@ use metrics_exporter_prometheus::{
 };
 
 use crate::disconnect::CloseReason;
-use crate::protocol::Role;
 
 /// Current WebSocket connections on this node, by `role` (`host`, `viewer`).
 pub const CONNECTIONS: &str = "gateway_connections";
@@ -174,15 +173,41 @@ impl RefuseReason {
     }
 }
 
+/// The state gauges' values, read from each state's one owner at scrape time (issue 15).
+///
+/// A gauge that each of several tasks *pushes* after changing its part of the state can end up
+/// showing a stale combination (two tasks compute the value at the same moment and the last
+/// `set` wins with old data), and then disagree with `/readyz` — which reads the state itself.
+/// So no task sets these gauges: [`Metrics::render`] takes the values that the node read from
+/// the owners (broker, hub, config) for this very scrape, the same reads `/readyz` makes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StateGauges {
+    /// See [`REDIS_CONNECTED`]: what `/readyz` reports as `broker_connected`.
+    pub broker_connected: bool,
+    /// See [`BROKER_SUBSCRIPTIONS`].
+    pub broker_subscriptions: usize,
+    /// See [`CONNECTIONS`], `role="host"`.
+    pub hosts: u64,
+    /// See [`CONNECTIONS`], `role="viewer"`.
+    pub viewers: u64,
+    /// See [`ROOMS`].
+    pub rooms: usize,
+    /// See [`MAX_CONNECTIONS`].
+    pub max_connections: usize,
+}
+
 /// Pre-registered handles of every metric of one node. Cheap to clone (handles are `Arc`s).
 #[derive(Clone)]
 pub struct Metrics {
     /// Renders the registry for `GET /metrics`.
     handle: PrometheusHandle,
+    /// Serializes renders, so that two concurrent scrapes never interleave setting the state
+    /// gauges and rendering them (each scrape shows one consistent set of reads). A std lock:
+    /// held only while setting a few gauges and formatting text, never across an `.await`.
+    render_lock: Arc<Mutex<()>>,
     connections_host: Gauge,
     connections_viewer: Gauge,
-    /// See [`ROOMS`].
-    pub rooms: Gauge,
+    rooms: Gauge,
     /// See [`CONNECTIONS_OPENED`].
     pub connections_opened: Counter,
     closed: Arc<[Counter]>,
@@ -199,10 +224,8 @@ pub struct Metrics {
     pub broker_received: Counter,
     /// See [`BROKER_PUBLISH_ERRORS`].
     pub broker_publish_errors: Counter,
-    /// See [`BROKER_SUBSCRIPTIONS`].
-    pub broker_subscriptions: Gauge,
-    /// See [`REDIS_CONNECTED`].
-    pub redis_connected: Gauge,
+    broker_subscriptions: Gauge,
+    redis_connected: Gauge,
     /// See [`REDIS_RECONNECTS`], `connection="subscriber"`.
     pub redis_reconnects_subscriber: Counter,
     /// See [`REDIS_RECONNECTS`], `connection="publisher"`.
@@ -214,8 +237,7 @@ pub struct Metrics {
     process_rss: Gauge,
     process_open_fds: Gauge,
     process_max_fds: Gauge,
-    /// See [`MAX_CONNECTIONS`].
-    pub max_connections: Gauge,
+    max_connections: Gauge,
 }
 
 /// `error` event codes that get their own [`CLIENT_ERRORS`] series (see `docs/protocol.md`).
@@ -264,6 +286,7 @@ impl Metrics {
         redis_connected.set(0.0);
 
         Self {
+            render_lock: Arc::new(Mutex::new(())),
             connections_host: gauge(CONNECTIONS, &[("role", "host")]),
             connections_viewer: gauge(CONNECTIONS, &[("role", "viewer")]),
             rooms: gauge(ROOMS, &[]),
@@ -302,15 +325,6 @@ impl Metrics {
             process_max_fds: gauge(PROCESS_MAX_FDS, &[]),
             max_connections: gauge(MAX_CONNECTIONS, &[]),
             handle: recorder.handle(),
-        }
-    }
-
-    /// The gauge of current connections for `role` (`server` has none and maps to viewers' gauge,
-    /// which never happens: sessions are hosts or viewers).
-    pub fn connections(&self, role: Role) -> &Gauge {
-        match role {
-            Role::Host => &self.connections_host,
-            _ => &self.connections_viewer,
         }
     }
 
@@ -360,8 +374,18 @@ impl Metrics {
         self.http_requests[i].increment(1);
     }
 
-    /// Prometheus text exposition of this node's registry.
-    pub fn render(&self) -> String {
+    /// Prometheus text exposition of this node's registry, with the state gauges set to `state`
+    /// (read by the caller from the owners of that state for this scrape).
+    pub fn render(&self, state: &StateGauges) -> String {
+        let _one_at_a_time = self.render_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.redis_connected
+            .set(if state.broker_connected { 1.0 } else { 0.0 });
+        self.broker_subscriptions
+            .set(state.broker_subscriptions as f64);
+        self.connections_host.set(state.hosts as f64);
+        self.connections_viewer.set(state.viewers as f64);
+        self.rooms.set(state.rooms as f64);
+        self.max_connections.set(state.max_connections as f64);
         self.sample_process();
         self.handle.render()
     }

@@ -18,7 +18,7 @@ use crate::broker::redis::{RedisBroker, RedisTimeouts};
 use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
 use crate::hub::Hub;
-use crate::metrics::{DropReason, Metrics, Source};
+use crate::metrics::{DropReason, Metrics, Source, StateGauges};
 use crate::protocol::{self, Message, Role, RoomName};
 use crate::session::outbox::Outbox;
 
@@ -101,14 +101,13 @@ impl Node {
         tracker: TaskTracker,
         stop: CancellationToken,
     ) -> Result<Arc<Node>, BrokerError> {
-        metrics.max_connections.set(config.max_connections as f64);
         let hub = Arc::new(Hub::new(
             &config.node_id,
             metrics.clone(),
             config.max_message_size,
         ));
         let broker = match &config.redis_url {
-            None => Broker::Memory(MemoryBroker::new(hub.clone(), metrics.clone())),
+            None => Broker::Memory(MemoryBroker::new(hub.clone())),
             Some(url) => Broker::Redis(RedisBroker::start(
                 url,
                 &config.channel_prefix,
@@ -162,7 +161,6 @@ impl Node {
 
     /// Adds a member to `room`; subscribes the broker when it is the room's first local member.
     pub fn join(&self, room: &RoomName, session: u64, role: Role, outbox: Arc<Outbox>) {
-        self.metrics.connections(role).increment(1.0);
         self.metrics.connections_opened.increment(1);
         self.hub
             .join(room, session, role, outbox, || self.broker.subscribe(room));
@@ -170,8 +168,7 @@ impl Node {
 
     /// Removes a member; when the room has no local member left, unsubscribes after
     /// `--unsubscribe-delay` unless someone joined again meanwhile.
-    pub fn leave(self: &Arc<Self>, room: &RoomName, session: u64, role: Role) {
-        self.metrics.connections(role).decrement(1.0);
+    pub fn leave(self: &Arc<Self>, room: &RoomName, session: u64, _role: Role) {
         if !self.hub.leave(room, session) {
             return;
         }
@@ -222,6 +219,26 @@ impl Node {
                     delivered_locally: local_fallback,
                 })
             }
+        }
+    }
+
+    /// The Prometheus text of `GET /metrics`. The state gauges are read here, from the state's
+    /// owners, at the moment of the scrape — the same reads `/readyz` makes — never pushed by the
+    /// tasks that change the state (issue 15).
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render(&self.state_gauges())
+    }
+
+    /// The current values of the state gauges.
+    pub fn state_gauges(&self) -> StateGauges {
+        let (members, rooms) = self.hub.totals();
+        StateGauges {
+            broker_connected: self.broker.is_connected(),
+            broker_subscriptions: self.broker.subscription_count(),
+            hosts: members.hosts,
+            viewers: members.viewers,
+            rooms,
+            max_connections: self.config.max_connections,
         }
     }
 

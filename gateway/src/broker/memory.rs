@@ -8,25 +8,21 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 
 use crate::hub::Hub;
-use crate::metrics::Metrics;
 use crate::protocol::RoomName;
 
 /// In-process pub/sub for one node.
 #[derive(Debug)]
 pub struct MemoryBroker {
     hub: Arc<Hub>,
-    metrics: Metrics,
     /// Rooms subscribed; a std lock, held only for a set operation.
     subscribed: Mutex<HashSet<RoomName>>,
 }
 
 impl MemoryBroker {
     /// A broker delivering into `hub`.
-    pub fn new(hub: Arc<Hub>, metrics: Metrics) -> Self {
-        metrics.redis_connected.set(1.0);
+    pub fn new(hub: Arc<Hub>) -> Self {
         Self {
             hub,
-            metrics,
             subscribed: Mutex::new(HashSet::new()),
         }
     }
@@ -34,13 +30,18 @@ impl MemoryBroker {
     pub(super) fn subscribe(&self, room: &RoomName) {
         let mut s = self.subscribed.lock().unwrap_or_else(|e| e.into_inner());
         s.insert(room.clone());
-        self.metrics.broker_subscriptions.set(s.len() as f64);
     }
 
     pub(super) fn unsubscribe(&self, room: &RoomName) {
         let mut s = self.subscribed.lock().unwrap_or_else(|e| e.into_inner());
         s.remove(room);
-        self.metrics.broker_subscriptions.set(s.len() as f64);
+    }
+
+    pub(super) fn subscription_count(&self) -> usize {
+        self.subscribed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     pub(super) fn publish(&self, room: &RoomName, payload: Bytes) {

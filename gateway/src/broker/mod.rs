@@ -111,6 +111,15 @@ impl Broker {
         }
     }
 
+    /// Rooms subscribed and confirmed by the broker right now (the source of
+    /// `gateway_broker_subscriptions`).
+    pub fn subscription_count(&self) -> usize {
+        match self {
+            Self::Memory(b) => b.subscription_count(),
+            Self::Redis(b) => b.subscription_count(),
+        }
+    }
+
     /// A short name for logs and `/readyz`.
     pub fn kind(&self) -> &'static str {
         match self {

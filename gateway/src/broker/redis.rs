@@ -133,7 +133,6 @@ impl RedisBroker {
         cancel: CancellationToken,
     ) -> Result<Self, BrokerError> {
         let client = redis::Client::open(url).map_err(|e| BrokerError::Config(e.to_string()))?;
-        metrics.redis_connected.set(0.0);
         let shared = Arc::new(Shared {
             client,
             prefix: prefix.to_string(),
@@ -243,6 +242,10 @@ impl RedisBroker {
         Ok(out)
     }
 
+    pub(super) fn subscription_count(&self) -> usize {
+        self.shared.lock_subs().confirmed.len()
+    }
+
     pub(super) fn is_connected(&self) -> bool {
         self.shared.subscriber_up.load(Ordering::Relaxed)
             && self.shared.publisher_up.load(Ordering::Relaxed)
@@ -264,10 +267,15 @@ impl Shared {
         format!("{}presence:{}", self.prefix, room)
     }
 
-    fn update_connected(&self) {
-        let up =
-            self.subscriber_up.load(Ordering::Relaxed) && self.publisher_up.load(Ordering::Relaxed);
-        self.metrics.redis_connected.set(if up { 1.0 } else { 0.0 });
+    /// The subscriber task's transition. Only the flag changes: `gateway_redis_connected` is
+    /// read from the flags at scrape time (issue 15), like `/readyz`.
+    fn set_subscriber_up(&self, up: bool) {
+        self.subscriber_up.store(up, Ordering::Relaxed);
+    }
+
+    /// The publisher task's transition (see [`Shared::set_subscriber_up`]).
+    fn set_publisher_up(&self, up: bool) {
+        self.publisher_up.store(up, Ordering::Relaxed);
     }
 
     /// Runs a pipeline on the publisher connection within the command deadline. A missing
@@ -310,8 +318,7 @@ impl Shared {
         if matches!(&*p, Some((g, _)) if *g == generation) {
             *p = None;
             drop(p);
-            self.publisher_up.store(false, Ordering::Relaxed);
-            self.update_connected();
+            self.set_publisher_up(false);
             true
         } else {
             false
@@ -371,10 +378,8 @@ impl Subscriber {
                         .await;
                     ever_up = true;
                     failures = 0;
-                    s.subscriber_up.store(false, Ordering::Relaxed);
-                    s.update_connected();
+                    s.set_subscriber_up(false);
                     s.lock_subs().confirmed.clear();
-                    s.metrics.broker_subscriptions.set(0.0);
                     match result {
                         Ok(()) => return,
                         Err(e) => {
@@ -414,8 +419,7 @@ impl Subscriber {
         let s = &self.shared;
         let mut current: HashSet<RoomName> = HashSet::new();
         self.converge(sink, &mut current).await?;
-        s.subscriber_up.store(true, Ordering::Relaxed);
-        s.update_connected();
+        s.set_subscriber_up(true);
         backoff.reset();
         if reconnect {
             s.metrics.redis_reconnects_subscriber.increment(1);
@@ -497,7 +501,6 @@ impl Subscriber {
                     subs.confirmed.remove(r);
                 }
             }
-            s.metrics.broker_subscriptions.set(current.len() as f64);
         }
     }
 }
@@ -537,8 +540,7 @@ impl Publisher {
                     backoff.reset();
                     *s.publisher.lock().unwrap_or_else(|e| e.into_inner()) =
                         Some((generation, conn));
-                    s.publisher_up.store(true, Ordering::Relaxed);
-                    s.update_connected();
+                    s.set_publisher_up(true);
                     info!("redis publisher connected");
                     if !self.watch(generation).await {
                         return;
@@ -598,5 +600,113 @@ impl Publisher {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::Broker;
+    use crate::config::Config;
+    use crate::node::Node;
+
+    /// Issue 15: the subscriber and publisher tasks change their state on two worker threads at
+    /// the same moment, many times over; after every round, what `/metrics` shows and what
+    /// `/readyz` reports must agree.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connected_gauge_agrees_with_readiness_under_concurrent_flips() {
+        let mut config = Config::defaults();
+        config.redis_url = Some("redis://127.0.0.1:1/".into());
+        let stop = CancellationToken::new();
+        stop.cancel(); // the connection tasks exit at once: only this test changes the state
+        let node =
+            Node::start(config.clone(), Metrics::new("t"), TaskTracker::new(), stop).unwrap();
+        let Broker::Redis(broker) = &node.broker else {
+            unreachable!()
+        };
+        let shared = broker.shared.clone();
+        let rounds = 5_000;
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let plan: Arc<Vec<(bool, bool)>> = Arc::new(
+            (0..rounds)
+                .map(|_| (fastrand::bool(), fastrand::bool()))
+                .collect(),
+        );
+        let (tx, rx) = std::sync::mpsc::sync_channel::<()>(0);
+        let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<()>(0);
+        let flipper = {
+            let (shared, barrier, plan) = (shared.clone(), barrier.clone(), plan.clone());
+            std::thread::spawn(move || {
+                for &(_, publisher) in plan.iter() {
+                    rx.recv().unwrap();
+                    barrier.wait();
+                    shared.set_publisher_up(publisher);
+                    done_tx.send(()).unwrap();
+                }
+            })
+        };
+        let mut disagreements = 0;
+        for &(subscriber, _) in plan.iter() {
+            tx.send(()).unwrap();
+            barrier.wait();
+            shared.set_subscriber_up(subscriber);
+            done_rx.recv().unwrap();
+            // The observation point: both transitions are done.
+            let ready = node.broker.is_connected();
+            let gauge = metric(&node.render_metrics(), "gateway_redis_connected");
+            if (gauge == 1.0) != ready {
+                disagreements += 1;
+            }
+        }
+        flipper.join().unwrap();
+        assert_eq!(
+            disagreements, 0,
+            "gauge disagreed with /readyz in {disagreements} of {rounds} rounds"
+        );
+    }
+
+    /// The race's outcome made deterministic: a connection's state changes and no gauge update
+    /// follows it (in the race, the update that would have reflected it was overwritten by a
+    /// concurrent one computed from a stale flag). A pushed gauge stays wrong; a derived one
+    /// cannot.
+    #[tokio::test]
+    async fn connected_gauge_is_read_from_the_state_at_scrape_time() {
+        let mut config = Config::defaults();
+        config.redis_url = Some("redis://127.0.0.1:1/".into());
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let node = Node::start(config, Metrics::new("t"), TaskTracker::new(), stop).unwrap();
+        let Broker::Redis(broker) = &node.broker else {
+            unreachable!()
+        };
+        let s = &broker.shared;
+        let gauge = || metric(&node.render_metrics(), "gateway_redis_connected");
+        assert_eq!(gauge(), 0.0);
+        s.set_subscriber_up(true);
+        s.set_publisher_up(true);
+        assert!(node.broker.is_connected());
+        assert_eq!(gauge(), 1.0);
+        s.subscriber_up.store(false, Ordering::Relaxed); // the lost update
+        assert!(!node.broker.is_connected());
+        assert_eq!(
+            gauge(),
+            0.0,
+            "the gauge must follow the state, as /readyz does"
+        );
+        s.lock_subs()
+            .confirmed
+            .insert(RoomName::parse("a").unwrap());
+        assert_eq!(
+            metric(&node.render_metrics(), "gateway_broker_subscriptions"),
+            1.0
+        );
+    }
+
+    fn metric(text: &str, name: &str) -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN)
     }
 }
