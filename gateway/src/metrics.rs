@@ -49,6 +49,14 @@ pub const BROKER_PUBLISH_ERRORS: &str = "gateway_broker_publish_errors_total";
 pub const BROKER_SUBSCRIPTIONS: &str = "gateway_broker_subscriptions";
 /// 1 while both Redis connections (subscriber and publisher) are up; 1 for the in-process broker.
 pub const REDIS_CONNECTED: &str = "gateway_redis_connected";
+/// Redis Cluster only: 1 while the master of shard `shard` answers the broker's probe, 0 while it
+/// does not. `shard` is the shard's index (shards numbered by the first slot they own; stable
+/// across failovers), never an address; at most [`MAX_SHARD_LABELS`] series.
+pub const REDIS_SHARD_UP: &str = "gateway_redis_shard_up";
+/// Redis Cluster only: shards (masters owning slots) in the broker's last view of the cluster.
+pub const REDIS_SHARDS: &str = "gateway_redis_shards";
+/// Most shard indices exported as [`REDIS_SHARD_UP`] series (bounds the label's values).
+pub const MAX_SHARD_LABELS: usize = 64;
 /// Successful reconnections to Redis after a loss, by `connection` (`subscriber`, `publisher`).
 pub const REDIS_RECONNECTS: &str = "gateway_redis_reconnects_total";
 /// Client commands refused with an `error` event, by `code`.
@@ -194,6 +202,8 @@ pub struct StateGauges {
     pub rooms: usize,
     /// See [`MAX_CONNECTIONS`].
     pub max_connections: usize,
+    /// See [`REDIS_SHARD_UP`], by shard index (empty unless the broker is a Redis Cluster).
+    pub redis_shards: Vec<bool>,
 }
 
 /// Pre-registered handles of every metric of one node. Cheap to clone (handles are `Arc`s).
@@ -205,6 +215,12 @@ pub struct Metrics {
     /// gauges and rendering them (each scrape shows one consistent set of reads). A std lock:
     /// held only while setting a few gauges and formatting text, never across an `.await`.
     render_lock: Arc<Mutex<()>>,
+    /// The recorder, for the per-shard series registered when a shard first appears.
+    recorder: Arc<PrometheusRecorder>,
+    /// [`REDIS_SHARD_UP`] handles by shard index, registered on first sight (under
+    /// `render_lock`), at most [`MAX_SHARD_LABELS`].
+    shard_up: Arc<Mutex<Vec<Gauge>>>,
+    redis_shards: Gauge,
     connections_host: Gauge,
     connections_viewer: Gauge,
     rooms: Gauge,
@@ -285,8 +301,11 @@ impl Metrics {
         let redis_connected = gauge(REDIS_CONNECTED, &[]);
         redis_connected.set(0.0);
 
+        let redis_shards = gauge(REDIS_SHARDS, &[]);
         Self {
             render_lock: Arc::new(Mutex::new(())),
+            shard_up: Arc::new(Mutex::new(Vec::new())),
+            redis_shards,
             connections_host: gauge(CONNECTIONS, &[("role", "host")]),
             connections_viewer: gauge(CONNECTIONS, &[("role", "viewer")]),
             rooms: gauge(ROOMS, &[]),
@@ -325,6 +344,7 @@ impl Metrics {
             process_max_fds: gauge(PROCESS_MAX_FDS, &[]),
             max_connections: gauge(MAX_CONNECTIONS, &[]),
             handle: recorder.handle(),
+            recorder: Arc::new(recorder),
         }
     }
 
@@ -386,8 +406,32 @@ impl Metrics {
         self.connections_viewer.set(state.viewers as f64);
         self.rooms.set(state.rooms as f64);
         self.max_connections.set(state.max_connections as f64);
+        self.set_shards(&state.redis_shards);
         self.sample_process();
         self.handle.render()
+    }
+
+    /// Sets the per-shard gauges; a shard index no longer in the view (the cluster shrank) is set
+    /// to NaN so that neither `== 0` nor `== 1` matches it.
+    fn set_shards(&self, shards: &[bool]) {
+        self.redis_shards.set(shards.len() as f64);
+        let mut gauges = self.shard_up.lock().unwrap_or_else(|e| e.into_inner());
+        let meta = Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+        while gauges.len() < shards.len().min(MAX_SHARD_LABELS) {
+            let index = gauges.len().to_string();
+            let key = Key::from_parts(
+                KeyName::from_const_str(REDIS_SHARD_UP),
+                vec![Label::new("shard", index)],
+            );
+            gauges.push(self.recorder.register_gauge(&key, &meta));
+        }
+        for (i, g) in gauges.iter().enumerate() {
+            g.set(match shards.get(i) {
+                Some(true) => 1.0,
+                Some(false) => 0.0,
+                None => f64::NAN,
+            });
+        }
     }
 
     /// Drains histogram buffers; the exporter needs this called periodically when it does not run
@@ -446,8 +490,9 @@ fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
 
 fn describe(r: &PrometheusRecorder) {
     let d = |name: &'static str, unit: Option<Unit>, help: &'static str| match name {
-        CONNECTIONS | ROOMS | BROKER_SUBSCRIPTIONS | REDIS_CONNECTED | BUILD_INFO | PROCESS_CPU
-        | PROCESS_RSS | PROCESS_OPEN_FDS | PROCESS_MAX_FDS | MAX_CONNECTIONS => r.describe_gauge(
+        CONNECTIONS | ROOMS | BROKER_SUBSCRIPTIONS | REDIS_CONNECTED | REDIS_SHARD_UP
+        | REDIS_SHARDS | BUILD_INFO | PROCESS_CPU | PROCESS_RSS | PROCESS_OPEN_FDS
+        | PROCESS_MAX_FDS | MAX_CONNECTIONS => r.describe_gauge(
             KeyName::from_const_str(name),
             unit,
             SharedString::const_str(help),
@@ -520,6 +565,16 @@ fn describe(r: &PrometheusRecorder) {
         REDIS_CONNECTED,
         None,
         "1 while the broker's connections are up.",
+    );
+    d(
+        REDIS_SHARD_UP,
+        None,
+        "Redis Cluster: 1 while the shard's master answers, by shard index.",
+    );
+    d(
+        REDIS_SHARDS,
+        None,
+        "Redis Cluster: shards in the broker's view of the cluster.",
     );
     d(
         REDIS_RECONNECTS,

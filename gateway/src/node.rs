@@ -15,6 +15,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::{RedisBroker, RedisTimeouts};
+use crate::broker::redis_cluster::RedisClusterBroker;
+use crate::broker::redis_endpoint::Endpoint;
 use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
 use crate::hub::Hub;
@@ -106,20 +108,32 @@ impl Node {
             metrics.clone(),
             config.max_message_size,
         ));
+        let timeouts = RedisTimeouts {
+            command: config.redis_timeout,
+            probe_interval: config.redis_probe_interval,
+        };
         let broker = match &config.redis_url {
             None => Broker::Memory(MemoryBroker::new(hub.clone())),
-            Some(url) => Broker::Redis(RedisBroker::start(
-                url,
-                &config.channel_prefix,
-                hub.clone(),
-                metrics.clone(),
-                RedisTimeouts {
-                    command: config.redis_timeout,
-                    probe_interval: config.redis_probe_interval,
-                },
-                &tracker,
-                stop.clone(),
-            )?),
+            Some(url) => match Endpoint::parse(url, &config.redis_tls())? {
+                Endpoint::Cluster(seeds) => Broker::RedisCluster(RedisClusterBroker::start(
+                    seeds,
+                    &config.channel_prefix,
+                    hub.clone(),
+                    metrics.clone(),
+                    timeouts,
+                    &tracker,
+                    stop.clone(),
+                )?),
+                endpoint => Broker::Redis(RedisBroker::start(
+                    endpoint,
+                    &config.channel_prefix,
+                    hub.clone(),
+                    metrics.clone(),
+                    timeouts,
+                    &tracker,
+                    stop.clone(),
+                )?),
+            },
         };
         Ok(Arc::new(Node {
             config,
@@ -239,6 +253,7 @@ impl Node {
             viewers: members.viewers,
             rooms,
             max_connections: self.config.max_connections,
+            redis_shards: self.broker.shard_states(),
         }
     }
 

@@ -14,6 +14,8 @@
 
 pub mod memory;
 pub mod redis;
+pub mod redis_cluster;
+pub mod redis_endpoint;
 
 use std::time::Duration;
 
@@ -45,8 +47,10 @@ pub enum BrokerError {
 pub enum Broker {
     /// In-process: one node alone.
     Memory(memory::MemoryBroker),
-    /// Redis pub/sub: a cluster.
+    /// Redis pub/sub: a cluster of nodes sharing one Redis (or a Sentinel-managed master).
     Redis(redis::RedisBroker),
+    /// Redis Cluster sharded pub/sub.
+    RedisCluster(redis_cluster::RedisClusterBroker),
 }
 
 impl Broker {
@@ -55,6 +59,7 @@ impl Broker {
         match self {
             Self::Memory(b) => b.subscribe(room),
             Self::Redis(b) => b.subscribe(room),
+            Self::RedisCluster(b) => b.subscribe(room),
         }
     }
 
@@ -63,6 +68,7 @@ impl Broker {
         match self {
             Self::Memory(b) => b.unsubscribe(room),
             Self::Redis(b) => b.unsubscribe(room),
+            Self::RedisCluster(b) => b.unsubscribe(room),
         }
     }
 
@@ -72,6 +78,9 @@ impl Broker {
         match self {
             Self::Memory(_) => true,
             Self::Redis(b) => tokio::time::timeout(limit, b.wait_subscribed(room))
+                .await
+                .unwrap_or(false),
+            Self::RedisCluster(b) => tokio::time::timeout(limit, b.wait_subscribed(room))
                 .await
                 .unwrap_or(false),
         }
@@ -85,6 +94,7 @@ impl Broker {
                 Ok(())
             }
             Self::Redis(b) => b.publish(room, payload).await,
+            Self::RedisCluster(b) => b.publish(room, payload).await,
         }
     }
 
@@ -100,6 +110,7 @@ impl Broker {
         match self {
             Self::Memory(_) => Ok(rooms.iter().map(|(_, c)| *c).collect()),
             Self::Redis(b) => b.presence(node_id, rooms, gone, ttl).await,
+            Self::RedisCluster(b) => b.presence(node_id, rooms, gone, ttl).await,
         }
     }
 
@@ -108,6 +119,7 @@ impl Broker {
         match self {
             Self::Memory(_) => true,
             Self::Redis(b) => b.is_connected(),
+            Self::RedisCluster(b) => b.is_connected(),
         }
     }
 
@@ -117,6 +129,16 @@ impl Broker {
         match self {
             Self::Memory(b) => b.subscription_count(),
             Self::Redis(b) => b.subscription_count(),
+            Self::RedisCluster(b) => b.subscription_count(),
+        }
+    }
+
+    /// Per-shard connection state by shard index (Redis Cluster only; empty otherwise): the
+    /// source of `gateway_redis_shard_up`.
+    pub fn shard_states(&self) -> Vec<bool> {
+        match self {
+            Self::RedisCluster(b) => b.shard_states(),
+            _ => Vec::new(),
         }
     }
 
@@ -125,6 +147,7 @@ impl Broker {
         match self {
             Self::Memory(_) => "memory",
             Self::Redis(_) => "redis",
+            Self::RedisCluster(_) => "redis-cluster",
         }
     }
 }

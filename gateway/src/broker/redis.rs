@@ -1,4 +1,6 @@
-//! The Redis broker: one dedicated subscriber connection and one publisher connection per node.
+//! The Redis broker for one Redis server or a Sentinel-managed master: one dedicated subscriber
+//! connection and one publisher connection per node ([`super::redis_cluster`] is the Redis
+//! Cluster counterpart).
 //!
 //! The *subscriber task* owns the subscriber connection and the set of channels actually
 //! subscribed on it. It converges that set to the desired set (changed by
@@ -11,6 +13,11 @@
 //! The *publisher task* keeps one multiplexed connection for `PUBLISH`. A publish on a missing
 //! or failed connection fails at once with [`BrokerError`] (the caller tells the client), and a
 //! failure hands the connection back to the task to replace it.
+//!
+//! Under Sentinel, every (re)connect asks the sentinels for the current master
+//! ([`Endpoint::client`]), so a node follows a failover by itself: the demoted master's clients
+//! are killed by Sentinel (or the master is gone), both tasks reconnect to the new master, and
+//! the subscriber subscribes the whole desired set again.
 //!
 //! Messages published while a node is disconnected are lost for that node (Redis pub/sub keeps
 //! no history); clients learn of the outage through `/readyz`, the `gateway_redis_connected`
@@ -30,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use super::redis_endpoint::Endpoint;
 use super::{Backoff, BrokerError};
 use crate::hub::{Hub, RoomCounts};
 use crate::metrics::Metrics;
@@ -52,7 +60,7 @@ const PRESENCE_BATCH: usize = 256;
 /// (`TIME`), so nodes' clocks do not matter; fields of nodes that stopped reporting are ignored
 /// and deleted once expired, and the whole key expires when no node reports any more. Negative
 /// counts withdraw the node's field (its last member left).
-const PRESENCE_SCRIPT: &str = r#"
+pub(super) const PRESENCE_SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[4])
@@ -93,7 +101,8 @@ pub struct RedisBroker {
 
 #[derive(Debug)]
 struct Shared {
-    client: redis::Client,
+    /// Where to connect; asked for a client at every (re)connect (Sentinel: the current master).
+    endpoint: Endpoint,
     prefix: String,
     hub: Arc<Hub>,
     metrics: Metrics,
@@ -124,7 +133,7 @@ impl RedisBroker {
     /// Checks the URL and starts the subscriber and publisher tasks on `tracker`; they connect in
     /// the background and retry until `cancel`.
     pub fn start(
-        url: &str,
+        endpoint: Endpoint,
         prefix: &str,
         hub: Arc<Hub>,
         metrics: Metrics,
@@ -132,9 +141,13 @@ impl RedisBroker {
         tracker: &TaskTracker,
         cancel: CancellationToken,
     ) -> Result<Self, BrokerError> {
-        let client = redis::Client::open(url).map_err(|e| BrokerError::Config(e.to_string()))?;
+        if matches!(endpoint, Endpoint::Cluster(_)) {
+            return Err(BrokerError::Config(
+                "a cluster endpoint needs the cluster broker".into(),
+            ));
+        }
         let shared = Arc::new(Shared {
-            client,
+            endpoint,
             prefix: prefix.to_string(),
             hub,
             metrics,
@@ -341,6 +354,13 @@ impl Shared {
     }
 }
 
+/// THE place where a payload received from Redis (either broker: one server, Sentinel or
+/// Cluster) is handed to this node's hub. Never blocks. `room` is the room name as it appeared
+/// in the channel (validated by the hub).
+pub(super) fn hand_to_hub(hub: &Hub, room: &str, payload: Bytes) {
+    hub.deliver(room, payload);
+}
+
 /// Why a subscriber connection ended.
 #[derive(Debug, thiserror::Error)]
 enum SubscriberLost {
@@ -365,7 +385,9 @@ impl Subscriber {
         let mut ever_up = false;
         let mut failures = 0u64;
         loop {
-            let connect = tokio::time::timeout(s.timeouts.command, s.client.get_async_pubsub());
+            let connect = tokio::time::timeout(s.timeouts.command, async {
+                s.endpoint.client().await?.get_async_pubsub().await
+            });
             let conn = tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 r = connect => r,
@@ -435,7 +457,7 @@ impl Subscriber {
                 msg = stream.next() => {
                     let Some(msg) = msg else { return Err(SubscriberLost::Closed) };
                     match msg.get_channel_name().strip_prefix(s.prefix.as_str()) {
-                        Some(room) => s.hub.deliver(room, Bytes::copy_from_slice(msg.get_payload_bytes())),
+                        Some(room) => hand_to_hub(&s.hub, room, Bytes::copy_from_slice(msg.get_payload_bytes())),
                         None => debug!(channel = msg.get_channel_name(), "message on a foreign channel"),
                     }
                 }
@@ -521,11 +543,13 @@ impl Publisher {
         let mut generation = 0u64;
         let mut failures = 0u64;
         loop {
-            let connect = tokio::time::timeout(
-                s.timeouts.command,
-                s.client
-                    .get_multiplexed_async_connection_with_config(&config),
-            );
+            let connect = tokio::time::timeout(s.timeouts.command, async {
+                s.endpoint
+                    .client()
+                    .await?
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+            });
             let conn = tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 r = connect => r,
@@ -617,6 +641,7 @@ mod tests {
     async fn connected_gauge_agrees_with_readiness_under_concurrent_flips() {
         let mut config = Config::defaults();
         config.redis_url = Some("redis://127.0.0.1:1/".into());
+        config.redis_timeout = Duration::from_millis(100);
         let stop = CancellationToken::new();
         stop.cancel(); // the connection tasks exit at once: only this test changes the state
         let node =
@@ -673,6 +698,7 @@ mod tests {
     async fn connected_gauge_is_read_from_the_state_at_scrape_time() {
         let mut config = Config::defaults();
         config.redis_url = Some("redis://127.0.0.1:1/".into());
+        config.redis_timeout = Duration::from_millis(100);
         let stop = CancellationToken::new();
         stop.cancel();
         let node = Node::start(config, Metrics::new("t"), TaskTracker::new(), stop).unwrap();
