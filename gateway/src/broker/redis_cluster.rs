@@ -367,8 +367,8 @@ impl Shared {
 /// Why a subscriber connection ended.
 #[derive(Debug, thiserror::Error)]
 enum SubscriberLost {
-    #[error("{0}")]
-    Redis(#[from] redis::RedisError),
+    #[error("a shard has a new master")]
+    NewMaster,
 }
 
 struct Subscriber {
@@ -381,6 +381,7 @@ impl Subscriber {
         let s = &self.shared;
         let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
         let mut failures = 0u64;
+        let mut ever_up = false;
         loop {
             let client = s
                 .seeds
@@ -402,6 +403,10 @@ impl Subscriber {
                 Ok(Ok(conn)) => {
                     failures = 0;
                     backoff.reset();
+                    if ever_up {
+                        s.metrics.redis_reconnects_subscriber.increment(1);
+                    }
+                    ever_up = true;
                     let result = self.serve(conn).await;
                     s.subscriber_up.store(false, Ordering::Relaxed);
                     s.lock_subs().confirmed.clear();
@@ -434,10 +439,12 @@ impl Subscriber {
         }
     }
 
-    async fn serve(&self, mut conn: ClusterConnection) -> Result<(), SubscriberLost> {
+    async fn serve(&self, conn: ClusterConnection) -> Result<(), SubscriberLost> {
         let s = &self.shared;
         let mut current: HashSet<RoomName> = HashSet::new();
-        self.probe(&mut conn, &mut current).await;
+        let mut probes = Probes::default();
+        s.shards.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.probe(&mut probes, &mut current).await;
         s.subscriber_up.store(true, Ordering::Relaxed);
         self.converge(&conn, &mut current).await;
         info!(
@@ -457,7 +464,12 @@ impl Subscriber {
                     self.converge(&conn, &mut current).await;
                 }
                 _ = probe.tick() => {
-                    self.probe(&mut conn, &mut current).await;
+                    if self.probe(&mut probes, &mut current).await {
+                        // A failover: fresh connections read the new slot map at once, rather
+                        // than waiting for the old ones to notice the dead master.
+                        s.publisher_lost.notify_one();
+                        return Err(SubscriberLost::NewMaster);
+                    }
                     self.take_lost(&mut current);
                     self.converge(&conn, &mut current).await;
                 }
@@ -495,54 +507,50 @@ impl Subscriber {
         }
     }
 
-    /// Reads the slot map and PINGs each shard's master. Rooms of a shard whose master changed,
-    /// or which was down and answers again, are forgotten so that converging subscribes them on
-    /// the current master.
-    async fn probe(&self, conn: &mut ClusterConnection, current: &mut HashSet<RoomName>) {
+    /// Reads the slot map and PINGs each shard's master, on plain connections of its own (kept
+    /// in `probes`, one per node address) so that the probe does not depend on the cluster
+    /// connection's own recovery. Rooms of a shard whose slots changed, or which was down and
+    /// answers again, are forgotten so that converging subscribes them on the current master.
+    /// Returns true when a master appeared that the last view did not have (a failover): then
+    /// the caller rebuilds its connections, which read the new slot map at once.
+    async fn probe(&self, probes: &mut Probes, current: &mut HashSet<RoomName>) -> bool {
         let s = &self.shared;
         let t = s.timeouts.command;
-        let slots = tokio::time::timeout(
-            t,
-            conn.route_command(
-                redis::cmd("CLUSTER").arg("SLOTS").to_owned(),
-                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
-            ),
-        )
-        .await;
+        let mut ask: Vec<(String, u16)> = s
+            .shards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|sh| sh.up)
+            .map(|sh| sh.master.clone())
+            .collect();
+        ask.extend(s.seeds.addrs.iter().cloned());
+        let mut slots = None;
+        for addr in ask {
+            if let Some(v) = probes
+                .query(&s.seeds, &addr, redis::cmd("CLUSTER").arg("SLOTS"), t)
+                .await
+            {
+                slots = Some(v);
+                break;
+            }
+        }
         let mut fresh = match slots {
-            Ok(Ok(v)) => parse_slots(&v),
-            _ => {
-                // No node answered: keep the last map, every shard unknown → down.
+            Some(v) => parse_slots(&v),
+            None => {
+                // No node answered: keep the last map, every shard down.
                 let mut shards = s.shards.lock().unwrap_or_else(|e| e.into_inner());
                 for sh in shards.iter_mut() {
                     sh.up = false;
                 }
-                return;
+                return false;
             }
         };
-        let pings = fresh.iter().map(|sh| {
-            let mut c = conn.clone();
-            let (host, port) = sh.master.clone();
-            async move {
-                matches!(
-                    tokio::time::timeout(
-                        t,
-                        c.route_command(
-                            redis::cmd("PING"),
-                            RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-                                host,
-                                port
-                            })
-                        )
-                    )
-                    .await,
-                    Ok(Ok(_))
-                )
-            }
-        });
-        let answers = join_all(pings).await;
-        for (sh, up) in fresh.iter_mut().zip(answers) {
-            sh.up = up;
+        for sh in fresh.iter_mut() {
+            sh.up = probes
+                .query(&s.seeds, &sh.master, &redis::cmd("PING"), t)
+                .await
+                .is_some();
         }
         let old = std::mem::replace(
             &mut *s.shards.lock().unwrap_or_else(|e| e.into_inner()),
@@ -559,7 +567,14 @@ impl Subscriber {
             })
             .collect();
         if redo.is_empty() || old.is_empty() {
-            return;
+            return false;
+        }
+        if fresh
+            .iter()
+            .any(|sh| sh.up && !old.iter().any(|o| o.master == sh.master))
+        {
+            info!("redis cluster: a shard has a new master; reconnecting");
+            return true;
         }
         let mut subs = s.lock_subs();
         let before = current.len();
@@ -577,8 +592,8 @@ impl Subscriber {
                 rooms = n,
                 "redis cluster shard changed; resubscribing its rooms"
             );
-            s.metrics.redis_reconnects_subscriber.increment(1);
         }
+        false
     }
 
     /// Sends `SSUBSCRIBE` / `SUNSUBSCRIBE` until `current` equals the desired set, the channels
@@ -663,6 +678,46 @@ struct PushTo(Arc<Inbound>);
 impl redis::aio::AsyncPushSender for PushTo {
     fn send(&self, info: PushInfo) -> Result<(), redis::aio::SendError> {
         redis::aio::AsyncPushSender::send(&*self.0, info)
+    }
+}
+
+/// The probe's plain connections, one per node address (a handful: the masters and seeds).
+#[derive(Default)]
+struct Probes {
+    conns: HashMap<(String, u16), redis::aio::MultiplexedConnection>,
+}
+
+impl Probes {
+    /// Runs `cmd` on `addr` within `t`; a failed connection is dropped and made again next time.
+    async fn query(
+        &mut self,
+        seeds: &ClusterSeeds,
+        addr: &(String, u16),
+        cmd: &redis::Cmd,
+        t: Duration,
+    ) -> Option<Value> {
+        if !self.conns.contains_key(addr) {
+            let client = seeds.node_client(&addr.0, addr.1).ok()?;
+            let config = redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(t))
+                .set_response_timeout(Some(t));
+            let conn = tokio::time::timeout(
+                t,
+                client.get_multiplexed_async_connection_with_config(&config),
+            )
+            .await
+            .ok()?
+            .ok()?;
+            self.conns.insert(addr.clone(), conn);
+        }
+        let conn = self.conns.get_mut(addr)?;
+        match tokio::time::timeout(t, cmd.query_async::<Value>(conn)).await {
+            Ok(Ok(v)) => Some(v),
+            _ => {
+                self.conns.remove(addr);
+                None
+            }
+        }
     }
 }
 

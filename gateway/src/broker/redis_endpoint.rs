@@ -98,6 +98,10 @@ pub struct ClusterSeeds {
     pub nodes: Vec<String>,
     /// TLS, when the scheme asked for it.
     pub tls: Option<TlsCertificates>,
+    /// The seeds' addresses, to ask for the slot map.
+    pub addrs: Vec<(String, u16)>,
+    /// `user:pass@` (or empty), for URLs of discovered nodes.
+    pub creds: String,
 }
 
 impl ClusterSeeds {
@@ -111,6 +115,20 @@ impl ClusterSeeds {
             b = b.tls(TlsMode::Secure).certs(certs.clone());
         }
         b
+    }
+
+    /// A plain client for one node of the cluster (probes), with the seeds' credentials and TLS.
+    pub fn node_client(&self, host: &str, port: u16) -> redis::RedisResult<redis::Client> {
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        let url = format!("{scheme}://{}{host}:{port}/", self.creds);
+        match &self.tls {
+            Some(c) => redis::Client::build_with_tls(url, c.clone()),
+            None => redis::Client::open(url),
+        }
     }
 
     /// A plain (RESP2) cluster client.
@@ -205,8 +223,10 @@ impl Endpoint {
                     None => String::new(),
                 };
                 let mut nodes = Vec::new();
+                let mut addrs = Vec::new();
                 for h in hosts.split(',').filter(|h| !h.is_empty()) {
                     let (host, port) = host_port(h, 6379).map_err(bad)?;
+                    addrs.push((host.clone(), port));
                     let node = format!("{base}://{creds}{host}:{port}");
                     node.as_str()
                         .into_connection_info()
@@ -216,7 +236,12 @@ impl Endpoint {
                 if nodes.is_empty() {
                     return Err(bad("a cluster URL lists at least one node".into()));
                 }
-                Ok(Self::Cluster(ClusterSeeds { nodes, tls: certs }))
+                Ok(Self::Cluster(ClusterSeeds {
+                    nodes,
+                    tls: certs,
+                    addrs,
+                    creds,
+                }))
             }
             other => Err(bad(format!("unknown Redis URL scheme `{other}`"))),
         }
