@@ -117,6 +117,13 @@ struct Shared {
     publisher: Mutex<Option<(u64, MultiplexedConnection)>>,
     /// Wakes the publisher task when the connection failed.
     publisher_lost: Notify,
+    /// Under Sentinel: the publisher's probe found its server demoted to a replica; the
+    /// subscriber must reconnect too (to the master the sentinels name now).
+    subscriber_stale: Notify,
+    /// Address of the server the subscriber / publisher connected to (Sentinel: compared with
+    /// the master the sentinels name at every publisher probe).
+    subscriber_addr: Mutex<Option<String>>,
+    publisher_addr: Mutex<Option<String>>,
     subscriber_up: AtomicBool,
     publisher_up: AtomicBool,
 }
@@ -157,6 +164,9 @@ impl RedisBroker {
             confirmed_epoch: watch::Sender::new(0),
             publisher: Mutex::new(None),
             publisher_lost: Notify::new(),
+            subscriber_stale: Notify::new(),
+            subscriber_addr: Mutex::new(None),
+            publisher_addr: Mutex::new(None),
             subscriber_up: AtomicBool::new(false),
             publisher_up: AtomicBool::new(false),
         });
@@ -309,10 +319,13 @@ impl Shared {
         match tokio::time::timeout(self.timeouts.command, pipe.query_async::<T>(&mut conn)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
+                // READONLY: this server was demoted to a replica (a Sentinel failover that did
+                // not close our connection); reconnecting asks the sentinels for the new master.
                 if e.is_io_error()
                     || e.is_connection_dropped()
                     || e.is_timeout()
                     || e.is_unrecoverable_error()
+                    || e.code() == Some("READONLY")
                 {
                     self.lose_publisher(generation);
                 }
@@ -361,6 +374,17 @@ pub(super) fn hand_to_hub(hub: &Hub, room: &str, payload: Bytes) {
     hub.deliver(room, payload);
 }
 
+/// Whether a `ROLE` answer says master.
+fn is_master(v: &redis::Value) -> bool {
+    match v {
+        redis::Value::Array(a) => matches!(
+            a.first(),
+            Some(redis::Value::BulkString(r)) if r.as_slice() == b"master"
+        ),
+        _ => false,
+    }
+}
+
 /// Why a subscriber connection ended.
 #[derive(Debug, thiserror::Error)]
 enum SubscriberLost {
@@ -368,6 +392,8 @@ enum SubscriberLost {
     Closed,
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    #[error("the server is no longer the master")]
+    Demoted,
     #[error("{0}")]
     Redis(#[from] redis::RedisError),
 }
@@ -386,14 +412,20 @@ impl Subscriber {
         let mut failures = 0u64;
         loop {
             let connect = tokio::time::timeout(s.timeouts.command, async {
-                s.endpoint.client().await?.get_async_pubsub().await
+                let client = s.endpoint.client().await?;
+                let pubsub = client.get_async_pubsub().await?;
+                Ok::<_, redis::RedisError>((
+                    client.get_connection_info().addr().to_string(),
+                    pubsub,
+                ))
             });
             let conn = tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 r = connect => r,
             };
             match conn {
-                Ok(Ok(pubsub)) => {
+                Ok(Ok((addr, pubsub))) => {
+                    *s.subscriber_addr.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
                     let (mut sink, mut stream) = pubsub.split();
                     let result = self
                         .serve(&mut sink, &mut stream, &mut backoff, ever_up)
@@ -462,6 +494,7 @@ impl Subscriber {
                     }
                 }
                 _ = s.subs_changed.notified() => self.converge(sink, &mut current).await?,
+                _ = s.subscriber_stale.notified() => return Err(SubscriberLost::Demoted),
                 _ = probe.tick() => {
                     let t = s.timeouts.command;
                     match tokio::time::timeout(t, sink.ping::<redis::Value>()).await {
@@ -544,18 +577,19 @@ impl Publisher {
         let mut failures = 0u64;
         loop {
             let connect = tokio::time::timeout(s.timeouts.command, async {
-                s.endpoint
-                    .client()
-                    .await?
+                let client = s.endpoint.client().await?;
+                let conn = client
                     .get_multiplexed_async_connection_with_config(&config)
-                    .await
+                    .await?;
+                Ok::<_, redis::RedisError>((client.get_connection_info().addr().to_string(), conn))
             });
             let conn = tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 r = connect => r,
             };
             match conn {
-                Ok(Ok(conn)) => {
+                Ok(Ok((addr, conn))) => {
+                    *s.publisher_addr.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
                     generation += 1;
                     if generation > 1 {
                         s.metrics.redis_reconnects_publisher.increment(1);
@@ -611,12 +645,41 @@ impl Publisher {
                 _ = probe.tick() => {
                     let conn = s.publisher.lock().unwrap_or_else(|e| e.into_inner()).clone();
                     let Some((_, mut conn)) = conn else { return true };
-                    let ping = redis::cmd("PING").to_owned();
-                    let ok = matches!(
-                        tokio::time::timeout(s.timeouts.command, ping.query_async::<redis::Value>(&mut conn)).await,
-                        Ok(Ok(_))
-                    );
-                    if !ok {
+                    // Under Sentinel the probe asks ROLE: a failover may leave this connection
+                    // open on the demoted master, where PUBLISH still "works" for that server's
+                    // own subscribers only — a silent split from the real master.
+                    let sentinel = matches!(s.endpoint, Endpoint::Sentinel(_));
+                    let probe = redis::cmd(if sentinel { "ROLE" } else { "PING" }).to_owned();
+                    let answer = tokio::time::timeout(
+                        s.timeouts.command,
+                        probe.query_async::<redis::Value>(&mut conn),
+                    )
+                    .await;
+                    let mut demoted = sentinel && matches!(&answer, Ok(Ok(v)) if !is_master(v));
+                    if sentinel && !demoted {
+                        // A forced failover leaves the old master a master until Sentinel
+                        // converts it (seconds): follow the sentinels' word, not the server's.
+                        let named = tokio::time::timeout(s.timeouts.command, s.endpoint.client())
+                            .await;
+                        if let Ok(Ok(c)) = named {
+                            let named = c.get_connection_info().addr().to_string();
+                            let on = |a: &Mutex<Option<String>>| {
+                                a.lock().unwrap_or_else(|e| e.into_inner()).as_deref()
+                                    == Some(named.as_str())
+                            };
+                            demoted = !on(&s.publisher_addr);
+                            if !on(&s.subscriber_addr) {
+                                s.subscriber_stale.notify_waiters();
+                            }
+                        }
+                    }
+                    if demoted {
+                        s.take_publisher(generation);
+                        s.subscriber_stale.notify_waiters();
+                        warn!("redis server is no longer the master; asking the sentinels again");
+                        return true;
+                    }
+                    if !matches!(answer, Ok(Ok(_))) {
                         s.take_publisher(generation);
                         warn!("redis publisher probe failed; reconnecting");
                         return true;

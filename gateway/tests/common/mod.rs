@@ -922,30 +922,30 @@ pub fn scratch_dir(name: &str) -> std::path::PathBuf {
 }
 
 fn fastrand_u32() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(Instant::now().elapsed().as_nanos());
-    h.finish() as u32
+    fastrand::u32(..)
 }
 
 /// Publishes from `from` until `to` receives one, within `limit`; returns the time it took.
-/// Messages carry `{"probe": n}`; other frames are skipped.
+/// Messages carry `{"probe": n, "token": T}` with a token of this call; other frames are skipped.
 pub async fn delivery_resumes(
     from: &mut WsClient,
     to: &mut WsClient,
     limit: Duration,
 ) -> Option<Duration> {
+    // A token of this call only: probes of an earlier call still on their way do not count.
+    let token = format!("{}", fastrand_u32());
     let start = Instant::now();
     let mut i = 0u64;
     while start.elapsed() < limit {
         i += 1;
-        from.publish(serde_json::json!({ "probe": i })).await;
+        from.publish(serde_json::json!({ "probe": i, "token": token }))
+            .await;
         let until = Instant::now() + Duration::from_millis(100);
         while let Some(m) = to
             .next_json_within(until.saturating_duration_since(Instant::now()))
             .await
         {
-            if m["type"] == "message" && m["data"]["probe"].is_number() {
+            if m["type"] == "message" && m["data"]["token"] == token.as_str() {
                 return Some(start.elapsed());
             }
         }
