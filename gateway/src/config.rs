@@ -33,10 +33,11 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
     pub admin_listen: SocketAddr,
 
-    /// Redis URL. One server: redis://[user:pass@]host:port[/db] (rediss:// for TLS). Sentinel:
-    /// redis+sentinel://[user:pass@]host:port,host:port/MASTER[/db] (rediss+sentinel:// for TLS).
-    /// Redis Cluster (sharded pub/sub, Redis 7): redis+cluster://[user:pass@]host:port,host:port
-    /// (rediss+cluster:// for TLS). Without it the node runs alone with an in-process broker.
+    /// Redis URL. One server: `redis://[user:pass@]host:port[/db]` (`rediss://` for TLS).
+    /// Sentinel: `redis+sentinel://[user:pass@]host:port,host:port/MASTER[/db]`
+    /// (`rediss+sentinel://` for TLS). Redis Cluster (sharded pub/sub, Redis 7):
+    /// `redis+cluster://[user:pass@]host:port,host:port` (`rediss+cluster://` for TLS). Without it
+    /// the node runs alone with an in-process broker.
     #[arg(long, env = "GATEWAY_REDIS_URL")]
     pub redis_url: Option<String>,
 

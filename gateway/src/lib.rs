@@ -17,7 +17,9 @@
 //!   between the hub and a writer), [`session::codec`] (client frames off the socket).
 //! - [`hub`] — local rooms → members' outboxes; fan-out of one encoded message.
 //! - [`node`] — ties hub and broker: publish path, delayed unsubscribe, session slots, drain.
-//! - [`broker`] — the seam to the cluster: [`broker::memory`] and [`broker::redis`].
+//! - [`broker`] — the seam to the cluster: [`broker::memory`], [`broker::redis`] (one Redis or
+//!   a Sentinel-managed master), [`broker::redis_cluster`] (sharded pub/sub) and
+//!   [`broker::redis_endpoint`] (URL forms and TLS).
 //! - [`presence`] — the presence timer: local counts to the broker, cluster counts to members.
 //! - [`keepalive`] — the ping timer: pings every session, closes silent ones.
 //! - [`pacing`] — spreads node-wide rounds (presence, pings) over a short window.

@@ -1,16 +1,18 @@
 //! The broker seam: how a node hears about every room it has local members in, and how it
 //! publishes into a room for the whole cluster.
 //!
-//! Two implementations sit behind [`Broker`]: [`memory`] (one node alone, no Redis) and [`redis`]
-//! (a cluster sharing one Redis). Both deliver what they receive to the node's
-//! [`Hub`](crate::hub::Hub), never blocking on it. Subscriptions are a *desired set* that the
+//! Three implementations sit behind [`Broker`]: [`memory`] (one node alone, no Redis), [`redis`]
+//! (a cluster sharing one Redis, or a Sentinel-managed master) and [`redis_cluster`] (Redis
+//! Cluster, sharded pub/sub); [`redis_endpoint`] parses the URL that picks one. All deliver what
+//! they receive to the node's [`Hub`](crate::hub::Hub), never blocking on it (the Redis brokers
+//! through one function, `redis::hand_to_hub`). Subscriptions are a *desired set* that the
 //! broker converges to: [`Broker::subscribe`] and [`Broker::unsubscribe`] only change the set (and
 //! are called under the hub's lock, so the order of changes is the order of joins and leaves); the
 //! Redis subscriber task sends the difference to Redis, and sends the whole set again after a
 //! reconnect.
 //!
-//! An enum rather than a trait object: there are exactly two implementations, and the hot path
-//! (publish) stays a direct call.
+//! An enum rather than a trait object: there are few implementations, all known here, and the hot
+//! path (publish) stays a direct call.
 
 pub mod memory;
 pub mod redis;

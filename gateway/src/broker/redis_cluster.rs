@@ -9,7 +9,7 @@
 //! (`cluster-async`), which keeps one connection per shard master that holds a channel of ours —
 //! never one per room — and routes each `SSUBSCRIBE` to its slot's master; the channels of one
 //! slot go in one command. Received messages and the server's own `SUNSUBSCRIBE` pushes come
-//! through a push sender ([`Inbound`]) that hands messages to the hub at once and records lost
+//! through a push sender (`Inbound`) that hands messages to the hub at once and records lost
 //! subscriptions in a set bounded by the desired set. The *publisher task* holds a second
 //! cluster connection for `SPUBLISH` and presence scripts, each routed to the room's slot.
 //!
