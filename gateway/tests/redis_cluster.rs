@@ -193,10 +193,19 @@ struct Room {
     viewer: WsClient,
 }
 
-async fn start_nodes(cluster: &Cluster) -> Vec<TestNode> {
+/// Three nodes on the cluster; `probe` overrides the Redis probe interval.
+async fn start_nodes(cluster: &Cluster, probe: Option<Duration>) -> Vec<TestNode> {
     let mut nodes = Vec::new();
     for i in 1..=3 {
-        nodes.push(TestNode::start(test_config_url(&format!("n{i}"), &cluster.url(), &[])).await);
+        let mut config = test_config_url(
+            &format!("n{i}"),
+            &cluster.url(),
+            &["--presence-interval", "500ms"],
+        );
+        if let Some(p) = probe {
+            config.redis_probe_interval = p;
+        }
+        nodes.push(TestNode::start(config).await);
     }
     nodes
 }
@@ -227,7 +236,7 @@ async fn join_rooms(nodes: &[TestNode], names: &[String]) -> Vec<Room> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_fails_over_and_delivery_resumes() {
     let mut cluster = Cluster::start().await;
-    let nodes = start_nodes(&cluster).await;
+    let nodes = start_nodes(&cluster, None).await;
     let names = rooms_on_every_shard();
     let mut rooms = join_rooms(&nodes, &names).await;
     for n in &nodes {
@@ -320,7 +329,9 @@ async fn move_slot(cluster: &Cluster, slot: u16, from: (u16, String), to: (u16, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_moves_under_a_publishing_host_and_no_subscription_is_lost() {
     let cluster = Cluster::start().await;
-    let nodes = start_nodes(&cluster).await;
+    // A probe far beyond the test's bounds: only the server's SUNSUBSCRIBE can tell the nodes
+    // that the slot moved, so this tests that path (the probe would also repair it, later).
+    let nodes = start_nodes(&cluster, Some(Duration::from_secs(60))).await;
     let names = rooms_on_every_shard();
     let mut rooms = join_rooms(&nodes, &names).await;
     let moving = rooms.remove(0);
@@ -385,6 +396,21 @@ async fn a_slot_moves_under_a_publishing_host_and_no_subscription_is_lost() {
             .is_some()
     );
     println!("slot migration: resubscribed on the new owner {resubscribed:?} after the move");
+    // Presence keeps working on the new owner: the key carries the room's hash tag, so it moved
+    // with the slot, and both nodes' reports (host on one node, viewer on another) meet in it.
+    let key = format!("gw:room:{{{}}}:presence", names[0]);
+    eventually("presence key on the new owner", || async {
+        matches!(redis_at(to.0, &["EXISTS", &key]).await, Ok(Value::Int(1)))
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = viewer.next_of("presence").await;
+        if m["hosts"] == 1 && m["viewers"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "cluster-wide presence: {m}");
+    }
     // The other rooms never noticed.
     for r in &mut rooms {
         assert!(
