@@ -358,6 +358,9 @@ impl Shared {
         };
         match tokio::time::timeout(self.timeouts.command, conn.route_command(cmd, route)).await {
             Ok(Ok(v)) => Ok(v),
+            // Not replaced on a single failure (a shard being down must not take the healthy
+            // shards' publishes with it): the subscriber's probe replaces it when a shard has a
+            // new or returning master.
             Ok(Err(e)) => Err(BrokerError::Failed(e.to_string())),
             Err(_) => Err(BrokerError::Timeout),
         }
@@ -367,7 +370,7 @@ impl Shared {
 /// Why a subscriber connection ended.
 #[derive(Debug, thiserror::Error)]
 enum SubscriberLost {
-    #[error("a shard has a new master")]
+    #[error("a shard has a new or returning master")]
     NewMaster,
 }
 
@@ -569,11 +572,15 @@ impl Subscriber {
         if redo.is_empty() || old.is_empty() {
             return false;
         }
+        // A master that was not up in the last view — a replica promoted, or a master back
+        // after an outage: the cluster connections may still be repairing their link to the
+        // old address, so fresh ones are made (they read the slot map at once). A slot that
+        // only moved between live masters is repaired in place below (and by SUNSUBSCRIBE).
         if fresh
             .iter()
-            .any(|sh| sh.up && !old.iter().any(|o| o.master == sh.master))
+            .any(|sh| sh.up && !old.iter().any(|o| o.up && o.master == sh.master))
         {
-            info!("redis cluster: a shard has a new master; reconnecting");
+            info!("redis cluster: a shard has a new or returning master; reconnecting");
             return true;
         }
         let mut subs = s.lock_subs();
@@ -796,7 +803,8 @@ impl Publisher {
                 s.publisher_up.store(true, Ordering::Relaxed);
                 info!("redis cluster publisher connected");
                 // The cluster connection reconnects its node connections and follows MOVED by
-                // itself; it is replaced only when the node stops.
+                // itself; it is replaced when the subscriber's probe sees a new or returning
+                // master (`publisher_lost`), or the node stops.
                 tokio::select! {
                     _ = self.cancel.cancelled() => return,
                     _ = s.publisher_lost.notified() => {}
