@@ -49,11 +49,12 @@ pub const BROKER_PUBLISH_ERRORS: &str = "gateway_broker_publish_errors_total";
 pub const BROKER_SUBSCRIPTIONS: &str = "gateway_broker_subscriptions";
 /// 1 while both Redis connections (subscriber and publisher) are up; 1 for the in-process broker.
 pub const REDIS_CONNECTED: &str = "gateway_redis_connected";
-/// Redis Cluster only: 1 while the master of shard `shard` answers the broker's probe, 0 while it
-/// does not. `shard` is the shard's index (shards numbered by the first slot they own; stable
-/// across failovers), never an address; at most [`MAX_SHARD_LABELS`] series.
+/// 1 while the master of shard `shard` answers the broker, 0 while it does not. Redis Cluster:
+/// `shard` is the shard's index (shards numbered by the first slot they own; stable across
+/// failovers), never an address; at most [`MAX_SHARD_LABELS`] series. One Redis or Sentinel: the
+/// one shard `0`, equal to [`REDIS_CONNECTED`]. Not exported with the in-process broker.
 pub const REDIS_SHARD_UP: &str = "gateway_redis_shard_up";
-/// Redis Cluster only: shards (masters owning slots) in the broker's last view of the cluster.
+/// Shards (masters owning slots) in the broker's last view of Redis: 1 for one Redis or Sentinel.
 pub const REDIS_SHARDS: &str = "gateway_redis_shards";
 /// Most shard indices exported as [`REDIS_SHARD_UP`] series (bounds the label's values).
 pub const MAX_SHARD_LABELS: usize = 64;
@@ -202,7 +203,7 @@ pub struct StateGauges {
     pub rooms: usize,
     /// See [`MAX_CONNECTIONS`].
     pub max_connections: usize,
-    /// See [`REDIS_SHARD_UP`], by shard index (empty unless the broker is a Redis Cluster).
+    /// See [`REDIS_SHARD_UP`], by shard index (empty with the in-process broker).
     pub redis_shards: Vec<bool>,
 }
 
@@ -569,12 +570,12 @@ fn describe(r: &PrometheusRecorder) {
     d(
         REDIS_SHARD_UP,
         None,
-        "Redis Cluster: 1 while the shard's master answers, by shard index.",
+        "1 while the Redis shard's master answers, by shard index (one Redis: shard 0).",
     );
     d(
         REDIS_SHARDS,
         None,
-        "Redis Cluster: shards in the broker's view of the cluster.",
+        "Redis shards in the broker's view (one Redis: 1).",
     );
     d(
         REDIS_RECONNECTS,

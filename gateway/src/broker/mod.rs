@@ -135,12 +135,13 @@ impl Broker {
         }
     }
 
-    /// Per-shard connection state by shard index (Redis Cluster only; empty otherwise): the
-    /// source of `gateway_redis_shard_up`.
+    /// Per-shard connection state by shard index, the source of `gateway_redis_shard_up`: one
+    /// Redis (or a Sentinel-managed master) is the one shard 0; the in-process broker has none.
     pub fn shard_states(&self) -> Vec<bool> {
         match self {
+            Self::Memory(_) => Vec::new(),
+            Self::Redis(b) => vec![b.is_connected()],
             Self::RedisCluster(b) => b.shard_states(),
-            _ => Vec::new(),
         }
     }
 

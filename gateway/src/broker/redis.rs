@@ -782,6 +782,13 @@ mod tests {
             0.0,
             "the gauge must follow the state, as /readyz does"
         );
+        let text = node.render_metrics();
+        assert_eq!(
+            metric(&text, "gateway_redis_shard_up"),
+            0.0,
+            "one Redis is shard 0"
+        );
+        assert_eq!(metric(&text, "gateway_redis_shards"), 1.0);
         s.lock_subs()
             .confirmed
             .insert(RoomName::parse("a").unwrap());
