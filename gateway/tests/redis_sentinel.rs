@@ -25,7 +25,8 @@ impl Setup {
     async fn start() -> Self {
         let dir = scratch_dir("sentinel");
         let (pm, pr) = (free_port(), free_port());
-        let master = RedisProcess::start(pm, redis_args(pm, &[])).await;
+        let d = dir.to_str().unwrap().to_string();
+        let master = RedisProcess::start(pm, redis_args(pm, &["--dir", &d])).await;
         let replica = RedisProcess::start(
             pr,
             redis_args(
@@ -36,6 +37,8 @@ impl Setup {
                     &pm.to_string(),
                     "--repl-diskless-sync-delay",
                     "0",
+                    "--dir",
+                    &d,
                 ],
             ),
         )
