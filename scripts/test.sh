@@ -33,6 +33,12 @@ packages=()
 if [ -z "${REDIS_SERVER:-}" ] && ! command -v redis-server >/dev/null 2>&1; then
   packages+=(redis-server)
 fi
+if ! command -v redis-cli >/dev/null 2>&1; then
+  packages+=(redis-tools) # redis_cluster.rs creates its cluster with redis-cli --cluster create
+fi
+if ! command -v openssl >/dev/null 2>&1; then
+  packages+=(openssl) # redis_tls.rs makes its CA and certificates with openssl
+fi
 if ! type -P kill >/dev/null 2>&1; then
   packages+=(procps) # the tests send STOP/CONT to redis-server with kill(1)
 fi

@@ -24,7 +24,7 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<
         "/metrics" => text(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            node.metrics.render(),
+            node.render_metrics(),
         ),
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" => {

@@ -67,10 +67,26 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
     pub admin_listen: SocketAddr,
 
-    /// Redis URL (redis://[user:pass@]host:port[/db]). Without it the node runs alone with an
-    /// in-process broker.
+    /// Redis URL. One server: `redis://[user:pass@]host:port[/db]` (`rediss://` for TLS).
+    /// Sentinel: `redis+sentinel://[user:pass@]host:port,host:port/MASTER[/db]`
+    /// (`rediss+sentinel://` for TLS). Redis Cluster (sharded pub/sub, Redis 7):
+    /// `redis+cluster://[user:pass@]host:port,host:port` (`rediss+cluster://` for TLS). Without it
+    /// the node runs alone with an in-process broker.
     #[arg(long, env = "GATEWAY_REDIS_URL")]
     pub redis_url: Option<String>,
+
+    /// PEM file of the CAs that sign the Redis servers' certificates (rediss URLs), trusted
+    /// instead of the system roots. An untrusted server certificate is always refused.
+    #[arg(long, env = "GATEWAY_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<std::path::PathBuf>,
+
+    /// PEM client certificate for mutual TLS with Redis (with --redis-client-key).
+    #[arg(long, env = "GATEWAY_REDIS_CLIENT_CERT")]
+    pub redis_client_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of --redis-client-cert.
+    #[arg(long, env = "GATEWAY_REDIS_CLIENT_KEY")]
+    pub redis_client_key: Option<std::path::PathBuf>,
 
     /// This node's id, shown to clients and on every metric as the `node` label.
     #[arg(long, env = "GATEWAY_NODE_ID", default_value_t = default_node_id())]
@@ -290,6 +306,15 @@ impl Config {
             .map(|s| s.expose().trim())
             .filter(|s| !s.is_empty())
             .map(split_kid)
+    }
+
+    /// The TLS files for Redis connections.
+    pub fn redis_tls(&self) -> crate::broker::redis_endpoint::RedisTlsFiles {
+        crate::broker::redis_endpoint::RedisTlsFiles {
+            ca_file: self.redis_ca_file.clone(),
+            client_cert: self.redis_client_cert.clone(),
+            client_key: self.redis_client_key.clone(),
+        }
     }
 
     /// Time-to-live of this node's presence report in Redis.

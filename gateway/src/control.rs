@@ -197,7 +197,7 @@ mod tests {
         assert_eq!(rx.recv().await.unwrap(), Bytes::from_static(b"a"));
         assert!(rx.try_recv().is_err(), "the second was dropped");
         assert!(metrics
-            .render()
+            .render(&crate::metrics::StateGauges::default())
             .contains("gateway_control_commands_total{node=\"n1\",result=\"dropped\"} 1"));
     }
 }

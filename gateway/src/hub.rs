@@ -17,7 +17,6 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 
 use crate::history::Stamp;
-use crate::metrics::Metrics;
 use crate::protocol::{Role, RoomName};
 use crate::session::outbox::{Outbox, PushError, Pushed};
 
@@ -56,19 +55,15 @@ pub struct Fanout {
 }
 
 /// The local rooms of one node.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Hub {
     rooms: RwLock<HashMap<RoomName, Room>>,
-    metrics: Metrics,
 }
 
 impl Hub {
     /// An empty hub.
-    pub fn new(metrics: Metrics) -> Self {
-        Self {
-            rooms: RwLock::new(HashMap::new()),
-            metrics,
-        }
+    pub fn new() -> Self {
+        Self::default()
     }
 
     /// Adds a member; `on_first` runs under the lock when it is the room's first local member.
@@ -89,7 +84,6 @@ impl Hub {
             _ => entry.viewers += 1,
         }
         if first {
-            self.metrics.rooms.set(rooms.len() as f64);
             on_first();
         }
     }
@@ -108,7 +102,6 @@ impl Hub {
         }
         if entry.members.is_empty() {
             rooms.remove(room);
-            self.metrics.rooms.set(rooms.len() as f64);
             true
         } else {
             false
@@ -153,6 +146,19 @@ impl Hub {
                 )
             })
             .collect()
+    }
+
+    /// Local members of every room summed by role, and the number of rooms, from one read of the
+    /// rooms (the source of the `gateway_connections` and `gateway_rooms` gauges). O(rooms); called
+    /// once per scrape.
+    pub fn totals(&self) -> (RoomCounts, usize) {
+        let rooms = self.rooms.read().unwrap_or_else(|e| e.into_inner());
+        let mut sum = RoomCounts::default();
+        for r in rooms.values() {
+            sum.hosts += r.hosts;
+            sum.viewers += r.viewers;
+        }
+        (sum, rooms.len())
     }
 
     /// Number of rooms with local members.
@@ -209,7 +215,7 @@ mod tests {
     use super::*;
 
     fn hub() -> Hub {
-        Hub::new(Metrics::new("n1"))
+        Hub::new()
     }
 
     #[test]

@@ -136,7 +136,7 @@ mod tests {
 
     fn inbound() -> (Arc<Hub>, Inbound) {
         let metrics = Metrics::new("n1");
-        let hub = Arc::new(Hub::new(metrics.clone()));
+        let hub = Arc::new(Hub::new());
         let inbound = Inbound::new("n1", hub.clone(), metrics, 1024);
         (hub, inbound)
     }

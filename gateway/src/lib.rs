@@ -25,9 +25,10 @@
 //! - [`inbound`] — the one door into the hub: classifies, counts and stamps what the broker
 //!   received (and the local fallback), then hands one frame to the hub.
 //! - [`node`] — ties hub and broker: publish path, delayed unsubscribe, session slots, drain.
-//! - [`broker`] — the seam to the cluster: [`broker::memory`] and [`broker::redis`] (with its
-//!   Lua scripts `broker/publish.lua` and `broker/history.lua`), each numbering, recording and
-//!   publishing a room's messages in one atomic step.
+//! - [`broker`] — the seam to the cluster: [`broker::memory`], [`broker::redis`] (one Redis or
+//!   a Sentinel-managed master), [`broker::redis_cluster`] (sharded pub/sub) and
+//!   [`broker::redis_endpoint`] (URL forms and TLS); the Redis brokers number, record and publish
+//!   a room's messages in one atomic step (Lua scripts `broker/publish.lua`, `broker/history.lua`).
 //! - [`auth`] — token verification: keys (HMAC, PEM, [`auth::jwks`]), [`auth::claims`] and grants.
 //! - [`control`] — what the brokers carry for moderation: control commands, the bans' storage.
 //! - [`moderation`] — applies the control channel's disconnects on this node; ban checks.

@@ -6,7 +6,7 @@
 //! global label of the recorder, so every series carries it. No label here is per room or per user:
 //! label values come from small closed enums.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use metrics::{
@@ -18,7 +18,6 @@ use metrics_exporter_prometheus::{
 
 use crate::auth::AuthError;
 use crate::disconnect::CloseReason;
-use crate::protocol::Role;
 
 /// Current WebSocket connections on this node, by `role` (`host`, `viewer`).
 pub const CONNECTIONS: &str = "gateway_connections";
@@ -51,6 +50,15 @@ pub const BROKER_PUBLISH_ERRORS: &str = "gateway_broker_publish_errors_total";
 pub const BROKER_SUBSCRIPTIONS: &str = "gateway_broker_subscriptions";
 /// 1 while both Redis connections (subscriber and publisher) are up; 1 for the in-process broker.
 pub const REDIS_CONNECTED: &str = "gateway_redis_connected";
+/// 1 while the master of shard `shard` answers the broker, 0 while it does not. Redis Cluster:
+/// `shard` is the shard's index (shards numbered by the first slot they own; stable across
+/// failovers), never an address; at most [`MAX_SHARD_LABELS`] series. One Redis or Sentinel: the
+/// one shard `0`, equal to [`REDIS_CONNECTED`]. Not exported with the in-process broker.
+pub const REDIS_SHARD_UP: &str = "gateway_redis_shard_up";
+/// Shards (masters owning slots) in the broker's last view of Redis: 1 for one Redis or Sentinel.
+pub const REDIS_SHARDS: &str = "gateway_redis_shards";
+/// Most shard indices exported as [`REDIS_SHARD_UP`] series (bounds the label's values).
+pub const MAX_SHARD_LABELS: usize = 64;
 /// Successful reconnections to Redis after a loss, by `connection` (`subscriber`, `publisher`).
 pub const REDIS_RECONNECTS: &str = "gateway_redis_reconnects_total";
 /// Client commands refused with an `error` event, by `code`.
@@ -250,15 +258,49 @@ impl RefuseReason {
     }
 }
 
+/// The state gauges' values, read from each state's one owner at scrape time (issue 15).
+///
+/// A gauge that each of several tasks *pushes* after changing its part of the state can end up
+/// showing a stale combination (two tasks compute the value at the same moment and the last
+/// `set` wins with old data), and then disagree with `/readyz` — which reads the state itself.
+/// So no task sets these gauges: [`Metrics::render`] takes the values that the node read from
+/// the owners (broker, hub, config) for this very scrape, the same reads `/readyz` makes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StateGauges {
+    /// See [`REDIS_CONNECTED`]: what `/readyz` reports as `broker_connected`.
+    pub broker_connected: bool,
+    /// See [`BROKER_SUBSCRIPTIONS`].
+    pub broker_subscriptions: usize,
+    /// See [`CONNECTIONS`], `role="host"`.
+    pub hosts: u64,
+    /// See [`CONNECTIONS`], `role="viewer"`.
+    pub viewers: u64,
+    /// See [`ROOMS`].
+    pub rooms: usize,
+    /// See [`MAX_CONNECTIONS`].
+    pub max_connections: usize,
+    /// See [`REDIS_SHARD_UP`], by shard index (empty with the in-process broker).
+    pub redis_shards: Vec<bool>,
+}
+
 /// Pre-registered handles of every metric of one node. Cheap to clone (handles are `Arc`s).
 #[derive(Clone)]
 pub struct Metrics {
     /// Renders the registry for `GET /metrics`.
     handle: PrometheusHandle,
+    /// Serializes renders, so that two concurrent scrapes never interleave setting the state
+    /// gauges and rendering them (each scrape shows one consistent set of reads). A std lock:
+    /// held only while setting a few gauges and formatting text, never across an `.await`.
+    render_lock: Arc<Mutex<()>>,
+    /// The recorder, for the per-shard series registered when a shard first appears.
+    recorder: Arc<PrometheusRecorder>,
+    /// [`REDIS_SHARD_UP`] handles by shard index, registered on first sight (under
+    /// `render_lock`), at most [`MAX_SHARD_LABELS`].
+    shard_up: Arc<Mutex<Vec<Gauge>>>,
+    redis_shards: Gauge,
     connections_host: Gauge,
     connections_viewer: Gauge,
-    /// See [`ROOMS`].
-    pub rooms: Gauge,
+    rooms: Gauge,
     /// See [`CONNECTIONS_OPENED`].
     pub connections_opened: Counter,
     closed: Arc<[Counter]>,
@@ -275,10 +317,8 @@ pub struct Metrics {
     pub broker_received: Counter,
     /// See [`BROKER_PUBLISH_ERRORS`].
     pub broker_publish_errors: Counter,
-    /// See [`BROKER_SUBSCRIPTIONS`].
-    pub broker_subscriptions: Gauge,
-    /// See [`REDIS_CONNECTED`].
-    pub redis_connected: Gauge,
+    broker_subscriptions: Gauge,
+    redis_connected: Gauge,
     /// See [`REDIS_RECONNECTS`], `connection="subscriber"`.
     pub redis_reconnects_subscriber: Counter,
     /// See [`REDIS_RECONNECTS`], `connection="publisher"`.
@@ -291,7 +331,7 @@ pub struct Metrics {
     process_open_fds: Gauge,
     process_max_fds: Gauge,
     /// See [`MAX_CONNECTIONS`].
-    pub max_connections: Gauge,
+    max_connections: Gauge,
     auth_failures: Arc<[Counter]>,
     /// See [`CONTROL_COMMANDS`]: applied, invalid, dropped.
     control: [Counter; 3],
@@ -367,7 +407,11 @@ impl Metrics {
         let redis_connected = gauge(REDIS_CONNECTED, &[]);
         redis_connected.set(0.0);
 
+        let redis_shards = gauge(REDIS_SHARDS, &[]);
         Self {
+            render_lock: Arc::new(Mutex::new(())),
+            shard_up: Arc::new(Mutex::new(Vec::new())),
+            redis_shards,
             connections_host: gauge(CONNECTIONS, &[("role", "host")]),
             connections_viewer: gauge(CONNECTIONS, &[("role", "viewer")]),
             rooms: gauge(ROOMS, &[]),
@@ -419,15 +463,7 @@ impl Metrics {
             history_read_latency: histogram(HISTORY_READ_LATENCY),
             publish_duplicates: counter(PUBLISH_DUPLICATES, &[]),
             handle: recorder.handle(),
-        }
-    }
-
-    /// The gauge of current connections for `role` (`server` has none and maps to viewers' gauge,
-    /// which never happens: sessions are hosts or viewers).
-    pub fn connections(&self, role: Role) -> &Gauge {
-        match role {
-            Role::Host => &self.connections_host,
-            _ => &self.connections_viewer,
+            recorder: Arc::new(recorder),
         }
     }
 
@@ -497,10 +533,44 @@ impl Metrics {
         self.http_requests[i].increment(1);
     }
 
-    /// Prometheus text exposition of this node's registry.
-    pub fn render(&self) -> String {
+    /// Prometheus text exposition of this node's registry, with the state gauges set to `state`
+    /// (read by the caller from the owners of that state for this scrape).
+    pub fn render(&self, state: &StateGauges) -> String {
+        let _one_at_a_time = self.render_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.redis_connected
+            .set(if state.broker_connected { 1.0 } else { 0.0 });
+        self.broker_subscriptions
+            .set(state.broker_subscriptions as f64);
+        self.connections_host.set(state.hosts as f64);
+        self.connections_viewer.set(state.viewers as f64);
+        self.rooms.set(state.rooms as f64);
+        self.max_connections.set(state.max_connections as f64);
+        self.set_shards(&state.redis_shards);
         self.sample_process();
         self.handle.render()
+    }
+
+    /// Sets the per-shard gauges; a shard index no longer in the view (the cluster shrank) is set
+    /// to NaN so that neither `== 0` nor `== 1` matches it.
+    fn set_shards(&self, shards: &[bool]) {
+        self.redis_shards.set(shards.len() as f64);
+        let mut gauges = self.shard_up.lock().unwrap_or_else(|e| e.into_inner());
+        let meta = Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+        while gauges.len() < shards.len().min(MAX_SHARD_LABELS) {
+            let index = gauges.len().to_string();
+            let key = Key::from_parts(
+                KeyName::from_const_str(REDIS_SHARD_UP),
+                vec![Label::new("shard", index)],
+            );
+            gauges.push(self.recorder.register_gauge(&key, &meta));
+        }
+        for (i, g) in gauges.iter().enumerate() {
+            g.set(match shards.get(i) {
+                Some(true) => 1.0,
+                Some(false) => 0.0,
+                None => f64::NAN,
+            });
+        }
     }
 
     /// Drains histogram buffers; the exporter needs this called periodically when it does not run
@@ -559,8 +629,9 @@ fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
 
 fn describe(r: &PrometheusRecorder) {
     let d = |name: &'static str, unit: Option<Unit>, help: &'static str| match name {
-        CONNECTIONS | ROOMS | BROKER_SUBSCRIPTIONS | REDIS_CONNECTED | BUILD_INFO | PROCESS_CPU
-        | PROCESS_RSS | PROCESS_OPEN_FDS | PROCESS_MAX_FDS | MAX_CONNECTIONS => r.describe_gauge(
+        CONNECTIONS | ROOMS | BROKER_SUBSCRIPTIONS | REDIS_CONNECTED | REDIS_SHARD_UP
+        | REDIS_SHARDS | BUILD_INFO | PROCESS_CPU | PROCESS_RSS | PROCESS_OPEN_FDS
+        | PROCESS_MAX_FDS | MAX_CONNECTIONS => r.describe_gauge(
             KeyName::from_const_str(name),
             unit,
             SharedString::const_str(help),
@@ -643,6 +714,16 @@ fn describe(r: &PrometheusRecorder) {
         REDIS_CONNECTED,
         None,
         "1 while the broker's connections are up.",
+    );
+    d(
+        REDIS_SHARD_UP,
+        None,
+        "1 while the Redis shard's master answers, by shard index (one Redis: shard 0).",
+    );
+    d(
+        REDIS_SHARDS,
+        None,
+        "Redis shards in the broker's view (one Redis: 1).",
     );
     d(
         REDIS_RECONNECTS,

@@ -17,12 +17,14 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Verifier;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::{RedisBroker, RedisTimeouts};
+use crate::broker::redis_cluster::RedisClusterBroker;
+use crate::broker::redis_endpoint::Endpoint;
 use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
 use crate::history::{Ack, HistoryQuery, HistoryRead};
 use crate::hub::Hub;
 use crate::inbound::Inbound;
-use crate::metrics::{DropReason, Metrics, Source};
+use crate::metrics::{DropReason, Metrics, Source, StateGauges};
 use crate::presence_cache::PresenceCache;
 use crate::protocol::{self, Message, Role, RoomName};
 use crate::registry::Registry;
@@ -119,8 +121,7 @@ impl Node {
         stop: CancellationToken,
         auth: Option<Arc<Verifier>>,
     ) -> Result<Arc<Node>, BrokerError> {
-        metrics.max_connections.set(config.max_connections as f64);
-        let hub = Arc::new(Hub::new(metrics.clone()));
+        let hub = Arc::new(Hub::new());
         let inbound = Arc::new(Inbound::new(
             &config.node_id,
             hub.clone(),
@@ -128,21 +129,34 @@ impl Node {
             config.max_message_size,
         ));
         let limits = config.history_limits();
+        let timeouts = RedisTimeouts {
+            command: config.redis_timeout,
+            probe_interval: config.redis_probe_interval,
+        };
         let broker = match &config.redis_url {
             None => Broker::Memory(MemoryBroker::new(inbound.clone(), metrics.clone(), limits)),
-            Some(url) => Broker::Redis(RedisBroker::start(
-                url,
-                &config.channel_prefix,
-                inbound.clone(),
-                metrics.clone(),
-                RedisTimeouts {
-                    command: config.redis_timeout,
-                    probe_interval: config.redis_probe_interval,
-                },
-                limits,
-                &tracker,
-                stop.clone(),
-            )?),
+            Some(url) => match Endpoint::parse(url, &config.redis_tls())? {
+                Endpoint::Cluster(seeds) => Broker::RedisCluster(RedisClusterBroker::start(
+                    seeds,
+                    &config.channel_prefix,
+                    inbound.clone(),
+                    metrics.clone(),
+                    timeouts,
+                    limits,
+                    &tracker,
+                    stop.clone(),
+                )?),
+                endpoint => Broker::Redis(RedisBroker::start(
+                    endpoint,
+                    &config.channel_prefix,
+                    inbound.clone(),
+                    metrics.clone(),
+                    timeouts,
+                    limits,
+                    &tracker,
+                    stop.clone(),
+                )?),
+            },
         };
         let registry = Registry::new(config.token_expiry_warning.as_millis() as u64);
         let node = Arc::new(Node {
@@ -189,7 +203,6 @@ impl Node {
 
     /// Adds a member to `room`; subscribes the broker when it is the room's first local member.
     pub fn join(&self, room: &RoomName, session: u64, role: Role, outbox: Arc<Outbox>) {
-        self.metrics.connections(role).increment(1.0);
         self.metrics.connections_opened.increment(1);
         self.hub
             .join(room, session, role, outbox, || self.broker.subscribe(room));
@@ -197,8 +210,7 @@ impl Node {
 
     /// Removes a member; when the room has no local member left, unsubscribes after
     /// `--unsubscribe-delay` unless someone joined again meanwhile.
-    pub fn leave(self: &Arc<Self>, room: &RoomName, session: u64, role: Role) {
-        self.metrics.connections(role).decrement(1.0);
+    pub fn leave(self: &Arc<Self>, room: &RoomName, session: u64, _role: Role) {
         if !self.hub.leave(room, session) {
             return;
         }
@@ -282,6 +294,27 @@ impl Node {
             .history_read_latency
             .record(start.elapsed().as_secs_f64());
         read
+    }
+
+    /// The Prometheus text of `GET /metrics`. The state gauges are read here, from the state's
+    /// owners, at the moment of the scrape — the same reads `/readyz` makes — never pushed by the
+    /// tasks that change the state (issue 15).
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render(&self.state_gauges())
+    }
+
+    /// The current values of the state gauges.
+    pub fn state_gauges(&self) -> StateGauges {
+        let (members, rooms) = self.hub.totals();
+        StateGauges {
+            broker_connected: self.broker.is_connected(),
+            broker_subscriptions: self.broker.subscription_count(),
+            hosts: members.hosts,
+            viewers: members.viewers,
+            rooms,
+            max_connections: self.config.max_connections,
+            redis_shards: self.broker.shard_states(),
+        }
     }
 
     /// Ready for clients: not draining and the broker is connected.

@@ -72,7 +72,6 @@ struct Entry {
 impl MemoryBroker {
     /// A broker handing what is published to `inbound`.
     pub fn new(inbound: Arc<Inbound>, metrics: Metrics, limits: HistoryLimits) -> Self {
-        metrics.redis_connected.set(1.0);
         Self {
             inbound,
             metrics,
@@ -87,13 +86,18 @@ impl MemoryBroker {
     pub(super) fn subscribe(&self, room: &RoomName) {
         let mut s = self.subscribed.lock().unwrap_or_else(|e| e.into_inner());
         s.insert(room.clone());
-        self.metrics.broker_subscriptions.set(s.len() as f64);
     }
 
     pub(super) fn unsubscribe(&self, room: &RoomName) {
         let mut s = self.subscribed.lock().unwrap_or_else(|e| e.into_inner());
         s.remove(room);
-        self.metrics.broker_subscriptions.set(s.len() as f64);
+    }
+
+    pub(super) fn subscription_count(&self) -> usize {
+        self.subscribed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// Numbers, records and delivers one message; `prefix` is its frame without the closing `}`.
@@ -263,7 +267,7 @@ mod tests {
 
     fn broker(size: usize) -> MemoryBroker {
         let metrics = Metrics::new("n1");
-        let hub = Arc::new(crate::hub::Hub::new(metrics.clone()));
+        let hub = Arc::new(crate::hub::Hub::new());
         let inbound = Arc::new(Inbound::new("n1", hub, metrics.clone(), 1024));
         MemoryBroker::new(
             inbound,

@@ -1,20 +1,23 @@
 //! The broker seam: how a node hears about every room it has local members in, and how it
 //! publishes into a room for the whole cluster.
 //!
-//! Two implementations sit behind [`Broker`]: [`memory`] (one node alone, no Redis) and [`redis`]
-//! (a cluster sharing one Redis). Both hand what they receive to the node's
-//! [`Inbound`](crate::inbound::Inbound) handler, never blocking on it; they know nothing else of
-//! the node. Subscriptions are a *desired set* that the
+//! Three implementations sit behind [`Broker`]: [`memory`] (one node alone, no Redis), [`redis`]
+//! (a cluster sharing one Redis, or a Sentinel-managed master) and [`redis_cluster`] (Redis
+//! Cluster, sharded pub/sub); [`redis_endpoint`] parses the URL that picks one. All hand what
+//! they receive to the node's [`Inbound`](crate::inbound::Inbound) handler, never blocking on it;
+//! they know nothing else of the node. Subscriptions are a *desired set* that the
 //! broker converges to: [`Broker::subscribe`] and [`Broker::unsubscribe`] only change the set (and
 //! are called under the hub's lock, so the order of changes is the order of joins and leaves); the
 //! Redis subscriber task sends the difference to Redis, and sends the whole set again after a
 //! reconnect.
 //!
-//! An enum rather than a trait object: there are exactly two implementations, and the hot path
-//! (publish) stays a direct call.
+//! An enum rather than a trait object: there are few implementations, all known here, and the hot
+//! path (publish) stays a direct call.
 
 pub mod memory;
 pub mod redis;
+pub mod redis_cluster;
+pub mod redis_endpoint;
 
 use std::time::Duration;
 
@@ -50,8 +53,10 @@ pub enum BrokerError {
 pub enum Broker {
     /// In-process: one node alone.
     Memory(memory::MemoryBroker),
-    /// Redis pub/sub: a cluster.
+    /// Redis pub/sub: a cluster of nodes sharing one Redis (or a Sentinel-managed master).
     Redis(redis::RedisBroker),
+    /// Redis Cluster sharded pub/sub.
+    RedisCluster(redis_cluster::RedisClusterBroker),
 }
 
 impl Broker {
@@ -60,6 +65,7 @@ impl Broker {
         match self {
             Self::Memory(b) => b.subscribe(room),
             Self::Redis(b) => b.subscribe(room),
+            Self::RedisCluster(b) => b.subscribe(room),
         }
     }
 
@@ -68,6 +74,7 @@ impl Broker {
         match self {
             Self::Memory(b) => b.unsubscribe(room),
             Self::Redis(b) => b.unsubscribe(room),
+            Self::RedisCluster(b) => b.unsubscribe(room),
         }
     }
 
@@ -77,6 +84,9 @@ impl Broker {
         match self {
             Self::Memory(_) => true,
             Self::Redis(b) => tokio::time::timeout(limit, b.wait_subscribed(room))
+                .await
+                .unwrap_or(false),
+            Self::RedisCluster(b) => tokio::time::timeout(limit, b.wait_subscribed(room))
                 .await
                 .unwrap_or(false),
         }
@@ -97,6 +107,7 @@ impl Broker {
         match self {
             Self::Memory(b) => Ok(b.publish(room, &prefix, id, key)),
             Self::Redis(b) => b.publish(room, prefix, id, key).await,
+            Self::RedisCluster(b) => b.publish(room, prefix, id, key).await,
         }
     }
 
@@ -109,6 +120,7 @@ impl Broker {
         match self {
             Self::Memory(b) => Ok(b.history(room, query)),
             Self::Redis(b) => b.history(room, query).await,
+            Self::RedisCluster(b) => b.history(room, query).await,
         }
     }
 
@@ -124,6 +136,7 @@ impl Broker {
         match self {
             Self::Memory(_) => Ok(rooms.iter().map(|(_, c)| *c).collect()),
             Self::Redis(b) => b.presence(node_id, rooms, gone, ttl).await,
+            Self::RedisCluster(b) => b.presence(node_id, rooms, gone, ttl).await,
         }
     }
 
@@ -132,6 +145,7 @@ impl Broker {
         match self {
             Self::Memory(b) => b.control.set(tx),
             Self::Redis(b) => b.set_control(tx),
+            Self::RedisCluster(b) => b.set_control(tx),
         }
     }
 
@@ -143,6 +157,7 @@ impl Broker {
                 Ok(())
             }
             Self::Redis(b) => b.publish_control(payload).await,
+            Self::RedisCluster(b) => b.publish_control(payload).await,
         }
     }
 
@@ -154,6 +169,7 @@ impl Broker {
                 Ok(())
             }
             Self::Redis(b) => b.ban(sub, field, until_ms).await,
+            Self::RedisCluster(b) => b.ban(sub, field, until_ms).await,
         }
     }
 
@@ -162,6 +178,7 @@ impl Broker {
         match self {
             Self::Memory(b) => Ok(b.bans.unban(sub, field)),
             Self::Redis(b) => b.unban(sub, field).await,
+            Self::RedisCluster(b) => b.unban(sub, field).await,
         }
     }
 
@@ -170,6 +187,7 @@ impl Broker {
         match self {
             Self::Memory(b) => Ok(b.bans.list(sub)),
             Self::Redis(b) => b.bans(sub).await,
+            Self::RedisCluster(b) => b.bans(sub).await,
         }
     }
 
@@ -178,6 +196,27 @@ impl Broker {
         match self {
             Self::Memory(_) => true,
             Self::Redis(b) => b.is_connected(),
+            Self::RedisCluster(b) => b.is_connected(),
+        }
+    }
+
+    /// Rooms subscribed and confirmed by the broker right now (the source of
+    /// `gateway_broker_subscriptions`).
+    pub fn subscription_count(&self) -> usize {
+        match self {
+            Self::Memory(b) => b.subscription_count(),
+            Self::Redis(b) => b.subscription_count(),
+            Self::RedisCluster(b) => b.subscription_count(),
+        }
+    }
+
+    /// Per-shard connection state by shard index, the source of `gateway_redis_shard_up`: one
+    /// Redis (or a Sentinel-managed master) is the one shard 0; the in-process broker has none.
+    pub fn shard_states(&self) -> Vec<bool> {
+        match self {
+            Self::Memory(_) => Vec::new(),
+            Self::Redis(b) => vec![b.is_connected()],
+            Self::RedisCluster(b) => b.shard_states(),
         }
     }
 
@@ -186,6 +225,7 @@ impl Broker {
         match self {
             Self::Memory(_) => "memory",
             Self::Redis(_) => "redis",
+            Self::RedisCluster(_) => "redis-cluster",
         }
     }
 }

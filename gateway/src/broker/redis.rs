@@ -1,4 +1,6 @@
-//! The Redis broker: one dedicated subscriber connection and one publisher connection per node.
+//! The Redis broker for one Redis server or a Sentinel-managed master: one dedicated subscriber
+//! connection and one publisher connection per node ([`super::redis_cluster`] is the Redis
+//! Cluster counterpart).
 //!
 //! The *subscriber task* owns the subscriber connection and the set of channels actually
 //! subscribed on it. It converges that set to the desired set (changed by
@@ -21,6 +23,11 @@
 //! resumes with `since` gets them from history (`/client.js` does so on a gap). Clients learn of
 //! the outage through `/readyz`, the `gateway_redis_connected` gauge and errors on their own
 //! publishes.
+//!
+//! Under Sentinel, every (re)connect asks the sentinels for the current master
+//! ([`Endpoint::client`]), so a node follows a failover by itself: the demoted master's clients
+//! are killed by Sentinel (or the master is gone), both tasks reconnect to the new master, and
+//! the subscriber subscribes the whole desired set again.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use super::redis_endpoint::Endpoint;
 use super::{Backoff, BrokerError};
 use crate::control::{self, ControlSink};
 use crate::history::{Ack, HistoryLimits, HistoryQuery, HistoryRead, Recovery, META_TTL};
@@ -61,7 +69,7 @@ const PRESENCE_BATCH: usize = 256;
 /// (`TIME`), so nodes' clocks do not matter; fields of nodes that stopped reporting are ignored
 /// and deleted once expired, and the whole key expires when no node reports any more. Negative
 /// counts withdraw the node's field (its last member left).
-const PRESENCE_SCRIPT: &str = r#"
+pub(super) const PRESENCE_SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[4])
@@ -86,9 +94,9 @@ return {hosts, viewers}
 "#;
 
 /// Numbers, records and publishes one message (loaded once, run with `EVALSHA`).
-const PUBLISH_SCRIPT: &str = include_str!("publish.lua");
+pub(super) const PUBLISH_SCRIPT: &str = include_str!("publish.lua");
 /// Reads a room's position and history for a joining or resuming client.
-const HISTORY_SCRIPT: &str = include_str!("history.lua");
+pub(super) const HISTORY_SCRIPT: &str = include_str!("history.lua");
 
 /// A Lua script run with `EVALSHA`: loaded with `SCRIPT LOAD` on first use, and again when Redis
 /// answers `NOSCRIPT` (it restarted and lost its script cache).
@@ -117,7 +125,7 @@ impl Script {
 }
 
 /// Parses `history.lua`'s answer.
-fn parse_history(values: Vec<redis::Value>) -> Option<HistoryRead> {
+pub(super) fn parse_history(values: Vec<redis::Value>) -> Option<HistoryRead> {
     use redis::Value;
     fn text(v: &Value) -> Option<String> {
         match v {
@@ -173,7 +181,8 @@ pub struct RedisBroker {
 
 #[derive(Debug)]
 struct Shared {
-    client: redis::Client,
+    /// Where to connect; asked for a client at every (re)connect (Sentinel: the current master).
+    endpoint: Endpoint,
     prefix: String,
     inbound: Arc<Inbound>,
     metrics: Metrics,
@@ -197,6 +206,13 @@ struct Shared {
     /// The command `publish.lua` publishes with: `PUBLISH` (a sharded cluster would use
     /// `SPUBLISH` on the room's hash-tagged channel).
     publish_command: &'static str,
+    /// Under Sentinel: the publisher's probe found its server demoted to a replica; the
+    /// subscriber must reconnect too (to the master the sentinels name now).
+    subscriber_stale: Notify,
+    /// Address of the server the subscriber / publisher connected to (Sentinel: compared with
+    /// the master the sentinels name at every publisher probe).
+    subscriber_addr: Mutex<Option<String>>,
+    publisher_addr: Mutex<Option<String>>,
     subscriber_up: AtomicBool,
     publisher_up: AtomicBool,
     /// Where commands from the control channel go (see [`crate::moderation`]).
@@ -216,7 +232,7 @@ impl RedisBroker {
     /// the background and retry until `cancel`.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
-        url: &str,
+        endpoint: Endpoint,
         prefix: &str,
         inbound: Arc<Inbound>,
         metrics: Metrics,
@@ -225,10 +241,13 @@ impl RedisBroker {
         tracker: &TaskTracker,
         cancel: CancellationToken,
     ) -> Result<Self, BrokerError> {
-        let client = redis::Client::open(url).map_err(|e| BrokerError::Config(e.to_string()))?;
-        metrics.redis_connected.set(0.0);
+        if matches!(endpoint, Endpoint::Cluster(_)) {
+            return Err(BrokerError::Config(
+                "a cluster endpoint needs the cluster broker".into(),
+            ));
+        }
         let shared = Arc::new(Shared {
-            client,
+            endpoint,
             prefix: prefix.to_string(),
             inbound,
             metrics,
@@ -242,6 +261,9 @@ impl RedisBroker {
             publish_script: Script::new(PUBLISH_SCRIPT),
             history_script: Script::new(HISTORY_SCRIPT),
             publish_command: "PUBLISH",
+            subscriber_stale: Notify::new(),
+            subscriber_addr: Mutex::new(None),
+            publisher_addr: Mutex::new(None),
             subscriber_up: AtomicBool::new(false),
             publisher_up: AtomicBool::new(false),
             control: ControlSink::default(),
@@ -433,6 +455,10 @@ impl RedisBroker {
         Ok(all.into_iter().collect())
     }
 
+    pub(super) fn subscription_count(&self) -> usize {
+        self.shared.lock_subs().confirmed.len()
+    }
+
     pub(super) fn is_connected(&self) -> bool {
         self.shared.subscriber_up.load(Ordering::Relaxed)
             && self.shared.publisher_up.load(Ordering::Relaxed)
@@ -504,10 +530,15 @@ impl Shared {
         format!("{}presence:{}", self.prefix, room)
     }
 
-    fn update_connected(&self) {
-        let up =
-            self.subscriber_up.load(Ordering::Relaxed) && self.publisher_up.load(Ordering::Relaxed);
-        self.metrics.redis_connected.set(if up { 1.0 } else { 0.0 });
+    /// The subscriber task's transition. Only the flag changes: `gateway_redis_connected` is
+    /// read from the flags at scrape time (issue 15), like `/readyz`.
+    fn set_subscriber_up(&self, up: bool) {
+        self.subscriber_up.store(up, Ordering::Relaxed);
+    }
+
+    /// The publisher task's transition (see [`Shared::set_subscriber_up`]).
+    fn set_publisher_up(&self, up: bool) {
+        self.publisher_up.store(up, Ordering::Relaxed);
     }
 
     /// Runs a pipeline on the publisher connection within the command deadline. A missing
@@ -529,10 +560,13 @@ impl Shared {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) if e.code() == Some("NOSCRIPT") => Err(BrokerError::NoScript),
             Ok(Err(e)) => {
+                // READONLY: this server was demoted to a replica (a Sentinel failover that did
+                // not close our connection); reconnecting asks the sentinels for the new master.
                 if e.is_io_error()
                     || e.is_connection_dropped()
                     || e.is_timeout()
                     || e.is_unrecoverable_error()
+                    || e.code() == Some("READONLY")
                 {
                     self.lose_publisher(generation);
                 }
@@ -551,8 +585,7 @@ impl Shared {
         if matches!(&*p, Some((g, _)) if *g == generation) {
             *p = None;
             drop(p);
-            self.publisher_up.store(false, Ordering::Relaxed);
-            self.update_connected();
+            self.set_publisher_up(false);
             true
         } else {
             false
@@ -575,6 +608,17 @@ impl Shared {
     }
 }
 
+/// Whether a `ROLE` answer says master.
+fn is_master(v: &redis::Value) -> bool {
+    match v {
+        redis::Value::Array(a) => matches!(
+            a.first(),
+            Some(redis::Value::BulkString(r)) if r.as_slice() == b"master"
+        ),
+        _ => false,
+    }
+}
+
 /// Why a subscriber connection ended.
 #[derive(Debug, thiserror::Error)]
 enum SubscriberLost {
@@ -582,6 +626,8 @@ enum SubscriberLost {
     Closed,
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    #[error("the server is no longer the master")]
+    Demoted,
     #[error("{0}")]
     Redis(#[from] redis::RedisError),
 }
@@ -599,23 +645,29 @@ impl Subscriber {
         let mut ever_up = false;
         let mut failures = 0u64;
         loop {
-            let connect = tokio::time::timeout(s.timeouts.command, s.client.get_async_pubsub());
+            let connect = tokio::time::timeout(s.timeouts.command, async {
+                let client = s.endpoint.client().await?;
+                let pubsub = client.get_async_pubsub().await?;
+                Ok::<_, redis::RedisError>((
+                    client.get_connection_info().addr().to_string(),
+                    pubsub,
+                ))
+            });
             let conn = tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 r = connect => r,
             };
             match conn {
-                Ok(Ok(pubsub)) => {
+                Ok(Ok((addr, pubsub))) => {
+                    *s.subscriber_addr.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
                     let (mut sink, mut stream) = pubsub.split();
                     let result = self
                         .serve(&mut sink, &mut stream, &mut backoff, ever_up)
                         .await;
                     ever_up = true;
                     failures = 0;
-                    s.subscriber_up.store(false, Ordering::Relaxed);
-                    s.update_connected();
+                    s.set_subscriber_up(false);
                     s.lock_subs().confirmed.clear();
-                    s.metrics.broker_subscriptions.set(0.0);
                     match result {
                         Ok(()) => return,
                         Err(e) => {
@@ -660,8 +712,7 @@ impl Subscriber {
             Err(_) => return Err(SubscriberLost::Timeout(s.timeouts.command)),
         }
         self.converge(sink, &mut current).await?;
-        s.subscriber_up.store(true, Ordering::Relaxed);
-        s.update_connected();
+        s.set_subscriber_up(true);
         backoff.reset();
         if reconnect {
             s.metrics.redis_reconnects_subscriber.increment(1);
@@ -686,6 +737,7 @@ impl Subscriber {
                     }
                 }
                 _ = s.subs_changed.notified() => self.converge(sink, &mut current).await?,
+                _ = s.subscriber_stale.notified() => return Err(SubscriberLost::Demoted),
                 _ = probe.tick() => {
                     let t = s.timeouts.command;
                     match tokio::time::timeout(t, sink.ping::<redis::Value>()).await {
@@ -747,7 +799,6 @@ impl Subscriber {
                     subs.confirmed.remove(r);
                 }
             }
-            s.metrics.broker_subscriptions.set(current.len() as f64);
         }
     }
 }
@@ -768,17 +819,20 @@ impl Publisher {
         let mut generation = 0u64;
         let mut failures = 0u64;
         loop {
-            let connect = tokio::time::timeout(
-                s.timeouts.command,
-                s.client
-                    .get_multiplexed_async_connection_with_config(&config),
-            );
+            let connect = tokio::time::timeout(s.timeouts.command, async {
+                let client = s.endpoint.client().await?;
+                let conn = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?;
+                Ok::<_, redis::RedisError>((client.get_connection_info().addr().to_string(), conn))
+            });
             let conn = tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 r = connect => r,
             };
             match conn {
-                Ok(Ok(conn)) => {
+                Ok(Ok((addr, conn))) => {
+                    *s.publisher_addr.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
                     generation += 1;
                     if generation > 1 {
                         s.metrics.redis_reconnects_publisher.increment(1);
@@ -787,8 +841,7 @@ impl Publisher {
                     backoff.reset();
                     *s.publisher.lock().unwrap_or_else(|e| e.into_inner()) =
                         Some((generation, conn));
-                    s.publisher_up.store(true, Ordering::Relaxed);
-                    s.update_connected();
+                    s.set_publisher_up(true);
                     info!("redis publisher connected");
                     if !self.watch(generation).await {
                         return;
@@ -835,12 +888,41 @@ impl Publisher {
                 _ = probe.tick() => {
                     let conn = s.publisher.lock().unwrap_or_else(|e| e.into_inner()).clone();
                     let Some((_, mut conn)) = conn else { return true };
-                    let ping = redis::cmd("PING").to_owned();
-                    let ok = matches!(
-                        tokio::time::timeout(s.timeouts.command, ping.query_async::<redis::Value>(&mut conn)).await,
-                        Ok(Ok(_))
-                    );
-                    if !ok {
+                    // Under Sentinel the probe asks ROLE: a failover may leave this connection
+                    // open on the demoted master, where PUBLISH still "works" for that server's
+                    // own subscribers only — a silent split from the real master.
+                    let sentinel = matches!(s.endpoint, Endpoint::Sentinel(_));
+                    let probe = redis::cmd(if sentinel { "ROLE" } else { "PING" }).to_owned();
+                    let answer = tokio::time::timeout(
+                        s.timeouts.command,
+                        probe.query_async::<redis::Value>(&mut conn),
+                    )
+                    .await;
+                    let mut demoted = sentinel && matches!(&answer, Ok(Ok(v)) if !is_master(v));
+                    if sentinel && !demoted {
+                        // A forced failover leaves the old master a master until Sentinel
+                        // converts it (seconds): follow the sentinels' word, not the server's.
+                        let named = tokio::time::timeout(s.timeouts.command, s.endpoint.client())
+                            .await;
+                        if let Ok(Ok(c)) = named {
+                            let named = c.get_connection_info().addr().to_string();
+                            let on = |a: &Mutex<Option<String>>| {
+                                a.lock().unwrap_or_else(|e| e.into_inner()).as_deref()
+                                    == Some(named.as_str())
+                            };
+                            demoted = !on(&s.publisher_addr);
+                            if !on(&s.subscriber_addr) {
+                                s.subscriber_stale.notify_waiters();
+                            }
+                        }
+                    }
+                    if demoted {
+                        s.take_publisher(generation);
+                        s.subscriber_stale.notify_waiters();
+                        warn!("redis server is no longer the master; asking the sentinels again");
+                        return true;
+                    }
+                    if !matches!(answer, Ok(Ok(_))) {
                         s.take_publisher(generation);
                         warn!("redis publisher probe failed; reconnecting");
                         return true;
@@ -848,5 +930,128 @@ impl Publisher {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::Broker;
+    use crate::config::Config;
+    use crate::node::Node;
+
+    /// Issue 15: the subscriber and publisher tasks change their state on two worker threads at
+    /// the same moment, many times over; after every round, what `/metrics` shows and what
+    /// `/readyz` reports must agree.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connected_gauge_agrees_with_readiness_under_concurrent_flips() {
+        let mut config = Config::defaults();
+        config.redis_url = Some("redis://127.0.0.1:1/".into());
+        config.redis_timeout = Duration::from_millis(100);
+        let stop = CancellationToken::new();
+        stop.cancel(); // the connection tasks exit at once: only this test changes the state
+        let node = Node::start(
+            config.clone(),
+            Metrics::new("t"),
+            TaskTracker::new(),
+            stop,
+            None,
+        )
+        .unwrap();
+        let Broker::Redis(broker) = &node.broker else {
+            unreachable!()
+        };
+        let shared = broker.shared.clone();
+        let rounds = 5_000;
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let plan: Arc<Vec<(bool, bool)>> = Arc::new(
+            (0..rounds)
+                .map(|_| (fastrand::bool(), fastrand::bool()))
+                .collect(),
+        );
+        let (tx, rx) = std::sync::mpsc::sync_channel::<()>(0);
+        let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<()>(0);
+        let flipper = {
+            let (shared, barrier, plan) = (shared.clone(), barrier.clone(), plan.clone());
+            std::thread::spawn(move || {
+                for &(_, publisher) in plan.iter() {
+                    rx.recv().unwrap();
+                    barrier.wait();
+                    shared.set_publisher_up(publisher);
+                    done_tx.send(()).unwrap();
+                }
+            })
+        };
+        let mut disagreements = 0;
+        for &(subscriber, _) in plan.iter() {
+            tx.send(()).unwrap();
+            barrier.wait();
+            shared.set_subscriber_up(subscriber);
+            done_rx.recv().unwrap();
+            // The observation point: both transitions are done.
+            let ready = node.broker.is_connected();
+            let gauge = metric(&node.render_metrics(), "gateway_redis_connected");
+            if (gauge == 1.0) != ready {
+                disagreements += 1;
+            }
+        }
+        flipper.join().unwrap();
+        assert_eq!(
+            disagreements, 0,
+            "gauge disagreed with /readyz in {disagreements} of {rounds} rounds"
+        );
+    }
+
+    /// The race's outcome made deterministic: a connection's state changes and no gauge update
+    /// follows it (in the race, the update that would have reflected it was overwritten by a
+    /// concurrent one computed from a stale flag). A pushed gauge stays wrong; a derived one
+    /// cannot.
+    #[tokio::test]
+    async fn connected_gauge_is_read_from_the_state_at_scrape_time() {
+        let mut config = Config::defaults();
+        config.redis_url = Some("redis://127.0.0.1:1/".into());
+        config.redis_timeout = Duration::from_millis(100);
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let node = Node::start(config, Metrics::new("t"), TaskTracker::new(), stop, None).unwrap();
+        let Broker::Redis(broker) = &node.broker else {
+            unreachable!()
+        };
+        let s = &broker.shared;
+        let gauge = || metric(&node.render_metrics(), "gateway_redis_connected");
+        assert_eq!(gauge(), 0.0);
+        s.set_subscriber_up(true);
+        s.set_publisher_up(true);
+        assert!(node.broker.is_connected());
+        assert_eq!(gauge(), 1.0);
+        s.subscriber_up.store(false, Ordering::Relaxed); // the lost update
+        assert!(!node.broker.is_connected());
+        assert_eq!(
+            gauge(),
+            0.0,
+            "the gauge must follow the state, as /readyz does"
+        );
+        let text = node.render_metrics();
+        assert_eq!(
+            metric(&text, "gateway_redis_shard_up"),
+            0.0,
+            "one Redis is shard 0"
+        );
+        assert_eq!(metric(&text, "gateway_redis_shards"), 1.0);
+        s.lock_subs()
+            .confirmed
+            .insert(RoomName::parse("a").unwrap());
+        assert_eq!(
+            metric(&node.render_metrics(), "gateway_broker_subscriptions"),
+            1.0
+        );
+    }
+
+    fn metric(text: &str, name: &str) -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN)
     }
 }

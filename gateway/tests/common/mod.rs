@@ -997,3 +997,163 @@ pub async fn http_history(
     .unwrap();
     (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
 }
+
+// ---- Redis topologies (TLS, Sentinel, Cluster): processes with arbitrary arguments ----
+
+/// A `redis-server` child started with arbitrary arguments (TLS, `--sentinel`, cluster mode),
+/// listening on `port`; killed on drop.
+pub struct RedisProcess {
+    pub port: u16,
+    child: Option<Child>,
+    args: Vec<String>,
+}
+
+impl RedisProcess {
+    /// Starts `redis-server ARGS…` and waits until `port` accepts TCP connections.
+    pub async fn start(port: u16, args: Vec<String>) -> Self {
+        let mut p = Self {
+            port,
+            child: None,
+            args,
+        };
+        p.spawn().await;
+        p
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new(redis_server_binary())
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test.sh installs it)");
+        self.child = Some(child);
+        wait_port(self.port).await;
+    }
+
+    /// SIGKILL, reaped.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Whether the process is running.
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+impl Drop for RedisProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits until `127.0.0.1:port` accepts TCP connections.
+pub async fn wait_port(port: u16) {
+    let deadline = Instant::now() + WAIT;
+    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on port {port}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The common arguments of a throw-away loopback redis-server on `port`.
+pub fn redis_args(port: u16, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "no",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// A test configuration pointing at an arbitrary Redis URL (`rediss://`, `redis+sentinel://`,
+/// `redis+cluster://`).
+pub fn test_config_url(node_id: &str, url: &str, extra: &[&str]) -> Config {
+    let mut flags = vec!["--redis-url", url];
+    flags.extend_from_slice(extra);
+    test_config(node_id, None, &flags)
+}
+
+/// Runs one command on `127.0.0.1:port` (plain TCP) and returns the answer.
+pub async fn redis_at(port: u16, args: &[&str]) -> redis::RedisResult<redis::Value> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
+    let mut c = tokio::time::timeout(
+        Duration::from_secs(2),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "connect timed out")))??;
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    tokio::time::timeout(Duration::from_secs(2), cmd.query_async(&mut c))
+        .await
+        .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "command timed out")))?
+}
+
+/// GET /readyz's status (0 when the admin port does not answer).
+pub async fn readyz_status(node: &TestNode) -> u16 {
+    http(node.admin, "GET", "/readyz", &[], b"")
+        .await
+        .map(|(s, _)| s)
+        .unwrap_or(0)
+}
+
+/// A fresh scratch directory under the system temp dir.
+pub fn scratch_dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "gw-{name}-{}-{}",
+        std::process::id(),
+        fastrand_u32()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn fastrand_u32() -> u32 {
+    fastrand::u32(..)
+}
+
+/// Publishes from `from` until `to` receives one, within `limit`; returns the time it took.
+/// Messages carry `{"probe": n, "token": T}` with a token of this call; other frames are skipped.
+pub async fn delivery_resumes(
+    from: &mut WsClient,
+    to: &mut WsClient,
+    limit: Duration,
+) -> Option<Duration> {
+    // A token of this call only: probes of an earlier call still on their way do not count.
+    let token = format!("{}", fastrand_u32());
+    let start = Instant::now();
+    let mut i = 0u64;
+    while start.elapsed() < limit {
+        i += 1;
+        from.publish(serde_json::json!({ "probe": i, "token": token }))
+            .await;
+        let until = Instant::now() + Duration::from_millis(100);
+        while let Some(m) = to
+            .next_json_within(until.saturating_duration_since(Instant::now()))
+            .await
+        {
+            if m["type"] == "message" && m["data"]["token"] == token.as_str() {
+                return Some(start.elapsed());
+            }
+        }
+    }
+    None
+}
