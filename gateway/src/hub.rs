@@ -173,12 +173,21 @@ impl Hub {
     /// The read lock is held through the members' non-blocking writes: joins and leaves of any
     /// room wait for one fan-out (a few ms for thousands of members), which is cheaper than a
     /// snapshot of every member's outbox per message.
-    pub fn fanout(&self, room: &RoomName, frame: &Bytes, stamp: Option<Stamp>) -> Fanout {
+    ///
+    /// `direct: false` queues to every member (their writers send, batched): see
+    /// [`Outbox::push_message`].
+    pub fn fanout(
+        &self,
+        room: &RoomName,
+        frame: &Bytes,
+        stamp: Option<Stamp>,
+        direct: bool,
+    ) -> Fanout {
         let rooms = self.rooms.read().unwrap_or_else(|e| e.into_inner());
         let mut out = Fanout::default();
         if let Some(r) = rooms.get(room) {
             for m in r.members.values() {
-                match m.outbox.push_message(frame.clone(), stamp) {
+                match m.outbox.push_message(frame.clone(), stamp, direct) {
                     Ok(Pushed::Written) => out.written += 1,
                     Ok(Pushed::Queued) => out.queued += 1,
                     Ok(Pushed::Covered) => {}
@@ -256,7 +265,7 @@ mod tests {
         hub.join(&room, 1, Role::Viewer, a.clone(), || {});
         hub.join(&room, 2, Role::Viewer, b.clone(), || {});
         let frame = Bytes::from_static(b"0123456789");
-        let out = hub.fanout(&room, &frame, None);
+        let out = hub.fanout(&room, &frame, None, true);
         assert_eq!(
             out,
             Fanout {

@@ -18,6 +18,7 @@ use crate::history::Stamp;
 use crate::hub::Hub;
 use crate::metrics::{DropReason, Metrics, Source};
 use crate::protocol::{self, BrokerPayload, RoomName};
+use crate::session::outbox::now_millis;
 
 /// How far in the future a message's `ts` may be (clock skew between nodes) and still be sampled.
 const MAX_CLOCK_SKEW_US: u64 = 1_000_000;
@@ -36,6 +37,57 @@ pub struct Inbound {
     /// `--max-message-size` bytes, plus room for JSON string escaping and the envelope fields.
     max_envelope: usize,
     ids: MessageIds,
+    /// Chooses between writing from the fan-out and waking the members' writers.
+    pace: DeliveryPace,
+}
+
+/// The node's recent delivery rate, which decides how a fan-out sends: below
+/// `--direct-write-max-rate` deliveries per second the fan-out writes to each idle member's socket
+/// itself (no task wake-up: the cheapest way per delivery, but every write on the one thread that
+/// runs the fan-out); above it, it queues and wakes the members' writers, which run on every
+/// worker thread and each send whatever queued meanwhile in one write — more wake-ups, but the
+/// load spreads over the cores and batching grows with the rate. Measured over windows of
+/// [`PACE_WINDOW_MS`]; only the broker's receiving task updates it, so relaxed atomics suffice.
+#[derive(Debug)]
+struct DeliveryPace {
+    /// Deliveries per second above which fan-outs queue; 0 = never write directly.
+    max_rate: u64,
+    window_start_ms: AtomicU64,
+    count: AtomicU64,
+    /// Deliveries per second in the last complete window.
+    rate: AtomicU64,
+}
+
+/// Length of one delivery-rate window.
+const PACE_WINDOW_MS: u64 = 100;
+
+impl DeliveryPace {
+    fn new(max_rate: u64) -> Self {
+        Self {
+            max_rate,
+            window_start_ms: AtomicU64::new(now_millis()),
+            count: AtomicU64::new(0),
+            rate: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the next fan-out writes directly.
+    fn direct(&self) -> bool {
+        self.max_rate > 0 && self.rate.load(Ordering::Relaxed) < self.max_rate
+    }
+
+    /// Counts `n` deliveries; closes the window when it is over.
+    fn record(&self, n: u64) {
+        let count = self.count.fetch_add(n, Ordering::Relaxed) + n;
+        let now = now_millis();
+        let start = self.window_start_ms.load(Ordering::Relaxed);
+        let elapsed = now.saturating_sub(start);
+        if elapsed >= PACE_WINDOW_MS {
+            self.rate.store(count * 1000 / elapsed, Ordering::Relaxed);
+            self.count.store(0, Ordering::Relaxed);
+            self.window_start_ms.store(now, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Cluster-unique message ids: node id, a random per-process boot tag (so a restarted node never
@@ -58,7 +110,14 @@ impl Inbound {
                 prefix: format!("{node_id}-{:08x}-", fastrand::u32(..)),
                 seq: AtomicU64::new(0),
             },
+            pace: DeliveryPace::new(crate::config::DIRECT_WRITE_MAX_RATE),
         }
+    }
+
+    /// Sets `--direct-write-max-rate` (see [`DeliveryPace`]).
+    pub fn with_direct_write_max_rate(mut self, max_rate: u64) -> Self {
+        self.pace = DeliveryPace::new(max_rate);
+        self
     }
 
     /// A fresh cluster-unique message id.
@@ -107,7 +166,8 @@ impl Inbound {
     /// [`Inbound::receive`], and the node's local fallback of a publish during a broker outage).
     pub fn deliver(&self, room: &RoomName, frame: Bytes, ts: u64, stamp: Option<Stamp>) {
         let m = &self.metrics;
-        let out = self.hub.fanout(room, &frame, stamp);
+        let out = self.hub.fanout(room, &frame, stamp, self.pace.direct());
+        self.pace.record((out.written + out.queued) as u64);
         if out.written == 0 && out.queued == 0 && out.dropped == 0 {
             m.dropped(DropReason::NoMembers).increment(1);
             return;
@@ -177,5 +237,23 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn fanouts_queue_above_the_direct_write_rate_and_write_again_below_it() {
+        let pace = DeliveryPace::new(1_000);
+        assert!(pace.direct(), "no traffic yet");
+        // 500 deliveries within one window of ~110 ms: ~4 500/s once the window closes.
+        let window = std::time::Duration::from_millis(PACE_WINDOW_MS + 10);
+        pace.record(500);
+        std::thread::sleep(window);
+        pace.record(0);
+        let rate = pace.rate.load(Ordering::Relaxed);
+        assert!(!pace.direct(), "{rate} deliveries/s");
+        // A quiet window brings direct writes back.
+        std::thread::sleep(window);
+        pace.record(1);
+        assert!(pace.direct());
+        assert!(!DeliveryPace::new(0).direct(), "0 = always queue");
     }
 }

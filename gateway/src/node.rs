@@ -122,12 +122,15 @@ impl Node {
         auth: Option<Arc<Verifier>>,
     ) -> Result<Arc<Node>, BrokerError> {
         let hub = Arc::new(Hub::new());
-        let inbound = Arc::new(Inbound::new(
-            &config.node_id,
-            hub.clone(),
-            metrics.clone(),
-            config.max_message_size,
-        ));
+        let inbound = Arc::new(
+            Inbound::new(
+                &config.node_id,
+                hub.clone(),
+                metrics.clone(),
+                config.max_message_size,
+            )
+            .with_direct_write_max_rate(config.direct_write_max_rate),
+        );
         let limits = config.history_limits();
         let timeouts = RedisTimeouts {
             command: config.redis_timeout,

@@ -592,10 +592,18 @@ mod tests {
             "backend",
         ]);
         let mut c = claims(now() + 60);
+        c["iss"] = "backend".into();
         assert_eq!(
             v.verify(&hs256(&c, SECRET, None)).await.unwrap_err(),
             AuthError::Audience,
             "aud required when configured"
+        );
+        c["aud"] = "live".into();
+        c.as_object_mut().unwrap().remove("iss");
+        assert_eq!(
+            v.verify(&hs256(&c, SECRET, None)).await.unwrap_err(),
+            AuthError::Issuer,
+            "iss required when configured"
         );
         c["aud"] = "live".into();
         c["iss"] = "backend".into();

@@ -209,16 +209,30 @@ impl Outbox {
     /// Sends a room message with its stamp (`None`: a message without one) without waiting (see
     /// [`Outbox::push`]); a message the session's history covered is dropped
     /// ([`Pushed::Covered`]).
-    pub fn push_message(&self, frame: Bytes, stamp: Option<Stamp>) -> Result<Pushed, PushError> {
-        self.push_entry(stamp, Outgoing::Text(frame))
+    ///
+    /// `direct: false` queues even when the outbox is idle, so that the member's writer sends it
+    /// (on any worker thread, batched with whatever else queued meanwhile): the fan-out's choice
+    /// when the node delivers at a rate one thread's direct writes could not keep up with.
+    pub fn push_message(
+        &self,
+        frame: Bytes,
+        stamp: Option<Stamp>,
+        direct: bool,
+    ) -> Result<Pushed, PushError> {
+        self.push_entry(stamp, Outgoing::Text(frame), direct)
     }
 
     /// Sends any item without waiting (see [`Outbox::push`]).
     pub fn push_item(&self, item: Outgoing) -> Result<Pushed, PushError> {
-        self.push_entry(None, item)
+        self.push_entry(None, item, true)
     }
 
-    fn push_entry(&self, stamp: Option<Stamp>, item: Outgoing) -> Result<Pushed, PushError> {
+    fn push_entry(
+        &self,
+        stamp: Option<Stamp>,
+        item: Outgoing,
+        direct: bool,
+    ) -> Result<Pushed, PushError> {
         if self.is_closing() {
             return Err(PushError::Closed);
         }
@@ -239,7 +253,7 @@ impl Outbox {
         }
         // The lock is held across the write so that no other push, and not the writer, can put
         // bytes on the socket in between: a non-blocking syscall, never an await.
-        let item = match (q.writing, self.socket.get()) {
+        let item = match (q.writing || !direct, self.socket.get()) {
             (false, Some(socket)) => match write_now(socket, &item) {
                 Direct::All => return Ok(Pushed::Written),
                 Direct::Part(rest) => Outgoing::Rest(rest, matches!(item, Outgoing::Text(_))),
@@ -494,12 +508,16 @@ mod tests {
         outbox.hold();
         for o in [3, 4, 5] {
             outbox
-                .push_message(Bytes::from(format!("live{o}")), Some(Stamp::new(o, "E")))
+                .push_message(
+                    Bytes::from(format!("live{o}")),
+                    Some(Stamp::new(o, "E")),
+                    true,
+                )
                 .unwrap();
         }
         outbox.push(Bytes::from_static(b"presence")).unwrap();
         outbox
-            .push_message(Bytes::from_static(b"raw"), None)
+            .push_message(Bytes::from_static(b"raw"), None, true)
             .unwrap();
         let skipped = outbox.release(
             ["welcome", "hist3", "hist4"].map(|s| Bytes::from_static(s.as_bytes())),
@@ -532,7 +550,7 @@ mod tests {
         outbox.release([Bytes::from_static(b"w")], Some(Stamp::new(10, "E")));
         let push = |o: u64, e: &str| {
             outbox
-                .push_message(Bytes::from(format!("{e}{o}")), Some(Stamp::new(o, e)))
+                .push_message(Bytes::from(format!("{e}{o}")), Some(Stamp::new(o, e)), true)
                 .unwrap()
         };
         push(9, "E"); // published before the read, late through the subscription
@@ -543,7 +561,7 @@ mod tests {
         other.hold();
         other.release([], Some(Stamp::new(10, "E")));
         other
-            .push_message(Bytes::from_static(b"F1"), Some(Stamp::new(1, "F")))
+            .push_message(Bytes::from_static(b"F1"), Some(Stamp::new(1, "F")), true)
             .unwrap();
         let mut batch = Vec::new();
         rx.recv_batch(&outbox, &mut batch, 100).await;
@@ -566,11 +584,11 @@ mod tests {
         outbox.hold();
         for o in 0..8 {
             outbox
-                .push_message(Bytes::from_static(b"m"), Some(Stamp::new(o, "E")))
+                .push_message(Bytes::from_static(b"m"), Some(Stamp::new(o, "E")), true)
                 .unwrap();
         }
         assert_eq!(
-            outbox.push_message(Bytes::from_static(b"m"), Some(Stamp::new(9, "E"))),
+            outbox.push_message(Bytes::from_static(b"m"), Some(Stamp::new(9, "E")), true),
             Err(PushError::Full)
         );
         assert_eq!(outbox.close_reason(), Some(CloseReason::SlowConsumer));
