@@ -28,7 +28,7 @@
 //! - [`broker`] — the seam to the cluster: [`broker::memory`], [`broker::redis`] (one Redis or
 //!   a Sentinel-managed master), [`broker::redis_cluster`] (sharded pub/sub) and
 //!   [`broker::redis_endpoint`] (URL forms and TLS); the Redis brokers number, record and publish
-//!   a room's messages in one atomic step (Lua scripts `broker/publish.lua`, `broker/history.lua`).
+//!   a room's messages in one atomic step ([`broker::scripts`]: `publish.lua`, `history.lua`).
 //! - [`auth`] — token verification: keys (HMAC, PEM, [`auth::jwks`]), [`auth::claims`] and grants.
 //! - [`control`] — what the brokers carry for moderation: control commands, the bans' storage.
 //! - [`moderation`] — applies the control channel's disconnects on this node; ban checks.

@@ -18,6 +18,7 @@ pub mod memory;
 pub mod redis;
 pub mod redis_cluster;
 pub mod redis_endpoint;
+pub mod scripts;
 
 use std::time::Duration;
 

@@ -44,9 +44,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::redis_endpoint::Endpoint;
+use super::scripts;
 use super::{Backoff, BrokerError};
 use crate::control::{self, ControlSink};
-use crate::history::{Ack, HistoryLimits, HistoryQuery, HistoryRead, Recovery, META_TTL};
+use crate::history::{Ack, HistoryLimits, HistoryQuery, HistoryRead};
 use crate::hub::RoomCounts;
 use crate::inbound::Inbound;
 use crate::metrics::Metrics;
@@ -93,11 +94,6 @@ end
 return {hosts, viewers}
 "#;
 
-/// Numbers, records and publishes one message (loaded once, run with `EVALSHA`).
-pub(super) const PUBLISH_SCRIPT: &str = include_str!("publish.lua");
-/// Reads a room's position and history for a joining or resuming client.
-pub(super) const HISTORY_SCRIPT: &str = include_str!("history.lua");
-
 /// A Lua script run with `EVALSHA`: loaded with `SCRIPT LOAD` on first use, and again when Redis
 /// answers `NOSCRIPT` (it restarted and lost its script cache).
 #[derive(Debug)]
@@ -122,46 +118,6 @@ impl Script {
     fn set_sha(&self, sha: Option<String>) {
         *self.sha.lock().unwrap_or_else(|e| e.into_inner()) = sha;
     }
-}
-
-/// Parses `history.lua`'s answer.
-pub(super) fn parse_history(values: Vec<redis::Value>) -> Option<HistoryRead> {
-    use redis::Value;
-    fn text(v: &Value) -> Option<String> {
-        match v {
-            Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-            Value::SimpleString(s) => Some(s.clone()),
-            _ => None,
-        }
-    }
-    fn int(v: &Value) -> Option<u64> {
-        match v {
-            Value::Int(n) => u64::try_from(*n).ok(),
-            other => text(other)?.parse().ok(),
-        }
-    }
-    let mut it = values.into_iter();
-    let epoch = text(&it.next()?)?;
-    let offset = int(&it.next()?)?;
-    let status = text(&it.next()?)?;
-    let recovery = match status.as_str() {
-        "none" => None,
-        s => Some(Recovery::from_status(s)?),
-    };
-    let mut frames = Vec::new();
-    while let Some(off) = it.next() {
-        let frame = match it.next()? {
-            Value::BulkString(b) => Bytes::from(b),
-            _ => return None,
-        };
-        frames.push((int(&off)?, frame));
-    }
-    Some(HistoryRead {
-        epoch,
-        offset,
-        recovery,
-        frames,
-    })
 }
 
 /// Timeouts of the Redis connections.
@@ -258,8 +214,8 @@ impl RedisBroker {
             publisher: Mutex::new(None),
             publisher_lost: Notify::new(),
             limits,
-            publish_script: Script::new(PUBLISH_SCRIPT),
-            history_script: Script::new(HISTORY_SCRIPT),
+            publish_script: Script::new(scripts::PUBLISH_SCRIPT),
+            history_script: Script::new(scripts::HISTORY_SCRIPT),
             publish_command: "PUBLISH",
             subscriber_stale: Notify::new(),
             subscriber_addr: Mutex::new(None),
@@ -320,30 +276,14 @@ impl RedisBroker {
         key: Option<&str>,
     ) -> Result<Ack, BrokerError> {
         let s = &self.shared;
-        let mut keys = vec![s.room_key(room, "meta"), s.room_key(room, "hist")];
-        if let Some(k) = key {
-            keys.push(s.room_key(room, &format!("idem:{k}")));
-        }
-        let limits = s.limits;
+        let keys = scripts::publish_keys(&s.prefix, room, key);
         let channel = s.channel(room);
-        let (offset, epoch, duplicate, id): (u64, String, i64, String) = s
+        let answer: redis::Value = s
             .eval(&s.publish_script, &keys, |cmd| {
-                cmd.arg(prefix.as_ref())
-                    .arg(limits.size)
-                    .arg(limits.ttl.as_millis() as u64)
-                    .arg(limits.idempotency_ttl.as_millis() as u64)
-                    .arg(s.publish_command)
-                    .arg(&channel)
-                    .arg(META_TTL.as_millis() as u64)
-                    .arg(id);
+                scripts::publish_args(cmd, &prefix, &s.limits, s.publish_command, &channel, id)
             })
             .await?;
-        Ok(Ack {
-            offset,
-            epoch,
-            id,
-            duplicate: duplicate == 1,
-        })
+        scripts::parse_ack(answer)
     }
 
     /// Runs `history.lua`: the room's position and the history `query` asks for.
@@ -353,22 +293,13 @@ impl RedisBroker {
         query: &HistoryQuery,
     ) -> Result<HistoryRead, BrokerError> {
         let s = &self.shared;
-        let keys = [s.room_key(room, "meta"), s.room_key(room, "hist")];
-        let (epoch, offset) = match &query.since {
-            Some(since) => (since.epoch.as_str(), since.offset),
-            None => ("", 0),
-        };
-        let ttl = s.limits.ttl.as_millis() as u64;
-        let values: Vec<redis::Value> = s
+        let keys = scripts::history_keys(&s.prefix, room);
+        let answer: redis::Value = s
             .eval(&s.history_script, &keys, |cmd| {
-                cmd.arg(epoch)
-                    .arg(offset)
-                    .arg(query.max_recovery)
-                    .arg(query.backlog)
-                    .arg(ttl);
+                scripts::history_args(cmd, query, &s.limits)
             })
             .await?;
-        parse_history(values).ok_or_else(|| BrokerError::Failed("unexpected history answer".into()))
+        scripts::parse_history_answer(answer)
     }
 
     /// Reports this node's local counts of `rooms` (and withdraws its counts of `gone` rooms) and
@@ -483,12 +414,6 @@ impl Shared {
     /// The hash of a user's bans.
     fn ban_key(&self, sub: &str) -> String {
         format!("{}ban:{}", self.prefix, sub)
-    }
-
-    /// A key of `room`'s history: `{prefix}{<room>}:<suffix>`, hash-tagged by the room so that
-    /// a script's keys share one cluster slot.
-    fn room_key(&self, room: &RoomName, suffix: &str) -> String {
-        format!("{}{{{}}}:{}", self.prefix, room, suffix)
     }
 
     /// Runs `script` with `EVALSHA` on the publisher connection (loading it first if needed, and

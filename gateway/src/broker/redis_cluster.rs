@@ -43,11 +43,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use super::redis::{parse_history, RedisTimeouts, HISTORY_SCRIPT, PRESENCE_SCRIPT, PUBLISH_SCRIPT};
+use super::redis::{RedisTimeouts, PRESENCE_SCRIPT};
 use super::redis_endpoint::ClusterSeeds;
+use super::scripts;
 use super::{Backoff, BrokerError};
 use crate::control::{self, ControlSink};
-use crate::history::{Ack, HistoryLimits, HistoryQuery, HistoryRead, META_TTL};
+use crate::history::{Ack, HistoryLimits, HistoryQuery, HistoryRead};
 use crate::hub::RoomCounts;
 use crate::inbound::Inbound;
 use crate::metrics::Metrics;
@@ -211,8 +212,8 @@ impl RedisClusterBroker {
             prefix: prefix.to_string(),
             control_room: control_room.clone(),
             limits,
-            publish_script: redis::Script::new(PUBLISH_SCRIPT),
-            history_script: redis::Script::new(HISTORY_SCRIPT),
+            publish_script: redis::Script::new(scripts::PUBLISH_SCRIPT),
+            history_script: redis::Script::new(scripts::HISTORY_SCRIPT),
             sink: Arc::new(PushSink {
                 inbound,
                 control: ControlSink::default(),
@@ -277,11 +278,6 @@ impl RedisClusterBroker {
         }
     }
 
-    /// `SPUBLISH PREFIX{room} payload`, routed to the master of the room's slot.
-    ///
-    /// The seam of the history issue: its one publish script (`EVALSHA` over
-    /// `PREFIX{room}:meta`, `:hist`, `:idem:*`, ending in `SPUBLISH`) takes this command's
-    /// place, routed by the same [`Shared::route`] since every key carries the room's hash tag.
     /// Runs `publish.lua` in the room's slot: numbers, records and `SPUBLISH`es one message (same
     /// contract as the single-server broker's publish).
     pub(super) async fn publish(
@@ -292,32 +288,14 @@ impl RedisClusterBroker {
         key: Option<&str>,
     ) -> Result<Ack, BrokerError> {
         let s = &self.shared;
-        let mut keys = vec![s.room_key(room, "meta"), s.room_key(room, "hist")];
-        if let Some(k) = key {
-            keys.push(s.room_key(room, &format!("idem:{k}")));
-        }
-        let limits = s.limits;
+        let keys = scripts::publish_keys(&s.prefix, room, key);
         let channel = s.channel(room);
-        let v = s
-            .eval(&s.publish_script, PUBLISH_SCRIPT, &keys, |cmd| {
-                cmd.arg(prefix.as_ref())
-                    .arg(limits.size)
-                    .arg(limits.ttl.as_millis() as u64)
-                    .arg(limits.idempotency_ttl.as_millis() as u64)
-                    .arg("SPUBLISH")
-                    .arg(&channel)
-                    .arg(META_TTL.as_millis() as u64)
-                    .arg(id);
+        let answer = s
+            .eval(&s.publish_script, scripts::PUBLISH_SCRIPT, &keys, |cmd| {
+                scripts::publish_args(cmd, &prefix, &s.limits, "SPUBLISH", &channel, id)
             })
             .await?;
-        let (offset, epoch, duplicate, id): (u64, String, i64, String) =
-            redis::from_redis_value(v).map_err(|e| BrokerError::Failed(e.to_string()))?;
-        Ok(Ack {
-            offset,
-            epoch,
-            id,
-            duplicate: duplicate == 1,
-        })
+        scripts::parse_ack(answer)
     }
 
     /// Runs `history.lua` in the room's slot (same contract as the single-server broker's).
@@ -327,24 +305,13 @@ impl RedisClusterBroker {
         query: &HistoryQuery,
     ) -> Result<HistoryRead, BrokerError> {
         let s = &self.shared;
-        let keys = [s.room_key(room, "meta"), s.room_key(room, "hist")];
-        let (epoch, offset) = match &query.since {
-            Some(since) => (since.epoch.as_str(), since.offset),
-            None => ("", 0),
-        };
-        let ttl = s.limits.ttl.as_millis() as u64;
-        let v = s
-            .eval(&s.history_script, HISTORY_SCRIPT, &keys, |cmd| {
-                cmd.arg(epoch)
-                    .arg(offset)
-                    .arg(query.max_recovery)
-                    .arg(query.backlog)
-                    .arg(ttl);
+        let keys = scripts::history_keys(&s.prefix, room);
+        let answer = s
+            .eval(&s.history_script, scripts::HISTORY_SCRIPT, &keys, |cmd| {
+                scripts::history_args(cmd, query, &s.limits)
             })
             .await?;
-        let values: Vec<Value> =
-            redis::from_redis_value(v).map_err(|e| BrokerError::Failed(e.to_string()))?;
-        parse_history(values).ok_or_else(|| BrokerError::Failed("unexpected history answer".into()))
+        scripts::parse_history_answer(answer)
     }
 
     pub(super) fn set_control(&self, tx: tokio::sync::mpsc::Sender<Bytes>) {
@@ -475,11 +442,6 @@ impl Shared {
     /// `PREFIX{room}:presence`: same slot as the channel.
     fn presence_key(&self, room: &RoomName) -> String {
         format!("{}{{{}}}:presence", self.prefix, room)
-    }
-
-    /// A key of `room`'s history: `{prefix}{<room>}:<suffix>`, in the room's slot.
-    fn room_key(&self, room: &RoomName, suffix: &str) -> String {
-        format!("{}{{{}}}:{}", self.prefix, room, suffix)
     }
 
     /// The hash of a user's bans (its own slot).

@@ -1,0 +1,135 @@
+//! The continuity scripts both Redis brokers run (one server or Sentinel, and Cluster): their
+//! sources, their keys, their arguments and how their answers read. Every key carries the room's
+//! hash tag (`{prefix}{<room>}:meta|hist|idem:<key>`), so one script touches one cluster slot;
+//! the brokers differ only in how a script reaches Redis and which command publishes
+//! (`PUBLISH`, or `SPUBLISH` on the room's hash-tagged channel in a cluster).
+
+use crate::history::{Ack, HistoryLimits, HistoryQuery, HistoryRead, Recovery, META_TTL};
+use crate::protocol::RoomName;
+
+use super::BrokerError;
+use bytes::Bytes;
+
+/// Numbers, records and publishes one message.
+pub(super) const PUBLISH_SCRIPT: &str = include_str!("publish.lua");
+/// Reads a room's position and history for a joining or resuming client.
+pub(super) const HISTORY_SCRIPT: &str = include_str!("history.lua");
+
+/// A key of `room`'s history: `{prefix}{<room>}:<suffix>`, hash-tagged by the room.
+pub fn room_key(prefix: &str, room: &RoomName, suffix: &str) -> String {
+    format!("{prefix}{{{room}}}:{suffix}")
+}
+
+/// The keys of `publish.lua`: the room's meta and stream, and the idempotency `key`'s.
+pub fn publish_keys(prefix: &str, room: &RoomName, key: Option<&str>) -> Vec<String> {
+    let mut keys = vec![
+        room_key(prefix, room, "meta"),
+        room_key(prefix, room, "hist"),
+    ];
+    if let Some(k) = key {
+        keys.push(room_key(prefix, room, &format!("idem:{k}")));
+    }
+    keys
+}
+
+/// Appends `publish.lua`'s arguments: the node-encoded frame without its position tail, the
+/// history bounds, the publish command and channel, the meta's lifetime and the message id.
+pub fn publish_args(
+    cmd: &mut redis::Cmd,
+    frame: &[u8],
+    limits: &HistoryLimits,
+    command: &str,
+    channel: &str,
+    id: &str,
+) {
+    cmd.arg(frame)
+        .arg(limits.size)
+        .arg(limits.ttl.as_millis() as u64)
+        .arg(limits.idempotency_ttl.as_millis() as u64)
+        .arg(command)
+        .arg(channel)
+        .arg(META_TTL.as_millis() as u64)
+        .arg(id);
+}
+
+/// Reads `publish.lua`'s answer: offset, epoch, duplicate flag, id.
+pub fn parse_ack(answer: redis::Value) -> Result<Ack, BrokerError> {
+    let (offset, epoch, duplicate, id): (u64, String, i64, String) =
+        redis::from_redis_value(answer).map_err(|e| BrokerError::Failed(e.to_string()))?;
+    Ok(Ack {
+        offset,
+        epoch,
+        id,
+        duplicate: duplicate == 1,
+    })
+}
+
+/// The keys of `history.lua`: the room's meta and stream.
+pub fn history_keys(prefix: &str, room: &RoomName) -> Vec<String> {
+    vec![
+        room_key(prefix, room, "meta"),
+        room_key(prefix, room, "hist"),
+    ]
+}
+
+/// Appends `history.lua`'s arguments: the resume position (empty epoch without one), the bounds
+/// of the read and the history's age limit.
+pub fn history_args(cmd: &mut redis::Cmd, query: &HistoryQuery, limits: &HistoryLimits) {
+    let (epoch, offset) = match &query.since {
+        Some(since) => (since.epoch.as_str(), since.offset),
+        None => ("", 0),
+    };
+    cmd.arg(epoch)
+        .arg(offset)
+        .arg(query.max_recovery)
+        .arg(query.backlog)
+        .arg(limits.ttl.as_millis() as u64);
+}
+
+/// Reads `history.lua`'s answer.
+pub fn parse_history_answer(answer: redis::Value) -> Result<HistoryRead, BrokerError> {
+    redis::from_redis_value::<Vec<redis::Value>>(answer)
+        .ok()
+        .and_then(parse_history)
+        .ok_or_else(|| BrokerError::Failed("unexpected history answer".into()))
+}
+
+/// Parses `history.lua`'s answer.
+fn parse_history(values: Vec<redis::Value>) -> Option<HistoryRead> {
+    use redis::Value;
+    fn text(v: &Value) -> Option<String> {
+        match v {
+            Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+            Value::SimpleString(s) => Some(s.clone()),
+            _ => None,
+        }
+    }
+    fn int(v: &Value) -> Option<u64> {
+        match v {
+            Value::Int(n) => u64::try_from(*n).ok(),
+            other => text(other)?.parse().ok(),
+        }
+    }
+    let mut it = values.into_iter();
+    let epoch = text(&it.next()?)?;
+    let offset = int(&it.next()?)?;
+    let status = text(&it.next()?)?;
+    let recovery = match status.as_str() {
+        "none" => None,
+        s => Some(Recovery::from_status(s)?),
+    };
+    let mut frames = Vec::new();
+    while let Some(off) = it.next() {
+        let frame = match it.next()? {
+            Value::BulkString(b) => Bytes::from(b),
+            _ => return None,
+        };
+        frames.push((int(&off)?, frame));
+    }
+    Some(HistoryRead {
+        epoch,
+        offset,
+        recovery,
+        frames,
+    })
+}
