@@ -208,6 +208,14 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_MAX_PUBLISH_RATE", default_value_t = 20.0)]
     pub max_publish_rate: f64,
 
+    /// How long the node may be without its broker (Redis) before it closes its clients with
+    /// 4002 so that they reconnect to a node that has one and resume from their last offset
+    /// (meanwhile they would miss what other nodes publish). Closes go out spread over one
+    /// second; clients that join during the outage are closed the same way. 0 keeps clients
+    /// through any outage (local fan-out only).
+    #[arg(long, env = "GATEWAY_BROKER_LOSS_CLOSE", value_parser = parse_duration, default_value = "5s")]
+    pub broker_loss_close: Duration,
+
     /// Deliveries per second (node-wide, measured over 100 ms) below which a fan-out writes to
     /// each idle member's socket itself, with no task wake-up; above it, fan-outs queue and the
     /// members' writers send in batches on every worker thread. 0 = always queue.

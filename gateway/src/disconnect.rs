@@ -32,6 +32,10 @@ pub enum CloseReason {
     Shutdown,
     /// The connection's token expired without a refresh (4010: get a new token, then reconnect).
     TokenExpired,
+    /// The node lost its broker for longer than `--broker-loss-close` (4002, reconnect with
+    /// backoff): its members would miss what other nodes publish, so they go to a node that
+    /// has the broker and resume there from their last offset.
+    BrokerLost,
     /// A moderator disconnected the user or the room (4501, do not reconnect automatically).
     Kicked,
     /// The user was banned from the room (4502, do not reconnect).
@@ -42,7 +46,7 @@ pub enum CloseReason {
 
 impl CloseReason {
     /// Every reason, for registering one metric series each.
-    pub const ALL: [CloseReason; 14] = [
+    pub const ALL: [CloseReason; 15] = [
         Self::ClientClosed,
         Self::Eof,
         Self::IoError,
@@ -54,6 +58,7 @@ impl CloseReason {
         Self::IdleTimeout,
         Self::Shutdown,
         Self::TokenExpired,
+        Self::BrokerLost,
         Self::Kicked,
         Self::Banned,
         Self::Forbidden,
@@ -73,6 +78,7 @@ impl CloseReason {
             Self::IdleTimeout => Some(4001),
             Self::Shutdown => Some(1012),
             Self::TokenExpired => Some(4010),
+            Self::BrokerLost => Some(4002),
             Self::Kicked => Some(4501),
             Self::Banned => Some(4502),
             Self::Forbidden => Some(4503),
@@ -92,6 +98,7 @@ impl CloseReason {
             Self::IdleTimeout => "idle timeout",
             Self::Shutdown => "service restart",
             Self::TokenExpired => "token expired",
+            Self::BrokerLost => "broker unavailable",
             Self::Kicked => "kicked",
             Self::Banned => "banned",
             Self::Forbidden => "forbidden",
@@ -108,6 +115,7 @@ impl CloseReason {
                 | Self::IdleTimeout
                 | Self::Shutdown
                 | Self::TokenExpired
+                | Self::BrokerLost
         )
     }
 
@@ -125,6 +133,7 @@ impl CloseReason {
             Self::IdleTimeout => "idle_timeout",
             Self::Shutdown => "shutdown",
             Self::TokenExpired => "token_expired",
+            Self::BrokerLost => "broker_lost",
             Self::Kicked => "kicked",
             Self::Banned => "banned",
             Self::Forbidden => "forbidden",

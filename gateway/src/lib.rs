@@ -38,6 +38,7 @@
 //! - [`presence`] — the presence timer: local counts to the broker, cluster counts to members.
 //! - [`presence_cache`] — the last tick's cluster-wide counts, for a joining client's estimate.
 //! - [`keepalive`] — the ping timer: pings every session, closes silent ones.
+//! - [`handover`] — closes a node's clients (4002) when it lost Redis, so they resume elsewhere.
 //! - [`pacing`] — spreads node-wide rounds (presence, pings) over a short window.
 //! - [`shutdown`] — the drain: 1012 closes spread evenly over the drain window.
 //! - [`protocol`] — wire types, parsing, encoding once to `Bytes`.
@@ -61,6 +62,7 @@ pub mod config;
 pub mod control;
 pub mod disconnect;
 pub mod expiry;
+pub mod handover;
 pub mod history;
 pub mod http;
 pub mod hub;
@@ -158,6 +160,7 @@ pub async fn run(
     ));
     tracker.spawn(presence::run(node.clone()));
     tracker.spawn(keepalive::run(node.clone()));
+    tracker.spawn(handover::run(node.clone()));
     tracker.spawn(expiry::run(node.clone()));
     let upkeep = metrics.clone();
     let upkeep_stop = stop.clone();

@@ -310,3 +310,23 @@ async fn a_connection_without_request_headers_is_closed_after_10_s_and_keep_aliv
         "keep-alive connection still served"
     );
 }
+
+/// A keyed publish refused by the rate limit says which one it was (its `key`), so that the
+/// publisher can send that one again later rather than lose it.
+#[tokio::test]
+async fn a_keyed_publish_over_the_rate_limit_is_refused_with_its_key() {
+    let node = TestNode::start(test_config("n1", None, &["--max-publish-rate", "1"])).await;
+    let mut c = node.join("r", "host", "h").await;
+    c.send_text(r#"{"type":"publish","data":1,"key":"k1"}"#)
+        .await;
+    c.send_text(r#"{"type":"publish","data":2,"key":"k2"}"#)
+        .await;
+    let ack = c.next_of("ack").await;
+    assert_eq!(ack["key"], "k1");
+    let err = c.next_of("error").await;
+    assert_eq!(
+        (&err["code"], &err["key"]),
+        (&json!("rate_limited"), &json!("k2"))
+    );
+    node.stop().await;
+}

@@ -210,3 +210,51 @@ async fn more_rooms_than_one_subscribe_batch_are_all_resubscribed_after_a_restar
         assert_eq!(members[i].next_message().await["data"], "back");
     }
 }
+
+/// With `--broker-loss-close`, a node that lost Redis hands its clients over: they are closed
+/// with 4002 (reconnect with backoff) once the outage lasted that long, spread over a second,
+/// while the node fails `/readyz`; a client that joins during the outage is closed the same way
+/// at the next round; nobody is closed while Redis is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_redis_hands_its_clients_over_with_4002() {
+    let mut redis = RedisServer::start().await;
+    let node = TestNode::start(test_config(
+        "n1",
+        Some(&redis),
+        &["--broker-loss-close", "1s"],
+    ))
+    .await;
+    let mut a = node.join("r", "viewer", "a").await;
+    let mut b = node.join("r", "viewer", "b").await;
+    a.expect_no_message(Duration::from_millis(1500)).await;
+    redis.kill();
+    let killed = std::time::Instant::now();
+    for c in [&mut a, &mut b] {
+        match c.ended(Duration::from_secs(10)).await {
+            Ended::Closed(code) => assert_eq!(code, 4002),
+            Ended::Dropped => panic!("closed without a Close frame"),
+        }
+    }
+    let after = killed.elapsed();
+    // Detection (probe + timeout, ≤ 1.5 s here) + the 1 s limit + the 1 s spread.
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_secs(6),
+        "{after:?}"
+    );
+    assert_eq!(readyz(&node).await, 503);
+    let mut late = WsClient::connect(&node.ws_url("r", "role=viewer")).await;
+    match late.ended(Duration::from_secs(5)).await {
+        Ended::Closed(code) => assert_eq!(code, 4002),
+        Ended::Dropped => panic!("closed without a Close frame"),
+    }
+    assert_eq!(
+        node.metric("gateway_connections_closed_total{node=\"n1\",reason=\"broker_lost\"}")
+            .await,
+        3.0
+    );
+    redis.restart().await;
+    eventually("ready again", || async { readyz(&node).await == 200 }).await;
+    let mut c = node.join("r", "viewer", "c").await;
+    c.expect_no_message(Duration::from_secs(2)).await;
+    node.stop().await;
+}

@@ -77,6 +77,9 @@ pub struct Book {
     pub position: Option<Position>,
     /// Publishes with a key and no ack yet, by sequence number: the frames to send again.
     pub unacked: BTreeMap<u64, String>,
+    /// Unacked publishes the gateway refused as `rate_limited` (a burst after a reconnect): sent
+    /// again one per scheduled publish, so the retries stay within the publish rate.
+    pub retry: std::collections::VecDeque<u64>,
     /// Window messages received, for sampling rows.
     pub received: u64,
 }
@@ -116,8 +119,28 @@ impl Book {
         }
         if resend {
             w.resend = self.unacked.values().cloned().collect();
+            self.retry.clear();
         }
         w
+    }
+
+    /// A keyed publish was refused as `rate_limited`: send it again later (it stays unacked).
+    pub fn retry_later(&mut self, key: &str) {
+        if let Some(seq) = key.rsplit('-').next().and_then(|s| s.parse::<u64>().ok()) {
+            if self.unacked.contains_key(&seq) && self.retry.len() < MAX_UNACKED {
+                self.retry.push_back(seq);
+            }
+        }
+    }
+
+    /// The next refused publish to send again, if one is still unacked.
+    pub fn next_retry(&mut self) -> Option<String> {
+        while let Some(seq) = self.retry.pop_front() {
+            if let Some(frame) = self.unacked.get(&seq) {
+                return Some(frame.clone());
+            }
+        }
+        None
     }
 
     /// A message with a room position arrived.
@@ -290,6 +313,7 @@ pub fn spawn(shared: Arc<Shared>, member: Arc<Member>, rows: Rows, ws: Ws, resum
         joined: Some(joined_tx),
         resuming,
         numbered: false,
+        retry_at: None,
         recovered_upto: None,
     };
     let task = tokio::spawn(session.run(ws, cancel.clone(), done.clone()));
@@ -316,7 +340,13 @@ struct Session {
     numbered: bool,
     /// After a resume: messages up to this offset are recovered ones.
     recovered_upto: Option<u64>,
+    /// When to send the next publish the gateway refused as `rate_limited` (see [`RETRY_PACE`]).
+    retry_at: Option<Instant>,
 }
+
+/// Publishes refused as `rate_limited` go out again one per this interval (10 per second, half
+/// the gateway's default limit), after the burst that a reconnect's catch-up made.
+const RETRY_PACE: Duration = Duration::from_millis(100);
 
 impl Session {
     async fn run(mut self, mut ws: Ws, cancel: CancellationToken, done: CancellationToken) -> End {
@@ -342,6 +372,15 @@ impl Session {
                 _ = sleep_until(decide_at.unwrap_or(far).into()), if decide_at.is_some() => {
                     self.decide();
                     decided = true;
+                }
+                _ = sleep_until(self.retry_at.unwrap_or(far).into()), if self.retry_at.is_some() => {
+                    let retry = self.member.book().next_retry();
+                    self.retry_at = retry.as_ref().map(|_| Instant::now() + RETRY_PACE);
+                    if let Some(frame) = retry {
+                        if let Err(end) = self.resend(&mut ws, vec![frame]).await {
+                            break end;
+                        }
+                    }
                 }
                 _ = sleep_until(publish_at.map(|(at, _)| at).unwrap_or(far).into()), if publish_at.is_some() => {
                     let (at, k) = publish_at.expect("guarded");
@@ -523,8 +562,17 @@ impl Session {
             }
             Some(Event::Error { code, key }) => {
                 self.shared.stats.error_events.add(&code);
-                if let Some(k) = key {
-                    self.forget(&k);
+                // `unavailable`: the node's broker did not take it (Redis down or cut off); the
+                // node hands its clients over (4002) and the publish is sent again, with the
+                // same key, after the reconnect. `rate_limited` (a burst of re-sends): sent
+                // again at the publish pace. Any other refusal is final.
+                match key {
+                    Some(k) if code == "rate_limited" => {
+                        self.member.book().retry_later(&k);
+                        self.retry_at.get_or_insert(Instant::now() + RETRY_PACE);
+                    }
+                    Some(k) if !retryable(&code) => self.forget(&k),
+                    _ => {}
                 }
                 self.push(Row::Error(code));
             }
@@ -666,6 +714,11 @@ impl Session {
     }
 }
 
+/// Publish refusals worth sending again after a reconnect (with the same idempotency key).
+fn retryable(code: &str) -> bool {
+    code == "unavailable"
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -740,6 +793,19 @@ mod tests {
         // `recovered` is only read after a resume.
         let w = b.on_welcome(Some(at("e2", 9)), Some(false), false, true);
         assert!(!w.resumed);
+    }
+
+    #[test]
+    fn rate_limited_publishes_are_retried_while_unacked() {
+        let mut b = Book::default();
+        b.remember(3, "frame3".into());
+        b.remember(4, "frame4".into());
+        b.retry_later("run-p-3");
+        b.retry_later("run-p-4");
+        b.retry_later("run-p-9"); // not unacked: nothing to retry
+        b.unacked.remove(&3); // acked meanwhile
+        assert_eq!(b.next_retry().as_deref(), Some("frame4"));
+        assert_eq!(b.next_retry(), None);
     }
 
     #[test]

@@ -310,7 +310,7 @@ impl Reader {
     /// Publishes `data`; with an idempotency `key`, answers `ack` (or an `error` carrying the key).
     async fn publish(&mut self, data: &serde_json::value::RawValue, key: Option<&str>) {
         if !self.access.publish {
-            return self.refuse("forbidden", "you may not publish in this room");
+            return self.refuse_publish(key, "forbidden", "you may not publish in this room");
         }
         match self.rate.check(Instant::now()) {
             Rate::Allowed => {}
@@ -319,7 +319,8 @@ impl Reader {
                     .metrics
                     .dropped(DropReason::RateLimited)
                     .increment(1);
-                return self.refuse(
+                return self.refuse_publish(
+                    key,
                     "rate_limited",
                     "publishing too fast; this message was not published",
                 );
@@ -373,6 +374,18 @@ impl Reader {
     fn refuse(&self, code: &str, message: &str) {
         self.node.metrics.client_error(code);
         self.send(protocol::error(code, message));
+    }
+
+    /// Refuses a publish: the `error` carries the publish's idempotency key when it had one, so
+    /// that the publisher knows which one to send again (after a `rate_limited`) or drop.
+    fn refuse_publish(&self, key: Option<&str>, code: &str, message: &str) {
+        match key {
+            Some(key) => {
+                self.node.metrics.client_error(code);
+                self.send(protocol::error_for_key(code, message, key));
+            }
+            None => self.refuse(code, message),
+        }
     }
 
     /// Sends an event to this client (counted as delivered when the socket took it at once; the

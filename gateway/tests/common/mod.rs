@@ -212,6 +212,11 @@ pub fn test_config(node_id: &str, redis: Option<&RedisServer>, extra: &[&str]) -
         args.push("--redis-url".into());
         args.push(r.url());
     }
+    // Outage tests look at a node that keeps its clients through the outage; the hand-over of
+    // clients to other nodes (`--broker-loss-close`) has tests of its own that set it.
+    if !extra.contains(&"--broker-loss-close") {
+        args.extend(["--broker-loss-close".into(), "0".into()]);
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     Config::try_parse_from(args).expect("test flags parse")
 }
