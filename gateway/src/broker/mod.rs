@@ -19,6 +19,7 @@ pub mod redis;
 pub mod redis_cluster;
 pub mod redis_endpoint;
 pub mod scripts;
+pub mod subscriptions;
 
 use std::time::Duration;
 

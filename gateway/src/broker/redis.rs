@@ -38,13 +38,14 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
 use redis::AsyncConnectionConfig;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::redis_endpoint::Endpoint;
 use super::scripts;
+use super::subscriptions::Subscriptions;
 use super::{Backoff, BrokerError};
 use crate::control::{self, ControlSink};
 use crate::history::{Ack, HistoryLimits, HistoryQuery, HistoryRead};
@@ -143,12 +144,8 @@ struct Shared {
     inbound: Arc<Inbound>,
     metrics: Metrics,
     timeouts: RedisTimeouts,
-    /// Desired and confirmed subscriptions. A std lock: only set operations happen under it.
-    subs: Mutex<Subscriptions>,
-    /// Wakes the subscriber task when the desired set changed (a stored permit is never lost).
-    subs_changed: Notify,
-    /// Bumped whenever `confirmed` grows, for [`RedisBroker::wait_subscribed`].
-    confirmed_epoch: watch::Sender<u64>,
+    /// Desired and confirmed subscriptions.
+    subs: Subscriptions,
     /// The publisher connection and its generation, `None` while reconnecting.
     publisher: Mutex<Option<(u64, MultiplexedConnection)>>,
     /// Wakes the publisher task when the connection failed.
@@ -173,14 +170,6 @@ struct Shared {
     publisher_up: AtomicBool,
     /// Where commands from the control channel go (see [`crate::moderation`]).
     control: ControlSink,
-}
-
-#[derive(Debug, Default)]
-struct Subscriptions {
-    /// Rooms the node wants (local members, or within the unsubscribe delay).
-    desired: HashSet<RoomName>,
-    /// Rooms Redis has confirmed on the current subscriber connection.
-    confirmed: HashSet<RoomName>,
 }
 
 impl RedisBroker {
@@ -208,9 +197,7 @@ impl RedisBroker {
             inbound,
             metrics,
             timeouts,
-            subs: Mutex::new(Subscriptions::default()),
-            subs_changed: Notify::new(),
-            confirmed_epoch: watch::Sender::new(0),
+            subs: Subscriptions::new(HashSet::new(), Arc::new(Notify::new())),
             publisher: Mutex::new(None),
             publisher_lost: Notify::new(),
             limits,
@@ -242,29 +229,15 @@ impl RedisBroker {
     }
 
     pub(super) fn subscribe(&self, room: &RoomName) {
-        let mut subs = self.shared.lock_subs();
-        if subs.desired.insert(room.clone()) {
-            self.shared.subs_changed.notify_one();
-        }
+        self.shared.subs.subscribe(room);
     }
 
     pub(super) fn unsubscribe(&self, room: &RoomName) {
-        let mut subs = self.shared.lock_subs();
-        if subs.desired.remove(room) {
-            self.shared.subs_changed.notify_one();
-        }
+        self.shared.subs.unsubscribe(room);
     }
 
     pub(super) async fn wait_subscribed(&self, room: &RoomName) -> bool {
-        let mut epoch = self.shared.confirmed_epoch.subscribe();
-        loop {
-            if self.shared.lock_subs().confirmed.contains(room) {
-                return true;
-            }
-            if epoch.changed().await.is_err() {
-                return false;
-            }
-        }
+        self.shared.subs.wait_subscribed(room).await
     }
 
     /// Runs `publish.lua`: numbers, records and publishes one message (see [`super::Broker::publish`]).
@@ -387,7 +360,7 @@ impl RedisBroker {
     }
 
     pub(super) fn subscription_count(&self) -> usize {
-        self.shared.lock_subs().confirmed.len()
+        self.shared.subs.lock().confirmed.len()
     }
 
     pub(super) fn is_connected(&self) -> bool {
@@ -397,10 +370,6 @@ impl RedisBroker {
 }
 
 impl Shared {
-    fn lock_subs(&self) -> std::sync::MutexGuard<'_, Subscriptions> {
-        self.subs.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn channel(&self, room: &RoomName) -> String {
         format!("{}{}", self.prefix, room)
     }
@@ -592,7 +561,7 @@ impl Subscriber {
                     ever_up = true;
                     failures = 0;
                     s.set_subscriber_up(false);
-                    s.lock_subs().confirmed.clear();
+                    s.subs.lock().confirmed.clear();
                     match result {
                         Ok(()) => return,
                         Err(e) => {
@@ -661,7 +630,7 @@ impl Subscriber {
                         None => debug!(channel = msg.get_channel_name(), "message on a foreign channel"),
                     }
                 }
-                _ = s.subs_changed.notified() => self.converge(sink, &mut current).await?,
+                _ = s.subs.changed() => self.converge(sink, &mut current).await?,
                 _ = s.subscriber_stale.notified() => return Err(SubscriberLost::Demoted),
                 _ = probe.tick() => {
                     let t = s.timeouts.command;
@@ -685,7 +654,7 @@ impl Subscriber {
         let t = s.timeouts.command;
         loop {
             let (add, remove): (Vec<RoomName>, Vec<RoomName>) = {
-                let subs = s.lock_subs();
+                let subs = s.subs.lock();
                 (
                     subs.desired
                         .difference(current)
@@ -709,8 +678,8 @@ impl Subscriber {
                     Err(_) => return Err(SubscriberLost::Timeout(t)),
                 }
                 current.extend(add.iter().cloned());
-                s.lock_subs().confirmed.extend(add);
-                s.confirmed_epoch.send_modify(|e| *e += 1);
+                s.subs.lock().confirmed.extend(add);
+                s.subs.confirmed_grew();
             }
             if !remove.is_empty() {
                 let channels: Vec<String> = remove.iter().map(|r| s.channel(r)).collect();
@@ -718,7 +687,7 @@ impl Subscriber {
                     Ok(r) => r?,
                     Err(_) => return Err(SubscriberLost::Timeout(t)),
                 }
-                let mut subs = s.lock_subs();
+                let mut subs = s.subs.lock();
                 for r in &remove {
                     current.remove(r);
                     subs.confirmed.remove(r);
@@ -963,7 +932,8 @@ mod tests {
             "one Redis is shard 0"
         );
         assert_eq!(metric(&text, "gateway_redis_shards"), 1.0);
-        s.lock_subs()
+        s.subs
+            .lock()
             .confirmed
             .insert(RoomName::parse("a").unwrap());
         assert_eq!(

@@ -38,7 +38,7 @@ use futures_util::future::join_all;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{PushInfo, PushKind, Value};
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -46,6 +46,7 @@ use tracing::{info, warn};
 use super::redis::{RedisTimeouts, PRESENCE_SCRIPT};
 use super::redis_endpoint::ClusterSeeds;
 use super::scripts;
+use super::subscriptions::Subscriptions;
 use super::{Backoff, BrokerError};
 use crate::control::{self, ControlSink};
 use crate::history::{Ack, HistoryLimits, HistoryQuery, HistoryRead};
@@ -90,12 +91,8 @@ struct Shared {
     prefix: String,
     metrics: Metrics,
     timeouts: RedisTimeouts,
-    /// Desired and confirmed rooms. A std lock: only set operations happen under it.
-    subs: Mutex<Subscriptions>,
-    /// Wakes the subscriber task: the desired set changed or a subscription was lost.
-    subs_changed: Arc<Notify>,
-    /// Bumped whenever `confirmed` grows, for [`RedisClusterBroker::wait_subscribed`].
-    confirmed_epoch: watch::Sender<u64>,
+    /// Desired and confirmed rooms; woken by a change of the desired set or a lost subscription.
+    subs: Subscriptions,
     /// The reserved room whose channel is the control channel (`PREFIX{_control}`): in the
     /// desired set from the start, so that it is subscribed, followed across slot moves and
     /// failovers, and resubscribed, exactly like a room's channel.
@@ -122,12 +119,6 @@ impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisClusterShared").finish_non_exhaustive()
     }
-}
-
-#[derive(Debug, Default)]
-struct Subscriptions {
-    desired: HashSet<RoomName>,
-    confirmed: HashSet<RoomName>,
 }
 
 /// The push sender of the subscriber's cluster connection. Runs on the connections' read tasks,
@@ -225,12 +216,7 @@ impl RedisClusterBroker {
             }),
             metrics,
             timeouts,
-            subs: Mutex::new(Subscriptions {
-                desired: HashSet::from([control_room]),
-                confirmed: HashSet::new(),
-            }),
-            subs_changed: wake,
-            confirmed_epoch: watch::Sender::new(0),
+            subs: Subscriptions::new(HashSet::from([control_room]), wake),
             publisher: Mutex::new(None),
             publisher_lost: Notify::new(),
             subscriber_up: AtomicBool::new(false),
@@ -255,27 +241,15 @@ impl RedisClusterBroker {
     }
 
     pub(super) fn subscribe(&self, room: &RoomName) {
-        if self.shared.lock_subs().desired.insert(room.clone()) {
-            self.shared.subs_changed.notify_one();
-        }
+        self.shared.subs.subscribe(room);
     }
 
     pub(super) fn unsubscribe(&self, room: &RoomName) {
-        if self.shared.lock_subs().desired.remove(room) {
-            self.shared.subs_changed.notify_one();
-        }
+        self.shared.subs.unsubscribe(room);
     }
 
     pub(super) async fn wait_subscribed(&self, room: &RoomName) -> bool {
-        let mut epoch = self.shared.confirmed_epoch.subscribe();
-        loop {
-            if self.shared.lock_subs().confirmed.contains(room) {
-                return true;
-            }
-            if epoch.changed().await.is_err() {
-                return false;
-            }
-        }
+        self.shared.subs.wait_subscribed(room).await
     }
 
     /// Runs `publish.lua` in the room's slot: numbers, records and `SPUBLISH`es one message (same
@@ -409,7 +383,7 @@ impl RedisClusterBroker {
 
     /// Rooms subscribed (the control channel, subscribed like a room, is not one).
     pub(super) fn subscription_count(&self) -> usize {
-        let subs = self.shared.lock_subs();
+        let subs = self.shared.subs.lock();
         subs.confirmed.len() - usize::from(subs.confirmed.contains(&self.shared.control_room))
     }
 
@@ -430,10 +404,6 @@ impl RedisClusterBroker {
 }
 
 impl Shared {
-    fn lock_subs(&self) -> std::sync::MutexGuard<'_, Subscriptions> {
-        self.subs.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// `PREFIX{room}`: the hash tag puts the channel in the room's slot.
     fn channel(&self, room: &RoomName) -> String {
         format!("{}{{{}}}", self.prefix, room)
@@ -553,7 +523,7 @@ impl Subscriber {
                     ever_up = true;
                     let result = self.serve(conn).await;
                     s.subscriber_up.store(false, Ordering::Relaxed);
-                    s.lock_subs().confirmed.clear();
+                    s.subs.lock().confirmed.clear();
                     match result {
                         Ok(()) => return,
                         Err(e) => warn!(cause = %e, "redis cluster subscriber lost; reconnecting"),
@@ -603,7 +573,7 @@ impl Subscriber {
             tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => return Ok(()),
-                _ = s.subs_changed.notified() => {
+                _ = s.subs.changed() => {
                     self.take_lost(&mut current);
                     self.converge(&conn, &mut current).await;
                 }
@@ -635,7 +605,7 @@ impl Subscriber {
         if lost.is_empty() {
             return;
         }
-        let mut subs = s.lock_subs();
+        let mut subs = s.subs.lock();
         let mut n = 0;
         for room in lost {
             if current.remove(&room) {
@@ -724,7 +694,7 @@ impl Subscriber {
             info!("redis cluster: a shard has a new or returning master; reconnecting");
             return true;
         }
-        let mut subs = s.lock_subs();
+        let mut subs = s.subs.lock();
         let before = current.len();
         current.retain(|room| {
             let slot = slot_of(room);
@@ -752,7 +722,7 @@ impl Subscriber {
         let t = s.timeouts.command;
         loop {
             let (add, remove): (Vec<RoomName>, Vec<RoomName>) = {
-                let subs = s.lock_subs();
+                let subs = s.subs.lock();
                 (
                     subs.desired
                         .difference(current)
@@ -792,7 +762,7 @@ impl Subscriber {
                         continue;
                     }
                     progress = true;
-                    let mut subs = s.lock_subs();
+                    let mut subs = s.subs.lock();
                     for r in rooms {
                         if subscribe {
                             subs.confirmed.insert(r.clone());
@@ -804,7 +774,7 @@ impl Subscriber {
                     }
                 }
                 if subscribe {
-                    s.confirmed_epoch.send_modify(|e| *e += 1);
+                    s.subs.confirmed_grew();
                 }
             }
             if !progress {
