@@ -222,6 +222,13 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_DIRECT_WRITE_MAX_RATE", default_value_t = DIRECT_WRITE_MAX_RATE)]
     pub direct_write_max_rate: u64,
 
+    /// Write window: a room's messages go out at once while the room sends less than one message
+    /// per window; a busier room's are sent together, once per window, so that each member gets
+    /// several messages per write (fewer syscalls) for at most one window of added latency.
+    /// 0 turns it off (every message written as it arrives).
+    #[arg(long, env = "GATEWAY_WRITE_WINDOW", value_parser = parse_duration, default_value = WRITE_WINDOW_DEFAULT)]
+    pub write_window: Duration,
+
     /// Origins allowed to open WebSockets (comma-separated, e.g.
     /// `https://live.example.com,https://admin.example.com`); others get HTTP 403. Requests without
     /// an Origin header (non-browser clients) are allowed. Empty allows every origin.
@@ -439,6 +446,11 @@ fn default_node_id() -> String {
 /// deliveries per CPU-second in the broadcast benchmark) keep well up with this, so a fan-out
 /// never falls behind its own input; the chat-storm benchmark (200 000/s) is above it.
 pub const DIRECT_WRITE_MAX_RATE: u64 = 100_000;
+
+/// Default of `--write-window` (docs/benchmarks.md, "Write window", has the measurements).
+pub const WRITE_WINDOW_DEFAULT: &str = "20ms";
+/// [`WRITE_WINDOW_DEFAULT`] as a duration.
+pub const WRITE_WINDOW: Duration = Duration::from_millis(20);
 
 /// Parses a duration as `humantime` writes it (`250ms`, `25s`, `2m`, `1h30m`), or a plain number
 /// of seconds (`10`, `1.5`), which the `--drain-seconds` flag has always taken.

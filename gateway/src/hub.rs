@@ -18,7 +18,7 @@ use bytes::Bytes;
 
 use crate::history::Stamp;
 use crate::protocol::{Role, RoomName};
-use crate::session::outbox::{Outbox, PushError, Pushed};
+use crate::session::outbox::Outbox;
 
 /// A member's entry in a room.
 #[derive(Debug)]
@@ -43,14 +43,17 @@ pub struct RoomCounts {
     pub viewers: u64,
 }
 
-/// What one fan-out did.
+/// What one fan-out did, in deliveries (one message to one member).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Fanout {
-    /// Members whose socket took the frame at once.
+    /// Members pushed to (one push each, however many messages).
+    pub members: usize,
+    /// Deliveries the members' sockets took at once.
     pub written: usize,
-    /// Members the frame was queued to (their writer sends it).
+    /// Deliveries queued (the members' writers send them).
     pub queued: usize,
-    /// Members whose outbox was full (they are being closed as slow consumers).
+    /// Deliveries dropped because an outbox was full (those members are being closed as slow
+    /// consumers).
     pub dropped: usize,
 }
 
@@ -166,34 +169,27 @@ impl Hub {
         self.rooms.read().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// Sends `frame` (the same bytes), the message with `stamp` in `room`, to every local member
-    /// of `room`: written to the socket at once where the member's outbox is idle, queued for its
-    /// writer otherwise (a member catching up on history merges by the stamp).
+    /// Sends `msgs` (each the same shared bytes for everyone, with its stamp), in order, to every
+    /// local member of `room`: written to the socket at once where the member's outbox is idle
+    /// (all of them in one write), queued for its writer otherwise (a member catching up on
+    /// history merges by the stamps).
     ///
     /// The read lock is held through the members' non-blocking writes: joins and leaves of any
     /// room wait for one fan-out (a few ms for thousands of members), which is cheaper than a
     /// snapshot of every member's outbox per message.
     ///
     /// `direct: false` queues to every member (their writers send, batched): see
-    /// [`Outbox::push_message`].
-    pub fn fanout(
-        &self,
-        room: &RoomName,
-        frame: &Bytes,
-        stamp: Option<Stamp>,
-        direct: bool,
-    ) -> Fanout {
+    /// [`Outbox::push_messages`].
+    pub fn fanout(&self, room: &RoomName, msgs: &[(Bytes, Option<Stamp>)], direct: bool) -> Fanout {
         let rooms = self.rooms.read().unwrap_or_else(|e| e.into_inner());
         let mut out = Fanout::default();
         if let Some(r) = rooms.get(room) {
+            out.members = r.members.len();
             for m in r.members.values() {
-                match m.outbox.push_message(frame.clone(), stamp, direct) {
-                    Ok(Pushed::Written) => out.written += 1,
-                    Ok(Pushed::Queued) => out.queued += 1,
-                    Ok(Pushed::Covered) => {}
-                    Err(PushError::Full) => out.dropped += 1,
-                    Err(PushError::Closed) => {}
-                }
+                let p = m.outbox.push_messages(msgs, direct);
+                out.written += p.written;
+                out.queued += p.queued;
+                out.dropped += p.dropped;
             }
         }
         out
@@ -265,10 +261,11 @@ mod tests {
         hub.join(&room, 1, Role::Viewer, a.clone(), || {});
         hub.join(&room, 2, Role::Viewer, b.clone(), || {});
         let frame = Bytes::from_static(b"0123456789");
-        let out = hub.fanout(&room, &frame, None, true);
+        let out = hub.fanout(&room, &[(frame.clone(), None)], true);
         assert_eq!(
             out,
             Fanout {
+                members: 2,
                 written: 0,
                 queued: 1,
                 dropped: 1

@@ -5,6 +5,9 @@
 //!
 //! This is the one door into the hub: the brokers call [`Inbound::receive`], and the node's local
 //! fallback during a broker outage calls [`Inbound::deliver`]; neither goes to the hub directly.
+//! Each room's messages pass the node's [`WriteWindow`] on their way: a room quieter than one
+//! message per window is fanned out at once, a busier one in batches, one per window, by
+//! [`Inbound::run_window`].
 //! The way is one-directional, as in centrifuge (broker → node's handler → hub): the brokers know
 //! only this handler, and the hub knows only local rooms and members. Message ids are stamped
 //! here too, for the node's publishes and for wrapped plain payloads.
@@ -13,12 +16,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
 
 use crate::history::Stamp;
 use crate::hub::Hub;
 use crate::metrics::{DropReason, Metrics, Source};
 use crate::protocol::{self, BrokerPayload, RoomName};
 use crate::session::outbox::now_millis;
+use crate::write_window::{Batch, Offer, WriteWindow};
 
 /// How far in the future a message's `ts` may be (clock skew between nodes) and still be sampled.
 const MAX_CLOCK_SKEW_US: u64 = 1_000_000;
@@ -39,15 +44,18 @@ pub struct Inbound {
     ids: MessageIds,
     /// Chooses between writing from the fan-out and waking the members' writers.
     pace: DeliveryPace,
+    /// Batches the messages of busy rooms (`--write-window`).
+    window: WriteWindow,
 }
 
-/// The node's recent delivery rate, which decides how a fan-out sends: below
-/// `--direct-write-max-rate` deliveries per second the fan-out writes to each idle member's socket
-/// itself (no task wake-up: the cheapest way per delivery, but every write on the one thread that
-/// runs the fan-out); above it, it queues and wakes the members' writers, which run on every
-/// worker thread and each send whatever queued meanwhile in one write — more wake-ups, but the
-/// load spreads over the cores and batching grows with the rate. Measured over windows of
-/// [`PACE_WINDOW_MS`]; only the broker's receiving task updates it, so relaxed atomics suffice.
+/// The node's recent rate of pushes (one push: one fan-out's messages to one member, one write
+/// when direct), which decides how a fan-out sends: below `--direct-write-max-rate` pushes per
+/// second the fan-out writes to each idle member's socket itself (no task wake-up: the cheapest
+/// way per delivery, but every write on the thread that runs the fan-out); above it, it queues
+/// and wakes the members' writers, which run on every worker thread and each send whatever
+/// queued meanwhile in one write — more wake-ups, but the load spreads over the cores. Measured
+/// over windows of [`PACE_WINDOW_MS`]; a race between two fan-outs' updates only blurs one
+/// window's figure, so relaxed atomics suffice.
 #[derive(Debug)]
 struct DeliveryPace {
     /// Deliveries per second above which fan-outs queue; 0 = never write directly.
@@ -111,7 +119,14 @@ impl Inbound {
                 seq: AtomicU64::new(0),
             },
             pace: DeliveryPace::new(crate::config::DIRECT_WRITE_MAX_RATE),
+            window: WriteWindow::new(crate::config::WRITE_WINDOW),
         }
+    }
+
+    /// Sets `--write-window` (see [`WriteWindow`]; zero turns it off).
+    pub fn with_write_window(mut self, window: std::time::Duration) -> Self {
+        self.window = WriteWindow::new(window);
+        self
     }
 
     /// Sets `--direct-write-max-rate` (see [`DeliveryPace`]).
@@ -162,14 +177,47 @@ impl Inbound {
     }
 
     /// Hands an encoded message frame published at `ts` (with its `stamp`, if it has one)
-    /// to the hub for the room's local members, and records the fan-out metrics (the end of
-    /// [`Inbound::receive`], and the node's local fallback of a publish during a broker outage).
+    /// to the hub for the room's local members — at once, or with the room's next batch (see
+    /// [`WriteWindow`]) — and records the fan-out metrics (the end of [`Inbound::receive`], and
+    /// the node's local fallback of a publish during a broker outage).
     pub fn deliver(&self, room: &RoomName, frame: Bytes, ts: u64, stamp: Option<Stamp>) {
+        match self.window.offer(room, frame, stamp, ts) {
+            Offer::Now(batch) => {
+                self.fan_out(room, &batch);
+                self.window.done(room);
+            }
+            Offer::Pending => {}
+            Offer::Full => self.metrics.dropped(DropReason::Overloaded).increment(1),
+        }
+    }
+
+    /// Fans out the batches of busy rooms as their windows end, until `stop`; then what is left.
+    /// The node runs it on its tracker.
+    pub async fn run_window(self: Arc<Self>, stop: CancellationToken) {
+        if !self.window.is_on() {
+            return;
+        }
+        loop {
+            let (room, batch) = tokio::select! {
+                () = stop.cancelled() => break,
+                due = self.window.next_due() => due,
+            };
+            self.fan_out(&room, &batch);
+            self.window.done(&room);
+        }
+        for (room, batch) in self.window.take_all() {
+            self.fan_out(&room, &batch);
+        }
+    }
+
+    /// One fan-out of a room's messages, in order, and its metrics.
+    fn fan_out(&self, room: &RoomName, batch: &Batch) {
         let m = &self.metrics;
-        let out = self.hub.fanout(room, &frame, stamp, self.pace.direct());
-        self.pace.record((out.written + out.queued) as u64);
-        if out.written == 0 && out.queued == 0 && out.dropped == 0 {
-            m.dropped(DropReason::NoMembers).increment(1);
+        let out = self.hub.fanout(room, &batch.msgs, self.pace.direct());
+        self.pace.record(out.members as u64);
+        if out.members == 0 {
+            m.dropped(DropReason::NoMembers)
+                .increment(batch.msgs.len() as u64);
             return;
         }
         if out.dropped > 0 {
@@ -179,12 +227,13 @@ impl Inbound {
         // A `ts` from another program's envelope is not ours to trust: a sample from a clock an
         // hour off (or from the future) would only poison the histogram.
         let now = protocol::now_micros();
-        if ts <= now + MAX_CLOCK_SKEW_US && now.saturating_sub(ts) <= MAX_LATENCY_SAMPLE_US {
-            m.fanout_latency.record(now.saturating_sub(ts) as f64 / 1e6);
+        for &ts in &batch.ts {
+            if ts <= now + MAX_CLOCK_SKEW_US && now.saturating_sub(ts) <= MAX_LATENCY_SAMPLE_US {
+                m.fanout_latency.record(now.saturating_sub(ts) as f64 / 1e6);
+            }
+            m.fanout_recipients.record(out.members as f64);
         }
         m.delivered.increment(out.written as u64);
-        m.fanout_recipients
-            .record((out.written + out.queued) as f64);
     }
 }
 
@@ -197,8 +246,56 @@ mod tests {
     fn inbound() -> (Arc<Hub>, Inbound) {
         let metrics = Metrics::new("n1");
         let hub = Arc::new(Hub::new());
-        let inbound = Inbound::new("n1", hub.clone(), metrics, 1024);
+        let inbound = Inbound::new("n1", hub.clone(), metrics, 1024)
+            .with_write_window(std::time::Duration::ZERO);
         (hub, inbound)
+    }
+
+    #[tokio::test]
+    async fn a_busy_rooms_messages_go_out_together_once_per_window() {
+        let metrics = Metrics::new("n1");
+        let hub = Arc::new(Hub::new());
+        let inbound = Arc::new(
+            Inbound::new("n1", hub.clone(), metrics, 1024)
+                .with_write_window(std::time::Duration::from_millis(40)),
+        );
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(inbound.clone().run_window(stop.clone()));
+        let room = RoomName::parse("r").unwrap();
+        let (outbox, mut rx) = Outbox::new(64, 1 << 16);
+        let outbox = Arc::new(outbox);
+        hub.join(&room, 1, Role::Viewer, outbox.clone(), || {});
+        let started = std::time::Instant::now();
+        for n in 0..4 {
+            inbound.receive("r", Bytes::from(format!("m{n}")));
+        }
+        let mut batch = Vec::new();
+        rx.recv_batch(&outbox, &mut batch, 64).await;
+        assert_eq!(batch.len(), 1, "the first message goes out at once");
+        batch.clear();
+        rx.recv_batch(&outbox, &mut batch, 64).await;
+        let waited = started.elapsed();
+        assert_eq!(batch.len(), 3, "the rest together, in one turn");
+        assert!(waited >= std::time::Duration::from_millis(30), "{waited:?}");
+        let texts: Vec<String> = batch
+            .iter()
+            .map(|i| match i {
+                Outgoing::Text(b) => serde_json::from_slice::<serde_json::Value>(b).unwrap()
+                    ["data"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(texts, ["m1", "m2", "m3"]);
+        // Stopping flushes what is still pending.
+        inbound.receive("r", Bytes::from_static(b"last"));
+        stop.cancel();
+        task.await.unwrap();
+        batch.clear();
+        rx.recv_batch(&outbox, &mut batch, 64).await;
+        assert_eq!(batch.len(), 1);
     }
 
     #[test]

@@ -67,14 +67,10 @@ pub const CLIENT_ERRORS: &str = "gateway_client_errors_total";
 pub const HTTP_REQUESTS: &str = "gateway_http_requests_total";
 /// Always 1; labels carry the build's `version`.
 pub const BUILD_INFO: &str = "gateway_build_info";
-/// CPU time the process has used, in seconds (from /proc).
-pub const PROCESS_CPU: &str = "process_cpu_seconds_total";
-/// Resident set size of the process (from /proc).
-pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
-/// Open file descriptors of the process.
-pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
-/// The soft limit on open file descriptors.
-pub const PROCESS_MAX_FDS: &str = "process_max_fds";
+// The process's own series (`process_cpu_seconds_total` as a counter, `process_open_fds`,
+// `process_max_fds`, `process_resident_memory_bytes`, `process_virtual_memory_bytes`,
+// `process_threads`, `process_start_time_seconds`, ...) are the Prometheus client libraries'
+// standard set, named and sampled by the `metrics-process` crate at each scrape.
 /// `--max-connections` (0: no limit but the open-file limit), for alerts on the headroom.
 pub const MAX_CONNECTIONS: &str = "gateway_max_connections";
 /// Tokens refused (at an upgrade or a refresh), by `reason` (see [`AuthError::label`]).
@@ -173,16 +169,20 @@ pub enum DropReason {
     NoMembers,
     /// A publish was refused by the per-connection rate limit.
     RateLimited,
+    /// A room's messages arrived faster than the node could fan them out: its write window
+    /// already held `write_window::MAX_PENDING` messages.
+    Overloaded,
 }
 
 impl DropReason {
-    const ALL: [DropReason; 6] = [
+    const ALL: [DropReason; 7] = [
         Self::SlowConsumer,
         Self::BrokerUnavailable,
         Self::TooLarge,
         Self::InvalidRoom,
         Self::NoMembers,
         Self::RateLimited,
+        Self::Overloaded,
     ];
 
     /// The label value.
@@ -191,6 +191,7 @@ impl DropReason {
             Self::SlowConsumer => "slow_consumer",
             Self::BrokerUnavailable => "broker_unavailable",
             Self::TooLarge => "too_large",
+            Self::Overloaded => "overloaded",
             Self::InvalidRoom => "invalid_room",
             Self::NoMembers => "no_members",
             Self::RateLimited => "rate_limited",
@@ -325,11 +326,8 @@ pub struct Metrics {
     pub redis_reconnects_publisher: Counter,
     client_errors: Arc<[(&'static str, Counter)]>,
     http_requests: [Counter; 3],
-    /// A gauge, not a counter: the recorder's counters are integers and CPU seconds are not.
-    process_cpu: Gauge,
-    process_rss: Gauge,
-    process_open_fds: Gauge,
-    process_max_fds: Gauge,
+    /// Samples the process's standard series (CPU, memory, descriptors) at each scrape.
+    process: metrics_process::Collector,
     /// See [`MAX_CONNECTIONS`].
     max_connections: Gauge,
     auth_failures: Arc<[Counter]>,
@@ -392,6 +390,8 @@ impl Metrics {
             .expect("static buckets are not empty")
             .build_recorder();
         describe(&recorder);
+        let process = metrics_process::Collector::default();
+        metrics::with_local_recorder(&recorder, || process.describe());
         let r = &recorder;
         let meta = Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
         let counter = |name: &'static str, labels: &[(&'static str, &'static str)]| {
@@ -450,10 +450,7 @@ impl Metrics {
                 .collect(),
             control: ["applied", "invalid", "dropped"]
                 .map(|r| counter(CONTROL_COMMANDS, &[("result", r)])),
-            process_cpu: gauge(PROCESS_CPU, &[]),
-            process_rss: gauge(PROCESS_RSS, &[]),
-            process_open_fds: gauge(PROCESS_OPEN_FDS, &[]),
-            process_max_fds: gauge(PROCESS_MAX_FDS, &[]),
+            process,
             max_connections: gauge(MAX_CONNECTIONS, &[]),
             recoveries: RecoveryResult::ALL
                 .iter()
@@ -546,7 +543,8 @@ impl Metrics {
         self.rooms.set(state.rooms as f64);
         self.max_connections.set(state.max_connections as f64);
         self.set_shards(&state.redis_shards);
-        self.sample_process();
+        // The collector records through whichever recorder is current: this node's.
+        metrics::with_local_recorder(&*self.recorder, || self.process.collect());
         self.handle.render()
     }
 
@@ -581,40 +579,6 @@ impl Metrics {
 
     /// Interval of [`Metrics::run_upkeep`].
     pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
-
-    /// Reads process CPU, memory and descriptors from `/proc/self` (Linux); silently skips what is
-    /// not there.
-    fn sample_process(&self) {
-        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
-            // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-            if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
-                let f: Vec<&str> = rest.split_whitespace().collect();
-                let ticks = 100.0; // USER_HZ on every Linux target we ship for
-                if let (Some(u), Some(s)) = (f.get(11), f.get(12)) {
-                    let secs =
-                        (u.parse::<f64>().unwrap_or(0.0) + s.parse::<f64>().unwrap_or(0.0)) / ticks;
-                    self.process_cpu.set(secs);
-                }
-                if let Some(rss_pages) = f.get(21).and_then(|v| v.parse::<f64>().ok()) {
-                    self.process_rss.set(rss_pages * 4096.0);
-                }
-            }
-        }
-        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
-            self.process_open_fds.set(dir.count() as f64);
-        }
-        if let Ok(limits) = std::fs::read_to_string("/proc/self/limits") {
-            if let Some(line) = limits.lines().find(|l| l.starts_with("Max open files")) {
-                if let Some(soft) = line
-                    .split_whitespace()
-                    .nth(3)
-                    .and_then(|v| v.parse::<f64>().ok())
-                {
-                    self.process_max_fds.set(soft);
-                }
-            }
-        }
-    }
 }
 
 fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
@@ -630,8 +594,7 @@ fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
 fn describe(r: &PrometheusRecorder) {
     let d = |name: &'static str, unit: Option<Unit>, help: &'static str| match name {
         CONNECTIONS | ROOMS | BROKER_SUBSCRIPTIONS | REDIS_CONNECTED | REDIS_SHARD_UP
-        | REDIS_SHARDS | BUILD_INFO | PROCESS_CPU | PROCESS_RSS | PROCESS_OPEN_FDS
-        | PROCESS_MAX_FDS | MAX_CONNECTIONS => r.describe_gauge(
+        | REDIS_SHARDS | BUILD_INFO | MAX_CONNECTIONS => r.describe_gauge(
             KeyName::from_const_str(name),
             unit,
             SharedString::const_str(help),
@@ -737,22 +700,6 @@ fn describe(r: &PrometheusRecorder) {
     );
     d(HTTP_REQUESTS, None, "HTTP API answers by status class.");
     d(BUILD_INFO, None, "Build information; always 1.");
-    d(
-        PROCESS_CPU,
-        Some(Unit::Seconds),
-        "CPU time used by the process.",
-    );
-    d(
-        PROCESS_RSS,
-        Some(Unit::Bytes),
-        "Resident set size of the process.",
-    );
-    d(PROCESS_OPEN_FDS, None, "Open file descriptors.");
-    d(
-        PROCESS_MAX_FDS,
-        None,
-        "Soft limit on open file descriptors.",
-    );
     d(
         MAX_CONNECTIONS,
         None,

@@ -129,8 +129,10 @@ impl Node {
                 metrics.clone(),
                 config.max_message_size,
             )
-            .with_direct_write_max_rate(config.direct_write_max_rate),
+            .with_direct_write_max_rate(config.direct_write_max_rate)
+            .with_write_window(config.write_window),
         );
+        tracker.spawn(inbound.clone().run_window(stop.clone()));
         let limits = config.history_limits();
         let timeouts = RedisTimeouts {
             command: config.redis_timeout,

@@ -260,6 +260,11 @@ async fn metrics_carry_the_node_label_and_real_buckets() {
         "gateway_redis_connected",
         "gateway_redis_reconnects_total",
         "gateway_build_info",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+        "process_max_fds",
+        "process_resident_memory_bytes",
+        "process_threads",
     ] {
         let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(series)).collect();
         assert!(!lines.is_empty(), "{series} missing");
@@ -268,6 +273,14 @@ async fn metrics_carry_the_node_label_and_real_buckets() {
             "{series} lacks node label"
         );
     }
+    // The process series follow the Prometheus client libraries' conventions: CPU seconds are a
+    // counter.
+    assert!(
+        text.contains("# TYPE process_cpu_seconds_total counter"),
+        "{text}"
+    );
+    assert!(metric_value(&text, "process_open_fds") >= 4.0);
+    assert!(metric_value(&text, "process_resident_memory_bytes") > 1e6);
     assert!(
         text.contains("le=\"0.0001\""),
         "fan-out latency has buckets from 100 µs"

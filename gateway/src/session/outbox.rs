@@ -111,6 +111,22 @@ pub enum PushError {
     Closed,
 }
 
+/// What a push of several messages did, message by message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PushedMany {
+    /// Written to the socket at once.
+    pub written: usize,
+    /// Queued for the writer (or held while the session catches up on history).
+    pub queued: usize,
+    /// Skipped: the session's history covered them.
+    pub covered: usize,
+    /// Dropped: the outbox was full, and the session is closing as a slow consumer.
+    pub dropped: usize,
+}
+
+/// Most frames one direct write carries (two iovecs each, far below the kernel's `IOV_MAX`).
+const WRITE_FRAMES: usize = 32;
+
 /// A session's queue, shared (in an `Arc`) by the hub, the reader and the writer.
 ///
 /// A `VecDeque` under a std mutex rather than a channel: an empty deque owns no memory, and an
@@ -208,18 +224,129 @@ impl Outbox {
 
     /// Sends a room message with its stamp (`None`: a message without one) without waiting (see
     /// [`Outbox::push`]); a message the session's history covered is dropped
-    /// ([`Pushed::Covered`]).
-    ///
-    /// `direct: false` queues even when the outbox is idle, so that the member's writer sends it
-    /// (on any worker thread, batched with whatever else queued meanwhile): the fan-out's choice
-    /// when the node delivers at a rate one thread's direct writes could not keep up with.
+    /// ([`Pushed::Covered`]). One message of [`Outbox::push_messages`].
     pub fn push_message(
         &self,
         frame: Bytes,
         stamp: Option<Stamp>,
         direct: bool,
     ) -> Result<Pushed, PushError> {
-        self.push_entry(stamp, Outgoing::Text(frame), direct)
+        let out = self.push_messages(&[(frame, stamp)], direct);
+        match out {
+            PushedMany { written: 1, .. } => Ok(Pushed::Written),
+            PushedMany { queued: 1, .. } => Ok(Pushed::Queued),
+            PushedMany { covered: 1, .. } => Ok(Pushed::Covered),
+            PushedMany { dropped: 1, .. } => Err(PushError::Full),
+            _ => Err(PushError::Closed),
+        }
+    }
+
+    /// Sends room messages (frame and stamp each, in order) without waiting: when the outbox is
+    /// idle, all of them in one vectored write (headers from the stack, the shared payloads
+    /// themselves), else queued; messages the session's history covered are skipped. What the
+    /// socket does not take at once is queued for the writer, in order.
+    ///
+    /// `direct: false` queues even when the outbox is idle, so that the member's writer sends
+    /// them (on any worker thread, batched with whatever else queued meanwhile): the fan-out's
+    /// choice when the node writes at a rate one thread's direct writes could not keep up with.
+    /// A full outbox drops the rest (counted in [`PushedMany::dropped`]) and closes the session
+    /// as a slow consumer; a closing session takes nothing (all counts 0).
+    pub fn push_messages(&self, msgs: &[(Bytes, Option<Stamp>)], direct: bool) -> PushedMany {
+        let mut out = PushedMany::default();
+        if self.is_closing() {
+            return out;
+        }
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = q.held.as_mut() {
+            for (k, (frame, stamp)) in msgs.iter().enumerate() {
+                if held.items.len() >= self.max_frames || held.bytes + frame.len() > self.max_bytes
+                {
+                    drop(q);
+                    self.close(CloseReason::SlowConsumer);
+                    out.dropped = msgs.len() - k;
+                    return out;
+                }
+                held.bytes += frame.len();
+                held.items
+                    .push_back((*stamp, Outgoing::Text(frame.clone())));
+                out.queued += 1;
+            }
+            return out;
+        }
+        // The lock is held across the writes so that no other push, and not the writer, can put
+        // bytes on the socket in between: non-blocking syscalls, never an await.
+        let mut socket = match (q.writing || !direct, self.socket.get()) {
+            (false, Some(socket)) => Some(socket),
+            _ => None,
+        };
+        let mut rest = msgs;
+        while !rest.is_empty() {
+            // Up to WRITE_FRAMES frames the history did not cover, for one write.
+            let mut chunk: [&[u8]; WRITE_FRAMES] = [&[]; WRITE_FRAMES];
+            let mut owners: [usize; WRITE_FRAMES] = [0; WRITE_FRAMES];
+            let mut n = 0;
+            let mut taken = 0;
+            for (k, (frame, stamp)) in rest.iter().enumerate() {
+                if n == WRITE_FRAMES {
+                    break;
+                }
+                taken = k + 1;
+                if covered(&mut q.cut, *stamp) {
+                    out.covered += 1;
+                    continue;
+                }
+                chunk[n] = frame;
+                owners[n] = k;
+                n += 1;
+            }
+            let mut first_queued = 0;
+            if let Some(s) = socket {
+                match write_frames(s, &chunk[..n]) {
+                    Written::Frames(whole, part) => {
+                        out.written += whole;
+                        first_queued = whole;
+                        if let Some(part) = part {
+                            let frame = &rest[owners[whole]].0;
+                            let item = Outgoing::Rest(part.rest_of(frame), true);
+                            q.bytes += item.len();
+                            q.items.push_back(item);
+                            out.queued += 1;
+                            first_queued += 1;
+                        }
+                        if whole < n {
+                            // The socket is full: the rest queues behind what it did not take.
+                            socket = None;
+                        }
+                    }
+                    Written::Failed => {
+                        drop(q);
+                        self.close(CloseReason::IoError);
+                        return PushedMany::default();
+                    }
+                }
+            }
+            for &k in &owners[first_queued..n] {
+                let frame = &rest[k].0;
+                if q.items.len() >= self.max_frames || q.bytes + frame.len() > self.max_bytes {
+                    out.dropped = rest.len() - k;
+                    q.writing |= out.queued > 0;
+                    drop(q);
+                    self.close(CloseReason::SlowConsumer);
+                    return out;
+                }
+                q.bytes += frame.len();
+                q.items.push_back(Outgoing::Text(frame.clone()));
+                out.queued += 1;
+                socket = None;
+            }
+            rest = &rest[taken..];
+        }
+        if out.queued > 0 {
+            q.writing = true;
+            drop(q);
+            self.ready.notify_one();
+        }
+        out
     }
 
     /// Sends any item without waiting (see [`Outbox::push`]).
@@ -393,6 +520,16 @@ pub fn send_vectored(socket: &OwnedWriteHalf, bufs: &[IoSlice<'_>]) -> std::io::
     })
 }
 
+/// A non-blocking `sendmsg` that skips the runtime's readiness check: a push writes only to a
+/// socket whose writer is idle, which is writable unless the kernel says otherwise, and reading
+/// the readiness of thousands of sockets per message cost a cache miss each (~2.4 % of the
+/// gateway's CPU in a broadcast profile). A `WouldBlock` here leaves the readiness stale: the
+/// writer's wait then returns at once, its own write (through [`send_vectored`]) meets the
+/// `WouldBlock` and clears it, and its next wait is a real one.
+fn send_now(socket: &OwnedWriteHalf, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+    socket2::SockRef::from(socket.as_ref()).send_vectored(bufs)
+}
+
 /// One vectored non-blocking write of a whole frame: the header from the stack, the payload the
 /// shared bytes themselves (no copy).
 fn write_now(socket: &OwnedWriteHalf, item: &Outgoing) -> Direct {
@@ -402,7 +539,7 @@ fn write_now(socket: &OwnedWriteHalf, item: &Outgoing) -> Direct {
     let mut head = [0u8; 16];
     let n = frame_head(&mut head, opcode, payload);
     let total = n + payload.len();
-    match send_vectored(socket, &[IoSlice::new(&head[..n]), IoSlice::new(payload)]) {
+    match send_now(socket, &[IoSlice::new(&head[..n]), IoSlice::new(payload)]) {
         Ok(w) if w == total => Direct::All,
         Ok(w) if w >= n => Direct::Part(match item {
             Outgoing::Text(b) | Outgoing::Pong(b) => b.slice(w - n..),
@@ -416,6 +553,68 @@ fn write_now(socket: &OwnedWriteHalf, item: &Outgoing) -> Direct {
         }
         Err(e) if e.kind() == ErrorKind::WouldBlock => Direct::None,
         Err(_) => Direct::Failed,
+    }
+}
+
+/// What a direct write of several text frames did.
+enum Written {
+    /// This many whole frames went out; the next one only in part, if given.
+    Frames(usize, Option<Part>),
+    /// The socket failed.
+    Failed,
+}
+
+/// How much of a partly written frame went out: its header and the bytes sent.
+struct Part {
+    head: [u8; 16],
+    head_len: usize,
+    sent: usize,
+}
+
+impl Part {
+    /// What is left to send of the frame whose payload is `payload` (framed already).
+    fn rest_of(&self, payload: &Bytes) -> Bytes {
+        if self.sent >= self.head_len {
+            return payload.slice(self.sent - self.head_len..);
+        }
+        let mut rest = Vec::with_capacity(self.head_len - self.sent + payload.len());
+        rest.extend_from_slice(&self.head[self.sent..self.head_len]);
+        rest.extend_from_slice(payload);
+        Bytes::from(rest)
+    }
+}
+
+/// One vectored non-blocking write of up to [`WRITE_FRAMES`] text frames: headers from the
+/// stack, payloads the shared bytes themselves.
+fn write_frames(socket: &OwnedWriteHalf, frames: &[&[u8]]) -> Written {
+    let mut heads = [[0u8; 16]; WRITE_FRAMES];
+    let mut lens = [0usize; WRITE_FRAMES];
+    for (k, f) in frames.iter().enumerate() {
+        lens[k] = frame_head(&mut heads[k], OpCode::Text, f);
+    }
+    let mut iov = [IoSlice::new(&[]); 2 * WRITE_FRAMES];
+    for (k, f) in frames.iter().enumerate() {
+        iov[2 * k] = IoSlice::new(&heads[k][..lens[k]]);
+        iov[2 * k + 1] = IoSlice::new(f);
+    }
+    match send_now(socket, &iov[..2 * frames.len()]) {
+        Ok(mut w) => {
+            for (k, f) in frames.iter().enumerate() {
+                let total = lens[k] + f.len();
+                if w < total {
+                    let part = (w > 0).then(|| Part {
+                        head: heads[k],
+                        head_len: lens[k],
+                        sent: w,
+                    });
+                    return Written::Frames(k, part);
+                }
+                w -= total;
+            }
+            Written::Frames(frames.len(), None)
+        }
+        Err(e) if e.kind() == ErrorKind::WouldBlock => Written::Frames(0, None),
+        Err(_) => Written::Failed,
     }
 }
 

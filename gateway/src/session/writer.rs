@@ -242,6 +242,20 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn idle_outbox_writes_at_once_then_queues_in_order_when_the_socket_is_full() {
+        whole_and_in_order_under_pressure(1).await;
+    }
+
+    /// The same with the write window's batches: several frames per direct write, more than one
+    /// write's worth (`WRITE_FRAMES`) in some, partial writes in the middle of a batch.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batched_pushes_write_together_and_queue_the_rest_in_order() {
+        whole_and_in_order_under_pressure(7).await;
+        whole_and_in_order_under_pressure(45).await;
+    }
+
+    /// Pushes `batch` messages at a time (one by one when 1) to an outbox whose client reads late
+    /// and slowly; every frame must arrive whole and in order.
+    async fn whole_and_in_order_under_pressure(batch: usize) {
         let mut config = Config::defaults();
         config.outbox_frames = 1 << 20;
         config.outbox_bytes = 1 << 30;
@@ -283,16 +297,31 @@ mod tests {
         });
         let mut start_reading = Some(start_reading);
         let (mut written, mut queued) = (0, 0);
-        for i in 0..total {
-            match outbox.push(Bytes::from(payload(i))).unwrap() {
-                Pushed::Written => written += 1,
-                Pushed::Queued => queued += 1,
-                Pushed::Covered => unreachable!("no history cut here"),
+        let mut i = 0;
+        while i < total {
+            let n = batch.min(total - i);
+            if n == 1 {
+                match outbox.push(Bytes::from(payload(i))).unwrap() {
+                    Pushed::Written => written += 1,
+                    Pushed::Queued => queued += 1,
+                    Pushed::Covered => unreachable!("no history cut here"),
+                }
+            } else {
+                let msgs: Vec<_> = (i..i + n)
+                    .map(|k| (Bytes::from(payload(k)), None))
+                    .collect();
+                let p = outbox.push_messages(&msgs, true);
+                assert_eq!((p.covered, p.dropped), (0, 0));
+                assert_eq!(p.written + p.queued, n);
+                written += p.written;
+                queued += p.queued;
             }
-            if i == total / 4 {
+            let before = i;
+            i += n;
+            if before <= total / 4 && i > total / 4 {
                 let _ = start_reading.take().map(|s| s.send(()));
             }
-            if i > total / 4 && i % 50 == 0 {
+            if i > total / 4 && (before / 50 != i / 50) {
                 tokio::time::sleep(Duration::from_micros(200)).await;
             }
         }
