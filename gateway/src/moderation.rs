@@ -26,6 +26,7 @@ use crate::metrics::ControlResult;
 use crate::node::Node;
 use crate::protocol::RoomName;
 use crate::registry::Selector;
+use crate::session::outbox::Outbox;
 
 /// Connects the broker's control channel to a bounded queue and spawns [`run`] on the node's
 /// tracker.
@@ -48,13 +49,11 @@ pub async fn run(node: Arc<Node>, mut rx: mpsc::Receiver<Bytes>) {
                     Reason::Kicked => CloseReason::Kicked,
                     Reason::Banned => CloseReason::Banned,
                 };
-                let n = node.registry.close_matching(
-                    Selector {
-                        user: sub.as_deref(),
-                        room: room.as_deref(),
-                    },
-                    close,
-                );
+                let n = match (sub.as_deref(), room.as_deref()) {
+                    // A room (or everyone): every member, anonymous ones too, from the hub.
+                    (None, room) => close_members(&node, room, close),
+                    (user, room) => node.registry.close_matching(Selector { user, room }, close),
+                };
                 node.metrics.control(ControlResult::Applied);
                 debug!(
                     sessions = n,
@@ -68,6 +67,25 @@ pub async fn run(node: Arc<Node>, mut rx: mpsc::Receiver<Bytes>) {
             }
         }
     }
+}
+
+/// Closes every local member of `room` (of every room when `None`) with `reason`; returns how
+/// many.
+fn close_members(node: &Node, room: Option<&str>, reason: CloseReason) -> usize {
+    let mut n = 0;
+    let mut close = |outbox: &Arc<Outbox>| {
+        outbox.close(reason);
+        n += 1;
+    };
+    match room {
+        Some(room) => {
+            if let Some(room) = RoomName::parse(room) {
+                node.hub.outboxes(&room).iter().for_each(&mut close);
+            }
+        }
+        None => node.hub.for_each_outbox(&mut close),
+    }
+    n
 }
 
 /// Whether `sub` is banned from `room`. A broker that cannot answer lets the user in (and logs):

@@ -1,6 +1,8 @@
-//! The node's sessions by id, with who they are (`sub`), where (room) and until when (token
-//! `exp`): what moderation needs to find the sessions a disconnect command names, and what the
-//! [`expiry`](crate::expiry) timer needs to warn and close sessions whose token lapses.
+//! The node's identified sessions by id, with who they are (`sub`), where (room) and until when
+//! (token `exp`): what moderation needs to find the sessions of a user a disconnect command
+//! names, and what the [`expiry`](crate::expiry) timer needs to warn and close sessions whose
+//! token lapses. Anonymous sessions (no token) are not kept: no user command can name them and
+//! they have no deadline; a room-wide kick reaches them through the hub's members.
 //!
 //! One std `Mutex` over a map and an ordered set of deadlines: every operation is a map or set
 //! change, or a non-blocking push to an outbox, and nothing awaits under it. A session without a
@@ -71,7 +73,8 @@ impl Registry {
         }
     }
 
-    /// Adds a session; `exp` is its token's expiry in seconds.
+    /// Adds a session; `exp` is its token's expiry in seconds. A session with neither a user nor
+    /// an expiry is not kept (see the module docs).
     pub fn register(
         &self,
         session: u64,
@@ -80,6 +83,9 @@ impl Registry {
         exp: Option<u64>,
         outbox: Arc<Outbox>,
     ) {
+        if user.is_none() && exp.is_none() {
+            return;
+        }
         let exp_ms = exp.map(|e| e.saturating_mul(1000));
         let mut inner = self.lock();
         if let Some(exp_ms) = exp_ms {
@@ -230,6 +236,7 @@ mod tests {
         r.register(2, y.clone(), Some("u1".into()), None, boxes[1].clone());
         r.register(3, x.clone(), Some("u2".into()), None, boxes[2].clone());
         r.register(4, y.clone(), None, None, boxes[3].clone());
+        assert_eq!(r.len(), 3, "an anonymous session is not kept");
         let sel = |user, room| Selector { user, room };
         assert_eq!(
             r.close_matching(sel(Some("u1"), Some("x")), CloseReason::Banned),
@@ -237,13 +244,18 @@ mod tests {
         );
         assert_eq!(
             r.close_matching(sel(None, Some("y")), CloseReason::Kicked),
-            2
+            1
         );
         assert_eq!(
             r.close_matching(sel(Some("u2"), None), CloseReason::Kicked),
             1
         );
         assert_eq!(boxes[0].close_reason(), Some(CloseReason::Banned));
-        assert_eq!(boxes[3].close_reason(), Some(CloseReason::Kicked));
+        assert_eq!(boxes[1].close_reason(), Some(CloseReason::Kicked));
+        assert_eq!(
+            boxes[3].close_reason(),
+            None,
+            "reached through the hub instead"
+        );
     }
 }

@@ -602,7 +602,11 @@ async fn api(node: &TestNode, method: &str, path: &str, body: Value) -> (u16, Va
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kick_and_ban_reach_clients_on_all_three_nodes() {
     let redis = RedisServer::start().await;
-    let flags = jwt_flags(&["--api-key", "old-key-0000,moderator-key-123"]);
+    let flags = jwt_flags(&[
+        "--api-key",
+        "old-key-0000,moderator-key-123",
+        "--allow-anonymous-viewers",
+    ]);
     let mut nodes = Vec::new();
     for i in 1..=3 {
         nodes.push(TestNode::start(test_config(&format!("n{i}"), Some(&redis), &flags)).await);
@@ -640,10 +644,11 @@ async fn kick_and_ban_reach_clients_on_all_three_nodes() {
         assert_eq!(c.next_of("pong").await["type"], "pong");
     }
 
-    // Everyone in a room, on every node.
+    // Everyone in a room, on every node, anonymous viewers too.
     let mut in_room = Vec::new();
     for n in &nodes {
         in_room.push(connect_token(n.client, "stage", &t("u3")).await.unwrap().0);
+        in_room.push(connect(n.client, "stage", "name=Guest").await.unwrap().0);
     }
     let (status, _) = api(
         &nodes[1],

@@ -179,8 +179,9 @@ impl Live {
         node.registry.unregister(self.slot.id);
         node.leave(&self.room, self.slot.id, self.role);
         node.metrics.closed(reason).increment(1);
+        // Boxed: the timer is only alive while closing, not in every idle session's task.
         if !read_done
-            && tokio::time::timeout(CLOSE_GRACE, &mut self.reading)
+            && Box::pin(tokio::time::timeout(CLOSE_GRACE, &mut self.reading))
                 .await
                 .is_err()
         {
@@ -332,5 +333,67 @@ mod tests {
             backlog.frames.iter().map(|f| f.0).collect::<Vec<_>>(),
             [3, 4, 5]
         );
+    }
+}
+
+#[cfg(test)]
+mod idle_size {
+    use super::*;
+    use crate::config::Config;
+    use crate::metrics::Metrics;
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    /// What an idle session keeps: its task (the `Live` future), the two boxed halves and the
+    /// outbox. Budgets with a little room; the idle-memory benchmark (docs/benchmarks.md) has
+    /// the resident figure. An await added inline to a half, or a field, shows up here first.
+    #[tokio::test]
+    async fn an_idle_sessions_state_stays_within_its_budget() {
+        let node = Node::start(
+            Config::defaults(),
+            Metrics::new("n1"),
+            TaskTracker::new(),
+            CancellationToken::new(),
+            None,
+        )
+        .unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        let (r, w) = server.into_split();
+        let (outbox, rx) = Outbox::new(8, 1024);
+        let outbox = Arc::new(outbox);
+        let room = RoomName::parse("r").unwrap();
+        let reader = reader::Reader::new(
+            node.clone(),
+            outbox.clone(),
+            room.clone(),
+            Role::Viewer,
+            None,
+        )
+        .run(Decoder::new(r, b"", 1024));
+        let writer = writer::Writer::new(node.clone(), outbox.clone(), rx, w).run();
+        let (reader_size, writer_size) = (
+            std::mem::size_of_val(&reader),
+            std::mem::size_of_val(&writer),
+        );
+        let live = Live {
+            node: node.clone(),
+            slot: node.reserve_session().unwrap(),
+            room,
+            role: Role::Viewer,
+            reading: Box::pin(reader),
+            writing: Box::pin(writer),
+        }
+        .run();
+        let sizes = [
+            ("reader", reader_size, 448),
+            ("writer", writer_size, 320),
+            ("outbox", std::mem::size_of::<Outbox>(), 192),
+            ("live task's future", std::mem::size_of_val(&live), 256),
+        ];
+        for (what, size, budget) in sizes {
+            assert!(size <= budget, "{what}: {size} bytes, budget {budget}");
+        }
     }
 }

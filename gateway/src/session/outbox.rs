@@ -135,8 +135,9 @@ const WRITE_FRAMES: usize = 32;
 #[derive(Debug)]
 pub struct Outbox {
     queue: Mutex<Queue>,
-    /// Wakes the writer after a push that queued (a stored permit covers a push before the writer
-    /// waits).
+    /// Wakes the writer after a push that queued, and when the session must end (a stored permit
+    /// covers a wake-up before the writer waits). One `Notify` for both: the writer is its only
+    /// waiter, and each one costs an idle connection its waiter's room in the writer's future.
     ready: Notify,
     /// The socket's write half, set when the session starts writing. Pushes write to it directly
     /// (non-blocking) while nothing is queued and the writer is idle; the writer waits for it to
@@ -144,11 +145,8 @@ pub struct Outbox {
     socket: OnceLock<OwnedWriteHalf>,
     max_frames: usize,
     max_bytes: usize,
-    /// Woken (all waiters) when the session must end; the writer watches it. A `Notify` beside
-    /// `reason` rather than a `CancellationToken`, whose tree node is one more allocation per
-    /// connection.
-    closing: Notify,
-    /// The first reason anyone gave for closing; set means closing.
+    /// The first reason anyone gave for closing; set means closing (the writer is woken through
+    /// `ready`). Not a `CancellationToken`, whose tree node is one more allocation per connection.
     reason: OnceLock<CloseReason>,
     /// When the client last sent anything (ms on [`now_millis`]'s clock); the keepalive timer
     /// closes sessions that stay silent too long.
@@ -209,7 +207,6 @@ impl Outbox {
             socket: OnceLock::new(),
             max_frames,
             max_bytes,
-            closing: Notify::new(),
             reason: OnceLock::new(),
             last_seen: AtomicU64::new(now_millis()),
         };
@@ -457,7 +454,7 @@ impl Outbox {
     /// Asks the session to end for `reason`; the first reason given is the one the client sees.
     pub fn close(&self, reason: CloseReason) {
         let _ = self.reason.set(reason);
-        self.closing.notify_waiters();
+        self.ready.notify_one();
     }
 
     /// Whether the session has been asked to end.
@@ -465,16 +462,9 @@ impl Outbox {
         self.reason.get().is_some()
     }
 
-    /// Resolves once the session has been asked to end.
-    pub async fn closed(&self) {
-        let notified = self.closing.notified();
-        tokio::pin!(notified);
-        // Registered before the check, so a close in between is not missed.
-        notified.as_mut().enable();
-        if self.is_closing() {
-            return;
-        }
-        notified.await
+    /// Resolves at the writer's next wake-up: a push that queued, or a close.
+    pub async fn woken(&self) {
+        self.ready.notified().await
     }
 
     /// The reason given to [`Outbox::close`], if any.
@@ -619,7 +609,8 @@ fn write_frames(socket: &OwnedWriteHalf, frames: &[&[u8]]) -> Written {
 }
 
 impl OutboxReceiver {
-    /// Waits for at least one item and moves up to `limit` queued items into `batch`. The writer
+    /// Waits for at least one item and moves up to `limit` queued items into `batch`; returns how
+    /// many, or 0 once the session is closing (whatever is still queued is not sent). The writer
     /// calls it again once it has written the batch; finding nothing queued then is the moment it
     /// goes idle, and pushes write directly until they queue again.
     pub async fn recv_batch(
@@ -630,6 +621,9 @@ impl OutboxReceiver {
     ) -> usize {
         loop {
             let ready = outbox.ready.notified();
+            if outbox.is_closing() {
+                return 0;
+            }
             {
                 let mut q = outbox.queue.lock().unwrap_or_else(|e| e.into_inner());
                 if !q.items.is_empty() {
@@ -682,8 +676,11 @@ mod tests {
             Err(PushError::Closed)
         );
         let mut batch = Vec::new();
-        assert_eq!(rx.recv_batch(&outbox, &mut batch, 10).await, 2);
-        assert_eq!(outbox.queued_bytes(), 0);
+        assert_eq!(
+            rx.recv_batch(&outbox, &mut batch, 10).await,
+            0,
+            "a closing session's queue is not sent"
+        );
     }
 
     #[tokio::test]
@@ -697,8 +694,7 @@ mod tests {
         );
         assert_eq!(outbox.queued_bytes(), 6);
         let mut batch = Vec::new();
-        assert_eq!(rx.recv_batch(&outbox, &mut batch, 10).await, 1);
-        assert_eq!(outbox.queued_bytes(), 0);
+        assert_eq!(rx.recv_batch(&outbox, &mut batch, 10).await, 0);
     }
 
     #[tokio::test]

@@ -26,7 +26,9 @@ pub struct Reader {
     room: RoomName,
     role: Role,
     name: Option<Arc<str>>,
-    rate: RateLimit,
+    /// The publish rate limit; made at the first publish (most members never publish, and an
+    /// idle session should stay small).
+    rate: Option<Box<RateLimit>>,
     /// Who the token says the client is, and what it may do (see [`Reader::with_access`]).
     access: Access,
 }
@@ -72,7 +74,7 @@ impl Reader {
         role: Role,
         name: Option<Arc<str>>,
     ) -> Self {
-        let rate = RateLimit::new(node.config.max_publish_rate);
+        let rate = None;
         Self {
             node,
             outbox,
@@ -162,7 +164,8 @@ impl Reader {
     /// Reads until the client leaves, breaks a rule, or the session is closed from elsewhere (then
     /// the session aborts this task).
     pub async fn run(mut self, mut decoder: Decoder) {
-        let mut partial: Option<Partial> = None;
+        // Boxed: a fragmented message is rare, and its state should not size every idle reader.
+        let mut partial: Option<Box<Partial>> = None;
         let node = self.node.clone();
         let cfg = &node.config;
         loop {
@@ -187,11 +190,11 @@ impl Reader {
                         if cfg.max_fragments < 2 {
                             return self.outbox.close(CloseReason::TooLarge);
                         }
-                        partial = Some(Partial {
+                        partial = Some(Box::new(Partial {
                             opcode: frame.opcode,
                             data: frame.payload.to_vec(),
                             frames: 1,
-                        });
+                        }));
                     }
                 }
                 opcode::CONTINUATION => {
@@ -312,7 +315,11 @@ impl Reader {
         if !self.access.publish {
             return self.refuse_publish(key, "forbidden", "you may not publish in this room");
         }
-        match self.rate.check(Instant::now()) {
+        let max_rate = self.node.config.max_publish_rate;
+        let rate = self
+            .rate
+            .get_or_insert_with(|| Box::new(RateLimit::new(max_rate)));
+        match rate.check(Instant::now()) {
             Rate::Allowed => {}
             Rate::Refused => {
                 self.node

@@ -85,42 +85,42 @@ impl Writer {
 
     /// Writes until the session closes; returns why it closed (after sending the Close frame).
     ///
-    /// Idle, this future waits on two things only (the outbox and its close signal): pings and
-    /// drain closes come from node-wide timers through the outbox, so an idle session owns no
-    /// timer.
+    /// Idle, this future waits on one thing only (the outbox's wake-up, for a push that queued or
+    /// a close): pings and drain closes come from node-wide timers through the outbox, so an idle
+    /// session owns no timer.
     pub async fn run(mut self) -> CloseReason {
         let stall_limit = self.node.config.idle_timeout;
         loop {
-            tokio::select! {
-                biased;
-                _ = self.outbox.closed() => break,
-                n = self.rx.recv_batch(&self.outbox, &mut self.batch, WRITE_BATCH) => {
-                    let mut texts = 0u64;
-                    for item in self.batch.drain(..) {
-                        match item {
-                            Outgoing::Text(b) => {
-                                texts += 1;
-                                put_frame(&mut self.buf, OpCode::Text, &b);
-                            }
-                            Outgoing::Rest(b, text) => {
-                                texts += u64::from(text);
-                                self.buf.extend_from_slice(&b);
-                            }
-                            other => {
-                                if let Some((op, payload)) = other.frame() {
-                                    put_frame(&mut self.buf, op, payload);
-                                }
-                            }
+            let n = self
+                .rx
+                .recv_batch(&self.outbox, &mut self.batch, WRITE_BATCH)
+                .await;
+            if n == 0 {
+                break;
+            }
+            let mut texts = 0u64;
+            for item in self.batch.drain(..) {
+                match item {
+                    Outgoing::Text(b) => {
+                        texts += 1;
+                        put_frame(&mut self.buf, OpCode::Text, &b);
+                    }
+                    Outgoing::Rest(b, text) => {
+                        texts += u64::from(text);
+                        self.buf.extend_from_slice(&b);
+                    }
+                    other => {
+                        if let Some((op, payload)) = other.frame() {
+                            put_frame(&mut self.buf, op, payload);
                         }
                     }
-                    debug_assert!(n > 0);
-                    // Boxed: the write future is only alive while writing.
-                    match Box::pin(self.flush(stall_limit)).await {
-                        Ok(()) => self.node.metrics.delivered.increment(texts),
-                        Err(WriteEnd::Io) => self.outbox.close(CloseReason::IoError),
-                        Err(WriteEnd::Stalled) => self.outbox.close(CloseReason::SlowConsumer),
-                    }
                 }
+            }
+            // Boxed: the write future is only alive while writing.
+            match Box::pin(self.flush(stall_limit)).await {
+                Ok(()) => self.node.metrics.delivered.increment(texts),
+                Err(WriteEnd::Io) => self.outbox.close(CloseReason::IoError),
+                Err(WriteEnd::Stalled) => self.outbox.close(CloseReason::SlowConsumer),
             }
         }
         let reason = self.outbox.close_reason().unwrap_or(CloseReason::IoError);
@@ -166,9 +166,12 @@ impl Writer {
                         }
                     }
                 },
-                _ = self.outbox.closed(), if !closing => {
-                    closing = true;
-                    deadline = deadline.min(tokio::time::Instant::now() + CLOSE_GRACE);
+                // Woken by pushes too (one `Notify` for both); only a close changes anything.
+                () = self.outbox.woken(), if !closing => {
+                    if self.outbox.is_closing() {
+                        closing = true;
+                        deadline = deadline.min(tokio::time::Instant::now() + CLOSE_GRACE);
+                    }
                 }
                 _ = tokio::time::sleep_until(deadline) => break Err(WriteEnd::Stalled),
             }
