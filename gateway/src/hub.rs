@@ -275,7 +275,9 @@ mod tests {
         let mut batch = Vec::new();
         ra.recv_batch(&a, &mut batch, 8).await;
         match &batch[0] {
-            crate::session::outbox::Outgoing::Text(t) => assert_eq!(t.as_ptr(), frame.as_ptr()),
+            crate::session::outbox::Outgoing::Framed(t, true) => {
+                assert_eq!(t.as_ptr(), frame.as_ptr())
+            }
             other => panic!("{other:?}"),
         }
     }

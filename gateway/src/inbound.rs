@@ -1,6 +1,7 @@
 //! What the node does with a payload the broker received for a room: count it, check it, classify
 //! it (our envelope, with its offset and epoch if it has them, or another program's plain
-//! `PUBLISH`), stamp the latter, and hand one encoded frame to the hub for its local members,
+//! `PUBLISH`), stamp the latter, and hand one WebSocket frame (framed once, shared by every
+//! member) to the hub for its local members,
 //! with the message's [`Stamp`] so that members catching up on history merge by it.
 //!
 //! This is the one door into the hub: the brokers call [`Inbound::receive`], and the node's local
@@ -22,7 +23,7 @@ use crate::history::Stamp;
 use crate::hub::Hub;
 use crate::metrics::{DropReason, Metrics, Source};
 use crate::protocol::{self, BrokerPayload, RoomName};
-use crate::session::outbox::now_millis;
+use crate::session::outbox::{frame_text, now_millis};
 use crate::write_window::{Batch, Offer, WriteWindow};
 
 /// How far in the future a message's `ts` may be (clock skew between nodes) and still be sampled.
@@ -181,7 +182,8 @@ impl Inbound {
     /// [`WriteWindow`]) — and records the fan-out metrics (the end of [`Inbound::receive`], and
     /// the node's local fallback of a publish during a broker outage).
     pub fn deliver(&self, room: &RoomName, frame: Bytes, ts: u64, stamp: Option<Stamp>) {
-        match self.window.offer(room, frame, stamp, ts) {
+        // Framed once here; every member gets these same bytes.
+        match self.window.offer(room, frame_text(&frame), stamp, ts) {
             Offer::Now(batch) => {
                 self.fan_out(room, &batch);
                 self.window.done(room);
@@ -243,6 +245,16 @@ mod tests {
     use crate::protocol::Role;
     use crate::session::outbox::{Outbox, Outgoing};
 
+    /// The payload of one unmasked server frame.
+    fn payload(frame: &[u8]) -> &[u8] {
+        assert_eq!(frame[0], 0x81, "a whole text frame");
+        match frame[1] {
+            126 => &frame[4..],
+            127 => &frame[10..],
+            _ => &frame[2..],
+        }
+    }
+
     fn inbound() -> (Arc<Hub>, Inbound) {
         let metrics = Metrics::new("n1");
         let hub = Arc::new(Hub::new());
@@ -280,11 +292,12 @@ mod tests {
         let texts: Vec<String> = batch
             .iter()
             .map(|i| match i {
-                Outgoing::Text(b) => serde_json::from_slice::<serde_json::Value>(b).unwrap()
-                    ["data"]
-                    .as_str()
-                    .unwrap()
-                    .to_string(),
+                Outgoing::Framed(b, true) => {
+                    serde_json::from_slice::<serde_json::Value>(payload(b)).unwrap()["data"]
+                        .as_str()
+                        .unwrap()
+                        .to_string()
+                }
                 other => panic!("{other:?}"),
             })
             .collect();
@@ -314,6 +327,9 @@ mod tests {
         let (outbox, mut rx) = Outbox::new(8, 1 << 16);
         let outbox = Arc::new(outbox);
         hub.join(&room, 1, Role::Viewer, outbox.clone(), || {});
+        let (second, mut rx2) = Outbox::new(8, 1 << 16);
+        let second = Arc::new(second);
+        hub.join(&room, 2, Role::Viewer, second.clone(), || {});
         let envelope = Bytes::from_static(
             br#"{"type":"message","room":"r","from":null,"role":"server","data":1,"id":"x","ts":5}"#,
         );
@@ -324,10 +340,17 @@ mod tests {
         let mut batch = Vec::new();
         rx.recv_batch(&outbox, &mut batch, 8).await;
         assert_eq!(batch.len(), 2, "{batch:?}");
-        match (&batch[0], &batch[1]) {
-            (Outgoing::Text(a), Outgoing::Text(b)) => {
-                assert_eq!(a.as_ptr(), envelope.as_ptr(), "forwarded, not copied");
-                let wrapped: serde_json::Value = serde_json::from_slice(b).unwrap();
+        let mut other = Vec::new();
+        rx2.recv_batch(&second, &mut other, 8).await;
+        match (&batch[0], &batch[1], &other[0]) {
+            (Outgoing::Framed(a, true), Outgoing::Framed(b, true), Outgoing::Framed(a2, true)) => {
+                assert_eq!(payload(a), &envelope[..], "forwarded byte for byte");
+                assert_eq!(
+                    a.as_ptr(),
+                    a2.as_ptr(),
+                    "framed once, shared by every member"
+                );
+                let wrapped: serde_json::Value = serde_json::from_slice(payload(b)).unwrap();
                 assert_eq!(wrapped["data"], "plain");
                 assert_eq!(wrapped["role"], "server");
                 assert!(wrapped["id"].as_str().unwrap().starts_with("n1-"));

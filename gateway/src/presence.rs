@@ -20,7 +20,7 @@ use crate::metrics::DropReason;
 use crate::node::Node;
 use crate::pacing;
 use crate::protocol::{self, RoomName};
-use crate::session::outbox::{Outbox, PushError, Pushed};
+use crate::session::outbox::{frame_text, Outbox, PushError, Pushed};
 
 /// Runs the presence timer until the node stops, then withdraws this node's reports.
 pub async fn run(node: Arc<Node>) {
@@ -74,7 +74,8 @@ async fn once(
     let mut cache = HashMap::with_capacity(local.len());
     let mut sends: Vec<(Bytes, Arc<Outbox>)> = Vec::new();
     for ((room, mine), counts) in local.into_iter().zip(cluster) {
-        let frame = protocol::presence(&room, counts.hosts, counts.viewers);
+        // Framed once per room: every member gets the same bytes, each in one plain `send`.
+        let frame = frame_text(&protocol::presence(&room, counts.hosts, counts.viewers));
         for outbox in node.hub.outboxes(&room) {
             sends.push((frame.clone(), outbox));
         }
@@ -93,7 +94,7 @@ async fn spread(node: &Node, sends: Vec<(Bytes, Arc<Outbox>)>) {
         &sends,
         window,
         node.stopping(),
-        |(frame, outbox)| match outbox.push(frame.clone()) {
+        |(frame, outbox)| match outbox.push_message(frame.clone(), None, true) {
             Err(PushError::Full) => dropped += 1,
             Ok(Pushed::Written) => written += 1,
             _ => {}

@@ -105,7 +105,7 @@ impl Writer {
                         texts += 1;
                         put_frame(&mut self.buf, OpCode::Text, &b);
                     }
-                    Outgoing::Rest(b, text) => {
+                    Outgoing::Framed(b, text) => {
                         texts += u64::from(text);
                         self.buf.extend_from_slice(&b);
                     }
@@ -311,7 +311,7 @@ mod tests {
                 }
             } else {
                 let msgs: Vec<_> = (i..i + n)
-                    .map(|k| (Bytes::from(payload(k)), None))
+                    .map(|k| (crate::session::outbox::frame_text(&payload(k)), None))
                     .collect();
                 let p = outbox.push_messages(&msgs, true);
                 assert_eq!((p.covered, p.dropped), (0, 0));
