@@ -10,7 +10,7 @@
 //! `read_frame` is cancel-safe (all state lives in `self`), although the reader never races it.
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::TcpStream;
 
 /// How much to read at once when bytes are waiting.
 const READ_CHUNK: usize = 4096;
@@ -59,10 +59,11 @@ pub enum DecodeError {
     TooLarge,
 }
 
-/// Decodes frames from one connection's read half.
+/// Decodes frames from one connection's socket (anything that lends the `TcpStream`: a read
+/// half, or the session's outbox, which owns the socket).
 #[derive(Debug)]
-pub struct Decoder {
-    io: OwnedReadHalf,
+pub struct Decoder<S> {
+    io: S,
     buf: BytesMut,
     max_payload: usize,
 }
@@ -136,9 +137,9 @@ fn parse_header(b: &[u8], max_payload: usize) -> Result<Option<Header>, DecodeEr
     }))
 }
 
-impl Decoder {
+impl<S: AsRef<TcpStream>> Decoder<S> {
     /// A decoder over `io`, starting with bytes already read past the handshake.
-    pub fn new(io: OwnedReadHalf, already_read: &[u8], max_payload: usize) -> Self {
+    pub fn new(io: S, already_read: &[u8], max_payload: usize) -> Self {
         Self {
             io,
             buf: BytesMut::from(already_read),
@@ -182,7 +183,7 @@ impl Decoder {
             if self.buf.capacity() - self.buf.len() == 0 {
                 self.buf.reserve(READ_CHUNK);
             }
-            match self.io.try_read_buf(&mut self.buf) {
+            match self.io.as_ref().try_read_buf(&mut self.buf) {
                 Ok(0) => return Err(DecodeError::Eof),
                 Ok(_) => return Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,

@@ -28,7 +28,6 @@ use std::time::Duration;
 
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
@@ -75,13 +74,33 @@ pub struct Resume {
     pub backlog: usize,
 }
 
-/// Splits an upgraded connection into the frame decoder and the owned write half. Our listener
-/// only ever serves `TcpStream`s, so the downcast holds; bytes hyper read past the handshake seed
-/// the decoder (copied, so that hyper's 8 KiB read buffer is not kept alive by a slice of it).
-fn split(upgraded: Upgraded, max_payload: usize) -> Option<(Decoder, OwnedWriteHalf)> {
+/// The reading side of a session: its outbox, which owns the socket (see [`Outbox::attach`]).
+struct ReadSide(Arc<Outbox>);
+
+impl AsRef<TcpStream> for ReadSide {
+    fn as_ref(&self) -> &TcpStream {
+        self.0
+            .socket()
+            .expect("a session's socket is attached before its reader starts")
+    }
+}
+
+/// Hands an upgraded connection's socket to the session's outbox and returns the frame decoder
+/// reading it. Our listener only ever serves `TcpStream`s, so the downcast holds; bytes hyper
+/// read past the handshake seed the decoder (copied, so that hyper's 8 KiB read buffer is not
+/// kept alive by a slice of it).
+fn attach(
+    upgraded: Upgraded,
+    outbox: &Arc<Outbox>,
+    max_payload: usize,
+) -> Option<Decoder<ReadSide>> {
     let parts = upgraded.downcast::<TokioIo<TcpStream>>().ok()?;
-    let (r, w) = parts.io.into_inner().into_split();
-    Some((Decoder::new(r, &parts.read_buf, max_payload), w))
+    outbox.attach(parts.io.into_inner());
+    Some(Decoder::new(
+        ReadSide(outbox.clone()),
+        &parts.read_buf,
+        max_payload,
+    ))
 }
 
 /// Starts one session: joins the room, greets the client, and spawns the session's one live
@@ -120,12 +139,12 @@ async fn join(
     upgraded: Upgraded,
 ) -> Option<Live> {
     let cfg = &node.config;
-    let Some((decoder, write)) = split(upgraded, cfg.max_message_size) else {
+    let (outbox, rx) = Outbox::new(cfg.outbox_frames, cfg.outbox_bytes);
+    let outbox = Arc::new(outbox);
+    let Some(decoder) = attach(upgraded, &outbox, cfg.max_message_size) else {
         warn!("upgraded connection is not a TCP stream; dropped");
         return None;
     };
-    let (outbox, rx) = Outbox::new(cfg.outbox_frames, cfg.outbox_bytes);
-    let outbox = Arc::new(outbox);
     let Admission {
         room,
         role,
@@ -154,7 +173,7 @@ async fn join(
 
     let reader = reader::Reader::new(node.clone(), outbox.clone(), room.clone(), role, name)
         .with_access(slot.id, user, publish);
-    let writer = writer::Writer::new(node.clone(), outbox, rx, write);
+    let writer = writer::Writer::new(node.clone(), outbox, rx);
     Some(Live {
         node,
         slot,
@@ -360,9 +379,9 @@ mod idle_size {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (server, _) = l.accept().await.unwrap();
-        let (r, w) = server.into_split();
         let (outbox, rx) = Outbox::new(8, 1024);
         let outbox = Arc::new(outbox);
+        outbox.attach(server);
         let room = RoomName::parse("r").unwrap();
         let reader = reader::Reader::new(
             node.clone(),
@@ -371,8 +390,8 @@ mod idle_size {
             Role::Viewer,
             None,
         )
-        .run(Decoder::new(r, b"", 1024));
-        let writer = writer::Writer::new(node.clone(), outbox.clone(), rx, w).run();
+        .run(Decoder::new(ReadSide(outbox.clone()), b"", 1024));
+        let writer = writer::Writer::new(node.clone(), outbox.clone(), rx).run();
         let (reader_size, writer_size) = (
             std::mem::size_of_val(&reader),
             std::mem::size_of_val(&writer),
@@ -389,7 +408,8 @@ mod idle_size {
         let sizes = [
             ("reader", reader_size, 448),
             ("writer", writer_size, 320),
-            ("outbox", std::mem::size_of::<Outbox>(), 192),
+            // The socket itself included (no separate `Arc<TcpStream>` allocation).
+            ("outbox", std::mem::size_of::<Outbox>(), 208),
             ("live task's future", std::mem::size_of_val(&live), 256),
         ];
         for (what, size, budget) in sizes {

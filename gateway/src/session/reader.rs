@@ -18,6 +18,7 @@ use crate::metrics::{DropReason, Source};
 use crate::moderation;
 use crate::node::Node;
 use crate::protocol::{self, ClientCommand, Role, RoomName};
+use tokio::net::TcpStream;
 
 /// The reader task's state.
 pub struct Reader {
@@ -163,7 +164,7 @@ fn close_code_allowed(code: u16) -> bool {
 impl Reader {
     /// Reads until the client leaves, breaks a rule, or the session is closed from elsewhere (then
     /// the session aborts this task).
-    pub async fn run(mut self, mut decoder: Decoder) {
+    pub async fn run<S: AsRef<TcpStream>>(mut self, mut decoder: Decoder<S>) {
         // Boxed: a fragmented message is rare, and its state should not size every idle reader.
         let mut partial: Option<Box<Partial>> = None;
         let node = self.node.clone();

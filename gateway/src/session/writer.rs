@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fastwebsockets::OpCode;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
 
 use super::outbox::{frame_head, send_vectored, Outbox, OutboxReceiver, Outgoing};
 use super::{CLOSE_GRACE, WRITE_BATCH};
@@ -47,7 +47,7 @@ fn put_frame(buf: &mut Vec<u8>, opcode: OpCode, payload: &[u8]) {
 
 /// Writes some of `buf` once the socket is writable (what `AsyncWrite::write` does, on a shared
 /// reference: the outbox holds the socket so that pushes can write to it directly too).
-async fn write_some(socket: &OwnedWriteHalf, buf: &[u8]) -> std::io::Result<usize> {
+async fn write_some(socket: &TcpStream, buf: &[u8]) -> std::io::Result<usize> {
     loop {
         socket.writable().await?;
         match send_vectored(socket, &[IoSlice::new(buf)]) {
@@ -66,14 +66,8 @@ enum WriteEnd {
 }
 
 impl Writer {
-    /// A writer for one session; gives the socket's write half to the outbox.
-    pub fn new(
-        node: Arc<Node>,
-        outbox: Arc<Outbox>,
-        rx: OutboxReceiver,
-        socket: OwnedWriteHalf,
-    ) -> Self {
-        outbox.attach(socket);
+    /// A writer for one session, which writes to the socket attached to `outbox`.
+    pub fn new(node: Arc<Node>, outbox: Arc<Outbox>, rx: OutboxReceiver) -> Self {
         Self {
             node,
             outbox,
@@ -132,7 +126,7 @@ impl Writer {
             put_frame(&mut self.buf, OpCode::Close, &payload);
             if Box::pin(self.flush(CLOSE_GRACE)).await.is_ok() {
                 if let Some(socket) = self.outbox.socket() {
-                    let _ = socket2::SockRef::from(socket.as_ref()).shutdown(Shutdown::Write);
+                    let _ = socket2::SockRef::from(socket).shutdown(Shutdown::Write);
                 }
             }
         }
@@ -200,14 +194,12 @@ mod tests {
     use tokio_util::sync::CancellationToken;
     use tokio_util::task::TaskTracker;
 
-    /// A connected pair: (our write half, the client's stream).
-    async fn pair() -> (OwnedWriteHalf, TcpStream) {
+    /// A connected pair: (our side, the client's stream).
+    async fn pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (server, _) = l.accept().await.unwrap();
-        let (_r, w) = server.into_split();
-        std::mem::forget(_r); // keep the read half open for the test's lifetime
-        (w, client)
+        (server, client)
     }
 
     /// Reads unmasked server frames until `n` text payloads arrived.
@@ -278,7 +270,8 @@ mod tests {
             outbox.push(Bytes::from_static(b"first")),
             Ok(Pushed::Queued)
         );
-        let writer = tokio::spawn(Writer::new(node, outbox.clone(), rx, socket).run());
+        outbox.attach(socket);
+        let writer = tokio::spawn(Writer::new(node, outbox.clone(), rx).run());
         assert_eq!(read_texts(&mut client, 1).await, vec![b"first".to_vec()]);
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(
