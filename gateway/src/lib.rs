@@ -19,7 +19,7 @@
 //!   batching), [`session::codec`] (client frames off the socket).
 //! - [`response`] — the body type, plain JSON/text responses and the refusal every route uses.
 //! - [`request`] — strict query decoding and the API key check, below the routes.
-//! - [`hub`] — local rooms → members' outboxes; fan-out of one encoded message.
+//! - [`hub`] — local rooms → members' outboxes; fan-out of a room's messages (framed once).
 //! - [`history`] — room positions (epoch + offset), resume requests, history reads, publish
 //!   acks: the plain data of continuity; the brokers number and record, sessions catch up.
 //! - [`inbound`] — the one door into the hub: classifies, counts and stamps what the broker
@@ -51,9 +51,9 @@
 //! room's offset and epoch, append it to history, publish — one atomic step) → every subscribed
 //! node's [`inbound::Inbound::receive`] (classify, count) → [`write_window`] (at once for a quiet
 //! room; a busy room's messages together, once per window) → [`hub::Hub::fanout`] → each member's
-//! outbox (the same `Bytes`): written to the socket by the push itself when the member is idle
-//! (one vectored `sendmsg` for the whole batch, no task wake-up), else queued for the writer,
-//! which sends whatever queued in one write. Layers point one way: the broker knows only the inbound handler, the hub
+//! outbox (the same `Bytes`, framed once per node): written to the socket by the push itself
+//! when the member is idle (one `send`, or one `sendmsg` for a batch; no task wake-up), else
+//! queued for the writer, which sends whatever queued in one write. Layers point one way: the broker knows only the inbound handler, the hub
 //! only local rooms and members.
 
 pub mod admin;

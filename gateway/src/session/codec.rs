@@ -1,4 +1,4 @@
-//! Decoding client frames (RFC 6455 §5) straight off the TCP read half, with the limits applied
+//! Decoding client frames (RFC 6455 §5) straight off the TCP socket, with the limits applied
 //! before any payload is buffered.
 //!
 //! An idle connection owns no read buffer: the decoder waits for readiness first and allocates

@@ -9,9 +9,9 @@
 //! the read is in the history (or below the welcome's offset), one published after it arrives
 //! live, and none twice.
 //!
-//! The socket is split in two, both halves driven by the session's one task: the [`reader`] owns
-//! the read half through the [`codec`]'s decoder; the [`outbox`] holds the write half, which
-//! pushes write to directly, and the [`writer`] drains what the socket did not take at once.
+//! The [`outbox`] owns the socket; two halves of work are driven by the session's one task: the
+//! [`reader`] reads it through the [`codec`]'s decoder, pushes write to it directly, and the
+//! [`writer`] drains what the socket did not take at once.
 //! Either side ends the session by closing the outbox with a reason; the writer then sends the
 //! Close frame, and the reader, if the client does not answer within [`CLOSE_GRACE`], is dropped
 //! (the socket is being dropped, so losing its read state is fine).
@@ -204,7 +204,7 @@ impl Live {
                 .await
                 .is_err()
         {
-            // The client did not answer our Close: its read half is dropped unread.
+            // The client did not answer our Close: its reading is dropped unread.
             debug!(session = self.slot.id, "reader dropped after close grace");
         }
         debug!(session = self.slot.id, room = %self.room, reason = reason.label(), "session ended");
