@@ -222,10 +222,10 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_DIRECT_WRITE_MAX_RATE", default_value_t = DIRECT_WRITE_MAX_RATE)]
     pub direct_write_max_rate: u64,
 
-    /// Write window: a room that sends at least two messages per window on average (100 a second
-    /// at 20 ms) has its messages sent together, once per window, so that each member gets several
-    /// messages per write (fewer syscalls) for at most one window of added latency; a quieter
-    /// room's messages go out at once. 0 turns it off (every message written as it arrives).
+    /// Write window: a room's messages go out at once while the room sends less than one message
+    /// per window; a busier room's are sent together, once per window, so that each member gets
+    /// several messages per write (fewer syscalls) for at most one window of added latency.
+    /// 0 turns it off (every message written as it arrives).
     #[arg(long, env = "GATEWAY_WRITE_WINDOW", value_parser = parse_duration, default_value = WRITE_WINDOW_DEFAULT)]
     pub write_window: Duration,
 

@@ -24,7 +24,7 @@
 //!   acks: the plain data of continuity; the brokers number and record, sessions catch up.
 //! - [`inbound`] — the one door into the hub: classifies, counts and stamps what the broker
 //!   received (and the local fallback), then hands one frame to the hub.
-//! - [`write_window`] — batches a hot room's messages, one fan-out per window (`--write-window`).
+//! - [`write_window`] — batches a busy room's messages, one fan-out per window (`--write-window`).
 //! - [`node`] — ties hub and broker: publish path, delayed unsubscribe, session slots, drain.
 //! - [`broker`] — the seam to the cluster: [`broker::memory`], [`broker::redis`] (one Redis or
 //!   a Sentinel-managed master), [`broker::redis_cluster`] (sharded pub/sub) and
@@ -50,7 +50,7 @@
 //! reader → [`node::Node::publish`] (stamp id and `ts`, encode once) → broker (number it with the
 //! room's offset and epoch, append it to history, publish — one atomic step) → every subscribed
 //! node's [`inbound::Inbound::receive`] (classify, count) → [`write_window`] (at once for a quiet
-//! room; a hot room's messages together, once per window) → [`hub::Hub::fanout`] → each member's
+//! room; a busy room's messages together, once per window) → [`hub::Hub::fanout`] → each member's
 //! outbox (the same `Bytes`, framed once per node): written to the socket by the push itself
 //! when the member is idle (one `send`, or one `sendmsg` for a batch; no task wake-up), else
 //! queued for the writer, which sends whatever queued in one write. Layers point one way: the broker knows only the inbound handler, the hub

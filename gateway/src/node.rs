@@ -29,7 +29,6 @@ use crate::presence_cache::PresenceCache;
 use crate::protocol::{self, Message, Role, RoomName};
 use crate::registry::Registry;
 use crate::session::outbox::Outbox;
-use crate::write_window::WriteWindow;
 
 /// Pause between two attempts of a failed history read.
 const HISTORY_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
@@ -131,7 +130,7 @@ impl Node {
                 config.max_message_size,
             )
             .with_direct_write_max_rate(config.direct_write_max_rate)
-            .with_write_window(WriteWindow::new(config.write_window)),
+            .with_write_window(config.write_window),
         );
         tracker.spawn(inbound.clone().run_window(stop.clone()));
         let limits = config.history_limits();

@@ -137,7 +137,7 @@ pub struct PushedMany {
     pub dropped: usize,
 }
 
-/// Most frames one direct write carries (one iovec each, far below the kernel's `IOV_MAX`).
+/// Most frames one direct write carries (two iovecs each, far below the kernel's `IOV_MAX`).
 const WRITE_FRAMES: usize = 32;
 
 /// A session's queue, shared (in an `Arc`) by the hub, the reader and the writer.
@@ -312,7 +312,7 @@ impl Outbox {
             }
             let n = chunk.len();
             let mut first_queued = 0;
-            if let Some(s) = socket.filter(|_| n > 0) {
+            if let Some(s) = socket {
                 match write_frames(s, &chunk) {
                     Written::Frames(whole, sent) => {
                         out.written += whole;
