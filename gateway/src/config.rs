@@ -344,8 +344,8 @@ impl Config {
     }
 
     /// The history bounds the brokers apply.
-    pub fn history_limits(&self) -> crate::history::HistoryLimits {
-        crate::history::HistoryLimits {
+    pub fn history_limits(&self) -> crate::wire::history::HistoryLimits {
+        crate::wire::history::HistoryLimits {
             size: self.history_size,
             ttl: self.history_ttl,
             idempotency_ttl: self.idempotency_ttl,

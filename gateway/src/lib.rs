@@ -56,35 +56,16 @@
 //! queued for the writer, which sends whatever queued in one write. Layers point one way: the broker knows only the inbound handler, the hub
 //! only local rooms and members.
 
-pub mod admin;
-pub mod assets;
 pub mod auth;
 pub mod broker;
 pub mod config;
-pub mod control;
-pub mod disconnect;
-pub mod expiry;
-pub mod handover;
-pub mod history;
+pub mod fanout;
 pub mod http;
-pub mod hub;
-pub mod inbound;
-pub mod keepalive;
 pub mod metrics;
 pub mod moderation;
-pub mod moderation_api;
 pub mod node;
-pub mod pacing;
-pub mod presence;
-pub mod presence_cache;
-pub mod protocol;
-pub mod registry;
-pub mod request;
-pub mod response;
-pub mod server;
 pub mod session;
-pub mod shutdown;
-pub mod write_window;
+pub mod wire;
 
 use std::time::Duration;
 
@@ -148,23 +129,23 @@ pub async fn run(
     );
 
     let admin_node = node.clone();
-    tracker.spawn(server::serve(
+    tracker.spawn(http::server::serve(
         listeners.admin,
-        move |req| admin::handle(admin_node.clone(), req),
+        move |req| http::admin::handle(admin_node.clone(), req),
         stop.clone(),
         tracker.clone(),
     ));
     let client_node = node.clone();
-    tracker.spawn(server::serve(
+    tracker.spawn(http::server::serve(
         listeners.client,
-        move |req| http::handle(client_node.clone(), req),
+        move |req| http::routes::handle(client_node.clone(), req),
         node.draining().clone(),
         tracker.clone(),
     ));
-    tracker.spawn(presence::run(node.clone()));
-    tracker.spawn(keepalive::run(node.clone()));
-    tracker.spawn(handover::run(node.clone()));
-    tracker.spawn(expiry::run(node.clone()));
+    tracker.spawn(node::presence::run(node.clone()));
+    tracker.spawn(node::keepalive::run(node.clone()));
+    tracker.spawn(node::handover::run(node.clone()));
+    tracker.spawn(node::expiry::run(node.clone()));
     let upkeep = metrics.clone();
     let upkeep_stop = stop.clone();
     tracker.spawn(async move {
@@ -180,7 +161,7 @@ pub async fn run(
     shutdown.cancelled().await;
     let window = node.config.drain_window();
     info!(sessions = node.session_count(), window = ?window, "draining");
-    shutdown::drain(&node, window, SHUTDOWN_GRACE / 2).await;
+    node::drain::drain(&node, window, SHUTDOWN_GRACE / 2).await;
     if node.session_count() > 0 {
         warn!(
             sessions = node.session_count(),

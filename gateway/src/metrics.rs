@@ -17,7 +17,7 @@ use metrics_exporter_prometheus::{
 };
 
 use crate::auth::AuthError;
-use crate::disconnect::CloseReason;
+use crate::wire::close::CloseReason;
 
 /// Current WebSocket connections on this node, by `role` (`host`, `viewer`).
 pub const CONNECTIONS: &str = "gateway_connections";
@@ -132,9 +132,9 @@ impl RecoveryResult {
     }
 }
 
-impl From<crate::history::Recovery> for RecoveryResult {
-    fn from(r: crate::history::Recovery) -> Self {
-        use crate::history::Recovery;
+impl From<crate::wire::history::Recovery> for RecoveryResult {
+    fn from(r: crate::wire::history::Recovery) -> Self {
+        use crate::wire::history::Recovery;
         match r {
             Recovery::Complete => Self::Complete,
             Recovery::EpochChanged => Self::EpochChanged,

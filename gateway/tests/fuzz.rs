@@ -8,8 +8,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use gateway::protocol::{self, BrokerPayload, ClientCommand, RoomName};
-use gateway::session::codec::{DecodeError, Decoder};
+use gateway::wire::frame::{DecodeError, Decoder};
+use gateway::wire::protocol::{self, BrokerPayload, ClientCommand, RoomName};
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 

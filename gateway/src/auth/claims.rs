@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::protocol::{self, Role, RoomName, MAX_ROOM_LEN};
+use crate::wire::protocol::{self, Role, RoomName, MAX_ROOM_LEN};
 
 /// Most grants one token may carry.
 pub const MAX_GRANTS: usize = 64;

@@ -11,8 +11,8 @@
 //! `jsonwebtoken`; the claim shape by [`claims`].
 //!
 //! What it does not own: where the token comes from and what a refusal looks like on the wire
-//! ([`crate::http`]), bans ([`crate::moderation`]), the expiry of open sessions
-//! ([`crate::expiry`]).
+//! ([`crate::http::routes`]), bans ([`crate::moderation`]), the expiry of open sessions
+//! ([`crate::node::expiry`]).
 
 pub mod claims;
 pub mod jwks;

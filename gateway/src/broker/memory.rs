@@ -14,13 +14,13 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::control::{ControlSink, MemoryBans};
-use crate::history::{
+use crate::fanout::inbound::Inbound;
+use crate::metrics::Metrics;
+use crate::moderation::control::{ControlSink, MemoryBans};
+use crate::wire::history::{
     frame_tail, Ack, HistoryLimits, HistoryQuery, HistoryRead, Recovery, META_TTL,
 };
-use crate::inbound::Inbound;
-use crate::metrics::Metrics;
-use crate::protocol::RoomName;
+use crate::wire::protocol::RoomName;
 
 /// Most idempotency keys remembered at once; beyond, the oldest are forgotten early.
 pub const MAX_KEYS: usize = 100_000;
@@ -262,12 +262,12 @@ impl Logs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::history::Since;
+    use crate::wire::history::Since;
     use std::time::Duration;
 
     fn broker(size: usize) -> MemoryBroker {
         let metrics = Metrics::new("n1");
-        let hub = Arc::new(crate::hub::Hub::new());
+        let hub = Arc::new(crate::fanout::hub::Hub::new());
         let inbound = Arc::new(Inbound::new("n1", hub, metrics.clone(), 1024));
         MemoryBroker::new(
             inbound,

@@ -4,7 +4,7 @@
 //! Three implementations sit behind [`Broker`]: [`memory`] (one node alone, no Redis), [`redis`]
 //! (a cluster sharing one Redis, or a Sentinel-managed master) and [`redis_cluster`] (Redis
 //! Cluster, sharded pub/sub); [`redis_endpoint`] parses the URL that picks one. All hand what
-//! they receive to the node's [`Inbound`](crate::inbound::Inbound) handler, never blocking on it;
+//! they receive to the node's [`Inbound`](crate::fanout::inbound::Inbound) handler, never blocking on it;
 //! they know nothing else of the node. Subscriptions are a *desired set* that the
 //! broker converges to: [`Broker::subscribe`] and [`Broker::unsubscribe`] only change the set (and
 //! are called under the hub's lock, so the order of changes is the order of joins and leaves); the
@@ -25,9 +25,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::history::{Ack, HistoryQuery, HistoryRead};
-use crate::hub::RoomCounts;
-use crate::protocol::RoomName;
+use crate::fanout::hub::RoomCounts;
+use crate::wire::history::{Ack, HistoryQuery, HistoryRead};
+use crate::wire::protocol::RoomName;
 
 /// Why a publish did not reach the broker.
 #[derive(Debug, thiserror::Error)]

@@ -47,12 +47,12 @@ use super::redis_endpoint::Endpoint;
 use super::scripts;
 use super::subscriptions::Subscriptions;
 use super::{Backoff, BrokerError};
-use crate::control::{self, ControlSink};
-use crate::history::{Ack, HistoryLimits, HistoryQuery, HistoryRead};
-use crate::hub::RoomCounts;
-use crate::inbound::Inbound;
+use crate::fanout::hub::RoomCounts;
+use crate::fanout::inbound::Inbound;
 use crate::metrics::Metrics;
-use crate::protocol::RoomName;
+use crate::moderation::control::{self, ControlSink};
+use crate::wire::history::{Ack, HistoryLimits, HistoryQuery, HistoryRead};
+use crate::wire::protocol::RoomName;
 
 /// Channels per SUBSCRIBE / UNSUBSCRIBE command when converging, so that a reconnect with
 /// thousands of rooms sends a few large commands rather than one huge one or thousands of small.

@@ -48,12 +48,12 @@ use super::redis_endpoint::ClusterSeeds;
 use super::scripts;
 use super::subscriptions::Subscriptions;
 use super::{Backoff, BrokerError};
-use crate::control::{self, ControlSink};
-use crate::history::{Ack, HistoryLimits, HistoryQuery, HistoryRead};
-use crate::hub::RoomCounts;
-use crate::inbound::Inbound;
+use crate::fanout::hub::RoomCounts;
+use crate::fanout::inbound::Inbound;
 use crate::metrics::Metrics;
-use crate::protocol::RoomName;
+use crate::moderation::control::{self, ControlSink};
+use crate::wire::history::{Ack, HistoryLimits, HistoryQuery, HistoryRead};
+use crate::wire::protocol::RoomName;
 
 /// Rooms per convergence round (each slot's channels go in one `SSUBSCRIBE`; the commands of a
 /// round are in flight together, multiplexed on the shard connections).

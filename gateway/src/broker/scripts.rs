@@ -4,8 +4,8 @@
 //! the brokers differ only in how a script reaches Redis and which command publishes
 //! (`PUBLISH`, or `SPUBLISH` on the room's hash-tagged channel in a cluster).
 
-use crate::history::{Ack, HistoryLimits, HistoryQuery, HistoryRead, Recovery, META_TTL};
-use crate::protocol::RoomName;
+use crate::wire::history::{Ack, HistoryLimits, HistoryQuery, HistoryRead, Recovery, META_TTL};
+use crate::wire::protocol::RoomName;
 
 use super::BrokerError;
 use bytes::Bytes;

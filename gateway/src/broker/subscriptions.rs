@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{watch, Notify};
 
-use crate::protocol::RoomName;
+use crate::wire::protocol::RoomName;
 
 /// The two sets, under one lock.
 #[derive(Debug, Default)]

@@ -16,8 +16,6 @@
 //! Close frame, and the reader, if the client does not answer within [`CLOSE_GRACE`], is dropped
 //! (the socket is being dropped, so losing its read state is fine).
 
-pub mod codec;
-pub mod outbox;
 pub mod reader;
 pub mod writer;
 
@@ -31,13 +29,13 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use crate::disconnect::CloseReason;
-use crate::history::{HistoryQuery, HistoryRead, Recovery, Since, Stamp};
+use crate::fanout::outbox::Outbox;
 use crate::metrics::RecoveryResult;
 use crate::node::{Node, SessionSlot};
-use crate::protocol::{self, Role, RoomName, WelcomePosition};
-use codec::Decoder;
-use outbox::Outbox;
+use crate::wire::close::CloseReason;
+use crate::wire::frame::Decoder;
+use crate::wire::history::{HistoryQuery, HistoryRead, Recovery, Since, Stamp};
+use crate::wire::protocol::{self, Role, RoomName, WelcomePosition};
 
 /// How long a closing session waits for the client's side (its Close answer, or the last queued
 /// bytes) before dropping the socket.

@@ -10,14 +10,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::codec::{opcode, DecodeError, Decoder};
-use super::outbox::{Outbox, Outgoing, Pushed};
 use crate::auth::AuthError;
-use crate::disconnect::CloseReason;
+use crate::fanout::outbox::{Outbox, Outgoing, Pushed};
 use crate::metrics::{DropReason, Source};
 use crate::moderation;
 use crate::node::Node;
-use crate::protocol::{self, ClientCommand, Role, RoomName};
+use crate::wire::close::CloseReason;
+use crate::wire::frame::{opcode, DecodeError, Decoder};
+use crate::wire::protocol::{self, ClientCommand, Role, RoomName};
 use tokio::net::TcpStream;
 
 /// The reader task's state.

@@ -19,10 +19,10 @@ use std::time::Duration;
 use fastwebsockets::OpCode;
 use tokio::net::TcpStream;
 
-use super::outbox::{frame_head, send_vectored, Outbox, OutboxReceiver, Outgoing};
 use super::{CLOSE_GRACE, WRITE_BATCH};
-use crate::disconnect::CloseReason;
+use crate::fanout::outbox::{frame_head, send_vectored, Outbox, OutboxReceiver, Outgoing};
 use crate::node::Node;
+use crate::wire::close::CloseReason;
 
 /// Keep at most this much buffer capacity between batches while more is queued; an idle session
 /// keeps none.
@@ -186,8 +186,8 @@ impl Writer {
 mod tests {
     use super::*;
     use crate::config::Config;
+    use crate::fanout::outbox::Pushed;
     use crate::metrics::Metrics;
-    use crate::session::outbox::Pushed;
     use bytes::Bytes;
     use tokio::io::AsyncReadExt;
     use tokio::net::{TcpListener, TcpStream};
@@ -304,7 +304,7 @@ mod tests {
                 }
             } else {
                 let msgs: Vec<_> = (i..i + n)
-                    .map(|k| (crate::session::outbox::frame_text(&payload(k)), None))
+                    .map(|k| (crate::fanout::outbox::frame_text(&payload(k)), None))
                     .collect();
                 let p = outbox.push_messages(&msgs, true);
                 assert_eq!((p.covered, p.dropped), (0, 0));

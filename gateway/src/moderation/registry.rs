@@ -1,6 +1,6 @@
 //! The node's identified sessions by id, with who they are (`sub`), where (room) and until when
 //! (token `exp`): what moderation needs to find the sessions of a user a disconnect command
-//! names, and what the [`expiry`](crate::expiry) timer needs to warn and close sessions whose
+//! names, and what the [`expiry`](crate::node::expiry) timer needs to warn and close sessions whose
 //! token lapses. Anonymous sessions (no token) are not kept: no user command can name them and
 //! they have no deadline; a room-wide kick reaches them through the hub's members.
 //!
@@ -12,9 +12,9 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
-use crate::disconnect::CloseReason;
-use crate::protocol::{self, RoomName};
-use crate::session::outbox::Outbox;
+use crate::fanout::outbox::Outbox;
+use crate::wire::close::CloseReason;
+use crate::wire::protocol::{self, RoomName};
 
 /// One session's entry.
 #[derive(Debug)]

@@ -10,13 +10,12 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::history::Stamp;
+use crate::wire::history::Stamp;
 
 /// Longest room name, in bytes.
 pub const MAX_ROOM_LEN: usize = 128;
@@ -92,14 +91,6 @@ impl fmt::Display for RoomName {
 /// Validates a display name: 1–64 bytes, no control characters.
 pub fn valid_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= MAX_NAME_LEN && !s.chars().any(char::is_control)
-}
-
-/// Microseconds since the Unix epoch, the unit of every `ts`.
-pub fn now_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
 }
 
 /// What a client's text frame asks for.
@@ -187,7 +178,7 @@ pub fn parse_command(text: &str) -> Result<ClientCommand<'_>, CommandError> {
                     let key = match cmd.key {
                         None => None,
                         Some(raw) => match serde_json::from_str::<Cow<'_, str>>(raw.get()) {
-                            Ok(k) if crate::history::valid_key(&k) => Some(k),
+                            Ok(k) if crate::wire::history::valid_key(&k) => Some(k),
                             _ => return Err(CommandError::Invalid(INVALID_KEY)),
                         },
                     };
@@ -426,7 +417,7 @@ pub fn expiring(exp: u64) -> Bytes {
 }
 
 /// `{"type":"ack",…}`: a keyed publish was published (or had been: `duplicate`).
-pub fn ack(key: &str, ack: &crate::history::Ack) -> Bytes {
+pub fn ack(key: &str, ack: &crate::wire::history::Ack) -> Bytes {
     encode(&Event::Ack {
         key,
         offset: ack.offset,
@@ -462,7 +453,9 @@ pub fn error(code: &str, message: &str) -> Bytes {
 
 /// `{"type":"pong","ts":…}`, the answer to a `ping` command.
 pub fn pong() -> Bytes {
-    encode(&Event::Pong { ts: now_micros() })
+    encode(&Event::Pong {
+        ts: crate::wire::clock::unix_micros(),
+    })
 }
 
 #[cfg(test)]
@@ -581,7 +574,7 @@ mod tests {
         );
         let prefix = Message::new("r1", None, Role::Host, &data, "id1", 17).encode_prefix();
         let mut full = prefix.to_vec();
-        full.extend_from_slice(crate::history::frame_tail(9, "E1").as_bytes());
+        full.extend_from_slice(crate::wire::history::frame_tail(9, "E1").as_bytes());
         assert_eq!(json(&full)["offset"], 9);
         assert_eq!(
             classify_broker_payload(&room, &full),

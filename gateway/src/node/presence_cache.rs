@@ -1,13 +1,13 @@
 //! The cluster-wide room counts of the last presence tick, kept by the node so that a client that
 //! joins between two ticks gets a sensible `presence` right after its `welcome`. The presence
-//! timer ([`crate::presence`]) writes it; sessions read it. It sits below the node so that the
+//! timer ([`crate::node::presence`]) writes it; sessions read it. It sits below the node so that the
 //! node does not depend on the timer that depends on it.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use crate::hub::RoomCounts;
-use crate::protocol::RoomName;
+use crate::fanout::hub::RoomCounts;
+use crate::wire::protocol::RoomName;
 
 /// Cluster-wide counts of the last tick, with this node's own share at that time.
 #[derive(Debug, Default)]

@@ -14,11 +14,11 @@ use tracing::{info, warn};
 
 use crate::auth::claims::MAX_SUB_LEN;
 use crate::config::parse_duration;
-use crate::control::{now_ms, Command, Reason, ALL_ROOMS};
+use crate::http::request::{check_api_key, decode_escapes, query_param};
+use crate::http::response::{json, Body, Refusal};
+use crate::moderation::control::{Command, Reason, ALL_ROOMS};
 use crate::node::Node;
-use crate::protocol::RoomName;
-use crate::request::{check_api_key, decode_escapes, query_param};
-use crate::response::{json, Body, Refusal};
+use crate::wire::protocol::RoomName;
 
 /// Longest ban.
 const MAX_BAN: Duration = Duration::from_secs(366 * 24 * 3600);
@@ -124,7 +124,7 @@ async fn serve(
                 .filter(|s| valid_sub(s))
                 .ok_or_else(|| Refusal::bad_request("give ?sub=USER"))?;
             let bans = node.broker.bans(&sub).await.map_err(unavailable)?;
-            let now = now_ms();
+            let now = crate::wire::clock::unix_millis();
             let list: Vec<_> = bans
                 .iter()
                 .filter(|(_, until)| *until > now)
@@ -175,7 +175,7 @@ async fn serve(
             .ok_or_else(|| {
                 Refusal::bad_request("duration must be \"10m\"-style or seconds, up to 366 days")
             })?;
-            let until = now_ms() + duration.as_millis() as u64;
+            let until = crate::wire::clock::unix_millis() + duration.as_millis() as u64;
             node.broker
                 .ban(&body.sub, &room_field, until)
                 .await

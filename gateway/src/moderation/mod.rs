@@ -1,18 +1,21 @@
 //! Moderation across the cluster, on this node: applying the disconnects that arrive on the
 //! control channel, and checking bans at joins and refreshes.
 //!
-//! - The routes are [`crate::moderation_api`]; the commands and the bans' storage are
-//!   [`crate::control`].
+//! - The routes are [`crate::http::moderation`]; the commands and the bans' storage are
+//!   [`crate::moderation::control`].
 //! - A disconnect travels as a JSON [`Command`] on the broker's control channel
 //!   (`{prefix}_control` in Redis, which every node subscribes to permanently; a direct hand-over
 //!   with the in-process broker) and each node closes the matching sessions of its
-//!   [`Registry`](crate::registry::Registry) with 4501 (kicked) or 4502 (banned).
+//!   [`Registry`](crate::moderation::registry::Registry) with 4501 (kicked) or 4502 (banned).
 //! - A ban is stored by the broker with its time-to-live (a Redis hash `{prefix}ban:{sub}`: field
-//!   room or `*`, value expiry in unix ms; [`crate::control::MemoryBans`] with the in-process broker) and checked
+//!   room or `*`, value expiry in unix ms; [`crate::moderation::control::MemoryBans`] with the in-process broker) and checked
 //!   at every join and refresh that carries a token.
 //!
 //! The control queue between the broker's receiving task and [`run`] is bounded
-//! ([`crate::control::CONTROL_QUEUE`]); a command that finds it full is dropped and counted, never waited for.
+//! ([`crate::moderation::control::CONTROL_QUEUE`]); a command that finds it full is dropped and counted, never waited for.
+
+pub mod control;
+pub mod registry;
 
 use std::sync::Arc;
 
@@ -20,18 +23,18 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::control::{covers, Command, Reason};
-use crate::disconnect::CloseReason;
+use crate::fanout::outbox::Outbox;
 use crate::metrics::ControlResult;
+use crate::moderation::control::{covers, Command, Reason};
+use crate::moderation::registry::Selector;
 use crate::node::Node;
-use crate::protocol::RoomName;
-use crate::registry::Selector;
-use crate::session::outbox::Outbox;
+use crate::wire::close::CloseReason;
+use crate::wire::protocol::RoomName;
 
 /// Connects the broker's control channel to a bounded queue and spawns [`run`] on the node's
 /// tracker.
 pub fn start(node: &Arc<Node>) {
-    let (tx, rx) = mpsc::channel(crate::control::CONTROL_QUEUE);
+    let (tx, rx) = mpsc::channel(crate::moderation::control::CONTROL_QUEUE);
     node.broker.set_control(tx);
     node.tracker.spawn(run(node.clone(), rx));
 }

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::response::Body;
+use crate::http::response::Body;
 
 /// Time a new connection gets to send its first request's headers (slow-loris guard).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);

@@ -7,7 +7,7 @@
 //! The frames of one round go out in slices of 500 members spread over a quarter of the interval
 //! (at most 1 s), not in one burst: a change shows on every member within 1¼ intervals.
 //!
-//! The latest cluster-wide counts go to the node's [`crate::presence_cache::PresenceCache`], so that a client that joins
+//! The latest cluster-wide counts go to the node's [`crate::node::presence_cache::PresenceCache`], so that a client that joins
 //! between two ticks gets a sensible `presence` right after its `welcome`.
 
 use std::collections::{HashMap, HashSet};
@@ -16,11 +16,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tracing::warn;
 
+use crate::fanout::outbox::{frame_text, Outbox, PushError, Pushed};
 use crate::metrics::DropReason;
+use crate::node::pacing;
 use crate::node::Node;
-use crate::pacing;
-use crate::protocol::{self, RoomName};
-use crate::session::outbox::{frame_text, Outbox, PushError, Pushed};
+use crate::wire::protocol::{self, RoomName};
 
 /// Runs the presence timer until the node stops, then withdraws this node's reports.
 pub async fn run(node: Arc<Node>) {

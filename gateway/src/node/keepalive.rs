@@ -5,16 +5,16 @@
 //!
 //! One node-wide timer instead of one per session: an idle session owns no timer, which keeps a
 //! quiet viewer's memory small, and a ping round costs one queue push per session, spread over
-//! a short window ([`crate::pacing`]) rather than all at once.
+//! a short window ([`crate::node::pacing`]) rather than all at once.
 
 use std::sync::Arc;
 
 use tracing::debug;
 
-use crate::disconnect::CloseReason;
+use crate::fanout::outbox::Outgoing;
+use crate::node::pacing;
 use crate::node::Node;
-use crate::pacing;
-use crate::session::outbox::{now_millis, Outgoing};
+use crate::wire::close::CloseReason;
 
 /// Runs until the node stops.
 pub async fn run(node: Arc<Node>) {
@@ -26,7 +26,7 @@ pub async fn run(node: Arc<Node>) {
         tokio::select! {
             _ = node.stopping().cancelled() => return,
             _ = tick.tick() => {
-                let now = now_millis();
+                let now = crate::wire::clock::monotonic_millis();
                 let mut sessions = Vec::new();
                 node.hub.for_each_outbox(|o| sessions.push(o.clone()));
                 let mut closed = 0usize;

@@ -1,12 +1,12 @@
 //! Routes of the client port: WebSocket upgrades into rooms and the HTTP publish API.
 //!
 //! - `GET /ws/{room}?role=host|viewer&name=NAME` — upgrade into `room`.
-//! - `GET /` with an upgrade — join `lobby`; without one, the live-room page ([`crate::assets`]),
+//! - `GET /` with an upgrade — join `lobby`; without one, the live-room page ([`crate::http::assets`]),
 //!   which loads `/page.js` and `/client.js`.
 //! - `POST /api/rooms/{room}/messages` — publish as `server` (202 with the message id, offset
 //!   and epoch; `Idempotency-Key` publishes a repeat once).
 //! - `POST /api/users/{sub}/disconnect`, `POST /api/rooms/{room}/disconnect`, `/api/bans` —
-//!   moderation ([`crate::moderation_api`]).
+//!   moderation ([`crate::http::moderation`]).
 //! - `GET /api/rooms/{room}/messages?since=E:N&limit=L` — the room's history.
 //!
 //! Every refusal happens before the upgrade, as an HTTP status with a JSON body
@@ -25,18 +25,18 @@ use hyper::body::Incoming;
 use serde_json::value::RawValue;
 use tracing::{debug, warn};
 
-use crate::assets;
 use crate::auth::AuthError;
-use crate::control;
-use crate::history::{self, HistoryQuery, Since};
+use crate::http::assets;
+use crate::http::moderation as moderation_api;
+use crate::http::request::{check_api_key, param, query_params};
+use crate::http::response::{json, Body, Refusal};
 use crate::metrics::{RefuseReason, Source};
 use crate::moderation;
-use crate::moderation_api;
+use crate::moderation::control;
 use crate::node::{Node, SlotError};
-use crate::protocol::{self, Role, RoomName};
-use crate::request::{check_api_key, param, query_params};
-use crate::response::{json, Body, Refusal};
 use crate::session::{self, Admission, Resume};
+use crate::wire::history::{self, HistoryQuery, Since};
+use crate::wire::protocol::{self, Role, RoomName};
 
 /// Dispatches one request of the client port.
 pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::disconnect::CloseReason;
 use crate::node::Node;
+use crate::wire::close::CloseReason;
 
 /// How often the drain looks for sessions that joined after it started.
 const STRAGGLER_POLL: Duration = Duration::from_millis(50);

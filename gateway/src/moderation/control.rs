@@ -3,7 +3,7 @@
 //! permanently), the bounded hand-over of received commands to the node ([`ControlSink`]), and
 //! the bans' storage ([`BAN_SCRIPT`] in Redis, [`MemoryBans`] with the in-process broker).
 //! Applying a command is [`crate::moderation`]'s business; the routes are
-//! [`crate::moderation_api`]'s.
+//! [`crate::http::moderation`]'s.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
@@ -14,7 +14,6 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::metrics::{ControlResult, Metrics};
-use crate::protocol;
 
 /// The room name reserved for the control channel: its channel would be `{prefix}_control`.
 pub const CONTROL_ROOM: &str = "_control";
@@ -115,7 +114,7 @@ impl MemoryBans {
         let removed = all
             .get_mut(sub)
             .and_then(|m| m.remove(field))
-            .is_some_and(|until| until > now_ms());
+            .is_some_and(|until| until > crate::wire::clock::unix_millis());
         if all.get(sub).is_some_and(|m| m.is_empty()) {
             all.remove(sub);
         }
@@ -124,7 +123,7 @@ impl MemoryBans {
 
     /// The live bans of `sub` as (field, expiry ms); expired ones are forgotten.
     pub fn list(&self, sub: &str) -> Vec<(String, u64)> {
-        let now = now_ms();
+        let now = crate::wire::clock::unix_millis();
         let mut all = self.lock();
         let Some(m) = all.get_mut(sub) else {
             return Vec::new();
@@ -138,14 +137,9 @@ impl MemoryBans {
     }
 }
 
-/// Unix time in milliseconds.
-pub fn now_ms() -> u64 {
-    protocol::now_micros() / 1000
-}
-
 /// Whether live bans `(field, expiry)` cover `room`.
 pub fn covers(bans: &[(String, u64)], room: &str) -> bool {
-    let now = now_ms();
+    let now = crate::wire::clock::unix_millis();
     bans.iter()
         .any(|(f, until)| *until > now && (f == room || f == ALL_ROOMS))
 }
@@ -172,7 +166,7 @@ mod tests {
     #[test]
     fn memory_bans_expire_and_cover_rooms() {
         let b = MemoryBans::default();
-        let now = now_ms();
+        let now = crate::wire::clock::unix_millis();
         b.ban("u1", "r1", now + 60_000);
         b.ban("u2", ALL_ROOMS, now + 60_000);
         b.ban("u3", "r1", now - 1);

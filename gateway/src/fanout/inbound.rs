@@ -19,12 +19,12 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use crate::history::Stamp;
-use crate::hub::Hub;
+use crate::fanout::hub::Hub;
+use crate::fanout::outbox::frame_text;
+use crate::fanout::write_window::{Batch, Offer, WriteWindow};
 use crate::metrics::{DropReason, Metrics, Source};
-use crate::protocol::{self, BrokerPayload, RoomName};
-use crate::session::outbox::{frame_text, now_millis};
-use crate::write_window::{Batch, Offer, WriteWindow};
+use crate::wire::history::Stamp;
+use crate::wire::protocol::{self, BrokerPayload, RoomName};
 
 /// How far in the future a message's `ts` may be (clock skew between nodes) and still be sampled.
 const MAX_CLOCK_SKEW_US: u64 = 1_000_000;
@@ -74,7 +74,7 @@ impl DeliveryPace {
     fn new(max_rate: u64) -> Self {
         Self {
             max_rate,
-            window_start_ms: AtomicU64::new(now_millis()),
+            window_start_ms: AtomicU64::new(crate::wire::clock::monotonic_millis()),
             count: AtomicU64::new(0),
             rate: AtomicU64::new(0),
         }
@@ -88,7 +88,7 @@ impl DeliveryPace {
     /// Counts `n` deliveries; closes the window when it is over.
     fn record(&self, n: u64) {
         let count = self.count.fetch_add(n, Ordering::Relaxed) + n;
-        let now = now_millis();
+        let now = crate::wire::clock::monotonic_millis();
         let start = self.window_start_ms.load(Ordering::Relaxed);
         let elapsed = now.saturating_sub(start);
         if elapsed >= PACE_WINDOW_MS {
@@ -165,7 +165,7 @@ impl Inbound {
                     return;
                 }
                 m.published(Source::Redis).increment(1);
-                let ts = protocol::now_micros();
+                let ts = crate::wire::clock::unix_micros();
                 let id = self.next_message_id();
                 (
                     protocol::wrap_raw_payload(&room, &payload, &id, ts),
@@ -228,7 +228,7 @@ impl Inbound {
         }
         // A `ts` from another program's envelope is not ours to trust: a sample from a clock an
         // hour off (or from the future) would only poison the histogram.
-        let now = protocol::now_micros();
+        let now = crate::wire::clock::unix_micros();
         for &ts in &batch.ts {
             if ts <= now + MAX_CLOCK_SKEW_US && now.saturating_sub(ts) <= MAX_LATENCY_SAMPLE_US {
                 m.fanout_latency.record(now.saturating_sub(ts) as f64 / 1e6);
@@ -242,8 +242,8 @@ impl Inbound {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::Role;
-    use crate::session::outbox::{Outbox, Outgoing};
+    use crate::fanout::outbox::{Outbox, Outgoing};
+    use crate::wire::protocol::Role;
 
     /// The payload of one unmasked server frame.
     fn payload(frame: &[u8]) -> &[u8] {

@@ -1,13 +1,13 @@
 //! What the client port reads off a request besides its path: query parameters (decoded,
-//! strictly) and the API key. Below the routes that use it ([`crate::http`] and
-//! [`crate::moderation_api`]), so that neither imports the other.
+//! strictly) and the API key. Below the routes that use it ([`crate::http::routes`] and
+//! [`crate::http::moderation`]), so that neither imports the other.
 
 use http::header;
 use http::{Request, StatusCode};
 use hyper::body::Incoming;
 
 use crate::config::Config;
-use crate::response::Refusal;
+use crate::http::response::Refusal;
 
 /// Decodes one component of a query string (`+` is a space, `%XX` an escaped byte); see
 /// [`decode_escapes`].

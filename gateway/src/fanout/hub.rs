@@ -1,6 +1,6 @@
 //! Local rooms and their members: who is in which room on this node, and the fan-out of one
 //! encoded message to every local member of a room. The hub knows nothing of brokers or payload
-//! formats: frames reach it only through [`crate::inbound::Inbound`].
+//! formats: frames reach it only through [`crate::fanout::inbound::Inbound`].
 //!
 //! The hub reports the first-member and last-member transitions of a room to its caller, which
 //! subscribes or (after a delay) unsubscribes the broker *while the hub's lock is held*, so that
@@ -16,9 +16,9 @@ use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 
-use crate::history::Stamp;
-use crate::protocol::{Role, RoomName};
-use crate::session::outbox::Outbox;
+use crate::fanout::outbox::Outbox;
+use crate::wire::history::Stamp;
+use crate::wire::protocol::{Role, RoomName};
 
 /// A member's entry in a room.
 #[derive(Debug)]
@@ -275,7 +275,7 @@ mod tests {
         let mut batch = Vec::new();
         ra.recv_batch(&a, &mut batch, 8).await;
         match &batch[0] {
-            crate::session::outbox::Outgoing::Framed(t, true) => {
+            crate::fanout::outbox::Outgoing::Framed(t, true) => {
                 assert_eq!(t.as_ptr(), frame.as_ptr())
             }
             other => panic!("{other:?}"),

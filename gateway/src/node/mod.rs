@@ -6,6 +6,14 @@
 //! hands it to the broker; members receive it only when it comes back from the broker (to this
 //! node as to every other), never directly, so nobody gets a message twice.
 
+pub mod drain;
+pub mod expiry;
+pub mod handover;
+pub mod keepalive;
+pub mod pacing;
+pub mod presence;
+pub mod presence_cache;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -21,14 +29,14 @@ use crate::broker::redis_cluster::RedisClusterBroker;
 use crate::broker::redis_endpoint::Endpoint;
 use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
-use crate::history::{Ack, HistoryQuery, HistoryRead};
-use crate::hub::Hub;
-use crate::inbound::Inbound;
+use crate::fanout::hub::Hub;
+use crate::fanout::inbound::Inbound;
+use crate::fanout::outbox::Outbox;
 use crate::metrics::{DropReason, Metrics, Source, StateGauges};
-use crate::presence_cache::PresenceCache;
-use crate::protocol::{self, Message, Role, RoomName};
-use crate::registry::Registry;
-use crate::session::outbox::Outbox;
+use crate::moderation::registry::Registry;
+use crate::node::presence_cache::PresenceCache;
+use crate::wire::history::{Ack, HistoryQuery, HistoryRead};
+use crate::wire::protocol::{Message, Role, RoomName};
 
 /// Pause between two attempts of a failed history read.
 const HISTORY_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
@@ -249,7 +257,7 @@ impl Node {
         key: Option<&str>,
     ) -> Result<Published, PublishFailure> {
         let id = self.inbound.next_message_id();
-        let ts = protocol::now_micros();
+        let ts = crate::wire::clock::unix_micros();
         let prefix = Message::new(room.as_str(), from, role, data, &id, ts).encode_prefix();
         match self.broker.publish(room, prefix.clone(), &id, key).await {
             Ok(ack) => {

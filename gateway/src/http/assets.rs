@@ -3,7 +3,7 @@
 //! (`/client.js`, an ES module; `docs/client.md`).
 //!
 //! This module owns what a response for an asset looks like: content type, caching and security
-//! headers, conditional requests. Routing stays in [`crate::http`]; the client's behaviour lives
+//! headers, conditional requests. Routing stays in [`crate::http::routes`]; the client's behaviour lives
 //! in `assets/client.js`.
 //!
 //! Caching is short on purpose: [`CACHE_CONTROL`] allows a minute and every asset has a strong `ETag`
@@ -16,7 +16,7 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
-use crate::response::Body;
+use crate::http::response::Body;
 
 /// How long a browser may use an asset without asking again: a minute.
 pub const CACHE_CONTROL: &str = "public, max-age=60";
@@ -59,21 +59,21 @@ impl Asset {
 /// The live-room page, served at `/`.
 pub static PAGE: Asset = Asset::new(
     "text/html; charset=utf-8",
-    include_bytes!("../assets/index.html"),
+    include_bytes!("../../assets/index.html"),
     true,
 );
 
 /// The page's script.
 pub static PAGE_JS: Asset = Asset::new(
     "text/javascript; charset=utf-8",
-    include_bytes!("../assets/page.js"),
+    include_bytes!("../../assets/page.js"),
     false,
 );
 
 /// The JavaScript client, an ES module.
 pub static CLIENT_JS: Asset = Asset::new(
     "text/javascript; charset=utf-8",
-    include_bytes!("../assets/client.js"),
+    include_bytes!("../../assets/client.js"),
     false,
 );
 

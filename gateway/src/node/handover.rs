@@ -13,9 +13,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::warn;
 
-use crate::disconnect::CloseReason;
+use crate::node::pacing;
 use crate::node::Node;
-use crate::pacing;
+use crate::wire::close::CloseReason;
 
 /// How often the broker's state is looked at.
 const CHECK_EVERY: Duration = Duration::from_millis(250);

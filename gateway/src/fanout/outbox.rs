@@ -41,17 +41,8 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use crate::disconnect::CloseReason;
-use crate::history::Stamp;
-
-/// Milliseconds on a process-wide monotonic clock (cheap to store in an atomic).
-pub fn now_millis() -> u64 {
-    static START: OnceLock<std::time::Instant> = OnceLock::new();
-    START
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_millis() as u64
-}
+use crate::wire::close::CloseReason;
+use crate::wire::history::Stamp;
 
 /// One item of the queue.
 #[derive(Debug)]
@@ -163,7 +154,7 @@ pub struct Outbox {
     /// The first reason anyone gave for closing; set means closing (the writer is woken through
     /// `ready`). Not a `CancellationToken`, whose tree node is one more allocation per connection.
     reason: OnceLock<CloseReason>,
-    /// When the client last sent anything (ms on [`now_millis`]'s clock); the keepalive timer
+    /// When the client last sent anything (ms on [`crate::wire::clock::monotonic_millis`]'s clock); the keepalive timer
     /// closes sessions that stay silent too long.
     last_seen: AtomicU64,
 }
@@ -223,7 +214,7 @@ impl Outbox {
             max_frames,
             max_bytes,
             reason: OnceLock::new(),
-            last_seen: AtomicU64::new(now_millis()),
+            last_seen: AtomicU64::new(crate::wire::clock::monotonic_millis()),
         };
         (outbox, OutboxReceiver(()))
     }
@@ -489,7 +480,8 @@ impl Outbox {
 
     /// Records that the client just sent something.
     pub fn touch(&self) {
-        self.last_seen.store(now_millis(), Ordering::Relaxed);
+        self.last_seen
+            .store(crate::wire::clock::monotonic_millis(), Ordering::Relaxed);
     }
 
     /// Milliseconds since the client last sent anything.

@@ -24,9 +24,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use crate::history::Stamp;
-use crate::protocol::RoomName;
-use crate::session::outbox::now_millis;
+use crate::wire::history::Stamp;
+use crate::wire::protocol::RoomName;
 
 /// Pending messages of one room at which the receiving task fans them out without waiting for
 /// the window's end.
@@ -76,7 +75,7 @@ pub enum Offer {
 
 #[derive(Debug, Default)]
 struct RoomWindow {
-    /// When the room's last fan-out started (ms on [`now_millis`]'s clock).
+    /// When the room's last fan-out started (ms on [`crate::wire::clock::monotonic_millis`]'s clock).
     last: u64,
     /// A task is fanning the room out now.
     busy: bool,
@@ -123,7 +122,7 @@ impl WriteWindow {
         if self.window_ms == 0 {
             return Offer::Now(Batch::one(frame, stamp, ts));
         }
-        let now = now_millis();
+        let now = crate::wire::clock::monotonic_millis();
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let st = &mut *st;
         if !st.rooms.contains_key(room) {
@@ -187,7 +186,7 @@ impl WriteWindow {
             woken.as_mut().enable();
             let wait = {
                 let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                let now = now_millis();
+                let now = crate::wire::clock::monotonic_millis();
                 match take_due(&mut st, now) {
                     Ok(found) => return found,
                     Err(wait) => wait,

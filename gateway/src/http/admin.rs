@@ -8,8 +8,8 @@ use std::sync::Arc;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
+use crate::http::response::{json, text, Body};
 use crate::node::Node;
-use crate::response::{json, text, Body};
 
 /// Dispatches one request of the admin port.
 pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
