@@ -20,9 +20,9 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::fanout::hub::Hub;
-use crate::fanout::outbox::frame_text;
 use crate::fanout::write_window::{Batch, Offer, WriteWindow};
 use crate::metrics::{DropReason, Metrics, Source};
+use crate::wire::frame::frame_text;
 use crate::wire::history::Stamp;
 use crate::wire::protocol::{self, BrokerPayload, RoomName};
 

@@ -16,10 +16,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tracing::warn;
 
-use crate::fanout::outbox::{frame_text, Outbox, PushError, Pushed};
+use crate::fanout::outbox::{Outbox, PushError, Pushed};
 use crate::metrics::DropReason;
 use crate::node::pacing;
 use crate::node::Node;
+use crate::wire::frame::frame_text;
 use crate::wire::protocol::{self, RoomName};
 
 /// Runs the presence timer until the node stops, then withdraws this node's reports.

@@ -1,5 +1,5 @@
 //! The writing half of a session: writes what the outbox had to queue (the socket did not take it
-//! at once, see [`super::outbox`]), in batches, one socket write per batch, and sends the Close
+//! at once, see [`crate::fanout::outbox`]), in batches, one socket write per batch, and sends the Close
 //! frame when the session ends. In the common case pushes write directly and this task sleeps.
 //!
 //! Frames are formatted straight into one reusable buffer (server frames are unmasked, so a frame
@@ -20,9 +20,10 @@ use fastwebsockets::OpCode;
 use tokio::net::TcpStream;
 
 use super::{CLOSE_GRACE, WRITE_BATCH};
-use crate::fanout::outbox::{frame_head, send_vectored, Outbox, OutboxReceiver, Outgoing};
+use crate::fanout::outbox::{send_vectored, Outbox, OutboxReceiver, Outgoing};
 use crate::node::Node;
 use crate::wire::close::CloseReason;
+use crate::wire::frame::append_frame;
 
 /// Keep at most this much buffer capacity between batches while more is queued; an idle session
 /// keeps none.
@@ -35,14 +36,6 @@ pub struct Writer {
     rx: OutboxReceiver,
     batch: Vec<Outgoing>,
     buf: Vec<u8>,
-}
-
-/// Appends one unmasked frame to `buf`.
-fn put_frame(buf: &mut Vec<u8>, opcode: OpCode, payload: &[u8]) {
-    let mut head = [0u8; 16];
-    let n = frame_head(&mut head, opcode, payload);
-    buf.extend_from_slice(&head[..n]);
-    buf.extend_from_slice(payload);
 }
 
 /// Writes some of `buf` once the socket is writable (what `AsyncWrite::write` does, on a shared
@@ -97,7 +90,7 @@ impl Writer {
                 match item {
                     Outgoing::Text(b) => {
                         texts += 1;
-                        put_frame(&mut self.buf, OpCode::Text, &b);
+                        append_frame(&mut self.buf, OpCode::Text, &b);
                     }
                     Outgoing::Framed(b, text) => {
                         texts += u64::from(text);
@@ -105,7 +98,7 @@ impl Writer {
                     }
                     other => {
                         if let Some((op, payload)) = other.frame() {
-                            put_frame(&mut self.buf, op, payload);
+                            append_frame(&mut self.buf, op, payload);
                         }
                     }
                 }
@@ -123,7 +116,7 @@ impl Writer {
             let mut payload = Vec::with_capacity(2 + reason.text().len());
             payload.extend_from_slice(&code.to_be_bytes());
             payload.extend_from_slice(reason.text().as_bytes());
-            put_frame(&mut self.buf, OpCode::Close, &payload);
+            append_frame(&mut self.buf, OpCode::Close, &payload);
             if Box::pin(self.flush(CLOSE_GRACE)).await.is_ok() {
                 if let Some(socket) = self.outbox.socket() {
                     let _ = socket2::SockRef::from(socket).shutdown(Shutdown::Write);
@@ -304,7 +297,7 @@ mod tests {
                 }
             } else {
                 let msgs: Vec<_> = (i..i + n)
-                    .map(|k| (crate::fanout::outbox::frame_text(&payload(k)), None))
+                    .map(|k| (crate::wire::frame::frame_text(&payload(k)), None))
                     .collect();
                 let p = outbox.push_messages(&msgs, true);
                 assert_eq!((p.covered, p.dropped), (0, 0));

@@ -1,5 +1,6 @@
-//! Decoding client frames (RFC 6455 §5) straight off the TCP socket, with the limits applied
-//! before any payload is buffered.
+//! The WebSocket frame (RFC 6455 §5) in both directions: client frames decoded straight off the
+//! TCP socket, with the limits applied before any payload is buffered, and the unmasked server
+//! frames every write path builds ([`frame_head`], [`frame_text`], [`append_frame`]).
 //!
 //! An idle connection owns no read buffer: the decoder waits for readiness first and allocates
 //! only when bytes are there, and gives the buffer back once every byte in it was consumed. With
@@ -10,6 +11,7 @@
 //! `read_frame` is cancel-safe (all state lives in `self`), although the reader never races it.
 
 use bytes::{Buf, Bytes, BytesMut};
+use fastwebsockets::{OpCode, Payload};
 use tokio::net::TcpStream;
 
 /// How much to read at once when bytes are waiting.
@@ -194,6 +196,30 @@ impl<S: AsRef<TcpStream>> Decoder<S> {
             }
         }
     }
+}
+
+/// Formats the header of an unmasked server frame into `head`; returns its length (2–10 bytes).
+pub fn frame_head(head: &mut [u8; 16], opcode: OpCode, payload: &[u8]) -> usize {
+    fastwebsockets::Frame::new(true, opcode, None, Payload::Borrowed(payload)).fmt_head(head)
+}
+
+/// A whole unmasked text frame, header and payload in one buffer: a room message is framed once
+/// per node and the same bytes go to every member, each in one plain `send`.
+pub fn frame_text(payload: &[u8]) -> Bytes {
+    let mut head = [0u8; 16];
+    let n = frame_head(&mut head, OpCode::Text, payload);
+    let mut framed = Vec::with_capacity(n + payload.len());
+    framed.extend_from_slice(&head[..n]);
+    framed.extend_from_slice(payload);
+    Bytes::from(framed)
+}
+
+/// Appends one unmasked server frame to `buf` (the writer's batches).
+pub fn append_frame(buf: &mut Vec<u8>, opcode: OpCode, payload: &[u8]) {
+    let mut head = [0u8; 16];
+    let n = frame_head(&mut head, opcode, payload);
+    buf.extend_from_slice(&head[..n]);
+    buf.extend_from_slice(payload);
 }
 
 #[cfg(test)]

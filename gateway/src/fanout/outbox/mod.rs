@@ -28,21 +28,30 @@
 //! read's answer arrives on the other connection. Live messages of the cut's epoch at or below
 //! it are dropped until the first one above it (or of another epoch) passes; then the cut is
 //! gone. It costs 24 bytes inline, no allocation.
+//!
+//! Split by concern: [`queue`] (the bounded queue: pushes, direct or queued, and the writer's
+//! draining side), [`hold`] (holding pushes while a joining session catches up, and the cut),
+//! [`direct`] (the non-blocking writes a push makes to an idle socket). The frames themselves are
+//! built by [`crate::wire::frame`].
+
+mod direct;
+mod hold;
+mod queue;
 
 use std::collections::VecDeque;
-use std::io::{ErrorKind, IoSlice};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use arrayvec::ArrayVec;
 use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, Payload};
-use tokio::io::Interest;
+use fastwebsockets::OpCode;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::wire::close::CloseReason;
 use crate::wire::history::Stamp;
+pub use direct::send_vectored;
+pub use queue::OutboxReceiver;
+use queue::Queue;
 
 /// One item of the queue.
 #[derive(Debug)]
@@ -54,7 +63,7 @@ pub enum Outgoing {
     /// A keepalive Ping (from the node's keepalive timer).
     Ping,
     /// Bytes framed already — a whole room message framed once for every member
-    /// ([`frame_text`]), or the rest of a frame a direct write sent only part of — and whether it
+    /// ([`crate::wire::frame::frame_text`]), or the rest of a frame a direct write sent only part of — and whether it
     /// is (the end of) a text frame, for the delivered count.
     Framed(Bytes, bool),
 }
@@ -76,22 +85,6 @@ impl Outgoing {
             Self::Framed(..) => None,
         }
     }
-}
-
-/// Formats the header of an unmasked server frame into `head`; returns its length (2–10 bytes).
-pub fn frame_head(head: &mut [u8; 16], opcode: OpCode, payload: &[u8]) -> usize {
-    Frame::new(true, opcode, None, Payload::Borrowed(payload)).fmt_head(head)
-}
-
-/// A whole unmasked text frame, header and payload in one buffer: a room message is framed once
-/// per node and the same bytes go to every member, each in one plain `send`.
-pub fn frame_text(payload: &[u8]) -> Bytes {
-    let mut head = [0u8; 16];
-    let n = frame_head(&mut head, OpCode::Text, payload);
-    let mut framed = Vec::with_capacity(n + payload.len());
-    framed.extend_from_slice(&head[..n]);
-    framed.extend_from_slice(payload);
-    Bytes::from(framed)
 }
 
 /// What became of a push.
@@ -128,9 +121,6 @@ pub struct PushedMany {
     pub dropped: usize,
 }
 
-/// Most frames one direct write carries (two iovecs each, far below the kernel's `IOV_MAX`).
-const WRITE_FRAMES: usize = 32;
-
 /// A session's queue, shared (in an `Arc`) by the hub, the reader and the writer.
 ///
 /// A `VecDeque` under a std mutex rather than a channel: an empty deque owns no memory, and an
@@ -159,45 +149,6 @@ pub struct Outbox {
     last_seen: AtomicU64,
 }
 
-#[derive(Debug)]
-struct Queue {
-    items: VecDeque<Outgoing>,
-    /// Bytes queued; with `max_bytes` it bounds memory per session whatever the frame sizes.
-    bytes: usize,
-    /// The writer owns the socket's output: it has taken items it has not finished writing, or has
-    /// not started yet (true until its first idle moment). No push writes directly meanwhile.
-    writing: bool,
-    /// Items pushed while the session catches up on history, with their message stamps; boxed
-    /// so that the common case (not catching up) costs one pointer.
-    held: Option<Box<Held>>,
-    /// What the history covered: live messages at or below it are not queued again.
-    cut: Option<Stamp>,
-}
-
-#[derive(Debug, Default)]
-struct Held {
-    items: VecDeque<(Option<Stamp>, Outgoing)>,
-    bytes: usize,
-}
-
-/// Whether a message with `stamp` is covered by `cut` (drop it); clears the cut once a message
-/// passes it.
-fn covered(cut: &mut Option<Stamp>, stamp: Option<Stamp>) -> bool {
-    let (Some(c), Some(s)) = (*cut, stamp) else {
-        return false;
-    };
-    if s.epoch == c.epoch && s.offset <= c.offset {
-        return true;
-    }
-    *cut = None;
-    false
-}
-
-/// The draining side, owned by the session's writer (kept as a type so that only the writer
-/// drains).
-#[derive(Debug)]
-pub struct OutboxReceiver(());
-
 impl Outbox {
     /// A queue of at most `max_frames` frames and `max_bytes` bytes.
     pub fn new(max_frames: usize, max_bytes: usize) -> (Outbox, OutboxReceiver) {
@@ -225,7 +176,7 @@ impl Outbox {
         self.push_item(Outgoing::Text(frame))
     }
 
-    /// Sends one text frame made by [`frame_text`] with its stamp (`None`: an event, or a message
+    /// Sends one text frame made by [`crate::wire::frame::frame_text`] with its stamp (`None`: an event, or a message
     /// without one) without waiting: one message of [`Outbox::push_messages`], as a [`Pushed`].
     pub fn push_message(
         &self,
@@ -243,171 +194,9 @@ impl Outbox {
         }
     }
 
-    /// Sends room messages (each a whole text frame made by [`frame_text`], with its stamp; in
-    /// order) without waiting: when the outbox is idle, written at once — one `send` for one
-    /// message, one vectored `sendmsg` for several, the shared bytes themselves — else queued;
-    /// messages the session's history covered are skipped. What the socket does not take at once
-    /// is queued for the writer, in order.
-    ///
-    /// `direct: false` queues even when the outbox is idle, so that the member's writer sends
-    /// them (on any worker thread, batched with whatever else queued meanwhile): the fan-out's
-    /// choice when the node writes at a rate one thread's direct writes could not keep up with.
-    /// A full outbox drops the rest (counted in [`PushedMany::dropped`]) and closes the session
-    /// as a slow consumer; a closing session takes nothing (all counts 0).
-    pub fn push_messages(&self, msgs: &[(Bytes, Option<Stamp>)], direct: bool) -> PushedMany {
-        let mut out = PushedMany::default();
-        if self.is_closing() {
-            return out;
-        }
-        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(held) = q.held.as_mut() {
-            for (k, (frame, stamp)) in msgs.iter().enumerate() {
-                if held.items.len() >= self.max_frames || held.bytes + frame.len() > self.max_bytes
-                {
-                    drop(q);
-                    self.close(CloseReason::SlowConsumer);
-                    out.dropped = msgs.len() - k;
-                    return out;
-                }
-                held.bytes += frame.len();
-                held.items
-                    .push_back((*stamp, Outgoing::Framed(frame.clone(), true)));
-                out.queued += 1;
-            }
-            return out;
-        }
-        // The lock is held across the writes so that no other push, and not the writer, can put
-        // bytes on the socket in between: non-blocking syscalls, never an await.
-        let mut socket = match (q.writing || !direct, self.socket.get()) {
-            (false, Some(socket)) => Some(socket),
-            _ => None,
-        };
-        let mut rest = msgs;
-        while !rest.is_empty() {
-            // Up to WRITE_FRAMES frames the history did not cover, for one write (on the stack,
-            // uninitialised until used: this runs once per member per message).
-            let mut chunk: ArrayVec<&[u8], WRITE_FRAMES> = ArrayVec::new();
-            let mut owners: ArrayVec<usize, WRITE_FRAMES> = ArrayVec::new();
-            let mut taken = 0;
-            for (k, (frame, stamp)) in rest.iter().enumerate() {
-                if chunk.is_full() {
-                    break;
-                }
-                taken = k + 1;
-                if covered(&mut q.cut, *stamp) {
-                    out.covered += 1;
-                    continue;
-                }
-                chunk.push(frame);
-                owners.push(k);
-            }
-            let n = chunk.len();
-            let mut first_queued = 0;
-            if let Some(s) = socket {
-                match write_frames(s, &chunk) {
-                    Written::Frames(whole, sent) => {
-                        out.written += whole;
-                        first_queued = whole;
-                        if sent > 0 {
-                            let frame = &rest[owners[whole]].0;
-                            let item = Outgoing::Framed(frame.slice(sent..), true);
-                            q.bytes += item.len();
-                            q.items.push_back(item);
-                            out.queued += 1;
-                            first_queued += 1;
-                        }
-                        if whole < n {
-                            // The socket is full: the rest queues behind what it did not take.
-                            socket = None;
-                        }
-                    }
-                    Written::Failed => {
-                        drop(q);
-                        self.close(CloseReason::IoError);
-                        return PushedMany::default();
-                    }
-                }
-            }
-            for &k in &owners[first_queued..n] {
-                let frame = &rest[k].0;
-                if q.items.len() >= self.max_frames || q.bytes + frame.len() > self.max_bytes {
-                    out.dropped = rest.len() - k;
-                    q.writing |= out.queued > 0;
-                    drop(q);
-                    self.close(CloseReason::SlowConsumer);
-                    return out;
-                }
-                q.bytes += frame.len();
-                q.items.push_back(Outgoing::Framed(frame.clone(), true));
-                out.queued += 1;
-                socket = None;
-            }
-            rest = &rest[taken..];
-        }
-        if out.queued > 0 {
-            q.writing = true;
-            drop(q);
-            self.ready.notify_one();
-        }
-        out
-    }
-
     /// Sends any item without waiting (see [`Outbox::push`]).
     pub fn push_item(&self, item: Outgoing) -> Result<Pushed, PushError> {
         self.push_entry(None, item, true)
-    }
-
-    fn push_entry(
-        &self,
-        stamp: Option<Stamp>,
-        item: Outgoing,
-        direct: bool,
-    ) -> Result<Pushed, PushError> {
-        if self.is_closing() {
-            return Err(PushError::Closed);
-        }
-        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(held) = q.held.as_mut() {
-            let len = item.len();
-            if held.items.len() >= self.max_frames || held.bytes + len > self.max_bytes {
-                drop(q);
-                self.close(CloseReason::SlowConsumer);
-                return Err(PushError::Full);
-            }
-            held.bytes += len;
-            held.items.push_back((stamp, item));
-            return Ok(Pushed::Queued);
-        }
-        if covered(&mut q.cut, stamp) {
-            return Ok(Pushed::Covered);
-        }
-        // The lock is held across the write so that no other push, and not the writer, can put
-        // bytes on the socket in between: a non-blocking syscall, never an await.
-        let item = match (q.writing || !direct, self.socket.get()) {
-            (false, Some(socket)) => match write_now(socket, &item) {
-                Direct::All => return Ok(Pushed::Written),
-                Direct::Part(rest) => Outgoing::Framed(rest, matches!(item, Outgoing::Text(_))),
-                Direct::None => item,
-                Direct::Failed => {
-                    drop(q);
-                    self.close(CloseReason::IoError);
-                    return Err(PushError::Closed);
-                }
-            },
-            _ => item,
-        };
-        let len = item.len();
-        if q.items.len() >= self.max_frames || q.bytes + len > self.max_bytes {
-            drop(q);
-            self.close(CloseReason::SlowConsumer);
-            return Err(PushError::Full);
-        }
-        q.bytes += len;
-        q.items.push_back(item);
-        q.writing = true;
-        drop(q);
-        self.ready.notify_one();
-        Ok(Pushed::Queued)
     }
 
     /// Hands the session's socket to the outbox; pushes may write to it directly from the
@@ -419,42 +208,6 @@ impl Outbox {
     /// The session's socket, once attached.
     pub fn socket(&self) -> Option<&TcpStream> {
         self.socket.get()
-    }
-
-    /// Holds everything pushed from now on until [`Outbox::release`] (a joining session reading
-    /// history).
-    pub fn hold(&self) {
-        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        q.held.get_or_insert_with(Default::default);
-    }
-
-    /// Ends the hold: queues `first` (the welcome and the history, in order), then the held items
-    /// except messages at or below `cut` in its epoch (the history or the welcome's position
-    /// already accounts for them); the cut stays for messages still on their way. `first` is not
-    /// checked against the bounds: the session keeps it within `--outbox-bytes`.
-    /// Returns how many held messages were skipped as covered.
-    pub fn release(&self, first: impl IntoIterator<Item = Bytes>, cut: Option<Stamp>) -> usize {
-        let mut skipped = 0;
-        {
-            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-            let held = q.held.take();
-            q.cut = cut.filter(|c| c.offset > 0);
-            q.writing = true;
-            for frame in first {
-                q.bytes += frame.len();
-                q.items.push_back(Outgoing::Text(frame));
-            }
-            for (stamp, item) in held.map(|h| h.items).unwrap_or_default() {
-                if covered(&mut q.cut, stamp) {
-                    skipped += 1;
-                    continue;
-                }
-                q.bytes += item.len();
-                q.items.push_back(item);
-            }
-        }
-        self.ready.notify_one();
-        skipped
     }
 
     /// Asks the session to end for `reason`; the first reason given is the one the client sees.
@@ -492,150 +245,6 @@ impl Outbox {
     /// Bytes currently queued.
     pub fn queued_bytes(&self) -> usize {
         self.queue.lock().unwrap_or_else(|e| e.into_inner()).bytes
-    }
-}
-
-/// What a direct write did.
-enum Direct {
-    /// The whole frame was written.
-    All,
-    /// Only a part: these bytes (framed already) remain.
-    Part(Bytes),
-    /// Nothing: the socket's send buffer is full.
-    None,
-    /// The socket failed.
-    Failed,
-}
-
-/// A non-blocking `sendmsg` through the runtime's readiness tracking (a `WouldBlock` clears it,
-/// so the writer's next wait is a real one). `sendmsg` rather than `writev`: a socket call skips
-/// the VFS write path, which showed as ~10 % of the gateway's CPU in a broadcast profile.
-pub fn send_vectored(socket: &TcpStream, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
-    socket.try_io(Interest::WRITABLE, || {
-        socket2::SockRef::from(socket).send_vectored(bufs)
-    })
-}
-
-/// A non-blocking `sendmsg` that skips the runtime's readiness check: a push writes only to a
-/// socket whose writer is idle, which is writable unless the kernel says otherwise, and reading
-/// the readiness of thousands of sockets per message cost a cache miss each (~2.4 % of the
-/// gateway's CPU in a broadcast profile). A `WouldBlock` here leaves the readiness stale: the
-/// writer's wait then returns at once, its own write (through [`send_vectored`]) meets the
-/// `WouldBlock` and clears it, and its next wait is a real one.
-fn send_now(socket: &TcpStream, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
-    socket2::SockRef::from(socket).send_vectored(bufs)
-}
-
-/// One vectored non-blocking write of a whole frame: the header from the stack, the payload the
-/// shared bytes themselves (no copy).
-fn write_now(socket: &TcpStream, item: &Outgoing) -> Direct {
-    let Some((opcode, payload)) = item.frame() else {
-        return Direct::None;
-    };
-    let mut head = [0u8; 16];
-    let n = frame_head(&mut head, opcode, payload);
-    let total = n + payload.len();
-    match send_now(socket, &[IoSlice::new(&head[..n]), IoSlice::new(payload)]) {
-        Ok(w) if w == total => Direct::All,
-        Ok(w) if w >= n => Direct::Part(match item {
-            Outgoing::Text(b) | Outgoing::Pong(b) => b.slice(w - n..),
-            _ => Bytes::copy_from_slice(&payload[w - n..]),
-        }),
-        Ok(w) => {
-            let mut rest = Vec::with_capacity(total - w);
-            rest.extend_from_slice(&head[w..n]);
-            rest.extend_from_slice(payload);
-            Direct::Part(Bytes::from(rest))
-        }
-        Err(e) if e.kind() == ErrorKind::WouldBlock => Direct::None,
-        Err(_) => Direct::Failed,
-    }
-}
-
-/// What a direct write of framed messages did.
-enum Written {
-    /// This many whole frames went out, and this many bytes of the next one (0: none).
-    Frames(usize, usize),
-    /// The socket failed.
-    Failed,
-}
-
-/// One non-blocking write of up to [`WRITE_FRAMES`] framed messages, without the runtime's
-/// readiness check (see [`send_now`]): a plain `send` of the shared bytes for one (no message header or iovec array for the kernel to copy in: ~3 % of the
-/// gateway's CPU in a broadcast profile went to `sendmsg`'s own handling), one vectored
-/// `sendmsg` for several.
-fn write_frames(socket: &TcpStream, frames: &[&[u8]]) -> Written {
-    let sock = socket2::SockRef::from(socket);
-    let sent = if let [one] = frames {
-        sock.send(one)
-    } else {
-        let iov: ArrayVec<IoSlice<'_>, WRITE_FRAMES> =
-            frames.iter().map(|f| IoSlice::new(f)).collect();
-        sock.send_vectored(&iov)
-    };
-    match sent {
-        Ok(mut w) => {
-            for (k, f) in frames.iter().enumerate() {
-                if w < f.len() {
-                    return Written::Frames(k, w);
-                }
-                w -= f.len();
-            }
-            Written::Frames(frames.len(), 0)
-        }
-        Err(e) if e.kind() == ErrorKind::WouldBlock => Written::Frames(0, 0),
-        Err(_) => Written::Failed,
-    }
-}
-
-impl OutboxReceiver {
-    /// Waits for at least one item and moves up to `limit` queued items into `batch`; returns how
-    /// many, or 0 once the session is closing (whatever is still queued is not sent). The writer
-    /// calls it again once it has written the batch; finding nothing queued then is the moment it
-    /// goes idle, and pushes write directly until they queue again.
-    pub async fn recv_batch(
-        &mut self,
-        outbox: &Outbox,
-        batch: &mut Vec<Outgoing>,
-        limit: usize,
-    ) -> usize {
-        loop {
-            let ready = outbox.ready.notified();
-            if outbox.is_closing() {
-                return 0;
-            }
-            {
-                let mut q = outbox.queue.lock().unwrap_or_else(|e| e.into_inner());
-                if !q.items.is_empty() {
-                    let n = q.items.len().min(limit);
-                    let mut bytes = 0;
-                    for item in q.items.drain(..n) {
-                        bytes += item.len();
-                        batch.push(item);
-                    }
-                    q.bytes -= bytes;
-                    q.writing = true;
-                    if q.items.is_empty() && q.items.capacity() > 0 {
-                        // Nothing left: an idle session keeps no queue memory.
-                        q.items = VecDeque::new();
-                    }
-                    return n;
-                }
-                // Idle: pushes may write directly now.
-                q.writing = false;
-            }
-            ready.await;
-        }
-    }
-
-    /// Whether nothing is queued.
-    pub fn is_empty(&self, outbox: &Outbox) -> bool {
-        outbox
-            .queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .items
-            .is_empty()
     }
 }
 
