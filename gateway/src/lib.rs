@@ -7,54 +7,49 @@
 //! in-process broker. The wire contract is `docs/protocol.md`.
 //!
 //! # Layout
-//! - [`config`] — every flag and environment variable, defaults, validation.
-//! - [`server`] — accept loops, hyper HTTP/1 with upgrades, task tracking.
-//! - [`http`] — client port routes: `/ws/{room}`, `/`, `/api/rooms/{room}/messages`, the
-//!   moderation routes; admission (token, room right, ban).
-//! - [`admin`] — admin port: `/metrics`, `/healthz`, `/readyz`.
-//! - [`assets`] — the live-room page and the JavaScript client (`/`, `/page.js`, `/client.js`).
-//! - [`session`] — one client's life, one task per connection: [`session::reader`] (frames →
-//!   commands, limits), [`session::outbox`] (the way out: a push writes straight to an idle
-//!   socket, else queues, bounded), [`session::writer`] (drains what the socket did not take,
-//!   batching), [`session::codec`] (client frames off the socket).
-//! - [`response`] — the body type, plain JSON/text responses and the refusal every route uses.
-//! - [`request`] — strict query decoding and the API key check, below the routes.
-//! - [`hub`] — local rooms → members' outboxes; fan-out of a room's messages (framed once).
-//! - [`history`] — room positions (epoch + offset), resume requests, history reads, publish
-//!   acks: the plain data of continuity; the brokers number and record, sessions catch up.
-//! - [`inbound`] — the one door into the hub: classifies, counts and stamps what the broker
-//!   received (and the local fallback), then hands one frame to the hub.
-//! - [`write_window`] — batches a busy room's messages, one fan-out per window (`--write-window`).
-//! - [`node`] — ties hub and broker: publish path, delayed unsubscribe, session slots, drain.
-//! - [`broker`] — the seam to the cluster: [`broker::memory`], [`broker::redis`] (one Redis or
-//!   a Sentinel-managed master), [`broker::redis_cluster`] (sharded pub/sub) and
-//!   [`broker::redis_endpoint`] (URL forms and TLS); the Redis brokers number, record and publish
-//!   a room's messages in one atomic step ([`broker::scripts`]: `publish.lua`, `history.lua`).
+//! Folders by layer; a layer imports only the layers below it (and [`config`], [`metrics`]):
+//! - [`http`] — the top: the accept loop with its limits ([`http::server`]), the client port's
+//!   routes ([`http::routes`]: `/ws/{room}`, the page, `/api/rooms/{room}/messages`; admission by
+//!   token, room right and ban), the moderation routes ([`http::moderation`]), strict requests and
+//!   the API key ([`http::request`]), plain responses ([`http::response`]), the page and the
+//!   JavaScript client ([`http::assets`]), the admin port ([`http::admin`]: `/metrics`,
+//!   `/healthz`, `/readyz`).
+//! - [`session`] — one client's life, one task per connection: join, catch-up, greet;
+//!   [`session::reader`] (frames → commands, limits) and [`session::writer`] (drains what the
+//!   socket did not take at once, batching).
+//! - [`node`] — the node ([`node::Node`]: publish path, delayed unsubscribe, session slots) and
+//!   its timers: [`node::presence`] (with [`node::presence_cache`]), [`node::keepalive`],
+//!   [`node::expiry`] (token deadlines), [`node::handover`] (4002 when Redis is lost),
+//!   [`node::drain`] (1012 over the drain window), [`node::pacing`]; [`node::moderation`] applies
+//!   the control channel's disconnects and checks bans.
+//! - [`moderation`] — the control channel's commands and the bans' storage
+//!   ([`moderation::control`]), sessions by user and room with their token deadlines
+//!   ([`moderation::registry`]).
+//! - [`fanout`] — a room's message from the broker to the members' sockets:
+//!   [`fanout::inbound`] (the one door from the broker: classify, count, stamp, in order),
+//!   [`fanout::write_window`] (`--write-window`), [`fanout::hub`] (local rooms → members'
+//!   outboxes), [`fanout::outbox`] (bounded queue, hold and cut for gapless joins, direct writes).
+//! - [`broker`] — the seam to the cluster: [`broker::memory`] (one node), the Redis brokers
+//!   ([`broker::redis`]: one server or a Sentinel-managed master; [`broker::redis_cluster`]) with
+//!   [`broker::redis_endpoint`] (URL forms and TLS) and [`broker::scripts`] (`publish.lua`,
+//!   `history.lua`: number, record and publish a room's message in one atomic step).
 //! - [`auth`] — token verification: keys (HMAC, PEM, [`auth::jwks`]), [`auth::claims`] and grants.
-//! - [`control`] — what the brokers carry for moderation: control commands, the bans' storage.
-//! - [`moderation`] — applies the control channel's disconnects on this node; ban checks.
-//! - [`moderation_api`] — the moderation routes (kick a user or a room, bans).
-//! - [`registry`] — sessions by user and room, with their token deadlines.
-//! - [`expiry`] — the token timer: `expiring` events, 4010 closes.
-//! - [`presence`] — the presence timer: local counts to the broker, cluster counts to members.
-//! - [`presence_cache`] — the last tick's cluster-wide counts, for a joining client's estimate.
-//! - [`keepalive`] — the ping timer: pings every session, closes silent ones.
-//! - [`handover`] — closes a node's clients (4002) when it lost Redis, so they resume elsewhere.
-//! - [`pacing`] — spreads node-wide rounds (presence, pings) over a short window.
-//! - [`shutdown`] — the drain: 1012 closes spread evenly over the drain window.
-//! - [`protocol`] — wire types, parsing, encoding once to `Bytes`.
-//! - [`disconnect`] — close codes, their reasons and reconnect meaning.
-//! - [`metrics`] — every metric name, label and bucket.
+//! - [`wire`] — the bottom: protocol types and encoding once to `Bytes` ([`wire::protocol`]), the
+//!   WebSocket frame both ways ([`wire::frame`]), close codes ([`wire::close`]), room positions and
+//!   history reads ([`wire::history`]), the one clock ([`wire::clock`]).
+//! - [`config`] — every flag and environment variable, defaults, validation; [`metrics`] — every
+//!   metric name, label and bucket.
 //!
 //! # A message's way
 //! reader → [`node::Node::publish`] (stamp id and `ts`, encode once) → broker (number it with the
 //! room's offset and epoch, append it to history, publish — one atomic step) → every subscribed
-//! node's [`inbound::Inbound::receive`] (classify, count) → [`write_window`] (at once for a quiet
-//! room; a busy room's messages together, once per window) → [`hub::Hub::fanout`] → each member's
-//! outbox (the same `Bytes`, framed once per node): written to the socket by the push itself
-//! when the member is idle (one `send`, or one `sendmsg` for a batch; no task wake-up), else
-//! queued for the writer, which sends whatever queued in one write. Layers point one way: the broker knows only the inbound handler, the hub
-//! only local rooms and members.
+//! node's [`fanout::inbound::Inbound::receive`] (classify, count) → [`fanout::write_window`] (at
+//! once when the room's previous fan-out is at least one window old; else together with the
+//! room's other waiting messages when that window ends) → [`fanout::hub::Hub::fanout`] → each
+//! member's outbox (the same `Bytes`, framed once per node): written to the socket by the push
+//! itself when the member is idle (one `send`, or one `sendmsg` for a batch; no task wake-up),
+//! else queued for the writer, which sends whatever queued in one write. Layers point one way:
+//! the broker knows only the inbound handler, the hub only local rooms and members.
 
 pub mod auth;
 pub mod broker;
@@ -119,7 +114,7 @@ pub async fn run(
         tracker.spawn(jwks.clone().run(stop.clone()));
     }
     let node = node::Node::start(config, metrics.clone(), tracker.clone(), stop.clone(), auth)?;
-    moderation::start(&node);
+    node::moderation::start(&node);
     info!(
         node = %node.config.node_id,
         client = ?listeners.client.local_addr().ok(),

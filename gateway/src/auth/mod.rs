@@ -11,7 +11,7 @@
 //! `jsonwebtoken`; the claim shape by [`claims`].
 //!
 //! What it does not own: where the token comes from and what a refusal looks like on the wire
-//! ([`crate::http::routes`]), bans ([`crate::moderation`]), the expiry of open sessions
+//! ([`crate::http::routes`]), bans ([`crate::node::moderation`]), the expiry of open sessions
 //! ([`crate::node::expiry`]).
 
 pub mod claims;

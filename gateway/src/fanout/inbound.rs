@@ -6,9 +6,9 @@
 //!
 //! This is the one door into the hub: the brokers call [`Inbound::receive`], and the node's local
 //! fallback during a broker outage calls [`Inbound::deliver`]; neither goes to the hub directly.
-//! Each room's messages pass the node's [`WriteWindow`] on their way: a room quieter than one
-//! message per window is fanned out at once, a busier one in batches, one per window, by
-//! [`Inbound::run_window`].
+//! Each room's messages pass the node's [`WriteWindow`] on their way: a message at least one
+//! window after its room's previous fan-out is fanned out at once; one that follows sooner waits
+//! for that window's end and goes out with the others of the room, by [`Inbound::run_window`].
 //! The way is one-directional, as in centrifuge (broker → node's handler → hub): the brokers know
 //! only this handler, and the hub knows only local rooms and members. Message ids are stamped
 //! here too, for the node's publishes and for wrapped plain payloads.
@@ -45,7 +45,8 @@ pub struct Inbound {
     ids: MessageIds,
     /// Chooses between writing from the fan-out and waking the members' writers.
     pace: DeliveryPace,
-    /// Batches the messages of busy rooms (`--write-window`).
+    /// Batches the messages that follow their room's previous fan-out within one window
+    /// (`--write-window`).
     window: WriteWindow,
 }
 
@@ -193,7 +194,7 @@ impl Inbound {
         }
     }
 
-    /// Fans out the batches of busy rooms as their windows end, until `stop`; then what is left.
+    /// Fans out the rooms' waiting batches as their windows end, until `stop`; then what is left.
     /// The node runs it on its tracker.
     pub async fn run_window(self: Arc<Self>, stop: CancellationToken) {
         if !self.window.is_on() {

@@ -1,9 +1,9 @@
 //! The node's write window (`--write-window`): a leading-edge throttle of each room's fan-outs, so
 //! that the members of a busy room get several messages per write instead of one syscall each.
 //!
-//! A room's message goes out at once when the room's last fan-out is at least one window old
-//! (the common case: any room quieter than one message per window pays no latency at all).
-//! Otherwise it waits with the room's other pending messages until the window since that last
+//! A room's message goes out at once when the room's last fan-out is at least one window old.
+//! Otherwise — whatever the room's average rate: two messages a few milliseconds apart in an
+//! otherwise quiet room are enough — it waits with the room's other pending messages until the window since that last
 //! fan-out is over, and they go out together: each idle member gets all of them in one vectored
 //! write. A room publishing faster than one message per window therefore costs one write per
 //! member per window whatever its rate, for at most one window of added latency.

@@ -1,7 +1,7 @@
 //! The moderation routes of the client port (API key required):
 //! `POST /api/users/{sub}/disconnect`, `POST /api/rooms/{room}/disconnect`,
 //! `PUT|DELETE|GET /api/bans`. They store bans through the broker and publish disconnects on the
-//! control channel; every node applies them ([`crate::moderation`]).
+//! control channel; every node applies them ([`crate::node::moderation`]).
 
 use std::sync::Arc;
 use std::time::Duration;

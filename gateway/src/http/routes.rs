@@ -31,7 +31,6 @@ use crate::http::moderation as moderation_api;
 use crate::http::request::{check_api_key, param, query_params};
 use crate::http::response::{json, Body, Refusal};
 use crate::metrics::{RefuseReason, Source};
-use crate::moderation;
 use crate::moderation::control;
 use crate::node::{Node, SlotError};
 use crate::session::{self, Admission, Resume};
@@ -219,7 +218,7 @@ async fn admit(node: &Node, req: &Request<Incoming>, room: &str) -> Result<Admis
     if role.is_some_and(|r| r != right.role) {
         return Err(AdmitError::Auth(AuthError::RoleNotGranted));
     }
-    if moderation::is_banned(node, &identity.sub, &room).await {
+    if crate::node::moderation::is_banned(node, &identity.sub, &room).await {
         return Err(AdmitError::Auth(AuthError::Banned));
     }
     Ok(Admission {

@@ -2,7 +2,7 @@
 //! commands ([`Command`], JSON on `{prefix}_control`, which every node subscribes to
 //! permanently), the bounded hand-over of received commands to the node ([`ControlSink`]), and
 //! the bans' storage ([`BAN_SCRIPT`] in Redis, [`MemoryBans`] with the in-process broker).
-//! Applying a command is [`crate::moderation`]'s business; the routes are
+//! Applying a command is [`crate::node::moderation`]'s business; the routes are
 //! [`crate::http::moderation`]'s.
 
 use std::collections::HashMap;

@@ -10,6 +10,7 @@ pub mod drain;
 pub mod expiry;
 pub mod handover;
 pub mod keepalive;
+pub mod moderation;
 pub mod pacing;
 pub mod presence;
 pub mod presence_cache;

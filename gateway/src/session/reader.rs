@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use crate::auth::AuthError;
 use crate::fanout::outbox::{Outbox, Outgoing, Pushed};
 use crate::metrics::{DropReason, Source};
-use crate::moderation;
 use crate::node::Node;
 use crate::wire::close::CloseReason;
 use crate::wire::frame::{opcode, DecodeError, Decoder};
@@ -303,7 +302,7 @@ impl Reader {
                 return self.outbox.close(CloseReason::Forbidden);
             }
         }
-        if moderation::is_banned(&node, &identity.sub, &self.room).await {
+        if crate::node::moderation::is_banned(&node, &identity.sub, &self.room).await {
             node.metrics.auth_failure(AuthError::Banned);
             return self.outbox.close(CloseReason::Banned);
         }

@@ -29,9 +29,9 @@
 //! it are dropped until the first one above it (or of another epoch) passes; then the cut is
 //! gone. It costs 24 bytes inline, no allocation.
 //!
-//! Split by concern: [`queue`] (the bounded queue: pushes, direct or queued, and the writer's
-//! draining side), [`hold`] (holding pushes while a joining session catches up, and the cut),
-//! [`direct`] (the non-blocking writes a push makes to an idle socket). The frames themselves are
+//! Split by concern: `queue` (the bounded queue: pushes, direct or queued, and the writer's
+//! draining side), `hold` (holding pushes while a joining session catches up, and the cut),
+//! `direct` (the non-blocking writes a push makes to an idle socket). The frames themselves are
 //! built by [`crate::wire::frame`].
 
 mod direct;
