@@ -1,7 +1,8 @@
 //! Docs that cannot drift from the gateway: `docs/configuration.md` against `gateway --help`
 //! (every flag, its variable and its default, both ways), every command in `README.md` and
 //! `docs/*.md` that starts the gateway against its real flags, and `docs/metrics.md` against the
-//! families a running node exports on `/metrics`. The load tester's side is `loadtest/tests/docs.rs`.
+//! families a running node exports on `/metrics`, and the relative links between the docs. The load
+//! tester's side is `loadtest/tests/docs.rs`.
 
 #[path = "docs/markdown.rs"]
 mod markdown;
@@ -103,6 +104,43 @@ fn gateway_commands_in_docs_use_real_flags() {
             }
         }
     }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// Every relative link in README.md and docs/*.md points at a file of the repository and, into a
+/// Markdown file, at one of its headings (moved sections break links silently otherwise).
+#[test]
+fn links_in_docs_resolve() {
+    let root = root();
+    let files = markdown_files(&root);
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for (name, text) in &files {
+        let dir = std::path::Path::new(name).parent().unwrap();
+        for target in markdown::link_targets(text) {
+            if target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            checked += 1;
+            let (path, anchor) = target.split_once('#').unwrap_or((&target, ""));
+            let file = if path.is_empty() {
+                root.join(name)
+            } else {
+                root.join(dir).join(path)
+            };
+            if !file.exists() {
+                problems.push(format!("{name}: link to {target}: no such file"));
+                continue;
+            }
+            if !anchor.is_empty() && file.extension().is_some_and(|e| e == "md") {
+                let heads = markdown::anchors(&markdown::read(&file));
+                if !heads.iter().any(|h| h == anchor) {
+                    problems.push(format!("{name}: link to {target}: no such heading"));
+                }
+            }
+        }
+    }
+    assert!(checked > 10, "too few links read: {checked}");
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 

@@ -391,3 +391,58 @@ pub fn is_literal(args: &[String]) -> bool {
     args.iter()
         .all(|a| !a.contains(['$', '`', '*', '…', '<', '>', '{']) && !a.contains("..."))
 }
+
+/// GitHub's anchor for a heading: lower case, letters, digits, `-` and `_` kept, spaces as `-`,
+/// everything else dropped.
+pub fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The anchors of a Markdown text's headings (outside code blocks).
+pub fn anchors(text: &str) -> Vec<String> {
+    let mut in_block = false;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.trim_start().starts_with("```") {
+            in_block = !in_block;
+        } else if !in_block && line.starts_with('#') {
+            out.push(anchor(line.trim_start_matches('#')));
+        }
+    }
+    out
+}
+
+/// The targets of the inline links `[text](target)` of a Markdown text, outside code blocks.
+pub fn link_targets(text: &str) -> Vec<String> {
+    let mut in_block = false;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.trim_start().starts_with("```") {
+            in_block = !in_block;
+            continue;
+        }
+        if in_block {
+            continue;
+        }
+        let mut rest = line;
+        while let Some(at) = rest.find("](") {
+            let tail = &rest[at + 2..];
+            let Some(end) = tail.find(')') else { break };
+            let target = &tail[..end];
+            if !target.is_empty() && !target.contains(char::is_whitespace) {
+                out.push(target.to_string());
+            }
+            rest = &tail[end..];
+        }
+    }
+    out
+}
