@@ -7,6 +7,7 @@
 mod markdown;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
 
 use markdown::{
     code_spans, help_flags, help_text, invocations, markdown_files, table_rows, HelpFlag,
@@ -90,7 +91,9 @@ fn configuration_md_matches_loadtest_help() {
 
 /// Every command in README.md and docs/*.md that runs the load tester (`loadtest …`,
 /// `target/release/loadtest …`, `cargo run -p loadtest -- …`, Compose's `run --rm loadtest …`)
-/// uses only flags it has (`loadtest merge …` those of the merge).
+/// uses only flags it has (`loadtest merge …` those of the merge). A command without shell
+/// expansions goes through the real parser: with `--help` appended, the binary parses (and
+/// refuses) every flag and value before it, then prints its help instead of running.
 #[test]
 fn loadtest_commands_in_docs_use_real_flags() {
     let run = help_flags(&help_text(LOADTEST, &[]));
@@ -113,6 +116,22 @@ fn loadtest_commands_in_docs_use_real_flags() {
                 problems.push(format!(
                     "{}: --{flag} is not a {what} flag: {}",
                     inv.place, inv.line
+                ));
+            }
+        }
+        if markdown::is_literal(&inv.args) {
+            let mut cmd = Command::new(LOADTEST);
+            cmd.args(&inv.args).arg("--help");
+            for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("LOADTEST_")) {
+                cmd.env_remove(k);
+            }
+            let out = cmd.output().expect("running loadtest");
+            if !out.status.success() {
+                problems.push(format!(
+                    "{}: loadtest refuses `{}`: {}",
+                    inv.place,
+                    inv.line,
+                    String::from_utf8_lossy(&out.stderr).trim()
                 ));
             }
         }
