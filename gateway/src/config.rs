@@ -427,10 +427,17 @@ impl Config {
     }
 }
 
-/// Splits `KID=VALUE` into its key id and value; a value without `=` has no key id.
+/// Splits `KID=VALUE` into its key id and value; a value without `=` has no key id, and neither
+/// has one whose `=` are only at its end (base64 padding: `c2VjcmV0LXNlY3JldA==` is one secret).
 pub fn split_kid(s: &str) -> (Option<&str>, &str) {
     match s.split_once('=') {
-        Some((kid, v)) if !kid.is_empty() && !kid.contains(['/', ' ']) => (Some(kid), v),
+        Some((kid, v))
+            if !kid.is_empty()
+                && !kid.contains(['/', ' '])
+                && !v.trim_start_matches('=').is_empty() =>
+        {
+            (Some(kid), v)
+        }
         _ => (None, s),
     }
 }
@@ -484,6 +491,23 @@ mod tests {
         assert!(parse_duration("-1").is_err());
         assert!(parse_duration("NaN").is_err());
         assert!(parse_duration("1e30").is_err());
+    }
+
+    #[test]
+    fn key_ids_and_base64_padding() {
+        assert_eq!(split_kid("k1=secret"), (Some("k1"), "secret"));
+        assert_eq!(split_kid("k1=c2VjcmV0=="), (Some("k1"), "c2VjcmV0=="));
+        assert_eq!(split_kid("secret"), (None, "secret"));
+        // A padded base64 secret without a key id is one secret, not `KID=`.
+        assert_eq!(
+            split_kid("c2VjcmV0LXNlY3JldC1zZWNyZXQ="),
+            (None, "c2VjcmV0LXNlY3JldC1zZWNyZXQ=")
+        );
+        assert_eq!(
+            split_kid("c2VjcmV0LXNlY3JldC1zZWNyZXQtcw=="),
+            (None, "c2VjcmV0LXNlY3JldC1zZWNyZXQtcw==")
+        );
+        assert_eq!(split_kid("/etc/keys/a=b.pem"), (None, "/etc/keys/a=b.pem"));
     }
 
     #[test]
