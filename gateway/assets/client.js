@@ -208,8 +208,9 @@ function pageOrigin() {
  * @property {typeof WebSocket} [WebSocket] the WebSocket class; default `globalThis.WebSocket`
  * @property {() => string|Promise<string>} [getToken] returns a fresh token from your backend;
  *   called before every connection and to refresh the token on the open socket
- * @property {number} [refreshBefore] ms before the token's `exp` to refresh it (at the latest at
- *   half its remaining lifetime); default 60000. The server's `expiring` event also triggers one.
+ * @property {number} [refreshBefore] ms before the token's `exp` to refresh it, but never before
+ *   half its remaining lifetime has passed; default 60000. The server's `expiring` event also
+ *   triggers one.
  * @property {number} [backlog] the last N messages of the room on the first join (the server
  *   caps N at its `--max-backlog`); default 0
  * @property {{epoch: string, offset: number}} [since] resume from a position saved earlier
