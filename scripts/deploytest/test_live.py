@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import re
+import time
 import urllib.parse
 import urllib.request
 
@@ -95,24 +96,36 @@ def haproxy_cfg_for_loopback(src: str, hp, sp, clients, admins) -> str:
     return re.sub(r"maxconn \d+", "maxconn 2000", text)
 
 
-def test_haproxy_websockets(cluster, traffic, work, procs):
+class HAProxy:
+    """deploy/compose/haproxy.cfg running in front of the live nodes."""
+
+    def __init__(self, cluster, work, procs):
+        self.port, self.stats = free_ports(2)
+        cfg = work / "haproxy.cfg"
+        cfg.write_text(haproxy_cfg_for_loopback((ROOT / "deploy/compose/haproxy.cfg").read_text(), self.port,
+                                                self.stats, cluster.client_ports, cluster.admin_ports))
+        run(["haproxy", "-c", "-f", cfg])
+        self.log = work / "logs" / "haproxy.out"
+        procs.start(["haproxy", "-db", "-f", cfg], self.log)
+        wait_http(f"http://127.0.0.1:{self.stats}/metrics", 10)
+
+
+@pytest.fixture(scope="session")
+def haproxy(cluster, work, procs):
+    return HAProxy(cluster, work, procs)
+
+
+def test_haproxy_websockets(haproxy, traffic):
     """HAProxy's /readyz checks mark every node up, WebSockets upgrade through it and reach every
     node (leastconn), and messages and the HTTP API pass."""
     from websockets.asyncio.client import connect
-    hp, sp = free_ports(2)
-    cfg = work / "haproxy.cfg"
-    cfg.write_text(haproxy_cfg_for_loopback((ROOT / "deploy/compose/haproxy.cfg").read_text(), hp, sp,
-                                            cluster.client_ports, cluster.admin_ports))
-    run(["haproxy", "-c", "-f", cfg])
-    procs.start(["haproxy", "-db", "-f", cfg], work / "logs" / "haproxy.out")
-    wait_http(f"http://127.0.0.1:{sp}/metrics", 10)
+    hp, sp = haproxy.port, haproxy.stats
 
     def servers_up():
         with urllib.request.urlopen(f"http://127.0.0.1:{sp}/;csv", timeout=5) as r:
             rows = csv.DictReader(io.StringIO(r.read().decode().lstrip("# ")))
             return {row["svname"]: row["status"] for row in rows if row["pxname"] == "gateways"
                     and row["svname"] not in ("FRONTEND", "BACKEND")}
-    import time
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and set(servers_up().values()) != {"UP"}:
         time.sleep(0.5)
@@ -147,6 +160,32 @@ def test_haproxy_websockets(cluster, traffic, work, procs):
         for ws in conns:
             await ws.close()
     asyncio.run(main())
+
+
+def test_haproxy_log_has_no_query_string(haproxy):
+    """A token in the query string reaches the gateway through HAProxy but not HAProxy's log: the
+    request is logged with its path only."""
+    from websockets.sync.client import connect
+    secret = "tok" + "en-never-logged-7f3a9c"
+    with connect(f"ws://127.0.0.1:{haproxy.port}/ws/log-check?role=viewer&name=log&token={secret}") as ws:
+        assert json.loads(ws.recv(timeout=5))["type"] == "welcome"
+    req = urllib.request.Request(f"http://127.0.0.1:{haproxy.port}/api/rooms/log-check/messages?token={secret}",
+                                 data=b'{"log":"check"}', method="POST", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        assert r.status == 202, r.status
+    # HAProxy logs a tunnel when it closes and a request when it ends; give it a moment.
+    deadline = time.monotonic() + 5
+    lines = []
+    while time.monotonic() < deadline:
+        lines = [l for l in haproxy.log.read_text().splitlines() if "/log-check" in l]
+        if len(lines) >= 2:
+            break
+        time.sleep(0.2)
+    for l in lines:
+        print(l)
+    assert len(lines) >= 2, "HAProxy logged neither request (is logging on?)"
+    assert not [l for l in haproxy.log.read_text().splitlines() if secret in l or "token=" in l], \
+        "HAProxy's log holds the query string"
 
 
 AGG = {"sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values",
@@ -200,7 +239,7 @@ def referenced_metrics() -> set[tuple[str, str]]:
         for g in yaml.safe_load(f.read_text())["groups"]:
             for r in g["rules"]:
                 refs += [(n, f"rule {r.get('alert') or r.get('record')}") for n in metric_names(r["expr"])]
-    a = yaml.safe_load((ROOT / "deploy/kubernetes/monitoring/prometheus-adapter-values.yaml").read_text())
+    a = yaml.safe_load((ROOT / "deploy/kubernetes/autoscaling/prometheus-adapter-values.yaml").read_text())
     for r in a["rules"]["custom"]:
         refs += [(n, "prometheus-adapter seriesQuery") for n in metric_names(r["seriesQuery"])]
     return set(refs)
@@ -285,7 +324,7 @@ def test_series_per_node(cluster, traffic):
     up = prom_query(cluster.prom, 'up{job="gateway"} == 1')
     if len(up) != 3:
         errors.append(f"want 3 targets up, got {len(up)}")
-    adapter = ROOT / "deploy/kubernetes/monitoring/prometheus-adapter-values.yaml"
+    adapter = ROOT / "deploy/kubernetes/autoscaling/prometheus-adapter-values.yaml"
     rule = yaml.safe_load(adapter.read_text())["rules"]["custom"][0]
     series = rule["seriesQuery"].split("{")[0]
     expr = (rule["metricsQuery"].replace("<<.Series>>", series)

@@ -134,6 +134,79 @@ def test_haproxy_config(tools):
     run(["haproxy", "-c", "-f", COMPOSE / "haproxy.cfg"])
 
 
+def test_compose_exposure(tools, work):
+    """Only HAProxy's client port is published on every interface: the stats page, Prometheus and
+    Grafana on 127.0.0.1; Prometheus without the lifecycle or admin API; Grafana never with
+    admin/admin, but a generated password (made once, kept, readable by Grafana's group only)."""
+    c = json.loads(compose_config("--profile", "loadtest", "--profile", "loadtest-distributed", fmt="json"))
+    s = c["services"]
+    errors = []
+    for name, svc in s.items():
+        for p in svc.get("ports", []):
+            public = p.get("host_ip") in (None, "", "0.0.0.0", "::")
+            if public and (name, p["target"]) != ("haproxy", 8080):
+                errors.append(f"{name} publishes {p['target']} on every interface")
+    want_local = {("haproxy", 8404), ("prometheus", 9090), ("grafana", 3000)}
+    local = {(n, p["target"]) for n, v in s.items() for p in v.get("ports", []) if p.get("host_ip") == "127.0.0.1"}
+    if want_local - local:
+        errors.append(f"not bound to 127.0.0.1: {sorted(want_local - local)}")
+    cmd = " ".join(s["prometheus"].get("command", []))
+    for flag in ("--web.enable-lifecycle", "--web.enable-admin-api"):
+        if flag in cmd:
+            errors.append(f"prometheus runs with {flag}")
+    g = s["grafana"]
+    env = g.get("environment", {})
+    if "GF_SECURITY_ADMIN_PASSWORD" in env:
+        errors.append(f"grafana's admin password is set in the compose file: {env['GF_SECURITY_ADMIN_PASSWORD']!r}")
+    pw_file = env.get("GF_SECURITY_ADMIN_PASSWORD__FILE", "")
+    mounts = {v.get("target"): v.get("source") for v in g.get("volumes", [])}
+    gen = s.get("grafana-password", {})
+    gen_mounts = {v.get("target"): v.get("source") for v in gen.get("volumes", [])}
+    pw_dir = pw_file.rsplit("/", 1)[0]
+    if not pw_file or mounts.get(pw_dir) is None or gen_mounts.get(pw_dir) != mounts.get(pw_dir):
+        errors.append("grafana does not read its admin password from the volume grafana-password writes")
+    if g.get("depends_on", {}).get("grafana-password", {}).get("condition") != "service_completed_successfully":
+        errors.append("grafana does not wait for grafana-password")
+    if errors:
+        pytest.fail("compose: " + "; ".join(errors))
+    # The generator, run with a POSIX shell on a temp dir: a fresh password, kept on the next run.
+    script = gen["entrypoint"][-1].replace("$$", "$").replace(pw_dir, str(work / "grafana-secrets"))
+    (work / "grafana-secrets").mkdir(exist_ok=True)
+    run(["sh", "-c", script])
+    pw = (work / "grafana-secrets" / pw_file.rsplit("/", 1)[1])
+    first = pw.read_text().strip()
+    run(["sh", "-c", script])
+    mode = pw.stat().st_mode & 0o777
+    print(f"generated password of {len(first)} characters, mode {mode:o}")
+    assert len(first) >= 16 and first != "admin", "weak generated password"
+    assert pw.read_text().strip() == first, "the password changed on the second start"
+    assert mode & 0o007 == 0 and mode & 0o040, f"password file mode {mode:o}: want group-readable only"
+
+
+def log_formats(cfg: str) -> list[str]:
+    return re.findall(r"^\s*log-format\s+(.*)$", cfg, re.M)
+
+
+def test_haproxy_logs_no_query_string():
+    """The compose HAProxy and the local one never log a query string (`?token=`): no httplog or
+    request-line/URI variables; a log-format that names the path uses %HPO (path only)."""
+    errors = []
+    for f in (COMPOSE / "haproxy.cfg", ROOT / "deploy/local/haproxy.cfg.in"):
+        cfg = re.sub(r"#.*", "", f.read_text())
+        name = f.relative_to(ROOT)
+        logs = bool(re.search(r"^\s*log\s", cfg, re.M))
+        if re.search(r"^\s*option\s+(httplog|httpslog)", cfg, re.M):
+            errors.append(f"{name}: option httplog logs the request line with its query string")
+        for lf in log_formats(cfg):
+            # %r and %{...}r: request line; %HU: URI; %HQ: query string; %HP: path and query.
+            if re.search(r"%(\{[^}]*\})?(r|HU|HQ|HP)(?![A-Za-z])", lf):
+                errors.append(f"{name}: log-format logs the query string: {lf}")
+        if logs and not log_formats(cfg):
+            errors.append(f"{name}: logs with HAProxy's default format")
+        print(f"{name}: {'logs ' + str(log_formats(cfg)) if logs else 'no logging'}")
+    assert not errors, "; ".join(errors)
+
+
 def test_promtool_check_config(tools, work):
     # The compose Prometheus config, laid out as the container sees it (/etc/prometheus, rules/).
     etc = work / "compose-prometheus"
@@ -224,7 +297,9 @@ def test_workflows_actionlint(tools):
 
 
 def kustomizations():
-    return sorted(p.parent for p in (ROOT / "deploy/kubernetes").rglob("kustomization.yaml"))
+    """Every kustomization that renders on its own (components render through full/)."""
+    return sorted(p.parent for p in (ROOT / "deploy/kubernetes").rglob("kustomization.yaml")
+                  if yaml.safe_load(p.read_text()).get("kind") != "Component")
 
 
 def kustomize(d, work) -> str:
@@ -251,11 +326,14 @@ def test_kustomize_validate(tools, work):
         except AssertionError as e:
             failures.append(str(e))
             continue
+        # A plain-cluster kustomization must need no CRD at all.
+        crds_allowed = "../monitoring" in (d / "kustomization.yaml").read_text()
         for v in K8S_VERSIONS:
             p = subprocess.run(["kubernetes-validate", "--strict", "-k", v, rendered],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             report = p.stdout
-            unknown = [l for l in report.splitlines() if "Couldn't find schema" in l and not CRD_KINDS.search(l)]
+            unknown = [l for l in report.splitlines() if "Couldn't find schema" in l
+                       and not (crds_allowed and CRD_KINDS.search(l))]
             if p.returncode != 0 or unknown or re.search(r"^ERROR", report, re.M):
                 failures.append(f"kubernetes-validate --strict -k {v} on {name}:\n{report}")
             else:
@@ -270,9 +348,9 @@ def render_all(work, path="deploy/kubernetes"):
 
 def test_kubernetes_policy(tools, work):
     """What schemas cannot say: the operational contract of the gateway's Deployment and its
-    neighbours, from the rendered complete install."""
-    docs = render_all(work)
-    adapter = yaml.safe_load((ROOT / "deploy/kubernetes/monitoring/prometheus-adapter-values.yaml").read_text())
+    neighbours, from the rendered complete install (full/: both optional components)."""
+    docs = render_all(work, "deploy/kubernetes/full")
+    adapter = yaml.safe_load((ROOT / "deploy/kubernetes/autoscaling/prometheus-adapter-values.yaml").read_text())
     by = {}
     for d in docs:
         by.setdefault(d["kind"], {})[d["metadata"]["name"]] = d
@@ -431,3 +509,173 @@ def test_grafana_files():
                     errors.append(f"{name}: {p['title']!r} query ignores $instance: {e}")
         print(f"{name}: {len(panels)} panels, {n} queries")
     assert not errors, "grafana: " + "; ".join(errors)
+
+
+def by_kind(docs) -> dict:
+    by = {}
+    for d in docs:
+        by.setdefault(d["kind"], {})[d["metadata"]["name"]] = d
+    return by
+
+
+# The kinds every cluster knows; the plain install may use nothing else.
+BUILTIN_GROUPS = {"v1", "apps/v1", "batch/v1", "policy/v1", "networking.k8s.io/v1"}
+
+
+def test_kubernetes_plain_cluster(tools, work):
+    """`kubectl apply -k deploy/kubernetes` works on a cluster with nothing installed: only
+    built-in kinds (no Prometheus Operator objects, no HPA that needs prometheus-adapter), and a
+    fixed replica count since no autoscaler owns it. full/ adds exactly the two components."""
+    plain = render_all(work)
+    full = render_all(work, "deploy/kubernetes/full")
+    errors = []
+    foreign = sorted({f"{d['apiVersion']} {d['kind']}" for d in plain if d["apiVersion"] not in BUILTIN_GROUPS})
+    if foreign:
+        errors.append(f"the plain install needs more than a plain cluster: {foreign}")
+    dep = by_kind(plain)["Deployment"]["gateway"]
+    if dep["spec"].get("replicas", 1) < 2:
+        errors.append(f"without the autoscaler the gateway runs {dep['spec'].get('replicas', 1)} pod(s)")
+    key = lambda d: (d["kind"], d["metadata"]["name"])
+    added = sorted({key(d) for d in full} - {key(d) for d in plain})
+    if sorted({k for k, _ in added}) != ["HorizontalPodAutoscaler", "PrometheusRule", "ServiceMonitor"] or len(added) != 3:
+        errors.append(f"full/ adds {added}, not the HPA, the ServiceMonitor and the PrometheusRule")
+    print(f"plain: {len(plain)} resources, kinds {sorted({d['kind'] for d in plain})}; full/ adds {added}")
+    assert not errors, "; ".join(errors)
+
+
+def peer_desc(peer) -> str:
+    return json.dumps(peer, sort_keys=True)
+
+
+def test_kubernetes_networkpolicy(tools, work):
+    """The gateway pods accept the client port only from the ingress controller's namespace (and
+    the named API clients and load generators), the admin port only from Prometheus; nothing is
+    open to every pod."""
+    by = by_kind(render_all(work))
+    dep = by["Deployment"]["gateway"]
+    podlabels = dep["spec"]["template"]["metadata"]["labels"]
+    ports = {p["name"]: p["containerPort"] for c in dep["spec"]["template"]["spec"]["containers"] for p in c["ports"]}
+    pols = [p for p in by.get("NetworkPolicy", {}).values()
+            if all(podlabels.get(k) == v for k, v in p["spec"]["podSelector"].get("matchLabels", {}).items())
+            and p["spec"]["podSelector"].get("matchLabels")]
+    assert pols, "no NetworkPolicy selects the gateway pods"
+    errors = []
+    reach = {}   # port name -> peers
+    for pol in pols:
+        if "Ingress" not in pol["spec"].get("policyTypes", []):
+            errors.append(f"{pol['metadata']['name']}: policyTypes lacks Ingress")
+        for rule in pol["spec"].get("ingress", []):
+            if not rule.get("from"):
+                errors.append(f"{pol['metadata']['name']}: a rule admits every source")
+            if not rule.get("ports"):
+                errors.append(f"{pol['metadata']['name']}: a rule admits every port")
+            for p in rule.get("ports", []):
+                name = next((n for n, num in ports.items() if p.get("port") in (n, num)), p.get("port"))
+                reach.setdefault(name, []).extend(rule.get("from", []))
+    if set(reach) != {"http", "admin"}:
+        errors.append(f"ports reachable: {sorted(reach)}, want http and admin")
+    for peer in reach.get("admin", []):
+        if peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/name") != "prometheus" \
+                or "ipBlock" in peer:
+            errors.append(f"admin port open to {peer_desc(peer)}: Prometheus only")
+    ingress_ns = [p for p in reach.get("http", []) if p.get("namespaceSelector", {}).get("matchLabels", {})
+                  .get("kubernetes.io/metadata.name") == "ingress-nginx"]
+    if not ingress_ns:
+        errors.append("client port not open to the ingress controller's namespace")
+    for peer in reach.get("http", []) + reach.get("admin", []):
+        for sel in ("namespaceSelector", "podSelector"):
+            if sel in peer and not peer[sel].get("matchLabels") and not peer[sel].get("matchExpressions"):
+                errors.append(f"an empty {sel} (every namespace or pod): {peer_desc(peer)}")
+        if "ipBlock" in peer:
+            errors.append(f"an ipBlock peer: {peer_desc(peer)}")
+    for port, peers in sorted(reach.items()):
+        print(f"{port}: " + "; ".join(peer_desc(p) for p in peers))
+    assert not errors, "; ".join(errors)
+
+
+def test_kubernetes_ingress_routes(tools, work):
+    """The public Ingress serves the page, its scripts and the WebSockets, and nothing else (the
+    HTTP API stays inside the cluster)."""
+    by = by_kind(render_all(work))
+    ing = by["Ingress"]["gateway"]
+    paths = {(p["path"], p["pathType"]) for r in ing["spec"]["rules"] for p in r["http"]["paths"]}
+    want = {("/", "Exact"), ("/page.js", "Exact"), ("/client.js", "Exact"), ("/ws/", "Prefix")}
+    print("Ingress paths:", sorted(paths))
+    assert paths == want, f"Ingress paths {sorted(paths)}, want {sorted(want)}"
+
+
+def kib(q: str) -> float:
+    """A Kubernetes memory quantity in KiB."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?", q)
+    n, unit = float(m.group(1)), m.group(2) or ""
+    return n * {"": 1 / 1024, "Ki": 1, "Mi": 1024, "Gi": 1024 ** 2, "Ti": 1024 ** 3,
+                "k": 1000 / 1024, "M": 1e6 / 1024, "G": 1e9 / 1024, "T": 1e12 / 1024}[unit]
+
+
+# What base/kustomization.yaml budgets besides the outboxes: per connection (user-space state,
+# ~2.3 KiB measured, plus kernel socket buffers, charged to the pod's cgroup) and per process.
+PER_CONNECTION_KIB = 16
+PROCESS_KIB = 256 * 1024
+
+
+def test_kubernetes_connections_memory(tools, work):
+    """GATEWAY_MAX_CONNECTIONS is set (so the connection-limit alerts can fire), above the HPA's
+    target, and the memory limit holds that many connections with full outboxes."""
+    full = by_kind(render_all(work, "deploy/kubernetes/full"))
+    for name, by in (("plain", by_kind(render_all(work))), ("full", full)):
+        cm = next(v for k, v in by["ConfigMap"].items() if k.startswith("gateway-config"))["data"]
+        conns = int(cm.get("GATEWAY_MAX_CONNECTIONS", "0"))
+        outbox = int(cm.get("GATEWAY_OUTBOX_BYTES", str(4 * 1024 * 1024)))
+        message = int(cm.get("GATEWAY_MAX_MESSAGE_SIZE", "65536"))
+        c = next(c for c in by["Deployment"]["gateway"]["spec"]["template"]["spec"]["containers"] if c["name"] == "gateway")
+        limit = kib(c["resources"]["limits"]["memory"])
+        need = conns * (outbox / 1024 + PER_CONNECTION_KIB) + PROCESS_KIB
+        print(f"{name}: {conns} connections × ({outbox / 1024:.0f} KiB outbox + {PER_CONNECTION_KIB} KiB) "
+              f"+ {PROCESS_KIB / 1024:.0f} MiB = {need / 1024:.0f} MiB; limit {limit / 1024:.0f} MiB")
+        assert conns > 0, f"{name}: GATEWAY_MAX_CONNECTIONS unset: the connection-limit alerts can never fire"
+        assert outbox >= message, "GATEWAY_OUTBOX_BYTES below GATEWAY_MAX_MESSAGE_SIZE (the gateway refuses it)"
+        assert need <= limit, f"{name}: memory limit {limit / 1024:.0f} MiB < {need / 1024:.0f} MiB needed"
+    hpa = full["HorizontalPodAutoscaler"]["gateway"]
+    target = [int(m["pods"]["target"]["averageValue"]) for m in hpa["spec"]["metrics"]
+              if m["type"] == "Pods" and m["pods"]["metric"]["name"] == "gateway_connections"]
+    assert target and target[0] < conns, f"HPA target {target} not below GATEWAY_MAX_CONNECTIONS {conns}"
+
+
+def test_kubernetes_loadtest_shards(tools, work):
+    """The load-test Job's shard count is set in one place (LOADTEST_SHARDS): the Job runs that
+    many generators and the merge lists exactly their summaries; its start time is no fixed date
+    (empty until run.sh sets it, which it does)."""
+    gen = by_kind(render_all(work, "deploy/kubernetes/loadtest"))
+    merge = by_kind(render_all(work, "deploy/kubernetes/loadtest/merge"))
+    data = gen["ConfigMap"]["loadtest"]["data"]
+    shards = int(data["LOADTEST_SHARDS"])
+    job = gen["Job"]["loadtest-generators"]["spec"]
+    assert job["completions"] == job["parallelism"] == shards, \
+        f"completions {job['completions']}, parallelism {job['parallelism']}, LOADTEST_SHARDS {shards}"
+    # Only the kustomization names the count: no other file of the load test spells it.
+    srcs = [p for p in (ROOT / "deploy/kubernetes/loadtest").rglob("*.yaml") if p.name != "kustomization.yaml"]
+    for p in srcs:
+        assert "summary-3" not in p.read_text() and "0 … 3" not in p.read_text(), f"{p} spells a shard count"
+    c = merge["Job"]["loadtest-merge"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("valueFrom", {}).get("configMapKeyRef", {}) for e in c.get("env", [])}
+    assert env.get("LOADTEST_SHARDS") == {"name": "loadtest", "key": "LOADTEST_SHARDS"}, \
+        "the merge does not read LOADTEST_SHARDS from the generators' ConfigMap"
+    # The merge's command, run with a POSIX shell and the loadtest binary replaced by echo.
+    cmd = c["command"]
+    assert cmd[:3] == ["/usr/local/bin/busybox", "sh", "-c"], cmd
+    script = cmd[3].replace("exec /usr/local/bin/loadtest", "echo")
+    for n in (shards, 7):
+        args = run(["sh", "-c", script], env={"PATH": "/usr/bin:/bin", "LOADTEST_SHARDS": str(n),
+                                               "MERGE_EXPECT": data["MERGE_EXPECT"]}).stdout.split()
+        files = [a for a in args if a.startswith("/reports/summary-")]
+        assert args[0] == "merge" and files == [f"/reports/summary-{i}.json" for i in range(n)], args
+        assert f"--expect={data['MERGE_EXPECT']}" in args, args
+    # The start time: not a date in the source (empty: the generators refuse to start without
+    # one); run.sh puts a time ahead into the rendered ConfigMap.
+    assert data.get("LOADTEST_START_AT", "") == "", f"LOADTEST_START_AT is fixed: {data['LOADTEST_START_AT']}"
+    runsh = (ROOT / "deploy/kubernetes/loadtest/run.sh").read_text()
+    m = re.search(r'sed "s/(LOADTEST_START_AT: \.\*)/', runsh)
+    assert m and "date -u -d" in runsh, "run.sh does not set LOADTEST_START_AT ahead"
+    rendered = kustomize(ROOT / "deploy/kubernetes/loadtest", work).read_text()
+    assert re.search(r"LOADTEST_START_AT: .*", rendered), "run.sh's sed finds no LOADTEST_START_AT line"
+    print(f"{shards} generators, merge of {shards} summaries; LOADTEST_START_AT set by run.sh")
