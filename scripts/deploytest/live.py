@@ -52,6 +52,9 @@ def start_cluster(work: Path, procs) -> Cluster:
                      "--redis-url", f"redis://127.0.0.1:{redis_port}",
                      "--node-id", f"n{i + 1}",
                      "--drain-seconds", "1",
+                     # A connection limit, as deploy/kubernetes sets one: the dashboard's
+                     # "connections against the limit" and its alerts need it.
+                     "--max-connections", "5000",
                      "--presence-interval", "1s"],
                     logs / f"gateway-n{i + 1}.out", env=dict(os.environ, RUST_LOG="warn"))
     for a in admins:

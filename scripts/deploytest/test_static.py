@@ -679,3 +679,75 @@ def test_kubernetes_loadtest_shards(tools, work):
     rendered = kustomize(ROOT / "deploy/kubernetes/loadtest", work).read_text()
     assert re.search(r"LOADTEST_START_AT: .*", rendered), "run.sh's sed finds no LOADTEST_START_AT line"
     print(f"{shards} generators, merge of {shards} summaries; LOADTEST_START_AT set by run.sh")
+
+
+RUNBOOK = re.compile(r"^\{\{ with \$externalLabels\.runbook_base \}\}\{\{ \. \}\}\{\{ else \}\}(https://[^{}\s]+)\{\{ end \}\}#([a-z0-9-]+)$")
+# Close reasons no disconnect-spike alert reports, on purpose (docs/operations.md, "Alerts").
+NOT_ALERTED = {"client_closed", "shutdown", "kicked", "banned"}
+
+
+def alert_rules():
+    return [r for g in yaml.safe_load((RULES / "gateway.rules.yml").read_text())["groups"]
+            for r in g["rules"] if "alert" in r]
+
+
+def test_alert_runbooks():
+    """Every alert links an absolute runbook through one configurable base (the external label
+    runbook_base, else one published default) to its own entry in docs/operations.md, and is in
+    the alert table there."""
+    ops = (ROOT / "docs/operations.md").read_text()
+    headings = {h.strip().lower() for h in re.findall(r"^###\s+(.+)$", ops, re.M)}
+    table = set(re.findall(r"^\|\s*(Gateway\w+)\s*\|", ops, re.M))
+    errors, bases = [], set()
+    for r in alert_rules():
+        name, url = r["alert"], r.get("annotations", {}).get("runbook_url", "")
+        m = RUNBOOK.match(url)
+        if not m:
+            errors.append(f"{name}: runbook_url {url!r} is not base-or-default + #anchor")
+            continue
+        bases.add(m.group(1))
+        if m.group(2) != name.lower():
+            errors.append(f"{name}: anchor #{m.group(2)} is not the alert's")
+        if name.lower() not in headings:
+            errors.append(f"{name}: no '### {name}' runbook entry in docs/operations.md")
+        if name not in table:
+            errors.append(f"{name}: not in the alert table of docs/operations.md")
+    if len(bases) != 1:
+        errors.append(f"runbook defaults differ: {sorted(bases)}")
+    print(f"{len(alert_rules())} alerts; default runbook base {sorted(bases)}")
+    assert not errors, "; ".join(errors)
+
+
+def test_disconnect_spike_families():
+    """The disconnect-spike alerts are split by reason: every close reason the gateway has is in
+    exactly one family, or deliberately not alerted (and the runbook says why)."""
+    src = (ROOT / "gateway/src/disconnect.rs").read_text()
+    label_fn = src[src.index("pub fn label(self)"):]
+    label_fn = label_fn[:label_fn.index("\n    }\n")]
+    reasons = set(re.findall(r'=> "([a-z0-9_]+)"', label_fn))
+    assert reasons, "no close reasons found in gateway/src/disconnect.rs"
+    families = {}
+    for r in alert_rules():
+        if r["alert"].startswith("GatewayDisconnectSpike"):
+            m = re.search(r'reason=~?"([^"]+)"', r["expr"])
+            families[r["alert"]] = set(m.group(1).split("|"))
+    assert len(families) > 1, "the disconnect spike is one alert, not split by reason"
+    covered = [x for f in families.values() for x in f]
+    errors = []
+    for reason in sorted(reasons):
+        n = covered.count(reason)
+        if reason in NOT_ALERTED:
+            if n:
+                errors.append(f"{reason} is alerted although it is deliberate")
+        elif n != 1:
+            errors.append(f"close reason {reason} is in {n} spike families")
+    unknown = set(covered) - reasons
+    if unknown:
+        errors.append(f"spike families name reasons the gateway does not have: {sorted(unknown)}")
+    ops = (ROOT / "docs/operations.md").read_text()
+    for reason in NOT_ALERTED:
+        if f"`{reason}`" not in ops:
+            errors.append(f"docs/operations.md does not say why {reason} is not alerted")
+    for name, f in sorted(families.items()):
+        print(f"{name}: {sorted(f)}")
+    assert not errors, "; ".join(errors)

@@ -1,6 +1,7 @@
 """Background WebSocket and HTTP traffic against the live check's three nodes (run as its own
 process by live.py): members of rooms that span every node, hosts publishing over WebSocket,
-backends over HTTP, refused upgrades, error events, abnormal closes.
+backends over HTTP, refused upgrades, error events, abnormal closes, history reads (API, backlog,
+resume), duplicate publishes and moderation commands — so that every dashboard panel has data.
 
     python3 traffic.py WORK SECONDS PORT...
 
@@ -93,6 +94,40 @@ async def misbehave(port, node, k):
     await ws.recv()
     ws.transport.abort()
 
+def http(method, port, path, body=None, headers=None):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method=method,
+                                 headers=headers or {})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return r.status, json.loads(r.read() or b"null")
+
+
+async def history_and_moderation(port, node, k):
+    # History reads: the API's, and a join with backlog then a resume with since (recoveries).
+    status, _ = await asyncio.to_thread(http, "GET", port, "/api/rooms/alpha/messages?limit=10")
+    if status != 200:
+        problems.append(f"history API: {status}")
+    async with connect(url(port, "alpha", "viewer", f"back{node}{k}") + "&backlog=5", max_size=None) as ws:
+        welcome = json.loads(await ws.recv())
+    epoch, offset = welcome.get("epoch"), welcome.get("offset")
+    if epoch is not None and offset is not None:
+        async with connect(url(port, "alpha", "viewer", f"resume{node}{k}") + f"&since={epoch}:{offset}",
+                           max_size=None) as ws:
+            welcome = json.loads(await ws.recv())
+            if "recovered" not in welcome:
+                problems.append(f"resume welcome without recovered: {welcome}")
+    # The same idempotency key twice: the second is a duplicate.
+    key = {"Content-Type": "application/json", "Idempotency-Key": f"dup-{node}-{k}"}
+    body = json.dumps({"dup": k}).encode()
+    _, first = await asyncio.to_thread(http, "POST", port, "/api/rooms/beta/messages", body, key)
+    _, second = await asyncio.to_thread(http, "POST", port, "/api/rooms/beta/messages", body, key)
+    if first.get("duplicate") is not False or second.get("duplicate") is not True:
+        problems.append(f"idempotency: {first} then {second}")
+    # A control command (every node applies it): disconnect a room nobody is in.
+    status, _ = await asyncio.to_thread(http, "POST", port, f"/api/rooms/kick{node}{k}/disconnect")
+    if status != 202:
+        problems.append(f"room disconnect: {status}")
+
+
 async def main():
     stop = asyncio.Event()
     tasks = []
@@ -106,7 +141,8 @@ async def main():
     start = time.monotonic()
     k = 0
     while time.monotonic() - start < seconds:
-        await asyncio.gather(*(misbehave(p, i + 1, k) for i, p in enumerate(ports)))
+        await asyncio.gather(*(misbehave(p, i + 1, k) for i, p in enumerate(ports)),
+                             *(history_and_moderation(p, i + 1, k) for i, p in enumerate(ports)))
         k += 1
         await asyncio.sleep(2)
     open(os.path.join(work, "traffic.ready"), "w").close()
