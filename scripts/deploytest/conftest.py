@@ -64,6 +64,16 @@ def procs():
 
 
 @pytest.fixture(scope="session")
+def tools(work):
+    """The static and live checks' tools, installed when missing (tools.py); their versions go
+    to the summary."""
+    from tools import ensure_deploy_tools, tool_versions
+    t = ensure_deploy_tools(work)
+    yield t
+    _notes.append("tools: " + tool_versions())
+
+
+@pytest.fixture(scope="session")
 def report():
     """report(line): a line for the summary at the end (figures a check measured)."""
     return _notes.append

@@ -20,14 +20,6 @@ import yaml
 
 from helpers import PY, ROOT, free_ports, out, run, wait_http
 from live import GATEWAY_BIN, Traffic, build_gateway, start_cluster
-from tools import ensure_deploy_tools, tool_versions
-
-
-@pytest.fixture(scope="session")
-def tools(work, report):
-    t = ensure_deploy_tools(work)
-    yield t
-    report("tools: " + tool_versions())
 
 
 @pytest.fixture(scope="session")

@@ -17,17 +17,11 @@ import pytest
 import yaml
 
 from helpers import ROOT, compose_cmd, have, run
-from tools import ensure_deploy_tools
 
 # Kubernetes versions the manifests are validated against (kubernetes-validate's schemas).
 K8S_VERSIONS = ["1.29.0", "1.37.0"]
 COMPOSE = ROOT / "deploy/compose"
 RULES = ROOT / "deploy/prometheus/rules"
-
-
-@pytest.fixture(scope="session")
-def tools(work):
-    return ensure_deploy_tools(work)
 
 
 def test_tools(tools):
