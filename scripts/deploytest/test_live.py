@@ -66,6 +66,27 @@ def test_runtime_libraries(gateway_bin):
     assert not extra, f"not in the distroless runtime image: {extra}"
 
 
+def test_kubernetes_settings_are_flags(gateway_bin, tools):
+    """Every GATEWAY_* setting the Kubernetes ConfigMap (and the Deployment) sets is a variable
+    the gateway reads (`gateway --help` lists each flag's env name), so a renamed flag fails
+    here instead of being ignored in a cluster."""
+    help_text = run([gateway_bin, "--help"], quiet=True).stdout
+    known = set(re.findall(r"\[env: (GATEWAY_[A-Z0-9_]+)=", help_text))
+    assert known, "gateway --help lists no GATEWAY_* variables"
+    p = run(["kubectl", "kustomize", ROOT / "deploy/kubernetes/full"], quiet=True)
+    docs = [d for d in yaml.safe_load_all(p.stdout) if d]
+    used = set()
+    for d in docs:
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("gateway-config"):
+            used |= set(d["data"])
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "gateway":
+            for c in d["spec"]["template"]["spec"]["containers"]:
+                used |= {e["name"] for e in c.get("env", [])}
+    used = {u for u in used if u.startswith("GATEWAY_")}
+    print(f"{len(used)} GATEWAY_* settings in the manifests; gateway --help knows {len(known)}")
+    assert used - known == set(), f"not read by the gateway: {sorted(used - known)}"
+
+
 def test_start_cluster(cluster):
     assert cluster.prom
 
