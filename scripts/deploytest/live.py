@@ -15,6 +15,9 @@ from pathlib import Path
 from helpers import PY, ROOT, free_ports, ok, run, wait_http
 
 GATEWAY_BIN = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release" / "gateway"
+# The HTTP API's key on the live nodes: the moderation API is refused without one, and a
+# production node has one.
+API_KEY = "deploytest-api-key-0123456789"
 # How long the traffic runs before the queries, in seconds.
 TRAFFIC_SECONDS = float(os.environ.get("TRAFFIC_SECONDS", "15"))
 
@@ -55,6 +58,7 @@ def start_cluster(work: Path, procs) -> Cluster:
                      # A connection limit, as deploy/kubernetes sets one: the dashboard's
                      # "connections against the limit" and its alerts need it.
                      "--max-connections", "5000",
+                     "--api-key", API_KEY,
                      "--presence-interval", "1s"],
                     logs / f"gateway-n{i + 1}.out", env=dict(os.environ, RUST_LOG="warn"))
     for a in admins:
@@ -90,7 +94,7 @@ class Traffic:
         for f in (self.ready, self.stopfile):
             f.unlink(missing_ok=True)
         self.proc = procs.start([PY, Path(__file__).with_name("traffic.py"), work, TRAFFIC_SECONDS,
-                                 *cluster.client_ports], self.log)
+                                 *cluster.client_ports], self.log, env=dict(os.environ, TRAFFIC_API_KEY=API_KEY))
         self.rc = None
         deadline = time.monotonic() + TRAFFIC_SECONDS + 60
         while time.monotonic() < deadline and not self.ready.exists():

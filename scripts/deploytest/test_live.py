@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from helpers import PY, ROOT, free_ports, out, run, wait_http
-from live import GATEWAY_BIN, Traffic, build_gateway, start_cluster
+from live import API_KEY, GATEWAY_BIN, Traffic, build_gateway, start_cluster
 
 
 @pytest.fixture(scope="session")
@@ -158,7 +158,8 @@ def test_haproxy_websockets(haproxy, traffic):
         await conns[0].send(json.dumps({"type": "publish", "data": {"via": "haproxy"}}))
         req = urllib.request.Request(f"http://127.0.0.1:{hp}/api/rooms/through-haproxy/messages",
                                      data=b'{"via":"haproxy-http"}', method="POST",
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json",
+                                          "Authorization": f"Bearer {API_KEY}"})
         with urllib.request.urlopen(req, timeout=5) as r:
             assert r.status == 202, r.status
 
@@ -183,7 +184,8 @@ def test_haproxy_log_has_no_query_string(haproxy):
     with connect(f"ws://127.0.0.1:{haproxy.port}/ws/log-check?role=viewer&name=log&token={secret}") as ws:
         assert json.loads(ws.recv(timeout=5))["type"] == "welcome"
     req = urllib.request.Request(f"http://127.0.0.1:{haproxy.port}/api/rooms/log-check/messages?token={secret}",
-                                 data=b'{"log":"check"}', method="POST", headers={"Content-Type": "application/json"})
+                                 data=b'{"log":"check"}', method="POST", headers={"Content-Type": "application/json",
+                                          "Authorization": f"Bearer {API_KEY}"})
     with urllib.request.urlopen(req, timeout=5) as r:
         assert r.status == 202, r.status
     # HAProxy logs a tunnel when it closes and a request when it ends; give it a moment.

@@ -15,6 +15,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 work, seconds, ports = sys.argv[1], float(sys.argv[2]), [int(p) for p in sys.argv[3:]]
 ROOMS = ["alpha", "beta", "gamma"]
+# The nodes' --api-key (live.py): every HTTP API call carries it.
+AUTH = {"Authorization": f"Bearer {os.environ['TRAFFIC_API_KEY']}"}
 received = {}          # member name -> messages from other nodes' hosts
 problems = []
 
@@ -51,7 +53,7 @@ def http_publish(port, room, i):
     body, ctype = (json.dumps({"http": i}).encode(), "application/json") if i % 2 else \
                   (f"announcement {i}".encode(), "text/plain")
     req = urllib.request.Request(f"http://127.0.0.1:{port}/api/rooms/{room}/messages",
-                                 data=body, method="POST", headers={"Content-Type": ctype})
+                                 data=body, method="POST", headers={"Content-Type": ctype, **AUTH})
     with urllib.request.urlopen(req, timeout=5) as r:
         if r.status != 202:
             problems.append(f"http publish: {r.status}")
@@ -96,7 +98,7 @@ async def misbehave(port, node, k):
 
 def http(method, port, path, body=None, headers=None):
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method=method,
-                                 headers=headers or {})
+                                 headers={**AUTH, **(headers or {})})
     with urllib.request.urlopen(req, timeout=5) as r:
         return r.status, json.loads(r.read() or b"null")
 
