@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Checks everything an operator applies — deploy/docker, deploy/compose, deploy/kubernetes,
 # deploy/prometheus and grafana/ — with the real tools, then against a live cluster on loopback.
-# The checks are the pytest suite in scripts/deploytest (test_static.py, test_live.py: one test
-# per check, a summary table at the end); this wrapper installs pytest (PyPI) when missing and
-# runs them. Arguments go to pytest:
+# The checks are the pytest suite in scripts/deploytest (test_static.py, test_kubernetes.py,
+# test_live.py: one test per check, a summary table at the end); this wrapper installs pytest
+# (PyPI) when missing and runs them. Arguments go to pytest:
 #
 #   scripts/check-deploy.sh                       # everything
 #   scripts/check-deploy.sh -k dashboard          # one check (its fixtures start what it needs)
@@ -22,4 +22,4 @@ if ! "$PY" -c 'import pytest, yaml' 2>/dev/null; then
   "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore pytest PyYAML
 fi
 cd "$ROOT/scripts/deploytest"
-exec "$PY" -m pytest test_static.py test_live.py "$@"
+exec "$PY" -m pytest test_static.py test_kubernetes.py test_live.py "$@"

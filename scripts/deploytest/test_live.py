@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 import yaml
 
-from helpers import PY, ROOT, free_ports, out, run, wait_http
+from helpers import ROOT, free_ports, run, wait_http
 from live import API_KEY, GATEWAY_BIN, Traffic, build_gateway, start_cluster
 
 

@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from helpers import PY, apt_install, compose_cmd, have, ok, out, pip_install, run
+from helpers import PY, apt_install, compose_cmd, have, ok, out, pip_install
 
 
 def ensure_deploy_tools(work: Path) -> dict:

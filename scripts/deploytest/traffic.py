@@ -9,7 +9,7 @@ Writes WORK/traffic.ready once SECONDS have passed, keeps its members connected 
 WORK/traffic.stop exists, then closes them; exits non-zero unless every viewer got messages from
 other nodes' hosts and nothing unexpected happened.
 """
-import asyncio, json, os, random, sys, time, urllib.request
+import asyncio, json, os, sys, time, urllib.request
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
