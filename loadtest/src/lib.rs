@@ -72,7 +72,7 @@ use crate::token::{Minter, Tokens};
 pub enum Outcome {
     /// Every rule held (or there were none).
     Pass,
-    /// A rule (ours or goose's `--threshold`) failed.
+    /// A rule (ours, a built-in one such as `joined>0`, or goose's `--threshold`) failed.
     Fail,
 }
 

@@ -1,8 +1,9 @@
 //! A goose user's life around its connection: `join` (on start) takes a seat and connects,
 //! `tick` (repeated) turns the connection's rows into goose rows and reconnects after an
 //! unexpected close, `leave` (on stop) closes. A connection tries the targets in turn from the
-//! next in the round robin, and backs off only when every one of them failed. Every transaction returns within about a second so
-//! goose can stop users between transactions.
+//! next in the round robin, and backs off only when every one of them failed. Every transaction
+//! but a connection attempt returns within about a second so goose can stop users between
+//! transactions.
 //!
 //! Goose rows (method `WS`): `connect` (TCP + upgrade; failures carry the cause and HTTP status),
 //! `join` (upgrade → welcome), `publish` (how far behind schedule each publish was written),
