@@ -109,7 +109,10 @@ pub mod hist_b64 {
     }
 }
 
-/// A latency histogram in microseconds, sharded for concurrent writers.
+/// A latency histogram in microseconds, sharded for concurrent writers. Each shard is sized to
+/// the largest value it holds (three digits, up to [`MAX_MICROS`]): at full range from the
+/// start, the 16 shards of each of the six recorders cost ~18 MiB of resident memory (their
+/// counts are written zero), whatever the run.
 pub struct Recorder {
     shards: Vec<Mutex<Histogram<u64>>>,
 }
@@ -117,18 +120,22 @@ pub struct Recorder {
 impl Default for Recorder {
     fn default() -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(new_histogram())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(Histogram::new(3).expect("three digits are valid")))
+                .collect(),
         }
     }
 }
 
 impl Recorder {
-    /// Records `micros` (at least 1) into the shard picked by `key`.
+    /// Records `micros` (at least 1, at most [`MAX_MICROS`]) into the shard picked by `key`.
+    /// Not hdrhistogram's `saturating_record`: that clamps to the current size instead of
+    /// growing the histogram.
     pub fn record(&self, key: usize, micros: u64) {
         let mut h = self.shards[key % SHARDS]
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        h.saturating_record(micros.clamp(1, MAX_MICROS));
+        let _ = h.record(micros.clamp(1, MAX_MICROS));
     }
 
     /// All shards merged.
@@ -484,6 +491,18 @@ mod tests {
         assert!(near(s.p99_9, 999_000), "{s:?}");
         assert!(near(s.max, 1_000_000), "{s:?}");
         assert!(near(s.mean, 500_500), "{s:?}");
+    }
+
+    #[test]
+    fn recorders_grow_with_what_they_hold() {
+        let r = Recorder::default();
+        r.record(0, 5_000);
+        let small = r.shards[0].lock().unwrap().distinct_values();
+        assert!(small < 20_000, "sized to 5 ms, not to an hour: {small}");
+        r.record(0, 2_000_000_000);
+        let h = r.merged();
+        assert_eq!(h.len(), 2);
+        assert!(h.max() >= 1_999_000_000, "grows when it must: {}", h.max());
     }
 
     #[test]
