@@ -366,7 +366,9 @@ pub async fn tick(user: &mut GooseUser, shared: &Arc<Shared>) -> TransactionResu
         }
         Stats::add(&shared.stats.reconnects, 1);
         let member = inner.member.clone();
-        match connect(user, shared, &member, &rows).await {
+        // Boxed: the connect future (TCP, TLS, upgrade, over every target) is several KiB, and
+        // inline it would make every idle member's tick that big for the whole run.
+        match Box::pin(connect(user, shared, &member, &rows)).await {
             Ok(conn) => {
                 inner.conn = Some(conn);
                 inner.failures = 0;
