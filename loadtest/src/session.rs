@@ -143,7 +143,9 @@ impl Session {
             let publish_at = self.next_publish_at();
             tokio::select! {
                 biased;
-                _ = cancel.cancelled() => break self.close(&mut ws).await,
+                // Boxed: the close handshake runs once, and inline its future would enlarge every
+                // connection's task for the whole run.
+                _ = cancel.cancelled() => break Box::pin(self.close(&mut ws)).await,
                 r = self.window_rx.changed(), if self.window.is_none() && !window_gone => {
                     match r {
                         Ok(()) => self.window = *self.window_rx.borrow_and_update(),
