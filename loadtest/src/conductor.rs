@@ -18,7 +18,7 @@ pub fn spawn_conductor(shared: Arc<Shared>, window: Window) {
         shared.schedule.first_attempts(),
         window.start.saturating_duration_since(Instant::now())
     );
-    let probe = probe::spawn(shared.stats.timer_lag.clone(), window.drain_end);
+    let probe = probe::spawn(shared.stats.clone(), window.drain_end);
     let api = match &shared.http {
         Some(c) => api::spawn_publishers(&shared, c.clone(), window),
         None => Vec::new(),

@@ -195,7 +195,20 @@ pub struct Options {
     )]
     pub api_key: Option<String>,
 
-    /// Mint members' tokens (HS256) with this secret, for gateways running `--auth jwt`.
+    /// Mint members' tokens (HS256) with the gateway's HMAC secrets, in the gateway's own form
+    /// and variable: `SECRET` or `KID=SECRET`, comma-separated. The first entry signs (its KID
+    /// goes in the token header unless --jwt-kid is given), so one GATEWAY_JWT_HMAC_SECRETS
+    /// serves the gateway and the load tester.
+    #[arg(
+        long = "jwt-hmac-secrets",
+        env = "GATEWAY_JWT_HMAC_SECRETS",
+        value_name = "[KID=]SECRET,...",
+        hide_env_values = true
+    )]
+    pub jwt_hmac_secrets: Option<String>,
+
+    /// One HMAC secret, taken whole (no KID= form). Deprecated: use --jwt-hmac-secrets /
+    /// GATEWAY_JWT_HMAC_SECRETS; LOADTEST_JWT_HMAC_SECRET is still read.
     #[arg(
         long,
         env = "LOADTEST_JWT_HMAC_SECRET",
@@ -299,6 +312,15 @@ pub fn parse_start_at(s: &str) -> Result<u64, String> {
         .as_micros() as u64)
 }
 
+/// `KID=SECRET` or `SECRET`, split exactly as the gateway splits its `--jwt-hmac-secret` entries
+/// (a KID is non-empty and holds no `/` or space), so that both read one variable alike.
+pub fn split_kid(s: &str) -> (Option<&str>, &str) {
+    match s.split_once('=') {
+        Some((kid, v)) if !kid.is_empty() && !kid.contains(['/', ' ']) => (Some(kid), v),
+        _ => (None, s),
+    }
+}
+
 /// Where a member's token goes on the upgrade request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum TokenIn {
@@ -349,6 +371,38 @@ impl Options {
         }
     }
 
+    /// The HMAC secret that signs members' tokens and the `kid` it names, if any: the first entry
+    /// of `--jwt-hmac-secrets` (split into KID and SECRET as the gateway splits it), else the
+    /// deprecated `--jwt-hmac-secret`. Both may be given only if they agree.
+    pub fn hmac_signing_key(&self) -> Result<Option<(String, Option<String>)>, String> {
+        let listed = match &self.jwt_hmac_secrets {
+            None => None,
+            Some(list) => {
+                let first = list
+                    .split(',')
+                    .map(str::trim)
+                    .find(|e| !e.is_empty())
+                    .ok_or("--jwt-hmac-secrets (GATEWAY_JWT_HMAC_SECRETS) is empty")?;
+                let (kid, secret) = split_kid(first);
+                if secret.is_empty() {
+                    return Err(format!(
+                        "--jwt-hmac-secrets (GATEWAY_JWT_HMAC_SECRETS): the first entry reads as KID `{}` with an empty secret; a secret containing `=` (base64) needs an explicit KID: KID=SECRET",
+                        kid.unwrap_or_default()
+                    ));
+                }
+                Some((secret.to_string(), kid.map(str::to_string)))
+            }
+        };
+        match (listed, &self.jwt_hmac_secret) {
+            (Some(l), Some(old)) if &l.0 != old => Err(
+                "--jwt-hmac-secrets (GATEWAY_JWT_HMAC_SECRETS) and the deprecated --jwt-hmac-secret (LOADTEST_JWT_HMAC_SECRET) name different secrets: keep GATEWAY_JWT_HMAC_SECRETS".into(),
+            ),
+            (Some(l), _) => Ok(Some(l)),
+            (None, Some(old)) => Ok(Some((old.clone(), None))),
+            (None, None) => Ok(None),
+        }
+    }
+
     /// Checks what clap cannot.
     pub fn validate(&self) -> Result<(), String> {
         let shard = self.resolved_shard()?;
@@ -361,12 +415,12 @@ impl Options {
         if shard.is_split() && self.start_at.is_none() {
             return Err("--shard: give every generator the same --start-at, so that their measured windows line up".into());
         }
-        if self.jwt_hmac_secret.is_some() as u8
-            + self.jwt_private_key.is_some() as u8
-            + self.token_file.is_some() as u8
-            > 1
-        {
-            return Err("--jwt-hmac-secret, --jwt-private-key and --token-file: choose one".into());
+        let hmac = self.hmac_signing_key()?.is_some();
+        if hmac as u8 + self.jwt_private_key.is_some() as u8 + self.token_file.is_some() as u8 > 1 {
+            return Err(
+                "--jwt-hmac-secrets (or --jwt-hmac-secret), --jwt-private-key and --token-file: choose one"
+                    .into(),
+            );
         }
         if !self.api_publish_rate.is_finite() || !(0.0..=1000.0).contains(&self.api_publish_rate) {
             return Err("--api-publish-rate: 0 to 1000 messages per second per room".into());
@@ -457,6 +511,44 @@ mod tests {
         assert!(o.validate().is_ok());
         let o = opts(&["--jwt-hmac-secret", "a", "--token-file", "/t"]);
         assert!(o.validate().is_err());
+    }
+
+    #[test]
+    fn the_gateway_secret_variable_signs() {
+        let key = |args: &[&str]| opts(args).hmac_signing_key();
+        assert_eq!(
+            key(&["--jwt-hmac-secrets", "k2=0123456789abcdef0123,k1=old"]),
+            Ok(Some(("0123456789abcdef0123".into(), Some("k2".into())))),
+            "the first entry signs, with its kid"
+        );
+        assert_eq!(
+            key(&["--jwt-hmac-secrets", " 0123456789abcdef "]),
+            Ok(Some(("0123456789abcdef".into(), None)))
+        );
+        assert_eq!(
+            key(&["--jwt-hmac-secret", "a=b"]),
+            Ok(Some(("a=b".into(), None))),
+            "the deprecated flag takes the secret whole, as before"
+        );
+        assert_eq!(
+            key(&["--jwt-hmac-secrets", "s", "--jwt-hmac-secret", "s"]),
+            Ok(Some(("s".into(), None)))
+        );
+        assert!(key(&["--jwt-hmac-secrets", "a", "--jwt-hmac-secret", "b"])
+            .unwrap_err()
+            .contains("different secrets"));
+        assert!(key(&["--jwt-hmac-secrets", "abc="])
+            .unwrap_err()
+            .contains("explicit KID"));
+        assert!(key(&["--jwt-hmac-secrets", " , "]).is_err());
+        assert_eq!(key(&[]), Ok(None));
+        assert_eq!(
+            split_kid("a/b=c"),
+            (None, "a/b=c"),
+            "as the gateway reads it"
+        );
+        let o = opts(&["--jwt-hmac-secrets", "k=s", "--token-file", "/t"]);
+        assert!(o.validate().unwrap_err().contains("choose one"));
     }
 
     #[test]

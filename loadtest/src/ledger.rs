@@ -4,8 +4,20 @@
 //!
 //! Publishers number their messages 0, 1, 2, … across reconnects (a message that failed to send
 //! is sent again with the same number), so any hole is a message the gateway did not deliver.
+//!
+//! Memory is O(publishers heard), never O(deliveries): a publisher costs its next number, and
+//! after its first hole a ring of [`REORDER_WINDOW`] bits (128 bytes) marking the numbers still
+//! missing among the last [`REORDER_WINDOW`]. A hole that falls out of the ring stays counted as
+//! open; if its message still comes, it is [`Arrival::Stale`] (a reorder that late cannot be
+//! told from a duplicate, and for a live room it is a loss).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
+
+/// How many numbers behind a publisher's newest a missing one is still tracked.
+pub const REORDER_WINDOW: u64 = 1024;
+
+/// `REORDER_WINDOW` bits.
+const RING_WORDS: usize = (REORDER_WINDOW / 64) as usize;
 
 /// What one arrival was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +30,9 @@ pub enum Arrival {
     Reordered,
     /// A number that had already arrived.
     Duplicate,
+    /// A number more than [`REORDER_WINDOW`] behind the newest: no longer tracked, so neither
+    /// delivered nor a duplicate.
+    Stale,
 }
 
 /// One publisher as seen by one receiver.
@@ -25,8 +40,69 @@ pub enum Arrival {
 struct Track {
     /// One past the highest number seen.
     next: u64,
-    /// Numbers below `next` that have not arrived. Bounded by what the publisher sent.
-    missing: BTreeSet<u64>,
+    /// Bit `n % REORDER_WINDOW` set: number `n` in `[next - REORDER_WINDOW, next)` is missing.
+    /// `None` until the first hole: an in-order stream costs no ring.
+    missing: Option<Box<[u64; RING_WORDS]>>,
+    /// Bits set in `missing`.
+    holes: u64,
+}
+
+impl Track {
+    fn bit(n: u64) -> (usize, u64) {
+        let i = n % REORDER_WINDOW;
+        ((i / 64) as usize, 1u64 << (i % 64))
+    }
+
+    /// Clears `n`'s bit; returns whether it was set.
+    fn take(&mut self, n: u64) -> bool {
+        let Some(ring) = self.missing.as_mut() else {
+            return false;
+        };
+        let (w, b) = Self::bit(n);
+        let was = ring[w] & b != 0;
+        ring[w] &= !b;
+        if was {
+            self.holes -= 1;
+        }
+        was
+    }
+
+    fn mark(&mut self, n: u64) {
+        let ring = self
+            .missing
+            .get_or_insert_with(|| Box::new([0; RING_WORDS]));
+        let (w, b) = Self::bit(n);
+        ring[w] |= b;
+        self.holes += 1;
+    }
+
+    /// `seq >= next` arrived: the numbers in between become missing, and the ones that leave
+    /// the window with their bit still set become expired holes (returned).
+    fn advance(&mut self, seq: u64) -> u64 {
+        let to = seq + 1;
+        let mut expired = 0;
+        let mut from = self.next;
+        if to - from > REORDER_WINDOW {
+            // The whole ring leaves the window; numbers too far behind `seq` are missing and
+            // expired at once.
+            expired += self.holes;
+            self.holes = 0;
+            self.missing = self.missing.take().map(|_| Box::new([0; RING_WORDS]));
+            expired += to - REORDER_WINDOW - from;
+            from = to - REORDER_WINDOW;
+        }
+        for n in from..to {
+            // `n` takes the place of `n - REORDER_WINDOW`, which leaves the window.
+            if self.take(n) {
+                expired += 1;
+            }
+            if n != seq {
+                self.mark(n);
+            }
+        }
+        self.next = to;
+        expired
+    }
 }
 
 /// A receiver's counts over all its publishers.
@@ -40,6 +116,8 @@ pub struct Counts {
     pub reordered: u64,
     /// Times a hole opened (a number skipped ahead).
     pub gaps: u64,
+    /// Messages that arrived more than [`REORDER_WINDOW`] numbers late (see [`Arrival::Stale`]).
+    pub stale: u64,
 }
 
 /// Sequence tracking for one receiving member.
@@ -48,6 +126,8 @@ pub struct Ledger {
     /// By publisher id.
     tracks: HashMap<u32, Track>,
     counts: Counts,
+    /// Holes that fell out of their publisher's window unfilled.
+    expired_holes: u64,
     /// Whether the receiver was a member before the first message of the window: then every
     /// publisher's first number is 0 and a later first arrival is a gap. A member that joined
     /// later starts each publisher at whatever it first hears.
@@ -68,17 +148,18 @@ impl Ledger {
         let from_zero = self.from_zero;
         let track = self.tracks.entry(publisher).or_insert_with(|| Track {
             next: if from_zero { 0 } else { seq },
-            missing: BTreeSet::new(),
+            ..Track::default()
         });
         let arrival = if seq == track.next {
-            track.next += 1;
+            self.expired_holes += track.advance(seq);
             Arrival::InOrder
         } else if seq > track.next {
             let skipped = seq - track.next;
-            track.missing.extend(track.next..seq);
-            track.next = seq + 1;
+            self.expired_holes += track.advance(seq);
             Arrival::Gap(skipped)
-        } else if track.missing.remove(&seq) {
+        } else if seq + REORDER_WINDOW < track.next {
+            Arrival::Stale
+        } else if track.take(seq) {
             Arrival::Reordered
         } else {
             Arrival::Duplicate
@@ -94,6 +175,7 @@ impl Ledger {
                 self.counts.reordered += 1;
             }
             Arrival::Duplicate => self.counts.duplicates += 1,
+            Arrival::Stale => self.counts.stale += 1,
         }
         arrival
     }
@@ -103,10 +185,11 @@ impl Ledger {
         self.counts
     }
 
-    /// Numbers still missing inside the ranges seen (holes that never filled). Messages lost at
-    /// the end of a publisher's run leave no hole; the room totals catch those.
+    /// Numbers still missing inside the ranges seen (holes that never filled, including those
+    /// that fell out of the window). Messages lost at the end of a publisher's run leave no
+    /// hole; the room totals catch those.
     pub fn open_holes(&self) -> u64 {
-        self.tracks.values().map(|t| t.missing.len() as u64).sum()
+        self.expired_holes + self.tracks.values().map(|t| t.holes).sum::<u64>()
     }
 
     /// Publishers heard from.
@@ -178,6 +261,50 @@ mod tests {
         let mut l = Ledger::new(true);
         assert_eq!(l.record(1, 2), Arrival::Gap(2));
         assert_eq!(l.open_holes(), 2);
+    }
+
+    #[test]
+    fn holes_are_tracked_within_the_window_and_expire_beyond_it() {
+        let mut l = Ledger::new(true);
+        assert_eq!(l.record(1, 0), Arrival::InOrder);
+        // 1 and 2 missing.
+        assert_eq!(l.record(1, 3), Arrival::Gap(2));
+        // Up to 1 + REORDER_WINDOW: 1 leaves the window (an open hole still), 2 stays in it.
+        for s in 4..(2 + REORDER_WINDOW) {
+            assert_eq!(l.record(1, s), Arrival::InOrder);
+        }
+        assert_eq!(l.open_holes(), 2);
+        assert_eq!(
+            l.record(1, 2),
+            Arrival::Reordered,
+            "2 is still in the window"
+        );
+        assert_eq!(l.record(1, 2 + REORDER_WINDOW), Arrival::InOrder);
+        assert_eq!(l.open_holes(), 1);
+        assert_eq!(l.record(1, 1), Arrival::Stale);
+        assert_eq!(l.record(1, 0), Arrival::Stale);
+        let c = l.counts();
+        assert_eq!(
+            (c.unique, c.reordered, c.stale, c.duplicates),
+            (REORDER_WINDOW + 2, 1, 2, 0)
+        );
+    }
+
+    #[test]
+    fn a_jump_beyond_the_window_counts_every_skipped_number() {
+        let mut l = Ledger::new(true);
+        l.record(1, 0);
+        l.record(1, 2); // hole 1
+        assert_eq!(
+            l.record(1, 10 * REORDER_WINDOW),
+            Arrival::Gap(10 * REORDER_WINDOW - 3)
+        );
+        assert_eq!(l.open_holes(), 10 * REORDER_WINDOW - 2);
+        assert_eq!(l.record(1, 10 * REORDER_WINDOW - 1), Arrival::Reordered);
+        assert_eq!(l.record(1, 9 * REORDER_WINDOW + 1), Arrival::Reordered);
+        assert_eq!(l.record(1, 9 * REORDER_WINDOW), Arrival::Stale);
+        assert_eq!(l.open_holes(), 10 * REORDER_WINDOW - 4);
+        assert_eq!(l.counts().gaps, 2);
     }
 
     #[test]

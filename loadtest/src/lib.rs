@@ -15,20 +15,24 @@
 //! - [`personas`] — host and viewer as goose scenarios; [`user`] — a goose user's life
 //!   (join, tick, leave) and reconnect policy.
 //! - [`shared`] — what every user of the process shares; [`conductor`] — the window's timers.
-//! - [`session`] — one connection's task and the member's books (ledger, resume position,
-//!   unacknowledged publishes); [`api`] — the HTTP API publishers.
+//! - [`member`] — a goose user's identity across connections (seat, schedule, sequence
+//!   numbers); [`book`] — its books (ledgers, resume position, unacknowledged publishes);
+//!   [`session`] — one connection's task, which feeds them; [`api`] — the HTTP API publishers.
 //! - [`ws`] — the client side of the wire contract: connect, frames, events.
 //! - [`ledger`] — gap, duplicate and reorder detection per publisher.
 //! - [`stats`] — histograms, counters and the per-second timeline; [`probe`] — the generator
 //!   watching itself; [`live`] — the live line.
-//! - [`summary`] — the JSON summary (versioned), its merge and printout; [`report`] — the HTML
-//!   report with charts.
+//! - [`summary`] — the JSON summary (versioned) and the figures derived from it; its
+//!   `summary/merge.rs` adds shards' summaries up, `summary/text.rs` prints the end-of-run block;
+//!   [`report`] — the HTML report with charts.
 
 pub mod api;
+pub mod book;
 pub mod conductor;
 pub mod config;
 pub mod ledger;
 pub mod live;
+pub mod member;
 pub mod personas;
 pub mod plan;
 pub mod probe;
@@ -51,7 +55,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use goose::config::GooseConfiguration;
 use goose::prelude::*;
 
@@ -68,9 +72,23 @@ use crate::token::{Minter, Tokens};
 pub enum Outcome {
     /// Every rule held (or there were none).
     Pass,
-    /// A rule (ours or goose's `--threshold`) failed.
+    /// A rule (ours, a built-in one such as `joined>0`, or goose's `--threshold`) failed.
     Fail,
 }
+
+/// A command line the load tester refuses: an invalid option or combination of options that
+/// clap cannot see. `main.rs` exits 2 on it, as it does on clap's own errors (3 is for a run
+/// that could not start).
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
 
 /// Stops the run if users stop making first attempts (goose starting users too slowly, or fewer
 /// users than members), so that a run always ends by itself.
@@ -111,30 +129,37 @@ fn tokens(opts: &Options) -> anyhow::Result<Tokens> {
             opts.jwt_issuer.clone(),
         )
     };
-    Ok(if let Some(secret) = &opts.jwt_hmac_secret {
-        Tokens::Mint(Box::new(with(Minter::hmac(
-            secret.as_bytes(),
-            opts.jwt_kid.clone(),
-        ))))
-    } else if let Some(path) = &opts.jwt_private_key {
-        let pem =
-            std::fs::read(path).with_context(|| format!("--jwt-private-key {}", path.display()))?;
-        Tokens::Mint(Box::new(with(
-            Minter::private_key(&pem, opts.jwt_kid.clone()).map_err(anyhow::Error::msg)?,
-        )))
-    } else if let Some(path) = &opts.token_file {
-        Tokens::from_file(path).map_err(anyhow::Error::msg)?
-    } else {
-        Tokens::None
-    })
+    Ok(
+        if let Some((secret, kid)) = opts.hmac_signing_key().map_err(UsageError)? {
+            Tokens::Mint(Box::new(with(Minter::hmac(
+                secret.as_bytes(),
+                opts.jwt_kid.clone().or(kid),
+            ))))
+        } else if let Some(path) = &opts.jwt_private_key {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("--jwt-private-key {}", path.display()))?;
+            Tokens::Mint(Box::new(with(
+                Minter::private_key(&pem, opts.jwt_kid.clone()).map_err(anyhow::Error::msg)?,
+            )))
+        } else if let Some(path) = &opts.token_file {
+            Tokens::from_file(path).map_err(anyhow::Error::msg)?
+        } else {
+            Tokens::None
+        },
+    )
 }
 
 /// Runs a load test: goose with our scenarios, then our summary, reports and rules.
 pub async fn run(mut goose_config: GooseConfiguration, opts: Options) -> anyhow::Result<Outcome> {
-    opts.validate().map_err(anyhow::Error::msg)?;
-    let shard = opts.resolved_shard().map_err(anyhow::Error::msg)?;
+    opts.validate().map_err(UsageError)?;
+    let shard = opts.resolved_shard().map_err(UsageError)?;
     if goose_config.iterations.is_some() {
-        bail!("--iterations does not apply: the run's phases end it");
+        return Err(
+            UsageError("--iterations does not apply: the run's phases end it".into()).into(),
+        );
+    }
+    if std::env::var_os("LOADTEST_JWT_HMAC_SECRET").is_some() {
+        eprintln!("loadtest: LOADTEST_JWT_HMAC_SECRET is deprecated: set GATEWAY_JWT_HMAC_SECRETS, the gateway's variable (same secrets, KID=SECRET,…)");
     }
     if goose_config.increase_rate.is_none() && goose_config.increase_time.is_none() {
         goose_config.increase_rate = Some("500".into());
@@ -157,11 +182,17 @@ pub async fn run(mut goose_config: GooseConfiguration, opts: Options) -> anyhow:
     if raw_targets.is_empty() {
         match &goose_config.host {
             Some(h) => raw_targets.push(h.clone()),
-            None => bail!("give --target ws://HOST:PORT or wss://HOST:PORT (or goose's --host)"),
+            None => {
+                return Err(UsageError(
+                    "give --target ws://HOST:PORT or wss://HOST:PORT (or goose's --host)".into(),
+                )
+                .into())
+            }
         }
     }
     let mut targets = Vec::new();
     for t in &raw_targets {
+        target::parse(t).map_err(UsageError)?;
         targets.push(target::resolve(t, &opts.resolve).map_err(anyhow::Error::msg)?);
     }
     if goose_config.host.is_none() {
@@ -169,7 +200,9 @@ pub async fn run(mut goose_config: GooseConfiguration, opts: Options) -> anyhow:
     }
     let binds: Vec<Ipv4Addr> = opts.bind.iter().flat_map(|r| r.addrs()).collect();
     if !binds.is_empty() && targets.iter().any(|t| t.addr.is_ipv6()) {
-        bail!("--bind takes IPv4 addresses; IPv6 targets cannot use them");
+        return Err(
+            UsageError("--bind takes IPv4 addresses; IPv6 targets cannot use them".into()).into(),
+        );
     }
     let tls = tls::client_config(&opts.ca_files, opts.insecure).map_err(anyhow::Error::msg)?;
     if opts.insecure {
@@ -189,13 +222,19 @@ pub async fn run(mut goose_config: GooseConfiguration, opts: Options) -> anyhow:
     let (hosts, viewers) = (plan.host_count(), plan.viewer_count());
     let population = hosts + viewers;
     if population == 0 {
-        bail!("shard {shard} has no member: fewer members than shards");
+        return Err(UsageError(format!(
+            "shard {shard} has no member: fewer members than shards"
+        ))
+        .into());
     }
     match goose_config.users {
         None => goose_config.users = Some(population),
         Some(u) if u == population => {}
         Some(u) => {
-            bail!("--users {u} does not match the rooms ({population} members); leave --users out")
+            return Err(UsageError(format!(
+                "--users {u} does not match the rooms ({population} members); leave --users out"
+            ))
+            .into())
         }
     }
     let mut shared = Shared {
@@ -213,6 +252,7 @@ pub async fn run(mut goose_config: GooseConfiguration, opts: Options) -> anyhow:
         filler: "x".repeat(opts.message_size),
         deliver_row: format!("deliver 1/{}", opts.deliver_sample),
         usage: Mutex::new(None),
+        start_rss_mib: probe::rss_mib(),
         opts,
     };
     if shared.opts.api_publish_rate > 0.0 {
@@ -443,6 +483,7 @@ pub fn collect(shared: &Shared) -> Summary {
             reordered: Stats::get(&s.reordered),
             gaps: Stats::get(&s.gaps),
             open_holes: Stats::get(&s.open_holes),
+            stale: Stats::get(&s.stale),
             late_member_deliveries: Stats::get(&s.delivered_late_members),
             after_drain: Stats::get(&s.after_drain),
             before_welcome: Stats::get(&s.before_welcome),
@@ -463,6 +504,11 @@ pub fn collect(shared: &Shared) -> Summary {
         },
         generator: summary::Generator {
             cpu_percent: usage.map(|u| (u.cpu_percent * 10.0).round() / 10.0),
+            cpu_s: usage.map(|u| u.cpu_seconds),
+            received: usage.map(|u| u.received).unwrap_or(0),
+            rss_growth_mib: probe::peak_rss_mib()
+                .zip(shared.start_rss_mib)
+                .map(|(peak, start)| (peak - start).max(0.0)),
             cores,
             peak_rss_mib: probe::peak_rss_mib().map(|m| m.round()),
             load_average: probe::load_average(),

@@ -72,13 +72,10 @@ fn lost_so_far(shared: &Shared, now_s: u64) -> u64 {
             .map(|(_, n)| n * members)
             .sum::<u64>();
     }
-    let delivered: u64 = shared
+    let delivered = shared
         .stats
         .timeline
-        .merged()
-        .range(..now_s.saturating_sub(IN_FLIGHT))
-        .map(|(_, s)| s.delivered)
-        .sum();
+        .delivered_before(now_s.saturating_sub(IN_FLIGHT));
     expected.saturating_sub(delivered)
 }
 

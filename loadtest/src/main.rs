@@ -1,7 +1,9 @@
 //! The `loadtest` binary: goose's options and ours on one command line, then [`loadtest::run`];
 //! or `loadtest merge SUMMARY…` to add several generators' summaries into one
 //! ([`loadtest::merge`]).
-//! Exit status: 0 every rule held, 1 a rule failed, 2 bad command line, 3 the run could not start.
+//! Exit status: 0 every rule held, 1 a rule failed (or no member ever joined), 2 a bad command
+//! line (clap's errors and [`loadtest::UsageError`]: invalid options or combinations), 3 the run
+//! could not start.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,7 +12,7 @@ use clap::Parser;
 use goose::config::GooseConfiguration;
 use loadtest::config::Options;
 use loadtest::rules::Rule;
-use loadtest::Outcome;
+use loadtest::{Outcome, UsageError};
 
 /// Simulates live rooms against gateway nodes: hosts publish on an open-loop schedule, viewers
 /// receive and chat; measures connect results, loss, order and end-to-end latency. The run stops
@@ -51,7 +53,11 @@ fn exit(r: anyhow::Result<Outcome>) -> ExitCode {
         Ok(Outcome::Fail) => ExitCode::from(1),
         Err(e) => {
             eprintln!("loadtest: {e:#}");
-            ExitCode::from(3)
+            if e.downcast_ref::<UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(3)
+            }
         }
     }
 }

@@ -202,10 +202,15 @@ impl Plan {
 
     /// Target and source address for the next connection (round robin).
     pub fn route(&self) -> (&Target, Option<Ipv4Addr>) {
+        let (i, bind) = self.route_index();
+        (&self.targets[i], bind)
+    }
+
+    /// [`Plan::route`] with the target's index, so that a caller can move on to the next target.
+    pub fn route_index(&self) -> (usize, Option<Ipv4Addr>) {
         let n = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let target = &self.targets[n % self.targets.len()];
         let bind = (!self.binds.is_empty()).then(|| self.binds[n % self.binds.len()]);
-        (target, bind)
+        (n % self.targets.len(), bind)
     }
 }
 

@@ -1,13 +1,17 @@
 //! The generator watching itself, so that a slow generator is never mistaken for a slow gateway:
 //! a 10 ms timer whose oversleep is the runtime's scheduling delay, and the process's CPU time
-//! and peak memory from `/proc/self`, and the machine's load average from `/proc/loadavg`.
+//! and peak memory from `/proc/self`, and the machine's load average from `/proc/loadavg`. Its
+//! CPU time over the window and drain, divided by the messages it received meanwhile, is its
+//! cost per message; its resident memory's growth over the run, divided by the members it
+//! simulates, its cost per member.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 
-use crate::stats::Recorder;
+use crate::stats::Stats;
 
 const PERIOD: Duration = Duration::from_millis(10);
 
@@ -16,6 +20,10 @@ const PERIOD: Duration = Duration::from_millis(10);
 pub struct Usage {
     /// CPU seconds / wall seconds × 100 (200 = two cores busy).
     pub cpu_percent: f64,
+    /// CPU seconds used.
+    pub cpu_seconds: f64,
+    /// Our messages received meanwhile (every member, duplicates too).
+    pub received: u64,
 }
 
 /// Where the probe leaves its result; a std `Mutex` written once.
@@ -32,12 +40,22 @@ pub fn cpu_seconds() -> Option<f64> {
     Some((utime + stime) / 100.0)
 }
 
-/// Peak resident memory of this process in MiB (`VmHWM`).
-pub fn peak_rss_mib() -> Option<f64> {
+/// A `kB` line of `/proc/self/status`, in MiB.
+fn status_mib(field: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
+}
+
+/// Peak resident memory of this process in MiB (`VmHWM`).
+pub fn peak_rss_mib() -> Option<f64> {
+    status_mib("VmHWM:")
+}
+
+/// Resident memory of this process now, in MiB (`VmRSS`).
+pub fn rss_mib() -> Option<f64> {
+    status_mib("VmRSS:")
 }
 
 /// The machine's 1-minute load average (`/proc/loadavg`).
@@ -50,10 +68,12 @@ pub fn load_average() -> Option<f64> {
         .ok()
 }
 
-/// Runs the timer probe from now until `until`, recording its oversleep into `lag`; yields the
-/// CPU usage over that time.
-pub fn spawn(lag: Arc<Recorder>, until: Instant) -> JoinHandle<Option<Usage>> {
+/// Runs the timer probe from now until `until`, recording its oversleep into the timer lag of
+/// `stats`; yields the CPU usage and the messages received over that time.
+pub fn spawn(stats: Arc<Stats>, until: Instant) -> JoinHandle<Option<Usage>> {
     tokio::spawn(async move {
+        let lag = stats.timer_lag.clone();
+        let received0 = stats.received_total.load(Ordering::Relaxed);
         let cpu0 = cpu_seconds();
         let t0 = Instant::now();
         while Instant::now() < until {
@@ -65,10 +85,13 @@ pub fn spawn(lag: Arc<Recorder>, until: Instant) -> JoinHandle<Option<Usage>> {
                 log::debug!("generator stalled {over:?}");
             }
         }
+        let received = stats.received_total.load(Ordering::Relaxed) - received0;
         let (a, b) = (cpu0?, cpu_seconds()?);
         let wall = t0.elapsed().as_secs_f64().max(1e-3);
         Some(Usage {
             cpu_percent: (b - a) / wall * 100.0,
+            cpu_seconds: b - a,
+            received,
         })
     })
 }
@@ -82,16 +105,23 @@ mod tests {
         let cpu = cpu_seconds().expect("linux /proc");
         assert!(cpu >= 0.0);
         assert!(peak_rss_mib().expect("linux /proc") > 0.0);
+        assert!(rss_mib().expect("linux /proc") <= peak_rss_mib().unwrap());
         assert!(load_average().expect("linux /proc") >= 0.0);
     }
 
     #[tokio::test]
     async fn the_timer_probe_records_and_reports() {
-        let lag = Arc::new(Recorder::default());
-        let usage = spawn(lag.clone(), Instant::now() + Duration::from_millis(100))
-            .await
-            .unwrap();
-        assert!(usage.is_some());
-        assert!(lag.merged().len() >= 3, "about ten 10 ms rounds");
+        let stats = Arc::new(Stats::default());
+        let probe = spawn(stats.clone(), Instant::now() + Duration::from_millis(100));
+        // Once the probe has taken its starting count.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        stats.received_total.fetch_add(7, Ordering::Relaxed);
+        let usage = probe.await.unwrap().expect("linux /proc");
+        assert_eq!(usage.received, 7);
+        assert!(usage.cpu_seconds >= 0.0);
+        assert!(
+            stats.timer_lag.merged().len() >= 3,
+            "about ten 10 ms rounds"
+        );
     }
 }

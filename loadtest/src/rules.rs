@@ -213,6 +213,8 @@ pub struct Observations {
     pub connect_errors: u64,
     /// Connection attempts.
     pub connect_attempts: u64,
+    /// Attempts that got their welcome.
+    pub joined: u64,
     /// Unexpected closes.
     pub closes: u64,
     /// Publish errors.
@@ -243,6 +245,7 @@ impl Default for Observations {
             delivered: 0,
             connect_errors: 0,
             connect_attempts: 0,
+            joined: 0,
             closes: 0,
             publish_errors: 0,
             published: 0,
@@ -357,8 +360,26 @@ impl Rule {
 
 /// Judges `rules`, plus the rules every judged run must meet: it ran to its end, and it
 /// expected something. Returns the verdicts and whether all held (true without rules).
+///
+/// Built in: a run in which no member ever joined fails, rules or not (it measured nothing, and
+/// an exit status of 0 would hide a wrong target or an untrusted certificate). With rules, the
+/// run must also have completed, expected something, and the generator must have kept up (a
+/// saturated generator measures itself, not the gateway).
 pub fn judge_all(rules: &[Rule], o: &Observations) -> (Vec<Verdict>, bool) {
     let mut verdicts: Vec<Verdict> = rules.iter().map(|r| r.judge(o)).collect();
+    if !rules.is_empty() || o.joined == 0 {
+        verdicts.push(Verdict {
+            rule: "joined>0".into(),
+            observed: Some(o.joined as f64),
+            pass: o.joined > 0,
+            note: (o.joined == 0).then(|| {
+                format!(
+                    "no member ever joined ({} attempts failed; see connections.errors_by_cause): nothing was measured",
+                    o.connect_attempts
+                )
+            }),
+        });
+    }
     if !rules.is_empty() {
         verdicts.push(Verdict {
             rule: "complete".into(),
@@ -374,6 +395,14 @@ pub fn judge_all(rules: &[Rule], o: &Observations) -> (Vec<Verdict>, bool) {
             pass: o.expected > 0,
             note: (o.expected == 0)
                 .then(|| "nothing was published to a member: nothing was measured".to_string()),
+        });
+        verdicts.push(Verdict {
+            rule: "generator-kept-up".into(),
+            observed: None,
+            pass: !o.bottleneck,
+            note: o.bottleneck.then(|| {
+                "the generator was the bottleneck (see generator.reasons): its figures are not the gateway's".to_string()
+            }),
         });
     }
     if o.bottleneck {
@@ -469,6 +498,7 @@ mod tests {
             delivered: 998,
             connect_errors: 1,
             connect_attempts: 100,
+            joined: 99,
             published: 100,
             latency: h,
             complete: true,
@@ -519,6 +549,37 @@ mod tests {
         );
         let (v, pass) = judge_all(&[], &sample());
         assert!(pass && v.is_empty(), "no rules, no verdicts");
+    }
+
+    #[test]
+    fn a_run_where_nobody_joined_fails_even_without_rules() {
+        let mut s = sample();
+        s.joined = 0;
+        let (v, pass) = judge_all(&[], &s);
+        assert!(!pass, "{v:?}");
+        assert_eq!(v.len(), 1);
+        let line = verdict_line(&v[0]);
+        assert!(line.starts_with("FAIL joined>0"), "{line}");
+        assert!(
+            line.contains("no member ever joined (100 attempts failed"),
+            "{line}"
+        );
+        let (_, pass) = judge_all(&["lost<=1000".parse().unwrap()], &s);
+        assert!(!pass, "rules or not");
+    }
+
+    #[test]
+    fn a_saturated_generator_fails_a_judged_run() {
+        let rules: Vec<Rule> = vec!["lost<=2".parse().unwrap()];
+        let mut s = sample();
+        s.bottleneck = true;
+        let (v, pass) = judge_all(&rules, &s);
+        assert!(!pass, "{v:?}");
+        let kept_up = v.iter().find(|v| v.rule == "generator-kept-up").unwrap();
+        assert!(verdict_line(kept_up)
+            .starts_with("FAIL generator-kept-up — the generator was the bottleneck"));
+        s.bottleneck = false;
+        assert!(judge_all(&rules, &s).1);
     }
 
     #[test]

@@ -1,16 +1,14 @@
 //! One connection's life, in one task: read every frame (welcome, messages, acks, errors, close),
-//! publish on the member's open-loop schedule, and keep the member's books. The goose user that
-//! owns it (`user.rs`) only starts it, reads its rows, and stops it; goose cannot wait inside a
-//! transaction for a socket that lives for the whole run.
+//! publish on the member's open-loop schedule, and feed the member's books
+//! ([`Book`](crate::book::Book)). The goose user that owns it (`user.rs`) only starts it, reads
+//! its rows, and stops it; goose cannot wait inside a transaction for a socket that lives for
+//! the whole run.
 //!
-//! The books belong to the member, not the connection, so that a member's deliveries count
-//! across reconnects (`lost` is what it never received by any path), and so that it can resume:
-//! it remembers the last room position it saw (`epoch`/`offset` from the welcome and each
-//! message) for `since=`, and its publishes not yet acknowledged, to send them again (same
-//! idempotency key) after a reconnect. Against a gateway without offsets, none of that engages.
+//! The books belong to the [`Member`], not the connection: this task only reads and updates
+//! them, so deliveries count across reconnects and a reconnect can resume where the last
+//! connection left off.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,231 +22,14 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::ledger::{Arrival, Ledger};
-use crate::plan::{unix_micros, Cadence, Slot, Window};
+use crate::member::Member;
+use crate::plan::{unix_micros, Window};
 use crate::shared::Shared;
 use crate::stats::Stats;
 use crate::ws::{self, Event, Position, Stamp, Ws};
 
 /// How long a close handshake may take before the socket is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
-
-/// Most unacknowledged publishes a member keeps for re-sending; older ones are forgotten (and
-/// counted) so a gateway that never acks cannot grow memory.
-const MAX_UNACKED: usize = 10_000;
-
-/// What a welcome meant for the books.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Welcomed {
-    /// The gateway numbers messages.
-    pub numbered: bool,
-    /// A resume was answered (`recovered` present after `since=`).
-    pub resumed: bool,
-    /// ... with `recovered: false`.
-    pub incomplete: bool,
-    /// After a complete resume: messages up to this offset come from history.
-    pub recovered_upto: Option<u64>,
-    /// Publishes to send again.
-    pub resend: Vec<String>,
-}
-
-/// What one message's room position meant.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Positioned {
-    /// Recovered from history (at or below the resume welcome's offset).
-    pub recovered: bool,
-    /// An offset the member already had.
-    pub duplicate: bool,
-    /// An offset after a higher one.
-    pub reordered: bool,
-}
-
-/// A member's books, kept across its connections. A std `Mutex`: short updates, no await.
-#[derive(Debug, Default)]
-pub struct Book {
-    /// Decided at the window start: was the member in its room then?
-    pub measured: Option<bool>,
-    /// Publisher sequence numbers received (end-to-end truth).
-    pub ledger: Ledger,
-    /// Room offsets received in the current epoch (the gateway's numbering).
-    pub offsets: Ledger,
-    /// The epoch of `offsets`.
-    pub offsets_epoch: Option<String>,
-    /// The last position seen, for `since=`.
-    pub position: Option<Position>,
-    /// Publishes with a key and no ack yet, by sequence number: the frames to send again.
-    pub unacked: BTreeMap<u64, String>,
-    /// Unacked publishes the gateway refused as `rate_limited` (a burst after a reconnect): sent
-    /// again one per scheduled publish, so the retries stay within the publish rate.
-    pub retry: std::collections::VecDeque<u64>,
-    /// Window messages received, for sampling rows.
-    pub received: u64,
-}
-
-impl Book {
-    /// A welcome arrived; `resuming` when the connection asked for `since=`, `resend` whether to
-    /// hand back the unacknowledged publishes.
-    pub fn on_welcome(
-        &mut self,
-        position: Option<Position>,
-        recovered: Option<bool>,
-        resuming: bool,
-        resend: bool,
-    ) -> Welcomed {
-        let Some(position) = position else {
-            return Welcomed::default();
-        };
-        let mut w = Welcomed {
-            numbered: true,
-            ..Welcomed::default()
-        };
-        if resuming {
-            if let Some(r) = recovered {
-                w.resumed = true;
-                if r {
-                    w.recovered_upto = Some(position.offset);
-                } else {
-                    w.incomplete = true;
-                }
-            }
-        }
-        // The welcome's position is where a member resumes from only when it has none of its
-        // own, or the recovery failed: after a complete one, the missed messages are still to
-        // come, and a drop during the catch-up must resume before them.
-        if self.position.is_none() || recovered == Some(false) {
-            self.position = Some(position);
-        }
-        if resend {
-            w.resend = self.unacked.values().cloned().collect();
-            self.retry.clear();
-        }
-        w
-    }
-
-    /// A keyed publish was refused as `rate_limited`: send it again later (it stays unacked).
-    pub fn retry_later(&mut self, key: &str) {
-        if let Some(seq) = key.rsplit('-').next().and_then(|s| s.parse::<u64>().ok()) {
-            if self.unacked.contains_key(&seq) && self.retry.len() < MAX_UNACKED {
-                self.retry.push_back(seq);
-            }
-        }
-    }
-
-    /// The next refused publish to send again, if one is still unacked.
-    pub fn next_retry(&mut self) -> Option<String> {
-        while let Some(seq) = self.retry.pop_front() {
-            if let Some(frame) = self.unacked.get(&seq) {
-                return Some(frame.clone());
-            }
-        }
-        None
-    }
-
-    /// A message with a room position arrived.
-    pub fn on_position(&mut self, p: Position, recovered_upto: Option<u64>) -> Positioned {
-        let mut out = Positioned {
-            recovered: recovered_upto.is_some_and(|upto| p.offset <= upto),
-            ..Positioned::default()
-        };
-        if self.offsets_epoch.as_deref() != Some(p.epoch.as_str()) {
-            self.offsets = Ledger::new(false);
-            self.offsets_epoch = Some(p.epoch.clone());
-        }
-        match self.offsets.record(0, p.offset) {
-            Arrival::Duplicate => out.duplicate = true,
-            Arrival::Reordered => out.reordered = true,
-            _ => {}
-        }
-        let newer = match &self.position {
-            Some(old) => old.epoch != p.epoch || p.offset > old.offset,
-            None => true,
-        };
-        if newer {
-            self.position = Some(p);
-        }
-        out
-    }
-
-    /// Keeps a keyed publish until its ack; returns whether an older one had to be forgotten.
-    pub fn remember(&mut self, seq: u64, frame: String) -> bool {
-        self.unacked.insert(seq, frame);
-        if self.unacked.len() > MAX_UNACKED {
-            self.unacked.pop_first();
-            return true;
-        }
-        false
-    }
-
-    /// An ack or keyed error came for `key` (`RUN-PUBLISHER-SEQ`).
-    pub fn forget(&mut self, key: &str) {
-        if let Some(seq) = key.rsplit('-').next().and_then(|s| s.parse::<u64>().ok()) {
-            self.unacked.remove(&seq);
-        }
-    }
-}
-
-/// A goose user's identity, which outlives its connections.
-#[derive(Debug)]
-pub struct Member {
-    /// Room, role, rate and publisher id.
-    pub slot: Slot,
-    /// Shard key for the histograms (the goose user index).
-    pub key: usize,
-    /// The publish schedule; `None` for a member that never publishes.
-    pub cadence: Option<Cadence>,
-    /// Next sequence number to publish. Kept here, not in the connection, so that numbering
-    /// stays contiguous across reconnects and a hole always means a lost message.
-    pub next_seq: AtomicU64,
-    /// The member's books.
-    pub book: Mutex<Book>,
-}
-
-impl Member {
-    /// A member in `slot` with a random phase in its schedule.
-    pub fn new(slot: Slot, key: usize) -> Self {
-        let cadence = (slot.rate > 0.0).then(|| Cadence {
-            rate: slot.rate,
-            phase: Duration::from_secs_f64(fastrand::f64() / slot.rate),
-        });
-        Self {
-            slot,
-            key,
-            cadence,
-            next_seq: AtomicU64::new(0),
-            book: Mutex::new(Book::default()),
-        }
-    }
-
-    /// Locks the books.
-    pub fn book(&self) -> std::sync::MutexGuard<'_, Book> {
-        self.book.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Where to resume from, when the member has seen a position.
-    pub fn since(&self) -> Option<Position> {
-        self.book().position.clone()
-    }
-
-    /// Adds the member's books to the totals, once, when it leaves.
-    pub fn account(&self, shared: &Shared) {
-        let stats = &shared.stats;
-        let book = self.book();
-        let c = book.ledger.counts();
-        match book.measured {
-            Some(true) => {
-                Stats::add(&stats.delivered, c.unique);
-                shared.plan.rooms[self.slot.room]
-                    .delivered
-                    .fetch_add(c.unique, Ordering::Relaxed);
-                Stats::add(&stats.duplicates, c.duplicates);
-                Stats::add(&stats.reordered, c.reordered);
-                Stats::add(&stats.gaps, c.gaps);
-                Stats::add(&stats.open_holes, book.ledger.open_holes());
-            }
-            Some(false) => Stats::add(&stats.delivered_late_members, c.unique),
-            None => {}
-        }
-    }
-}
 
 /// Something for the owning goose user to record as a row in goose's reports.
 #[derive(Debug, Clone, PartialEq)]
@@ -362,7 +143,9 @@ impl Session {
             let publish_at = self.next_publish_at();
             tokio::select! {
                 biased;
-                _ = cancel.cancelled() => break self.close(&mut ws).await,
+                // Boxed: the close handshake runs once, and inline its future would enlarge every
+                // connection's task for the whole run.
+                _ = cancel.cancelled() => break Box::pin(self.close(&mut ws)).await,
                 r = self.window_rx.changed(), if self.window.is_none() && !window_gone => {
                     match r {
                         Ok(()) => self.window = *self.window_rx.borrow_and_update(),
@@ -661,7 +444,7 @@ impl Session {
             .timeline
             .with(self.member.key, now_unix / 1_000_000, |s| {
                 s.received += 1;
-                s.latency.saturating_record(e2e.max(1));
+                s.record_latency(e2e);
             });
         let (arrival, measured, sample) = {
             let mut book = self.member.book();
@@ -675,7 +458,12 @@ impl Session {
                 sample,
             )
         };
-        if measured && arrival != Arrival::Duplicate {
+        if measured
+            && matches!(
+                arrival,
+                Arrival::InOrder | Arrival::Gap(_) | Arrival::Reordered
+            )
+        {
             stats
                 .timeline
                 .with(self.member.key, stamp.t / 1_000_000, |s| s.delivered += 1);
@@ -717,115 +505,4 @@ impl Session {
 /// Publish refusals worth sending again after a reconnect (with the same idempotency key).
 fn retryable(code: &str) -> bool {
     code == "unavailable"
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn at(epoch: &str, offset: u64) -> Position {
-        Position {
-            epoch: epoch.into(),
-            offset,
-        }
-    }
-
-    #[test]
-    fn a_gateway_without_offsets_engages_nothing() {
-        let mut b = Book::default();
-        let w = b.on_welcome(None, None, false, true);
-        assert_eq!(w, Welcomed::default());
-        assert!(
-            b.position.is_none(),
-            "nothing to resume from: reconnect as before"
-        );
-    }
-
-    #[test]
-    fn resume_counts_recovered_duplicates_and_reorders() {
-        let mut b = Book::default();
-        let w = b.on_welcome(Some(at("e1", 5)), None, false, true);
-        assert!(w.numbered && !w.resumed);
-        assert_eq!(b.position, Some(at("e1", 5)));
-        for o in [6, 7] {
-            assert_eq!(b.on_position(at("e1", o), None), Positioned::default());
-        }
-        assert_eq!(
-            b.position,
-            Some(at("e1", 7)),
-            "resume from the last message seen"
-        );
-
-        // Reconnect with since=e1:7; the room is at 10 now.
-        let w = b.on_welcome(Some(at("e1", 10)), Some(true), true, true);
-        assert!(w.resumed && !w.incomplete);
-        assert_eq!(w.recovered_upto, Some(10));
-        assert_eq!(
-            b.position,
-            Some(at("e1", 7)),
-            "a drop during the catch-up must resume before the missed messages"
-        );
-        let recovered = (8..=10)
-            .filter(|o| b.on_position(at("e1", *o), w.recovered_upto).recovered)
-            .count();
-        assert_eq!(recovered, 3);
-        assert!(
-            !b.on_position(at("e1", 11), w.recovered_upto).recovered,
-            "live"
-        );
-        assert!(b.on_position(at("e1", 9), None).duplicate);
-        assert!(!b.on_position(at("e1", 13), None).duplicate);
-        assert!(b.on_position(at("e1", 12), None).reordered);
-        assert_eq!(b.position, Some(at("e1", 13)));
-    }
-
-    #[test]
-    fn an_incomplete_recovery_starts_over_at_the_new_epoch() {
-        let mut b = Book::default();
-        b.on_welcome(Some(at("e1", 5)), None, false, true);
-        b.on_position(at("e1", 6), None);
-        let w = b.on_welcome(Some(at("e2", 3)), Some(false), true, true);
-        assert!(w.resumed && w.incomplete);
-        assert_eq!(w.recovered_upto, None);
-        assert_eq!(b.position, Some(at("e2", 3)));
-        let p = b.on_position(at("e2", 4), None);
-        assert_eq!(p, Positioned::default(), "a new epoch is a new numbering");
-        // `recovered` is only read after a resume.
-        let w = b.on_welcome(Some(at("e2", 9)), Some(false), false, true);
-        assert!(!w.resumed);
-    }
-
-    #[test]
-    fn rate_limited_publishes_are_retried_while_unacked() {
-        let mut b = Book::default();
-        b.remember(3, "frame3".into());
-        b.remember(4, "frame4".into());
-        b.retry_later("run-p-3");
-        b.retry_later("run-p-4");
-        b.retry_later("run-p-9"); // not unacked: nothing to retry
-        b.unacked.remove(&3); // acked meanwhile
-        assert_eq!(b.next_retry().as_deref(), Some("frame4"));
-        assert_eq!(b.next_retry(), None);
-    }
-
-    #[test]
-    fn unacknowledged_publishes_are_sent_again_in_order() {
-        let mut b = Book::default();
-        for seq in 0..3 {
-            assert!(!b.remember(seq, format!("frame{seq}")));
-        }
-        b.forget("0badf00d-7-1");
-        b.forget("garbage");
-        let w = b.on_welcome(Some(at("e", 1)), Some(true), true, true);
-        assert_eq!(w.resend, ["frame0", "frame2"]);
-        let w = b.on_welcome(Some(at("e", 1)), Some(true), true, false);
-        assert!(w.resend.is_empty(), "--no-resume sends nothing again");
-        let mut full = Book::default();
-        for seq in 0..MAX_UNACKED as u64 {
-            full.remember(seq, String::new());
-        }
-        assert!(full.remember(MAX_UNACKED as u64, String::new()), "bounded");
-        assert_eq!(full.unacked.len(), MAX_UNACKED);
-        assert!(!full.unacked.contains_key(&0), "the oldest goes");
-    }
 }

@@ -37,4 +37,7 @@ pub struct Shared {
     pub deliver_row: String,
     /// Generator CPU, left by the probe.
     pub usage: probe::UsageSlot,
+    /// The process's resident memory before its first connection, MiB: the base of the memory
+    /// per member.
+    pub start_rss_mib: Option<f64>,
 }

@@ -4,16 +4,22 @@
 //! the end. Everything derived (expected, lost, percentiles) is computed from the raw parts —
 //! rooms' ledgers and histograms — by [`Summary::derive`], so one generator's summary and a merge
 //! of shards are computed the same way.
+//!
+//! This file is the schema and the derivation; [`merge`] adds shards up, [`text`] prints the
+//! block shown at the end of a run.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use crate::rules::{self, Observations, Rule, Verdict};
 use crate::spec::Shard;
-use crate::stats::{hist_b64, new_histogram, LatencySummary};
+use crate::stats::new_histogram;
+use crate::stats::{hist_b64, new_second_histogram, second_hist_b64, LatencySummary};
+
+mod merge;
+mod text;
 
 /// The schema version of the JSON summary; bumped when a field changes meaning or goes away
 /// (adding a field does not bump it).
@@ -106,6 +112,10 @@ pub struct Messages {
     pub gaps: u64,
     /// Holes that never filled.
     pub open_holes: u64,
+    /// Receipts more than the reorder window (1024 messages of one publisher) late: not
+    /// counted as delivered (a receiver no longer tracks whether that number was missing).
+    #[serde(default)]
+    pub stale: u64,
     /// Rooms where some member from the start missed something.
     pub rooms_with_loss: u64,
     /// Window messages received by members that joined late (not in `expected`).
@@ -155,6 +165,22 @@ pub struct Generator {
     pub cores: usize,
     /// Peak resident memory, MiB (the largest generator's).
     pub peak_rss_mib: Option<f64>,
+    /// CPU seconds used over the window and drain (summed over generators).
+    #[serde(default)]
+    pub cpu_s: Option<f64>,
+    /// Our messages received over the window and drain, every member, duplicates too (summed).
+    #[serde(default)]
+    pub received: u64,
+    /// `cpu_s` / `received`: the generator's CPU per received message, µs.
+    #[serde(default)]
+    pub cpu_us_per_message: Option<f64>,
+    /// Peak resident memory minus the resident memory before the first connection, MiB
+    /// (summed over generators).
+    #[serde(default)]
+    pub rss_growth_mib: Option<f64>,
+    /// `rss_growth_mib` / the members simulated (hosts + viewers): memory per member, KiB.
+    #[serde(default)]
+    pub kib_per_member: Option<f64>,
     /// The machine's 1-minute load average at the end (the highest).
     pub load_average: Option<f64>,
     /// Whether a generator itself limited the run; then latency figures are not the gateway's.
@@ -235,8 +261,8 @@ pub struct Point {
     pub p99_us: u64,
     /// max, µs.
     pub max_us: u64,
-    /// The second's latency histogram.
-    #[serde(with = "hist_b64")]
+    /// The second's latency histogram (two significant digits).
+    #[serde(with = "second_hist_b64")]
     pub latency: Histogram<u64>,
 }
 
@@ -300,20 +326,6 @@ impl Default for Summary {
     }
 }
 
-fn add_maps(a: &mut BTreeMap<String, u64>, b: &BTreeMap<String, u64>) {
-    for (k, v) in b {
-        *a.entry(k.clone()).or_default() += v;
-    }
-}
-
-fn max_opt(a: Option<f64>, b: Option<f64>) -> Option<f64> {
-    match (a, b) {
-        (Some(x), Some(y)) => Some(x.max(y)),
-        (x, None) => x,
-        (None, y) => y,
-    }
-}
-
 impl Summary {
     /// Computes every derived figure from the rooms' ledgers, the histograms and the timeline.
     pub fn derive(&mut self) {
@@ -346,6 +358,16 @@ impl Summary {
             0.0
         };
         self.connections.members_from_start = members;
+        let g = &mut self.generator;
+        g.cpu_us_per_message = g
+            .cpu_s
+            .filter(|_| g.received > 0)
+            .map(|s| (s * 1e6 / g.received as f64 * 100.0).round() / 100.0);
+        let simulated = (self.run.hosts + self.run.viewers) as f64;
+        g.kib_per_member = g
+            .rss_growth_mib
+            .filter(|_| simulated > 0.0)
+            .map(|m| (m * 1024.0 / simulated * 10.0).round() / 10.0);
         self.connections.errors = self.connections.errors_by_cause.values().sum();
         self.connections.unexpected_closes = self.connections.closes_by_code.values().sum();
 
@@ -379,6 +401,7 @@ impl Summary {
             delivered: self.messages.delivered,
             connect_errors: self.connections.errors,
             connect_attempts: self.connections.attempts,
+            joined: self.connections.joined,
             closes: self.connections.unexpected_closes,
             publish_errors: self.messages.publish_errors,
             published: self.messages.published,
@@ -399,276 +422,11 @@ impl Summary {
         self.rules = verdicts;
         self.pass = pass;
     }
-
-    /// Adds several generators' summaries into one, as if one generator had made all the load.
-    /// Judge the result with [`Summary::judge`].
-    pub fn merge(parts: Vec<Summary>) -> Result<Summary, String> {
-        let first = parts.first().ok_or("nothing to merge")?;
-        for p in &parts {
-            if p.version != SCHEMA_VERSION {
-                return Err(format!(
-                    "summary version {} (this load tester reads {SCHEMA_VERSION})",
-                    p.version
-                ));
-            }
-            if p.run.run_id != first.run.run_id {
-                return Err(format!(
-                    "run ids differ ({:08x} and {:08x}): these are not shards of one run (give every generator the same --room-prefix)",
-                    first.run.run_id, p.run.run_id
-                ));
-            }
-        }
-        let mut seen = std::collections::HashSet::new();
-        for p in &parts {
-            if p.run.shard.is_split() && !seen.insert(p.run.shard.index) {
-                return Err(format!("shard {} appears twice", p.run.shard));
-            }
-        }
-        let mut out = Summary {
-            run: RunInfo {
-                shard: Shard::default(),
-                generators: 0,
-                complete: true,
-                measure_s: 0.0,
-                ..first.run.clone()
-            },
-            expect: first.expect.clone(),
-            ..Summary::default()
-        };
-        out.run.hosts = 0;
-        out.run.viewers = 0;
-        out.run.source_addresses = 0;
-        let mut rooms: BTreeMap<String, RoomFigures> = BTreeMap::new();
-        let mut timeline: BTreeMap<u64, Point> = BTreeMap::new();
-        let mut reasons = Vec::new();
-        let (mut cpu, mut cores) = (None::<f64>, 0usize);
-        for p in parts {
-            let r = &mut out.run;
-            r.hosts += p.run.hosts;
-            r.viewers += p.run.viewers;
-            r.source_addresses += p.run.source_addresses;
-            r.measure_s = r.measure_s.max(p.run.measure_s);
-            r.drain_s = r.drain_s.max(p.run.drain_s);
-            r.complete &= p.run.complete;
-            r.generators += p.run.generators;
-            for t in &p.run.targets {
-                if !r.targets.contains(t) {
-                    r.targets.push(t.clone());
-                }
-            }
-            let c = &mut out.connections;
-            c.attempts += p.connections.attempts;
-            c.joined += p.connections.joined;
-            c.reconnects += p.connections.reconnects;
-            add_maps(&mut c.errors_by_cause, &p.connections.errors_by_cause);
-            add_maps(&mut c.closes_by_code, &p.connections.closes_by_code);
-            let m = &mut out.messages;
-            let pm = &p.messages;
-            m.published += pm.published;
-            m.api_published += pm.api_published;
-            m.unsent += pm.unsent;
-            m.publish_errors += pm.publish_errors;
-            add_maps(&mut m.errors_by_code, &pm.errors_by_code);
-            add_maps(&mut m.api_errors_by_cause, &pm.api_errors_by_cause);
-            m.duplicates += pm.duplicates;
-            m.reordered += pm.reordered;
-            m.gaps += pm.gaps;
-            m.open_holes += pm.open_holes;
-            m.late_member_deliveries += pm.late_member_deliveries;
-            m.after_drain += pm.after_drain;
-            m.before_welcome += pm.before_welcome;
-            m.foreign += pm.foreign;
-            let k = &mut out.continuity;
-            let pk = &p.continuity;
-            k.offsets_seen |= pk.offsets_seen;
-            k.resumes += pk.resumes;
-            k.incomplete += pk.incomplete;
-            k.recovered += pk.recovered;
-            k.offset_duplicates += pk.offset_duplicates;
-            k.offset_reorders += pk.offset_reorders;
-            k.acks += pk.acks;
-            k.ack_duplicates += pk.ack_duplicates;
-            k.resent += pk.resent;
-            k.unacked_dropped += pk.unacked_dropped;
-            let h = &mut out.histograms;
-            let ph = &p.histograms;
-            for (a, b) in [
-                (&mut h.latency_us, &ph.latency_us),
-                (&mut h.fanout_us, &ph.fanout_us),
-                (&mut h.publish_lag_us, &ph.publish_lag_us),
-                (&mut h.connect_us, &ph.connect_us),
-                (&mut h.join_us, &ph.join_us),
-                (&mut h.timer_lag_us, &ph.timer_lag_us),
-            ] {
-                a.add(b)
-                    .map_err(|e| format!("histograms do not add: {e:?}"))?;
-            }
-            let g = &mut out.generator;
-            let pg = &p.generator;
-            if let Some(c) = pg.cpu_percent {
-                cpu = Some(cpu.unwrap_or(0.0) + c);
-            }
-            cores += pg.cores;
-            g.peak_rss_mib = max_opt(g.peak_rss_mib, pg.peak_rss_mib);
-            g.load_average = max_opt(g.load_average, pg.load_average);
-            g.bottleneck |= pg.bottleneck;
-            for reason in &pg.reasons {
-                reasons.push(if p.run.shard.is_split() {
-                    format!("generator {}: {reason}", p.run.shard)
-                } else {
-                    reason.clone()
-                });
-            }
-            for room in p.rooms {
-                let e = rooms
-                    .entry(room.name.clone())
-                    .or_insert_with(|| RoomFigures {
-                        name: room.name.clone(),
-                        ..RoomFigures::default()
-                    });
-                e.members_from_start += room.members_from_start;
-                e.delivered += room.delivered;
-                for (sec, n) in room.published {
-                    *e.published.entry(sec).or_default() += n;
-                }
-            }
-            for pt in p.timeline {
-                let e = timeline.entry(pt.t).or_insert_with(|| Point::empty(pt.t));
-                e.connected += pt.connected;
-                e.sent += pt.sent;
-                e.received += pt.received;
-                e.delivered += pt.delivered;
-                e.latency
-                    .add(&pt.latency)
-                    .map_err(|e| format!("histograms do not add: {e:?}"))?;
-            }
-        }
-        out.generator.cpu_percent = cpu.map(|c| (c * 10.0).round() / 10.0);
-        out.generator.cores = cores;
-        out.generator.reasons = reasons;
-        out.rooms = rooms.into_values().collect();
-        out.timeline = timeline.into_values().collect();
-        out.derive();
-        Ok(out)
-    }
-
-    /// The block printed at the end of a run: figures, then one line per rule.
-    pub fn human(&self) -> String {
-        let ms = |us: u64| us as f64 / 1e3;
-        let mut o = String::new();
-        let r = &self.run;
-        let c = &self.connections;
-        let m = &self.messages;
-        let l = &self.latency_us;
-        let _ = writeln!(
-            o,
-            "=== LIVE ROOMS SUMMARY (run {:08x}{}) ===",
-            r.run_id,
-            if r.shard.is_split() {
-                format!(", shard {}", r.shard)
-            } else if r.generators > 1 {
-                format!(", {} generators merged", r.generators)
-            } else {
-                String::new()
-            }
-        );
-        let _ = writeln!(
-            o,
-            "rooms {} ({}), hosts {}, viewers {}; window {:.0}s + drain {:.0}s{}",
-            r.rooms,
-            r.rooms_spec.join(" "),
-            r.hosts,
-            r.viewers,
-            r.measure_s,
-            r.drain_s,
-            if r.complete { "" } else { "  [INCOMPLETE]" }
-        );
-        let _ = writeln!(
-            o,
-            "connections: {} attempts, {} joined, {} errors {:?}, {} unexpected closes {:?}, {} members from the start",
-            c.attempts, c.joined, c.errors, c.errors_by_cause, c.unexpected_closes, c.closes_by_code, c.members_from_start
-        );
-        let _ = writeln!(
-            o,
-            "  connect p50 {:.2} ms p99 {:.2} ms max {:.2} ms; join p50 {:.2} ms p99 {:.2} ms",
-            ms(c.connect_us.p50),
-            ms(c.connect_us.p99),
-            ms(c.connect_us.max),
-            ms(c.join_us.p50),
-            ms(c.join_us.p99)
-        );
-        let _ = writeln!(
-            o,
-            "messages: published {} (HTTP API {}, unsent {}, errors {}), expected {}, delivered {} ({:.0}/s), lost {} ({:.4}%)",
-            m.published, m.api_published, m.unsent, m.publish_errors, m.expected, m.delivered, m.delivered_per_sec, m.lost, self.observations().loss_percent()
-        );
-        let _ = writeln!(
-            o,
-            "  duplicates {}, reordered {}, gaps {} (open {}), rooms with loss {}, after drain {}, late members {}",
-            m.duplicates, m.reordered, m.gaps, m.open_holes, m.rooms_with_loss, m.after_drain, m.late_member_deliveries
-        );
-        if r.shard.is_split() {
-            let _ = writeln!(
-                o,
-                "  (shard {}: its members also hear the other shards' publishers, so expected/lost are not the run's; judge the whole with `loadtest merge`)",
-                r.shard
-            );
-        }
-        let k = &self.continuity;
-        if k.offsets_seen || k.resumes > 0 || k.acks > 0 {
-            let _ = writeln!(
-                o,
-                "continuity: {} resumes ({} incomplete), {} recovered; offsets: {} duplicates, {} reorders; acks {} ({} duplicate), re-sent {}",
-                k.resumes, k.incomplete, k.recovered, k.offset_duplicates, k.offset_reorders, k.acks, k.ack_duplicates, k.resent
-            );
-        }
-        let _ = writeln!(
-            o,
-            "latency end to end: p50 {:.2} ms, p90 {:.2}, p99 {:.2}, p99.9 {:.2}, max {:.2} ({} samples)",
-            ms(l.p50),
-            ms(l.p90),
-            ms(l.p99),
-            ms(l.p99_9),
-            ms(l.max),
-            l.count
-        );
-        let _ = writeln!(
-            o,
-            "  fan-out (gateway ts → received): p50 {:.2} ms, p99 {:.2}; publish lag p99 {:.2} ms, max {:.2}",
-            ms(self.fanout_us.p50),
-            ms(self.fanout_us.p99),
-            ms(self.publish_lag_us.p99),
-            ms(self.publish_lag_us.max)
-        );
-        let g = &self.generator;
-        let _ = writeln!(
-            o,
-            "generator: timer lag p99 {:.2} ms, max {:.2} ms; CPU {}% of {} cores (load average {}); peak RSS {} MiB{}",
-            ms(g.timer_lag_us.p99),
-            ms(g.timer_lag_us.max),
-            g.cpu_percent.map(|c| format!("{c:.0}")).unwrap_or("?".into()),
-            g.cores,
-            g.load_average
-                .map(|c| format!("{c:.1}"))
-                .unwrap_or("?".into()),
-            g.peak_rss_mib.map(|c| format!("{c:.0}")).unwrap_or("?".into()),
-            if g.bottleneck { "  [BOTTLENECK]" } else { "" }
-        );
-        for reason in &g.reasons {
-            let _ = writeln!(o, "  WARNING: the generator is the bottleneck: {reason}");
-        }
-        for v in &self.rules {
-            let _ = writeln!(o, "rule {}", rules::verdict_line(v));
-        }
-        if !self.rules.is_empty() {
-            let _ = writeln!(o, "result: {}", if self.pass { "PASS" } else { "FAIL" });
-        }
-        o
-    }
 }
 
 impl Point {
-    fn empty(t: u64) -> Self {
+    /// A second with nothing in it.
+    pub(crate) fn empty(t: u64) -> Self {
         Self {
             t,
             connected: 0,
@@ -680,7 +438,7 @@ impl Point {
             p50_us: 0,
             p99_us: 0,
             max_us: 0,
-            latency: new_histogram(),
+            latency: new_second_histogram(),
         }
     }
 }
@@ -764,6 +522,9 @@ pub(crate) mod tests {
             s.histograms.timer_lag_us.record(500).unwrap();
         }
         s.generator.cores = 2;
+        s.generator.cpu_s = Some(0.25);
+        s.generator.received = s.timeline.iter().map(|p| p.received).sum();
+        s.generator.rss_growth_mib = Some(0.5 * (s.run.hosts + s.run.viewers) as f64 / 1024.0);
         s.derive();
         s
     }
@@ -782,58 +543,25 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn merging_two_halves_equals_the_whole() {
-        let rules: Vec<Rule> = ["lost<=6", "p99<80ms", "connect-errors==0"]
-            .iter()
-            .map(|r| r.parse().unwrap())
-            .collect();
-        let mut whole = pretend(5, Shard::default());
-        whole.judge(&rules);
-        let halves: Vec<Summary> = (0..2)
-            .map(|i| {
-                let mut s = pretend(5, Shard { index: i, total: 2 });
-                s.judge(&rules);
-                // Through JSON, as `loadtest merge` reads them.
-                serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap()
-            })
-            .collect();
-        assert_ne!(
-            halves[0].messages.expected + halves[1].messages.expected,
-            whole.messages.expected,
-            "per-shard expected counts do not add up: only the rooms' ledgers do"
+    fn the_generator_reports_its_cost_per_message_and_per_member() {
+        let s = pretend(4, Shard::default());
+        let g = &s.generator;
+        assert_eq!(g.received, 1200 - 6);
+        assert_eq!(
+            g.cpu_us_per_message,
+            Some(209.38),
+            "0.25 s over 1194 messages"
         );
-        let mut merged = Summary::merge(halves).unwrap();
-        merged.judge(&rules);
-        assert_eq!(merged.run.generators, 2);
-        assert_eq!(merged.run.hosts, whole.run.hosts);
-        assert_eq!(merged.run.viewers, whole.run.viewers);
-        let j = |s: &Summary| {
-            let mut v = serde_json::to_value(s).unwrap();
-            for k in ["run", "generator"] {
-                v.as_object_mut().unwrap().remove(k);
-            }
-            v
-        };
-        assert_eq!(j(&merged), j(&whole));
-        assert_eq!(merged.rules, whole.rules);
-        assert!(!merged.pass, "connect-errors==0 fails in both");
-    }
-
-    #[test]
-    fn merge_refuses_mixed_runs() {
-        let a = pretend(2, Shard { index: 0, total: 2 });
-        let mut b = pretend(2, Shard { index: 1, total: 2 });
-        b.run.run_id = 8;
-        assert!(Summary::merge(vec![a.clone(), b])
-            .unwrap_err()
-            .contains("run ids"));
-        assert!(Summary::merge(vec![a.clone(), a.clone()])
-            .unwrap_err()
-            .contains("twice"));
-        let mut old = a;
-        old.version = 0;
-        assert!(Summary::merge(vec![old]).is_err());
-        assert!(Summary::merge(vec![]).is_err());
+        assert_eq!(g.kib_per_member, Some(0.5), "{g:?}");
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["generator"]["cpu_us_per_message"], 209.38);
+        assert_eq!(v["generator"]["kib_per_member"], 0.5);
+        let text = s.human();
+        assert!(
+            text.contains("209.38 µs CPU per received message"),
+            "{text}"
+        );
+        assert!(text.contains("0.5 KiB per member"), "{text}");
     }
 
     #[test]

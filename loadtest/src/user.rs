@@ -1,13 +1,16 @@
 //! A goose user's life around its connection: `join` (on start) takes a seat and connects,
 //! `tick` (repeated) turns the connection's rows into goose rows and reconnects after an
-//! unexpected close, `leave` (on stop) closes. Every transaction returns within about a second so
-//! goose can stop users between transactions.
+//! unexpected close, `leave` (on stop) closes. A connection tries the targets in turn from the
+//! next in the round robin, and backs off only when every one of them failed. Every transaction
+//! but a connection attempt returns within about a second so goose can stop users between
+//! transactions.
 //!
 //! Goose rows (method `WS`): `connect` (TCP + upgrade; failures carry the cause and HTTP status),
 //! `join` (upgrade → welcome), `publish` (how far behind schedule each publish was written),
 //! `deliver 1/N` (end-to-end latency of every Nth received message), `close` (unexpected closes,
 //! the close code as status), `error` (`error` events, the code as message).
 
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,10 +18,12 @@ use goose::prelude::*;
 use tokio::sync::Mutex as AsyncMutex;
 
 use crate::config::TokenIn;
+use crate::member::Member;
 use crate::plan::Role;
-use crate::session::{self, Conn, End, Member, Row, Rows};
+use crate::session::{self, Conn, End, Row, Rows};
 use crate::shared::Shared;
 use crate::stats::Stats;
+use crate::target::Target;
 use crate::{token, ws};
 
 /// Longest a `tick` waits before returning to goose.
@@ -65,7 +70,7 @@ pub async fn join(user: &mut GooseUser, shared: &Arc<Shared>, role: Role) -> Tra
     };
     let member = Arc::new(Member::new(slot, user.weighted_users_index));
     let rows: Rows = Arc::default();
-    let conn = attempt(user, shared, &member, &rows).await;
+    let conn = connect(user, shared, &member, &rows).await;
     let mut inner = Inner {
         member,
         rows,
@@ -88,16 +93,45 @@ pub async fn join(user: &mut GooseUser, shared: &Arc<Shared>, role: Role) -> Tra
     Ok(())
 }
 
-/// One connection attempt, recorded as `WS connect` and `WS join` rows.
-async fn attempt(
+/// Connects to one of the targets: from the next one in the round robin, a failed attempt moves
+/// on to the next target at once, so that a member whose node died or refuses reaches a live
+/// one without waiting out a backoff; only when every target failed in a row does the caller
+/// back off (`reconnect_delay`). With one target, that is one attempt, as before.
+async fn connect(
     user: &mut GooseUser,
     shared: &Arc<Shared>,
     member: &Arc<Member>,
     rows: &Rows,
 ) -> Result<Conn, ()> {
+    let (first, bind) = shared.plan.route_index();
+    let targets = &shared.plan.targets;
+    for k in 0..targets.len() {
+        let target = &targets[(first + k) % targets.len()];
+        if let Ok(conn) = attempt(user, shared, member, rows, target, bind).await {
+            return Ok(conn);
+        }
+        if shared
+            .schedule
+            .window()
+            .is_some_and(|w| Instant::now() >= w.drain_end)
+        {
+            break;
+        }
+    }
+    Err(())
+}
+
+/// One connection attempt to `target`, recorded as `WS connect` and `WS join` rows.
+async fn attempt(
+    user: &mut GooseUser,
+    shared: &Arc<Shared>,
+    member: &Arc<Member>,
+    rows: &Rows,
+    target: &Target,
+    bind: Option<Ipv4Addr>,
+) -> Result<Conn, ()> {
     let stats = &shared.stats;
     Stats::add(&stats.connect_attempts, 1);
-    let (target, bind) = shared.plan.route();
     let room = &shared.plan.rooms[member.slot.room].name;
     let sub = format!("{}-{}", shared.prefix, member.slot.name);
     let persona = token::Persona {
@@ -332,7 +366,9 @@ pub async fn tick(user: &mut GooseUser, shared: &Arc<Shared>) -> TransactionResu
         }
         Stats::add(&shared.stats.reconnects, 1);
         let member = inner.member.clone();
-        match attempt(user, shared, &member, &rows).await {
+        // Boxed: the connect future (TCP, TLS, upgrade, over every target) is several KiB, and
+        // inline it would make every idle member's tick that big for the whole run.
+        match Box::pin(connect(user, shared, &member, &rows)).await {
             Ok(conn) => {
                 inner.conn = Some(conn);
                 inner.failures = 0;

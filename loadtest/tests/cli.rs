@@ -1,0 +1,277 @@
+//! The `loadtest` binary end to end against a real gateway node on loopback (in this process,
+//! memory broker): exit codes, the built-in verdicts, moving past refused targets, the gateway's
+//! secret variable, and the generator's own figures in the summary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use gateway::{Config, Listeners};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A gateway node running `gateway::run` on 127.0.0.1:0.
+struct Node {
+    client: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), gateway::Error>>,
+}
+
+impl Node {
+    async fn start(extra: &[&str]) -> Self {
+        let client = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = client.local_addr().unwrap();
+        let mut args = vec!["gateway", "--node-id", "lt-test", "--drain-seconds", "0"];
+        args.extend(extra);
+        let config = Config::try_parse_from(args).expect("gateway flags parse");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(gateway::run(
+            config,
+            Listeners { client, admin },
+            shutdown.clone(),
+        ));
+        Self {
+            client: addr,
+            shutdown,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}", self.client)
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}
+
+/// A loopback port with nothing listening: connections to it are refused.
+fn closed_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    format!("ws://{addr}")
+}
+
+/// What a run of the binary left.
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+    summary: Option<Value>,
+    took: Duration,
+}
+
+/// Runs `loadtest` with `args` (and a short run's phases, a summary file), `env` set and
+/// nothing inherited from this process's environment.
+async fn loadtest(args: &[&str], env: &[(&str, &str)]) -> Run {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let summary: PathBuf = std::env::temp_dir().join(format!(
+        "loadtest-cli-{}-{}.json",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_file(&summary);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_loadtest"));
+    cmd.env_clear()
+        .args([
+            "--settle",
+            "300ms",
+            "--measure",
+            "1s",
+            "--drain",
+            "1s",
+            "--connect-timeout",
+            "2s",
+            "--live-interval",
+            "0",
+            // This shared machine's timers are not the subject here.
+            "--max-generator-lag",
+            "2s",
+            "--summary-file",
+        ])
+        .arg(&summary)
+        .args(args)
+        .envs(env.iter().copied());
+    let started = Instant::now();
+    let out: Output = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .expect("the loadtest binary runs");
+    let took = started.elapsed();
+    let text = std::fs::read_to_string(&summary).ok();
+    let _ = std::fs::remove_file(&summary);
+    Run {
+        code: out.status.code().expect("exited, not killed"),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        summary: text.map(|t| serde_json::from_str(&t).expect("the summary is JSON")),
+        took,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_in_which_nobody_joined_fails_without_rules() {
+    let target = closed_port();
+    let run = loadtest(&["--target", &target, "--rooms", "1x1x2"], &[]).await;
+    assert_eq!(
+        run.code, 1,
+        "stdout:\n{}\nstderr:\n{}",
+        run.stdout, run.stderr
+    );
+    assert!(
+        run.stdout
+            .contains("rule FAIL joined>0 — no member ever joined"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("result: FAIL"), "{}", run.stdout);
+    let s = run.summary.unwrap();
+    assert_eq!(s["connections"]["joined"], 0);
+    assert!(
+        s["connections"]["errors_by_cause"]["refused"]
+            .as_u64()
+            .unwrap()
+            >= 3
+    );
+    assert_eq!(s["pass"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_target_is_passed_over_at_once() {
+    let node = Node::start(&[]).await;
+    // Every member's round robin starts at one of the two; half start at the refusing one.
+    let targets = format!("{},{}", closed_port(), node.url());
+    let run = loadtest(
+        &[
+            "--target",
+            &targets,
+            "--rooms",
+            "1x1x5@5/0",
+            "--expect",
+            "lost==0",
+        ],
+        &[],
+    )
+    .await;
+    node.stop().await;
+    assert_eq!(
+        run.code, 0,
+        "stdout:\n{}\nstderr:\n{}",
+        run.stdout, run.stderr
+    );
+    let s = run.summary.unwrap();
+    let c = &s["connections"];
+    assert!(
+        c["errors_by_cause"]["refused"].as_u64().unwrap() >= 2,
+        "members started at the refusing target: {c}"
+    );
+    // The window starts 300 ms after every member's first attempt; a member that backed off
+    // after the refusal (at least 500 ms) would join after it and not count from the start.
+    assert_eq!(c["members_from_start"], 6, "{c}");
+    assert_eq!(c["joined"], 6, "{c}");
+    assert_eq!(c["reconnects"], 0, "no backoff round: {c}");
+    assert!(s["messages"]["expected"].as_u64().unwrap() > 0);
+
+    // The generator's own cost, in the JSON and the printout.
+    let g = &s["generator"];
+    assert!(g["received"].as_u64().unwrap() > 0, "{g}");
+    assert!(g["cpu_us_per_message"].as_f64().unwrap() > 0.0, "{g}");
+    assert!(g["kib_per_member"].as_f64().unwrap() >= 0.0, "{g}");
+    assert!(g["peak_rss_mib"].as_f64().unwrap() > 0.0, "{g}");
+    assert!(
+        run.stdout.contains("µs CPU per received message"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("KiB per member"), "{}", run.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_secret_variable_mints_tokens() {
+    let secret = "k2=0123456789abcdef0123456789abcdef";
+    let node = Node::start(&["--auth", "jwt", "--jwt-hmac-secret", secret]).await;
+    let url = node.url();
+    let run = loadtest(
+        &[
+            "--target",
+            &url,
+            "--rooms",
+            "1x1x2@5/0",
+            "--expect",
+            "lost==0",
+        ],
+        &[(
+            "GATEWAY_JWT_HMAC_SECRETS",
+            "k2=0123456789abcdef0123456789abcdef,k1=an-older-secret-still-accepted",
+        )],
+    )
+    .await;
+    assert_eq!(
+        run.code, 0,
+        "stdout:\n{}\nstderr:\n{}",
+        run.stdout, run.stderr
+    );
+    assert_eq!(run.summary.unwrap()["connections"]["joined"], 3);
+
+    // The deprecated name still works, and says so.
+    let run = loadtest(
+        &[
+            "--target",
+            &url,
+            "--rooms",
+            "1x1x1@5/0",
+            "--expect",
+            "lost==0",
+        ],
+        &[(
+            "LOADTEST_JWT_HMAC_SECRET",
+            "0123456789abcdef0123456789abcdef",
+        )],
+    )
+    .await;
+    node.stop().await;
+    assert_eq!(
+        run.code, 0,
+        "stdout:\n{}\nstderr:\n{}",
+        run.stdout, run.stderr
+    );
+    assert!(run.stderr.contains("deprecated"), "{}", run.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_option_combinations_exit_2() {
+    let target = closed_port();
+    for (args, says) in [
+        (vec!["--shard", "0/2"], "room-prefix"),
+        (
+            vec!["--jwt-hmac-secrets", "k=s", "--token-file", "/nonexistent"],
+            "choose one",
+        ),
+        (
+            vec!["--jwt-hmac-secrets", "a", "--jwt-hmac-secret", "b"],
+            "different secrets",
+        ),
+        (vec!["--users", "7"], "--users 7"),
+    ] {
+        let mut all = vec!["--target", &target];
+        all.extend(args.iter().copied());
+        let run = loadtest(&all, &[]).await;
+        assert_eq!(run.code, 2, "{args:?}: {}", run.stderr);
+        assert!(run.stderr.contains(says), "{args:?}: {}", run.stderr);
+        assert!(run.took < Duration::from_secs(5), "refused before any run");
+    }
+    let run = loadtest(&["--target", "ftp://x"], &[]).await;
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    let run = loadtest(&[], &[]).await;
+    assert_eq!(run.code, 2, "no target: {}", run.stderr);
+    let run = loadtest(&["--rooms", "nonsense"], &[]).await;
+    assert_eq!(run.code, 2, "clap's own errors too: {}", run.stderr);
+}
