@@ -68,7 +68,7 @@ trap 'exit 130' INT TERM
 # A secret for this run only: the nodes verify, the load tester mints.
 secret="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 export GATEWAY_ARGS="${GATEWAY_ARGS:-} --auth jwt --jwt-hmac-secret $secret"
-export LOADTEST_JWT_HMAC_SECRET="$secret"
+export GATEWAY_JWT_HMAC_SECRETS="$secret" # the nodes and the load tester read the same name
 
 log "starting the local cluster: redis, 3 nodes (--auth jwt), HAProxy"
 deploy/local/cluster.sh start 3

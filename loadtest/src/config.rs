@@ -313,10 +313,17 @@ pub fn parse_start_at(s: &str) -> Result<u64, String> {
 }
 
 /// `KID=SECRET` or `SECRET`, split exactly as the gateway splits its `--jwt-hmac-secret` entries
-/// (a KID is non-empty and holds no `/` or space), so that both read one variable alike.
+/// (a KID is non-empty and holds no `/` or space, and an `=` followed only by `=` is base64
+/// padding, not a KID), so that both read one variable alike.
 pub fn split_kid(s: &str) -> (Option<&str>, &str) {
     match s.split_once('=') {
-        Some((kid, v)) if !kid.is_empty() && !kid.contains(['/', ' ']) => (Some(kid), v),
+        Some((kid, v))
+            if !kid.is_empty()
+                && !kid.contains(['/', ' '])
+                && !v.trim_start_matches('=').is_empty() =>
+        {
+            (Some(kid), v)
+        }
         _ => (None, s),
     }
 }
@@ -386,7 +393,7 @@ impl Options {
                 let (kid, secret) = split_kid(first);
                 if secret.is_empty() {
                     return Err(format!(
-                        "--jwt-hmac-secrets (GATEWAY_JWT_HMAC_SECRETS): the first entry reads as KID `{}` with an empty secret; a secret containing `=` (base64) needs an explicit KID: KID=SECRET",
+                        "--jwt-hmac-secrets (GATEWAY_JWT_HMAC_SECRETS): the first entry reads as KID `{}` with an empty secret",
                         kid.unwrap_or_default()
                     ));
                 }
@@ -537,9 +544,15 @@ mod tests {
         assert!(key(&["--jwt-hmac-secrets", "a", "--jwt-hmac-secret", "b"])
             .unwrap_err()
             .contains("different secrets"));
-        assert!(key(&["--jwt-hmac-secrets", "abc="])
-            .unwrap_err()
-            .contains("explicit KID"));
+        // Base64 padding is not a KID, as the gateway reads it.
+        assert_eq!(
+            key(&["--jwt-hmac-secrets", "c2VjcmV0LXNlY3JldA=="]),
+            Ok(Some(("c2VjcmV0LXNlY3JldA==".into(), None)))
+        );
+        assert_eq!(
+            key(&["--jwt-hmac-secrets", "k1=c2VjcmV0=="]),
+            Ok(Some(("c2VjcmV0==".into(), Some("k1".into()))))
+        );
         assert!(key(&["--jwt-hmac-secrets", " , "]).is_err());
         assert_eq!(key(&[]), Ok(None));
         assert_eq!(
