@@ -128,10 +128,16 @@ pub async fn run(
         "gateway node started"
     );
 
+    let timeouts = http::server::Timeouts {
+        header: node.config.http_header_timeout,
+        keepalive: node.config.http_keepalive_timeout,
+    };
     let admin_node = node.clone();
     tracker.spawn(http::server::serve(
         listeners.admin,
         move |req| http::admin::handle(admin_node.clone(), req),
+        timeouts,
+        metrics.clone(),
         stop.clone(),
         tracker.clone(),
     ));
@@ -139,6 +145,8 @@ pub async fn run(
     tracker.spawn(http::server::serve(
         listeners.client,
         move |req| http::routes::handle(client_node.clone(), req),
+        timeouts,
+        metrics.clone(),
         node.draining().clone(),
         tracker.clone(),
     ));
