@@ -30,7 +30,8 @@
 //!   a Sentinel-managed master), [`broker::redis_cluster`] (sharded pub/sub) and
 //!   [`broker::redis_endpoint`] (URL forms and TLS); the Redis brokers number, record and publish
 //!   a room's messages in one atomic step ([`broker::scripts`]: `publish.lua`, `history.lua`).
-//! - [`auth`] — token verification: keys (HMAC, PEM, [`auth::jwks`]), [`auth::claims`] and grants.
+//! - [`auth`] — token verification: keys (HMAC, PEM, [`auth::jwks`]), [`auth::claims`] and grants,
+//!   [`auth::patterns`] (room patterns of grants and anonymous viewers).
 //! - [`control`] — what the brokers carry for moderation: control commands, the bans' storage.
 //! - [`moderation`] — applies the control channel's disconnects on this node; ban checks.
 //! - [`moderation_api`] — the moderation routes (kick a user or a room, bans).

@@ -396,6 +396,7 @@ pub const CLIENT_ERROR_CODES: &[&str] = &[
     "unavailable",
     "forbidden",
     "refresh_failed",
+    "too_large",
 ];
 
 impl std::fmt::Debug for Metrics {

@@ -737,3 +737,39 @@ async fn random_api_requests_without_credentials_never_succeed() {
     assert_eq!(viewer.next_message().await["data"], "still up");
     eprintln!("api routes: {n} requests");
 }
+
+// ---- 3 (outside the broker). The size limit holds on what is stored and sent ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escaping_cannot_amplify_a_message_past_the_limit() {
+    let redis = RedisServer::start().await;
+    let node = TestNode::start(test_config("n1", Some(&redis), &[])).await;
+    let mut member = node.join("r", "viewer", "m").await;
+    // 60 000 control bytes: within --max-message-size as received, ~360 KB once JSON-escaped.
+    let flood = "\u{1}".repeat(60_000);
+    let mut c = node.join("r", "host", "attacker").await;
+    c.send_text(&flood).await;
+    let e = c.next_of("error").await;
+    assert_eq!(e["code"], "too_large", "{e}");
+    let (status, body) = http_publish(
+        &node,
+        "r",
+        &[("Content-Type", "text/plain")],
+        flood.as_bytes(),
+    )
+    .await;
+    assert_eq!((status, body["error"].clone()), (413, json!("too_large")));
+    member.expect_no_message(Duration::from_millis(300)).await;
+    let (status, history) = http_history(node.client, "r", "", &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(history["messages"], json!([]), "nothing reached Redis");
+    assert_eq!(
+        node.metric("gateway_messages_dropped_total{reason=\"too_large\"}")
+            .await,
+        2.0
+    );
+    // A plain line of exactly the limit still goes through, as documented.
+    let line = "b".repeat(65536);
+    c.send_text(&line).await;
+    assert_eq!(member.next_message().await["data"], line);
+}

@@ -31,7 +31,7 @@ use crate::http::assets;
 use crate::http::moderation as moderation_api;
 use crate::http::request::{check_api_key, param, query_params, read_body, BodyError};
 use crate::http::response::{json, Body, Refusal};
-use crate::metrics::{HttpTimeout, RefuseReason, Source};
+use crate::metrics::{DropReason, HttpTimeout, RefuseReason, Source};
 use crate::moderation;
 use crate::moderation::control;
 use crate::node::{Node, SlotError};
@@ -565,6 +565,17 @@ async fn publish(
             Err(_) => protocol::chat_data(text),
         }
     };
+    if !protocol::encoded_within(&data, node.config.max_message_size) {
+        node.metrics.dropped(DropReason::TooLarge).increment(1);
+        return Err(Refusal::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!(
+                "the message is larger than {} bytes once encoded as JSON (text is escaped)",
+                node.config.max_message_size
+            ),
+        ));
+    }
     match node
         .publish(
             &room,

@@ -389,6 +389,15 @@ impl Reader {
                 return self.outbox.close(CloseReason::RateLimited);
             }
         }
+        if !protocol::encoded_within(data, self.node.config.max_message_size) {
+            self.node.metrics.dropped(DropReason::TooLarge).increment(1);
+            return self.refuse_publish(
+                key,
+                "too_large",
+                "this message is larger than --max-message-size once encoded (JSON escaping of \
+                 control characters and quotes); it was not published",
+            );
+        }
         let from = self.name.as_deref();
         // Boxed: the publish future (a Redis round trip) is large and only alive while publishing,
         // so an idle reader task stays small.
