@@ -276,7 +276,9 @@ pub struct Config {
 
     /// Origins allowed to open WebSockets (comma-separated, e.g.
     /// `https://live.example.com,https://admin.example.com`); others get HTTP 403. Requests without
-    /// an Origin header (non-browser clients) are allowed. Empty allows every origin.
+    /// an Origin header (non-browser clients) are allowed. Empty allows every origin. The publish
+    /// API accepts browser requests (with `Content-Type: application/json`) only from origins
+    /// listed here explicitly: the empty list admits none there.
     #[arg(
         long,
         env = "GATEWAY_ALLOWED_ORIGINS",

@@ -9,6 +9,10 @@
 //!   moderation ([`crate::http::moderation`]).
 //! - `GET /api/rooms/{room}/messages?since=E:N&limit=L` — the room's history.
 //!
+//! Who may call the API is decided here too: a publish needs the API key (or an API opened on
+//! purpose) and is never accepted from a browser page of another site ([`browser_may_publish`]);
+//! a history read needs the right to join the room ([`may_read_history`]).
+//!
 //! Every refusal happens before the upgrade, as an HTTP status with a JSON body
 //! `{"error":CODE,"message":TEXT}`, and is counted. [`admit`] is where a connection's identity and
 //! role are decided: with `--auth jwt` from the token (header or `token` query parameter), never
