@@ -67,8 +67,11 @@ trap 'exit 130' INT TERM
 
 # A secret for this run only: the nodes verify, the load tester mints.
 secret="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-export GATEWAY_ARGS="${GATEWAY_ARGS:-} --auth jwt --jwt-hmac-secret $secret"
+# `--auth jwt` needs an API key (or --open-api): one for this run, also given to the load tester.
+api_key="$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+export GATEWAY_ARGS="${GATEWAY_ARGS:-} --auth jwt --jwt-hmac-secret $secret --api-key $api_key"
 export GATEWAY_JWT_HMAC_SECRETS="$secret" # the nodes and the load tester read the same name
+export LOADTEST_API_KEY="$api_key"
 
 log "starting the local cluster: redis, 3 nodes (--auth jwt), HAProxy"
 deploy/local/cluster.sh start 3

@@ -1,4 +1,4 @@
-// The live-room page against a node that requires tokens (`--auth jwt --allow-anonymous-viewers`),
+// The live-room page against a node that requires tokens (`--auth jwt --allow-anonymous-viewers 'stage-*'`),
 // in real headless Chromium: a token in the URL fragment joins with the token's role and name and
 // the page shows the identity; a page without a token watches as an anonymous viewer that may not
 // publish. The node is this file's own (release binary, in-process broker), started and stopped
@@ -75,8 +75,11 @@ describe('live room with tokens in headless Chromium', { timeout: 120_000 }, () 
     const [port, admin] = [await freePort(), await freePort()];
     node = spawn(BIN, [
       '--node-id', 'auth1', '--listen', `127.0.0.1:${port}`, '--admin-listen', `127.0.0.1:${admin}`,
-      '--auth', 'jwt', '--allow-anonymous-viewers', '--drain-seconds', '1',
-    ], { env: { ...process.env, GATEWAY_JWT_HMAC_SECRETS: SECRET, NO_COLOR: '1' }, stdio: 'ignore' });
+      '--auth', 'jwt', '--allow-anonymous-viewers', 'stage-*', '--drain-seconds', '1',
+    ], {
+      env: { ...process.env, GATEWAY_JWT_HMAC_SECRETS: SECRET, GATEWAY_API_KEY: 'browser-test-api-key', NO_COLOR: '1' },
+      stdio: 'ignore',
+    });
     base = `http://127.0.0.1:${port}`;
     for (let i = 0; ; i++) {
       try {

@@ -368,8 +368,22 @@ async fn main() {
             let pub_key = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/auth/rsa1.pub");
             let flags: Vec<&str> = match auth.as_str() {
                 "none" => vec![],
-                "hs256" => vec!["--auth", "jwt", "--jwt-hmac-secret", BENCH_SECRET],
-                _ => vec!["--auth", "jwt", "--jwt-public-key", pub_key],
+                "hs256" => vec![
+                    "--auth",
+                    "jwt",
+                    "--jwt-hmac-secret",
+                    BENCH_SECRET,
+                    "--api-key",
+                    "bench-api-key-1",
+                ],
+                _ => vec![
+                    "--auth",
+                    "jwt",
+                    "--jwt-public-key",
+                    pub_key,
+                    "--api-key",
+                    "bench-api-key-1",
+                ],
             };
             let tokens = bench_tokens(&auth, connections);
             let g = Gateway::start(&args.gateway, &flags).await;

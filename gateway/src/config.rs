@@ -93,8 +93,10 @@ pub struct Config {
     pub node_id: String,
 
     /// Keys accepted as `Authorization: Bearer KEY` on the HTTP API (comma list, so that keys
-    /// rotate without downtime; compared in constant time). Without one the publish API is open
-    /// (bind --listen to a private address then) and the moderation API is refused.
+    /// rotate without downtime; compared in constant time). An empty or blank entry is refused at
+    /// start. Without a key: with `--auth none` the publish and history API is open (development
+    /// only); with `--auth jwt` the node refuses to start unless `--open-api` is given; the
+    /// moderation API is always refused.
     #[arg(
         long = "api-key",
         env = "GATEWAY_API_KEY",
@@ -108,9 +110,24 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_AUTH", value_enum, default_value = "none")]
     pub auth: AuthMode,
 
-    /// With `--auth jwt`: clients without a token join as viewers who may not publish.
-    #[arg(long, env = "GATEWAY_ALLOW_ANONYMOUS_VIEWERS")]
-    pub allow_anonymous_viewers: bool,
+    /// With `--auth jwt`: rooms (comma list of names and prefixes ending in `*`, e.g.
+    /// `public-*,lobby`; `*` alone is every room) that clients without a token may join as viewers
+    /// who may not publish, and whose history they may read. A room outside them needs a token.
+    /// The flag without patterns is refused.
+    #[arg(
+        long,
+        env = "GATEWAY_ALLOW_ANONYMOUS_VIEWERS",
+        value_delimiter = ',',
+        num_args = 0..=1,
+        default_missing_value = ""
+    )]
+    pub allow_anonymous_viewers: Option<Vec<String>>,
+
+    /// With `--auth jwt` and no `--api-key`: serve `POST /api/rooms/{room}/messages` without a
+    /// key anyway, so anyone who reaches the client port publishes as `server` (history reads
+    /// still need the right to join the room). Without this flag such a node refuses to start.
+    #[arg(long, env = "GATEWAY_OPEN_API")]
+    pub open_api: bool,
 
     /// HMAC secrets (HS256/384/512) that sign tokens, each `SECRET` or `KID=SECRET`; several
     /// (repeat the flag or a comma list) so that secrets rotate without downtime.
@@ -133,8 +150,14 @@ pub struct Config {
 
     /// A JWKS URL whose keys verify tokens: fetched at start, every 5 minutes, and when a token
     /// names an unknown `kid` (at most every 5 s).
+    /// Must be `https://`; redirects are not followed.
     #[arg(long, env = "GATEWAY_JWKS_URL")]
     pub jwks_url: Option<String>,
+
+    /// Accept an `http://` --jwks-url (tests and local key servers only: a key set fetched in
+    /// clear text can be replaced by anyone on the path).
+    #[arg(long, env = "GATEWAY_JWKS_ALLOW_HTTP")]
+    pub jwks_allow_http: bool,
 
     /// Required `aud` of tokens (when set).
     #[arg(long, env = "GATEWAY_JWT_AUDIENCE")]
@@ -208,6 +231,28 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_MAX_PUBLISH_RATE", default_value_t = 20.0)]
     pub max_publish_rate: f64,
 
+    /// Control commands per second one connection may send (`ping`, `refresh`, and commands
+    /// refused as malformed; token bucket, bursts up to twice the number). An excess one is
+    /// answered with an `error` event `rate_limited` and not executed; a connection refused more
+    /// than 10 × this number (at least 20) times within 10 s is closed with 1008. Each refusal is
+    /// counted in `gateway_control_rate_limited_total`.
+    #[arg(long, env = "GATEWAY_MAX_CONTROL_RATE", default_value_t = 5.0)]
+    pub max_control_rate: f64,
+
+    /// Time a new HTTP connection gets to send its first request's headers (slow-loris guard).
+    #[arg(long, env = "GATEWAY_HTTP_HEADER_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    pub http_header_timeout: Duration,
+
+    /// Time a keep-alive HTTP connection may wait, after a response, for the complete headers
+    /// of its next request (idle time and header read together); then it is closed.
+    #[arg(long, env = "GATEWAY_HTTP_KEEPALIVE_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
+    pub http_keepalive_timeout: Duration,
+
+    /// Time an API request's body may take to arrive in full (HTTP 408 and the connection
+    /// closed beyond).
+    #[arg(long, env = "GATEWAY_HTTP_BODY_TIMEOUT", value_parser = parse_duration, default_value = "15s")]
+    pub http_body_timeout: Duration,
+
     /// How long the node may be without its broker (Redis) before it closes its clients with
     /// 4002 so that they reconnect to a node that has one and resume from their last offset
     /// (meanwhile they would miss what other nodes publish). Closes go out spread over one
@@ -232,7 +277,9 @@ pub struct Config {
 
     /// Origins allowed to open WebSockets (comma-separated, e.g.
     /// `https://live.example.com,https://admin.example.com`); others get HTTP 403. Requests without
-    /// an Origin header (non-browser clients) are allowed. Empty allows every origin.
+    /// an Origin header (non-browser clients) are allowed. Empty allows every origin. The publish
+    /// API accepts browser requests (with `Content-Type: application/json`) only from origins
+    /// listed here explicitly: the empty list admits none there.
     #[arg(
         long,
         env = "GATEWAY_ALLOWED_ORIGINS",
@@ -307,13 +354,28 @@ impl Config {
         }
     }
 
-    /// The API keys (empty entries are ignored: an empty `GATEWAY_API_KEY` counts as none, as
-    /// container platforms often pass empty variables).
-    pub fn api_keys(&self) -> impl Iterator<Item = &str> {
-        self.api_keys
+    /// Whether `origin` is listed in `--allowed-origins` (`*` lists every origin). Unlike
+    /// [`Config::origin_allowed`], an empty list lists nothing: used where a browser must be
+    /// admitted explicitly (the publish API).
+    pub fn origin_listed(&self, origin: &str) -> bool {
+        self.allowed_origins
             .iter()
-            .map(|k| k.expose().trim())
-            .filter(|k| !k.is_empty())
+            .map(|o| o.trim())
+            .filter(|o| !o.is_empty())
+            .any(|a| a == "*" || a.eq_ignore_ascii_case(origin.trim_end_matches('/')))
+    }
+
+    /// The API keys ([`Config::validate`] refuses empty and blank ones, so that an unset
+    /// templated variable cannot open the API).
+    pub fn api_keys(&self) -> impl Iterator<Item = &str> {
+        self.api_keys.iter().map(|k| k.expose().trim())
+    }
+
+    /// The room patterns anonymous viewers may join (`None` without the flag).
+    pub fn anonymous_rooms(&self) -> Option<crate::auth::RoomPatterns> {
+        self.allow_anonymous_viewers
+            .as_ref()
+            .map(|p| crate::auth::RoomPatterns::new(p.iter().map(|p| p.trim())))
     }
 
     /// Whether the HTTP API requires a key.
@@ -321,12 +383,11 @@ impl Config {
         self.api_keys().next().is_some()
     }
 
-    /// The HMAC secrets as `(kid, secret)`; empty entries are ignored.
+    /// The HMAC secrets as `(kid, secret)` ([`Config::validate`] refuses blank ones).
     pub fn jwt_hmac_secrets(&self) -> impl Iterator<Item = (Option<&str>, &str)> {
         self.jwt_hmac_secrets
             .iter()
             .map(|s| s.expose().trim())
-            .filter(|s| !s.is_empty())
             .map(split_kid)
     }
 
@@ -405,8 +466,53 @@ impl Config {
         if self.max_recovery == 0 || self.max_recovery > 100_000 || self.max_backlog > 100_000 {
             return bad("--max-recovery must be 1-100000 and --max-backlog at most 100000");
         }
+        if self.api_keys().any(str::is_empty) {
+            return bad(
+                "--api-key (GATEWAY_API_KEY) has an empty or blank entry: an unset variable would \
+                 open the API; give real keys, or leave the flag and variable out",
+            );
+        }
         if self.api_keys().any(|k| k.len() < 8) {
             return bad("--api-key must be at least 8 characters");
+        }
+        if self.jwt_hmac_secrets().any(|(_, s)| s.trim().is_empty()) {
+            return bad(
+                "--jwt-hmac-secret (GATEWAY_JWT_HMAC_SECRETS) has an empty or blank entry; give \
+                 real secrets, or leave the flag and variable out",
+            );
+        }
+        if self.auth == AuthMode::Jwt && !self.api_key_required() && !self.open_api {
+            return bad(
+                "--auth jwt without --api-key would leave POST /api/rooms/{room}/messages open to \
+                 anyone who reaches --listen; give --api-key (GATEWAY_API_KEY), or --open-api to \
+                 accept that explicitly",
+            );
+        }
+        if self.open_api && self.auth != AuthMode::Jwt {
+            return bad("--open-api is only meaningful with --auth jwt");
+        }
+        if let Some(url) = &self.jwks_url {
+            let lower = url.trim().to_ascii_lowercase();
+            if !(lower.starts_with("https://")
+                || (self.jwks_allow_http && lower.starts_with("http://")))
+            {
+                return bad(
+                    "--jwks-url must be an https:// URL (--jwks-allow-http accepts http:// for \
+                     tests and local key servers)",
+                );
+            }
+        }
+        if !self.max_control_rate.is_finite() || self.max_control_rate < 0.0 {
+            return bad("--max-control-rate must be a number of commands per second, 0 to disable");
+        }
+        if self.http_header_timeout.is_zero()
+            || self.http_keepalive_timeout.is_zero()
+            || self.http_body_timeout.is_zero()
+        {
+            return bad(
+                "--http-header-timeout, --http-keepalive-timeout and --http-body-timeout must not \
+                 be zero",
+            );
         }
         if self.auth == AuthMode::Jwt
             && self.jwt_hmac_secrets().next().is_none()
@@ -420,8 +526,25 @@ impl Config {
         if self.jwt_hmac_secrets().any(|(_, s)| s.len() < 16) {
             return bad("--jwt-hmac-secret values must be at least 16 bytes");
         }
-        if self.allow_anonymous_viewers && self.auth != AuthMode::Jwt {
-            return bad("--allow-anonymous-viewers needs --auth jwt");
+        if let Some(patterns) = &self.allow_anonymous_viewers {
+            if self.auth != AuthMode::Jwt {
+                return bad("--allow-anonymous-viewers needs --auth jwt");
+            }
+            let patterns: Vec<&str> = patterns.iter().map(|p| p.trim()).collect();
+            if patterns.iter().all(|p| p.is_empty()) {
+                return bad("--allow-anonymous-viewers needs the rooms it opens, e.g. \
+                     --allow-anonymous-viewers 'public-*,lobby' (`*` opens every room)");
+            }
+            if let Some(p) = patterns.iter().find(|p| {
+                !crate::auth::patterns::valid_pattern(p)
+                    || p.eq_ignore_ascii_case("true")
+                    || p.eq_ignore_ascii_case("false")
+            }) {
+                return Err(ConfigError::Invalid(format!(
+                    "--allow-anonymous-viewers: `{p}` is not a room name or a prefix ending in * \
+                     (the flag takes room patterns, not true/false)"
+                )));
+            }
         }
         Ok(())
     }
@@ -535,15 +658,151 @@ mod tests {
         assert!(!c.origin_allowed(Some("https://live.example.com.evil.example")));
     }
 
+    fn jwt(extra: &[&str]) -> Result<(), String> {
+        let mut args = vec![
+            "gateway",
+            "--auth",
+            "jwt",
+            "--jwt-hmac-secret",
+            "0123456789abcdef",
+        ];
+        args.extend_from_slice(extra);
+        Config::try_parse_from(args)
+            .map_err(|e| e.to_string())?
+            .validate()
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn jwt_without_an_api_key_refuses_to_start_unless_opened_explicitly() {
+        let e = jwt(&[]).unwrap_err();
+        assert!(e.contains("--api-key") && e.contains("--open-api"), "{e}");
+        jwt(&["--api-key", "backend-key-1"]).unwrap();
+        jwt(&["--open-api"]).unwrap();
+        let c = Config::parse_from(["gateway", "--open-api"]);
+        assert!(
+            c.validate().is_err(),
+            "--open-api means something only with jwt"
+        );
+    }
+
+    #[test]
+    fn blank_hmac_secrets_are_refused() {
+        for blank in ["", " ", " , ", "kid="] {
+            let e = jwt(&["--api-key", "backend-key-1", "--jwt-hmac-secret", blank]).unwrap_err();
+            assert!(
+                e.contains("blank") || e.contains("16 bytes"),
+                "{blank:?}: {e}"
+            );
+        }
+        // 16 bytes is the shortest accepted, 15 is refused.
+        jwt(&[
+            "--api-key",
+            "backend-key-1",
+            "--jwt-hmac-secret",
+            "k=0123456789abcde",
+        ])
+        .unwrap_err();
+        jwt(&[
+            "--api-key",
+            "backend-key-1",
+            "--jwt-hmac-secret",
+            "k=0123456789abcdef",
+        ])
+        .unwrap();
+    }
+
+    #[test]
+    fn anonymous_viewers_need_room_patterns() {
+        let key = ["--api-key", "backend-key-1"];
+        let with = |p: &[&str]| jwt(&[&key[..], p].concat());
+        let e = with(&["--allow-anonymous-viewers"]).unwrap_err();
+        assert!(e.contains("needs the rooms"), "{e}");
+        assert!(with(&["--allow-anonymous-viewers", ""]).is_err());
+        assert!(with(&["--allow-anonymous-viewers", " , "]).is_err());
+        assert!(
+            with(&["--allow-anonymous-viewers", "true"]).is_err(),
+            "the old boolean"
+        );
+        assert!(with(&["--allow-anonymous-viewers", "a b"]).is_err());
+        assert!(with(&["--allow-anonymous-viewers", "a*b"]).is_err());
+        with(&["--allow-anonymous-viewers", "public-*,lobby"]).unwrap();
+        with(&["--allow-anonymous-viewers", "*"]).unwrap();
+        let c = Config::parse_from(["gateway", "--allow-anonymous-viewers", "public-*, lobby"]);
+        let p = c.anonymous_rooms().unwrap();
+        let room = |s| crate::wire::protocol::RoomName::parse(s).unwrap();
+        assert!(p.covers(&room("public-7")) && p.covers(&room("lobby")));
+        assert!(!p.covers(&room("private")));
+        assert!(Config::defaults().anonymous_rooms().is_none());
+    }
+
+    #[test]
+    fn jwks_url_must_be_https() {
+        let key = ["--api-key", "backend-key-1"];
+        let with = |p: &[&str]| jwt(&[&key[..], p].concat());
+        with(&["--jwks-url", "https://idp.example/jwks.json"]).unwrap();
+        let e = with(&["--jwks-url", "http://idp.example/jwks.json"]).unwrap_err();
+        assert!(e.contains("https"), "{e}");
+        assert!(with(&["--jwks-url", "ftp://idp.example/jwks.json"]).is_err());
+        assert!(with(&["--jwks-url", "idp.example/jwks.json"]).is_err());
+        with(&[
+            "--jwks-url",
+            "http://127.0.0.1:1/jwks.json",
+            "--jwks-allow-http",
+        ])
+        .unwrap();
+    }
+
+    #[test]
+    fn http_timeouts_and_control_rate() {
+        let c = Config::defaults();
+        assert_eq!(c.http_header_timeout, Duration::from_secs(10));
+        assert!(c.http_keepalive_timeout <= Duration::from_secs(60));
+        assert!(c.http_body_timeout <= Duration::from_secs(30));
+        assert_eq!(c.max_control_rate, 5.0);
+        for flag in [
+            "--http-header-timeout",
+            "--http-keepalive-timeout",
+            "--http-body-timeout",
+        ] {
+            let c = Config::parse_from(["gateway", flag, "0"]);
+            assert!(c.validate().is_err(), "{flag} 0");
+            let c = Config::parse_from(["gateway", flag, "1ms"]);
+            c.validate().unwrap();
+        }
+        let c = Config::parse_from(["gateway", "--max-control-rate=-1"]);
+        assert!(c.validate().is_err());
+        let c = Config::parse_from(["gateway", "--max-control-rate", "0"]);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn listed_origins_are_explicit() {
+        let c = Config::defaults();
+        assert!(
+            !c.origin_listed("https://live.example.com"),
+            "empty lists none"
+        );
+        let c = Config::parse_from(["gateway", "--allowed-origins", "https://live.example.com"]);
+        assert!(c.origin_listed("https://live.example.com/"));
+        assert!(!c.origin_listed("https://evil.example"));
+        let c = Config::parse_from(["gateway", "--allowed-origins", "*"]);
+        assert!(c.origin_listed("https://evil.example"));
+    }
+
     #[test]
     fn refuses_bad_values() {
         let c = Config::parse_from(["gateway", "--idle-timeout", "10s", "--ping-interval", "20s"]);
         assert!(c.validate().is_err());
         let c = Config::parse_from(["gateway", "--api-key", "short"]);
         assert!(c.validate().is_err());
-        let c = Config::parse_from(["gateway", "--api-key", ""]);
-        c.validate().unwrap();
-        assert!(!c.api_key_required(), "empty means no key");
+        // An empty or blank key (an unset templated variable) is refused, not read as "no key"
+        // (issue 20: it used to open the API).
+        for blank in ["", " ", " , ", "old-key-123,"] {
+            let c = Config::parse_from(["gateway", "--api-key", blank]);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("empty or blank"), "{blank:?}: {e}");
+        }
         let c = Config::parse_from(["gateway", "--api-key", "old-key-123,new-key-456"]);
         c.validate().unwrap();
         assert_eq!(c.api_keys().count(), 2);
@@ -561,6 +820,8 @@ mod tests {
             "jwt",
             "--jwt-hmac-secret",
             "k1=0123456789abcdef,0123456789abcdefXYZ",
+            "--api-key",
+            "backend-key-1",
         ]);
         c.validate().unwrap();
         let secrets: Vec<_> = c.jwt_hmac_secrets().collect();

@@ -33,7 +33,8 @@
 //!   ([`broker::redis`]: one server or a Sentinel-managed master; [`broker::redis_cluster`]) with
 //!   [`broker::redis_endpoint`] (URL forms and TLS) and [`broker::scripts`] (`publish.lua`,
 //!   `history.lua`: number, record and publish a room's message in one atomic step).
-//! - [`auth`] — token verification: keys (HMAC, PEM, [`auth::jwks`]), [`auth::claims`] and grants.
+//! - [`auth`] — token verification: keys (HMAC, PEM, [`auth::jwks`]), [`auth::claims`] and grants,
+//!   [`auth::patterns`] (room patterns of grants and anonymous viewers).
 //! - [`wire`] — the bottom: protocol types and encoding once to `Bytes` ([`wire::protocol`]), the
 //!   WebSocket frame both ways ([`wire::frame`]), close codes ([`wire::close`]), room positions and
 //!   history reads ([`wire::history`]), the one clock ([`wire::clock`]).
@@ -123,10 +124,16 @@ pub async fn run(
         "gateway node started"
     );
 
+    let timeouts = http::server::Timeouts {
+        header: node.config.http_header_timeout,
+        keepalive: node.config.http_keepalive_timeout,
+    };
     let admin_node = node.clone();
     tracker.spawn(http::server::serve(
         listeners.admin,
         move |req| http::admin::handle(admin_node.clone(), req),
+        timeouts,
+        metrics.clone(),
         stop.clone(),
         tracker.clone(),
     ));
@@ -134,6 +141,8 @@ pub async fn run(
     tracker.spawn(http::server::serve(
         listeners.client,
         move |req| http::routes::handle(client_node.clone(), req),
+        timeouts,
+        metrics.clone(),
         node.draining().clone(),
         tracker.clone(),
     ));

@@ -65,6 +65,12 @@ pub const REDIS_RECONNECTS: &str = "gateway_redis_reconnects_total";
 pub const CLIENT_ERRORS: &str = "gateway_client_errors_total";
 /// HTTP API requests by `status` class (`2xx`, `4xx`, `5xx`).
 pub const HTTP_REQUESTS: &str = "gateway_http_requests_total";
+/// Client control commands (`ping`, `refresh`, malformed commands) refused by the per-connection
+/// control rate limit (`--max-control-rate`), each answered with `rate_limited`.
+pub const CONTROL_RATE_LIMITED: &str = "gateway_control_rate_limited_total";
+/// HTTP connections of the client and admin ports closed by a deadline, by `phase` (see
+/// [`HttpTimeout::label`]).
+pub const HTTP_TIMEOUTS: &str = "gateway_http_timeouts_total";
 /// Always 1; labels carry the build's `version`.
 pub const BUILD_INFO: &str = "gateway_build_info";
 // The process's own series (`process_cpu_seconds_total` as a counter, `process_open_fds`,
@@ -284,6 +290,31 @@ pub struct StateGauges {
     pub redis_shards: Vec<bool>,
 }
 
+/// Which HTTP deadline closed a connection: the `phase` label of [`HTTP_TIMEOUTS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpTimeout {
+    /// No complete first request headers within `--http-header-timeout`.
+    Header = 0,
+    /// No complete next request headers within `--http-keepalive-timeout` of a response.
+    KeepAlive = 1,
+    /// A request body not complete within `--http-body-timeout`.
+    Body = 2,
+}
+
+impl HttpTimeout {
+    /// Every phase, in label order.
+    pub const ALL: [HttpTimeout; 3] = [Self::Header, Self::KeepAlive, Self::Body];
+
+    /// The `phase` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Header => "header",
+            Self::KeepAlive => "keepalive",
+            Self::Body => "body",
+        }
+    }
+}
+
 /// Pre-registered handles of every metric of one node. Cheap to clone (handles are `Arc`s).
 #[derive(Clone)]
 pub struct Metrics {
@@ -340,6 +371,9 @@ pub struct Metrics {
     pub history_read_latency: Histogram,
     /// See [`PUBLISH_DUPLICATES`].
     pub publish_duplicates: Counter,
+    /// See [`CONTROL_RATE_LIMITED`].
+    pub control_rate_limited: Counter,
+    http_timeouts: [Counter; 3],
 }
 
 /// The `result` of a control command (see [`CONTROL_COMMANDS`]).
@@ -362,6 +396,7 @@ pub const CLIENT_ERROR_CODES: &[&str] = &[
     "unavailable",
     "forbidden",
     "refresh_failed",
+    "too_large",
 ];
 
 impl std::fmt::Debug for Metrics {
@@ -459,6 +494,9 @@ impl Metrics {
             history_replayed: counter(HISTORY_REPLAYED, &[]),
             history_read_latency: histogram(HISTORY_READ_LATENCY),
             publish_duplicates: counter(PUBLISH_DUPLICATES, &[]),
+            control_rate_limited: counter(CONTROL_RATE_LIMITED, &[]),
+            http_timeouts: HttpTimeout::ALL
+                .map(|p| counter(HTTP_TIMEOUTS, &[("phase", p.label())])),
             handle: recorder.handle(),
             recorder: Arc::new(recorder),
         }
@@ -518,6 +556,11 @@ impl Metrics {
         if let Some((_, c)) = self.client_errors.iter().find(|(name, _)| *name == code) {
             c.increment(1);
         }
+    }
+
+    /// Counts one HTTP connection closed by the deadline of `phase`.
+    pub fn http_timeout(&self, phase: HttpTimeout) {
+        self.http_timeouts[phase as usize].increment(1);
     }
 
     /// Counts one HTTP API answer.
@@ -699,6 +742,16 @@ fn describe(r: &PrometheusRecorder) {
         "error events sent to clients, by code.",
     );
     d(HTTP_REQUESTS, None, "HTTP API answers by status class.");
+    d(
+        CONTROL_RATE_LIMITED,
+        None,
+        "Client control commands refused by the per-connection control rate limit.",
+    );
+    d(
+        HTTP_TIMEOUTS,
+        None,
+        "HTTP connections closed by a header, keep-alive or body deadline, by phase.",
+    );
     d(BUILD_INFO, None, "Build information; always 1.");
     d(
         MAX_CONNECTIONS,

@@ -52,8 +52,17 @@ fn rs256(claims: &Value, key_file: &str, kid: Option<&str>) -> String {
     encode(&h, claims, &EncodingKey::from_rsa_pem(&pem).unwrap()).unwrap()
 }
 
+/// `--auth jwt` with the test secret and the API key (a node under `--auth jwt` needs one, or
+/// `--open-api`).
 fn jwt_flags(extra: &[&'static str]) -> Vec<&'static str> {
-    let mut f = vec!["--auth", "jwt", "--jwt-hmac-secret", SECRET];
+    let mut f = vec![
+        "--auth",
+        "jwt",
+        "--jwt-hmac-secret",
+        SECRET,
+        "--api-key",
+        API_KEY,
+    ];
     f.extend_from_slice(extra);
     f
 }
@@ -218,6 +227,8 @@ async fn bad_tokens_are_refused_with_the_right_status_and_reason() {
         &key_flag,
         "--jwt-audience",
         "live",
+        "--api-key",
+        API_KEY,
     ];
     let node = TestNode::start(test_config("n1", Some(&redis), &flags)).await;
     let mut good = claims("u1", &[("r", "host")], 60);
@@ -333,7 +344,14 @@ async fn hmac_secrets_rotate_with_an_overlap() {
     let node = TestNode::start(test_config(
         "n1",
         Some(&redis),
-        &["--auth", "jwt", "--jwt-hmac-secret", &both],
+        &[
+            "--auth",
+            "jwt",
+            "--jwt-hmac-secret",
+            &both,
+            "--api-key",
+            API_KEY,
+        ],
     ))
     .await;
     assert!(
@@ -351,7 +369,14 @@ async fn hmac_secrets_rotate_with_an_overlap() {
     let node = TestNode::start(test_config(
         "n1",
         Some(&redis),
-        &["--auth", "jwt", "--jwt-hmac-secret", new],
+        &[
+            "--auth",
+            "jwt",
+            "--jwt-hmac-secret",
+            new,
+            "--api-key",
+            API_KEY,
+        ],
     ))
     .await;
     assert_eq!(
@@ -421,7 +446,15 @@ async fn jwks_keys_are_fetched_and_a_rotation_is_picked_up() {
     let node = TestNode::start(test_config(
         "n1",
         Some(&redis),
-        &["--auth", "jwt", "--jwks-url", &url],
+        &[
+            "--auth",
+            "jwt",
+            "--jwks-url",
+            &url,
+            "--jwks-allow-http",
+            "--api-key",
+            API_KEY,
+        ],
     ))
     .await;
     let c = claims("u1", &[("r", "host")], 60);
@@ -547,7 +580,7 @@ async fn anonymous_viewers_read_but_cannot_publish() {
     let node = TestNode::start(test_config(
         "n1",
         Some(&redis),
-        &jwt_flags(&["--allow-anonymous-viewers"]),
+        &jwt_flags(&["--allow-anonymous-viewers", "r"]),
     ))
     .await;
     let (mut anon, w) = connect(node.client, "r", "name=Guest").await.unwrap();
@@ -606,6 +639,7 @@ async fn kick_and_ban_reach_clients_on_all_three_nodes() {
         "--api-key",
         "old-key-0000,moderator-key-123",
         "--allow-anonymous-viewers",
+        "*",
     ]);
     let mut nodes = Vec::new();
     for i in 1..=3 {
@@ -876,7 +910,12 @@ async fn moderation_works_with_the_in_process_broker_and_needs_a_key() {
         2.0
     );
     // Without any API key the moderation routes are refused outright.
-    let open = TestNode::start(test_config("open", None, &jwt_flags(&[]))).await;
+    let open = TestNode::start(test_config(
+        "open",
+        None,
+        &["--auth", "jwt", "--jwt-hmac-secret", SECRET, "--open-api"],
+    ))
+    .await;
     let (status, body) = api(&open, "POST", "/api/users/u1/disconnect", Value::Null).await;
     assert_eq!((status, body["error"].clone()), (403, json!("forbidden")));
 }

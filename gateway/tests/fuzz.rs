@@ -454,6 +454,8 @@ async fn random_tokens_on_a_live_node_get_a_clean_refusal() {
             "jwt",
             "--jwt-hmac-secret",
             "fuzz-secret-0123456789",
+            "--api-key",
+            "fuzz-api-key-123",
         ],
     ))
     .await;

@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::wire::protocol::{self, Role, RoomName, MAX_ROOM_LEN};
+use super::patterns::{matches, valid_pattern};
+use crate::wire::protocol::{self, Role, RoomName};
 
 /// Most grants one token may carry.
 pub const MAX_GRANTS: usize = 64;
@@ -78,22 +79,6 @@ pub struct Identity {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct ClaimsError(pub &'static str);
-
-/// Whether `pattern` is an exact room name or a valid room-name prefix followed by `*`.
-fn valid_pattern(pattern: &str) -> bool {
-    match pattern.strip_suffix('*') {
-        Some("") => true,
-        Some(prefix) => prefix.len() < MAX_ROOM_LEN && RoomName::parse(prefix).is_some(),
-        None => RoomName::parse(pattern).is_some(),
-    }
-}
-
-fn matches(pattern: &str, room: &str) -> bool {
-    match pattern.strip_suffix('*') {
-        Some(prefix) => room.starts_with(prefix),
-        None => pattern == room,
-    }
-}
 
 impl Claims {
     /// Checks the shape and turns the claims into an [`Identity`].

@@ -3,6 +3,9 @@
 //! flood of tokens with made-up `kid`s cannot turn the node into a load generator against the
 //! key server.
 //!
+//! The URL must be https (unless `--jwks-allow-http`, for tests) and a redirect is an error, not
+//! followed: a redirect answer counts as a failed fetch and the previous keys stay.
+//!
 //! The current set is an `Arc` swapped under a std lock (held for a pointer copy only); a fetch
 //! happens outside it, one at a time (a tokio mutex serializes fetches, and whoever waited on it
 //! finds the set fresh and does not fetch again).
@@ -57,7 +60,10 @@ pub struct Jwks {
 impl Jwks {
     /// A cache of `url`'s keys, empty until the first fetch.
     pub fn new(url: &str) -> Result<Self, JwksError> {
+        // No redirects: a key set is trusted for where it was configured (https, checked by
+        // `Config::validate`), and a redirect could lead to a plain-http or attacker's host.
         let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(FETCH_TIMEOUT)
             .connect_timeout(FETCH_TIMEOUT)
             .build()?;

@@ -16,6 +16,7 @@
 
 pub mod claims;
 pub mod jwks;
+pub mod patterns;
 
 use std::sync::Arc;
 
@@ -26,6 +27,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use crate::config::{split_kid, AuthMode, Config};
 pub use claims::{Identity, Right};
 use jwks::Jwks;
+pub use patterns::RoomPatterns;
 
 /// Longest token accepted, in bytes: far above any real token, small enough that a hostile one
 /// costs nothing to refuse.
@@ -194,8 +196,9 @@ pub struct Verifier {
     jwks: Option<Arc<Jwks>>,
     /// One validation per algorithm (only `algorithms` differs), built once.
     validations: Vec<(Algorithm, Validation)>,
-    /// `--allow-anonymous-viewers`.
-    pub allow_anonymous_viewers: bool,
+    /// `--allow-anonymous-viewers`: the rooms clients without a token may join as viewers
+    /// (and read the history of); `None` when every room needs a token.
+    pub anonymous_rooms: Option<RoomPatterns>,
 }
 
 /// Every algorithm a key may verify.
@@ -282,8 +285,15 @@ impl Verifier {
             keys,
             jwks,
             validations,
-            allow_anonymous_viewers: config.allow_anonymous_viewers,
+            anonymous_rooms: config.anonymous_rooms(),
         }))
+    }
+
+    /// Whether a client without a token may join `room` as a viewer.
+    pub fn anonymous_may_view(&self, room: &crate::wire::protocol::RoomName) -> bool {
+        self.anonymous_rooms
+            .as_ref()
+            .is_some_and(|p| p.covers(room))
     }
 
     /// The JWKS cache, for its background refresh task.
@@ -430,7 +440,7 @@ mod tests {
     const SECRET: &str = "0123456789abcdef-test-secret";
 
     fn verifier(args: &[&str]) -> Verifier {
-        let mut all = vec!["gateway", "--auth", "jwt"];
+        let mut all = vec!["gateway", "--auth", "jwt", "--api-key", "backend-key-1"];
         all.extend_from_slice(args);
         let c = Config::parse_from(all);
         c.validate().unwrap();

@@ -7,15 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
 use tracing::{info, warn};
 
 use crate::auth::claims::MAX_SUB_LEN;
 use crate::config::parse_duration;
-use crate::http::request::{check_api_key, decode_escapes, query_param};
+use crate::http::request::{check_api_key, decode_escapes, query_param, read_body, BodyError};
 use crate::http::response::{json, Body, Refusal};
+use crate::metrics::HttpTimeout;
 use crate::moderation::control::{Command, Reason, ALL_ROOMS};
 use crate::node::Node;
 use crate::wire::protocol::RoomName;
@@ -141,7 +141,7 @@ async fn serve(
             ))
         }
         (Target::Bans, m) if m == Method::PUT || m == Method::DELETE => {
-            let body = read_body(req).await?;
+            let body = read_ban(node, req).await?;
             let room_field = match &body.room {
                 None => ALL_ROOMS.to_string(),
                 Some(r) => RoomName::parse(r)
@@ -214,12 +214,15 @@ struct BanBody {
     duration: Option<serde_json::Value>,
 }
 
-async fn read_body(req: Request<Incoming>) -> Result<BanBody, Refusal> {
-    let body = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
+async fn read_ban(node: &Node, req: Request<Incoming>) -> Result<BanBody, Refusal> {
+    let body = read_body(req.into_body(), MAX_BODY, node.config.http_body_timeout)
         .await
-        .map_err(|_| Refusal::bad_request(format!("the body must be at most {MAX_BODY} bytes")))?
-        .to_bytes();
+        .map_err(|e| {
+            if matches!(e, BodyError::Timeout(_)) {
+                node.metrics.http_timeout(HttpTimeout::Body);
+            }
+            e.refusal()
+        })?;
     serde_json::from_slice(&body).map_err(|_| {
         Refusal::bad_request(
             "the body must be {\"sub\":USER,\"room\":ROOM|null,\"duration\":\"10m\"|SECONDS}",

@@ -2,8 +2,12 @@
 //! strictly) and the API key. Below the routes that use it ([`crate::http::routes`] and
 //! [`crate::http::moderation`]), so that neither imports the other.
 
+use std::time::Duration;
+
+use bytes::Bytes;
 use http::header;
 use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use crate::config::Config;
@@ -61,6 +65,47 @@ pub fn param<'a>(params: &'a [(String, String)], key: &str) -> Option<&'a str> {
         .iter()
         .find(|(k, _)| k == key)
         .map(|(_, v)| v.as_str())
+}
+
+/// Why a request body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// Larger than the route's limit.
+    #[error("the body is larger than {0} bytes")]
+    TooLarge(usize),
+    /// Not complete within `--http-body-timeout` (a stalled or trickled body).
+    #[error("the body did not arrive within {0:?}")]
+    Timeout(Duration),
+    /// The connection failed while reading.
+    #[error("could not read the body: {0}")]
+    Read(String),
+}
+
+impl BodyError {
+    /// The answer to the client: 413, 408 or 400.
+    pub fn refusal(&self) -> Refusal {
+        let (status, code) = match self {
+            Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            Self::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
+            Self::Read(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+        };
+        Refusal::new(status, code, self.to_string())
+    }
+}
+
+/// Reads a request body of at most `limit` bytes within `timeout` (the whole body, so that a
+/// body trickled a byte at a time cannot hold a connection and its buffer open).
+pub async fn read_body(
+    body: Incoming,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, BodyError> {
+    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
+        Err(_) => Err(BodyError::Timeout(timeout)),
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge(limit)),
+        Ok(Err(e)) => Err(BodyError::Read(e.to_string())),
+    }
 }
 
 /// Compares two byte strings in time independent of where they differ (crate `subtle`; only

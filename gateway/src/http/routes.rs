@@ -9,6 +9,10 @@
 //!   moderation ([`crate::http::moderation`]).
 //! - `GET /api/rooms/{room}/messages?since=E:N&limit=L` — the room's history.
 //!
+//! Who may call the API is decided here too: a publish needs the API key (or an API opened on
+//! purpose) and is never accepted from a browser page of another site ([`browser_may_publish`]);
+//! a history read needs the right to join the room ([`may_read_history`]).
+//!
 //! Every refusal happens before the upgrade, as an HTTP status with a JSON body
 //! `{"error":CODE,"message":TEXT}`, and is counted. [`admit`] is where a connection's identity and
 //! role are decided: with `--auth jwt` from the token (header or `token` query parameter), never
@@ -20,17 +24,18 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use serde_json::value::RawValue;
 use tracing::{debug, warn};
 
 use crate::auth::AuthError;
+use crate::config::Config;
 use crate::http::assets;
 use crate::http::moderation as moderation_api;
-use crate::http::request::{check_api_key, param, query_params};
+use crate::http::request::{check_api_key, param, query_params, read_body, BodyError};
 use crate::http::response::{json, Body, Refusal};
-use crate::metrics::{RefuseReason, Source};
+use crate::metrics::{DropReason, HttpTimeout, RefuseReason, Source};
 use crate::moderation::control;
 use crate::node::{Node, SlotError};
 use crate::session::{self, Admission, Resume};
@@ -198,7 +203,7 @@ async fn admit(node: &Node, req: &Request<Incoming>, room: &str) -> Result<Admis
         });
     };
     let Some(token) = bearer_token(req, &params) else {
-        if verifier.allow_anonymous_viewers && role != Some(Role::Host) {
+        if verifier.anonymous_may_view(&room) && role != Some(Role::Host) {
             return Ok(Admission {
                 room,
                 role: Role::Viewer,
@@ -349,9 +354,9 @@ async fn history(
     req: Request<Incoming>,
     room: &str,
 ) -> Result<Response<Body>, Refusal> {
-    check_api_key(&node.config, &req)?;
     let room = parse_room(room)?;
     let params = query_params(&req)?;
+    may_read_history(node, &req, &params, &room).await?;
     let cfg = &node.config;
     let since = parse_resume(&params)?.since;
     let limit = match param(&params, "limit") {
@@ -401,6 +406,101 @@ async fn history(
     }
 }
 
+/// Whether `req` may read `room`'s history: the same right as joining it. An API key always may;
+/// with `--auth jwt` a token (`Authorization: Bearer` or `?token=`) with a grant for the room that
+/// is not banned from it, or no token for a room open to anonymous viewers; with `--auth none`
+/// anyone unless an API key is configured.
+async fn may_read_history(
+    node: &Node,
+    req: &Request<Incoming>,
+    params: &[(String, String)],
+    room: &RoomName,
+) -> Result<(), Refusal> {
+    if node.config.api_key_required() && check_api_key(&node.config, req).is_ok() {
+        return Ok(());
+    }
+    let Some(verifier) = &node.auth else {
+        return check_api_key(&node.config, req);
+    };
+    let refuse = |e: AuthError| {
+        node.metrics.auth_failure(e);
+        Refusal::auth(e)
+    };
+    let Some(token) = bearer_token(req, params) else {
+        return if verifier.anonymous_may_view(room) {
+            Ok(())
+        } else {
+            Err(refuse(AuthError::Missing))
+        };
+    };
+    let identity = verifier.verify(token).await.map_err(refuse)?;
+    if identity.right(room).is_none() {
+        return Err(refuse(AuthError::RoomNotGranted));
+    }
+    if crate::node::moderation::is_banned(node, &identity.sub, room).await {
+        return Err(refuse(AuthError::Banned));
+    }
+    Ok(())
+}
+
+/// Whether `req` may publish through the API: the API key when one is configured (else the API
+/// is open: `--auth none`, or `--auth jwt` with `--open-api`), and never from a browser page of
+/// another site ([`browser_may_publish`]).
+fn may_publish(config: &Config, req: &Request<Incoming>) -> Result<(), Refusal> {
+    browser_may_publish(config, req)?;
+    check_api_key(config, req)
+}
+
+/// Refuses what a web page of another site could make a browser send. Browsers send `Origin`
+/// with every cross-site POST (and `Sec-Fetch-Site`); non-browser clients (backends, curl) send
+/// neither. A request from a browser must come from an origin listed in `--allowed-origins`
+/// (explicitly: the empty list, which admits every origin to WebSockets, admits none here) and
+/// carry `Content-Type: application/json`, which a page of another origin can only send after a
+/// CORS preflight that this server never approves.
+fn browser_may_publish(config: &Config, req: &Request<Incoming>) -> Result<(), Refusal> {
+    let headers = req.headers();
+    let origin = headers.get(header::ORIGIN);
+    let cross_site = headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"));
+    if origin.is_none() && !cross_site {
+        return Ok(());
+    }
+    let listed = origin
+        .and_then(|o| o.to_str().ok())
+        .is_some_and(|o| config.origin_listed(o));
+    if !listed {
+        return Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            "a browser may publish only from an origin listed in --allowed-origins",
+        ));
+    }
+    if media_type(req) != "application/json" {
+        return Err(Refusal::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "a browser must publish with Content-Type: application/json",
+        ));
+    }
+    Ok(())
+}
+
+/// The media type of a request's `Content-Type` (lowercase, without parameters), or "".
+fn media_type(req: &Request<Incoming>) -> String {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default()
+}
+
 /// 503 with `Retry-After: 1`: the broker is unavailable.
 fn unavailable() -> Response<Body> {
     let mut r = Refusal::new(
@@ -420,7 +520,7 @@ async fn publish(
     req: Request<Incoming>,
     room: &str,
 ) -> Result<Response<Body>, Refusal> {
-    check_api_key(&node.config, &req)?;
+    may_publish(&node.config, &req)?;
     let room = parse_room(room)?;
     let key = match req.headers().get("idempotency-key") {
         None => None,
@@ -440,35 +540,19 @@ async fn publish(
         Some(n) if protocol::valid_name(n) => Some(n.to_string()),
         Some(_) => return Err(Refusal::bad_request("invalid from name")),
     };
-    let content_type = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        })
-        .unwrap_or_default();
-    let limit = node.config.max_message_size;
-    let too_large = || {
-        Refusal::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("the body is larger than {limit} bytes"),
-        )
-    };
-    let body = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
-        Err(e) => {
-            return Err(Refusal::bad_request(format!(
-                "could not read the body: {e}"
-            )))
+    let content_type = media_type(&req);
+    let body = read_body(
+        req.into_body(),
+        node.config.max_message_size,
+        node.config.http_body_timeout,
+    )
+    .await
+    .map_err(|e| {
+        if matches!(e, BodyError::Timeout(_)) {
+            node.metrics.http_timeout(HttpTimeout::Body);
         }
-    };
+        e.refusal()
+    })?;
     let Ok(text) = std::str::from_utf8(&body) else {
         return Err(Refusal::bad_request(
             "the body must be UTF-8 (JSON or text)",
@@ -484,6 +568,17 @@ async fn publish(
             Err(_) => protocol::chat_data(text),
         }
     };
+    if !protocol::encoded_within(&data, node.config.max_message_size) {
+        node.metrics.dropped(DropReason::TooLarge).increment(1);
+        return Err(Refusal::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!(
+                "the message is larger than {} bytes once encoded as JSON (text is escaped)",
+                node.config.max_message_size
+            ),
+        ));
+    }
     match node
         .publish(
             &room,

@@ -5,7 +5,8 @@
 //! size including reassembly (1009), fragment count (1009), UTF-8 of text (1007), masking and
 //! framing rules (1002, found by the decoder). Pings are answered through the outbox; a client
 //! Close ends the session with an echo. A publish waits for the broker, which paces a client to the speed
-//! the cluster accepts its messages.
+//! the cluster accepts its messages. Publishes are limited by `--max-publish-rate`, every other
+//! command (`ping`, `refresh`, malformed ones) by `--max-control-rate`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +30,9 @@ pub struct Reader {
     /// The publish rate limit; made at the first publish (most members never publish, and an
     /// idle session should stay small).
     rate: Option<Box<RateLimit>>,
+    /// The control command rate limit (`ping`, `refresh`, malformed commands); made at the first
+    /// such command, for the same reason.
+    control: Option<Box<RateLimit>>,
     /// Who the token says the client is, and what it may do (see [`Reader::with_access`]).
     access: Access,
 }
@@ -45,8 +49,10 @@ struct Access {
 
 /// A token bucket of publishes per connection, with a count of refusals for closing abusers.
 struct RateLimit {
-    /// Publishes per second (and burst size); 0 disables the limit.
+    /// Allowed per second; 0 disables the limit.
     rate: f64,
+    /// Most tokens the bucket holds (the largest burst), at least 1.
+    burst: f64,
     tokens: f64,
     last: Instant,
     /// Refusals in the current window.
@@ -82,6 +88,7 @@ impl Reader {
             role,
             name,
             rate,
+            control: None,
             access: Access {
                 session: 0,
                 user: None,
@@ -102,11 +109,14 @@ impl Reader {
 }
 
 impl RateLimit {
-    fn new(rate: f64) -> Self {
+    /// A bucket of `rate` per second holding up to `burst`.
+    fn new(rate: f64, burst: f64) -> Self {
         let now = Instant::now();
+        let burst = burst.max(1.0);
         Self {
             rate,
-            tokens: rate.max(1.0),
+            burst,
+            tokens: burst,
             last: now,
             refused: 0,
             window_start: now,
@@ -119,7 +129,7 @@ impl RateLimit {
         }
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate.max(1.0));
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             return Rate::Allowed;
@@ -248,6 +258,9 @@ impl Reader {
     /// broker) would otherwise size the idle session's future.
     async fn on_message(&mut self, op: u8, payload: &[u8]) {
         if op == opcode::BINARY {
+            if !self.control_allowed() {
+                return;
+            }
             return self.refuse(
                 "unsupported_binary",
                 "binary messages are not supported; send JSON or text",
@@ -257,7 +270,15 @@ impl Reader {
         let Ok(text) = std::str::from_utf8(payload) else {
             return self.outbox.close(CloseReason::InvalidUtf8);
         };
-        match protocol::parse_command(text) {
+        let command = protocol::parse_command(text);
+        let control = !matches!(
+            command,
+            Ok(ClientCommand::Publish(..) | ClientCommand::Chat(_))
+        );
+        if control && !self.control_allowed() {
+            return;
+        }
+        match command {
             Ok(ClientCommand::Publish(data, key)) => self.publish(data, key.as_deref()).await,
             Ok(ClientCommand::Chat(text)) => self.publish(&protocol::chat_data(text), None).await,
             Ok(ClientCommand::Ping) => self.send(protocol::pong()),
@@ -267,6 +288,33 @@ impl Reader {
                 Box::pin(self.refresh(&token)).await
             }
             Err(e) => self.refuse(e.code(), &e.to_string()),
+        }
+    }
+
+    /// Checks a control command (anything but a publish: `ping`, `refresh`, a malformed command)
+    /// against `--max-control-rate`; each costs the node a reply and maybe a signature check and
+    /// a Redis read, so a client may not make it do them without bound. A refused one is answered
+    /// with `rate_limited` and counted; an abusive client is closed (1008).
+    fn control_allowed(&mut self) -> bool {
+        let max_rate = self.node.config.max_control_rate;
+        let limit = self
+            .control
+            .get_or_insert_with(|| Box::new(RateLimit::new(max_rate, max_rate * 2.0)));
+        match limit.check(Instant::now()) {
+            Rate::Allowed => true,
+            Rate::Refused => {
+                self.node.metrics.control_rate_limited.increment(1);
+                self.refuse(
+                    "rate_limited",
+                    "sending commands too fast; this one was not executed",
+                );
+                false
+            }
+            Rate::Abusive => {
+                self.node.metrics.control_rate_limited.increment(1);
+                self.outbox.close(CloseReason::RateLimited);
+                false
+            }
         }
     }
 
@@ -318,7 +366,7 @@ impl Reader {
         let max_rate = self.node.config.max_publish_rate;
         let rate = self
             .rate
-            .get_or_insert_with(|| Box::new(RateLimit::new(max_rate)));
+            .get_or_insert_with(|| Box::new(RateLimit::new(max_rate, max_rate)));
         match rate.check(Instant::now()) {
             Rate::Allowed => {}
             Rate::Refused => {
@@ -339,6 +387,15 @@ impl Reader {
                     .increment(1);
                 return self.outbox.close(CloseReason::RateLimited);
             }
+        }
+        if !protocol::encoded_within(data, self.node.config.max_message_size) {
+            self.node.metrics.dropped(DropReason::TooLarge).increment(1);
+            return self.refuse_publish(
+                key,
+                "too_large",
+                "this message is larger than --max-message-size once encoded (JSON escaping of \
+                 control characters and quotes); it was not published",
+            );
         }
         let from = self.name.as_deref();
         // Boxed: the publish future (a Redis round trip) is large and only alive while publishing,
@@ -411,7 +468,7 @@ mod tests {
     #[test]
     fn rate_limit_refuses_excess_then_closes_abusers() {
         let t0 = Instant::now();
-        let mut r = RateLimit::new(2.0);
+        let mut r = RateLimit::new(2.0, 2.0);
         assert_eq!(r.check(t0), Rate::Allowed);
         assert_eq!(r.check(t0), Rate::Allowed);
         assert_eq!(r.check(t0), Rate::Refused, "burst of 2 used up");
@@ -426,7 +483,7 @@ mod tests {
         }
         assert_eq!(verdicts.iter().filter(|v| **v == Rate::Refused).count(), 19);
         assert_eq!(verdicts.last(), Some(&Rate::Abusive));
-        let mut slow = RateLimit::new(0.5);
+        let mut slow = RateLimit::new(0.5, 0.5);
         assert_eq!(
             slow.check(t0),
             Rate::Allowed,
@@ -434,7 +491,26 @@ mod tests {
         );
         assert_eq!(slow.check(t0), Rate::Refused);
         assert_eq!(slow.check(t0 + Duration::from_secs(2)), Rate::Allowed);
-        let mut off = RateLimit::new(0.0);
+        let mut off = RateLimit::new(0.0, 0.0);
         assert!((0..1000).all(|_| off.check(t0) == Rate::Allowed));
+    }
+
+    #[test]
+    fn control_limit_allows_its_burst_then_its_rate() {
+        let t0 = Instant::now();
+        // The control limit's shape: 5 per second, bursts of 10.
+        let mut c = RateLimit::new(5.0, 10.0);
+        assert!((0..10).all(|_| c.check(t0) == Rate::Allowed), "the burst");
+        assert_eq!(c.check(t0), Rate::Refused, "one more than the burst");
+        assert_eq!(c.check(t0 + Duration::from_millis(199)), Rate::Refused);
+        assert_eq!(
+            c.check(t0 + Duration::from_millis(201)),
+            Rate::Allowed,
+            "one token per 200 ms"
+        );
+        // A long pause refills to the burst, never beyond it.
+        let later = t0 + Duration::from_secs(60);
+        assert!((0..10).all(|_| c.check(later) == Rate::Allowed));
+        assert_eq!(c.check(later), Rate::Refused);
     }
 }

@@ -322,6 +322,17 @@ pub fn chat_data(text: &str) -> Box<RawValue> {
     serde_json::value::to_raw_value(text).expect("a string always serializes")
 }
 
+/// Whether a message's `data`, as it is stored and sent (JSON-encoded: a chat line's control
+/// characters, quotes and backslashes escaped, up to 6 bytes per byte received), fits in `limit`
+/// bytes; a string's two enclosing quotes are not counted, so that a plain chat line of exactly
+/// `limit` bytes still fits. The size check on what was received is not enough: 64 KiB of control
+/// bytes would otherwise be stored and fanned out as ~390 KB.
+pub fn encoded_within(data: &RawValue, limit: usize) -> bool {
+    let encoded = data.get();
+    let quotes = if encoded.starts_with('"') { 2 } else { 0 };
+    encoded.len() - quotes <= limit
+}
+
 #[derive(Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 enum Event<'a> {
@@ -460,6 +471,33 @@ pub fn pong() -> Bytes {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn encoded_size_counts_the_escapes() {
+        let limit = 1024;
+        let plain = chat_data(&"b".repeat(1024));
+        assert!(
+            encoded_within(&plain, limit),
+            "a plain line of exactly the limit"
+        );
+        assert!(!encoded_within(&chat_data(&"b".repeat(1025)), limit));
+        // One control byte is 6 bytes once escaped (\u0001): 1019 + 6 = 1025.
+        let ctl = format!("{}\u{1}", "b".repeat(1019));
+        assert!(!encoded_within(&chat_data(&ctl), limit));
+        let ctl = format!("{}\u{1}", "b".repeat(1018));
+        assert!(encoded_within(&chat_data(&ctl), limit), "1018 + 6 = 1024");
+        // A quote is 2 bytes.
+        assert!(!encoded_within(&chat_data(&"\"".repeat(513)), limit));
+        assert!(encoded_within(&chat_data(&"\"".repeat(512)), limit));
+        // 64 KiB of control bytes: ~6x over.
+        let flood = "\u{2}".repeat(64 * 1024);
+        assert_eq!(chat_data(&flood).get().len(), 6 * 64 * 1024 + 2);
+        assert!(!encoded_within(&chat_data(&flood), 64 * 1024));
+        // JSON data is kept verbatim: its size is what was received.
+        let raw = RawValue::from_string(format!("[{}]", "1,".repeat(511) + "1")).unwrap();
+        assert_eq!(raw.get().len(), 1025);
+        assert!(!encoded_within(&raw, limit));
+    }
+
     use super::*;
     use serde_json::Value;
 
