@@ -22,7 +22,10 @@ pub fn client(shared: &Shared, tls: rustls::ClientConfig) -> anyhow::Result<reqw
     let mut b = reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
         .timeout(REQUEST_TIMEOUT)
-        .pool_max_idle_per_host(64);
+        .pool_max_idle_per_host(64)
+        // Below the gateway's keep-alive deadline (--http-keepalive-timeout, 30 s by default):
+        // a pooled connection the server already closed would fail the next publish.
+        .pool_idle_timeout(std::time::Duration::from_secs(20));
     for t in &shared.plan.targets {
         b = b.resolve(&t.host, t.addr);
     }
