@@ -57,11 +57,20 @@ pub struct Book {
     pub position: Option<Position>,
     /// Publishes with a key and no ack yet, by sequence number: the frames to send again.
     pub unacked: BTreeMap<u64, String>,
-    /// Unacked publishes the gateway refused as `rate_limited` (a burst after a reconnect): sent
-    /// again one per scheduled publish, so the retries stay within the publish rate.
+    /// Unacked publishes the gateway refused for now (`rate_limited` after a reconnect's burst,
+    /// `unavailable` while its broker is away): sent again at the session's retry pace.
     pub retry: VecDeque<u64>,
     /// Window messages received, for sampling rows.
     pub received: u64,
+}
+
+/// What becomes of a refused keyed publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Sent again with the same key at the retry pace while it stays unacked.
+    Retry,
+    /// Not sent again.
+    Final,
 }
 
 impl Book {
@@ -104,11 +113,33 @@ impl Book {
         w
     }
 
-    /// A keyed publish was refused as `rate_limited`: send it again later (it stays unacked).
+    /// A keyed publish was refused for now: send it again later (it stays unacked).
     pub fn retry_later(&mut self, key: &str) {
         if let Some(seq) = key.rsplit('-').next().and_then(|s| s.parse::<u64>().ok()) {
             if self.unacked.contains_key(&seq) && self.retry.len() < MAX_UNACKED {
                 self.retry.push_back(seq);
+            }
+        }
+    }
+
+    /// A keyed publish was refused with `code`: whether it goes out again (same key, paced by
+    /// the session) or is final.
+    ///
+    /// `unavailable` (the node's broker did not take it) is retried like `rate_limited`, not
+    /// kept for the next reconnect: a node whose Redis comes back before `--broker-loss-close`
+    /// never hands its clients over, so a publish waiting for a welcome was never sent again —
+    /// a publish neither acknowledged nor delivered, with nothing re-sent, in the node-kill
+    /// phase of the smoke test. A retry of a publish that did reach Redis is answered as a
+    /// duplicate by its key, so retrying never delivers twice. Any other refusal is final.
+    pub fn on_refused(&mut self, code: &str, key: &str) -> Refusal {
+        match code {
+            "rate_limited" | "unavailable" => {
+                self.retry_later(key);
+                Refusal::Retry
+            }
+            _ => {
+                self.forget(key);
+                Refusal::Final
             }
         }
     }
@@ -240,6 +271,25 @@ mod tests {
         // `recovered` is only read after a resume.
         let w = b.on_welcome(Some(at("e2", 9)), Some(false), false, true);
         assert!(!w.resumed);
+    }
+
+    #[test]
+    fn unavailable_publishes_are_retried_without_waiting_for_a_reconnect() {
+        let mut b = Book::default();
+        b.remember(7, "frame7".into());
+        b.remember(8, "frame8".into());
+        // The node's publish failed (Redis briefly away) but the node never hands over: no
+        // welcome comes, and the publish must still go out again.
+        assert_eq!(b.on_refused("unavailable", "run-p-7"), Refusal::Retry);
+        assert_eq!(b.next_retry().as_deref(), Some("frame7"));
+        assert_eq!(b.next_retry(), None);
+        assert!(b.unacked.contains_key(&7), "unacked until its ack");
+        // A final refusal forgets it.
+        assert_eq!(b.on_refused("forbidden", "run-p-8"), Refusal::Final);
+        assert!(!b.unacked.contains_key(&8));
+        assert_eq!(b.on_refused("rate_limited", "run-p-7"), Refusal::Retry);
+        b.forget("run-p-7"); // acked meanwhile
+        assert_eq!(b.next_retry(), None);
     }
 
     #[test]

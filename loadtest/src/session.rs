@@ -21,6 +21,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
+use crate::book::Refusal;
 use crate::ledger::{Arrival, Ledger};
 use crate::member::Member;
 use crate::plan::{unix_micros, Window};
@@ -125,7 +126,7 @@ struct Session {
     retry_at: Option<Instant>,
 }
 
-/// Publishes refused as `rate_limited` go out again one per this interval (10 per second, half
+/// Publishes refused as `rate_limited` or `unavailable` go out again one per this interval (10 per second, half
 /// the gateway's default limit), after the burst that a reconnect's catch-up made.
 const RETRY_PACE: Duration = Duration::from_millis(100);
 
@@ -345,17 +346,12 @@ impl Session {
             }
             Some(Event::Error { code, key }) => {
                 self.shared.stats.error_events.add(&code);
-                // `unavailable`: the node's broker did not take it (Redis down or cut off); the
-                // node hands its clients over (4002) and the publish is sent again, with the
-                // same key, after the reconnect. `rate_limited` (a burst of re-sends): sent
-                // again at the publish pace. Any other refusal is final.
-                match key {
-                    Some(k) if code == "rate_limited" => {
-                        self.member.book().retry_later(&k);
+                // `rate_limited` and `unavailable` go out again at the retry pace (and at once
+                // after a reconnect's welcome); any other refusal is final (Book::on_refused).
+                if let Some(k) = key {
+                    if self.member.book().on_refused(&code, &k) == Refusal::Retry {
                         self.retry_at.get_or_insert(Instant::now() + RETRY_PACE);
                     }
-                    Some(k) if !retryable(&code) => self.forget(&k),
-                    _ => {}
                 }
                 self.push(Row::Error(code));
             }
@@ -500,9 +496,4 @@ impl Session {
             self.shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
         }
     }
-}
-
-/// Publish refusals worth sending again after a reconnect (with the same idempotency key).
-fn retryable(code: &str) -> bool {
-    code == "unavailable"
 }
