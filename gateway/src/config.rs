@@ -245,6 +245,12 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_MAX_CONNECTIONS", default_value_t = 0)]
     pub max_connections: usize,
 
+    /// Time a new connection gets to send its first request's headers before it is closed
+    /// (slow-loris guard). Hidden: only tests shorten it, to see the guard work without waiting
+    /// out the production deadline.
+    #[arg(long, value_parser = parse_duration, default_value = "10s", hide = true)]
+    pub header_read_timeout: Duration,
+
     /// On SIGTERM/SIGINT, each client is closed with code 1012 at a random moment within this
     /// window (so they reconnect elsewhere without a storm); the process exits within it plus 5 s.
     #[arg(long, env = "GATEWAY_DRAIN_SECONDS", value_parser = parse_duration, default_value = "10")]
@@ -491,6 +497,7 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.channel_prefix, "gw:room:");
         assert_eq!(c.ping_interval, Duration::from_secs(25));
+        assert_eq!(c.header_read_timeout, Duration::from_secs(10));
         assert!(!c.node_id.is_empty());
     }
 

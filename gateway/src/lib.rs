@@ -134,6 +134,7 @@ pub async fn run(
         move |req| http::admin::handle(admin_node.clone(), req),
         stop.clone(),
         tracker.clone(),
+        node.config.header_read_timeout,
     ));
     let client_node = node.clone();
     tracker.spawn(http::server::serve(
@@ -141,6 +142,7 @@ pub async fn run(
         move |req| http::routes::handle(client_node.clone(), req),
         node.draining().clone(),
         tracker.clone(),
+        node.config.header_read_timeout,
     ));
     tracker.spawn(node::presence::run(node.clone()));
     tracker.spawn(node::keepalive::run(node.clone()));

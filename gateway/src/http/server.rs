@@ -22,15 +22,15 @@ use tracing::{debug, warn};
 
 use crate::http::response::Body;
 
-/// Time a new connection gets to send its first request's headers (slow-loris guard).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Accepts on `listener` until `stop`, serving each connection with `handler` on `tracker`.
+/// Accepts on `listener` until `stop`, serving each connection with `handler` on `tracker`. A
+/// connection that has not sent its first request's headers within `header_read_timeout`
+/// (`--header-read-timeout`, a slow-loris guard) is closed.
 pub async fn serve<H, F>(
     listener: TcpListener,
     handler: H,
     stop: CancellationToken,
     tracker: TaskTracker,
+    header_read_timeout: Duration,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send + 'static,
@@ -73,7 +73,7 @@ pub async fn serve<H, F>(
             // timer keeps the finished connection task's memory alive for the whole life of an
             // upgraded WebSocket (about 1 KiB per connection, measured with massif).
             let first_request = async {
-                tokio::time::sleep(HEADER_READ_TIMEOUT).await;
+                tokio::time::sleep(header_read_timeout).await;
                 if started.load(Ordering::Relaxed) {
                     std::future::pending::<()>().await;
                 }
