@@ -230,31 +230,66 @@ impl RawWs {
     /// Reads one server frame: (opcode, payload); `None` when the connection ended.
     pub async fn read_frame(&mut self) -> Option<(u8, Vec<u8>)> {
         loop {
-            if self.buf.len() >= 2 {
-                let op = self.buf[0] & 0x0f;
-                let (len, hdr) = match self.buf[1] & 0x7f {
-                    126 if self.buf.len() >= 4 => {
-                        (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
-                    }
-                    127 if self.buf.len() >= 10 => (
-                        u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize,
-                        10,
-                    ),
-                    126 | 127 => (usize::MAX, 0),
-                    n => (n as usize, 2),
-                };
-                if len != usize::MAX && self.buf.len() >= hdr + len {
-                    let payload = self.buf[hdr..hdr + len].to_vec();
-                    self.buf.drain(..hdr + len);
-                    return Some((op, payload));
-                }
+            if let Some(f) = self.take_frame() {
+                return Some(f);
             }
-            let mut chunk = [0u8; 65536];
-            match tokio::time::timeout(WAIT, self.stream.read(&mut chunk)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => return None,
-                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(_) => panic!("no frame in time"),
+            if !self.read_more().await {
+                return None;
             }
+        }
+    }
+
+    /// The frames that arrived together: waits for the next bytes from the socket (unless whole
+    /// frames are already buffered), then returns every whole frame buffered, in order. A frame
+    /// cut by the read's end stays buffered for the next call. Empty when the connection ended.
+    pub async fn read_together(&mut self) -> Vec<(u8, Vec<u8>)> {
+        let mut frames = Vec::new();
+        while frames.is_empty() {
+            while let Some(f) = self.take_frame() {
+                frames.push(f);
+            }
+            if frames.is_empty() && !self.read_more().await {
+                break;
+            }
+        }
+        frames
+    }
+
+    /// One whole frame off the front of the buffer, if there is one.
+    fn take_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        if self.buf.len() < 2 {
+            return None;
+        }
+        let op = self.buf[0] & 0x0f;
+        let (len, hdr) = match self.buf[1] & 0x7f {
+            126 if self.buf.len() >= 4 => {
+                (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
+            }
+            127 if self.buf.len() >= 10 => (
+                u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
+            126 | 127 => return None,
+            n => (n as usize, 2),
+        };
+        if self.buf.len() < hdr + len {
+            return None;
+        }
+        let payload = self.buf[hdr..hdr + len].to_vec();
+        self.buf.drain(..hdr + len);
+        Some((op, payload))
+    }
+
+    /// One read from the socket into the buffer; false when the connection ended.
+    async fn read_more(&mut self) -> bool {
+        let mut chunk = [0u8; 65536];
+        match tokio::time::timeout(WAIT, self.stream.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => false,
+            Ok(Ok(n)) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+            Err(_) => panic!("no frame in time"),
         }
     }
 
