@@ -1,13 +1,18 @@
 //! The write window (`--write-window`) on a live node, seen from a raw socket: a room's message
 //! goes out at once when the room's last fan-out is at least one window old; messages arriving
 //! within one window of the last fan-out wait for the window's end and reach each member together
-//! (one write, so one read), in order, none lost. The rule is `fanout/write_window.rs`'s.
+//! (one write, so one read), in order, none lost. The rule is `fanout/write_window.rs`'s; the
+//! last test checks it to the millisecond on tokio's paused clock, which the window's clock
+//! follows.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use common::*;
+use gateway::fanout::write_window::{Batch, Offer, WriteWindow, FLUSH_AT, MAX_PENDING};
+use gateway::wire::protocol::RoomName;
 use serde_json::{json, Value};
 
 /// Long enough that "at once" (well under half a window) and "at the window's end" cannot be
@@ -101,4 +106,92 @@ async fn a_hot_room_is_batched_in_order_and_a_quiet_room_goes_out_at_once() {
         0.0,
         "nothing dropped"
     );
+}
+
+/// The frames of a batch, in order.
+fn frames(batch: &Batch) -> Vec<Bytes> {
+    batch.msgs.iter().map(|(f, _)| f.clone()).collect()
+}
+
+fn frame(i: usize) -> Bytes {
+    Bytes::from(i.to_string())
+}
+
+/// Whether `took` is `want` to the millisecond (the window counts whole milliseconds).
+fn about(took: Duration, want: Duration) -> bool {
+    let ms = Duration::from_millis(1);
+    took + ms >= want && took <= want + 2 * ms
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_window_rule_holds_to_the_millisecond_on_paused_time() {
+    let window = Duration::from_millis(20);
+    let ww = WriteWindow::new(window);
+    let room = RoomName::parse("r").unwrap();
+    // Start the window's clock well before the room's first message.
+    gateway::wire::clock::monotonic_millis();
+    tokio::time::advance(Duration::from_secs(1)).await;
+
+    // A room never fanned out: at once.
+    let fanned = tokio::time::Instant::now();
+    assert!(
+        matches!(ww.offer(&room, frame(1), None, 1), Offer::Now(b) if frames(&b) == [frame(1)])
+    );
+    ww.done(&room);
+    // Within the window: they wait, and go out together at its end.
+    tokio::time::advance(Duration::from_millis(5)).await;
+    for i in 2..=4 {
+        assert!(matches!(
+            ww.offer(&room, frame(i), None, i as u64),
+            Offer::Pending
+        ));
+    }
+    let (due, batch) = ww.next_due().await;
+    let took = fanned.elapsed();
+    assert!(about(took, window), "due after {took:?}");
+    assert_eq!(due, room);
+    assert_eq!(frames(&batch), [frame(2), frame(3), frame(4)]);
+    assert_eq!(batch.ts, [2, 3, 4]);
+    let fanned = tokio::time::Instant::now();
+    ww.done(&room);
+
+    // One millisecond short of a window after that fan-out: it still waits, for that millisecond.
+    tokio::time::advance(window - Duration::from_millis(1)).await;
+    assert!(matches!(ww.offer(&room, frame(5), None, 5), Offer::Pending));
+    let (_, batch) = ww.next_due().await;
+    assert_eq!(frames(&batch), [frame(5)]);
+    let took = fanned.elapsed();
+    assert!(about(took, window), "due after {took:?}");
+    ww.done(&room);
+
+    // Quiet for a whole window: at once again.
+    tokio::time::advance(window).await;
+    assert!(
+        matches!(ww.offer(&room, frame(6), None, 6), Offer::Now(b) if frames(&b) == [frame(6)])
+    );
+    // A message during that fan-out waits for the next turn, even once the window is over.
+    assert!(matches!(ww.offer(&room, frame(7), None, 7), Offer::Pending));
+    tokio::time::advance(window * 2).await;
+    assert!(matches!(ww.offer(&room, frame(8), None, 8), Offer::Pending));
+    ww.done(&room);
+    let (_, batch) = ww.next_due().await;
+    assert_eq!(frames(&batch), [frame(7), frame(8)]);
+    ww.done(&room);
+
+    // A burst of FLUSH_AT within the window goes out at once with the last of them, in order.
+    tokio::time::advance(window).await;
+    assert!(matches!(ww.offer(&room, frame(0), None, 0), Offer::Now(_)));
+    ww.done(&room);
+    for i in 1..FLUSH_AT {
+        assert!(matches!(ww.offer(&room, frame(i), None, 0), Offer::Pending));
+    }
+    match ww.offer(&room, frame(FLUSH_AT), None, 0) {
+        Offer::Now(b) => assert_eq!(frames(&b), (1..=FLUSH_AT).map(frame).collect::<Vec<_>>()),
+        other => panic!("expected the burst at once, got {other:?}"),
+    }
+    // While that fan-out runs, at most MAX_PENDING wait; the next is refused, not queued.
+    for i in 0..MAX_PENDING {
+        assert!(matches!(ww.offer(&room, frame(i), None, 0), Offer::Pending));
+    }
+    assert!(matches!(ww.offer(&room, frame(0), None, 0), Offer::Full));
 }
