@@ -136,6 +136,12 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_JWKS_URL")]
     pub jwks_url: Option<String>,
 
+    /// Shortest time between two JWKS fetches caused by tokens naming an unknown `kid`, so that
+    /// made-up key ids cannot hammer the key server. Hidden: only tests shorten it, to see a
+    /// rotation picked up without waiting out the production gap.
+    #[arg(long, value_parser = parse_duration, default_value = "5s", hide = true)]
+    pub jwks_unknown_kid_gap: Duration,
+
     /// Required `aud` of tokens (when set).
     #[arg(long, env = "GATEWAY_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
@@ -498,6 +504,10 @@ mod tests {
         assert_eq!(c.channel_prefix, "gw:room:");
         assert_eq!(c.ping_interval, Duration::from_secs(25));
         assert_eq!(c.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(
+            c.jwks_unknown_kid_gap,
+            crate::auth::jwks::UNKNOWN_KID_MIN_GAP
+        );
         assert!(!c.node_id.is_empty());
     }
 
