@@ -27,19 +27,27 @@ struct Launched {
 }
 
 impl Launched {
-    /// Spawns the server and waits until its port accepts TCP connections.
-    async fn start(port: u16, args: Vec<String>) -> Self {
+    /// Spawns the server and waits until its port accepts TCP connections; `None` when the
+    /// server exited instead (its port was taken meanwhile: [`free_port`] only finds a free one).
+    async fn try_start(port: u16, args: Vec<String>) -> Option<Self> {
         let mut l = Self {
             port,
             args,
             child: None,
         };
-        l.spawn().await;
-        l
+        l.spawn().await.then_some(l)
     }
 
-    async fn spawn(&mut self) {
-        let child = Command::new(redis_server_binary())
+    /// Like [`Launched::try_start`] on a port the caller chose: a server that exits is an error.
+    async fn start(port: u16, args: Vec<String>) -> Self {
+        Self::try_start(port, args)
+            .await
+            .unwrap_or_else(|| panic!("redis-server exited at start (is port {port} taken?)"))
+    }
+
+    /// Starts the child; true once its port accepts connections, false if it exited first.
+    async fn spawn(&mut self) -> bool {
+        let mut child = Command::new(redis_server_binary())
             .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -47,8 +55,22 @@ impl Launched {
             .expect(
                 "redis-server must be installed (scripts/test.sh installs it) or REDIS_SERVER set",
             );
-        self.child = Some(child);
-        wait_port(self.port).await;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                return false;
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
+                self.child = Some(child);
+                return true;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("nothing listens on port {}", self.port);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// SIGKILL, reaped.
@@ -83,26 +105,37 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
-    /// Starts a server and waits until it answers PING.
+    /// Starts a server on a free port (another, if that one is taken before the server binds it)
+    /// and waits until it answers.
     pub async fn start() -> Self {
-        let port = free_port();
-        let s = Self {
-            port,
-            server: Launched::start(port, redis_args(port, &[])).await,
-        };
-        s.wait_ping().await;
-        s
+        for _ in 0..5 {
+            let port = free_port();
+            if let Some(server) = Launched::try_start(port, redis_args(port, &[])).await {
+                let s = Self { port, server };
+                s.wait_answer().await;
+                return s;
+            }
+        }
+        panic!("redis-server exited at start on five free ports");
     }
 
-    async fn wait_ping(&self) {
+    /// Waits until the server answers, and checks that it is this child and not another
+    /// process that took the port.
+    async fn wait_answer(&self) {
         let deadline = Instant::now() + WAIT;
         loop {
             if let Ok(mut c) = self.connection().await {
-                if redis::cmd("PING")
+                if let Ok(info) = redis::cmd("INFO")
+                    .arg("server")
                     .query_async::<String>(&mut c)
                     .await
-                    .is_ok()
                 {
+                    let pid = format!("process_id:{}", self.server.pid());
+                    assert!(
+                        info.lines().any(|l| l.trim() == pid),
+                        "port {} answers, but not from our redis-server",
+                        self.port
+                    );
                     return;
                 }
             }
@@ -176,8 +209,12 @@ impl RedisServer {
     /// Starts it again on the same port.
     pub async fn restart(&mut self) {
         self.server.kill();
-        self.server.spawn().await;
-        self.wait_ping().await;
+        assert!(
+            self.server.spawn().await,
+            "redis-server exited at restart (is port {} taken?)",
+            self.port
+        );
+        self.wait_answer().await;
     }
 
     /// Sends `signal` (e.g. "STOP", "CONT") to the server process.
