@@ -227,6 +227,51 @@ async fn a_silent_client_is_pinged_then_closed_and_a_live_one_stays() {
     .await;
 }
 
+/// The same with the production timers (`--ping-interval 25s`, `--idle-timeout 60s`), on tokio's
+/// paused clock: the node, its in-process broker and both clients share this test's runtime and
+/// loopback sockets, so the clock jumps from timer to timer whenever all of them wait.
+#[tokio::test(start_paused = true)]
+async fn the_production_keepalive_closes_a_silent_client_on_paused_time() {
+    let config = test_config("n1", None, &[]);
+    let (every, idle) = (config.ping_interval, config.idle_timeout);
+    assert_eq!(
+        (every, idle),
+        (Duration::from_secs(25), Duration::from_secs(60))
+    );
+    let node = TestNode::start(config).await;
+    let mut silent = RawWs::connect(node.client, "/ws/r").await;
+    let mut live = node.join("r", "viewer", "live").await;
+    let start = tokio::time::Instant::now();
+    let silent_side = async {
+        let mut pings = 0;
+        let code = loop {
+            match silent.read_frame_within(idle + every * 2).await {
+                Some((0x9, _)) => pings += 1,
+                Some((0x8, p)) => break u16::from_be_bytes([p[0], p[1]]),
+                Some(_) => {}
+                None => panic!("dropped without a Close"),
+            }
+        };
+        (code, pings, start.elapsed())
+    };
+    let ((code, pings, took), ()) =
+        tokio::join!(silent_side, live.expect_no_message(idle + every * 2));
+    assert_eq!(code, 4001);
+    assert!(pings >= 2, "pinged {pings} times before the close");
+    // Closed by the first ping round that finds it silent for the idle timeout.
+    assert!(
+        took >= idle && took <= idle + every + Duration::from_secs(1),
+        "closed after {took:?}"
+    );
+    live.publish(json!("still here")).await;
+    assert_eq!(live.next_message().await["data"], "still here");
+    assert_eq!(
+        node.metric("gateway_connections_closed_total{reason=\"idle_timeout\"}")
+            .await,
+        1.0
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_or_odd_redis_payloads_never_hurt_the_node() {
     let redis = RedisServer::start().await;

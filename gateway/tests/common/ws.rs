@@ -229,11 +229,17 @@ impl RawWs {
 
     /// Reads one server frame: (opcode, payload); `None` when the connection ended.
     pub async fn read_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        self.read_frame_within(WAIT).await
+    }
+
+    /// Like [`RawWs::read_frame`], waiting up to `limit` for each read (for timers longer than
+    /// [`WAIT`], on paused time).
+    pub async fn read_frame_within(&mut self, limit: Duration) -> Option<(u8, Vec<u8>)> {
         loop {
             if let Some(f) = self.take_frame() {
                 return Some(f);
             }
-            if !self.read_more().await {
+            if !self.read_more(limit).await {
                 return None;
             }
         }
@@ -248,7 +254,7 @@ impl RawWs {
             while let Some(f) = self.take_frame() {
                 frames.push(f);
             }
-            if frames.is_empty() && !self.read_more().await {
+            if frames.is_empty() && !self.read_more(WAIT).await {
                 break;
             }
         }
@@ -280,10 +286,10 @@ impl RawWs {
         Some((op, payload))
     }
 
-    /// One read from the socket into the buffer; false when the connection ended.
-    async fn read_more(&mut self) -> bool {
+    /// One read from the socket into the buffer, within `limit`; false when the connection ended.
+    async fn read_more(&mut self, limit: Duration) -> bool {
         let mut chunk = [0u8; 65536];
-        match tokio::time::timeout(WAIT, self.stream.read(&mut chunk)).await {
+        match tokio::time::timeout(limit, self.stream.read(&mut chunk)).await {
             Ok(Ok(0)) | Ok(Err(_)) => false,
             Ok(Ok(n)) => {
                 self.buf.extend_from_slice(&chunk[..n]);
