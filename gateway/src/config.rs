@@ -159,6 +159,12 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_JWKS_ALLOW_HTTP")]
     pub jwks_allow_http: bool,
 
+    /// Shortest time between two JWKS fetches caused by tokens naming an unknown `kid`, so that
+    /// made-up key ids cannot hammer the key server. Hidden: only tests shorten it, to see a
+    /// rotation picked up without waiting out the production gap.
+    #[arg(long, value_parser = parse_duration, default_value = "5s", hide = true)]
+    pub jwks_unknown_kid_gap: Duration,
+
     /// Required `aud` of tokens (when set).
     #[arg(long, env = "GATEWAY_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
@@ -639,6 +645,10 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.channel_prefix, "gw:room:");
         assert_eq!(c.ping_interval, Duration::from_secs(25));
+        assert_eq!(
+            c.jwks_unknown_kid_gap,
+            crate::auth::jwks::UNKNOWN_KID_MIN_GAP
+        );
         assert!(!c.node_id.is_empty());
     }
 

@@ -8,18 +8,10 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 
-async fn cluster(redis: &RedisServer) -> Vec<TestNode> {
-    let mut nodes = Vec::new();
-    for i in 1..=3 {
-        nodes.push(TestNode::start(test_config(&format!("n{i}"), Some(redis), &[])).await);
-    }
-    nodes
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_publish_reaches_members_on_every_node_and_the_publisher() {
-    let redis = RedisServer::start().await;
-    let nodes = cluster(&redis).await;
+    let cluster = TestCluster::start(&["n1", "n2", "n3"], &[]).await;
+    let (redis, nodes) = (cluster.redis(), &cluster.nodes);
     let mut host = nodes[0].join("show", "host", "alice").await;
     let mut v1 = nodes[0].join("show", "viewer", "bob").await;
     let mut v2 = nodes[1].join("show", "viewer", "carol").await;
@@ -80,10 +72,10 @@ async fn client_publish_reaches_members_on_every_node_and_the_publisher() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_api_and_raw_redis_publish_reach_every_node() {
-    let redis = RedisServer::start().await;
-    let nodes = cluster(&redis).await;
+    let cluster = TestCluster::start(&["n1", "n2", "n3"], &[]).await;
+    let (redis, nodes) = (cluster.redis(), &cluster.nodes);
     let mut viewers = Vec::new();
-    for n in &nodes {
+    for n in nodes {
         viewers.push(n.join("news", "viewer", "v").await);
     }
     redis.wait_numsub("gw:room:news", 3).await;
@@ -138,7 +130,7 @@ async fn http_api_and_raw_redis_publish_reach_every_node() {
     for v in &mut viewers {
         assert_eq!(v.next_message().await["data"], r#"{"score":3}"#);
     }
-    for n in &nodes {
+    for n in nodes {
         assert_eq!(
             n.metric("gateway_messages_published_total{source=\"redis\"}")
                 .await,
@@ -155,8 +147,8 @@ async fn http_api_and_raw_redis_publish_reach_every_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_members_of_a_room_gets_none_of_its_traffic() {
-    let redis = RedisServer::start().await;
-    let nodes = cluster(&redis).await;
+    let cluster = TestCluster::start(&["n1", "n2", "n3"], &[]).await;
+    let (redis, nodes) = (cluster.redis(), &cluster.nodes);
     let mut a = nodes[0].join("busy", "host", "h").await;
     let mut b = nodes[1].join("busy", "viewer", "v").await;
     let mut other = nodes[2].join("quiet", "viewer", "q").await;

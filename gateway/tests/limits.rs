@@ -227,6 +227,51 @@ async fn a_silent_client_is_pinged_then_closed_and_a_live_one_stays() {
     .await;
 }
 
+/// The same with the production timers (`--ping-interval 25s`, `--idle-timeout 60s`), on tokio's
+/// paused clock: the node, its in-process broker and both clients share this test's runtime and
+/// loopback sockets, so the clock jumps from timer to timer whenever all of them wait.
+#[tokio::test(start_paused = true)]
+async fn the_production_keepalive_closes_a_silent_client_on_paused_time() {
+    let config = test_config("n1", None, &[]);
+    let (every, idle) = (config.ping_interval, config.idle_timeout);
+    assert_eq!(
+        (every, idle),
+        (Duration::from_secs(25), Duration::from_secs(60))
+    );
+    let node = TestNode::start(config).await;
+    let mut silent = RawWs::connect(node.client, "/ws/r").await;
+    let mut live = node.join("r", "viewer", "live").await;
+    let start = tokio::time::Instant::now();
+    let silent_side = async {
+        let mut pings = 0;
+        let code = loop {
+            match silent.read_frame_within(idle + every * 2).await {
+                Some((0x9, _)) => pings += 1,
+                Some((0x8, p)) => break u16::from_be_bytes([p[0], p[1]]),
+                Some(_) => {}
+                None => panic!("dropped without a Close"),
+            }
+        };
+        (code, pings, start.elapsed())
+    };
+    let ((code, pings, took), ()) =
+        tokio::join!(silent_side, live.expect_no_message(idle + every * 2));
+    assert_eq!(code, 4001);
+    assert!(pings >= 2, "pinged {pings} times before the close");
+    // Closed by the first ping round that finds it silent for the idle timeout.
+    assert!(
+        took >= idle && took <= idle + every + Duration::from_secs(1),
+        "closed after {took:?}"
+    );
+    live.publish(json!("still here")).await;
+    assert_eq!(live.next_message().await["data"], "still here");
+    assert_eq!(
+        node.metric("gateway_connections_closed_total{reason=\"idle_timeout\"}")
+            .await,
+        1.0
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_or_odd_redis_payloads_never_hurt_the_node() {
     let redis = RedisServer::start().await;
@@ -274,10 +319,18 @@ async fn oversized_or_odd_redis_payloads_never_hurt_the_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_without_request_headers_is_closed_after_10_s_and_keep_alive_is_not() {
+async fn a_connection_without_request_headers_is_closed_at_the_deadline_and_keep_alive_is_not() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let node = TestNode::start(test_config("n1", None, &[])).await;
-    // A slow-loris: half a request line, then nothing.
+    // The production deadline is 10 s; the test shortens it (--http-header-timeout) rather than wait it out.
+    assert_eq!(
+        test_config("n1", None, &[]).http_header_timeout,
+        Duration::from_secs(10)
+    );
+    let deadline = Duration::from_secs(1);
+    let node = TestNode::start(test_config("n1", None, &["--http-header-timeout", "1s"])).await;
+    // A slow-loris: half a request line, then nothing. Its deadline runs from its accept, which
+    // is after `start`.
+    let start = Instant::now();
     let mut loris = tokio::net::TcpStream::connect(node.client).await.unwrap();
     loris.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
     // A keep-alive client that sent a whole request: not subject to the first-request deadline.
@@ -288,15 +341,14 @@ async fn a_connection_without_request_headers_is_closed_after_10_s_and_keep_aliv
     let n = kept.read(&mut buf).await.unwrap();
     assert!(buf[..n].starts_with(b"HTTP/1.1 404"));
 
-    let start = Instant::now();
-    let n = tokio::time::timeout(Duration::from_secs(15), loris.read(&mut buf))
+    let n = tokio::time::timeout(deadline + Duration::from_secs(5), loris.read(&mut buf))
         .await
         .expect("closed within the deadline")
         .unwrap_or(0);
     assert_eq!(n, 0, "closed without an answer");
     let took = start.elapsed();
     assert!(
-        took > Duration::from_secs(9) && took < Duration::from_secs(12),
+        took >= deadline && took < deadline + Duration::from_secs(2),
         "{took:?}"
     );
 
@@ -313,7 +365,9 @@ async fn a_connection_without_request_headers_is_closed_after_10_s_and_keep_aliv
 
 /// A keyed publish refused by the rate limit says which one it was (its `key`), so that the
 /// publisher can send that one again later rather than lose it.
-#[tokio::test]
+// In process only, so on tokio's paused clock: the drain at the end passes without waiting (the
+// rate limit itself counts real time, and the two publishes are microseconds apart either way).
+#[tokio::test(start_paused = true)]
 async fn a_keyed_publish_over_the_rate_limit_is_refused_with_its_key() {
     let node = TestNode::start(test_config("n1", None, &["--max-publish-rate", "1"])).await;
     let mut c = node.join("r", "host", "h").await;

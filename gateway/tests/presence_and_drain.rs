@@ -1,5 +1,6 @@
 //! Timers and endings across real processes: cluster-wide presence that adds up and forgets a
-//! node that died, and a graceful drain on SIGTERM.
+//! node that died, and a graceful drain on SIGTERM; and the production drain window's spacing,
+//! in process on tokio's paused clock.
 
 mod common;
 
@@ -157,4 +158,51 @@ async fn sigterm_drains_clients_with_1012_over_the_window_and_the_cluster_keeps_
     redis.wait_numsub("gw:room:live", 2).await;
     drop(n1);
     drop(n2);
+}
+
+/// The production drain window (`--drain-seconds 10`) in process on tokio's paused clock: the
+/// node's clients get 1012 at evenly spaced moments over the window (here 2, 4, 6, 8 and 10 s),
+/// and `run` returns once the last is gone.
+#[tokio::test(start_paused = true)]
+async fn the_production_drain_spreads_its_1012s_evenly_over_the_window_on_paused_time() {
+    let mut config = test_config("d", None, &[]);
+    config.drain_seconds = gateway::Config::defaults().drain_seconds;
+    let window = config.drain_seconds;
+    assert_eq!(window, Duration::from_secs(10));
+    let mut node = TestNode::start(config).await;
+    let mut clients = Vec::new();
+    for i in 0..5 {
+        clients.push(node.join("r", "viewer", &format!("v{i}")).await);
+    }
+    let task = node.take_task();
+    let began = tokio::time::Instant::now();
+    node.begin_shutdown();
+    let ends = futures_util::future::join_all(clients.into_iter().map(|mut c| async move {
+        let how = c.ended(window * 2).await;
+        let at = began.elapsed();
+        drop(c);
+        (how, at)
+    }))
+    .await;
+    let mut at: Vec<Duration> = ends
+        .iter()
+        .map(|(how, at)| {
+            assert_eq!(*how, Ended::Closed(1012));
+            *at
+        })
+        .collect();
+    at.sort();
+    let step = window / 5;
+    for (i, t) in at.iter().enumerate() {
+        let due = step * (i as u32 + 1);
+        assert!(
+            *t >= due && *t < due + Duration::from_millis(100),
+            "close {i} at {t:?}, due at {due:?} (all: {at:?})"
+        );
+    }
+    tokio::time::timeout(Duration::from_secs(1), task)
+        .await
+        .expect("run returns once the last client is gone")
+        .unwrap()
+        .unwrap();
 }

@@ -7,7 +7,9 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// In process with the in-process broker and loopback sockets only, so on tokio's paused clock:
+// the 200 ms of silence and the drain at the end pass without waiting.
+#[tokio::test(start_paused = true)]
 async fn in_process_broker_serves_a_single_node_without_redis() {
     let node = TestNode::start(test_config("solo", None, &[])).await;
     let (status, body) = http(node.admin, "GET", "/readyz", &[], b"").await.unwrap();

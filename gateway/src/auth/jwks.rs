@@ -1,5 +1,6 @@
 //! Keys from a JWKS URL: fetched at start and every [`BACKGROUND_REFRESH`], and again when a
-//! token names a key id we do not know — at most once per [`UNKNOWN_KID_MIN_GAP`], so that a
+//! token names a key id we do not know — at most once per `--jwks-unknown-kid-gap` (default
+//! [`UNKNOWN_KID_MIN_GAP`]), so that a
 //! flood of tokens with made-up `kid`s cannot turn the node into a load generator against the
 //! key server.
 //!
@@ -23,7 +24,8 @@ use super::Key;
 
 /// Interval of the background refresh.
 pub const BACKGROUND_REFRESH: Duration = Duration::from_secs(300);
-/// Shortest time between two fetches caused by unknown key ids.
+/// Default shortest time between two fetches caused by unknown key ids
+/// (`--jwks-unknown-kid-gap`).
 pub const UNKNOWN_KID_MIN_GAP: Duration = Duration::from_secs(5);
 /// Deadline of one fetch.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);

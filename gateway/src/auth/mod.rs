@@ -194,6 +194,9 @@ pub struct Verifier {
     keys: Vec<Key>,
     /// The JWKS cache, when `--jwks-url` is set.
     jwks: Option<Arc<Jwks>>,
+    /// Shortest time between two JWKS fetches caused by unknown key ids
+    /// (`--jwks-unknown-kid-gap`, default [`jwks::UNKNOWN_KID_MIN_GAP`]).
+    unknown_kid_gap: std::time::Duration,
     /// One validation per algorithm (only `algorithms` differs), built once.
     validations: Vec<(Algorithm, Validation)>,
     /// `--allow-anonymous-viewers`: the rooms clients without a token may join as viewers
@@ -284,6 +287,7 @@ impl Verifier {
         Ok(Some(Self {
             keys,
             jwks,
+            unknown_kid_gap: config.jwks_unknown_kid_gap,
             validations,
             anonymous_rooms: config.anonymous_rooms(),
         }))
@@ -327,7 +331,7 @@ impl Verifier {
         let mut keys = self.candidates(header.kid.as_deref());
         if keys.is_empty() {
             if let Some(jwks) = &self.jwks {
-                jwks.refresh(jwks::UNKNOWN_KID_MIN_GAP).await;
+                jwks.refresh(self.unknown_kid_gap).await;
                 keys = self.candidates(header.kid.as_deref());
             }
         }
