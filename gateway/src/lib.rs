@@ -26,10 +26,15 @@
 //!   received (and the local fallback), then hands one frame to the hub.
 //! - [`write_window`] — batches a busy room's messages, one fan-out per window (`--write-window`).
 //! - [`node`] — ties hub and broker: publish path, delayed unsubscribe, session slots, drain.
-//! - [`broker`] — the seam to the cluster: [`broker::memory`], [`broker::redis`] (one Redis or
-//!   a Sentinel-managed master), [`broker::redis_cluster`] (sharded pub/sub) and
-//!   [`broker::redis_endpoint`] (URL forms and TLS); the Redis brokers number, record and publish
-//!   a room's messages in one atomic step ([`broker::scripts`]: `publish.lua`, `history.lua`).
+//! - [`broker`] — the seam to the cluster: `Broker` = [`broker::memory`] | [`broker::redis`],
+//!   one Redis broker over a transport seam (`redis/conn.rs`: one server or a Sentinel-managed
+//!   master vs a Redis Cluster with slot routing; `subscriber.rs` and `cluster.rs` (sharded
+//!   pub/sub, shard probes); `publisher.rs`; `reconnect.rs`, the one backoff loop),
+//!   [`broker::subscriptions`] (desired vs confirmed, the one diff), [`broker::control`] (the
+//!   control channel and bans in Redis) and [`broker::redis_endpoint`] (URL forms and TLS). The
+//!   Redis broker numbers, records and publishes a room's messages in one atomic step
+//!   ([`broker::scripts`]: `publish.lua`, `history.lua`, `presence.lua`, `ban.lua`, run by
+//!   `EVALSHA`).
 //! - [`auth`] — token verification: keys (HMAC, PEM, [`auth::jwks`]), [`auth::claims`] and grants.
 //! - [`control`] — what the brokers carry for moderation: control commands, the bans' storage.
 //! - [`moderation`] — applies the control channel's disconnects on this node; ban checks.
