@@ -272,3 +272,39 @@ async fn a_node_without_redis_hands_its_clients_over_with_4002() {
     c.expect_no_message(Duration::from_secs(2)).await;
     node.stop().await;
 }
+
+/// A Redis that lost its script cache without losing the connection (`SCRIPT FLUSH`; a restart
+/// or failover does the same) answers `EVALSHA` with `NOSCRIPT`: the broker sends the script
+/// itself once (`EVAL`, which caches it again), and the publish goes through without an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_its_scripts_gets_them_again_and_publishes_go_through() {
+    let redis = RedisServer::start().await;
+    let (n1, n2, mut a, mut b) = setup(&redis).await;
+    let sha = redis::Script::new(include_str!("../src/broker/publish.lua"))
+        .get_hash()
+        .to_string();
+    let cached = || async {
+        redis_at(redis.port, &["SCRIPT", "EXISTS", &sha])
+            .await
+            .map(|v| matches!(v, redis::Value::Array(a) if a == [redis::Value::Int(1)]))
+            .unwrap()
+    };
+    assert!(
+        cached().await,
+        "publish.lua is cached after the first publish"
+    );
+    redis_at(redis.port, &["SCRIPT", "FLUSH"]).await.unwrap();
+    assert!(!cached().await);
+    a.publish(json!("after flush")).await;
+    assert_eq!(b.next_message().await["data"], "after flush");
+    let own = a.next_json().await;
+    assert_eq!(
+        (own["type"].as_str(), own["data"].as_str()),
+        (Some("message"), Some("after flush")),
+        "no error event: {own}"
+    );
+    assert!(cached().await, "the fallback cached the script again");
+    for n in [&n1, &n2] {
+        assert_eq!(n.metric("gateway_broker_publish_errors_total").await, 0.0);
+    }
+}
