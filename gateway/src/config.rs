@@ -504,6 +504,22 @@ mod tests {
     }
 
     #[test]
+    fn redis_backoff_cap_is_hidden_and_bounded() {
+        assert_eq!(Config::defaults().redis_backoff_cap, Duration::from_secs(2));
+        let c = Config::parse_from(["gateway", "--redis-backoff-cap", "200ms"]);
+        c.validate().unwrap();
+        assert_eq!(c.redis_backoff_cap, Duration::from_millis(200));
+        let c = Config::parse_from(["gateway", "--redis-backoff-cap", "50ms"]);
+        assert!(c.validate().is_err(), "below the first wait");
+        use clap::CommandFactory;
+        let help = Config::command().render_long_help().to_string();
+        assert!(
+            !help.contains("redis-backoff-cap"),
+            "a test knob, not an operator's"
+        );
+    }
+
+    #[test]
     fn origins() {
         let c = Config::defaults();
         assert!(c.origin_allowed(Some("https://evil.example")));
