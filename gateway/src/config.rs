@@ -225,6 +225,12 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_REDIS_PROBE_INTERVAL", value_parser = parse_duration, default_value = "2s")]
     pub redis_probe_interval: Duration,
 
+    /// Longest wait between two attempts to reconnect to Redis (the waits start at 100 ms and
+    /// double, with jitter). Short enough that service resumes within seconds of Redis
+    /// returning; hidden because only tests that wait out an outage change it.
+    #[arg(long, env = "GATEWAY_REDIS_BACKOFF_CAP", value_parser = parse_duration, default_value = "2s", hide = true)]
+    pub redis_backoff_cap: Duration,
+
     /// Interval of `presence` events (cluster-wide host and viewer counts) to each room's members.
     /// Each node reports its local counts to Redis with a time-to-live of three intervals, so
     /// the counts of a node that died vanish within that time.
@@ -456,6 +462,9 @@ impl Config {
         if self.redis_timeout.is_zero() || self.redis_probe_interval.is_zero() {
             return bad("--redis-timeout and --redis-probe-interval must not be zero");
         }
+        if self.redis_backoff_cap < Duration::from_millis(100) {
+            return bad("--redis-backoff-cap must be at least the first wait, 100ms");
+        }
         if self.presence_interval < Duration::from_millis(100) {
             return bad("--presence-interval must be at least 100ms");
         }
@@ -650,6 +659,22 @@ mod tests {
             crate::auth::jwks::UNKNOWN_KID_MIN_GAP
         );
         assert!(!c.node_id.is_empty());
+    }
+
+    #[test]
+    fn redis_backoff_cap_is_hidden_and_bounded() {
+        assert_eq!(Config::defaults().redis_backoff_cap, Duration::from_secs(2));
+        let c = Config::parse_from(["gateway", "--redis-backoff-cap", "200ms"]);
+        c.validate().unwrap();
+        assert_eq!(c.redis_backoff_cap, Duration::from_millis(200));
+        let c = Config::parse_from(["gateway", "--redis-backoff-cap", "50ms"]);
+        assert!(c.validate().is_err(), "below the first wait");
+        use clap::CommandFactory;
+        let help = Config::command().render_long_help().to_string();
+        assert!(
+            !help.contains("redis-backoff-cap"),
+            "a test knob, not an operator's"
+        );
     }
 
     #[test]

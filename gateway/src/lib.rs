@@ -29,10 +29,15 @@
 //!   [`fanout::inbound`] (the one door from the broker: classify, count, stamp, in order),
 //!   [`fanout::write_window`] (`--write-window`: batches hot rooms only), [`fanout::hub`] (local rooms → members'
 //!   outboxes), [`fanout::outbox`] (bounded queue, hold and cut for gapless joins, direct writes).
-//! - [`broker`] — the seam to the cluster: [`broker::memory`] (one node), the Redis brokers
-//!   ([`broker::redis`]: one server or a Sentinel-managed master; [`broker::redis_cluster`]) with
-//!   [`broker::redis_endpoint`] (URL forms and TLS) and [`broker::scripts`] (`publish.lua`,
-//!   `history.lua`: number, record and publish a room's message in one atomic step).
+//! - [`broker`] — the seam to the cluster: `Broker` = [`broker::memory`] | [`broker::redis`],
+//!   one Redis broker over a transport seam (`redis/conn.rs`: one server or a Sentinel-managed
+//!   master vs a Redis Cluster with slot routing; `subscriber.rs` and `cluster.rs` (sharded
+//!   pub/sub, shard probes); `publisher.rs`; `reconnect.rs`, the one backoff loop),
+//!   [`broker::subscriptions`] (desired vs confirmed, the one diff), [`broker::control`] (the
+//!   control channel and bans in Redis) and [`broker::redis_endpoint`] (URL forms and TLS). The
+//!   Redis broker numbers, records and publishes a room's messages in one atomic step
+//!   ([`broker::scripts`]: `publish.lua`, `history.lua`, `presence.lua`, `ban.lua`, run by
+//!   `EVALSHA`).
 //! - [`auth`] — token verification: keys (HMAC, PEM, [`auth::jwks`]), [`auth::claims`] and grants,
 //!   [`auth::patterns`] (room patterns of grants and anonymous viewers).
 //! - [`wire`] — the bottom: protocol types and encoding once to `Bytes` ([`wire::protocol`]), the

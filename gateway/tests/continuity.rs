@@ -76,10 +76,11 @@ async fn acks_keys_and_history(a: &TestNode, b: &TestNode) {
         (&dup["offset"], &dup["duplicate"], &dup["id"]),
         (&json!(1), &json!(true), &ack["id"])
     );
-    // Unkeyed publishes get no ack; over HTTP the key is a header. Without an ack, the viewer's
-    // copy is what says "two" has its offset: only then is "three" sure to come after it.
+    // Unkeyed publishes get no ack; over HTTP the key is a header. Without an ack, only the
+    // viewer's copy shows that "two" was numbered before the other node's HTTP publish.
     host.publish(json!("two")).await;
     let two = viewer.next_message().await;
+    assert_eq!((&two["data"], &two["offset"]), (&json!("two"), &json!(2)));
     let (status, body) = http_publish(b, "acks", &[("Idempotency-Key", "h1")], br#""three""#).await;
     assert_eq!(status, 202);
     assert_eq!(

@@ -7,7 +7,20 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use gateway::Config;
 use serde_json::json;
+
+/// The longest wait between reconnect attempts in these tests (`--redis-backoff-cap`; 2 s in
+/// production): a tenth, so that an outage many caps long takes seconds rather than half a
+/// minute. What the tests assert is relative to it.
+const BACKOFF_CAP: Duration = Duration::from_millis(200);
+
+/// [`test_config`] with the short backoff cap.
+fn outage_config(node_id: &str, redis: &RedisServer, extra: &[&str]) -> Config {
+    let mut config = test_config(node_id, Some(redis), extra);
+    config.redis_backoff_cap = BACKOFF_CAP;
+    config
+}
 
 async fn readyz(node: &TestNode) -> u16 {
     http(node.admin, "GET", "/readyz", &[], b"")
@@ -18,8 +31,8 @@ async fn readyz(node: &TestNode) -> u16 {
 
 /// Two nodes, a member of room `r` on each; checks cross-node delivery works.
 async fn setup(redis: &RedisServer) -> (TestNode, TestNode, WsClient, WsClient) {
-    let n1 = TestNode::start(test_config("n1", Some(redis), &[])).await;
-    let n2 = TestNode::start(test_config("n2", Some(redis), &[])).await;
+    let n1 = TestNode::start(outage_config("n1", redis, &[])).await;
+    let n2 = TestNode::start(outage_config("n2", redis, &[])).await;
     let mut a = n1.join("r", "host", "a").await;
     let mut b = n2.join("r", "viewer", "b").await;
     redis.wait_numsub("gw:room:r", 2).await;
@@ -130,13 +143,19 @@ async fn short_outage_nodes_stay_up_publishes_fail_clearly_and_delivery_resumes(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn long_outage_of_over_30_seconds_recovers_without_restart() {
+/// An outage of over fifteen backoff caps (31 s with the production cap of 2 s; 3.1 s with the
+/// tests' cap): every reconnect loop has long reached its longest wait and keeps trying.
+async fn long_outage_of_over_fifteen_backoff_caps_recovers_without_restart() {
     let mut redis = RedisServer::start().await;
     let (n1, n2, mut a, mut b) = setup(&redis).await;
     redis.kill();
     expect_outage_seen([&n1, &n2]).await;
-    tokio::time::sleep(Duration::from_secs(31)).await;
-    assert_eq!(readyz(&n1).await, 503, "still honest after 30 s");
+    tokio::time::sleep(BACKOFF_CAP * 31 / 2).await;
+    assert_eq!(
+        readyz(&n1).await,
+        503,
+        "still honest after fifteen backoff caps"
+    );
     redis.restart().await;
     expect_recovery(&n1, &n2, &mut a, &mut b).await;
     assert!(
@@ -169,7 +188,7 @@ async fn a_frozen_redis_is_detected_by_the_probe_and_handled_as_an_outage() {
 async fn a_node_started_while_redis_is_down_comes_up_when_it_returns() {
     let mut redis = RedisServer::start().await;
     redis.kill();
-    let node = TestNode::start_unready(test_config("n1", Some(&redis), &[])).await;
+    let node = TestNode::start_unready(outage_config("n1", &redis, &[])).await;
     eventually("admin answers", || async { readyz(&node).await == 503 }).await;
     let mut c = node.join("r", "viewer", "c").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -184,7 +203,7 @@ async fn a_node_started_while_redis_is_down_comes_up_when_it_returns() {
 async fn more_rooms_than_one_subscribe_batch_are_all_resubscribed_after_a_restart() {
     // The subscriber sends SUBSCRIBE in batches of 500 channels; 600 rooms take two.
     let mut redis = RedisServer::start().await;
-    let node = TestNode::start(test_config("n1", Some(&redis), &[])).await;
+    let node = TestNode::start(outage_config("n1", &redis, &[])).await;
     let mut members = Vec::new();
     for i in 0..600 {
         members.push(node.join(&format!("r{i}"), "viewer", "v").await);
@@ -218,12 +237,7 @@ async fn more_rooms_than_one_subscribe_batch_are_all_resubscribed_after_a_restar
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_redis_hands_its_clients_over_with_4002() {
     let mut redis = RedisServer::start().await;
-    let node = TestNode::start(test_config(
-        "n1",
-        Some(&redis),
-        &["--broker-loss-close", "1s"],
-    ))
-    .await;
+    let node = TestNode::start(outage_config("n1", &redis, &["--broker-loss-close", "1s"])).await;
     let mut a = node.join("r", "viewer", "a").await;
     let mut b = node.join("r", "viewer", "b").await;
     a.expect_no_message(Duration::from_millis(1500)).await;
@@ -257,4 +271,40 @@ async fn a_node_without_redis_hands_its_clients_over_with_4002() {
     let mut c = node.join("r", "viewer", "c").await;
     c.expect_no_message(Duration::from_secs(2)).await;
     node.stop().await;
+}
+
+/// A Redis that lost its script cache without losing the connection (`SCRIPT FLUSH`; a restart
+/// or failover does the same) answers `EVALSHA` with `NOSCRIPT`: the broker sends the script
+/// itself once (`EVAL`, which caches it again), and the publish goes through without an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_its_scripts_gets_them_again_and_publishes_go_through() {
+    let redis = RedisServer::start().await;
+    let (n1, n2, mut a, mut b) = setup(&redis).await;
+    let sha = redis::Script::new(include_str!("../src/broker/publish.lua"))
+        .get_hash()
+        .to_string();
+    let cached = || async {
+        redis_at(redis.port, &["SCRIPT", "EXISTS", &sha])
+            .await
+            .map(|v| matches!(v, redis::Value::Array(a) if a == [redis::Value::Int(1)]))
+            .unwrap()
+    };
+    assert!(
+        cached().await,
+        "publish.lua is cached after the first publish"
+    );
+    redis_at(redis.port, &["SCRIPT", "FLUSH"]).await.unwrap();
+    assert!(!cached().await);
+    a.publish(json!("after flush")).await;
+    assert_eq!(b.next_message().await["data"], "after flush");
+    let own = a.next_json().await;
+    assert_eq!(
+        (own["type"].as_str(), own["data"].as_str()),
+        (Some("message"), Some("after flush")),
+        "no error event: {own}"
+    );
+    assert!(cached().await, "the fallback cached the script again");
+    for n in [&n1, &n2] {
+        assert_eq!(n.metric("gateway_broker_publish_errors_total").await, 0.0);
+    }
 }

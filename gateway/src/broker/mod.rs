@@ -1,22 +1,23 @@
 //! The broker seam: how a node hears about every room it has local members in, and how it
 //! publishes into a room for the whole cluster.
 //!
-//! Three implementations sit behind [`Broker`]: [`memory`] (one node alone, no Redis), [`redis`]
-//! (a cluster sharing one Redis, or a Sentinel-managed master) and [`redis_cluster`] (Redis
-//! Cluster, sharded pub/sub); [`redis_endpoint`] parses the URL that picks one. All hand what
-//! they receive to the node's [`Inbound`](crate::fanout::inbound::Inbound) handler, never blocking on it;
-//! they know nothing else of the node. Subscriptions are a *desired set* that the
-//! broker converges to: [`Broker::subscribe`] and [`Broker::unsubscribe`] only change the set (and
-//! are called under the hub's lock, so the order of changes is the order of joins and leaves); the
-//! Redis subscriber task sends the difference to Redis, and sends the whole set again after a
-//! reconnect.
+//! Two implementations sit behind [`Broker`]: [`memory`] (one node alone, no Redis) and
+//! [`redis`] (one Redis server, a Sentinel-managed master or a Redis Cluster, over one transport
+//! seam); [`redis_endpoint`] parses the URL that picks the transport, [`scripts`] holds the Lua
+//! scripts, [`control`] the control channel and the bans in Redis. Both hand what they receive
+//! to the node's [`Inbound`](crate::fanout::inbound::Inbound) handler, never blocking on it;
+//! they know nothing else of the node. Subscriptions are a *desired set* that the broker
+//! converges to ([`subscriptions`]): [`Broker::subscribe`] and [`Broker::unsubscribe`] only
+//! change the set (and are called under the hub's lock, so the order of changes is the order of
+//! joins and leaves); the Redis subscriber task sends the difference to Redis, and sends the
+//! whole set again after a reconnect.
 //!
-//! An enum rather than a trait object: there are few implementations, all known here, and the hot
-//! path (publish) stays a direct call.
+//! An enum rather than a trait object: there are two implementations, both known here, and the
+//! hot path (publish) stays a direct call.
 
+pub mod control;
 pub mod memory;
 pub mod redis;
-pub mod redis_cluster;
 pub mod redis_endpoint;
 pub mod scripts;
 pub mod subscriptions;
@@ -55,10 +56,8 @@ pub enum BrokerError {
 pub enum Broker {
     /// In-process: one node alone.
     Memory(memory::MemoryBroker),
-    /// Redis pub/sub: a cluster of nodes sharing one Redis (or a Sentinel-managed master).
+    /// Redis: one server, a Sentinel-managed master or a Redis Cluster (sharded pub/sub).
     Redis(redis::RedisBroker),
-    /// Redis Cluster sharded pub/sub.
-    RedisCluster(redis_cluster::RedisClusterBroker),
 }
 
 impl Broker {
@@ -67,7 +66,6 @@ impl Broker {
         match self {
             Self::Memory(b) => b.subscribe(room),
             Self::Redis(b) => b.subscribe(room),
-            Self::RedisCluster(b) => b.subscribe(room),
         }
     }
 
@@ -76,7 +74,6 @@ impl Broker {
         match self {
             Self::Memory(b) => b.unsubscribe(room),
             Self::Redis(b) => b.unsubscribe(room),
-            Self::RedisCluster(b) => b.unsubscribe(room),
         }
     }
 
@@ -86,9 +83,6 @@ impl Broker {
         match self {
             Self::Memory(_) => true,
             Self::Redis(b) => tokio::time::timeout(limit, b.wait_subscribed(room))
-                .await
-                .unwrap_or(false),
-            Self::RedisCluster(b) => tokio::time::timeout(limit, b.wait_subscribed(room))
                 .await
                 .unwrap_or(false),
         }
@@ -109,7 +103,6 @@ impl Broker {
         match self {
             Self::Memory(b) => Ok(b.publish(room, &prefix, id, key)),
             Self::Redis(b) => b.publish(room, prefix, id, key).await,
-            Self::RedisCluster(b) => b.publish(room, prefix, id, key).await,
         }
     }
 
@@ -122,7 +115,6 @@ impl Broker {
         match self {
             Self::Memory(b) => Ok(b.history(room, query)),
             Self::Redis(b) => b.history(room, query).await,
-            Self::RedisCluster(b) => b.history(room, query).await,
         }
     }
 
@@ -138,7 +130,6 @@ impl Broker {
         match self {
             Self::Memory(_) => Ok(rooms.iter().map(|(_, c)| *c).collect()),
             Self::Redis(b) => b.presence(node_id, rooms, gone, ttl).await,
-            Self::RedisCluster(b) => b.presence(node_id, rooms, gone, ttl).await,
         }
     }
 
@@ -147,7 +138,6 @@ impl Broker {
         match self {
             Self::Memory(b) => b.control.set(tx),
             Self::Redis(b) => b.set_control(tx),
-            Self::RedisCluster(b) => b.set_control(tx),
         }
     }
 
@@ -159,7 +149,6 @@ impl Broker {
                 Ok(())
             }
             Self::Redis(b) => b.publish_control(payload).await,
-            Self::RedisCluster(b) => b.publish_control(payload).await,
         }
     }
 
@@ -171,7 +160,6 @@ impl Broker {
                 Ok(())
             }
             Self::Redis(b) => b.ban(sub, field, until_ms).await,
-            Self::RedisCluster(b) => b.ban(sub, field, until_ms).await,
         }
     }
 
@@ -180,7 +168,6 @@ impl Broker {
         match self {
             Self::Memory(b) => Ok(b.bans.unban(sub, field)),
             Self::Redis(b) => b.unban(sub, field).await,
-            Self::RedisCluster(b) => b.unban(sub, field).await,
         }
     }
 
@@ -189,7 +176,6 @@ impl Broker {
         match self {
             Self::Memory(b) => Ok(b.bans.list(sub)),
             Self::Redis(b) => b.bans(sub).await,
-            Self::RedisCluster(b) => b.bans(sub).await,
         }
     }
 
@@ -198,7 +184,6 @@ impl Broker {
         match self {
             Self::Memory(_) => true,
             Self::Redis(b) => b.is_connected(),
-            Self::RedisCluster(b) => b.is_connected(),
         }
     }
 
@@ -208,7 +193,6 @@ impl Broker {
         match self {
             Self::Memory(b) => b.subscription_count(),
             Self::Redis(b) => b.subscription_count(),
-            Self::RedisCluster(b) => b.subscription_count(),
         }
     }
 
@@ -217,8 +201,7 @@ impl Broker {
     pub fn shard_states(&self) -> Vec<bool> {
         match self {
             Self::Memory(_) => Vec::new(),
-            Self::Redis(b) => vec![b.is_connected()],
-            Self::RedisCluster(b) => b.shard_states(),
+            Self::Redis(b) => b.shard_states(),
         }
     }
 
@@ -226,63 +209,7 @@ impl Broker {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Memory(_) => "memory",
-            Self::Redis(_) => "redis",
-            Self::RedisCluster(_) => "redis-cluster",
+            Self::Redis(b) => b.kind(),
         }
-    }
-}
-
-/// Capped exponential backoff with full jitter, for reconnect loops that never give up.
-#[derive(Debug)]
-pub struct Backoff {
-    base: Duration,
-    cap: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    /// Starts at `base`, never waits longer than `cap`.
-    pub fn new(base: Duration, cap: Duration) -> Self {
-        Self {
-            base,
-            cap,
-            attempt: 0,
-        }
-    }
-
-    /// The next wait: uniformly random in [base/2, min(cap, base·2^attempt)].
-    pub fn next_delay(&mut self) -> Duration {
-        let ceiling = self
-            .base
-            .saturating_mul(1u32 << self.attempt.min(16))
-            .min(self.cap);
-        self.attempt = self.attempt.saturating_add(1);
-        let floor = self.base / 2;
-        let span = ceiling.saturating_sub(floor).as_micros() as u64;
-        floor + Duration::from_micros(fastrand::u64(0..=span))
-    }
-
-    /// Back to the first step, after a connection came up.
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_is_capped_and_jittered() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-        let delays: Vec<Duration> = (0..40).map(|_| b.next_delay()).collect();
-        assert!(delays
-            .iter()
-            .all(|d| *d >= Duration::from_millis(50) && *d <= Duration::from_secs(2)));
-        assert!(delays[0] <= Duration::from_millis(100));
-        let late: std::collections::HashSet<_> = delays[20..].iter().collect();
-        assert!(late.len() > 5, "jitter spreads the waits");
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(100));
     }
 }

@@ -2,8 +2,8 @@
 //! Sentinel (`redis+sentinel://`, `rediss+sentinel://`) or a Redis Cluster (`redis+cluster://`,
 //! `rediss+cluster://`), with TLS through the redis crate's rustls support.
 //!
-//! This module only parses and builds clients; the broker tasks ([`super::redis`],
-//! [`super::redis_cluster`]) own the connections. A Sentinel endpoint is asked for the current
+//! This module only parses and builds clients; the Redis broker's tasks ([`super::redis`]) own
+//! the connections. A Sentinel endpoint is asked for the current
 //! master at every (re)connect, which is how a node follows a failover without a restart.
 //!
 //! URL forms (credentials, when given, are those of the Redis servers, not of the sentinels):

@@ -1,8 +1,10 @@
-//! The continuity scripts both Redis brokers run (one server or Sentinel, and Cluster): their
-//! sources, their keys, their arguments and how their answers read. Every key carries the room's
-//! hash tag (`{prefix}{<room>}:meta|hist|idem:<key>`), so one script touches one cluster slot;
-//! the brokers differ only in how a script reaches Redis and which command publishes
-//! (`PUBLISH`, or `SPUBLISH` on the room's hash-tagged channel in a cluster).
+//! The Lua scripts the Redis broker runs — `publish.lua`, `history.lua`, `presence.lua` and
+//! `ban.lua`, each a file beside this one — with their keys, their arguments and how their answers
+//! read. Every room key carries the room's hash tag (`{prefix}{<room>}:meta|hist|idem:<key>`), so
+//! one script touches one cluster slot. How a script reaches Redis (`EVALSHA`, and `EVAL` when a
+//! server answers `NOSCRIPT`) is [`super::redis::conn`]'s one place.
+
+use std::sync::LazyLock;
 
 use crate::wire::history::{Ack, HistoryLimits, HistoryQuery, HistoryRead, Recovery, META_TTL};
 use crate::wire::protocol::RoomName;
@@ -10,10 +12,36 @@ use crate::wire::protocol::RoomName;
 use super::BrokerError;
 use bytes::Bytes;
 
+/// A Lua script: its source and its SHA1, computed once per process (Redis caches a script by
+/// this hash, so `EVALSHA` sends 40 bytes instead of the source).
+#[derive(Debug)]
+pub struct LuaScript {
+    /// The script's text, compiled into the binary from its `.lua` file.
+    pub source: &'static str,
+    /// `SHA1(source)` in hex, as `SCRIPT LOAD` would answer.
+    pub sha: String,
+}
+
+impl LuaScript {
+    fn new(source: &'static str) -> Self {
+        Self {
+            source,
+            sha: redis::Script::new(source).get_hash().to_string(),
+        }
+    }
+}
+
 /// Numbers, records and publishes one message.
-pub(super) const PUBLISH_SCRIPT: &str = include_str!("publish.lua");
+pub static PUBLISH: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new(include_str!("publish.lua")));
 /// Reads a room's position and history for a joining or resuming client.
-pub(super) const HISTORY_SCRIPT: &str = include_str!("history.lua");
+pub static HISTORY: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new(include_str!("history.lua")));
+/// Reports one node's counts of one room and returns the room's cluster-wide counts.
+pub static PRESENCE: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new(include_str!("presence.lua")));
+/// Stores one ban and keeps the user's ban hash alive exactly as long as its latest ban.
+pub static BAN: LazyLock<LuaScript> = LazyLock::new(|| LuaScript::new(include_str!("ban.lua")));
 
 /// A key of `room`'s history: `{prefix}{<room>}:<suffix>`, hash-tagged by the room.
 pub fn room_key(prefix: &str, room: &RoomName, suffix: &str) -> String {

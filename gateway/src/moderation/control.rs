@@ -1,7 +1,8 @@
 //! What the brokers carry for moderation, below them and the node: the control channel's
 //! commands ([`Command`], JSON on `{prefix}_control`, which every node subscribes to
 //! permanently), the bounded hand-over of received commands to the node ([`ControlSink`]), and
-//! the bans' storage ([`BAN_SCRIPT`] in Redis, [`MemoryBans`] with the in-process broker).
+//! the bans' storage with the in-process broker ([`MemoryBans`]; in Redis it is
+//! [`crate::broker::control`]'s).
 //! Applying a command is [`crate::node::moderation`]'s business; the routes are
 //! [`crate::http::moderation`]'s.
 
@@ -21,20 +22,6 @@ pub const CONTROL_ROOM: &str = "_control";
 pub const CONTROL_QUEUE: usize = 1024;
 /// The field of a ban on every room.
 pub const ALL_ROOMS: &str = "*";
-
-/// Stores a ban field and sets the key's expiry to the latest live field's, so that the key
-/// vanishes with its last ban. KEYS[1] the user's ban hash; ARGV[1] field, ARGV[2] expiry (ms).
-pub const BAN_SCRIPT: &str = r#"
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-local latest = 0
-local all = redis.call('HGETALL', KEYS[1])
-for i = 1, #all, 2 do
-  local e = tonumber(all[i + 1])
-  if e and e > latest then latest = e end
-end
-redis.call('PEXPIREAT', KEYS[1], latest)
-return latest
-"#;
 
 /// A command on the control channel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -25,8 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Verifier;
 use crate::broker::memory::MemoryBroker;
-use crate::broker::redis::{RedisBroker, RedisTimeouts};
-use crate::broker::redis_cluster::RedisClusterBroker;
+use crate::broker::redis::{RedisBroker, RedisSetup, RedisTimeouts};
 use crate::broker::redis_endpoint::Endpoint;
 use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
@@ -144,34 +143,24 @@ impl Node {
         );
         tracker.spawn(inbound.clone().run_window(stop.clone()));
         let limits = config.history_limits();
-        let timeouts = RedisTimeouts {
-            command: config.redis_timeout,
-            probe_interval: config.redis_probe_interval,
-        };
         let broker = match &config.redis_url {
             None => Broker::Memory(MemoryBroker::new(inbound.clone(), metrics.clone(), limits)),
-            Some(url) => match Endpoint::parse(url, &config.redis_tls())? {
-                Endpoint::Cluster(seeds) => Broker::RedisCluster(RedisClusterBroker::start(
-                    seeds,
-                    &config.channel_prefix,
-                    inbound.clone(),
-                    metrics.clone(),
-                    timeouts,
+            Some(url) => Broker::Redis(RedisBroker::start(
+                RedisSetup {
+                    endpoint: Endpoint::parse(url, &config.redis_tls())?,
+                    prefix: config.channel_prefix.clone(),
+                    inbound: inbound.clone(),
+                    metrics: metrics.clone(),
+                    timeouts: RedisTimeouts {
+                        command: config.redis_timeout,
+                        probe_interval: config.redis_probe_interval,
+                        backoff_cap: config.redis_backoff_cap,
+                    },
                     limits,
-                    &tracker,
-                    stop.clone(),
-                )?),
-                endpoint => Broker::Redis(RedisBroker::start(
-                    endpoint,
-                    &config.channel_prefix,
-                    inbound.clone(),
-                    metrics.clone(),
-                    timeouts,
-                    limits,
-                    &tracker,
-                    stop.clone(),
-                )?),
-            },
+                },
+                &tracker,
+                stop.clone(),
+            )?),
         };
         let registry = Registry::new(config.token_expiry_warning.as_millis() as u64);
         let node = Arc::new(Node {
