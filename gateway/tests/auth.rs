@@ -340,8 +340,11 @@ async fn jwks_keys_are_fetched_and_a_rotation_is_picked_up() {
             "jwt",
             "--jwks-url",
             &url,
+            "--jwks-allow-http",
             "--jwks-unknown-kid-gap",
             "2s",
+            "--api-key",
+            API_KEY,
         ],
     ))
     .await;
