@@ -14,9 +14,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::fanout::inbound::Inbound;
+use crate::broker::control::{ControlSink, MemoryBans};
 use crate::metrics::Metrics;
-use crate::moderation::control::{ControlSink, MemoryBans};
 use crate::wire::history::{
     frame_tail, Ack, HistoryLimits, HistoryQuery, HistoryRead, Recovery, META_TTL,
 };
@@ -30,7 +29,7 @@ const SWEEP_EVERY: u64 = 4096;
 /// In-process pub/sub for one node.
 #[derive(Debug)]
 pub struct MemoryBroker {
-    inbound: Arc<Inbound>,
+    inbound: Arc<dyn crate::broker::Receiver>,
     pub(super) metrics: Metrics,
     limits: HistoryLimits,
     /// Rooms subscribed; a std lock, held only for a set operation.
@@ -71,7 +70,11 @@ struct Entry {
 
 impl MemoryBroker {
     /// A broker handing what is published to `inbound`.
-    pub fn new(inbound: Arc<Inbound>, metrics: Metrics, limits: HistoryLimits) -> Self {
+    pub fn new(
+        inbound: Arc<dyn crate::broker::Receiver>,
+        metrics: Metrics,
+        limits: HistoryLimits,
+    ) -> Self {
         Self {
             inbound,
             metrics,
@@ -262,6 +265,7 @@ impl Logs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fanout::inbound::Inbound;
     use crate::wire::history::Since;
     use std::time::Duration;
 

@@ -26,9 +26,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::fanout::hub::RoomCounts;
 use crate::wire::history::{Ack, HistoryQuery, HistoryRead};
-use crate::wire::protocol::RoomName;
+use crate::wire::protocol::{RoomCounts, RoomName};
+
+/// Where a broker hands every message it receives, in order: the node's inbound handler
+/// ([`crate::fanout::inbound::Inbound`]), as centrifuge's brokers hand theirs to a
+/// `BrokerEventHandler`. The broker knows only this trait, so it imports nothing above it.
+pub trait Receiver: Send + Sync + std::fmt::Debug {
+    /// A message arrived on `room`'s channel (the channel name without its prefix; not
+    /// necessarily a valid room: the receiver checks). Never blocks.
+    fn receive(&self, room: &str, payload: Bytes);
+}
 
 /// Why a publish did not reach the broker.
 #[derive(Debug, thiserror::Error)]

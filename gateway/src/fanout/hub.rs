@@ -18,7 +18,7 @@ use bytes::Bytes;
 
 use crate::fanout::outbox::Outbox;
 use crate::wire::history::Stamp;
-use crate::wire::protocol::{Role, RoomName};
+use crate::wire::protocol::{Role, RoomCounts, RoomName};
 
 /// A member's entry in a room.
 #[derive(Debug)]
@@ -32,15 +32,6 @@ struct Room {
     members: HashMap<u64, Member>,
     hosts: u64,
     viewers: u64,
-}
-
-/// Local counts of one room.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct RoomCounts {
-    /// Members that joined as hosts.
-    pub hosts: u64,
-    /// Members that joined as viewers.
-    pub viewers: u64,
 }
 
 /// What one fan-out did, in deliveries (one message to one member).

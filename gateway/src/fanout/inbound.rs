@@ -239,6 +239,12 @@ impl Inbound {
     }
 }
 
+impl crate::broker::Receiver for Inbound {
+    fn receive(&self, room: &str, payload: Bytes) {
+        Inbound::receive(self, room, payload)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -36,7 +36,6 @@ use crate::http::moderation as moderation_api;
 use crate::http::request::{check_api_key, param, query_params, read_body, BodyError};
 use crate::http::response::{json, Body, Refusal};
 use crate::metrics::{DropReason, HttpTimeout, RefuseReason, Source};
-use crate::moderation::control;
 use crate::node::{Node, SlotError};
 use crate::session::{self, Admission, Resume};
 use crate::wire::history::{self, HistoryQuery, Since};
@@ -130,7 +129,7 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<
 }
 
 fn parse_room(raw: &str) -> Result<RoomName, Refusal> {
-    if raw == control::CONTROL_ROOM {
+    if raw == crate::broker::control::CONTROL_ROOM {
         return Err(Refusal::bad_request(
             "the room name _control is reserved for the control channel",
         ));

@@ -9,11 +9,11 @@
 //!   with the in-process broker) and each node closes the matching sessions of its
 //!   [`Registry`](crate::moderation::registry::Registry) with 4501 (kicked) or 4502 (banned).
 //! - A ban is stored by the broker with its time-to-live (a Redis hash `{prefix}ban:{sub}`: field
-//!   room or `*`, value expiry in unix ms; [`crate::moderation::control::MemoryBans`] with the in-process broker) and checked
+//!   room or `*`, value expiry in unix ms; [`crate::broker::control::MemoryBans`] with the in-process broker) and checked
 //!   at every join and refresh that carries a token.
 //!
 //! The control queue between the broker's receiving task and [`run`] is bounded
-//! ([`crate::moderation::control::CONTROL_QUEUE`]); a command that finds it full is dropped and counted, never waited for.
+//! ([`crate::broker::control::CONTROL_QUEUE`]); a command that finds it full is dropped and counted, never waited for.
 
 use std::sync::Arc;
 
@@ -32,7 +32,7 @@ use crate::wire::protocol::RoomName;
 /// Connects the broker's control channel to a bounded queue and spawns [`run`] on the node's
 /// tracker.
 pub fn start(node: &Arc<Node>) {
-    let (tx, rx) = mpsc::channel(crate::moderation::control::CONTROL_QUEUE);
+    let (tx, rx) = mpsc::channel(crate::broker::control::CONTROL_QUEUE);
     node.broker.set_control(tx);
     node.tracker.spawn(run(node.clone(), rx));
 }

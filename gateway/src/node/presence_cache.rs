@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use crate::fanout::hub::RoomCounts;
+use crate::wire::protocol::RoomCounts;
 use crate::wire::protocol::RoomName;
 
 /// Cluster-wide counts of the last tick, with this node's own share at that time.

@@ -17,6 +17,15 @@ use serde_json::value::RawValue;
 
 use crate::wire::history::Stamp;
 
+/// A room's member counts (this node's, or the cluster's in a `presence` event).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RoomCounts {
+    /// Members that joined as hosts.
+    pub hosts: u64,
+    /// Members that joined as viewers.
+    pub viewers: u64,
+}
+
 /// Longest room name, in bytes.
 pub const MAX_ROOM_LEN: usize = 128;
 /// Longest display name, in bytes.

@@ -48,11 +48,10 @@ use super::redis_endpoint::Endpoint;
 use super::scripts;
 use super::subscriptions::Subscriptions;
 use super::BrokerError;
-use crate::fanout::hub::RoomCounts;
-use crate::fanout::inbound::Inbound;
+use crate::broker::control::{ControlSink, CONTROL_ROOM};
 use crate::metrics::Metrics;
-use crate::moderation::control::{ControlSink, CONTROL_ROOM};
 use crate::wire::history::{Ack, HistoryLimits, HistoryQuery, HistoryRead};
+use crate::wire::protocol::RoomCounts;
 use crate::wire::protocol::RoomName;
 
 /// Presence scripts in flight together (a multiplexed connection pipelines them; a Cluster
@@ -79,7 +78,7 @@ pub struct RedisSetup {
     /// `--channel-prefix`.
     pub prefix: String,
     /// The node's handler of received messages.
-    pub inbound: Arc<Inbound>,
+    pub inbound: Arc<dyn crate::broker::Receiver>,
     /// The node's metrics (reconnects, control commands).
     pub metrics: Metrics,
     /// Deadlines, probe interval and backoff cap.
@@ -99,7 +98,7 @@ pub(in crate::broker) struct Shared {
     /// Where to connect; asked for a client at every (re)connect (Sentinel: the current master).
     pub endpoint: Endpoint,
     pub naming: Naming,
-    pub inbound: Arc<Inbound>,
+    pub inbound: Arc<dyn crate::broker::Receiver>,
     pub metrics: Metrics,
     pub timeouts: RedisTimeouts,
     pub limits: HistoryLimits,
