@@ -145,7 +145,7 @@ fn links_in_docs_resolve() {
 }
 
 /// docs/metrics.md names every family a node exports (scraped from a real node with the
-/// in-process broker, plus the names defined in metrics.rs that only some brokers export), and
+/// in-process broker, plus the names defined in metrics/names.rs that only some brokers export), and
 /// nothing else; the documented type is the exported one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_md_lists_every_metric() {
@@ -184,10 +184,10 @@ async fn metrics_md_lists_every_metric() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
-/// The `gateway_*` names defined as constants in gateway/src/metrics.rs (some are exported only
+/// The `gateway_*` names defined as constants in gateway/src/metrics/names.rs (some are exported only
 /// with some brokers, e.g. the per-shard gauge).
 fn defined_in_metrics_rs() -> BTreeSet<String> {
-    let src = markdown::read(&root().join("gateway/src/metrics.rs"));
+    let src = markdown::read(&root().join("gateway/src/metrics/names.rs"));
     let names: BTreeSet<String> = src
         .lines()
         .filter(|l| l.starts_with("pub const ") && l.contains(": &str = \"gateway_"))
@@ -195,7 +195,7 @@ fn defined_in_metrics_rs() -> BTreeSet<String> {
         .collect();
     assert!(
         names.len() > 20,
-        "too few names read from metrics.rs: {names:?}"
+        "too few names read from metrics/names.rs: {names:?}"
     );
     names
 }

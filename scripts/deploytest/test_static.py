@@ -377,11 +377,11 @@ def test_alert_runbooks():
 def test_disconnect_spike_families():
     """The disconnect-spike alerts are split by reason: every close reason the gateway has is in
     exactly one family, or deliberately not alerted (and the runbook says why)."""
-    src = (ROOT / "gateway/src/disconnect.rs").read_text()
+    src = (ROOT / "gateway/src/wire/close.rs").read_text()
     label_fn = src[src.index("pub fn label(self)"):]
     label_fn = label_fn[:label_fn.index("\n    }\n")]
     reasons = set(re.findall(r'=> "([a-z0-9_]+)"', label_fn))
-    assert reasons, "no close reasons found in gateway/src/disconnect.rs"
+    assert reasons, "no close reasons found in gateway/src/wire/close.rs"
     families = {}
     for r in alert_rules():
         if r["alert"].startswith("GatewayDisconnectSpike"):
