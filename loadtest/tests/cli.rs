@@ -197,7 +197,15 @@ async fn a_refused_target_is_passed_over_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_secret_variable_mints_tokens() {
     let secret = "k2=0123456789abcdef0123456789abcdef";
-    let node = Node::start(&["--auth", "jwt", "--jwt-hmac-secret", secret]).await;
+    let node = Node::start(&[
+        "--auth",
+        "jwt",
+        "--jwt-hmac-secret",
+        secret,
+        "--api-key",
+        "cli-test-api-key",
+    ])
+    .await;
     let url = node.url();
     let run = loadtest(
         &[
