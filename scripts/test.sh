@@ -73,8 +73,16 @@ cargo fmt --all -- --check
 log "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
-log "cargo test --workspace"
-cargo test --workspace
+# Every test in its own process, all binaries side by side (.config/nextest.toml: four at a time,
+# the real-Redis failover tier at most two at a time); plain cargo test where nextest is missing.
+if cargo nextest --version >/dev/null 2>&1; then
+  log "cargo nextest run --workspace (and the doc tests)"
+  cargo nextest run --workspace
+  cargo test --workspace --doc
+else
+  log "cargo test --workspace (cargo-nextest not installed)"
+  cargo test --workspace
+fi
 
 if [ "${1:-}" = "--rust-only" ]; then
   log "Rust checks passed (--rust-only: browser, load and deployment tests skipped)"
