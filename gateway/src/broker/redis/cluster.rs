@@ -85,9 +85,22 @@ impl ClusterState {
     pub fn states(&self) -> Vec<bool> {
         self.shards().iter().map(|s| s.up).collect()
     }
+
+    /// The index of the shard that owns `slot` in the last view (the hand-over's unit).
+    pub fn shard_of_slot(&self, slot: u16) -> Option<usize> {
+        self.shards().iter().position(|sh| sh.owns(slot))
+    }
+
+    /// The first slot of shard `shard` (how a witness names the shard: the slot outlives any
+    /// failover) and every master address of the last view (where to find a witness).
+    pub fn witness_plan(&self, shard: usize) -> Option<(u16, Vec<(String, u16)>)> {
+        let shards = self.shards();
+        let first = shards.get(shard)?.ranges.first()?.0;
+        Some((first, shards.iter().map(|sh| sh.master.clone()).collect()))
+    }
 }
 
-fn seeds(s: &Shared) -> &ClusterSeeds {
+pub(super) fn seeds(s: &Shared) -> &ClusterSeeds {
     match &s.endpoint {
         Endpoint::Cluster(seeds) => seeds,
         _ => unreachable!("the cluster subscriber runs only with a cluster endpoint"),
@@ -315,7 +328,7 @@ impl ChannelSink for ClusterSink<'_> {
 
 /// The cluster slot of `room`'s channel and keys: CRC16 of the hash tag, which is the room name
 /// (the prefix holds no brace, checked at start).
-fn slot_of(room: &RoomName) -> u16 {
+pub(super) fn slot_of(room: &RoomName) -> u16 {
     crc16::State::<crc16::XMODEM>::calculate(room.as_str().as_bytes()) % 16384
 }
 

@@ -119,7 +119,7 @@ async fn probe_server(s: &Shared, generation: u64) -> Option<Served> {
         return Some(Served::Lost("no connection in place".into()));
     };
     let t = s.timeouts.command;
-    let sentinel = matches!(s.endpoint, Endpoint::Sentinel(_));
+    let sentinel = matches!(s.endpoint, Endpoint::Sentinel(..));
     let probe = redis::cmd(if sentinel { "ROLE" } else { "PING" }).to_owned();
     let answer = tokio::time::timeout(t, probe.query_async::<redis::Value>(&mut conn)).await;
     let mut demoted = sentinel && matches!(&answer, Ok(Ok(v)) if !is_master(v));
