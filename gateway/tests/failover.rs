@@ -1,0 +1,443 @@
+//! A Redis failover is not a reconnect storm (issue 21, part 2), against real processes: a Redis
+//! Cluster (3 masters + 3 replicas, `cluster-node-timeout` 1000 ms) and a Sentinel set-up (one
+//! master, one replica, three sentinels, `down-after-milliseconds` 1000). Two gateway nodes with
+//! `--broker-loss-close 1s` — shorter than the failover, so that a node which hands over whatever
+//! it loses (the behaviour before) closes members during it — and rooms whose host is on one node
+//! and viewer on the other. Hosts publish with idempotency keys all along (a publish refused
+//! `unavailable` is sent again with the same key); a master is SIGKILLed.
+//!
+//! Expected: no member is closed (every node lost the same master: the witness says so); members
+//! of rooms on healthy shards get every message live; members of the failed shard's rooms get
+//! every acknowledged message (live, or by a resume with `since` after a gap). The figures
+//! (failover duration, closes, refusals, lost) are printed.
+//!
+//! That a node really cut off still hands over is `redis_outage.rs`'s
+//! `a_node_without_redis_hands_its_clients_over_with_4002`.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use tokio::sync::Mutex;
+
+/// Publishes per room (one every [`EVERY`] plus the ack's round trip: ~12 s of traffic).
+const PUBLISHES: u64 = 150;
+const EVERY: Duration = Duration::from_millis(50);
+
+fn node_flags() -> Vec<&'static str> {
+    vec![
+        "--broker-loss-close",
+        "1s",
+        "--broker-failover-wait",
+        "60s",
+        "--redis-backoff-cap",
+        "500ms",
+        "--max-publish-rate",
+        "100",
+    ]
+}
+
+async fn start_nodes(url: &str) -> Vec<TestNode> {
+    let mut nodes = Vec::new();
+    for i in 1..=2 {
+        let flags = node_flags();
+        let mut config = test_config_url(&format!("n{i}"), url, &flags);
+        config.redis_probe_interval = Duration::from_millis(200);
+        nodes.push(TestNode::start(config).await);
+    }
+    nodes
+}
+
+/// What one host saw.
+#[derive(Debug, Default)]
+struct Published {
+    acked: u64,
+    /// Attempts answered `unavailable` (each sent again with the same key).
+    refused: u64,
+    /// When the first attempt was refused and when the next ack came (the room's gap).
+    first_refused: Option<Instant>,
+    acked_again: Option<Instant>,
+    closes: Vec<u16>,
+}
+
+/// What one viewer saw.
+#[derive(Debug, Default)]
+struct Received {
+    /// `seq` of every message received live, in order.
+    live: Vec<u64>,
+    /// (offset, epoch) of every message received live.
+    offsets: Vec<(u64, String)>,
+    /// `seq`s received by the resume after a gap.
+    resumed: Vec<u64>,
+    closes: Vec<u16>,
+}
+
+/// Reads the next text frame as JSON within `limit`; `Err(code)` when the connection closes.
+async fn next_frame(c: &mut WsClient, limit: Duration) -> Result<Option<Value>, u16> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    match tokio::time::timeout(limit, c.ws.next()).await {
+        Err(_) => Ok(None),
+        Ok(Some(Ok(Message::Text(t)))) => Ok(Some(serde_json::from_str(&t).unwrap())),
+        Ok(Some(Ok(Message::Close(f)))) => Err(f.map(|f| u16::from(f.code)).unwrap_or(1005)),
+        Ok(Some(Ok(_))) => Ok(None),
+        Ok(Some(Err(_))) | Ok(None) => Err(1006),
+    }
+}
+
+/// The host publishes `{"seq": n}` with key `room-n`, each until acknowledged.
+async fn publish_all(room: String, mut host: WsClient) -> Published {
+    let mut p = Published::default();
+    for seq in 0..PUBLISHES {
+        let key = format!("{room}-{seq}");
+        let frame = json!({"type": "publish", "data": {"seq": seq}, "key": key}).to_string();
+        'attempt: loop {
+            host.send_text(&frame).await;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                match next_frame(&mut host, Duration::from_millis(200)).await {
+                    Err(code) => {
+                        p.closes.push(code);
+                        return p;
+                    }
+                    Ok(Some(v)) if v["key"] == key.as_str() && v["type"] == "ack" => {
+                        p.acked += 1;
+                        if p.first_refused.is_some() && p.acked_again.is_none() {
+                            p.acked_again = Some(Instant::now());
+                        }
+                        break 'attempt;
+                    }
+                    Ok(Some(v)) if v["key"] == key.as_str() && v["type"] == "error" => {
+                        assert_eq!(v["code"], "unavailable", "{v}");
+                        p.refused += 1;
+                        p.first_refused.get_or_insert_with(Instant::now);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue 'attempt;
+                    }
+                    Ok(_) => {}
+                }
+            }
+        }
+        tokio::time::sleep(EVERY).await;
+    }
+    p
+}
+
+/// The viewer reads until it has every `seq` or the host is done and a second passed.
+async fn receive_all(mut viewer: WsClient, done: Arc<Mutex<bool>>) -> Received {
+    let mut r = Received::default();
+    let mut quiet_since: Option<Instant> = None;
+    loop {
+        if r.live.len() as u64 >= PUBLISHES {
+            return r;
+        }
+        match next_frame(&mut viewer, Duration::from_millis(200)).await {
+            Err(code) => {
+                r.closes.push(code);
+                return r;
+            }
+            Ok(Some(v)) if v["type"] == "message" => {
+                if let Some(seq) = v["data"]["seq"].as_u64() {
+                    r.live.push(seq);
+                    r.offsets.push((
+                        v["offset"].as_u64().unwrap_or(0),
+                        v["epoch"].as_str().unwrap_or("").to_string(),
+                    ));
+                }
+                quiet_since = None;
+            }
+            _ => {
+                if *done.lock().await {
+                    let q = *quiet_since.get_or_insert_with(Instant::now);
+                    if q.elapsed() > Duration::from_secs(1) {
+                        return r;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// After a gap in live delivery, resumes on `node` with `since` = the last offset before the
+/// first gap (as `/client.js` does), and collects the missing `seq`s.
+async fn resume_gap(node: &TestNode, room: &str, r: &mut Received) {
+    let missing = |r: &Received| {
+        let mut all: Vec<u64> = r.live.iter().chain(&r.resumed).copied().collect();
+        all.sort();
+        all.dedup();
+        PUBLISHES - all.len() as u64
+    };
+    if missing(r) == 0 {
+        return;
+    }
+    let mut since = r.offsets.first().map(|(o, e)| (o - 1, e.clone()));
+    for w in r.offsets.windows(2) {
+        if w[1].0 != w[0].0 + 1 {
+            since = Some(w[0].clone());
+            break;
+        }
+    }
+    let (offset, epoch) = since.unwrap_or((0, String::new()));
+    let mut c =
+        WsClient::connect(&node.ws_url(room, &format!("role=viewer&since={epoch}:{offset}"))).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && missing(r) > 0 {
+        if let Ok(Some(v)) = next_frame(&mut c, Duration::from_millis(200)).await {
+            if let (Some("message"), Some(seq)) = (v["type"].as_str(), v["data"]["seq"].as_u64()) {
+                r.resumed.push(seq);
+            }
+        }
+    }
+}
+
+/// One room's outcome.
+struct Outcome {
+    room: String,
+    published: Published,
+    received: Received,
+}
+
+impl Outcome {
+    fn lost(&self) -> u64 {
+        let mut all: Vec<u64> = self
+            .received
+            .live
+            .iter()
+            .chain(&self.received.resumed)
+            .copied()
+            .collect();
+        all.sort();
+        all.dedup();
+        self.published.acked - all.len() as u64
+    }
+
+    fn live_missing(&self) -> u64 {
+        let mut live = self.received.live.clone();
+        live.sort();
+        live.dedup();
+        PUBLISHES - live.len() as u64
+    }
+}
+
+/// Joins every room (host on one node, viewer on the other, alternating), runs `fault` once the
+/// traffic runs, and returns each room's outcome.
+async fn traffic_through(
+    nodes: &[TestNode],
+    rooms: &[String],
+    fault: impl std::future::Future<Output = ()>,
+) -> Vec<Outcome> {
+    let mut tasks = Vec::new();
+    let done = Arc::new(Mutex::new(false));
+    for (i, room) in rooms.iter().enumerate() {
+        let mut host = nodes[i % 2].join(room, "host", "h").await;
+        let mut viewer = nodes[(i + 1) % 2].join(room, "viewer", "v").await;
+        assert!(
+            delivery_resumes(&mut host, &mut viewer, Duration::from_secs(10))
+                .await
+                .is_some(),
+            "room {room} delivers across nodes before the fault"
+        );
+        // Drain the probes so that the viewer's count starts clean.
+        while viewer
+            .next_json_within(Duration::from_millis(100))
+            .await
+            .is_some()
+        {}
+        let publishing = tokio::spawn(publish_all(room.clone(), host));
+        let receiving = tokio::spawn(receive_all(viewer, done.clone()));
+        tasks.push((room.clone(), (i + 1) % 2, publishing, receiving));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fault.await;
+    let mut outcomes = Vec::new();
+    let mut published = Vec::new();
+    for (room, viewer_node, publishing, receiving) in tasks {
+        published.push((room, viewer_node, publishing.await.unwrap(), receiving));
+    }
+    *done.lock().await = true;
+    for (room, viewer_node, published, receiving) in published {
+        let mut received = receiving.await.unwrap();
+        if received.closes.is_empty() {
+            resume_gap(&nodes[viewer_node], &room, &mut received).await;
+        }
+        outcomes.push(Outcome {
+            room,
+            published,
+            received,
+        });
+    }
+    outcomes
+}
+
+fn print(kind: &str, outcomes: &[Outcome], failed: &dyn Fn(&str) -> bool) {
+    for o in outcomes {
+        println!(
+            "{kind}: room {} ({}): acked {}, refused {} (gap {:?}), host closes {:?}, viewer closes {:?}, live missing {}, resumed {}, lost {}",
+            o.room,
+            if failed(&o.room) { "failed shard" } else { "healthy shard" },
+            o.published.acked,
+            o.published.refused,
+            o.published
+                .first_refused
+                .zip(o.published.acked_again)
+                .map(|(a, b)| b - a),
+            o.published.closes,
+            o.received.closes,
+            o.live_missing(),
+            o.received.resumed.len(),
+            o.lost()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_master_failover_closes_no_member_and_loses_nothing() {
+    let mut cluster = ClusterTopology::start().await;
+    let nodes = start_nodes(&cluster.url()).await;
+    let rooms = rooms_per_shard(2);
+    let victim_room = rooms[0].clone();
+    let victim = cluster.master_of(room_slot(&victim_room)).await;
+    let mut on_victim = Vec::new();
+    for r in &rooms {
+        if cluster.master_of(room_slot(r)).await == victim {
+            on_victim.push(r.clone());
+        }
+    }
+    assert_eq!(
+        on_victim.len(),
+        2,
+        "two rooms on the failed shard, four on the others"
+    );
+    let mut failover = None;
+    let outcomes = traffic_through(&nodes, &rooms, async {
+        let killed = Instant::now();
+        cluster.kill_port(victim);
+        // The nodes see the shard lost (2 of 3 up), then back (a replica took over).
+        eventually("the nodes see the shard lost", || async {
+            nodes[0].metric("gateway_redis_shard_up").await == 2.0
+        })
+        .await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while nodes[0].metric("gateway_redis_shard_up").await != 3.0
+            || nodes[1].metric("gateway_redis_shard_up").await != 3.0
+        {
+            assert!(Instant::now() < deadline, "the failover never completed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        failover = Some(killed.elapsed());
+    })
+    .await;
+    let failover = failover.unwrap();
+    let failed = |r: &str| on_victim.iter().any(|v| v == r);
+    print("cluster", &outcomes, &failed);
+    let gap = outcomes
+        .iter()
+        .filter_map(|o| o.published.first_refused.zip(o.published.acked_again))
+        .map(|(a, b)| b - a)
+        .max();
+    println!(
+        "cluster failover: shard back on both nodes within {failover:?} of the SIGKILL; longest publish gap {gap:?}"
+    );
+    for n in &nodes {
+        println!(
+            "cluster failover: node {} closes broker_lost = {}",
+            n.id,
+            n.metric("gateway_connections_closed_total{reason=\"broker_lost\"}")
+                .await
+        );
+    }
+    // The test is a test: the outage outlasted --broker-loss-close (1 s), so a node that hands
+    // over whatever it loses would have closed members.
+    assert!(
+        failover > Duration::from_secs(1),
+        "failover took {failover:?}"
+    );
+    for o in &outcomes {
+        assert!(
+            o.published.closes.is_empty() && o.received.closes.is_empty(),
+            "room {}: members closed ({:?}, {:?})",
+            o.room,
+            o.published.closes,
+            o.received.closes
+        );
+        assert_eq!(
+            o.published.acked, PUBLISHES,
+            "room {}: every publish acked",
+            o.room
+        );
+        assert_eq!(o.lost(), 0, "room {}: nothing lost", o.room);
+        if !failed(&o.room) {
+            assert_eq!(
+                o.live_missing(),
+                0,
+                "room {} on a healthy shard: every message live",
+                o.room
+            );
+        }
+    }
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_closes_no_member_and_loses_nothing() {
+    let mut setup = SentinelTopology::start().await;
+    let nodes = start_nodes(&setup.url()).await;
+    let rooms: Vec<String> = (0..4).map(|i| format!("s-{i}")).collect();
+    let old = setup.master_port().await;
+    let mut failover = None;
+    let outcomes = traffic_through(&nodes, &rooms, async {
+        let killed = Instant::now();
+        setup.kill_server(old);
+        eventually("the nodes see the master lost", || async {
+            nodes[0].metric("gateway_redis_connected").await == 0.0
+        })
+        .await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while setup.master_port().await == old
+            || nodes[0].metric("gateway_redis_connected").await != 1.0
+            || nodes[1].metric("gateway_redis_connected").await != 1.0
+        {
+            assert!(Instant::now() < deadline, "the failover never completed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        failover = Some(killed.elapsed());
+    })
+    .await;
+    let failover = failover.unwrap();
+    print("sentinel", &outcomes, &|_| true);
+    let gap = outcomes
+        .iter()
+        .filter_map(|o| o.published.first_refused.zip(o.published.acked_again))
+        .map(|(a, b)| b - a)
+        .max();
+    println!(
+        "sentinel failover: both nodes on the new master within {failover:?} of the SIGKILL; longest publish gap {gap:?}"
+    );
+    assert!(
+        failover > Duration::from_secs(1),
+        "failover took {failover:?}"
+    );
+    for o in &outcomes {
+        assert!(
+            o.published.closes.is_empty() && o.received.closes.is_empty(),
+            "room {}: members closed ({:?}, {:?})",
+            o.room,
+            o.published.closes,
+            o.received.closes
+        );
+        assert_eq!(
+            o.published.acked, PUBLISHES,
+            "room {}: every publish acked",
+            o.room
+        );
+        assert_eq!(o.lost(), 0, "room {}: nothing lost", o.room);
+    }
+    for n in nodes {
+        n.stop().await;
+    }
+}
