@@ -441,3 +441,129 @@ async fn a_sentinel_failover_closes_no_member_and_loses_nothing() {
         n.stop().await;
     }
 }
+
+/// The node port of the replica of the master on `master` (from `CLUSTER NODES`).
+async fn replica_of(cluster: &ClusterTopology, master: u16) -> u16 {
+    let id = value_text(&redis_at(master, &["CLUSTER", "MYID"]).await.unwrap());
+    let nodes = value_text(&redis_at(master, &["CLUSTER", "NODES"]).await.unwrap());
+    for line in nodes.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() > 3 && f[3] == id {
+            let addr = f[1].split('@').next().unwrap();
+            let port: u16 = addr.rsplit_once(':').unwrap().1.parse().unwrap();
+            assert!(cluster.nodes.iter().any(|n| n.port == port));
+            return port;
+        }
+    }
+    panic!("no replica of {master}: {nodes}")
+}
+
+/// A shard with no failover to wait for (its master and its replica are killed): every node
+/// lost it alike, so its members stay for `--broker-failover-wait` (3 s here), then are handed
+/// over with 4002 — and only they: the members of rooms on the two healthy shards stay and keep
+/// delivering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_lost_for_good_hands_over_only_its_members_after_the_failover_wait() {
+    let mut cluster = ClusterTopology::start().await;
+    for n in &cluster.nodes {
+        // The healthy shards keep serving while one shard has no master.
+        redis_at(
+            n.port,
+            &["CONFIG", "SET", "cluster-require-full-coverage", "no"],
+        )
+        .await
+        .unwrap();
+    }
+    let mut nodes = Vec::new();
+    for i in 1..=2 {
+        let mut config = test_config_url(
+            &format!("n{i}"),
+            &cluster.url(),
+            &["--broker-loss-close", "1s", "--broker-failover-wait", "3s"],
+        );
+        config.redis_probe_interval = Duration::from_millis(200);
+        nodes.push(TestNode::start(config).await);
+    }
+    let rooms = rooms_per_shard(1);
+    let mut members = Vec::new();
+    for (i, room) in rooms.iter().enumerate() {
+        let mut host = nodes[i % 2].join(room, "host", "h").await;
+        let mut viewer = nodes[(i + 1) % 2].join(room, "viewer", "v").await;
+        assert!(
+            delivery_resumes(&mut host, &mut viewer, Duration::from_secs(10))
+                .await
+                .is_some()
+        );
+        members.push((room.clone(), host, viewer));
+    }
+    let victim = cluster.master_of(room_slot(&rooms[0])).await;
+    let replica = replica_of(&cluster, victim).await;
+    cluster.kill_port(replica);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let killed = Instant::now();
+    cluster.kill_port(victim);
+    let (_, host, viewer) = &mut members[0];
+    for c in [host, viewer] {
+        assert_eq!(c.ended(Duration::from_secs(15)).await, Ended::Closed(4002));
+    }
+    let closed = killed.elapsed();
+    println!("a shard lost for good: its members handed over {closed:?} after the SIGKILL");
+    assert!(
+        closed >= Duration::from_secs(3),
+        "handed over after {closed:?}, before --broker-failover-wait"
+    );
+    for (room, host, viewer) in members.iter_mut().skip(1) {
+        assert!(
+            delivery_resumes(host, viewer, Duration::from_secs(5))
+                .await
+                .is_some(),
+            "room {room} on a healthy shard still delivers"
+        );
+    }
+    let mut handed = 0.0;
+    for n in &nodes {
+        handed += n
+            .metric("gateway_connections_closed_total{reason=\"broker_lost\"}")
+            .await;
+    }
+    assert_eq!(
+        handed, 2.0,
+        "only the lost shard's two members were handed over"
+    );
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+/// Sentinel, with the sentinels gone too: no witness answers, so the node cannot tell that
+/// others lost the master as well — it hands its members over after `--broker-loss-close`,
+/// as before (the case of a node cut off from Redis and sentinels alike).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_answering_sentinel_a_lost_master_is_handed_over() {
+    let mut setup = SentinelTopology::start().await;
+    let mut config = test_config_url(
+        "n1",
+        &setup.url(),
+        &["--broker-loss-close", "1s", "--broker-failover-wait", "30s"],
+    );
+    config.redis_probe_interval = Duration::from_millis(200);
+    let node = TestNode::start(config).await;
+    let mut viewer = node.join("cut", "viewer", "v").await;
+    let master = setup.master_port().await;
+    for s in &mut setup.sentinels {
+        s.kill();
+    }
+    let killed = Instant::now();
+    setup.kill_server(master);
+    assert_eq!(
+        viewer.ended(Duration::from_secs(10)).await,
+        Ended::Closed(4002)
+    );
+    let closed = killed.elapsed();
+    println!("no sentinel answers: handed over {closed:?} after the SIGKILL");
+    assert!(
+        closed < Duration::from_secs(5),
+        "handed over after {closed:?}"
+    );
+    node.stop().await;
+}
