@@ -553,6 +553,15 @@ async fn without_an_answering_sentinel_a_lost_master_is_handed_over() {
     for s in &mut setup.sentinels {
         s.kill();
     }
+    // The sentinels alone gone changes nothing: the master still answers.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(node.metric("gateway_redis_connected").await, 1.0);
+    assert!(
+        next_frame(&mut viewer, Duration::from_millis(100))
+            .await
+            .is_ok(),
+        "still open with the sentinels gone"
+    );
     let killed = Instant::now();
     setup.kill_server(master);
     assert_eq!(
