@@ -576,3 +576,36 @@ async fn without_an_answering_sentinel_a_lost_master_is_handed_over() {
     );
     node.stop().await;
 }
+
+/// A Cluster node that reaches no cluster node at all is cut off (every process killed here:
+/// from the node's side, the same): it hands its members over after `--broker-loss-close`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reaching_no_cluster_node_hands_over() {
+    let mut cluster = ClusterTopology::start().await;
+    let mut config = test_config_url(
+        "n1",
+        &cluster.url(),
+        &["--broker-loss-close", "1s", "--broker-failover-wait", "30s"],
+    );
+    config.redis_probe_interval = Duration::from_millis(200);
+    let node = TestNode::start(config).await;
+    let rooms = rooms_per_shard(1);
+    let mut members = Vec::new();
+    for room in &rooms {
+        members.push(node.join(room, "viewer", "v").await);
+    }
+    let killed = Instant::now();
+    for n in &mut cluster.nodes {
+        n.kill();
+    }
+    for m in &mut members {
+        assert_eq!(m.ended(Duration::from_secs(10)).await, Ended::Closed(4002));
+    }
+    let closed = killed.elapsed();
+    println!("no cluster node answers: all members handed over {closed:?} after the SIGKILLs");
+    assert!(
+        closed < Duration::from_secs(5),
+        "handed over after {closed:?}"
+    );
+    node.stop().await;
+}
