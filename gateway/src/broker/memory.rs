@@ -4,9 +4,12 @@
 //! round trip.
 //!
 //! Same semantics as Redis, in memory and bounded: per room a sequence, an epoch (random, so a
-//! restarted node's epochs never match its old ones), the last `--history-size` entries with
-//! their age; idempotency keys for `--idempotency-ttl`, at most [`MAX_KEYS`] of them (the oldest
-//! go first). A room's log is forgotten after [`META_TTL`] without a publish.
+//! restarted node's epochs never match its old ones), the last `--history-size` entries within
+//! `--history-max-bytes` with their age; history for at most [`MAX_HISTORY_ROOMS`] rooms (the
+//! longest idle room's entries go first) and sequences for at most [`MAX_ROOMS`]; idempotency
+//! keys, scoped to their publisher, for `--idempotency-ttl`, at most [`MAX_KEYS`] of them (the
+//! oldest go first). A room's log is forgotten after [`META_TTL`] without a publish. Reads stop
+//! at the read byte budget as `history.lua` does.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -24,6 +27,13 @@ use crate::wire::protocol::RoomName;
 
 /// Most idempotency keys remembered at once; beyond, the oldest are forgotten early.
 pub const MAX_KEYS: usize = 100_000;
+/// Most rooms whose history is kept at once: with `--history-max-bytes` this bounds the
+/// history's memory (1024 × 1.5 MiB by default). Beyond, the longest idle room's entries are
+/// dropped (its sequence stays: a resume into it is `trimmed`, as after `--history-ttl`).
+pub const MAX_HISTORY_ROOMS: usize = 1024;
+/// Most rooms whose sequence is kept at once (about 100 bytes each); beyond, the longest idle
+/// room is forgotten, as if its meta had expired (its next publish starts a new epoch).
+pub const MAX_ROOMS: usize = 100_000;
 /// Publishes between two sweeps of idle rooms.
 const SWEEP_EVERY: u64 = 4096;
 
@@ -47,7 +57,9 @@ pub struct MemoryBroker {
 #[derive(Debug, Default)]
 struct Logs {
     rooms: HashMap<RoomName, RoomLog>,
-    /// (room, key) → the first publish's ack.
+    /// Rooms whose `entries` are not empty (kept at most [`MAX_HISTORY_ROOMS`]).
+    history_rooms: usize,
+    /// (room, scoped key) → the first publish's ack.
     keys: HashMap<(RoomName, String), Ack>,
     /// Keys in insertion order (= expiry order, the TTL being one for all), with their expiry.
     key_order: VecDeque<(Instant, RoomName, String)>,
@@ -59,6 +71,8 @@ struct RoomLog {
     epoch: String,
     seq: u64,
     entries: VecDeque<Entry>,
+    /// The frame bytes of `entries` (at most `--history-max-bytes`).
+    bytes: usize,
     touched: Instant,
 }
 
@@ -123,23 +137,29 @@ impl MemoryBroker {
         if logs.publishes.is_multiple_of(SWEEP_EVERY) {
             logs.rooms
                 .retain(|_, r| now.duration_since(r.touched) < META_TTL);
+            logs.history_rooms = logs
+                .rooms
+                .values()
+                .filter(|r| !r.entries.is_empty())
+                .count();
+        }
+        if !logs.rooms.contains_key(room) && logs.rooms.len() >= MAX_ROOMS {
+            logs.forget_idlest_room();
         }
         let log = logs.rooms.entry(room.clone()).or_insert_with(|| RoomLog {
-            epoch: fastrand::alphanumeric().to_string()
-                + &std::iter::repeat_with(fastrand::alphanumeric)
-                    .take(9)
-                    .collect::<String>(),
+            epoch: new_epoch(),
             seq: 0,
             entries: VecDeque::new(),
+            bytes: 0,
             touched: now,
         });
+        let had_history = !log.entries.is_empty();
         if now.duration_since(log.touched) >= META_TTL {
             // The room was silent longer than its meta lives: a new sequence, as in Redis.
-            log.epoch = std::iter::repeat_with(fastrand::alphanumeric)
-                .take(10)
-                .collect();
+            log.epoch = new_epoch();
             log.seq = 0;
             log.entries.clear();
+            log.bytes = 0;
         }
         log.touched = now;
         log.seq += 1;
@@ -149,14 +169,20 @@ impl MemoryBroker {
         frame.extend_from_slice(tail.as_bytes());
         let frame = Bytes::from(frame);
         if self.limits.size > 0 {
-            if log.entries.len() >= self.limits.size {
-                log.entries.pop_front();
-            }
+            log.bytes += frame.len();
             log.entries.push_back(Entry {
                 offset: log.seq,
                 at: now,
                 frame: frame.clone(),
             });
+            // The same trim as publish.lua's: from the oldest, by count and by bytes (the new
+            // entry too, when it alone is over the budget).
+            while log.entries.len() > self.limits.size || log.bytes > self.limits.max_bytes {
+                let Some(old) = log.entries.pop_front() else {
+                    break;
+                };
+                log.bytes -= old.frame.len();
+            }
         }
         let ack = Ack {
             offset: log.seq,
@@ -164,6 +190,14 @@ impl MemoryBroker {
             id: id.to_string(),
             duplicate: false,
         };
+        match (had_history, !log.entries.is_empty()) {
+            (false, true) => logs.history_rooms += 1,
+            (true, false) => logs.history_rooms -= 1,
+            _ => {}
+        }
+        if logs.history_rooms > MAX_HISTORY_ROOMS {
+            logs.drop_idlest_history();
+        }
         if let Some(key) = key {
             let expires = now + self.limits.idempotency_ttl;
             logs.keys
@@ -196,12 +230,14 @@ impl MemoryBroker {
             .get(room)
             .filter(|l| now.duration_since(l.touched) < META_TTL);
         let (epoch, seq) = log.map(|l| (l.epoch.clone(), l.seq)).unwrap_or_default();
-        let young = |e: &&Entry| now.duration_since(e.at) < self.limits.ttl;
+        let young = |e: &Entry| now.duration_since(e.at) < self.limits.ttl;
+        let budget = self.limits.read_bytes;
         let mut read = HistoryRead {
             epoch,
             offset: seq,
             recovery: None,
             frames: Vec::new(),
+            truncated: false,
         };
         if let Some(since) = &query.since {
             let recovery =
@@ -213,15 +249,18 @@ impl MemoryBroker {
                     Recovery::TooMany
                 } else {
                     let entries = &log.expect("a room with a sequence has a log").entries;
-                    let first = entries.iter().find(|e| e.offset > since.offset);
-                    match first {
-                        Some(e) if e.offset == since.offset + 1 && young(&e) => {
-                            read.frames = entries
-                                .iter()
-                                .filter(|e| e.offset > since.offset)
-                                .map(|e| (e.offset, e.frame.clone()))
-                                .collect();
-                            Recovery::Complete
+                    let mut missed = entries.iter().filter(|e| e.offset > since.offset);
+                    match missed.next() {
+                        Some(e) if e.offset == since.offset + 1 && young(e) => {
+                            let (frames, over) = within(std::iter::once(e).chain(missed), budget);
+                            read.truncated = over;
+                            match (over, query.partial && !frames.is_empty()) {
+                                (false, _) | (true, true) => {
+                                    read.frames = frames;
+                                    Recovery::Complete
+                                }
+                                (true, false) => Recovery::TooMany,
+                            }
                         }
                         _ => Recovery::Trimmed,
                     }
@@ -233,21 +272,80 @@ impl MemoryBroker {
         }
         if query.backlog > 0 {
             if let Some(log) = log {
-                let skip = log.entries.len().saturating_sub(query.backlog);
-                read.frames = log
+                let newest = log
                     .entries
                     .iter()
-                    .skip(skip)
-                    .filter(young)
-                    .map(|e| (e.offset, e.frame.clone()))
-                    .collect();
+                    .rev()
+                    .take(query.backlog)
+                    .take_while(|e| young(e));
+                let (mut frames, over) = within(newest, budget);
+                frames.reverse();
+                read.frames = frames;
+                read.truncated |= over;
             }
         }
         read
     }
 }
 
+/// The entries of `entries`, in their order, until the next would take their frames over
+/// `budget` bytes; and whether one was left out for the budget.
+fn within<'a>(
+    entries: impl Iterator<Item = &'a Entry>,
+    budget: usize,
+) -> (Vec<(u64, Bytes)>, bool) {
+    let mut used = 0;
+    let mut frames = Vec::new();
+    for e in entries {
+        if used + e.frame.len() > budget {
+            return (frames, true);
+        }
+        used += e.frame.len();
+        frames.push((e.offset, e.frame.clone()));
+    }
+    (frames, false)
+}
+
+/// A new epoch: 10 random letters and digits.
+fn new_epoch() -> String {
+    std::iter::repeat_with(fastrand::alphanumeric)
+        .take(10)
+        .collect()
+}
+
 impl Logs {
+    /// The longest idle room among those `with` selects. A scan, made only when a bound is
+    /// reached (at most once per publish), over at most [`MAX_ROOMS`] rooms.
+    fn idlest(&self, with: impl Fn(&RoomLog) -> bool) -> Option<RoomName> {
+        self.rooms
+            .iter()
+            .filter(|(_, r)| with(r))
+            .min_by_key(|(_, r)| r.touched)
+            .map(|(name, _)| name.clone())
+    }
+
+    /// Forgets the longest idle room entirely (its next publish starts a new epoch).
+    fn forget_idlest_room(&mut self) {
+        if let Some(name) = self.idlest(|_| true) {
+            if let Some(log) = self.rooms.remove(&name) {
+                if !log.entries.is_empty() {
+                    self.history_rooms -= 1;
+                }
+            }
+        }
+    }
+
+    /// Drops the history of the longest idle room that has one; its sequence stays.
+    fn drop_idlest_history(&mut self) {
+        if let Some(name) = self.idlest(|r| !r.entries.is_empty()) {
+            if let Some(log) = self.rooms.get_mut(&name) {
+                log.entries.clear();
+                log.bytes = 0;
+                self.history_rooms -= 1;
+            }
+        }
+    }
+
     fn forget_expired_keys(&mut self, now: Instant) {
         while let Some((expires, _, _)) = self.key_order.front() {
             if *expires > now {
@@ -274,6 +372,8 @@ mod tests {
             metrics,
             HistoryLimits {
                 size,
+                max_bytes: 1 << 20,
+                read_bytes: 1 << 20,
                 ttl: Duration::from_secs(60),
                 idempotency_ttl: Duration::from_secs(60),
             },
@@ -288,6 +388,7 @@ mod tests {
             }),
             max_recovery: 5,
             backlog,
+            partial: false,
         }
     }
 

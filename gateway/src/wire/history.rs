@@ -36,6 +36,13 @@ pub const MAX_KEY_LEN: usize = 128;
 pub struct HistoryLimits {
     /// Entries kept per room (`--history-size`); 0 keeps none.
     pub size: usize,
+    /// Frame bytes kept per room (`--history-max-bytes`): the oldest entries are trimmed until
+    /// the room's entries sum to at most this (a message larger than it is not kept at all).
+    pub max_bytes: usize,
+    /// Frame bytes one read of history may return (half of `--outbox-bytes`, so that a welcome's
+    /// backlog or replay always fits a fresh outbox with room for live messages): a resume that
+    /// would need more is `TooMany`, a backlog keeps the newest entries that fit.
+    pub read_bytes: usize,
     /// Age after which an entry counts as trimmed (`--history-ttl`).
     pub ttl: Duration,
     /// How long an idempotency key is remembered (`--idempotency-ttl`).
@@ -66,6 +73,37 @@ impl Since {
     }
 }
 
+/// Who a publish's idempotency key belongs to: keys are remembered per publisher, so that one
+/// publisher's key never suppresses another's message (docs/protocol.md, section 11.3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyScope {
+    /// A token holder: its `sub`. The same user resending after a reconnect is deduplicated.
+    User(String),
+    /// A caller of the HTTP API, by the position of its key in `--api-key` (never the key
+    /// itself); `None` when the API is open without a key.
+    Api(Option<usize>),
+    /// Publishers without a token (`--auth none`): one shared scope, since nothing else about an
+    /// anonymous connection survives its reconnect.
+    Anonymous,
+}
+
+impl KeyScope {
+    /// The stored form of `key` in this scope: `u:<sub>:<key>`, `api:<n>:<key>` (`api:<key>` for
+    /// an open API) or `anon:<key>`. `%` and `:` in a `sub` are percent-escaped, so that no two
+    /// (sub, key) pairs share a stored form.
+    pub fn scoped(&self, key: &str) -> String {
+        match self {
+            Self::User(sub) => {
+                let sub = sub.replace('%', "%25").replace(':', "%3A");
+                format!("u:{sub}:{key}")
+            }
+            Self::Api(Some(n)) => format!("api:{n}:{key}"),
+            Self::Api(None) => format!("api:{key}"),
+            Self::Anonymous => format!("anon:{key}"),
+        }
+    }
+}
+
 /// Whether `key` is a valid idempotency key: 1-128 bytes, no control characters.
 pub fn valid_key(key: &str) -> bool {
     !key.is_empty() && key.len() <= MAX_KEY_LEN && !key.chars().any(char::is_control)
@@ -80,6 +118,9 @@ pub struct HistoryQuery {
     pub max_recovery: usize,
     /// The last N messages, when there is no `since` or the resume was not complete.
     pub backlog: usize,
+    /// A page rather than a resume (the HTTP API): when the missed messages exceed the read's
+    /// byte budget, return the oldest ones that fit, marked `truncated`, instead of `TooMany`.
+    pub partial: bool,
 }
 
 /// How a resume went: the `result` label of `gateway_recoveries_total`.
@@ -121,6 +162,10 @@ pub struct HistoryRead {
     /// Message frames in offset order: the missed ones when the resume is complete, else the
     /// backlog (at most [`HistoryQuery::backlog`]).
     pub frames: Vec<(u64, Bytes)>,
+    /// Whether the read's byte budget left out entries that were asked for: a backlog holds only
+    /// the newest that fit, a partial resume only the oldest that fit, and a resume answered
+    /// `TooMany` for bytes says so here.
+    pub truncated: bool,
 }
 
 impl HistoryRead {
@@ -212,5 +257,21 @@ mod tests {
         assert!(!valid_key(&"k".repeat(129)));
         assert!(!valid_key("a\nb"));
         assert_eq!(frame_tail(7, "ep"), r#","offset":7,"epoch":"ep"}"#);
+    }
+
+    #[test]
+    fn key_scopes_never_collide() {
+        let user = |s: &str| KeyScope::User(s.into());
+        assert_eq!(user("alice").scoped("q-4"), "u:alice:q-4");
+        assert_eq!(KeyScope::Api(Some(1)).scoped("q-4"), "api:1:q-4");
+        assert_eq!(KeyScope::Api(None).scoped("q-4"), "api:q-4");
+        assert_eq!(KeyScope::Anonymous.scoped("q-4"), "anon:q-4");
+        // Without escaping, sub "a:b" with key "c" and sub "a" with key "b:c" would share one.
+        assert_ne!(user("a:b").scoped("c"), user("a").scoped("b:c"));
+        assert_ne!(user("a%3Ab").scoped("c"), user("a:b").scoped("c"));
+        assert_ne!(
+            user("api").scoped("0:k"),
+            KeyScope::Api(Some(0)).scoped("k")
+        );
     }
 }
