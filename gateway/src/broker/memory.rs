@@ -364,6 +364,10 @@ mod tests {
     use std::time::Duration;
 
     fn broker(size: usize) -> MemoryBroker {
+        bounded(size, 1 << 20, 1 << 20)
+    }
+
+    fn bounded(size: usize, max_bytes: usize, read_bytes: usize) -> MemoryBroker {
         let metrics = Metrics::new("n1");
         let hub = Arc::new(crate::fanout::hub::Hub::new());
         let inbound = Arc::new(Inbound::new("n1", hub, metrics.clone(), 1024));
@@ -372,8 +376,8 @@ mod tests {
             metrics,
             HistoryLimits {
                 size,
-                max_bytes: 1 << 20,
-                read_bytes: 1 << 20,
+                max_bytes,
+                read_bytes,
                 ttl: Duration::from_secs(60),
                 idempotency_ttl: Duration::from_secs(60),
             },
@@ -464,5 +468,110 @@ mod tests {
             b.history(&room, &since(&now, 0, 5)).recovery,
             Some(Recovery::Trimmed)
         );
+    }
+
+    /// 100 bytes of prefix; with the tail of a one-digit offset and a 10-letter epoch, a frame
+    /// is 133 bytes.
+    const PREFIX: &[u8] = &[b'x'; 100];
+    const FRAME: usize = 133;
+
+    fn offsets(read: &HistoryRead) -> Vec<u64> {
+        read.frames.iter().map(|f| f.0).collect()
+    }
+
+    #[test]
+    fn a_room_keeps_at_most_its_bytes() {
+        let b = bounded(100, 3 * FRAME, 1 << 20);
+        let room = RoomName::parse("r").unwrap();
+        for _ in 0..3 {
+            b.publish(&room, PREFIX, "id", None);
+        }
+        let all = |b: &MemoryBroker| {
+            let mut q = HistoryQuery::default();
+            q.backlog = 100;
+            b.history(&room, &q)
+        };
+        assert_eq!(offsets(&all(&b)), [1, 2, 3], "exactly the budget is kept");
+        b.publish(&room, PREFIX, "id", None);
+        assert_eq!(
+            offsets(&all(&b)),
+            [2, 3, 4],
+            "one byte over trims the oldest"
+        );
+        // A message larger than the whole budget is not kept, and takes the rest with it.
+        b.publish(&room, &[b'x'; 500], "id", None);
+        assert!(all(&b).frames.is_empty());
+        let logs = b.logs.lock().unwrap();
+        assert_eq!(logs.rooms[&room].bytes, 0);
+        assert_eq!(logs.history_rooms, 0);
+    }
+
+    #[test]
+    fn reads_stop_at_their_byte_budget() {
+        let b = bounded(100, 1 << 20, 3 * FRAME);
+        let room = RoomName::parse("r").unwrap();
+        for _ in 0..5 {
+            b.publish(&room, PREFIX, "id", None);
+        }
+        let now = b.history(&room, &HistoryQuery::default());
+        let fits = b.history(&room, &since(&now, 2, 0));
+        assert_eq!(
+            fits.recovery,
+            Some(Recovery::Complete),
+            "exactly the budget"
+        );
+        assert_eq!((offsets(&fits), fits.truncated), (vec![3, 4, 5], false));
+        let over = b.history(&room, &since(&now, 1, 9));
+        assert_eq!(over.recovery, Some(Recovery::TooMany), "one frame over");
+        assert!(over.truncated);
+        assert_eq!(
+            offsets(&over),
+            [3, 4, 5],
+            "the newest that fit as the backlog"
+        );
+        let mut page = since(&now, 0, 0);
+        page.partial = true;
+        let page = b.history(&room, &page);
+        assert_eq!(page.recovery, Some(Recovery::Complete));
+        assert_eq!((offsets(&page), page.truncated), (vec![1, 2, 3], true));
+        let mut backlog = HistoryQuery::default();
+        backlog.backlog = 3;
+        let exact = b.history(&room, &backlog);
+        assert_eq!((offsets(&exact), exact.truncated), (vec![3, 4, 5], false));
+    }
+
+    #[test]
+    fn history_is_kept_for_a_bounded_number_of_rooms() {
+        let b = broker(10);
+        let room = |i: usize| RoomName::parse(&format!("r{i}")).unwrap();
+        for i in 0..=MAX_HISTORY_ROOMS {
+            b.publish(&room(i), PREFIX, "id", None);
+        }
+        let logs = b.logs.lock().unwrap();
+        assert_eq!(logs.history_rooms, MAX_HISTORY_ROOMS);
+        assert!(
+            logs.rooms[&room(0)].entries.is_empty(),
+            "the idlest lost its history"
+        );
+        assert_eq!(logs.rooms[&room(0)].seq, 1, "but not its sequence");
+        assert_eq!(logs.rooms[&room(MAX_HISTORY_ROOMS)].entries.len(), 1);
+        let kept = logs
+            .rooms
+            .values()
+            .filter(|r| !r.entries.is_empty())
+            .count();
+        assert_eq!(kept, MAX_HISTORY_ROOMS);
+    }
+
+    #[test]
+    fn scoped_keys_are_per_publisher() {
+        use crate::wire::history::KeyScope;
+        let b = broker(10);
+        let room = RoomName::parse("r").unwrap();
+        let chatter = KeyScope::User("mallory".into()).scoped("question-4");
+        let backend = KeyScope::Api(Some(0)).scoped("question-4");
+        assert!(!b.publish(&room, b"{", "a", Some(&chatter)).duplicate);
+        assert!(!b.publish(&room, b"{", "b", Some(&backend)).duplicate);
+        assert!(b.publish(&room, b"{", "c", Some(&backend)).duplicate);
     }
 }
