@@ -487,8 +487,10 @@ mod tests {
             b.publish(&room, PREFIX, "id", None);
         }
         let all = |b: &MemoryBroker| {
-            let mut q = HistoryQuery::default();
-            q.backlog = 100;
+            let q = HistoryQuery {
+                backlog: 100,
+                ..Default::default()
+            };
             b.history(&room, &q)
         };
         assert_eq!(offsets(&all(&b)), [1, 2, 3], "exactly the budget is kept");
@@ -534,8 +536,10 @@ mod tests {
         let page = b.history(&room, &page);
         assert_eq!(page.recovery, Some(Recovery::Complete));
         assert_eq!((offsets(&page), page.truncated), (vec![1, 2, 3], true));
-        let mut backlog = HistoryQuery::default();
-        backlog.backlog = 3;
+        let backlog = HistoryQuery {
+            backlog: 3,
+            ..Default::default()
+        };
         let exact = b.history(&room, &backlog);
         assert_eq!((offsets(&exact), exact.truncated), (vec![3, 4, 5], false));
     }
