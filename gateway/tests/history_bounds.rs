@@ -12,6 +12,9 @@ use std::time::Duration;
 use common::*;
 use serde_json::{json, Value};
 
+/// A stream entry as `XRANGE` answers it: its id and its fields.
+type StreamEntry = (String, Vec<(String, Vec<u8>)>);
+
 /// A JSON body whose frame is a little over `n` bytes.
 fn big(n: usize) -> Vec<u8> {
     json!({ "blob": "x".repeat(n) }).to_string().into_bytes()
@@ -57,7 +60,7 @@ async fn a_rooms_history_stays_within_its_byte_budget_in_redis() {
         publish_big(&cluster[0], "big", 60_000).await;
     }
     let mut redis = cluster.redis().connection().await.unwrap();
-    let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+    let entries: Vec<StreamEntry> = redis::cmd("XRANGE")
         .arg("gw:room:{big}:hist")
         .arg("-")
         .arg("+")
