@@ -92,6 +92,61 @@ async fn a_rooms_history_stays_within_its_byte_budget_in_redis() {
     assert!(usage <= 2 * 1024 * 1024, "{usage} bytes of Redis memory");
 }
 
+#[tokio::test]
+async fn a_history_written_without_a_byte_total_is_counted_once_and_trimmed() {
+    // An older node's room: a meta without `bytes` and a stream of 40 entries of 100 kB (4 MB).
+    let cluster = TestCluster::start(&["n1"], &[]).await;
+    let mut redis = cluster.redis().connection().await.unwrap();
+    let frame = format!(r#"{{"type":"message","data":"{}"}}"#, "x".repeat(100_000));
+    for i in 1..=40 {
+        let _: String = redis::cmd("XADD")
+            .arg("gw:room:{old}:hist")
+            .arg(format!("0-{i}"))
+            .arg("t")
+            .arg(jsonwebtoken::get_current_timestamp() * 1000)
+            .arg("f")
+            .arg(&frame)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+    let _: () = redis::cmd("HSET")
+        .arg("gw:room:{old}:meta")
+        .arg("epoch")
+        .arg("old1")
+        .arg("seq")
+        .arg(40)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let ack = publish_big(&cluster[0], "old", 1_000).await;
+    assert_eq!(
+        (&ack["offset"], &ack["epoch"]),
+        (&json!(41), &json!("old1"))
+    );
+    let (len, recorded): (usize, usize) = redis::pipe()
+        .cmd("XLEN")
+        .arg("gw:room:{old}:hist")
+        .cmd("HGET")
+        .arg("gw:room:{old}:meta")
+        .arg("bytes")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(len, 16, "15 old entries and the new one fit 1.5 MiB");
+    assert!(recorded <= 1536 * 1024, "{recorded}");
+    assert_eq!(
+        recorded,
+        15 * frame.len() + ack_frame_len(&cluster[0], "old").await
+    );
+}
+
+/// The length of the newest frame of `room`, as the history API returns it.
+async fn ack_frame_len(node: &TestNode, room: &str) -> usize {
+    let (_, h) = http_history(node.client, room, "limit=1", &[]).await;
+    h["messages"][0].to_string().len()
+}
+
 /// Flags of a node whose reads are bounded at 128 KiB (half of --outbox-bytes).
 const SMALL_READS: &[&str] = &["--outbox-bytes", "262144"];
 

@@ -57,7 +57,16 @@ if size > 0 then
   -- than the meta's life) took its bytes with it.
   local bytes = 0
   if len > 0 then
-    bytes = tonumber(redis.call('HGET', KEYS[1], 'bytes') or '0')
+    local recorded = redis.call('HGET', KEYS[1], 'bytes')
+    if recorded then
+      bytes = tonumber(recorded)
+    else
+      -- A stream written before the total was kept (an older node): count it once.
+      local all = redis.call('XRANGE', KEYS[2], '-', '+')
+      for i = 1, #all do
+        bytes = bytes + #all[i][2][4]
+      end
+    end
   end
   redis.call('XADD', KEYS[2], '0-' .. off, 't', string.format('%d', now), 'f', frame)
   len = len + 1
