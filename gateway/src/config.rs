@@ -842,6 +842,17 @@ mod tests {
         assert!(c.validate().is_err());
         let c = Config::parse_from(["gateway", "--api-key", "short"]);
         assert!(c.validate().is_err());
+        // A room must be able to keep one message of the largest size; exactly that is enough.
+        let c = Config::parse_from(["gateway", "--history-max-bytes", "65535"]);
+        assert!(c.validate().is_err());
+        let c = Config::parse_from(["gateway", "--history-max-bytes", "65536"]);
+        c.validate().unwrap();
+        assert_eq!(c.history_limits().max_bytes, 65536);
+        assert_eq!(
+            c.history_limits().read_bytes,
+            2 * 1024 * 1024,
+            "half of --outbox-bytes"
+        );
         // An empty or blank key (an unset templated variable) is refused, not read as "no key"
         // (issue 20: it used to open the API).
         for blank in ["", " ", " , ", "old-key-123,"] {

@@ -548,7 +548,9 @@ mod tests {
     fn history_is_kept_for_a_bounded_number_of_rooms() {
         let b = broker(10);
         let room = |i: usize| RoomName::parse(&format!("r{i}")).unwrap();
-        for i in 0..=MAX_HISTORY_ROOMS {
+        b.publish(&room(0), PREFIX, "id", None);
+        std::thread::sleep(Duration::from_millis(2));
+        for i in 1..=MAX_HISTORY_ROOMS {
             b.publish(&room(i), PREFIX, "id", None);
         }
         let logs = b.logs.lock().unwrap();
@@ -565,6 +567,37 @@ mod tests {
             .filter(|r| !r.entries.is_empty())
             .count();
         assert_eq!(kept, MAX_HISTORY_ROOMS);
+    }
+
+    #[test]
+    fn sequences_are_kept_for_a_bounded_number_of_rooms() {
+        let b = broker(0);
+        let room = |i: usize| RoomName::parse(&format!("r{i}")).unwrap();
+        let first = b.publish(&room(0), b"{", "id", None);
+        // Idler than all others by a clear margin (equal instants would leave the choice open).
+        std::thread::sleep(Duration::from_millis(2));
+        for i in 1..MAX_ROOMS {
+            b.publish(&room(i), b"{", "id", None);
+        }
+        assert_eq!(
+            b.logs.lock().unwrap().rooms.len(),
+            MAX_ROOMS,
+            "full, none forgotten"
+        );
+        b.publish(&room(MAX_ROOMS), b"{", "id", None);
+        let logs = b.logs.lock().unwrap();
+        assert_eq!(logs.rooms.len(), MAX_ROOMS);
+        assert!(
+            !logs.rooms.contains_key(&room(0)),
+            "the idlest is forgotten"
+        );
+        drop(logs);
+        let again = b.publish(&room(0), b"{", "id", None);
+        assert_eq!(again.offset, 1);
+        assert_ne!(
+            again.epoch, first.epoch,
+            "a new sequence, as after the meta's expiry"
+        );
     }
 
     #[test]
