@@ -173,6 +173,10 @@ async fn a_join_over_a_large_history_is_bounded_and_the_node_stays_ready() {
     assert_eq!(w["recovered"], true);
     assert_eq!(offsets_of(&messages), [17, 18, 19, 20]);
     assert_eq!(readyz_status(node).await, 200);
+    assert_eq!(
+        node.metric("gateway_history_reads_truncated_total").await,
+        1.0
+    );
 
     // The script itself stops at the budget: what leaves Redis is the status, not the history.
     let mut redis = cluster.redis().connection().await.unwrap();
@@ -226,6 +230,11 @@ async fn api_reads_are_truncated_pages(node: &TestNode) {
     let (_, small) = http_history(node.client, "paged", "limit=2", &[]).await;
     assert_eq!(small["truncated"], false, "a limit is not a truncation");
     assert_eq!(offsets_of(&page(&small)), [19, 20]);
+    assert_eq!(
+        node.metric("gateway_history_reads_truncated_total").await,
+        2.0,
+        "the two pages cut short"
+    );
 }
 
 #[tokio::test]

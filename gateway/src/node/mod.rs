@@ -304,6 +304,9 @@ impl Node {
         self.metrics
             .history_read_latency
             .record(start.elapsed().as_secs_f64());
+        if read.as_ref().is_ok_and(|r| r.truncated) {
+            self.metrics.history_reads_truncated.increment(1);
+        }
         read
     }
 
