@@ -28,7 +28,8 @@ if KEYS[3] then
 end
 
 local t = redis.call('TIME')
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'bytes')
+local epoch = meta[1]
 if not epoch then
   -- A new sequence (the room is new, its meta expired, or Redis lost it): a new epoch from the
   -- server's clock in microseconds, base 36, and no history of an older epoch.
@@ -57,7 +58,7 @@ if size > 0 then
   -- than the meta's life) took its bytes with it.
   local bytes = 0
   if len > 0 then
-    local recorded = redis.call('HGET', KEYS[1], 'bytes')
+    local recorded = meta[2]
     if recorded then
       bytes = tonumber(recorded)
     else
