@@ -606,7 +606,7 @@ mod tests {
         let b = broker(10);
         let room = RoomName::parse("r").unwrap();
         let chatter = KeyScope::User("mallory".into()).scoped("question-4");
-        let backend = KeyScope::Api(Some(0)).scoped("question-4");
+        let backend = KeyScope::Api(Some("0a1b2c3d4e5f".into())).scoped("question-4");
         assert!(!b.publish(&room, b"{", "a", Some(&chatter)).duplicate);
         assert!(!b.publish(&room, b"{", "b", Some(&backend)).duplicate);
         assert!(b.publish(&room, b"{", "c", Some(&backend)).duplicate);

@@ -4,7 +4,7 @@
 -- KEYS[1]  {prefix}{room}:meta        hash: epoch, seq, bytes (the frame bytes in the stream)
 -- KEYS[2]  {prefix}{room}:hist        stream of entries 0-<offset> with fields t (ms), f (frame)
 -- KEYS[3]  {prefix}{room}:idem:<scope>:<key>  optional: "offset:epoch:id" of the first publish
---          with key by that publisher (u:<sub>, api:<n>, anon; docs/protocol.md 11.3)
+--          with key by that publisher (u:<sub>, api:<id>, api, anon; docs/protocol.md 11.3)
 -- ARGV[1]  the message frame without its closing "}" (the node encodes it once)
 -- ARGV[2]  history size (entries per room; 0 = no history)
 -- ARGV[3]  history TTL, ms

@@ -458,9 +458,9 @@ fn may_publish(config: &Config, req: &Request<Incoming>) -> Result<(), Refusal> 
     check_api_key(config, req)
 }
 
-/// The idempotency scope of an API caller that [`may_publish`] let through: the position of its
-/// key in `--api-key` (never the key, which would then sit in Redis), or the open API's one
-/// scope. Every key is compared, in constant time, as [`check_api_key`] does.
+/// The idempotency scope of an API caller that [`may_publish`] let through: a short hash of its
+/// key ([`history::api_key_id`]; never the key, which would then sit in Redis), or the open API's
+/// one scope. Every key is compared, in constant time, as [`check_api_key`] does.
 fn api_key_scope(config: &Config, req: &Request<Incoming>) -> KeyScope {
     if !config.api_key_required() {
         return KeyScope::Api(None);
@@ -471,11 +471,11 @@ fn api_key_scope(config: &Config, req: &Request<Incoming>) -> KeyScope {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    let index = config.api_keys().enumerate().fold(None, |found, (i, key)| {
+    let matched = config.api_keys().fold(None, |found, key| {
         let same = constant_time_eq(given.as_bytes(), key.as_bytes());
-        found.or(same.then_some(i))
+        found.or(same.then_some(key))
     });
-    KeyScope::Api(index)
+    KeyScope::Api(matched.map(history::api_key_id))
 }
 
 /// Refuses what a web page of another site could make a browser send. Browsers send `Origin`

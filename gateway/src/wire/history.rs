@@ -79,17 +79,18 @@ impl Since {
 pub enum KeyScope {
     /// A token holder: its `sub`. The same user resending after a reconnect is deduplicated.
     User(String),
-    /// A caller of the HTTP API, by the position of its key in `--api-key` (never the key
-    /// itself); `None` when the API is open without a key.
-    Api(Option<usize>),
+    /// A caller of the HTTP API, by a short hash of its key ([`api_key_id`]; never the key
+    /// itself, and not its position in `--api-key`, which shifts when keys rotate); `None` when
+    /// the API is open without a key.
+    Api(Option<String>),
     /// Publishers without a token (`--auth none`): one shared scope, since nothing else about an
     /// anonymous connection survives its reconnect.
     Anonymous,
 }
 
 impl KeyScope {
-    /// The stored form of `key` in this scope: `u:<sub>:<key>`, `api:<n>:<key>` (`api:<key>` for
-    /// an open API) or `anon:<key>`. `%` and `:` in a `sub` are percent-escaped, so that no two
+    /// The stored form of `key` in this scope: `u:<sub>:<key>`, `api:<id>:<key>` (`api:<key>`
+    /// for an open API) or `anon:<key>`. `%` and `:` in a `sub` are percent-escaped, so that no two
     /// (sub, key) pairs share a stored form.
     pub fn scoped(&self, key: &str) -> String {
         match self {
@@ -97,11 +98,21 @@ impl KeyScope {
                 let sub = sub.replace('%', "%25").replace(':', "%3A");
                 format!("u:{sub}:{key}")
             }
-            Self::Api(Some(n)) => format!("api:{n}:{key}"),
+            Self::Api(Some(id)) => format!("api:{id}:{key}"),
             Self::Api(None) => format!("api:{key}"),
             Self::Anonymous => format!("anon:{key}"),
         }
     }
+}
+
+/// An API key's identity in idempotency scopes: the first 12 hex digits (48 bits) of its SHA-1.
+/// Stable across rotations (a key keeps its scope when others are added or removed), and it does
+/// not reveal the key: keys are at least 8 random characters, and SHA-1's preimage resistance is
+/// intact. SHA-1 is the one digest the build already has (Redis script hashes).
+pub fn api_key_id(api_key: &str) -> String {
+    let mut id = redis::Script::new(api_key).get_hash().to_string();
+    id.truncate(12);
+    id
 }
 
 /// Whether `key` is a valid idempotency key: 1-128 bytes, no control characters.
@@ -263,7 +274,15 @@ mod tests {
     fn key_scopes_never_collide() {
         let user = |s: &str| KeyScope::User(s.into());
         assert_eq!(user("alice").scoped("q-4"), "u:alice:q-4");
-        assert_eq!(KeyScope::Api(Some(1)).scoped("q-4"), "api:1:q-4");
+        let api = api_key_id("backend-key-0123");
+        assert_eq!(api.len(), 12);
+        assert!(api.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(api, api_key_id("backend-key-0124"));
+        assert_eq!(api_key_id("abc"), "a9993e364706", "SHA-1(\"abc\")");
+        assert_eq!(
+            KeyScope::Api(Some(api.clone())).scoped("q-4"),
+            format!("api:{api}:q-4")
+        );
         assert_eq!(KeyScope::Api(None).scoped("q-4"), "api:q-4");
         assert_eq!(KeyScope::Anonymous.scoped("q-4"), "anon:q-4");
         // Without escaping, sub "a:b" with key "c" and sub "a" with key "b:c" would share one.
@@ -271,7 +290,7 @@ mod tests {
         assert_ne!(user("a%3Ab").scoped("c"), user("a:b").scoped("c"));
         assert_ne!(
             user("api").scoped("0:k"),
-            KeyScope::Api(Some(0)).scoped("k")
+            KeyScope::Api(Some("0".into())).scoped("k")
         );
     }
 }
