@@ -8,8 +8,9 @@
 //! `--history-max-bytes` with their age; history for at most [`MAX_HISTORY_ROOMS`] rooms (the
 //! longest idle room's entries go first) and sequences for at most [`MAX_ROOMS`]; idempotency
 //! keys, scoped to their publisher, for `--idempotency-ttl`, at most [`MAX_KEYS`] of them (the
-//! oldest go first). A room's log is forgotten after [`META_TTL`] without a publish. Reads stop
-//! at the read byte budget as `history.lua` does.
+//! oldest go first). A room's log is forgotten after [`META_TTL`] without a publish, and entries
+//! past `--history-ttl` are freed at the next sweep of idle rooms. Reads stop at the read byte
+//! budget as `history.lua` does.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -137,6 +138,19 @@ impl MemoryBroker {
         if logs.publishes.is_multiple_of(SWEEP_EVERY) {
             logs.rooms
                 .retain(|_, r| now.duration_since(r.touched) < META_TTL);
+            // Entries past --history-ttl are never read again (Redis lets an idle room's stream
+            // expire after it): free them.
+            let ttl = self.limits.ttl;
+            for r in logs.rooms.values_mut() {
+                while r
+                    .entries
+                    .front()
+                    .is_some_and(|e| now.duration_since(e.at) >= ttl)
+                {
+                    let old = r.entries.pop_front().expect("front exists");
+                    r.bytes -= old.frame.len();
+                }
+            }
             logs.history_rooms = logs
                 .rooms
                 .values()
@@ -598,6 +612,25 @@ mod tests {
             again.epoch, first.epoch,
             "a new sequence, as after the meta's expiry"
         );
+    }
+
+    #[test]
+    fn the_sweep_frees_entries_past_their_age() {
+        let mut b = broker(10);
+        b.limits.ttl = Duration::from_millis(1);
+        let (quiet, busy) = (RoomName::parse("q").unwrap(), RoomName::parse("b").unwrap());
+        b.publish(&quiet, PREFIX, "id", None);
+        std::thread::sleep(Duration::from_millis(2));
+        for _ in 1..SWEEP_EVERY {
+            b.publish(&busy, PREFIX, "id", None);
+        }
+        let logs = b.logs.lock().unwrap();
+        assert!(
+            logs.rooms[&quiet].entries.is_empty(),
+            "aged out at the sweep"
+        );
+        assert_eq!(logs.rooms[&quiet].bytes, 0);
+        assert_eq!(logs.rooms[&quiet].seq, 1, "the sequence stays");
     }
 
     #[test]
