@@ -198,6 +198,28 @@ async fn a_join_over_a_large_history_is_bounded_and_the_node_stays_ready() {
     assert_eq!(answer.len(), 4, "no entry in a too_many answer");
     assert_eq!(answer[2], redis::Value::BulkString(b"too_many".to_vec()));
     assert_eq!(answer[3], redis::Value::Int(1), "truncated");
+    // A page (the API's) with a budget below one message still advances by one.
+    let answer: Vec<redis::Value> = redis::cmd("EVAL")
+        .arg(include_str!("../src/broker/history.lua"))
+        .arg(2)
+        .arg("gw:room:{deep}:meta")
+        .arg("gw:room:{deep}:hist")
+        .arg(&epoch)
+        .arg(0)
+        .arg(1000)
+        .arg(0)
+        .arg(600_000)
+        .arg(10)
+        .arg(1)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(answer.len(), 6, "one entry: {answer:?}");
+    assert_eq!(answer[2], redis::Value::BulkString(b"complete".to_vec()));
+    assert_eq!(
+        (&answer[3], &answer[4]),
+        (&redis::Value::Int(1), &redis::Value::Int(1))
+    );
 }
 
 /// The HTTP API's history read on `node` after 20 messages of 30 kB: a page cut at the budget

@@ -10,8 +10,9 @@
 -- ARGV[4]  backlog: the last N messages when there is no complete resume (0 = none)
 -- ARGV[5]  history TTL, ms: older entries count as trimmed
 -- ARGV[6]  most frame bytes the read returns
--- ARGV[7]  1: a resume over the byte budget returns the oldest missed entries that fit, as a
---          complete but truncated page (the HTTP API); 0: it is too_many (a joining client)
+-- ARGV[7]  1: a resume over the byte budget returns the oldest missed entries that fit (at
+--          least one, so that paging always advances), as a complete but truncated page (the
+--          HTTP API); 0: it is too_many (a joining client)
 -- Returns {epoch ('' = none), offset, status, truncated (0|1), offset1, frame1, offset2, ...}
 -- with status one of none (no resume asked), complete, epoch, trimmed, too_many.
 
@@ -22,6 +23,7 @@ local seq = tonumber(meta[2] or '0')
 local t = redis.call('TIME')
 local oldest = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[5])
 local budget = tonumber(ARGV[6])
+local partial = ARGV[7] == '1'
 local out = {epoch, seq, 'none', 0}
 
 if ARGV[1] ~= '' then
@@ -48,7 +50,7 @@ if ARGV[1] ~= '' then
       end
       for i = 1, #entries do
         local f = entries[i][2][4]
-        if used + #f > budget then
+        if used + #f > budget and not (partial and got == 0) then
           over = true
           break
         end
@@ -59,7 +61,7 @@ if ARGV[1] ~= '' then
       end
       from = '0-' .. string.format('%d', since + got + 1)
     end
-    if over and ARGV[7] == '1' and got > 0 then
+    if over and partial then
       out[3] = 'complete'
       out[4] = 1
       return out

@@ -266,14 +266,14 @@ impl MemoryBroker {
                     let mut missed = entries.iter().filter(|e| e.offset > since.offset);
                     match missed.next() {
                         Some(e) if e.offset == since.offset + 1 && young(e) => {
-                            let (frames, over) = within(std::iter::once(e).chain(missed), budget);
+                            let missed = std::iter::once(e).chain(missed);
+                            let (frames, over) = within(missed, budget, query.partial);
                             read.truncated = over;
-                            match (over, query.partial && !frames.is_empty()) {
-                                (false, _) | (true, true) => {
-                                    read.frames = frames;
-                                    Recovery::Complete
-                                }
-                                (true, false) => Recovery::TooMany,
+                            if over && !query.partial {
+                                Recovery::TooMany
+                            } else {
+                                read.frames = frames;
+                                Recovery::Complete
                             }
                         }
                         _ => Recovery::Trimmed,
@@ -292,7 +292,7 @@ impl MemoryBroker {
                     .rev()
                     .take(query.backlog)
                     .take_while(|e| young(e));
-                let (mut frames, over) = within(newest, budget);
+                let (mut frames, over) = within(newest, budget, false);
                 frames.reverse();
                 read.frames = frames;
                 read.truncated |= over;
@@ -303,15 +303,17 @@ impl MemoryBroker {
 }
 
 /// The entries of `entries`, in their order, until the next would take their frames over
-/// `budget` bytes; and whether one was left out for the budget.
+/// `budget` bytes (the first always, with `at_least_one`: a page that always advances); and
+/// whether one was left out for the budget.
 fn within<'a>(
     entries: impl Iterator<Item = &'a Entry>,
     budget: usize,
+    at_least_one: bool,
 ) -> (Vec<(u64, Bytes)>, bool) {
     let mut used = 0;
     let mut frames = Vec::new();
     for e in entries {
-        if used + e.frame.len() > budget {
+        if used + e.frame.len() > budget && !(at_least_one && frames.is_empty()) {
             return (frames, true);
         }
         used += e.frame.len();
@@ -550,6 +552,18 @@ mod tests {
         let page = b.history(&room, &page);
         assert_eq!(page.recovery, Some(Recovery::Complete));
         assert_eq!((offsets(&page), page.truncated), (vec![1, 2, 3], true));
+        let tiny = bounded(100, 1 << 20, FRAME - 1);
+        for _ in 0..2 {
+            tiny.publish(&room, PREFIX, "id", None);
+        }
+        let mut one = since(&tiny.history(&room, &HistoryQuery::default()), 0, 0);
+        one.partial = true;
+        let one = tiny.history(&room, &one);
+        assert_eq!(
+            (offsets(&one), one.truncated),
+            (vec![1], true),
+            "a page advances"
+        );
         let backlog = HistoryQuery {
             backlog: 3,
             ..Default::default()
