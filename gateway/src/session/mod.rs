@@ -291,7 +291,7 @@ async fn catch_up(
         covered,
     );
     drop(read);
-    let counts = node.presence.estimate_for_join(room, node.hub.counts(room));
+    let counts = node.presence.estimate(room, node.hub.counts(room));
     let _ = outbox.push(protocol::presence(room, counts.hosts, counts.viewers));
 }
 
