@@ -323,6 +323,12 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_HISTORY_SIZE", default_value_t = 300)]
     pub history_size: usize,
 
+    /// Bytes of message frames kept per room's history, besides --history-size: the oldest
+    /// entries are trimmed until the room fits (the default keeps a room's stream under 2 MiB of
+    /// Redis memory). At least --max-message-size.
+    #[arg(long, env = "GATEWAY_HISTORY_MAX_BYTES", default_value_t = 1536 * 1024)]
+    pub history_max_bytes: usize,
+
     /// Age after which a history entry counts as gone (and a room's idle history expires).
     #[arg(long, env = "GATEWAY_HISTORY_TTL", value_parser = parse_duration, default_value = "10m")]
     pub history_ttl: Duration,
@@ -438,6 +444,8 @@ impl Config {
     pub fn history_limits(&self) -> crate::wire::history::HistoryLimits {
         crate::wire::history::HistoryLimits {
             size: self.history_size,
+            max_bytes: self.history_max_bytes,
+            read_bytes: self.outbox_bytes / 2,
             ttl: self.history_ttl,
             idempotency_ttl: self.idempotency_ttl,
         }
@@ -494,6 +502,9 @@ impl Config {
             || self.idempotency_ttl < Duration::from_secs(1)
         {
             return bad("--history-ttl and --idempotency-ttl must be at least 1s");
+        }
+        if self.history_max_bytes < self.max_message_size {
+            return bad("--history-max-bytes must be at least --max-message-size");
         }
         if self.max_recovery == 0 || self.max_recovery > 100_000 || self.max_backlog > 100_000 {
             return bad("--max-recovery must be 1-100000 and --max-backlog at most 100000");
@@ -848,6 +859,17 @@ mod tests {
         assert!(c.validate().is_err());
         let c = Config::parse_from(["gateway", "--api-key", "short"]);
         assert!(c.validate().is_err());
+        // A room must be able to keep one message of the largest size; exactly that is enough.
+        let c = Config::parse_from(["gateway", "--history-max-bytes", "65535"]);
+        assert!(c.validate().is_err());
+        let c = Config::parse_from(["gateway", "--history-max-bytes", "65536"]);
+        c.validate().unwrap();
+        assert_eq!(c.history_limits().max_bytes, 65536);
+        assert_eq!(
+            c.history_limits().read_bytes,
+            2 * 1024 * 1024,
+            "half of --outbox-bytes"
+        );
         // An empty or blank key (an unset templated variable) is refused, not read as "no key"
         // (issue 20: it used to open the API).
         for blank in ["", " ", " , ", "old-key-123,"] {

@@ -167,8 +167,9 @@ async fn acks_keys_history_api_and_resume_with_redis() {
     for k in [
         "gw:room:{acks}:meta",
         "gw:room:{acks}:hist",
-        "gw:room:{acks}:idem:k1",
-        "gw:room:{acks}:idem:h1",
+        // Keys are per publisher (protocol.md 11.3): the anonymous host's, the open API's.
+        "gw:room:{acks}:idem:anon:k1",
+        "gw:room:{acks}:idem:api:h1",
     ] {
         assert!(keys.iter().any(|x| x == k), "{k} in {keys:?}");
     }
@@ -201,7 +202,7 @@ async fn history_api_needs_the_api_key() {
     assert_eq!(status, 200);
     assert_eq!(
         body,
-        json!({"room":"r","epoch":null,"offset":0,"recovered":true,"messages":[]})
+        json!({"room":"r","epoch":null,"offset":0,"recovered":true,"truncated":false,"messages":[]})
     );
 }
 

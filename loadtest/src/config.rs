@@ -126,8 +126,10 @@ pub struct Options {
     )]
     pub deliver_sample: u32,
 
-    /// The generator reports itself as the bottleneck when its timer lag (p99) or its publishers'
-    /// lag behind schedule (p99) exceeds this.
+    /// The generator reports itself as the bottleneck when its timer lag (p99) exceeds this, or
+    /// when its publishers' lag behind schedule (p99) does while its timers are late too
+    /// (publishers behind with timers on time are the gateway not taking the writes: noted,
+    /// not a bottleneck).
     #[arg(long, env = "LOADTEST_MAX_GENERATOR_LAG", value_parser = parse_duration, default_value = "25ms")]
     pub max_generator_lag: Duration,
 

@@ -187,6 +187,10 @@ pub struct Generator {
     pub bottleneck: bool,
     /// Why.
     pub reasons: Vec<String>,
+    /// What held the publishers back that was not the generator's own saturation (its timers
+    /// on time): writes the gateway did not take at once. Reported, never a failed verdict.
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 /// One room's ledger: the raw material of `expected` and `lost`.

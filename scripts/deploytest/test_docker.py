@@ -247,7 +247,9 @@ class Load:
              "-f", COMPOSE_DIR / "docker-compose.yml", "-f", COMPOSE_DIR / "docker-compose.test.yml",
              "--profile", "loadtest", "run", "--rm", "--no-deps", "-v", f"{d}:/out", "loadtest",
              "--target=ws://127.0.0.1:8080", f"--rooms={LOAD_ROOMS}", f"--measure={measure}",
-             f"--summary-file=/out/{name}.json", f"--expect={rules}"],
+             f"--summary-file=/out/{name}.json", f"--expect={rules}",
+             # The generator shares the two cores with the cluster it measures (scripts/test.sh).
+             f"--max-generator-lag={os.environ.get('LOADTEST_MAX_GENERATOR_LAG', '100ms')}"],
             stdout=open(self.out, "w"), stderr=subprocess.STDOUT)
 
     def wait(self) -> int:

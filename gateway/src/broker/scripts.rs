@@ -1,6 +1,6 @@
 //! The Lua scripts the Redis broker runs — `publish.lua`, `history.lua`, `presence.lua` and
 //! `ban.lua`, each a file beside this one — with their keys, their arguments and how their answers
-//! read. Every room key carries the room's hash tag (`{prefix}{<room>}:meta|hist|idem:<key>`), so
+//! read. Every room key carries the room's hash tag (`{prefix}{<room>}:meta|hist|idem:<scoped key>`), so
 //! one script touches one cluster slot. How a script reaches Redis (`EVALSHA`, and `EVAL` when a
 //! server answers `NOSCRIPT`) is [`super::redis::conn`]'s one place.
 
@@ -48,7 +48,8 @@ pub fn room_key(prefix: &str, room: &RoomName, suffix: &str) -> String {
     format!("{prefix}{{{room}}}:{suffix}")
 }
 
-/// The keys of `publish.lua`: the room's meta and stream, and the idempotency `key`'s.
+/// The keys of `publish.lua`: the room's meta and stream, and the idempotency `key`'s — already
+/// scoped to its publisher ([`crate::wire::history::KeyScope::scoped`]).
 pub fn publish_keys(prefix: &str, room: &RoomName, key: Option<&str>) -> Vec<String> {
     let mut keys = vec![
         room_key(prefix, room, "meta"),
@@ -61,7 +62,8 @@ pub fn publish_keys(prefix: &str, room: &RoomName, key: Option<&str>) -> Vec<Str
 }
 
 /// Appends `publish.lua`'s arguments: the node-encoded frame without its position tail, the
-/// history bounds, the publish command and channel, the meta's lifetime and the message id.
+/// history bounds, the publish command and channel, the meta's lifetime, the message id and the
+/// history's byte budget.
 pub fn publish_args(
     cmd: &mut redis::Cmd,
     frame: &[u8],
@@ -77,7 +79,8 @@ pub fn publish_args(
         .arg(command)
         .arg(channel)
         .arg(META_TTL.as_millis() as u64)
-        .arg(id);
+        .arg(id)
+        .arg(limits.max_bytes);
 }
 
 /// Reads `publish.lua`'s answer: offset, epoch, duplicate flag, id.
@@ -101,7 +104,7 @@ pub fn history_keys(prefix: &str, room: &RoomName) -> Vec<String> {
 }
 
 /// Appends `history.lua`'s arguments: the resume position (empty epoch without one), the bounds
-/// of the read and the history's age limit.
+/// of the read, the history's age limit, the read's byte budget and whether it is a page.
 pub fn history_args(cmd: &mut redis::Cmd, query: &HistoryQuery, limits: &HistoryLimits) {
     let (epoch, offset) = match &query.since {
         Some(since) => (since.epoch.as_str(), since.offset),
@@ -111,7 +114,9 @@ pub fn history_args(cmd: &mut redis::Cmd, query: &HistoryQuery, limits: &History
         .arg(offset)
         .arg(query.max_recovery)
         .arg(query.backlog)
-        .arg(limits.ttl.as_millis() as u64);
+        .arg(limits.ttl.as_millis() as u64)
+        .arg(limits.read_bytes)
+        .arg(u8::from(query.partial));
 }
 
 /// Reads `history.lua`'s answer.
@@ -146,6 +151,7 @@ fn parse_history(values: Vec<redis::Value>) -> Option<HistoryRead> {
         "none" => None,
         s => Some(Recovery::from_status(s)?),
     };
+    let truncated = int(&it.next()?)? == 1;
     let mut frames = Vec::new();
     while let Some(off) = it.next() {
         let frame = match it.next()? {
@@ -159,5 +165,6 @@ fn parse_history(values: Vec<redis::Value>) -> Option<HistoryRead> {
         offset,
         recovery,
         frames,
+        truncated,
     })
 }

@@ -110,7 +110,7 @@ pub async fn read_body(
 
 /// Compares two byte strings in time independent of where they differ (crate `subtle`; only
 /// the length may leak, and a key's length is not a secret worth the padding).
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     use subtle::ConstantTimeEq;
     a.len() == b.len() && bool::from(a.ct_eq(b))
 }

@@ -33,12 +33,14 @@ use crate::auth::AuthError;
 use crate::config::Config;
 use crate::http::assets;
 use crate::http::moderation as moderation_api;
-use crate::http::request::{check_api_key, param, query_params, read_body, BodyError};
+use crate::http::request::{
+    check_api_key, constant_time_eq, param, query_params, read_body, BodyError,
+};
 use crate::http::response::{json, Body, Refusal};
 use crate::metrics::{DropReason, HttpTimeout, RefuseReason, Source};
 use crate::node::{Node, SlotError};
 use crate::session::{self, Admission, Resume};
-use crate::wire::history::{self, HistoryQuery, Since};
+use crate::wire::history::{self, HistoryQuery, KeyScope, Since};
 use crate::wire::protocol::{self, Role, RoomName};
 
 /// Dispatches one request of the client port.
@@ -347,7 +349,9 @@ async fn upgrade(
 
 /// `GET /api/rooms/{room}/messages?since=E:N&limit=L`: the messages after `since` (all of them,
 /// up to `--max-recovery`, or `recovered: false`), or without `since` the last `limit` (default
-/// and at most `--max-backlog`).
+/// and at most `--max-backlog`). Never more than half of `--outbox-bytes` of frames, cut in
+/// Redis: a page cut short says `"truncated": true` (after `since`, the oldest that fit; the
+/// caller asks again from the last one; without, the newest that fit).
 async fn history(
     node: &Arc<Node>,
     req: Request<Incoming>,
@@ -372,11 +376,13 @@ async fn history(
             since,
             max_recovery: limit.unwrap_or(cfg.max_recovery).min(cfg.max_recovery),
             backlog: 0,
+            partial: true,
         },
         None => HistoryQuery {
             since: None,
             max_recovery: cfg.max_recovery,
             backlog: limit.unwrap_or(cfg.max_backlog).min(cfg.max_backlog),
+            partial: true,
         },
     };
     match node.history(&room, &query).await {
@@ -394,6 +400,7 @@ async fn history(
                     "epoch": epoch,
                     "offset": read.offset,
                     "recovered": read.recovered().unwrap_or(true),
+                    "truncated": read.truncated,
                     "messages": messages,
                 }),
             ))
@@ -448,6 +455,26 @@ async fn may_read_history(
 fn may_publish(config: &Config, req: &Request<Incoming>) -> Result<(), Refusal> {
     browser_may_publish(config, req)?;
     check_api_key(config, req)
+}
+
+/// The idempotency scope of an API caller that [`may_publish`] let through: a short hash of its
+/// key ([`history::api_key_id`]; never the key, which would then sit in Redis), or the open API's
+/// one scope. Every key is compared, in constant time, as [`check_api_key`] does.
+fn api_key_scope(config: &Config, req: &Request<Incoming>) -> KeyScope {
+    if !config.api_key_required() {
+        return KeyScope::Api(None);
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let matched = config.api_keys().fold(None, |found, key| {
+        let same = constant_time_eq(given.as_bytes(), key.as_bytes());
+        found.or(same.then_some(key))
+    });
+    KeyScope::Api(matched.map(history::api_key_id))
 }
 
 /// Refuses what a web page of another site could make a browser send. Browsers send `Origin`
@@ -520,6 +547,7 @@ async fn publish(
     room: &str,
 ) -> Result<Response<Body>, Refusal> {
     may_publish(&node.config, &req)?;
+    let scope = api_key_scope(&node.config, &req);
     let room = parse_room(room)?;
     let key = match req.headers().get("idempotency-key") {
         None => None,
@@ -586,7 +614,7 @@ async fn publish(
             &data,
             Source::Http,
             false,
-            key.as_deref(),
+            key.as_deref().map(|k| (&scope, k)),
         )
         .await
     {

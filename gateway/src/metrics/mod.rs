@@ -106,6 +106,8 @@ pub struct Metrics {
     pub history_replayed: Counter,
     /// See [`HISTORY_READ_LATENCY`].
     pub history_read_latency: Histogram,
+    /// See [`HISTORY_READS_TRUNCATED`].
+    pub history_reads_truncated: Counter,
     /// See [`PUBLISH_DUPLICATES`].
     pub publish_duplicates: Counter,
     /// See [`CONTROL_RATE_LIMITED`].
@@ -207,6 +209,7 @@ impl Metrics {
                 .collect(),
             history_replayed: counter(HISTORY_REPLAYED, &[]),
             history_read_latency: histogram(HISTORY_READ_LATENCY),
+            history_reads_truncated: counter(HISTORY_READS_TRUNCATED, &[]),
             publish_duplicates: counter(PUBLISH_DUPLICATES, &[]),
             control_rate_limited: counter(CONTROL_RATE_LIMITED, &[]),
             http_timeouts: HttpTimeout::ALL
@@ -482,6 +485,11 @@ fn describe(r: &PrometheusRecorder) {
         HISTORY_READ_LATENCY,
         Some(Unit::Seconds),
         "Time of one history read.",
+    );
+    d(
+        HISTORY_READS_TRUNCATED,
+        None,
+        "History reads cut short by their byte budget.",
     );
     d(
         PUBLISH_DUPLICATES,

@@ -70,6 +70,9 @@ pub const CONTROL_COMMANDS: &str = "gateway_control_commands_total";
 pub const RECOVERIES: &str = "gateway_recoveries_total";
 /// Messages sent to joining clients from history (missed ones on resume, and backlogs).
 pub const HISTORY_REPLAYED: &str = "gateway_history_messages_replayed_total";
+/// History reads whose byte budget (half of `--outbox-bytes`) left out messages they asked for:
+/// a resume answered `too_many` for its bytes, a backlog or an API page cut short.
+pub const HISTORY_READS_TRUNCATED: &str = "gateway_history_reads_truncated_total";
 /// Time of one history read (a joining client's position and missed messages, or the API's).
 pub const HISTORY_READ_LATENCY: &str = "gateway_history_read_seconds";
 /// Publishes not published again because their idempotency key was seen (acked `duplicate`).

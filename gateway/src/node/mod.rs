@@ -36,7 +36,7 @@ use crate::fanout::write_window::WriteWindow;
 use crate::metrics::{DropReason, Metrics, Source, StateGauges};
 use crate::moderation::registry::Registry;
 use crate::node::presence_cache::PresenceCache;
-use crate::wire::history::{Ack, HistoryQuery, HistoryRead};
+use crate::wire::history::{Ack, HistoryQuery, HistoryRead, KeyScope};
 use crate::wire::protocol::{Message, Role, RoomName};
 
 /// Pause between two attempts of a failed history read.
@@ -230,7 +230,9 @@ impl Node {
         });
     }
 
-    /// Publishes `data` in `room` for the whole cluster, once per idempotency `key`.
+    /// Publishes `data` in `room` for the whole cluster, once per idempotency `key` of its
+    /// publisher: the broker remembers the key in its [`KeyScope`], so that another publisher's
+    /// equal key never suppresses this message.
     ///
     /// When the broker fails and `local_fallback` is set (client publishes), the message is still
     /// delivered to this node's members of the room — local fan-out keeps working through a
@@ -245,12 +247,17 @@ impl Node {
         data: &RawValue,
         source: Source,
         local_fallback: bool,
-        key: Option<&str>,
+        key: Option<(&KeyScope, &str)>,
     ) -> Result<Published, PublishFailure> {
         let id = self.inbound.next_message_id();
         let ts = crate::wire::clock::unix_micros();
         let prefix = Message::new(room.as_str(), from, role, data, &id, ts).encode_prefix();
-        match self.broker.publish(room, prefix.clone(), &id, key).await {
+        let key = key.map(|(scope, key)| scope.scoped(key));
+        match self
+            .broker
+            .publish(room, prefix.clone(), &id, key.as_deref())
+            .await
+        {
             Ok(ack) => {
                 if ack.duplicate {
                     self.metrics.publish_duplicates.increment(1);
@@ -297,6 +304,9 @@ impl Node {
         self.metrics
             .history_read_latency
             .record(start.elapsed().as_secs_f64());
+        if read.as_ref().is_ok_and(|r| r.truncated) {
+            self.metrics.history_reads_truncated.increment(1);
+        }
         read
     }
 

@@ -1,11 +1,8 @@
 //! The presence timer: every `--presence-interval`, report this node's local counts of each room
 //! to the broker, get the cluster-wide counts back, and send each room's members one `presence`
-//! event (encoded once per room) — only for rooms whose counts changed since the last tick (or
-//! where a member who joined since was sent other counts after its `welcome`): a quiet room costs
-//! its members nothing per tick. The Redis work per tick is one script call per room with local
-//! members (nodes × rooms), whatever the member counts. Rooms whose last local member left are
-//! withdrawn, so leaves show within one interval; a node that dies stops renewing its reports,
-//! which expire after three intervals.
+//! event (encoded once per room). Rooms whose last local member left are withdrawn, so leaves
+//! show within one interval; a node that dies stops renewing its reports, which expire after
+//! three intervals.
 //!
 //! The frames of one round go out in slices of 500 members spread over a quarter of the interval
 //! (at most 1 s), not in one burst: a change shows on every member within 1¼ intervals.
@@ -13,7 +10,7 @@
 //! The latest cluster-wide counts go to the node's [`crate::node::presence_cache::PresenceCache`], so that a client that joins
 //! between two ticks gets a sensible `presence` right after its `welcome`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -75,22 +72,17 @@ async fn once(
         )
         .await?;
     *reported = now;
-    let rooms = local
-        .into_iter()
-        .zip(cluster)
-        .map(|((room, mine), counts)| (room, counts, mine))
-        .collect();
+    let mut cache = HashMap::with_capacity(local.len());
     let mut sends: Vec<(Bytes, Arc<Outbox>)> = Vec::new();
-    for (room, counts, send) in node.presence.tick(rooms) {
-        if !send {
-            continue;
-        }
+    for ((room, mine), counts) in local.into_iter().zip(cluster) {
         // Framed once per room: every member gets the same bytes, each in one plain `send`.
         let frame = frame_text(&protocol::presence(&room, counts.hosts, counts.viewers));
         for outbox in node.hub.outboxes(&room) {
             sends.push((frame.clone(), outbox));
         }
+        cache.insert(room, (counts, mine));
     }
+    node.presence.replace(cache);
     spread(node, sends).await;
     Ok(())
 }

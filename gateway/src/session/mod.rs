@@ -234,6 +234,7 @@ async fn catch_up(
         since: resume.since.clone(),
         max_recovery: cfg.max_recovery,
         backlog: resume.backlog.min(cfg.max_backlog),
+        partial: false,
     };
     let read = if subscribed && node.broker.is_connected() {
         match node.history(room, &query).await {
@@ -290,7 +291,7 @@ async fn catch_up(
         covered,
     );
     drop(read);
-    let counts = node.presence.estimate_for_join(room, node.hub.counts(room));
+    let counts = node.presence.estimate(room, node.hub.counts(room));
     let _ = outbox.push(protocol::presence(room, counts.hosts, counts.viewers));
 }
 
@@ -333,6 +334,7 @@ mod tests {
             offset: 5,
             recovery: Some(Recovery::Complete),
             frames: frames(5),
+            truncated: false,
         };
         fit_outbox(&mut resume, 50);
         assert_eq!(resume.frames.len(), 5, "fits exactly");
@@ -344,6 +346,7 @@ mod tests {
             offset: 5,
             recovery: None,
             frames: frames(5),
+            truncated: false,
         };
         fit_outbox(&mut backlog, 35);
         assert_eq!(

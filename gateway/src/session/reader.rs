@@ -17,6 +17,7 @@ use crate::metrics::{DropReason, Source};
 use crate::node::Node;
 use crate::wire::close::CloseReason;
 use crate::wire::frame::{opcode, DecodeError, Decoder};
+use crate::wire::history::KeyScope;
 use crate::wire::protocol::{self, ClientCommand, Role, RoomName};
 use tokio::net::TcpStream;
 
@@ -400,6 +401,12 @@ impl Reader {
         let from = self.name.as_deref();
         // Boxed: the publish future (a Redis round trip) is large and only alive while publishing,
         // so an idle reader task stays small.
+        // A token holder's keys are its user's (a resend after a reconnect is still a repeat);
+        // without a token there is nothing that outlives the connection but the shared scope.
+        let scope = match &self.access.user {
+            Some(sub) => KeyScope::User(sub.to_string()),
+            None => KeyScope::Anonymous,
+        };
         let publish = Box::pin(self.node.publish(
             &self.room,
             from,
@@ -407,7 +414,7 @@ impl Reader {
             data,
             Source::Client,
             key.is_none(),
-            key,
+            key.map(|k| (&scope, k)),
         ));
         match (publish.await, key) {
             (Ok(p), Some(key)) => {

@@ -36,6 +36,13 @@ pub const MAX_KEY_LEN: usize = 128;
 pub struct HistoryLimits {
     /// Entries kept per room (`--history-size`); 0 keeps none.
     pub size: usize,
+    /// Frame bytes kept per room (`--history-max-bytes`): the oldest entries are trimmed until
+    /// the room's entries sum to at most this (a message larger than it is not kept at all).
+    pub max_bytes: usize,
+    /// Frame bytes one read of history may return (half of `--outbox-bytes`, so that a welcome's
+    /// backlog or replay always fits a fresh outbox with room for live messages): a resume that
+    /// would need more is `TooMany`, a backlog keeps the newest entries that fit.
+    pub read_bytes: usize,
     /// Age after which an entry counts as trimmed (`--history-ttl`).
     pub ttl: Duration,
     /// How long an idempotency key is remembered (`--idempotency-ttl`).
@@ -66,6 +73,48 @@ impl Since {
     }
 }
 
+/// Who a publish's idempotency key belongs to: keys are remembered per publisher, so that one
+/// publisher's key never suppresses another's message (docs/protocol.md, section 11.3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyScope {
+    /// A token holder: its `sub`. The same user resending after a reconnect is deduplicated.
+    User(String),
+    /// A caller of the HTTP API, by a short hash of its key ([`api_key_id`]; never the key
+    /// itself, and not its position in `--api-key`, which shifts when keys rotate); `None` when
+    /// the API is open without a key.
+    Api(Option<String>),
+    /// Publishers without a token (`--auth none`): one shared scope, since nothing else about an
+    /// anonymous connection survives its reconnect.
+    Anonymous,
+}
+
+impl KeyScope {
+    /// The stored form of `key` in this scope: `u:<sub>:<key>`, `api:<id>:<key>` (`api:<key>`
+    /// for an open API) or `anon:<key>`. `%` and `:` in a `sub` are percent-escaped, so that no two
+    /// (sub, key) pairs share a stored form.
+    pub fn scoped(&self, key: &str) -> String {
+        match self {
+            Self::User(sub) => {
+                let sub = sub.replace('%', "%25").replace(':', "%3A");
+                format!("u:{sub}:{key}")
+            }
+            Self::Api(Some(id)) => format!("api:{id}:{key}"),
+            Self::Api(None) => format!("api:{key}"),
+            Self::Anonymous => format!("anon:{key}"),
+        }
+    }
+}
+
+/// An API key's identity in idempotency scopes: the first 12 hex digits (48 bits) of its SHA-1.
+/// Stable across rotations (a key keeps its scope when others are added or removed), and it does
+/// not reveal the key: keys are at least 8 random characters, and SHA-1's preimage resistance is
+/// intact. SHA-1 is the one digest the build already has (Redis script hashes).
+pub fn api_key_id(api_key: &str) -> String {
+    let mut id = redis::Script::new(api_key).get_hash().to_string();
+    id.truncate(12);
+    id
+}
+
 /// Whether `key` is a valid idempotency key: 1-128 bytes, no control characters.
 pub fn valid_key(key: &str) -> bool {
     !key.is_empty() && key.len() <= MAX_KEY_LEN && !key.chars().any(char::is_control)
@@ -80,6 +129,9 @@ pub struct HistoryQuery {
     pub max_recovery: usize,
     /// The last N messages, when there is no `since` or the resume was not complete.
     pub backlog: usize,
+    /// A page rather than a resume (the HTTP API): when the missed messages exceed the read's
+    /// byte budget, return the oldest ones that fit, marked `truncated`, instead of `TooMany`.
+    pub partial: bool,
 }
 
 /// How a resume went: the `result` label of `gateway_recoveries_total`.
@@ -121,6 +173,10 @@ pub struct HistoryRead {
     /// Message frames in offset order: the missed ones when the resume is complete, else the
     /// backlog (at most [`HistoryQuery::backlog`]).
     pub frames: Vec<(u64, Bytes)>,
+    /// Whether the read's byte budget left out entries that were asked for: a backlog holds only
+    /// the newest that fit, a partial resume only the oldest that fit, and a resume answered
+    /// `TooMany` for bytes says so here.
+    pub truncated: bool,
 }
 
 impl HistoryRead {
@@ -212,5 +268,29 @@ mod tests {
         assert!(!valid_key(&"k".repeat(129)));
         assert!(!valid_key("a\nb"));
         assert_eq!(frame_tail(7, "ep"), r#","offset":7,"epoch":"ep"}"#);
+    }
+
+    #[test]
+    fn key_scopes_never_collide() {
+        let user = |s: &str| KeyScope::User(s.into());
+        assert_eq!(user("alice").scoped("q-4"), "u:alice:q-4");
+        let api = api_key_id("backend-key-0123");
+        assert_eq!(api.len(), 12);
+        assert!(api.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(api, api_key_id("backend-key-0124"));
+        assert_eq!(api_key_id("abc"), "a9993e364706", "SHA-1(\"abc\")");
+        assert_eq!(
+            KeyScope::Api(Some(api.clone())).scoped("q-4"),
+            format!("api:{api}:q-4")
+        );
+        assert_eq!(KeyScope::Api(None).scoped("q-4"), "api:q-4");
+        assert_eq!(KeyScope::Anonymous.scoped("q-4"), "anon:q-4");
+        // Without escaping, sub "a:b" with key "c" and sub "a" with key "b:c" would share one.
+        assert_ne!(user("a:b").scoped("c"), user("a").scoped("b:c"));
+        assert_ne!(user("a%3Ab").scoped("c"), user("a:b").scoped("c"));
+        assert_ne!(
+            user("api").scoped("0:k"),
+            KeyScope::Api(Some("0".into())).scoped("k")
+        );
     }
 }

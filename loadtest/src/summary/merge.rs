@@ -71,6 +71,7 @@ impl Summary {
         let mut rooms: BTreeMap<String, RoomFigures> = BTreeMap::new();
         let mut timeline: BTreeMap<u64, Point> = BTreeMap::new();
         let mut reasons = Vec::new();
+        let mut notes = Vec::new();
         let (mut cpu, mut cores) = (None::<f64>, 0usize);
         for p in parts {
             let r = &mut out.run;
@@ -153,6 +154,13 @@ impl Summary {
                     reason.clone()
                 });
             }
+            for note in &pg.notes {
+                notes.push(if p.run.shard.is_split() {
+                    format!("generator {}: {note}", p.run.shard)
+                } else {
+                    note.clone()
+                });
+            }
             for room in p.rooms {
                 let e = rooms
                     .entry(room.name.clone())
@@ -180,6 +188,7 @@ impl Summary {
         out.generator.cpu_percent = cpu.map(|c| (c * 10.0).round() / 10.0);
         out.generator.cores = cores;
         out.generator.reasons = reasons;
+        out.generator.notes = notes;
         out.rooms = rooms.into_values().collect();
         out.timeline = timeline.into_values().collect();
         out.derive();

@@ -122,6 +122,9 @@ impl Summary {
         for reason in &g.reasons {
             let _ = writeln!(o, "  WARNING: the generator is the bottleneck: {reason}");
         }
+        for note in &g.notes {
+            let _ = writeln!(o, "  note: {note}");
+        }
         for v in &self.rules {
             let _ = writeln!(o, "rule {}", rules::verdict_line(v));
         }
