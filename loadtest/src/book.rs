@@ -127,9 +127,8 @@ impl Book {
     ///
     /// `unavailable` (the node's broker did not take it) is retried like `rate_limited`, not
     /// kept for the next reconnect: a node whose Redis comes back before `--broker-loss-close`
-    /// never hands its clients over, so a publish waiting for a welcome was never sent again —
-    /// a publish neither acknowledged nor delivered, with nothing re-sent, in the node-kill
-    /// phase of the smoke test. A retry of a publish that did reach Redis is answered as a
+    /// never hands its clients over, so a publish waiting for a welcome would never be sent
+    /// again and would count as lost. A retry of a publish that did reach Redis is answered as a
     /// duplicate by its key, so retrying never delivers twice. Any other refusal is final.
     pub fn on_refused(&mut self, code: &str, key: &str) -> Refusal {
         match code {
