@@ -279,11 +279,11 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_DIRECT_WRITE_MAX_RATE", default_value_t = DIRECT_WRITE_MAX_RATE)]
     pub direct_write_max_rate: u64,
 
-    /// Write window: a room's message goes out at once when the room's previous fan-out started at
-    /// least one window ago; one that follows it sooner waits, with any others, until that window
-    /// ends, and they go out together, so that each member gets several messages per write (fewer
-    /// syscalls). Any room, however quiet on average, can add up to one window of latency to a
-    /// message that closely follows another. 0 turns it off (every message written as it arrives).
+    /// Write window: a hot room — one that sent at least two messages per window on average over
+    /// the last complete 200 ms (100 a second at 20 ms) — has its messages sent together, at most
+    /// once per window, so that each member gets several messages per write (fewer syscalls) for
+    /// at most one window of added latency. Every message of a quieter room goes out at once,
+    /// however bursty. 0 turns it off (every message written as it arrives).
     #[arg(long, env = "GATEWAY_WRITE_WINDOW", value_parser = parse_duration, default_value = WRITE_WINDOW_DEFAULT)]
     pub write_window: Duration,
 

@@ -27,7 +27,7 @@
 //!   ([`moderation::registry`]).
 //! - [`fanout`] — a room's message from the broker to the members' sockets:
 //!   [`fanout::inbound`] (the one door from the broker: classify, count, stamp, in order),
-//!   [`fanout::write_window`] (`--write-window`), [`fanout::hub`] (local rooms → members'
+//!   [`fanout::write_window`] (`--write-window`: batches hot rooms only), [`fanout::hub`] (local rooms → members'
 //!   outboxes), [`fanout::outbox`] (bounded queue, hold and cut for gapless joins, direct writes).
 //! - [`broker`] — the seam to the cluster: `Broker` = [`broker::memory`] | [`broker::redis`],
 //!   one Redis broker over a transport seam (`redis/conn.rs`: one server or a Sentinel-managed
@@ -50,8 +50,8 @@
 //! reader → [`node::Node::publish`] (stamp id and `ts`, encode once) → broker (number it with the
 //! room's offset and epoch, append it to history, publish — one atomic step) → every subscribed
 //! node's [`fanout::inbound::Inbound::receive`] (classify, count) → [`fanout::write_window`] (at
-//! once when the room's previous fan-out is at least one window old; else together with the
-//! room's other waiting messages when that window ends) → [`fanout::hub::Hub::fanout`] → each
+//! once in a room below two messages per window on average; a hot room's messages together,
+//! at most once per window) → [`fanout::hub::Hub::fanout`] → each
 //! member's outbox (the same `Bytes`, framed once per node): written to the socket by the push
 //! itself when the member is idle (one `send`, or one `sendmsg` for a batch; no task wake-up),
 //! else queued for the writer, which sends whatever queued in one write. Layers point one way:

@@ -1,9 +1,10 @@
-//! The write window (`--write-window`) on a live node, seen from a raw socket: a room's message
-//! goes out at once when the room's last fan-out is at least one window old; messages arriving
-//! within one window of the last fan-out wait for the window's end and reach each member together
-//! (one write, so one read), in order, none lost. The rule is `fanout/write_window.rs`'s; the
-//! last test checks it to the millisecond on tokio's paused clock, which the window's clock
-//! follows.
+//! The write window (`--write-window`) on a live node, seen from a raw socket: a cold room's
+//! messages always go out at once, however bursty; once a room is hot (at least two messages per
+//! window on average over the last complete 200 ms), its message goes out at once when the
+//! room's last fan-out is at least one window old, and messages arriving within one window of the
+//! last fan-out wait for the window's end and reach each member together (one write, so one
+//! read), in order, none lost. The rule is `fanout/write_window.rs`'s; the last test checks it to
+//! the millisecond on tokio's paused clock, which the window's clock follows.
 
 mod common;
 
@@ -11,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use gateway::fanout::write_window::{Batch, Offer, WriteWindow, FLUSH_AT, MAX_PENDING};
+use gateway::fanout::write_window::{
+    Batch, Offer, WriteWindow, BATCH_FROM, FLUSH_AT, MAX_PENDING, RATE_BUCKET,
+};
 use gateway::wire::protocol::RoomName;
 use serde_json::{json, Value};
 
@@ -69,31 +72,56 @@ async fn a_hot_room_is_batched_in_order_and_a_quiet_room_goes_out_at_once() {
     let took = first_at - sent;
     assert!(took < WINDOW / 2, "a quiet room's message waited {took:?}");
 
-    // A burst within the window since that fan-out: held to the window's end, then one write.
+    // A burst in the still cold room: never held, every message at once.
+    let sent = Instant::now();
     for i in 2..=BURST + 1 {
         host.publish(json!(i)).await;
     }
+    let mut got: Vec<(Value, Value)> = Vec::new();
+    let mut last_at = sent;
+    while got.len() < BURST as usize {
+        let (msgs, at) = next_messages(&mut viewer).await;
+        got.extend(
+            msgs.iter()
+                .map(|m| (m["data"].clone(), m["offset"].clone())),
+        );
+        last_at = at;
+    }
+    let want: Vec<(Value, Value)> = (2..=BURST + 1).map(|i| (json!(i), json!(i))).collect();
+    assert_eq!(got, want, "the cold room's burst, in order");
+    let took = last_at - sent;
+    assert!(took < WINDOW / 2, "a cold room's burst waited {took:?}");
+
+    // The burst's rate bucket closes (a little over one bucket later) with far more than two
+    // messages per window: the room is hot. A second burst within the window since the last
+    // fan-out is held to the window's end, then goes out in one write.
+    tokio::time::sleep(RATE_BUCKET + RATE_BUCKET / 4).await;
+    let second = BURST + 2..=2 * BURST + 1;
+    for i in second.clone() {
+        host.publish(json!(i)).await;
+    }
     let (batch, batch_at) = next_messages(&mut viewer).await;
-    let waited = batch_at - first_at;
+    let waited = batch_at - last_at;
     assert!(
         waited >= WINDOW / 2,
-        "the burst went out {waited:?} after the room's last fan-out, before its window's end"
+        "the hot burst went out {waited:?} after the room's last fan-out, before its window's end"
     );
     let got: Vec<(Value, Value)> = batch
         .iter()
         .map(|m| (m["data"].clone(), m["offset"].clone()))
         .collect();
-    let want: Vec<(Value, Value)> = (2..=BURST + 1).map(|i| (json!(i), json!(i))).collect();
-    assert_eq!(got, want, "the whole burst, in order, in one read");
+    let want: Vec<(Value, Value)> = second.map(|i| (json!(i), json!(i))).collect();
+    assert_eq!(got, want, "the whole hot burst, in order, in one read");
 
-    // Quiet for more than a window: the next message goes out at once again.
+    // Quiet for more than a window (and two rate buckets: the room is cold again): the next
+    // message goes out at once.
     tokio::time::sleep(WINDOW + WINDOW / 2).await;
     let sent = Instant::now();
     host.publish(json!("after a pause")).await;
     let (after, after_at) = next_messages(&mut viewer).await;
     assert_eq!(
         (&after[0]["data"], &after[0]["offset"]),
-        (&json!("after a pause"), &json!(BURST + 2))
+        (&json!("after a pause"), &json!(2 * BURST + 2))
     );
     assert_eq!(after.len(), 1, "{after:?}");
     let took = after_at - sent;
@@ -132,7 +160,19 @@ async fn the_window_rule_holds_to_the_millisecond_on_paused_time() {
     gateway::wire::clock::monotonic_millis();
     tokio::time::advance(Duration::from_secs(1)).await;
 
-    // A room never fanned out: at once.
+    // A cold room is never held, however bursty: one rate bucket's worth of messages at the
+    // hot threshold (two per window), each at once.
+    let hot_at = BATCH_FROM * RATE_BUCKET.as_millis() as u64 / window.as_millis() as u64;
+    for i in 0..hot_at as usize {
+        assert!(
+            matches!(ww.offer(&room, frame(i), None, 0), Offer::Now(b) if frames(&b) == [frame(i)]),
+            "cold message {i} held"
+        );
+        ww.done(&room);
+    }
+    // The bucket closes at the next message: the room is hot. That message, a window after the
+    // last fan-out, still goes out at once.
+    tokio::time::advance(RATE_BUCKET).await;
     let fanned = tokio::time::Instant::now();
     assert!(
         matches!(ww.offer(&room, frame(1), None, 1), Offer::Now(b) if frames(&b) == [frame(1)])
@@ -164,7 +204,7 @@ async fn the_window_rule_holds_to_the_millisecond_on_paused_time() {
     assert!(about(took, window), "due after {took:?}");
     ww.done(&room);
 
-    // Quiet for a whole window: at once again.
+    // Quiet for a whole window (still hot: its bucket is not over): at once again.
     tokio::time::advance(window).await;
     assert!(
         matches!(ww.offer(&room, frame(6), None, 6), Offer::Now(b) if frames(&b) == [frame(6)])

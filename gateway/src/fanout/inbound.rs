@@ -6,9 +6,9 @@
 //!
 //! This is the one door into the hub: the brokers call [`Inbound::receive`], and the node's local
 //! fallback during a broker outage calls [`Inbound::deliver`]; neither goes to the hub directly.
-//! Each room's messages pass the node's [`WriteWindow`] on their way: a message at least one
-//! window after its room's previous fan-out is fanned out at once; one that follows sooner waits
-//! for that window's end and goes out with the others of the room, by [`Inbound::run_window`].
+//! Each room's messages pass the node's [`WriteWindow`] on their way: a room sending fewer than
+//! two messages per window on average is fanned out at once, a hotter one in batches, one per
+//! window, by [`Inbound::run_window`].
 //! The way is one-directional, as in centrifuge (broker → node's handler → hub): the brokers know
 //! only this handler, and the hub knows only local rooms and members. Message ids are stamped
 //! here too, for the node's publishes and for wrapped plain payloads.
@@ -45,8 +45,7 @@ pub struct Inbound {
     ids: MessageIds,
     /// Chooses between writing from the fan-out and waking the members' writers.
     pace: DeliveryPace,
-    /// Batches the messages that follow their room's previous fan-out within one window
-    /// (`--write-window`).
+    /// Batches the messages of hot rooms (`--write-window`).
     window: WriteWindow,
 }
 
@@ -125,9 +124,9 @@ impl Inbound {
         }
     }
 
-    /// Sets `--write-window` (see [`WriteWindow`]; zero turns it off).
-    pub fn with_write_window(mut self, window: std::time::Duration) -> Self {
-        self.window = WriteWindow::new(window);
+    /// Sets the write window (`--write-window`, see [`WriteWindow`]).
+    pub fn with_write_window(mut self, window: WriteWindow) -> Self {
+        self.window = window;
         self
     }
 
@@ -194,7 +193,7 @@ impl Inbound {
         }
     }
 
-    /// Fans out the rooms' waiting batches as their windows end, until `stop`; then what is left.
+    /// Fans out the batches of hot rooms as their windows end, until `stop`; then what is left.
     /// The node runs it on its tracker.
     pub async fn run_window(self: Arc<Self>, stop: CancellationToken) {
         if !self.window.is_on() {
@@ -266,17 +265,19 @@ mod tests {
         let metrics = Metrics::new("n1");
         let hub = Arc::new(Hub::new());
         let inbound = Inbound::new("n1", hub.clone(), metrics, 1024)
-            .with_write_window(std::time::Duration::ZERO);
+            .with_write_window(WriteWindow::new(std::time::Duration::ZERO));
         (hub, inbound)
     }
 
     #[tokio::test]
-    async fn a_busy_rooms_messages_go_out_together_once_per_window() {
+    async fn a_hot_rooms_messages_go_out_together_once_per_window() {
         let metrics = Metrics::new("n1");
         let hub = Arc::new(Hub::new());
+        let bucket = std::time::Duration::from_millis(400);
         let inbound = Arc::new(
-            Inbound::new("n1", hub.clone(), metrics, 1024)
-                .with_write_window(std::time::Duration::from_millis(40)),
+            Inbound::new("n1", hub.clone(), metrics, 1024).with_write_window(
+                WriteWindow::new(std::time::Duration::from_millis(40)).with_rate_bucket(bucket),
+            ),
         );
         let stop = CancellationToken::new();
         let task = tokio::spawn(inbound.clone().run_window(stop.clone()));
@@ -284,11 +285,23 @@ mod tests {
         let (outbox, mut rx) = Outbox::new(64, 1 << 16);
         let outbox = Arc::new(outbox);
         hub.join(&room, 1, Role::Viewer, outbox.clone(), || {});
+        // Two messages per window over a bucket make the room hot; each goes out at once.
+        let mut batch = Vec::new();
+        for n in 0..20 {
+            inbound.receive("r", Bytes::from(format!("warm{n}")));
+            rx.recv_batch(&outbox, &mut batch, 64).await;
+            assert_eq!(
+                batch.len(),
+                1,
+                "a cold room's message goes out alone, at once"
+            );
+            batch.clear();
+        }
+        tokio::time::sleep(bucket + std::time::Duration::from_millis(10)).await;
         let started = std::time::Instant::now();
         for n in 0..4 {
             inbound.receive("r", Bytes::from(format!("m{n}")));
         }
-        let mut batch = Vec::new();
         rx.recv_batch(&outbox, &mut batch, 64).await;
         assert_eq!(batch.len(), 1, "the first message goes out at once");
         batch.clear();

@@ -1,12 +1,17 @@
-//! The node's write window (`--write-window`): a leading-edge throttle of each room's fan-outs, so
-//! that the members of a busy room get several messages per write instead of one syscall each.
+//! The node's write window (`--write-window`): a leading-edge throttle of each busy room's
+//! fan-outs, so that the members of a room that sends many messages a second get several messages
+//! per write instead of one syscall each.
 //!
-//! A room's message goes out at once when the room's last fan-out is at least one window old.
-//! Otherwise — whatever the room's average rate: two messages a few milliseconds apart in an
-//! otherwise quiet room are enough — it waits with the room's other pending messages until the window since that last
-//! fan-out is over, and they go out together: each idle member gets all of them in one vectored
-//! write. A room publishing faster than one message per window therefore costs one write per
-//! member per window whatever its rate, for at most one window of added latency.
+//! Only *hot* rooms are throttled: rooms that sent at least [`BATCH_FROM`] messages per window on
+//! average over the last complete [`RATE_BUCKET`] (100 messages a second with the default 20 ms
+//! window). Below that a batch would rarely hold more than one message, and waiting would only
+//! cost latency, so every message of a quieter room goes out at once, however bursty it is.
+//!
+//! In a hot room a message goes out at once when the room's last fan-out is at least one window
+//! old; otherwise it waits with the room's other pending messages until the window since that
+//! last fan-out is over, and they go out together: each idle member gets all of them in one
+//! vectored write. A hot room therefore costs one write per member per window whatever its rate,
+//! for at most one window of added latency.
 //!
 //! A room is fanned out by one task at a time (`busy`), so its messages never overtake each
 //! other: a message arriving while the room is being fanned out waits for the next turn. The
@@ -26,6 +31,13 @@ use tokio::sync::Notify;
 
 use crate::wire::history::Stamp;
 use crate::wire::protocol::RoomName;
+
+/// Messages per window (on average over one [`RATE_BUCKET`]) from which a room is hot, and
+/// batched.
+pub const BATCH_FROM: u64 = 2;
+/// How long a room's messages are counted to tell whether it is hot; a room turns hot (or cold)
+/// within two buckets of its rate changing.
+pub const RATE_BUCKET: Duration = Duration::from_millis(200);
 
 /// Pending messages of one room at which the receiving task fans them out without waiting for
 /// the window's end.
@@ -82,6 +94,26 @@ struct RoomWindow {
     /// Whether the room is in `due`.
     scheduled: bool,
     pending: Batch,
+    /// Start of the current rate bucket (ms) and messages counted in it.
+    bucket_start: u64,
+    bucket_count: u64,
+    /// The last complete bucket had at least [`BATCH_FROM`] messages per window.
+    hot: bool,
+}
+
+impl RoomWindow {
+    /// Counts one message at `now`; closes the bucket when it is over.
+    fn count(&mut self, now: u64, window_ms: u64, bucket_ms: u64) {
+        let elapsed = now.saturating_sub(self.bucket_start);
+        if elapsed >= bucket_ms {
+            // More than one bucket since the last count: the last complete one was empty.
+            self.hot =
+                elapsed < 2 * bucket_ms && self.bucket_count * window_ms >= BATCH_FROM * bucket_ms;
+            self.bucket_start = now;
+            self.bucket_count = 0;
+        }
+        self.bucket_count += 1;
+    }
 }
 
 #[derive(Debug, Default)]
@@ -97,6 +129,8 @@ struct State {
 #[derive(Debug)]
 pub struct WriteWindow {
     window_ms: u64,
+    /// [`RATE_BUCKET`] in ms (shorter or longer in tests).
+    bucket_ms: u64,
     state: Mutex<State>,
     /// Wakes the window's task when a room becomes due earlier than it waits for.
     wake: Notify,
@@ -107,9 +141,16 @@ impl WriteWindow {
     pub fn new(window: Duration) -> Self {
         Self {
             window_ms: window.as_millis() as u64,
+            bucket_ms: RATE_BUCKET.as_millis() as u64,
             state: Mutex::new(State::default()),
             wake: Notify::new(),
         }
+    }
+
+    /// Counts rooms' rates over `bucket` instead of [`RATE_BUCKET`].
+    pub fn with_rate_bucket(mut self, bucket: Duration) -> Self {
+        self.bucket_ms = (bucket.as_millis() as u64).max(1);
+        self
     }
 
     /// Whether the window is on.
@@ -126,10 +167,14 @@ impl WriteWindow {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let st = &mut *st;
         if !st.rooms.contains_key(room) {
-            prune(st, now, self.window_ms);
+            prune(st, now, self.window_ms, self.bucket_ms);
         }
-        let w = st.rooms.entry(room.clone()).or_default();
-        let quiet = w.last == 0 || now.saturating_sub(w.last) >= self.window_ms;
+        let w = st.rooms.entry(room.clone()).or_insert_with(|| RoomWindow {
+            bucket_start: now,
+            ..RoomWindow::default()
+        });
+        w.count(now, self.window_ms, self.bucket_ms);
+        let quiet = !w.hot || w.last == 0 || now.saturating_sub(w.last) >= self.window_ms;
         if !w.busy && w.pending.len() == 0 && quiet {
             w.busy = true;
             w.last = now.max(1);
@@ -170,7 +215,13 @@ impl WriteWindow {
         w.busy = false;
         if w.pending.len() > 0 && !w.scheduled {
             w.scheduled = true;
-            let at = w.last + self.window_ms;
+            // What arrived during the fan-out: a hot room's at the end of its window, a cold
+            // room's right away (it only waited so as not to overtake the fan-out).
+            let at = if w.hot {
+                w.last + self.window_ms
+            } else {
+                crate::wire::clock::monotonic_millis()
+            };
             st.due.push(Reverse((at, room.clone())));
             self.wake.notify_one();
         }
@@ -250,14 +301,18 @@ fn take_due(st: &mut State, now: u64) -> Result<(RoomName, Batch), Option<u64>> 
     Err(None)
 }
 
-/// Forgets rooms with nothing pending whose window is over, once the map has doubled since the
-/// last pruning (amortised O(1) per message).
-fn prune(st: &mut State, now: u64, window_ms: u64) {
+/// Forgets rooms with nothing pending whose window and rate buckets are over, once the map has
+/// doubled since the last pruning (amortised O(1) per message).
+fn prune(st: &mut State, now: u64, window_ms: u64, bucket_ms: u64) {
     if st.rooms.len() < 2 * st.pruned_len + 64 {
         return;
     }
     st.rooms.retain(|_, w| {
-        w.busy || w.scheduled || w.pending.len() > 0 || now.saturating_sub(w.last) < window_ms
+        w.busy
+            || w.scheduled
+            || w.pending.len() > 0
+            || now.saturating_sub(w.last) < window_ms
+            || now.saturating_sub(w.bucket_start) < 2 * bucket_ms
     });
     st.pruned_len = st.rooms.len();
 }
@@ -291,12 +346,46 @@ mod tests {
         }
     }
 
+    /// A window with 400 ms rate buckets (room to run a test's steps within one), and a room
+    /// made hot in it: enough messages for the threshold, then a bucket's wait.
+    async fn hot(window: Duration, r: &RoomName) -> WriteWindow {
+        let w = WriteWindow::new(window).with_rate_bucket(Duration::from_millis(400));
+        let needed = (BATCH_FROM * 400).div_ceil(window.as_millis() as u64);
+        for n in 0..needed {
+            assert!(
+                matches!(w.offer(r, frame(n), None, 0), Offer::Now(_)),
+                "a cold room is never held"
+            );
+            w.done(r);
+        }
+        tokio::time::sleep(Duration::from_millis(410)).await;
+        w
+    }
+
     #[tokio::test]
-    async fn a_busy_room_gets_its_messages_together_after_one_window_in_order() {
+    async fn a_cold_room_is_never_held_however_bursty() {
         let w = WriteWindow::new(Duration::from_millis(30));
         let r = room("r");
+        for n in 0..5 {
+            assert!(matches!(w.offer(&r, frame(n), None, 0), Offer::Now(_)));
+            w.done(&r);
+        }
+        // One arriving during a fan-out waits for it, then goes out at once, not a window later.
+        assert!(matches!(w.offer(&r, frame(5), None, 0), Offer::Now(_)));
+        assert!(matches!(w.offer(&r, frame(6), None, 0), Offer::Pending));
+        w.done(&r);
+        let started = std::time::Instant::now();
+        let (_, batch) = w.next_due().await;
+        assert_eq!(texts(&batch), ["6"]);
+        assert!(started.elapsed() < Duration::from_millis(20));
+    }
+
+    #[tokio::test]
+    async fn a_hot_room_gets_its_messages_together_after_one_window_in_order() {
+        let r = room("r");
+        let w = hot(Duration::from_millis(30), &r).await;
         let Offer::Now(first) = w.offer(&r, frame(0), None, 0) else {
-            panic!("a quiet room goes out at once");
+            panic!("a window after the last fan-out, a message goes out at once");
         };
         assert_eq!(texts(&first), ["0"]);
         // Arrives during the first fan-out: waits, even though nothing is due yet.
@@ -305,7 +394,7 @@ mod tests {
         for n in 2..5 {
             assert!(matches!(w.offer(&r, frame(n), None, 0), Offer::Pending));
         }
-        // Another, quiet room is not held up by the busy one.
+        // Another, cold room is not held up by the hot one.
         assert!(matches!(
             w.offer(&room("q"), frame(9), None, 0),
             Offer::Now(_)
@@ -326,12 +415,11 @@ mod tests {
         w.done(&r);
     }
 
-    #[test]
-    fn a_room_flushes_early_at_flush_at_and_drops_beyond_max_pending() {
-        let w = WriteWindow::new(Duration::from_secs(60));
+    #[tokio::test]
+    async fn a_room_flushes_early_at_flush_at_and_drops_beyond_max_pending() {
         let r = room("r");
-        assert!(matches!(w.offer(&r, frame(0), None, 0), Offer::Now(_)));
-        w.done(&r);
+        // Hot, and its last fan-out (warming up) less than a window ago: messages wait.
+        let w = hot(Duration::from_secs(60), &r).await;
         for n in 1..FLUSH_AT as u64 {
             assert!(matches!(w.offer(&r, frame(n), None, 0), Offer::Pending));
         }
@@ -355,7 +443,8 @@ mod tests {
 
     #[test]
     fn idle_rooms_are_forgotten() {
-        let w = WriteWindow::new(Duration::from_millis(1));
+        let w =
+            WriteWindow::new(Duration::from_millis(1)).with_rate_bucket(Duration::from_millis(1));
         for n in 0..64 {
             let r = room(&format!("r{n}"));
             assert!(matches!(w.offer(&r, frame(0), None, 0), Offer::Now(_)));

@@ -32,6 +32,7 @@ use crate::config::Config;
 use crate::fanout::hub::Hub;
 use crate::fanout::inbound::Inbound;
 use crate::fanout::outbox::Outbox;
+use crate::fanout::write_window::WriteWindow;
 use crate::metrics::{DropReason, Metrics, Source, StateGauges};
 use crate::moderation::registry::Registry;
 use crate::node::presence_cache::PresenceCache;
@@ -138,7 +139,7 @@ impl Node {
                 config.max_message_size,
             )
             .with_direct_write_max_rate(config.direct_write_max_rate)
-            .with_write_window(config.write_window),
+            .with_write_window(WriteWindow::new(config.write_window)),
         );
         tracker.spawn(inbound.clone().run_window(stop.clone()));
         let limits = config.history_limits();
