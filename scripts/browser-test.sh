@@ -102,8 +102,10 @@ log "npm ci (browser/)"
 (cd browser && npm ci --no-audit --no-fund --loglevel=error)
 
 if [ "${BROWSER_TEST_SKIP_BUILD:-0}" != 1 ] || [ ! -x "$BIN" ]; then
-  log "cargo build --release -p gateway"
-  cargo build --release -p gateway
+  # The same package set as the load tests' builds, so that the one release build serves all
+  # (building the gateway alone resolves features differently and rebuilds every shared crate).
+  log "cargo build --release -p gateway -p loadtest"
+  cargo build --release -p gateway -p loadtest
 fi
 
 log "cluster: redis-server, three gateway nodes, haproxy"

@@ -44,11 +44,10 @@ async fn publish_n(node: &TestNode, room: &str, n: usize) -> Value {
 async fn acks_keys_and_history(a: &TestNode, b: &TestNode) {
     let (mut host, w) = join_with(a.client, "acks", "role=host&name=h").await;
     assert_eq!(w["offset"], 0);
-    assert_eq!(
-        w["epoch"],
-        Value::Null,
-        "no sequence before the first publish"
-    );
+    let joined_epoch = w["epoch"]
+        .as_str()
+        .expect("a room's sequence begins at its first join")
+        .to_string();
     assert!(w.get("recovered").is_none(), "no since, no recovered");
     let (mut viewer, _) = join_with(b.client, "acks", "").await;
 
@@ -61,6 +60,7 @@ async fn acks_keys_and_history(a: &TestNode, b: &TestNode) {
     );
     let epoch = ack["epoch"].as_str().unwrap().to_string();
     assert!(epoch.chars().all(|c| c.is_ascii_alphanumeric()) && !epoch.is_empty());
+    assert_eq!(epoch, joined_epoch, "the first publish continues the join's sequence");
     let m = viewer.next_message().await;
     assert_eq!(
         (&m["data"], &m["offset"], &m["epoch"]),
@@ -187,6 +187,46 @@ async fn acks_keys_history_api_and_resume_in_process() {
     acks_keys_and_history(&a, &a).await;
 }
 
+/// A member who joined a room before its first message, and was away when the messages came,
+/// resumes from its welcome's position and gets them from history. This was issue 21's lost
+/// publish: a welcome into a room nobody had published in had no epoch, so neither `/client.js`
+/// nor the load tester had a position to resume from, and the load tester kept no copy of its
+/// publishes to send again — a host whose node was killed while its publish was in flight lost
+/// it (acknowledged never, delivered never, re-sent never).
+async fn resume_from_an_empty_rooms_welcome(a: &TestNode, b: &TestNode) {
+    let (early, w) = join_with(a.client, "fresh", "role=host").await;
+    let epoch = w["epoch"]
+        .as_str()
+        .expect("a room's sequence begins at its first join")
+        .to_string();
+    assert_eq!(w["offset"], 0);
+    drop(early);
+    let ack = publish_n(b, "fresh", 2).await;
+    assert_eq!(
+        (&ack["epoch"], &ack["offset"]),
+        (&json!(epoch), &json!(2)),
+        "the publishes continue the sequence the join began"
+    );
+    let (mut back, w) = join_with(a.client, "fresh", &format!("since={epoch}:0")).await;
+    assert_eq!(
+        (&w["recovered"], &w["epoch"], &w["offset"]),
+        (&json!(true), &json!(epoch), &json!(2))
+    );
+    assert_eq!(offsets(&mut back, 2).await, [1, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_who_joined_an_empty_room_resumes_without_a_gap_with_redis() {
+    let cluster = TestCluster::start(&["e1", "e2"], &[]).await;
+    resume_from_an_empty_rooms_welcome(&cluster[0], &cluster[1]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_who_joined_an_empty_room_resumes_without_a_gap_in_process() {
+    let a = TestNode::start(test_config("e", None, &[])).await;
+    resume_from_an_empty_rooms_welcome(&a, &a).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_api_needs_the_api_key() {
     let a = TestNode::start(test_config("k", None, &["--api-key", "secret-key-1"])).await;
@@ -200,9 +240,12 @@ async fn history_api_needs_the_api_key() {
     )
     .await;
     assert_eq!(status, 200);
+    // A room nobody published in: its sequence begins at this first read (offset 0).
+    let epoch = body["epoch"].as_str().expect("an epoch").to_string();
+    assert!(!epoch.is_empty());
     assert_eq!(
         body,
-        json!({"room":"r","epoch":null,"offset":0,"recovered":true,"truncated":false,"messages":[]})
+        json!({"room":"r","epoch":epoch,"offset":0,"recovered":true,"truncated":false,"messages":[]})
     );
 }
 

@@ -55,6 +55,10 @@ pub struct Book {
     pub offsets_epoch: Option<String>,
     /// The last position seen, for `since=`.
     pub position: Option<Position>,
+    /// Some welcome of this member carried a room position: the gateway numbers messages and
+    /// acknowledges keyed publishes, so they are kept until their ack. Sticky across connections:
+    /// a later welcome without a position (its node's broker was away) does not turn it off.
+    pub numbered: bool,
     /// Publishes with a key and no ack yet, by sequence number: the frames to send again.
     pub unacked: BTreeMap<u64, String>,
     /// Unacked publishes the gateway refused for now (`rate_limited` after a reconnect's burst,
@@ -83,30 +87,30 @@ impl Book {
         resuming: bool,
         resend: bool,
     ) -> Welcomed {
-        let Some(position) = position else {
-            return Welcomed::default();
-        };
-        let mut w = Welcomed {
-            numbered: true,
-            ..Welcomed::default()
-        };
-        if resuming {
-            if let Some(r) = recovered {
-                w.resumed = true;
-                if r {
-                    w.recovered_upto = Some(position.offset);
-                } else {
-                    w.incomplete = true;
+        let mut w = Welcomed::default();
+        if let Some(position) = position {
+            self.numbered = true;
+            w.numbered = true;
+            if resuming {
+                if let Some(r) = recovered {
+                    w.resumed = true;
+                    if r {
+                        w.recovered_upto = Some(position.offset);
+                    } else {
+                        w.incomplete = true;
+                    }
                 }
             }
+            // The welcome's position is where a member resumes from only when it has none of
+            // its own, or the recovery failed: after a complete one, the missed messages are
+            // still to come, and a drop during the catch-up must resume before them.
+            if self.position.is_none() || recovered == Some(false) {
+                self.position = Some(position);
+            }
         }
-        // The welcome's position is where a member resumes from only when it has none of its
-        // own, or the recovery failed: after a complete one, the missed messages are still to
-        // come, and a drop during the catch-up must resume before them.
-        if self.position.is_none() || recovered == Some(false) {
-            self.position = Some(position);
-        }
-        if resend {
+        // What an earlier connection left unacknowledged goes out again, also through a node
+        // whose broker is away (it answers `unavailable`, and the retry pace takes over).
+        if resend && self.numbered {
             w.resend = self.unacked.values().cloned().collect();
             self.retry.clear();
         }
@@ -127,9 +131,8 @@ impl Book {
     ///
     /// `unavailable` (the node's broker did not take it) is retried like `rate_limited`, not
     /// kept for the next reconnect: a node whose Redis comes back before `--broker-loss-close`
-    /// never hands its clients over, so a publish waiting for a welcome was never sent again —
-    /// a publish neither acknowledged nor delivered, with nothing re-sent, in the node-kill
-    /// phase of the smoke test. A retry of a publish that did reach Redis is answered as a
+    /// never hands its clients over, so a publish waiting for a welcome would never be sent
+    /// again and would count as lost. A retry of a publish that did reach Redis is answered as a
     /// duplicate by its key, so retrying never delivers twice. Any other refusal is final.
     pub fn on_refused(&mut self, code: &str, key: &str) -> Refusal {
         match code {
@@ -179,8 +182,12 @@ impl Book {
         out
     }
 
-    /// Keeps a keyed publish until its ack; returns whether an older one had to be forgotten.
+    /// Keeps a keyed publish until its ack (when the gateway numbers messages); returns whether an
+    /// older one had to be forgotten.
     pub fn remember(&mut self, seq: u64, frame: String) -> bool {
+        if !self.numbered {
+            return false;
+        }
         self.unacked.insert(seq, frame);
         if self.unacked.len() > MAX_UNACKED {
             self.unacked.pop_first();
@@ -275,7 +282,7 @@ mod tests {
 
     #[test]
     fn unavailable_publishes_are_retried_without_waiting_for_a_reconnect() {
-        let mut b = Book::default();
+        let mut b = numbered();
         b.remember(7, "frame7".into());
         b.remember(8, "frame8".into());
         // The node's publish failed (Redis briefly away) but the node never hands over: no
@@ -294,7 +301,7 @@ mod tests {
 
     #[test]
     fn rate_limited_publishes_are_retried_while_unacked() {
-        let mut b = Book::default();
+        let mut b = numbered();
         b.remember(3, "frame3".into());
         b.remember(4, "frame4".into());
         b.retry_later("run-p-3");
@@ -307,7 +314,7 @@ mod tests {
 
     #[test]
     fn unacknowledged_publishes_are_sent_again_in_order() {
-        let mut b = Book::default();
+        let mut b = numbered();
         for seq in 0..3 {
             assert!(!b.remember(seq, format!("frame{seq}")));
         }
@@ -317,12 +324,37 @@ mod tests {
         assert_eq!(w.resend, ["frame0", "frame2"]);
         let w = b.on_welcome(Some(at("e", 1)), Some(true), true, false);
         assert!(w.resend.is_empty(), "--no-resume sends nothing again");
-        let mut full = Book::default();
+        let mut full = numbered();
         for seq in 0..MAX_UNACKED as u64 {
             full.remember(seq, String::new());
         }
         assert!(full.remember(MAX_UNACKED as u64, String::new()), "bounded");
         assert_eq!(full.unacked.len(), MAX_UNACKED);
         assert!(!full.unacked.contains_key(&0), "the oldest goes");
+    }
+
+    /// A book after a welcome with a position.
+    fn numbered() -> Book {
+        let mut b = Book::default();
+        b.on_welcome(Some(at("e", 0)), None, false, true);
+        b
+    }
+
+    #[test]
+    fn publishes_are_kept_from_the_first_numbered_welcome_on() {
+        let mut b = Book::default();
+        b.on_welcome(None, None, false, true);
+        b.remember(1, "frame1".into());
+        assert!(b.unacked.is_empty(), "a gateway without offsets: nothing is kept");
+        // A welcome into a room nobody published in carries (epoch, 0): numbered.
+        b.on_welcome(Some(at("e", 0)), None, false, true);
+        b.remember(2, "frame2".into());
+        // A later welcome without a position (that node's broker was away) keeps it so, and
+        // hands back what is unacknowledged.
+        let w = b.on_welcome(None, None, true, true);
+        assert!(!w.numbered);
+        assert_eq!(w.resend, ["frame2"]);
+        b.remember(3, "frame3".into());
+        assert_eq!(b.unacked.keys().copied().collect::<Vec<_>>(), [2, 3]);
     }
 }

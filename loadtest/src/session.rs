@@ -94,7 +94,6 @@ pub fn spawn(shared: Arc<Shared>, member: Arc<Member>, rows: Rows, ws: Ws, resum
         welcomed_at: None,
         joined: Some(joined_tx),
         resuming,
-        numbered: false,
         retry_at: None,
         recovered_upto: None,
     };
@@ -118,8 +117,6 @@ struct Session {
     joined: Option<oneshot::Sender<Duration>>,
     /// This connection asked to resume (`since=`).
     resuming: bool,
-    /// The gateway numbers messages (the welcome had a position): keep unacked publishes.
-    numbered: bool,
     /// After a resume: messages up to this offset are recovered ones.
     recovered_upto: Option<u64>,
     /// When to send the next publish the gateway refused as `rate_limited` (see [`RETRY_PACE`]).
@@ -265,9 +262,7 @@ impl Session {
             t: w.start_unix_us + cadence.offset(k).as_micros() as u64,
         };
         let frame = ws::publish_frame(stamp, &self.shared.filler, true);
-        if self.numbered
-            && !self.shared.opts.no_resume
-            && self.member.book().remember(k, frame.clone())
+        if !self.shared.opts.no_resume && self.member.book().remember(k, frame.clone())
         {
             Stats::add(&self.shared.stats.unacked_dropped, 1);
         }
@@ -371,7 +366,6 @@ impl Session {
             .book()
             .on_welcome(position, recovered, self.resuming, resend);
         let stats = &self.shared.stats;
-        self.numbered = w.numbered;
         self.recovered_upto = w.recovered_upto;
         if w.numbered {
             Stats::add(&stats.numbered_welcomes, 1);

@@ -13,7 +13,8 @@
 -- ARGV[7]  1: a resume over the byte budget returns the oldest missed entries that fit (at
 --          least one, so that paging always advances), as a complete but truncated page (the
 --          HTTP API); 0: it is too_many (a joining client)
--- Returns {epoch ('' = none), offset, status, truncated (0|1), offset1, frame1, offset2, ...}
+-- ARGV[8]  meta TTL, ms: a room without a sequence gets its epoch here, as on its first publish
+-- Returns {epoch, offset, status, truncated (0|1), offset1, frame1, offset2, ...}
 -- with status one of none (no resume asked), complete, epoch, trimmed, too_many.
 
 local BATCH = 64
@@ -21,6 +22,22 @@ local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
 local epoch = meta[1] or ''
 local seq = tonumber(meta[2] or '0')
 local t = redis.call('TIME')
+if epoch == '' then
+  -- A room without a sequence (never published, or its meta expired) begins one now, exactly as
+  -- publish.lua would: a member who joins before the first message gets a position (epoch, 0)
+  -- to resume from, and a message published while it is away reaches it from history.
+  local n = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local digits = '0123456789abcdefghijklmnopqrstuvwxyz'
+  while n > 0 do
+    local d = n % 36
+    epoch = string.sub(digits, d + 1, d + 1) .. epoch
+    n = math.floor(n / 36)
+  end
+  seq = 0
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'bytes', 0, 'seq', 0)
+  redis.call('PEXPIRE', KEYS[1], ARGV[8])
+end
 local oldest = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[5])
 local budget = tonumber(ARGV[6])
 local partial = ARGV[7] == '1'

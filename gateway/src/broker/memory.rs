@@ -76,6 +76,19 @@ struct RoomLog {
     touched: Instant,
 }
 
+impl RoomLog {
+    /// A new sequence: a fresh epoch, nothing published yet.
+    fn new(now: Instant) -> Self {
+        Self {
+            epoch: new_epoch(),
+            seq: 0,
+            entries: VecDeque::new(),
+            bytes: 0,
+            touched: now,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Entry {
     offset: u64,
@@ -163,13 +176,10 @@ impl MemoryBroker {
         if !logs.rooms.contains_key(room) && logs.rooms.len() >= MAX_ROOMS {
             logs.forget_idlest_room();
         }
-        let log = logs.rooms.entry(room.clone()).or_insert_with(|| RoomLog {
-            epoch: new_epoch(),
-            seq: 0,
-            entries: VecDeque::new(),
-            bytes: 0,
-            touched: now,
-        });
+        let log = logs
+            .rooms
+            .entry(room.clone())
+            .or_insert_with(|| RoomLog::new(now));
         let had_history = !log.entries.is_empty();
         if now.duration_since(log.touched) >= META_TTL {
             // The room was silent longer than its meta lives: a new sequence, as in Redis.
@@ -241,11 +251,9 @@ impl MemoryBroker {
     /// Reads `room`'s position and history for `query` (see `history.lua` for the same rules).
     pub(super) fn history(&self, room: &RoomName, query: &HistoryQuery) -> HistoryRead {
         let now = Instant::now();
-        let logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
-        let log = logs
-            .rooms
-            .get(room)
-            .filter(|l| now.duration_since(l.touched) < META_TTL);
+        let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+        logs.begin_sequence(room, now);
+        let log = logs.rooms.get(room);
         let (epoch, seq) = log.map(|l| (l.epoch.clone(), l.seq)).unwrap_or_default();
         let young = |e: &Entry| now.duration_since(e.at) < self.limits.ttl;
         let budget = self.limits.read_bytes;
@@ -334,13 +342,34 @@ fn new_epoch() -> String {
 
 impl Logs {
     /// The longest idle room among those `with` selects. A scan, made only when a bound is
-    /// reached (at most once per publish), over at most [`MAX_ROOMS`] rooms.
+    /// reached (at most once per publish or first read of a room), over at most [`MAX_ROOMS`] rooms.
     fn idlest(&self, with: impl Fn(&RoomLog) -> bool) -> Option<RoomName> {
         self.rooms
             .iter()
             .filter(|(_, r)| with(r))
             .min_by_key(|(_, r)| r.touched)
             .map(|(name, _)| name.clone())
+    }
+
+    /// Makes sure `room` has a live sequence: a room first read (a join) gets its epoch now, as
+    /// at its first publish (`history.lua` does the same), so that a member who joined before
+    /// any message has a position to resume from. A read does not extend a live log's life.
+    fn begin_sequence(&mut self, room: &RoomName, now: Instant) {
+        match self.rooms.get_mut(room) {
+            Some(log) if now.duration_since(log.touched) < META_TTL => {}
+            Some(log) => {
+                if !log.entries.is_empty() {
+                    self.history_rooms -= 1;
+                }
+                *log = RoomLog::new(now);
+            }
+            None => {
+                if self.rooms.len() >= MAX_ROOMS {
+                    self.forget_idlest_room();
+                }
+                self.rooms.insert(room.clone(), RoomLog::new(now));
+            }
+        }
     }
 
     /// Forgets the longest idle room entirely (its next publish starts a new epoch).
@@ -420,16 +449,18 @@ mod tests {
     fn numbers_records_and_recovers() {
         let b = broker(4);
         let room = RoomName::parse("r").unwrap();
+        // The first read begins the room's sequence: an epoch at offset 0 to resume from.
         let empty = b.history(&room, &HistoryQuery::default());
-        assert_eq!((empty.epoch.as_str(), empty.offset), ("", 0));
+        assert_eq!((empty.epoch.len(), empty.offset), (10, 0));
         for i in 1..=6u64 {
             let ack = b.publish(&room, br#"{"type":"message","data":1"#, "id", None);
             assert_eq!(ack.offset, i);
+            assert_eq!(ack.epoch, empty.epoch, "the publishes continue it");
             assert!(!ack.duplicate);
         }
         let now = b.history(&room, &HistoryQuery::default());
         assert_eq!(now.offset, 6);
-        assert_eq!(now.epoch.len(), 10);
+        assert_eq!(now.epoch, empty.epoch);
         let r = b.history(&room, &since(&now, 3, 0));
         assert_eq!(r.recovery, Some(Recovery::Complete));
         assert_eq!(r.frames.iter().map(|f| f.0).collect::<Vec<_>>(), [4, 5, 6]);

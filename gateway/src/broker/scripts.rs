@@ -104,7 +104,8 @@ pub fn history_keys(prefix: &str, room: &RoomName) -> Vec<String> {
 }
 
 /// Appends `history.lua`'s arguments: the resume position (empty epoch without one), the bounds
-/// of the read, the history's age limit, the read's byte budget and whether it is a page.
+/// of the read, the history's age limit, the read's byte budget, whether it is a page, and the
+/// meta's lifetime (a room without a sequence begins one at its first read).
 pub fn history_args(cmd: &mut redis::Cmd, query: &HistoryQuery, limits: &HistoryLimits) {
     let (epoch, offset) = match &query.since {
         Some(since) => (since.epoch.as_str(), since.offset),
@@ -116,7 +117,8 @@ pub fn history_args(cmd: &mut redis::Cmd, query: &HistoryQuery, limits: &History
         .arg(query.backlog)
         .arg(limits.ttl.as_millis() as u64)
         .arg(limits.read_bytes)
-        .arg(u8::from(query.partial));
+        .arg(u8::from(query.partial))
+        .arg(META_TTL.as_millis() as u64);
 }
 
 /// Reads `history.lua`'s answer.

@@ -110,7 +110,7 @@ pub async fn read_body(
 
 /// Compares two byte strings in time independent of where they differ (crate `subtle`; only
 /// the length may leak, and a key's length is not a secret worth the padding).
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     use subtle::ConstantTimeEq;
     a.len() == b.len() && bool::from(a.ct_eq(b))
 }
@@ -119,19 +119,7 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// time, all of them compared, so the time does not tell which key matched). No key configured
 /// means the API is open.
 pub fn check_api_key(config: &Config, req: &Request<Incoming>) -> Result<(), Refusal> {
-    if !config.api_key_required() {
-        return Ok(());
-    }
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    let matched = config.api_keys().fold(false, |acc, key| {
-        acc | constant_time_eq(given.as_bytes(), key.as_bytes())
-    });
-    if matched {
+    if !config.api_key_required() || matching_api_key(config, req).is_some() {
         Ok(())
     } else {
         Err(Refusal::new(
@@ -140,6 +128,21 @@ pub fn check_api_key(config: &Config, req: &Request<Incoming>) -> Result<(), Ref
             "send Authorization: Bearer KEY",
         ))
     }
+}
+
+/// The configured `--api-key` that `Authorization: Bearer KEY` names, if any. Every key is
+/// compared, each in constant time, so the time does not tell which one matched (or whether any).
+pub fn matching_api_key<'a>(config: &'a Config, req: &Request<Incoming>) -> Option<&'a str> {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    config.api_keys().fold(None, |found, key| {
+        let same = constant_time_eq(given.as_bytes(), key.as_bytes());
+        found.or(same.then_some(key))
+    })
 }
 
 #[cfg(test)]

@@ -34,7 +34,7 @@ use crate::config::Config;
 use crate::http::assets;
 use crate::http::moderation as moderation_api;
 use crate::http::request::{
-    check_api_key, constant_time_eq, param, query_params, read_body, BodyError,
+    check_api_key, matching_api_key, param, query_params, read_body, BodyError,
 };
 use crate::http::response::{json, Body, Refusal};
 use crate::metrics::{DropReason, HttpTimeout, RefuseReason, Source};
@@ -459,22 +459,12 @@ fn may_publish(config: &Config, req: &Request<Incoming>) -> Result<(), Refusal> 
 
 /// The idempotency scope of an API caller that [`may_publish`] let through: a short hash of its
 /// key ([`history::api_key_id`]; never the key, which would then sit in Redis), or the open API's
-/// one scope. Every key is compared, in constant time, as [`check_api_key`] does.
+/// one scope ([`matching_api_key`] compares every key in constant time).
 fn api_key_scope(config: &Config, req: &Request<Incoming>) -> KeyScope {
     if !config.api_key_required() {
         return KeyScope::Api(None);
     }
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    let matched = config.api_keys().fold(None, |found, key| {
-        let same = constant_time_eq(given.as_bytes(), key.as_bytes());
-        found.or(same.then_some(key))
-    });
-    KeyScope::Api(matched.map(history::api_key_id))
+    KeyScope::Api(matching_api_key(config, req).map(history::api_key_id))
 }
 
 /// Refuses what a web page of another site could make a browser send. Browsers send `Origin`
