@@ -262,8 +262,7 @@ impl Session {
             t: w.start_unix_us + cadence.offset(k).as_micros() as u64,
         };
         let frame = ws::publish_frame(stamp, &self.shared.filler, true);
-        if !self.shared.opts.no_resume && self.member.book().remember(k, frame.clone())
-        {
+        if !self.shared.opts.no_resume && self.member.book().remember(k, frame.clone()) {
             Stats::add(&self.shared.stats.unacked_dropped, 1);
         }
         let result = ws.send(Message::text(frame)).await;
