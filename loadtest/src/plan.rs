@@ -43,6 +43,9 @@ pub struct Room {
     pub members_from_start: AtomicU64,
     /// Distinct window messages those members received.
     pub delivered: AtomicU64,
+    /// The room's hosts and viewers in the whole run (every shard's): what a member's
+    /// `presence` should say once everyone has joined.
+    pub size: (u64, u64),
 }
 
 /// One member's place in the population.
@@ -104,6 +107,7 @@ impl Plan {
                     published: Mutex::new(BTreeMap::new()),
                     members_from_start: AtomicU64::new(0),
                     delivered: AtomicU64::new(0),
+                    size: (group.hosts as u64, group.viewers as u64),
                 });
                 for (role, count, rate, list) in [
                     (

@@ -95,6 +95,7 @@ pub fn spawn(shared: Arc<Shared>, member: Arc<Member>, rows: Rows, ws: Ws, resum
         joined: Some(joined_tx),
         resuming,
         retry_at: None,
+        presence: None,
         recovered_upto: None,
     };
     let task = tokio::spawn(session.run(ws, cancel.clone(), done.clone()));
@@ -121,6 +122,8 @@ struct Session {
     recovered_upto: Option<u64>,
     /// When to send the next publish the gateway refused as `rate_limited` (see [`RETRY_PACE`]).
     retry_at: Option<Instant>,
+    /// The room's counts in the last `presence` this connection received.
+    presence: Option<(u64, u64)>,
 }
 
 /// Publishes refused as `rate_limited` or `unavailable` go out again one per this interval (10 per second, half
@@ -143,7 +146,10 @@ impl Session {
                 biased;
                 // Boxed: the close handshake runs once, and inline its future would enlarge every
                 // connection's task for the whole run.
-                _ = cancel.cancelled() => break Box::pin(self.close(&mut ws)).await,
+                _ = cancel.cancelled() => {
+                    self.check_presence();
+                    break Box::pin(self.close(&mut ws)).await
+                }
                 r = self.window_rx.changed(), if self.window.is_none() && !window_gone => {
                     match r {
                         Ok(()) => self.window = *self.window_rx.borrow_and_update(),
@@ -338,6 +344,7 @@ impl Session {
                 }
                 self.forget(&key);
             }
+            Some(Event::Presence { hosts, viewers }) => self.presence = Some((hosts, viewers)),
             Some(Event::Error { code, key }) => {
                 self.shared.stats.error_events.add(&code);
                 // `rate_limited` and `unavailable` go out again at the retry pace (and at once
@@ -477,6 +484,24 @@ impl Session {
             self.shared.plan.rooms[self.member.slot.room]
                 .members_from_start
                 .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// At the end of the run: whether the last `presence` this member received says what the
+    /// whole run put in its room (every shard's members; the counts are cluster-wide).
+    fn check_presence(&self) {
+        if self.welcomed_at.is_none() {
+            return;
+        }
+        let stats = &self.shared.stats;
+        match self.presence {
+            None => Stats::add(&stats.presence_missing, 1),
+            Some(seen) => {
+                Stats::add(&stats.presence_checked, 1);
+                if seen != self.shared.plan.rooms[self.member.slot.room].size {
+                    Stats::add(&stats.presence_wrong, 1);
+                }
+            }
         }
     }
 
