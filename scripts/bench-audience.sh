@@ -96,9 +96,11 @@ sum() { awk '{ s += $1 } END { printf "%.2f", s }'; }
 connections() {
   local total=0 i v
   for i in $(seq 1 "$nodes"); do
+    # gateway_connections{role="host"|"viewer"}: both roles.
     v=$(curl -fsS "http://127.0.0.1:$((BASE_PORT + 90 + i))/metrics" 2>/dev/null |
-      awk '/^gateway_connections[{ ]/ { print $NF; exit }')
-    total=$((total + ${v%.*}))
+      awk '/^gateway_connections[{ ]/ { s += $NF } END { printf "%d", s }' || true)
+    v=${v%.*}
+    total=$((total + ${v:-0}))
   done
   echo "$total"
 }
@@ -135,7 +137,7 @@ start_at=$(($(date +%s) + ramp + 15))
 prefix="aud$$"
 log "$members members ($spec) from $shards generators at $hatch/s each; window at $(date -u -d "@$start_at" +%H:%M:%S) UTC"
 
-read -r -a gw < <(node_pids | tr '\n' ' ')
+mapfile -t gw < <(node_pids)
 base_rss=0
 for p in "${gw[@]}"; do base_rss=$((base_rss + $(rss_kib "$p"))); done
 started=$(date +%s.%N)

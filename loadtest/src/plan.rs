@@ -331,6 +331,9 @@ pub struct Schedule {
     window: watch::Sender<Option<Window>>,
     /// Set when the drain ended by the schedule (not cut short by goose).
     pub complete: AtomicBool,
+    /// Cancelled when the run ends (the drain is over): members' goose transactions return at
+    /// once instead of at their next tick.
+    pub ended: tokio_util::sync::CancellationToken,
 }
 
 impl Schedule {
@@ -345,6 +348,7 @@ impl Schedule {
             start_at: None,
             window: watch::Sender::new(None),
             complete: AtomicBool::new(false),
+            ended: tokio_util::sync::CancellationToken::new(),
         }
     }
 

@@ -96,6 +96,7 @@ pub fn spawn(shared: Arc<Shared>, member: Arc<Member>, rows: Rows, ws: Ws, resum
         resuming,
         retry_at: None,
         presence: None,
+        presence_checked: false,
         recovered_upto: None,
     };
     let task = tokio::spawn(session.run(ws, cancel.clone(), done.clone()));
@@ -122,8 +123,11 @@ struct Session {
     recovered_upto: Option<u64>,
     /// When to send the next publish the gateway refused as `rate_limited` (see [`RETRY_PACE`]).
     retry_at: Option<Instant>,
-    /// The room's counts in the last `presence` this connection received.
+    /// The room's counts in the last `presence` this connection received by the end of the
+    /// drain.
     presence: Option<(u64, u64)>,
+    /// Whether this connection's presence was judged (once, at the end of the drain).
+    presence_checked: bool,
 }
 
 /// Publishes refused as `rate_limited` or `unavailable` go out again one per this interval (10 per second, half
@@ -149,6 +153,9 @@ impl Session {
                 _ = cancel.cancelled() => {
                     self.check_presence();
                     break Box::pin(self.close(&mut ws)).await
+                }
+                _ = sleep_until(self.window.map_or(far, |w| w.drain_end).into()), if !self.presence_checked && self.window.is_some() => {
+                    self.check_presence();
                 }
                 r = self.window_rx.changed(), if self.window.is_none() && !window_gone => {
                     match r {
@@ -344,7 +351,13 @@ impl Session {
                 }
                 self.forget(&key);
             }
-            Some(Event::Presence { hosts, viewers }) => self.presence = Some((hosts, viewers)),
+            Some(Event::Presence { hosts, viewers }) => {
+                // Up to the end of the drain: the run's members start leaving after it, and a
+                // round during that teardown counts fewer than the run put in the room.
+                if self.window.is_none_or(|w| Instant::now() <= w.drain_end) {
+                    self.presence = Some((hosts, viewers));
+                }
+            }
             Some(Event::Error { code, key }) => {
                 self.shared.stats.error_events.add(&code);
                 // `rate_limited` and `unavailable` go out again at the retry pace (and at once
@@ -487,12 +500,15 @@ impl Session {
         }
     }
 
-    /// At the end of the run: whether the last `presence` this member received says what the
-    /// whole run put in its room (every shard's members; the counts are cluster-wide).
-    fn check_presence(&self) {
-        if self.welcomed_at.is_none() {
+    /// At the end of the drain (or when the run stops this connection, if its timer has not
+    /// fired yet): whether the last `presence` this member received by then says what the whole
+    /// run put in its room (every shard's members; the counts are cluster-wide). Once per
+    /// connection.
+    fn check_presence(&mut self) {
+        if self.presence_checked || self.welcomed_at.is_none() {
             return;
         }
+        self.presence_checked = true;
         let stats = &self.shared.stats;
         match self.presence {
             None => Stats::add(&stats.presence_missing, 1),
