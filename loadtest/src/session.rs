@@ -351,12 +351,12 @@ impl Session {
                 }
                 self.forget(&key);
             }
-            Some(Event::Presence { hosts, viewers }) => {
-                // Up to the end of the drain: the run's members start leaving after it, and a
-                // round during that teardown counts fewer than the run put in the room.
-                if self.window.is_none_or(|w| Instant::now() <= w.drain_end) {
-                    self.presence = Some((hosts, viewers));
-                }
+            // Up to the end of the drain: the run's members start leaving after it, and a round
+            // during that teardown counts fewer than the run put in the room.
+            Some(Event::Presence { hosts, viewers })
+                if self.window.is_none_or(|w| Instant::now() <= w.drain_end) =>
+            {
+                self.presence = Some((hosts, viewers));
             }
             Some(Event::Error { code, key }) => {
                 self.shared.stats.error_events.add(&code);
