@@ -84,7 +84,7 @@ timeout 600 target/release/loadtest \
   --rooms "1x2x1000@5/0.01 100x1x5@5/0.2" \
   --settle 2s --measure "$measure" --drain 5s \
   --expect lost==0 --expect connect-errors==0 --expect closes==0 \
-  --expect publish-errors==0 --expect unsent==0 --expect "p99<$p99" \
+  --expect publish-errors==0 --expect unsent==0 --expect "p99<$p99" --expect presence-wrong==0 \
   --summary-file "$out/summary.json" \
   --report-file "$out/report.html" --report-file "$out/report.json" \
   --html-report "$out/loadtest-report.html" \

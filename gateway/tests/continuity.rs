@@ -60,7 +60,10 @@ async fn acks_keys_and_history(a: &TestNode, b: &TestNode) {
     );
     let epoch = ack["epoch"].as_str().unwrap().to_string();
     assert!(epoch.chars().all(|c| c.is_ascii_alphanumeric()) && !epoch.is_empty());
-    assert_eq!(epoch, joined_epoch, "the first publish continues the join's sequence");
+    assert_eq!(
+        epoch, joined_epoch,
+        "the first publish continues the join's sequence"
+    );
     let m = viewer.next_message().await;
     assert_eq!(
         (&m["data"], &m["offset"], &m["epoch"]),

@@ -345,7 +345,10 @@ mod tests {
         let mut b = Book::default();
         b.on_welcome(None, None, false, true);
         b.remember(1, "frame1".into());
-        assert!(b.unacked.is_empty(), "a gateway without offsets: nothing is kept");
+        assert!(
+            b.unacked.is_empty(),
+            "a gateway without offsets: nothing is kept"
+        );
         // A welcome into a room nobody published in carries (epoch, 0): numbered.
         b.on_welcome(Some(at("e", 0)), None, false, true);
         b.remember(2, "frame2".into());

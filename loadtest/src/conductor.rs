@@ -36,6 +36,7 @@ pub fn spawn_conductor(shared: Arc<Shared>, window: Window) {
             *shared.usage.lock().unwrap_or_else(|p| p.into_inner()) = usage;
         }
         shared.schedule.complete.store(true, Ordering::Release);
+        shared.schedule.ended.cancel();
         goose::trigger_killswitch("loadtest: measured window and drain complete");
     });
 }

@@ -64,7 +64,7 @@ use crate::plan::{Plan, Role, Schedule};
 use crate::rules::Rule;
 pub use crate::shared::Shared;
 use crate::stats::Stats;
-use crate::summary::{Continuity, Histograms, Point, RoomFigures, Summary};
+use crate::summary::{Continuity, Histograms, Point, PresenceCheck, RoomFigures, Summary};
 use crate::token::{Minter, Tokens};
 
 /// How a run ended, for the exit code.
@@ -512,6 +512,11 @@ pub fn collect(shared: &Shared) -> Summary {
             ack_duplicates: Stats::get(&s.ack_duplicates),
             resent: Stats::get(&s.resent),
             unacked_dropped: Stats::get(&s.unacked_dropped),
+        },
+        presence: PresenceCheck {
+            checked: Stats::get(&s.presence_checked),
+            wrong: Stats::get(&s.presence_wrong),
+            missing: Stats::get(&s.presence_missing),
         },
         generator: summary::Generator {
             cpu_percent: usage.map(|u| (u.cpu_percent * 10.0).round() / 10.0),

@@ -43,6 +43,9 @@ pub struct Room {
     pub members_from_start: AtomicU64,
     /// Distinct window messages those members received.
     pub delivered: AtomicU64,
+    /// The room's hosts and viewers in the whole run (every shard's): what a member's
+    /// `presence` should say once everyone has joined.
+    pub size: (u64, u64),
 }
 
 /// One member's place in the population.
@@ -104,6 +107,7 @@ impl Plan {
                     published: Mutex::new(BTreeMap::new()),
                     members_from_start: AtomicU64::new(0),
                     delivered: AtomicU64::new(0),
+                    size: (group.hosts as u64, group.viewers as u64),
                 });
                 for (role, count, rate, list) in [
                     (
@@ -327,6 +331,9 @@ pub struct Schedule {
     window: watch::Sender<Option<Window>>,
     /// Set when the drain ended by the schedule (not cut short by goose).
     pub complete: AtomicBool,
+    /// Cancelled when the run ends (the drain is over): members' goose transactions return at
+    /// once instead of at their next tick.
+    pub ended: tokio_util::sync::CancellationToken,
 }
 
 impl Schedule {
@@ -341,6 +348,7 @@ impl Schedule {
             start_at: None,
             window: watch::Sender::new(None),
             complete: AtomicBool::new(false),
+            ended: tokio_util::sync::CancellationToken::new(),
         }
     }
 

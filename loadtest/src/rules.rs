@@ -32,6 +32,8 @@ pub enum Metric {
     Duplicates,
     /// Receipts after a later message of the same publisher.
     Reordered,
+    /// Members whose last `presence` at the end was not their room's size (or none came).
+    PresenceWrong,
     /// (connect errors + unexpected closes + publish errors) / (connect attempts + publishes), %.
     ErrorRate,
     /// End-to-end latency percentile (in per cent, e.g. 99.9), microseconds.
@@ -155,6 +157,7 @@ impl FromStr for Rule {
             "unsent" => Metric::Unsent,
             "duplicates" => Metric::Duplicates,
             "reordered" => Metric::Reordered,
+            "presence-wrong" => Metric::PresenceWrong,
             "error-rate" => Metric::ErrorRate,
             "max" => Metric::LatencyMax,
             "generator-lag" => Metric::GeneratorLag,
@@ -169,7 +172,7 @@ impl FromStr for Rule {
             }
             other => {
                 return Err(format!(
-                    "`{s}`: unknown metric `{other}` (lost, loss, delivered, connect-errors, closes, publish-errors, unsent, duplicates, reordered, error-rate, p50…p99.9, max, generator-lag)"
+                    "`{s}`: unknown metric `{other}` (lost, loss, delivered, connect-errors, closes, publish-errors, unsent, duplicates, reordered, presence-wrong, error-rate, p50…p99.9, max, generator-lag)"
                 ))
             }
         };
@@ -227,6 +230,8 @@ pub struct Observations {
     pub duplicates: u64,
     /// Reordered receipts.
     pub reordered: u64,
+    /// Members whose last `presence` at the end was wrong or missing.
+    pub presence_wrong: u64,
     /// End-to-end latency, µs.
     pub latency: Histogram<u64>,
     /// The generator's timer lag p99, µs (the worst generator's when merged).
@@ -252,6 +257,7 @@ impl Default for Observations {
             unsent: 0,
             duplicates: 0,
             reordered: 0,
+            presence_wrong: 0,
             latency: Histogram::new(3).expect("3 significant digits is valid"),
             generator_lag_p99: 0,
             complete: false,
@@ -297,6 +303,7 @@ impl Rule {
             Metric::Unsent => o.unsent as f64,
             Metric::Duplicates => o.duplicates as f64,
             Metric::Reordered => o.reordered as f64,
+            Metric::PresenceWrong => o.presence_wrong as f64,
             Metric::ErrorRate => o.error_rate_percent(),
             Metric::Latency(q) => {
                 if lat.is_empty() {

@@ -95,6 +95,8 @@ pub fn spawn(shared: Arc<Shared>, member: Arc<Member>, rows: Rows, ws: Ws, resum
         joined: Some(joined_tx),
         resuming,
         retry_at: None,
+        presence: None,
+        presence_checked: false,
         recovered_upto: None,
     };
     let task = tokio::spawn(session.run(ws, cancel.clone(), done.clone()));
@@ -121,6 +123,11 @@ struct Session {
     recovered_upto: Option<u64>,
     /// When to send the next publish the gateway refused as `rate_limited` (see [`RETRY_PACE`]).
     retry_at: Option<Instant>,
+    /// The room's counts in the last `presence` this connection received by the end of the
+    /// drain.
+    presence: Option<(u64, u64)>,
+    /// Whether this connection's presence was judged (once, at the end of the drain).
+    presence_checked: bool,
 }
 
 /// Publishes refused as `rate_limited` or `unavailable` go out again one per this interval (10 per second, half
@@ -143,7 +150,13 @@ impl Session {
                 biased;
                 // Boxed: the close handshake runs once, and inline its future would enlarge every
                 // connection's task for the whole run.
-                _ = cancel.cancelled() => break Box::pin(self.close(&mut ws)).await,
+                _ = cancel.cancelled() => {
+                    self.check_presence();
+                    break Box::pin(self.close(&mut ws)).await
+                }
+                _ = sleep_until(self.window.map_or(far, |w| w.drain_end).into()), if !self.presence_checked && self.window.is_some() => {
+                    self.check_presence();
+                }
                 r = self.window_rx.changed(), if self.window.is_none() && !window_gone => {
                     match r {
                         Ok(()) => self.window = *self.window_rx.borrow_and_update(),
@@ -262,8 +275,7 @@ impl Session {
             t: w.start_unix_us + cadence.offset(k).as_micros() as u64,
         };
         let frame = ws::publish_frame(stamp, &self.shared.filler, true);
-        if !self.shared.opts.no_resume && self.member.book().remember(k, frame.clone())
-        {
+        if !self.shared.opts.no_resume && self.member.book().remember(k, frame.clone()) {
             Stats::add(&self.shared.stats.unacked_dropped, 1);
         }
         let result = ws.send(Message::text(frame)).await;
@@ -338,6 +350,13 @@ impl Session {
                     Stats::add(&stats.ack_duplicates, 1);
                 }
                 self.forget(&key);
+            }
+            // Up to the end of the drain: the run's members start leaving after it, and a round
+            // during that teardown counts fewer than the run put in the room.
+            Some(Event::Presence { hosts, viewers })
+                if self.window.is_none_or(|w| Instant::now() <= w.drain_end) =>
+            {
+                self.presence = Some((hosts, viewers));
             }
             Some(Event::Error { code, key }) => {
                 self.shared.stats.error_events.add(&code);
@@ -478,6 +497,27 @@ impl Session {
             self.shared.plan.rooms[self.member.slot.room]
                 .members_from_start
                 .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// At the end of the drain (or when the run stops this connection, if its timer has not
+    /// fired yet): whether the last `presence` this member received by then says what the whole
+    /// run put in its room (every shard's members; the counts are cluster-wide). Once per
+    /// connection.
+    fn check_presence(&mut self) {
+        if self.presence_checked || self.welcomed_at.is_none() {
+            return;
+        }
+        self.presence_checked = true;
+        let stats = &self.shared.stats;
+        match self.presence {
+            None => Stats::add(&stats.presence_missing, 1),
+            Some(seen) => {
+                Stats::add(&stats.presence_checked, 1);
+                if seen != self.shared.plan.rooms[self.member.slot.room].size {
+                    Stats::add(&stats.presence_wrong, 1);
+                }
+            }
         }
     }
 

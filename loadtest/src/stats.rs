@@ -457,6 +457,13 @@ pub struct Stats {
     pub resent: AtomicU64,
     /// Unacknowledged publishes forgotten because a member held too many.
     pub unacked_dropped: AtomicU64,
+
+    /// Members connected at the end of the run whose connection had received a `presence`.
+    pub presence_checked: AtomicU64,
+    /// Of those, whose last `presence` differed from the room's size in the whole run.
+    pub presence_wrong: AtomicU64,
+    /// Members connected at the end of the run that never received a `presence`.
+    pub presence_missing: AtomicU64,
 }
 
 impl Stats {

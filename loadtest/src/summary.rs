@@ -154,6 +154,20 @@ pub struct Continuity {
     pub unacked_dropped: u64,
 }
 
+/// What the members' last `presence` said at the end of the run, against the room sizes the run
+/// put there (every shard's members: presence counts are cluster-wide). Judged only when every
+/// member stayed: after a node kill or a drain, the counts of a room converge within a few
+/// `--presence-interval`s, which a short drain may not cover.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PresenceCheck {
+    /// Members connected at the end whose last `presence` was compared.
+    pub checked: u64,
+    /// Of those, whose counts differed from their room's size.
+    pub wrong: u64,
+    /// Members connected at the end that had received no `presence` at all.
+    pub missing: u64,
+}
+
 /// The generator's own health.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Generator {
@@ -283,6 +297,9 @@ pub struct Summary {
     pub messages: Messages,
     /// Recovery figures.
     pub continuity: Continuity,
+    /// The members' view of their rooms' counts at the end (absent in older summaries).
+    #[serde(default)]
+    pub presence: PresenceCheck,
     /// End to end: intended send time (payload) → received, µs.
     pub latency_us: LatencySummary,
     /// Gateway publish stamp → received, µs (the fan-out part).
@@ -316,6 +333,7 @@ impl Default for Summary {
             connections: Connections::default(),
             messages: Messages::default(),
             continuity: Continuity::default(),
+            presence: PresenceCheck::default(),
             latency_us: LatencySummary::default(),
             fanout_us: LatencySummary::default(),
             publish_lag_us: LatencySummary::default(),
@@ -412,6 +430,7 @@ impl Summary {
             unsent: self.messages.unsent,
             duplicates: self.messages.duplicates,
             reordered: self.messages.reordered,
+            presence_wrong: self.presence.wrong + self.presence.missing,
             latency: self.histograms.latency_us.clone(),
             generator_lag_p99: self.generator.timer_lag_us.p99,
             complete: self.run.complete,

@@ -288,7 +288,14 @@ pub enum Event {
         /// The key, for a keyed publish.
         key: Option<String>,
     },
-    /// `presence`, `pong`, or anything else.
+    /// `presence`: the room's cluster-wide counts.
+    Presence {
+        /// Hosts in the room.
+        hosts: u64,
+        /// Viewers in the room.
+        viewers: u64,
+    },
+    /// `pong`, or anything else.
     Other,
 }
 
@@ -312,6 +319,10 @@ struct Incoming<'a> {
     recovered: Option<bool>,
     #[serde(default)]
     duplicate: Option<bool>,
+    #[serde(default)]
+    hosts: Option<u64>,
+    #[serde(default)]
+    viewers: Option<u64>,
 }
 
 /// Reads one text frame from the server; `None` when it is not an event at all.
@@ -341,6 +352,10 @@ pub fn parse_event(text: &str) -> Option<Event> {
         "error" => Event::Error {
             code: e.code.as_deref().unwrap_or("unknown").to_string(),
             key: e.key.map(|k| k.to_string()),
+        },
+        "presence" => match (e.hosts, e.viewers) {
+            (Some(hosts), Some(viewers)) => Event::Presence { hosts, viewers },
+            _ => Event::Other,
         },
         _ => Event::Other,
     })
@@ -436,6 +451,13 @@ mod tests {
         );
         assert_eq!(
             parse_event(r#"{"type":"presence","room":"r","hosts":1,"viewers":2}"#),
+            Some(Event::Presence {
+                hosts: 1,
+                viewers: 2
+            })
+        );
+        assert_eq!(
+            parse_event(r#"{"type":"presence","room":"r"}"#),
             Some(Event::Other)
         );
         assert_eq!(

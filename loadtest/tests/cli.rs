@@ -255,6 +255,81 @@ async fn the_gateway_secret_variable_mints_tokens() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_presence_is_checked_against_the_whole_runs_rooms() {
+    let node = Node::start(&["--presence-interval", "200ms"]).await;
+    let url = node.url();
+    let run = loadtest(
+        &[
+            "--target",
+            &url,
+            "--rooms",
+            "2x1x3@2/0",
+            "--expect",
+            "presence-wrong==0",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(
+        run.code, 0,
+        "stdout:\n{}\nstderr:\n{}",
+        run.stdout, run.stderr
+    );
+    let s = run.summary.unwrap();
+    assert_eq!(
+        (
+            &s["presence"]["checked"],
+            &s["presence"]["wrong"],
+            &s["presence"]["missing"]
+        ),
+        (&Value::from(8), &Value::from(0), &Value::from(0)),
+        "every member saw 1 host and 3 viewers: {}",
+        s["presence"]
+    );
+    assert!(
+        run.stdout.contains("presence at the end: 8 of 8"),
+        "{}",
+        run.stdout
+    );
+
+    // One shard of two, alone: its members (1 host, 2 viewers) are half of the room, so the
+    // counts they see are not the run's room size, and the rule says so.
+    let start_at = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 2)
+    .to_string();
+    let run = loadtest(
+        &[
+            "--target",
+            &url,
+            "--rooms",
+            "1x2x4@2/0",
+            "--shard",
+            "0/2",
+            "--room-prefix",
+            "half",
+            "--start-at",
+            &start_at,
+            "--expect",
+            "presence-wrong==0",
+        ],
+        &[],
+    )
+    .await;
+    node.stop().await;
+    assert_eq!(
+        run.code, 1,
+        "stdout:\n{}\nstderr:\n{}",
+        run.stdout, run.stderr
+    );
+    let s = run.summary.unwrap();
+    assert_eq!(s["presence"]["checked"], 3);
+    assert_eq!(s["presence"]["wrong"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_option_combinations_exit_2() {
     let target = closed_port();
     for (args, says) in [

@@ -32,7 +32,10 @@ class Cluster:
 
 
 def build_gateway():
-    run(["cargo", "build", "--release", "--locked", "-p", "gateway"], cwd=ROOT, quiet=True)
+    # The same package set as every other release build of the test scripts: building the gateway
+    # alone resolves the workspace's features differently and rebuilds every shared crate.
+    run(["cargo", "build", "--release", "--locked", "-p", "gateway", "-p", "loadtest"], cwd=ROOT,
+        quiet=True)
 
 
 def start_cluster(work: Path, procs) -> Cluster:

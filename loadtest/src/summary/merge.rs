@@ -122,6 +122,9 @@ impl Summary {
             k.ack_duplicates += pk.ack_duplicates;
             k.resent += pk.resent;
             k.unacked_dropped += pk.unacked_dropped;
+            out.presence.checked += p.presence.checked;
+            out.presence.wrong += p.presence.wrong;
+            out.presence.missing += p.presence.missing;
             let h = &mut out.histograms;
             let ph = &p.histograms;
             for (a, b) in [

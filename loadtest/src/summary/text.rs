@@ -77,6 +77,17 @@ impl Summary {
                 k.resumes, k.incomplete, k.recovered, k.offset_duplicates, k.offset_reorders, k.acks, k.ack_duplicates, k.resent
             );
         }
+        let pr = &self.presence;
+        if pr.checked + pr.missing > 0 {
+            let _ = writeln!(
+                o,
+                "presence at the end: {} of {} members saw their room's exact counts ({} wrong, {} without a presence)",
+                pr.checked - pr.wrong,
+                pr.checked + pr.missing,
+                pr.wrong,
+                pr.missing
+            );
+        }
         let _ = writeln!(
             o,
             "latency end to end: p50 {:.2} ms, p90 {:.2}, p99 {:.2}, p99.9 {:.2}, max {:.2} ({} samples)",
