@@ -180,40 +180,12 @@ async fn a_join_over_a_large_history_is_bounded_and_the_node_stays_ready() {
 
     // The script itself stops at the budget: what leaves Redis is the status, not the history.
     let mut redis = cluster.redis().connection().await.unwrap();
-    let answer: Vec<redis::Value> = redis::cmd("EVAL")
-        .arg(include_str!("../src/broker/history.lua"))
-        .arg(2)
-        .arg("gw:room:{deep}:meta")
-        .arg("gw:room:{deep}:hist")
-        .arg(&epoch)
-        .arg(0)
-        .arg(1000)
-        .arg(0)
-        .arg(600_000)
-        .arg(131_072)
-        .arg(0)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    let answer = resume_read(&mut redis, &epoch, 131_072, false).await;
     assert_eq!(answer.len(), 4, "no entry in a too_many answer");
     assert_eq!(answer[2], redis::Value::BulkString(b"too_many".to_vec()));
     assert_eq!(answer[3], redis::Value::Int(1), "truncated");
     // A page (the API's) with a budget below one message still advances by one.
-    let answer: Vec<redis::Value> = redis::cmd("EVAL")
-        .arg(include_str!("../src/broker/history.lua"))
-        .arg(2)
-        .arg("gw:room:{deep}:meta")
-        .arg("gw:room:{deep}:hist")
-        .arg(&epoch)
-        .arg(0)
-        .arg(1000)
-        .arg(0)
-        .arg(600_000)
-        .arg(10)
-        .arg(1)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    let answer = resume_read(&mut redis, &epoch, 10, true).await;
     assert_eq!(answer.len(), 6, "one entry: {answer:?}");
     assert_eq!(answer[2], redis::Value::BulkString(b"complete".to_vec()));
     assert_eq!(
@@ -338,4 +310,31 @@ async fn keys_belong_to_their_publisher() {
     let api = redis::Script::new(API_KEY).get_hash()[..12].to_string();
     assert!(keys.contains(&format!("gw:room:{{quiz}}:idem:api:{api}:question-4")));
     assert!(keys.contains(&"gw:room:{quiz}:idem:u:mallory:question-4".to_string()));
+}
+
+/// Runs `history.lua` itself for room `deep`: a resume from (`epoch`, 0) with a read budget of
+/// `budget` bytes, as a page (the API's) or not (a joining client's). The arguments are the
+/// broker's (`broker/scripts.rs`, `history_args`), the meta TTL last.
+async fn resume_read(
+    redis: &mut redis::aio::MultiplexedConnection,
+    epoch: &str,
+    budget: u64,
+    page: bool,
+) -> Vec<redis::Value> {
+    redis::cmd("EVAL")
+        .arg(include_str!("../src/broker/history.lua"))
+        .arg(2)
+        .arg("gw:room:{deep}:meta")
+        .arg("gw:room:{deep}:hist")
+        .arg(epoch)
+        .arg(0)
+        .arg(1000)
+        .arg(0)
+        .arg(600_000)
+        .arg(budget)
+        .arg(u8::from(page))
+        .arg(86_400_000u64)
+        .query_async(redis)
+        .await
+        .unwrap()
 }

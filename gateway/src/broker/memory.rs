@@ -661,6 +661,10 @@ mod tests {
             again.epoch, first.epoch,
             "a new sequence, as after the meta's expiry"
         );
+        // A first read (a join) begins a sequence too, within the same bound.
+        let read = b.history(&room(MAX_ROOMS + 1), &HistoryQuery::default());
+        assert_eq!((read.epoch.len(), read.offset), (10, 0));
+        assert_eq!(b.logs.lock().unwrap().rooms.len(), MAX_ROOMS);
     }
 
     #[test]
