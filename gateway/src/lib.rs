@@ -32,7 +32,9 @@
 //! - [`broker`] — the seam to the cluster: `Broker` = [`broker::memory`] | [`broker::redis`],
 //!   one Redis broker over a transport seam (`redis/conn.rs`: one server or a Sentinel-managed
 //!   master vs a Redis Cluster with slot routing; `subscriber.rs` and `cluster.rs` (sharded
-//!   pub/sub, shard probes); `publisher.rs`; `reconnect.rs`, the one backoff loop;
+//!   pub/sub, shard probes, a fresh connection made before the old one goes when a shard gets
+//!   a new master, with `overlap.rs` letting each message through once meanwhile);
+//!   `publisher.rs`; `reconnect.rs`, the one backoff loop;
 //!   `witness.rs`, who else lost a master: the hand-over's question),
 //!   [`broker::subscriptions`] (desired vs confirmed, the one diff), [`broker::control`] (the
 //!   control channel and bans in Redis) and [`broker::redis_endpoint`] (URL forms and TLS). The

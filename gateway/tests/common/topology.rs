@@ -81,6 +81,11 @@ impl ClusterTopology {
                     &conf,
                     "--cluster-node-timeout",
                     "1000",
+                    // Healthy shards keep serving while one shard's slots have no master (the
+                    // default `yes` answers CLUSTERDOWN on every shard until the failover ends);
+                    // docs/operations.md recommends it.
+                    "--cluster-require-full-coverage",
+                    "no",
                     "--repl-diskless-sync-delay",
                     "0",
                     "--dir",

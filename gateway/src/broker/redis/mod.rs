@@ -8,6 +8,8 @@
 //! - [`subscriber`]: the subscriber task: one pub/sub connection to one server, or
 //!   [`cluster`]'s RESP3 Cluster connection with its shard probes; both converge to the desired
 //!   set through the one diff of [`crate::broker::subscriptions`];
+//! - [`overlap`]: in a Cluster, the gate that lets each message through once while a fresh
+//!   subscriber connection replaces the old one (a shard's failover, make before break);
 //! - [`publisher`]: the task that keeps the command connection (and, under Sentinel, follows
 //!   the master the sentinels name);
 //! - [`reconnect`]: the one reconnect loop with capped, jittered backoff, shared by both tasks;
@@ -28,6 +30,7 @@
 
 mod cluster;
 mod conn;
+mod overlap;
 mod publisher;
 mod reconnect;
 mod subscriber;
