@@ -273,6 +273,14 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_BROKER_LOSS_CLOSE", value_parser = parse_duration, default_value = "5s")]
     pub broker_loss_close: Duration,
 
+    /// The longest a node keeps the members of a lost shard (one Redis, a Sentinel-managed
+    /// master, or one Cluster shard) while a witness — a sentinel or another Cluster node —
+    /// reports that it lost the same master (a failover every node waits out alike; moving
+    /// clients would help none of them). Beyond it they are handed over anyway (4002).
+    /// 0 = three times `--broker-loss-close`.
+    #[arg(long, env = "GATEWAY_BROKER_FAILOVER_WAIT", value_parser = parse_duration, default_value = "0")]
+    pub broker_failover_wait: Duration,
+
     /// Deliveries per second (node-wide, measured over 100 ms) below which a fan-out writes to
     /// each idle member's socket itself, with no task wake-up; above it, fan-outs queue and the
     /// members' writers send in batches on every worker thread. 0 = always queue.
@@ -353,6 +361,15 @@ impl Config {
     /// [`crate::run`] takes bound listeners.
     pub fn defaults() -> Self {
         Self::parse_from(["gateway"])
+    }
+
+    /// `--broker-failover-wait`, its default (0) resolved: three times `--broker-loss-close`.
+    pub fn failover_wait(&self) -> Duration {
+        if self.broker_failover_wait.is_zero() {
+            self.broker_loss_close * 3
+        } else {
+            self.broker_failover_wait
+        }
     }
 
     /// Whether a WebSocket from `origin` (the Origin header, if any) is allowed.

@@ -19,7 +19,7 @@
 //!   socket did not take at once, batching).
 //! - [`node`] — the node ([`node::Node`]: publish path, delayed unsubscribe, session slots) and
 //!   its timers: [`node::presence`] (with [`node::presence_cache`]), [`node::keepalive`],
-//!   [`node::expiry`] (token deadlines), [`node::handover`] (4002 when Redis is lost),
+//!   [`node::expiry`] (token deadlines), [`node::handover`] (4002 when this node alone lost a Redis shard),
 //!   [`node::drain`] (1012 over the drain window), [`node::pacing`]; [`node::moderation`] applies
 //!   the control channel's disconnects and checks bans.
 //! - [`moderation`] — the control channel's commands and the bans' storage
@@ -32,7 +32,10 @@
 //! - [`broker`] — the seam to the cluster: `Broker` = [`broker::memory`] | [`broker::redis`],
 //!   one Redis broker over a transport seam (`redis/conn.rs`: one server or a Sentinel-managed
 //!   master vs a Redis Cluster with slot routing; `subscriber.rs` and `cluster.rs` (sharded
-//!   pub/sub, shard probes); `publisher.rs`; `reconnect.rs`, the one backoff loop),
+//!   pub/sub, shard probes, a fresh connection made before the old one goes when a shard gets
+//!   a new master, with `overlap.rs` letting each message through once meanwhile);
+//!   `publisher.rs`; `reconnect.rs`, the one backoff loop;
+//!   `witness.rs`, who else lost a master: the hand-over's question),
 //!   [`broker::subscriptions`] (desired vs confirmed, the one diff), [`broker::control`] (the
 //!   control channel and bans in Redis) and [`broker::redis_endpoint`] (URL forms and TLS). The
 //!   Redis broker numbers, records and publishes a room's messages in one atomic step

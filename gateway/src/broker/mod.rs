@@ -58,6 +58,19 @@ pub enum BrokerError {
     Config(String),
 }
 
+/// How an outage of a broker's shard looks from outside this node (asked of a witness: the
+/// sentinels, or another Redis Cluster node; see `redis/witness.rs`). The hand-over
+/// (`node/handover.rs`) closes members only for `Alone`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outage {
+    /// Every node lost it alike (a failover is coming, or the master is gone for all): a move
+    /// to another node helps no client. Why, for the log.
+    Shared(&'static str),
+    /// This node is cut off while others are not (or no witness can tell): a move helps. Why,
+    /// for the log.
+    Alone(&'static str),
+}
+
 /// The node's broker.
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)] // one per node, never moved on a hot path
@@ -201,6 +214,31 @@ impl Broker {
         match self {
             Self::Memory(b) => b.subscription_count(),
             Self::Redis(b) => b.subscription_count(),
+        }
+    }
+
+    /// Per shard, whether this node can publish and receive on it now (the hand-over's input):
+    /// the in-process broker has no shard to lose.
+    pub fn usable_shards(&self) -> Vec<bool> {
+        match self {
+            Self::Memory(_) => Vec::new(),
+            Self::Redis(b) => b.usable_shards(),
+        }
+    }
+
+    /// The shard index of `room` in [`Broker::usable_shards`] (0 unless a Redis Cluster).
+    pub fn shard_of(&self, room: &RoomName) -> usize {
+        match self {
+            Self::Memory(_) => 0,
+            Self::Redis(b) => b.shard_of(room),
+        }
+    }
+
+    /// Whether shard `shard`'s outage is this node's alone or every node's.
+    pub async fn witness(&self, shard: usize) -> Outage {
+        match self {
+            Self::Memory(_) => Outage::Shared("the in-process broker is never lost"),
+            Self::Redis(b) => b.witness(shard).await,
         }
     }
 

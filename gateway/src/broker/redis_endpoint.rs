@@ -74,8 +74,9 @@ pub enum Endpoint {
     /// One Redis server.
     Single(redis::Client),
     /// A master found through Sentinel; asked again at every connect. A tokio lock: the lookup
-    /// awaits the sentinels, and only the (re)connecting tasks take it.
-    Sentinel(tokio::sync::Mutex<SentinelClient>),
+    /// awaits the sentinels, and only the (re)connecting tasks take it. The sentinels are also
+    /// the witnesses of an outage ([`Sentinels`]).
+    Sentinel(tokio::sync::Mutex<SentinelClient>, Sentinels),
     /// A Redis Cluster (sharded pub/sub).
     Cluster(ClusterSeeds),
 }
@@ -84,10 +85,21 @@ impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::Single(_) => "Endpoint::Single",
-            Self::Sentinel(_) => "Endpoint::Sentinel",
+            Self::Sentinel(..) => "Endpoint::Sentinel",
             Self::Cluster(_) => "Endpoint::Cluster",
         })
     }
+}
+
+/// The sentinels themselves, asked directly (`SENTINEL MASTER`) when this node loses the master:
+/// whether they lost it too (see [`super::redis`]'s witness).
+#[derive(Debug, Clone)]
+pub struct Sentinels {
+    /// The master's name in the sentinels' configuration.
+    pub master: String,
+    /// One client per sentinel of the URL (TLS when the scheme asks for it; no credentials:
+    /// those of the URL are the Redis servers').
+    pub clients: Vec<redis::Client>,
 }
 
 /// What is needed to build cluster clients (the subscriber needs RESP3 and a push sender, so
@@ -177,8 +189,25 @@ impl Endpoint {
                     None => 0,
                 };
                 let mut addrs = Vec::new();
+                let mut witnesses = Vec::new();
                 for h in hosts.split(',').filter(|h| !h.is_empty()) {
                     let (host, port) = host_port(h, 26379).map_err(bad)?;
+                    let bracketed = if host.contains(':') {
+                        format!("[{host}]")
+                    } else {
+                        host.clone()
+                    };
+                    let url = format!(
+                        "{}://{bracketed}:{port}/",
+                        &scheme[..scheme.find('+').unwrap_or(scheme.len())]
+                    );
+                    witnesses.push(
+                        match &certs {
+                            Some(c) => redis::Client::build_with_tls(url, c.clone()),
+                            None => redis::Client::open(url),
+                        }
+                        .map_err(|e| bad(e.to_string()))?,
+                    );
                     addrs.push(if secure {
                         ConnectionAddr::TcpTls {
                             host,
@@ -212,7 +241,11 @@ impl Endpoint {
                         .set_client_to_sentinel_certificates(c);
                 }
                 let client = b.build().map_err(|e| bad(e.to_string()))?;
-                Ok(Self::Sentinel(tokio::sync::Mutex::new(client)))
+                let sentinels = Sentinels {
+                    master: master.to_string(),
+                    clients: witnesses,
+                };
+                Ok(Self::Sentinel(tokio::sync::Mutex::new(client), sentinels))
             }
             "redis+cluster" | "rediss+cluster" => {
                 let (auth, hosts, _) = split_authority(rest);
@@ -251,7 +284,7 @@ impl Endpoint {
     pub async fn client(&self) -> Result<redis::Client, redis::RedisError> {
         match self {
             Self::Single(c) => Ok(c.clone()),
-            Self::Sentinel(s) => s.lock().await.async_get_client().await,
+            Self::Sentinel(s, _) => s.lock().await.async_get_client().await,
             Self::Cluster(_) => Err(redis::RedisError::from((
                 redis::ErrorKind::InvalidClientConfig,
                 "a cluster endpoint has no single client",
@@ -306,7 +339,7 @@ mod tests {
         ));
         assert!(matches!(
             Endpoint::parse("redis+sentinel://a:26379,b/mymaster", &none),
-            Ok(Endpoint::Sentinel(_))
+            Ok(Endpoint::Sentinel(..))
         ));
         assert!(Endpoint::parse("redis+sentinel://a:26379", &none).is_err());
         match Endpoint::parse("rediss+cluster://u:p@a:7000,b:7001", &none) {

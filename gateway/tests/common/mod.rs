@@ -7,9 +7,10 @@
 //! - `http`: a tiny HTTP client, the history API call, Prometheus text.
 //! - `auth`: the test secret and API key, signed tokens, the flags that turn JWT auth on.
 //! - `resume`: viewers that reconnect with `since`, and delivery-resumption probes.
+//! - `topology`: a Redis Cluster and a Sentinel set-up, built from `redis`'s launcher.
 //!
 //! Each binary imports `common::*`. Imports point one way: `node` uses `redis`, `ws` and `http`;
-//! `resume` uses `ws`; `redis`, `ws` and `http` use only this file (`WAIT`, `free_port`).
+//! `resume` uses `ws`; `topology` uses `redis`; `redis`, `ws` and `http` use only this file (`WAIT`, `free_port`).
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 #![allow(unused_imports)] // … and so of the re-exports below
@@ -19,6 +20,7 @@ mod http;
 mod node;
 mod redis;
 mod resume;
+mod topology;
 mod ws;
 
 use std::time::{Duration, Instant};
@@ -28,6 +30,7 @@ pub use self::http::*;
 pub use self::node::*;
 pub use self::redis::*;
 pub use self::resume::*;
+pub use self::topology::*;
 pub use self::ws::*;
 
 /// How long a test waits for something that should happen.

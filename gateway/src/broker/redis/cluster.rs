@@ -31,12 +31,14 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{PushInfo, PushKind, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use super::conn::Naming;
-use super::subscriber::{SubscriberLost, SUBSCRIBE_BATCH};
+use super::overlap::Overlap;
+use super::subscriber::SUBSCRIBE_BATCH;
 use super::Shared;
 use crate::broker::redis_endpoint::{ClusterSeeds, Endpoint};
 use crate::broker::subscriptions::ChannelSink;
@@ -68,6 +70,8 @@ pub struct ClusterState {
     /// Rooms whose subscription a server dropped (`SUNSUBSCRIBE` push: the slot moved away); a
     /// set, so it is bounded by the rooms that exist.
     lost: Mutex<HashSet<RoomName>>,
+    /// Which subscriber connection's messages reach the node (two during a swap).
+    overlap: Overlap,
 }
 
 impl ClusterState {
@@ -85,44 +89,54 @@ impl ClusterState {
     pub fn states(&self) -> Vec<bool> {
         self.shards().iter().map(|s| s.up).collect()
     }
+
+    /// The index of the shard that owns `slot` in the last view (the hand-over's unit).
+    pub fn shard_of_slot(&self, slot: u16) -> Option<usize> {
+        self.shards().iter().position(|sh| sh.owns(slot))
+    }
+
+    /// The first slot of shard `shard` (how a witness names the shard: the slot outlives any
+    /// failover) and every master address of the last view (where to find a witness).
+    pub fn witness_plan(&self, shard: usize) -> Option<(u16, Vec<(String, u16)>)> {
+        let shards = self.shards();
+        let first = shards.get(shard)?.ranges.first()?.0;
+        Some((first, shards.iter().map(|sh| sh.master.clone()).collect()))
+    }
 }
 
-fn seeds(s: &Shared) -> &ClusterSeeds {
+pub(super) fn seeds(s: &Shared) -> &ClusterSeeds {
     match &s.endpoint {
         Endpoint::Cluster(seeds) => seeds,
         _ => unreachable!("the cluster subscriber runs only with a cluster endpoint"),
     }
 }
 
-/// A RESP3 cluster connection whose pushes go to [`PushTo`].
-pub async fn connect(s: &Arc<Shared>) -> redis::RedisResult<ClusterConnection> {
-    seeds(s)
+/// A RESP3 cluster connection whose pushes go to [`PushTo`], with its generation (see
+/// [`Overlap`]).
+pub async fn connect(s: &Arc<Shared>) -> redis::RedisResult<(u64, ClusterConnection)> {
+    let generation = s.cluster.overlap.next_generation();
+    let conn = seeds(s)
         .builder(s.timeouts.command)
         .use_protocol(redis::ProtocolVersion::RESP3)
-        .push_sender(PushTo(s.clone()))
+        .push_sender(PushTo(s.clone(), generation))
         .build()?
         .get_async_connection()
-        .await
+        .await?;
+    Ok((generation, conn))
 }
 
-/// Serves one cluster connection until a failover asks for a fresh one (`Err`) or the node
-/// shuts down (`Ok`).
-pub async fn serve(
-    s: &Shared,
-    cancel: &CancellationToken,
-    conn: ClusterConnection,
-) -> Result<(), SubscriberLost> {
+/// Serves the cluster connection until the node shuts down. A shard with a new or returning
+/// master gets a fresh connection made beside this one ([`swap`]); the connection itself
+/// repairs its node links, so the subscriber never drops every room at once.
+pub async fn serve(s: &Arc<Shared>, cancel: &CancellationToken, first: (u64, ClusterConnection)) {
+    let (generation, mut conn) = first;
+    s.cluster.overlap.only(generation);
     let mut current: HashSet<RoomName> = HashSet::new();
     let mut probes = Probes::default();
-    let mut sink = ClusterSink {
-        conn: &conn,
-        naming: &s.naming,
-        timeout: s.timeouts.command,
-    };
     s.cluster.shards().clear();
     probe(s, &mut probes, &mut current).await;
     s.set_subscriber_up(true);
-    converge(s, &mut sink, &mut current).await;
+    converge(s, &conn, &mut current).await;
     info!(
         rooms = current.len(),
         shards = s.cluster.shards().len(),
@@ -131,31 +145,144 @@ pub async fn serve(
     let mut tick = tokio::time::interval(s.timeouts.probe_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
+    // Shards whose new master still waits for a fresh connection (a swap that failed is tried
+    // again at the next probe), and whether the last swap's overlap is still open.
+    let mut moved: Vec<ShardState> = Vec::new();
+    let mut overlapping = false;
     loop {
         tokio::select! {
             biased;
-            _ = cancel.cancelled() => return Ok(()),
+            _ = cancel.cancelled() => return,
             _ = s.subs.changed() => {
                 take_lost(s, &mut current);
-                converge(s, &mut sink, &mut current).await;
+                converge(s, &conn, &mut current).await;
             }
             _ = tick.tick() => {
-                if probe(s, &mut probes, &mut current).await {
-                    // A failover: fresh connections read the new slot map at once, rather than
-                    // waiting for the old ones to notice the dead master.
+                if overlapping {
+                    // A probe interval after the swap: the new connection has long brought
+                    // every copy the old one delivered first.
+                    s.cluster.overlap.finish();
+                    overlapping = false;
+                }
+                if let Some(changed) = probe(s, &mut probes, &mut current).await {
+                    s.commands
+                        .add_stale(changed.iter().flat_map(|sh| sh.ranges.iter().copied()));
+                    merge_moved(&mut moved, changed);
+                }
+                if s.commands.has_stale() {
+                    // The command connection is replaced too, by the publisher task.
                     s.commands.lost.notify_one();
-                    return Err(SubscriberLost::NewMaster);
+                }
+                if !moved.is_empty() {
+                    if let Some(fresh) = swap(s, &conn, &mut current, &moved).await {
+                        conn = fresh;
+                        moved.clear();
+                        overlapping = true;
+                    }
                 }
                 take_lost(s, &mut current);
-                converge(s, &mut sink, &mut current).await;
+                converge(s, &conn, &mut current).await;
             }
         }
     }
 }
 
-/// Converges; a command that failed (its shard is down) leaves its rooms for the next probe.
-async fn converge(s: &Shared, sink: &mut ClusterSink<'_>, current: &mut HashSet<RoomName>) {
-    let Ok(()) = s.subs.converge(sink, current, SUBSCRIBE_BATCH).await;
+/// Adds the shards of `changed` to `moved` (the later view of a shard wins).
+fn merge_moved(moved: &mut Vec<ShardState>, changed: Vec<ShardState>) {
+    for sh in changed {
+        moved.retain(|m| m.ranges != sh.ranges);
+        moved.push(sh);
+    }
+}
+
+/// Make before break: a fresh connection (it reads the new slot map at once) subscribes every
+/// room beside `old`; [`Overlap`] lets each message through once while both are subscribed.
+/// `old` is let go only when every room of a shard that did not change is subscribed on the
+/// fresh one and `old` has handed over what it had in flight (a `PING` through it to each such
+/// shard's master: the server sent those messages before the answer). Returns the fresh
+/// connection, or `None` (the old one stays; tried again at the next probe).
+async fn swap(
+    s: &Arc<Shared>,
+    old: &ClusterConnection,
+    current: &mut HashSet<RoomName>,
+    moved: &[ShardState],
+) -> Option<ClusterConnection> {
+    let t = s.timeouts.command;
+    let (generation, fresh) = match tokio::time::timeout(t * 2, connect(s)).await {
+        Ok(Ok(made)) => made,
+        Ok(Err(e)) => {
+            info!(error = %e, "redis cluster: a fresh subscriber connection failed; keeping the old one");
+            return None;
+        }
+        Err(_) => {
+            info!("redis cluster: a fresh subscriber connection timed out; keeping the old one");
+            return None;
+        }
+    };
+    s.cluster.overlap.begin(generation);
+    let mut on_fresh = HashSet::new();
+    converge(s, &fresh, &mut on_fresh).await;
+    let on_moved = |room: &RoomName| {
+        let slot = slot_of(room);
+        moved.iter().any(|sh| sh.owns(slot))
+    };
+    let missing = current
+        .iter()
+        .filter(|r| !on_fresh.contains(*r) && !on_moved(r))
+        .count();
+    if missing > 0 {
+        info!(
+            rooms = missing,
+            "redis cluster: a fresh subscriber connection could not subscribe every room; keeping the old one"
+        );
+        s.cluster.overlap.abandon();
+        return None;
+    }
+    let healthy: Vec<u16> = s
+        .cluster
+        .shards()
+        .iter()
+        .filter(|sh| sh.up && !moved.iter().any(|m| m.ranges == sh.ranges))
+        .filter_map(|sh| sh.ranges.first().map(|r| r.0))
+        .collect();
+    join_all(healthy.into_iter().map(|slot| {
+        let mut c = old.clone();
+        async move {
+            let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
+                slot,
+                SlotAddr::Master,
+            )));
+            let _ = tokio::time::timeout(t, c.route_command(redis::cmd("PING"), route)).await;
+        }
+    }))
+    .await;
+    s.cluster.overlap.retire_old();
+    {
+        // What the old connection confirmed and the fresh one did not (the changed shards'
+        // rooms it could not subscribe yet) is not confirmed any more.
+        let mut subs = s.subs.lock();
+        for room in current.difference(&on_fresh) {
+            subs.confirmed.remove(room);
+        }
+    }
+    s.metrics.redis_reconnects_subscriber.increment(1);
+    info!(
+        rooms = on_fresh.len(),
+        "redis cluster: a shard has a new or returning master; the subscriber moved to a fresh connection without a gap"
+    );
+    *current = on_fresh;
+    Some(fresh)
+}
+
+/// Converges on `conn`; a command that failed (its shard is down) leaves its rooms for the next
+/// probe.
+async fn converge(s: &Shared, conn: &ClusterConnection, current: &mut HashSet<RoomName>) {
+    let mut sink = ClusterSink {
+        conn,
+        naming: &s.naming,
+        timeout: s.timeouts.command,
+    };
+    let Ok(()) = s.subs.converge(&mut sink, current, SUBSCRIBE_BATCH).await;
 }
 
 /// Forgets the subscriptions the server dropped (slot moved away), so that converging
@@ -189,11 +316,15 @@ fn take_lost(s: &Shared, current: &mut HashSet<RoomName>) {
 
 /// Reads the slot map and PINGs each shard's master, on plain connections of its own (kept in
 /// `probes`, one per node address) so that the probe does not depend on the cluster
-/// connection's own recovery. Rooms of a shard whose slots changed, or which was down and
-/// answers again, are forgotten so that converging subscribes them on the current master.
-/// Returns true when a master appeared that the last view did not have (a failover): then the
-/// caller rebuilds its connections, which read the new slot map at once.
-async fn probe(s: &Shared, probes: &mut Probes, current: &mut HashSet<RoomName>) -> bool {
+/// connection's own recovery. Rooms of a shard whose slots moved between live masters are
+/// forgotten so that converging subscribes them on the current owner. Returns the shards with a
+/// master the last view did not have up (a replica promoted, or a master back): those are
+/// served by a fresh connection ([`swap`]).
+async fn probe(
+    s: &Shared,
+    probes: &mut Probes,
+    current: &mut HashSet<RoomName>,
+) -> Option<Vec<ShardState>> {
     let seeds = seeds(s);
     let t = s.timeouts.command;
     let mut ask: Vec<(String, u16)> = s
@@ -218,10 +349,13 @@ async fn probe(s: &Shared, probes: &mut Probes, current: &mut HashSet<RoomName>)
         Some(v) => parse_slots(&v),
         None => {
             // No node answered: keep the last map, every shard down.
-            for sh in s.cluster.shards().iter_mut() {
+            let mut shards = s.cluster.shards();
+            for sh in shards.iter_mut() {
                 sh.up = false;
             }
-            return false;
+            s.commands
+                .set_down(shards.iter().flat_map(|sh| sh.ranges.clone()).collect());
+            return None;
         }
     };
     for sh in fresh.iter_mut() {
@@ -231,6 +365,13 @@ async fn probe(s: &Shared, probes: &mut Probes, current: &mut HashSet<RoomName>)
             .is_some();
     }
     let old = std::mem::replace(&mut *s.cluster.shards(), fresh.clone());
+    s.commands.set_down(
+        fresh
+            .iter()
+            .filter(|sh| !sh.up)
+            .flat_map(|sh| sh.ranges.clone())
+            .collect(),
+    );
     // Shards to subscribe again: a new master for the same slots, or back from down.
     let redo: Vec<&ShardState> = fresh
         .iter()
@@ -242,18 +383,24 @@ async fn probe(s: &Shared, probes: &mut Probes, current: &mut HashSet<RoomName>)
         })
         .collect();
     if redo.is_empty() || old.is_empty() {
-        return false;
+        return None;
     }
     // A master that was not up in the last view — a replica promoted, or a master back after
-    // an outage: the cluster connections may still be repairing their link to the old address,
-    // so fresh ones are made (they read the slot map at once). A slot that only moved between
-    // live masters is repaired in place below (and by SUNSUBSCRIBE).
-    if fresh
+    // an outage: the cluster connection may still be repairing its link to the old address (and
+    // its own slot refresh would hold every shard's commands while it tries the dead one), so a
+    // fresh connection serves those shards. A slot that only moved between live masters is
+    // repaired in place below (and by SUNSUBSCRIBE).
+    let new_master: Vec<ShardState> = redo
         .iter()
-        .any(|sh| sh.up && !old.iter().any(|o| o.up && o.master == sh.master))
-    {
-        info!("redis cluster: a shard has a new or returning master; reconnecting");
-        return true;
+        .filter(|sh| !old.iter().any(|o| o.up && o.master == sh.master))
+        .map(|sh| (*sh).clone())
+        .collect();
+    if !new_master.is_empty() {
+        info!(
+            shards = new_master.len(),
+            "redis cluster: a shard has a new or returning master"
+        );
+        return Some(new_master);
     }
     let mut subs = s.subs.lock();
     let before = current.len();
@@ -272,7 +419,7 @@ async fn probe(s: &Shared, probes: &mut Probes, current: &mut HashSet<RoomName>)
             "redis cluster shard changed; resubscribing its rooms"
         );
     }
-    false
+    None
 }
 
 /// The cluster connection as a [`ChannelSink`]: the rooms of one slot in one command, the
@@ -315,14 +462,15 @@ impl ChannelSink for ClusterSink<'_> {
 
 /// The cluster slot of `room`'s channel and keys: CRC16 of the hash tag, which is the room name
 /// (the prefix holds no brace, checked at start).
-fn slot_of(room: &RoomName) -> u16 {
-    crc16::State::<crc16::XMODEM>::calculate(room.as_str().as_bytes()) % 16384
+pub(super) fn slot_of(room: &RoomName) -> u16 {
+    super::conn::key_slot(room.as_str())
 }
 
-/// The push sender of the subscriber's cluster connection. Runs on the connections' read tasks,
-/// so it never blocks: a message goes straight to the node ([`Shared::deliver`]); a server-sent
-/// `SUNSUBSCRIBE` records the room as lost and wakes the task.
-struct PushTo(Arc<Shared>);
+/// The push sender of one subscriber cluster connection (its generation beside it). Runs on the
+/// connection's read tasks, so it never blocks: a message that [`Overlap`] admits goes straight
+/// to the node ([`Shared::deliver`]); a server-sent `SUNSUBSCRIBE` records the room as lost and
+/// wakes the task.
+struct PushTo(Arc<Shared>, u64);
 
 impl redis::aio::AsyncPushSender for PushTo {
     fn send(&self, info: PushInfo) -> Result<(), redis::aio::SendError> {
@@ -331,10 +479,12 @@ impl redis::aio::AsyncPushSender for PushTo {
             PushKind::SMessage => {
                 if let [Value::BulkString(channel), Value::BulkString(payload), ..] = &info.data[..]
                 {
-                    s.deliver(channel, payload);
+                    if s.cluster.overlap.admit(self.1, channel, payload) {
+                        s.deliver(channel, payload);
+                    }
                 }
             }
-            PushKind::SUnsubscribe => {
+            PushKind::SUnsubscribe if s.cluster.overlap.listens_to(self.1) => {
                 if let Some(Value::BulkString(channel)) = info.data.first() {
                     if let Some(room) = s.naming.room_of(channel).and_then(RoomName::parse) {
                         s.cluster

@@ -111,6 +111,27 @@ pub struct Commands {
     up: AtomicBool,
     /// The deadline of one command.
     timeout: Duration,
+    /// Cluster: slot ranges whose commands fail at once — shards whose master does not answer
+    /// the subscriber's probe, and shards with a new master that the connection in place does
+    /// not know yet (until a fresh one is installed). Such a command would send the crate's
+    /// connection into its own slot-map refresh, which holds every shard's commands meanwhile.
+    fenced: Mutex<Fence>,
+}
+
+/// See [`Commands::fenced`].
+#[derive(Debug, Default)]
+struct Fence {
+    down: Vec<(u16, u16)>,
+    stale: Vec<(u16, u16)>,
+}
+
+impl Fence {
+    fn holds(&self, slot: u16) -> bool {
+        self.down
+            .iter()
+            .chain(&self.stale)
+            .any(|(a, b)| (*a..=*b).contains(&slot))
+    }
 }
 
 impl Commands {
@@ -121,16 +142,38 @@ impl Commands {
             lost: Notify::new(),
             up: AtomicBool::new(false),
             timeout,
+            fenced: Mutex::new(Fence::default()),
         }
+    }
+
+    fn fence(&self) -> std::sync::MutexGuard<'_, Fence> {
+        self.fenced.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Cluster: the slot ranges of the shards whose master is down (from each probe).
+    pub fn set_down(&self, ranges: Vec<(u16, u16)>) {
+        self.fence().down = ranges;
+    }
+
+    /// Cluster: slot ranges with a new master, fenced until a fresh connection is installed.
+    pub fn add_stale(&self, ranges: impl IntoIterator<Item = (u16, u16)>) {
+        self.fence().stale.extend(ranges);
+    }
+
+    /// Whether some slot ranges wait for a fresh connection.
+    pub fn has_stale(&self) -> bool {
+        !self.fence().stale.is_empty()
     }
 
     fn slot(&self) -> std::sync::MutexGuard<'_, Option<(u64, Conn)>> {
         self.current.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Puts connection `generation` in place.
+    /// Puts connection `generation` in place. A fresh connection knows the current slot map:
+    /// the shards that had a new master are not fenced any more.
     pub fn install(&self, generation: u64, conn: Conn) {
         *self.slot() = Some((generation, conn));
+        self.fence().stale.clear();
         self.set_up(true);
     }
 
@@ -178,12 +221,15 @@ impl Commands {
     /// connection fails at once. On one server, a failure of the connection itself (I/O, drop,
     /// timeout, `READONLY`: a demoted master) hands it to the publisher task to be replaced; a
     /// Cluster connection is not replaced on one failure (a shard being down must not take the
-    /// healthy shards' commands with it): the subscriber's probe replaces it when a shard has a
-    /// new or returning master.
+    /// healthy shards' commands with it): when the subscriber's probe sees a shard with a new or
+    /// returning master, the publisher task puts a fresh one in its place.
     pub async fn query(&self, cmd: &Cmd, key: &str) -> Result<Value, BrokerError> {
         let Some((generation, mut conn)) = self.get() else {
             return Err(BrokerError::Unavailable);
         };
+        if matches!(conn, Conn::Cluster(_)) && self.fence().holds(key_slot(key)) {
+            return Err(BrokerError::Unavailable);
+        }
         let answer = tokio::time::timeout(self.timeout, conn.run(cmd, key)).await;
         let (error, broken) = match answer {
             // A routed command's server error comes back as a value, not as an `Err`.
@@ -234,6 +280,24 @@ impl Commands {
 }
 
 /// What a failed command means: the caller's error, and whether the connection itself failed.
+/// The Cluster slot of `key`: CRC16 of its hash tag (the text between the first `{` and the
+/// next `}`, if not empty), else of the whole key.
+pub fn key_slot(key: &str) -> u16 {
+    let k = key.as_bytes();
+    let tag = k
+        .iter()
+        .position(|&c| c == b'{')
+        .and_then(|open| {
+            let rest = &k[open + 1..];
+            rest.iter()
+                .position(|&c| c == b'}')
+                .filter(|&close| close > 0)
+                .map(|close| &rest[..close])
+        })
+        .unwrap_or(k);
+    crc16::State::<crc16::XMODEM>::calculate(tag) % 16384
+}
+
 fn classify(e: &redis::RedisError) -> (BrokerError, bool) {
     if e.code() == Some("NOSCRIPT") {
         return (BrokerError::NoScript, false);
@@ -249,6 +313,28 @@ fn classify(e: &redis::RedisError) -> (BrokerError, bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_slots_follow_the_hash_tag() {
+        // CLUSTER KEYSLOT: demo = 903; {demo}:x and gw:room:{demo} hash the tag only.
+        assert_eq!(key_slot("demo"), 903);
+        assert_eq!(key_slot("gw:room:{demo}"), 903);
+        assert_eq!(key_slot("gw:room:{demo}:meta"), 903);
+        // An empty tag, or an opening brace never closed, is no tag: the whole key counts.
+        let whole = |k: &[u8]| crc16::State::<crc16::XMODEM>::calculate(k) % 16384;
+        assert_eq!(key_slot("{}demo"), whole(b"{}demo"));
+        assert_eq!(key_slot("a{b"), whole(b"a{b"));
+        assert_ne!(whole(b"{}demo"), whole(b"demo"));
+    }
+
+    #[test]
+    fn fenced_slots_fail_at_once() {
+        let f = Fence {
+            down: vec![(0, 5460)],
+            stale: vec![(10923, 16383)],
+        };
+        assert!(f.holds(903) && f.holds(16000) && !f.holds(6000));
+    }
 
     #[test]
     fn names_round_trip_in_both_modes() {

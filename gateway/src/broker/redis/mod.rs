@@ -8,9 +8,13 @@
 //! - [`subscriber`]: the subscriber task: one pub/sub connection to one server, or
 //!   [`cluster`]'s RESP3 Cluster connection with its shard probes; both converge to the desired
 //!   set through the one diff of [`crate::broker::subscriptions`];
+//! - [`overlap`]: in a Cluster, the gate that lets each message through once while a fresh
+//!   subscriber connection replaces the old one (a shard's failover, make before break);
 //! - [`publisher`]: the task that keeps the command connection (and, under Sentinel, follows
 //!   the master the sentinels name);
 //! - [`reconnect`]: the one reconnect loop with capped, jittered backoff, shared by both tasks;
+//! - [`witness`]: in an outage, asks the sentinels or the other Cluster nodes whether they lost
+//!   the master too (the hand-over's question: is this node cut off, or is every node?);
 //! - [`crate::broker::control`]: the control channel and the bans, on the same connections.
 //!
 //! Publishing runs `publish.lua`: the room's next offset, its epoch, the history append (a stream
@@ -26,9 +30,11 @@
 
 mod cluster;
 mod conn;
+mod overlap;
 mod publisher;
 mod reconnect;
 mod subscriber;
+mod witness;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -277,6 +283,37 @@ impl RedisBroker {
         s.subscriber_up.load(Ordering::Relaxed)
             && s.commands.is_up()
             && (!s.naming.cluster || s.cluster.all_up())
+    }
+
+    /// Per shard, whether this node can use it now: its master answers and both connections
+    /// are up (while either connection is being made again, no shard is usable). One server (or
+    /// a Sentinel-managed master) is shard 0; a Cluster not probed yet is one unusable shard 0.
+    pub(super) fn usable_shards(&self) -> Vec<bool> {
+        let s = &self.shared;
+        if !s.naming.cluster {
+            return vec![self.is_connected()];
+        }
+        let states = s.cluster.states();
+        if states.is_empty() {
+            return vec![false];
+        }
+        let connected = s.subscriber_up.load(Ordering::Relaxed) && s.commands.is_up();
+        states.into_iter().map(|up| up && connected).collect()
+    }
+
+    /// The shard of `room` (its slot's owner in the last view; 0 when not known, and for one
+    /// server or a Sentinel-managed master).
+    pub(super) fn shard_of(&self, room: &RoomName) -> usize {
+        let s = &self.shared;
+        if !s.naming.cluster {
+            return 0;
+        }
+        s.cluster.shard_of_slot(cluster::slot_of(room)).unwrap_or(0)
+    }
+
+    /// Asks the witnesses whether the master of `shard` is lost to every node or to this one.
+    pub(super) async fn witness(&self, shard: usize) -> super::Outage {
+        witness::ask(&self.shared, shard).await
     }
 
     /// Per-shard state by shard index: one server (or a Sentinel-managed master) is shard 0.

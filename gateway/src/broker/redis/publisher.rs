@@ -9,8 +9,9 @@
 //! may leave this connection open on the demoted master, where `PUBLISH` still "works" for that
 //! server's own subscribers only — a silent split — so the task (and the subscriber, through
 //! `subscriber_stale`) follow the master the sentinels name. A Cluster connection reconnects its
-//! node connections and follows `MOVED` by itself; it is replaced when the subscriber's probe
-//! sees a new or returning master.
+//! node connections and follows `MOVED` by itself; when the subscriber's probe sees a new or
+//! returning master, a fresh one (which reads the new slot map at once) is made and put in place
+//! of the old, which serves the healthy shards until then.
 
 use std::sync::{Arc, Mutex};
 
@@ -97,9 +98,10 @@ async fn watch(s: &Shared, cancel: &CancellationToken, generation: u64) -> Serve
                 }
                 if s.naming.cluster {
                     // The subscriber's probe saw a new or returning master: a fresh connection
-                    // reads the new slot map at once.
-                    s.commands.take(generation);
-                    return Served::Lost("a shard has a new or returning master".into());
+                    // reads the new slot map at once. Made before the old one goes, so that the
+                    // healthy shards' commands never find no connection in place.
+                    replace_cluster(s, generation).await;
+                    continue;
                 }
                 // A stale wake-up about an older connection.
             }
@@ -112,6 +114,22 @@ async fn watch(s: &Shared, cancel: &CancellationToken, generation: u64) -> Serve
     }
 }
 
+/// Puts a fresh Cluster command connection in place of connection `generation` (kept when the
+/// fresh one cannot be made: the subscriber's next probe asks again).
+async fn replace_cluster(s: &Shared, generation: u64) {
+    match tokio::time::timeout(s.timeouts.command * 2, connect(s)).await {
+        Ok(Ok((_, conn))) => {
+            s.commands.install(generation, conn);
+            s.metrics.redis_reconnects_publisher.increment(1);
+            info!("redis publisher moved to a fresh cluster connection (a shard has a new master)");
+        }
+        Ok(Err(e)) => {
+            warn!(error = %e, "a fresh cluster command connection failed; keeping the old one")
+        }
+        Err(_) => warn!("a fresh cluster command connection timed out; keeping the old one"),
+    }
+}
+
 /// One probe of a server's connection: `PING`, or under Sentinel `ROLE` and the sentinels' word.
 /// Returns why the connection must be replaced, if it must.
 async fn probe_server(s: &Shared, generation: u64) -> Option<Served> {
@@ -119,7 +137,7 @@ async fn probe_server(s: &Shared, generation: u64) -> Option<Served> {
         return Some(Served::Lost("no connection in place".into()));
     };
     let t = s.timeouts.command;
-    let sentinel = matches!(s.endpoint, Endpoint::Sentinel(_));
+    let sentinel = matches!(s.endpoint, Endpoint::Sentinel(..));
     let probe = redis::cmd(if sentinel { "ROLE" } else { "PING" }).to_owned();
     let answer = tokio::time::timeout(t, probe.query_async::<redis::Value>(&mut conn)).await;
     let mut demoted = sentinel && matches!(&answer, Ok(Ok(v)) if !is_master(v));

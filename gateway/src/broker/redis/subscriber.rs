@@ -49,7 +49,8 @@ pub async fn run(s: Arc<Shared>, cancel: CancellationToken) {
                     if made > 1 {
                         s.metrics.redis_reconnects_subscriber.increment(1);
                     }
-                    ended(s, cluster::serve(s, cancel, conn).await)
+                    cluster::serve(s, cancel, conn).await;
+                    ended(s, Ok(()))
                 }
             },
         )
@@ -96,9 +97,6 @@ pub enum SubscriberLost {
     /// Sentinel names another master now.
     #[error("the server is no longer the master")]
     Demoted,
-    /// Cluster: a failover, or a master back; fresh connections read the slot map.
-    #[error("a shard has a new or returning master")]
-    NewMaster,
     /// The connection failed.
     #[error("{0}")]
     Redis(#[from] redis::RedisError),
