@@ -230,7 +230,7 @@ function pageOrigin() {
  *   the room's history was lost while connected). Reload the room's state.
  * - `ack` — `{key, offset, epoch, id, duplicate}`: a publish with a `key` was published (or had
  *   been, `duplicate`); an `error` with that `key` means it was not.
- * - `presence` — `{room, hosts, viewers}`, cluster-wide counts.
+ * - `presence` — `{room, hosts, viewers}`, cluster-wide counts: after `welcome`, then whenever they change.
  * - `error` — `{code, message}`: the server refused a command; the connection stays open.
  * - `pong` — `{ts}`, the answer to {@link RoomClient#ping}.
  * - `refreshed` — `{exp}`: the server accepted a refreshed token.

@@ -231,9 +231,10 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_REDIS_BACKOFF_CAP", value_parser = parse_duration, default_value = "2s", hide = true)]
     pub redis_backoff_cap: Duration,
 
-    /// Interval of `presence` events (cluster-wide host and viewer counts) to each room's members.
-    /// Each node reports its local counts to Redis with a time-to-live of three intervals, so
-    /// the counts of a node that died vanish within that time.
+    /// How often each node reports its rooms' counts and sends `presence` events (cluster-wide
+    /// host and viewer counts) to the members whose last counts differ; a room whose counts hold
+    /// still sends nothing. Each node's counts live in Redis for three intervals, so the counts
+    /// of a node that died vanish within that time.
     #[arg(long, env = "GATEWAY_PRESENCE_INTERVAL", value_parser = parse_duration, default_value = "5s")]
     pub presence_interval: Duration,
 

@@ -62,10 +62,62 @@ async fn presence_adds_up_across_nodes_and_forgets_a_dead_node() {
         took < Duration::from_millis(1500),
         "dead node's counts lasted {took:?}"
     );
-    // And the counts stay right.
-    host.expect_no_message(Duration::from_millis(700)).await;
-    presence_reaches(&mut host, 1, 3, Duration::from_millis(700)).await;
+    // Counts that stay the same are not sent again (issue 22): nothing for four intervals, though
+    // every tick ran — the nodes counted the frames they did not send.
+    let before = n1.metric("gateway_presence_unchanged_total").await;
+    if let Some(v) = host.next_json_within(Duration::from_millis(1200)).await {
+        panic!("unchanged counts sent again: {v}");
+    }
+    let skipped = n1.metric("gateway_presence_unchanged_total").await - before;
+    assert!(
+        skipped >= 6.0,
+        "node 1's two members were skipped at each of ~4 ticks ({skipped})"
+    );
+    // A change reaches every member, the ones whose counts it does not change on their own node
+    // included.
+    let _v6 = n2.join("stage", "viewer", "v6").await;
+    presence_reaches(&mut host, 1, 4, Duration::from_secs(3)).await;
     drop(n2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_gets_presence_after_welcome_and_then_only_when_the_counts_change() {
+    let node = GatewayProcess::start("q1", None, &["--presence-interval", "200ms"]).await;
+    let mut first = node.join("quiet", "host", "h").await;
+    let p = first.next_of("presence").await;
+    assert_eq!(
+        (p["hosts"].as_u64(), p["viewers"].as_u64()),
+        (Some(1), Some(0))
+    );
+    // The first tick confirms the counts to the new member once; then nothing while they stay.
+    let mut seen = 0;
+    let end = tokio::time::Instant::now() + Duration::from_millis(1000);
+    while let Some(v) = first
+        .next_json_within(end.saturating_duration_since(tokio::time::Instant::now()))
+        .await
+    {
+        assert_eq!(v["type"], "presence", "{v}");
+        assert_eq!(
+            (v["hosts"].as_u64(), v["viewers"].as_u64()),
+            (Some(1), Some(0))
+        );
+        seen += 1;
+    }
+    assert!(
+        seen <= 1,
+        "{seen} presence events for unchanged counts in 5 intervals"
+    );
+    // A second member: both get the new counts (the newcomer after its welcome too), once.
+    let mut second = node.join("quiet", "viewer", "v").await;
+    presence_reaches(&mut first, 1, 1, Duration::from_secs(2)).await;
+    presence_reaches(&mut second, 1, 1, Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    if let Some(v) = first.next_json_within(Duration::from_millis(800)).await {
+        panic!("unchanged counts sent again: {v}");
+    }
+    // A leave is a change.
+    second.close().await;
+    presence_reaches(&mut first, 1, 0, Duration::from_secs(2)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -77,6 +77,8 @@ pub struct Metrics {
     published: [Counter; 3],
     /// See [`MESSAGES_DELIVERED`].
     pub delivered: Counter,
+    /// See [`PRESENCE_UNCHANGED`].
+    pub presence_unchanged: Counter,
     dropped: Arc<[Counter]>,
     /// See [`FANOUT_LATENCY`].
     pub fanout_latency: Histogram,
@@ -178,6 +180,7 @@ impl Metrics {
             published: [Source::Client, Source::Http, Source::Redis]
                 .map(|s| counter(MESSAGES_PUBLISHED, &[("source", s.label())])),
             delivered: counter(MESSAGES_DELIVERED, &[]),
+            presence_unchanged: counter(PRESENCE_UNCHANGED, &[]),
             dropped: DropReason::ALL
                 .iter()
                 .map(|r| counter(MESSAGES_DROPPED, &[("reason", r.label())]))
@@ -402,6 +405,11 @@ fn describe(r: &PrometheusRecorder) {
         MESSAGES_DELIVERED,
         None,
         "Message frames written to client sockets.",
+    );
+    d(
+        PRESENCE_UNCHANGED,
+        None,
+        "Presence events not sent: the member already had the room's counts.",
     );
     d(
         MESSAGES_DROPPED,

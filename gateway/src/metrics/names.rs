@@ -17,6 +17,9 @@ pub const MESSAGES_PUBLISHED: &str = "gateway_messages_published_total";
 /// Text frames (messages and JSON events) written to client sockets; WebSocket control frames
 /// are not counted.
 pub const MESSAGES_DELIVERED: &str = "gateway_messages_delivered_total";
+/// `presence` events the presence timer did not send because the member already had those
+/// counts (the room's counts did not change since).
+pub const PRESENCE_UNCHANGED: &str = "gateway_presence_unchanged_total";
 /// Messages or frames lost on purpose, by `reason`.
 pub const MESSAGES_DROPPED: &str = "gateway_messages_dropped_total";
 /// Publish time (`ts`) until this node queued the frame to every local member; one sample per

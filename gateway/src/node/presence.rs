@@ -1,6 +1,8 @@
 //! The presence timer: every `--presence-interval`, report this node's local counts of each room
-//! to the broker, get the cluster-wide counts back, and send each room's members one `presence`
-//! event (encoded once per room). Rooms whose last local member left are withdrawn, so leaves
+//! to the broker, get the cluster-wide counts back, and send a `presence` event (encoded once per
+//! room) to each member whose last one from this timer differs — a member that joined since, or
+//! every member when the counts changed. A room whose counts stay the same costs its members
+//! nothing (issue 22): no frame, no syscall, one compare per member. Rooms whose last local member left are withdrawn, so leaves
 //! show within one interval; a node that dies stops renewing its reports, which expire after
 //! three intervals.
 //!
@@ -73,32 +75,54 @@ async fn once(
         .await?;
     *reported = now;
     let mut cache = HashMap::with_capacity(local.len());
-    let mut sends: Vec<(Bytes, Arc<Outbox>)> = Vec::new();
+    let mut sends: Vec<Send> = Vec::new();
+    let mut unchanged = 0u64;
     for ((room, mine), counts) in local.into_iter().zip(cluster) {
-        // Framed once per room: every member gets the same bytes, each in one plain `send`.
-        let frame = frame_text(&protocol::presence(&room, counts.hosts, counts.viewers));
+        // Only to members whose last counts differ (a new member, or the counts changed), framed
+        // once per room: every member gets the same bytes, each in one plain `send`.
+        let packed = counts.packed();
+        let mut frame: Option<Bytes> = None;
         for outbox in node.hub.outboxes(&room) {
-            sends.push((frame.clone(), outbox));
+            if outbox.presence_sent() == packed {
+                unchanged += 1;
+                continue;
+            }
+            let frame = frame
+                .get_or_insert_with(|| {
+                    frame_text(&protocol::presence(&room, counts.hosts, counts.viewers))
+                })
+                .clone();
+            sends.push((frame, outbox, packed));
         }
         cache.insert(room, (counts, mine));
     }
     node.presence.replace(cache);
+    node.metrics.presence_unchanged.increment(unchanged);
     spread(node, sends).await;
     Ok(())
 }
 
+/// One member's presence frame and the packed counts it carries.
+type Send = (Bytes, Arc<Outbox>, u64);
+
 /// Queues the presence frames spread over [`pacing::window`] of the interval.
-async fn spread(node: &Node, sends: Vec<(Bytes, Arc<Outbox>)>) {
+/// A frame that could not be queued leaves the member's record alone, so the next tick tries again.
+async fn spread(node: &Node, sends: Vec<Send>) {
     let (mut dropped, mut written) = (0u64, 0u64);
     let window = pacing::window(node.config.presence_interval);
     pacing::in_slices(
         &sends,
         window,
         node.stopping(),
-        |(frame, outbox)| match outbox.push_message(frame.clone(), None, true) {
+        |(frame, outbox, packed)| match outbox.push_message(frame.clone(), None, true) {
             Err(PushError::Full) => dropped += 1,
-            Ok(Pushed::Written) => written += 1,
-            _ => {}
+            Err(_) => {}
+            Ok(pushed) => {
+                outbox.set_presence_sent(*packed);
+                if matches!(pushed, Pushed::Written) {
+                    written += 1;
+                }
+            }
         },
     )
     .await;

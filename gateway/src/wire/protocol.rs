@@ -26,6 +26,18 @@ pub struct RoomCounts {
     pub viewers: u64,
 }
 
+impl RoomCounts {
+    /// The counts in one word (each clamped below `u32::MAX`), never [`RoomCounts::NONE`]: what a
+    /// member was last sent, kept per connection.
+    pub fn packed(self) -> u64 {
+        let clamp = |n: u64| n.min(u64::from(u32::MAX) - 1);
+        (clamp(self.hosts) << 32) | clamp(self.viewers)
+    }
+
+    /// No counts sent yet.
+    pub const NONE: u64 = u64::MAX;
+}
+
 /// Longest room name, in bytes.
 pub const MAX_ROOM_LEN: usize = 128;
 /// Longest display name, in bytes.

@@ -147,6 +147,10 @@ pub struct Outbox {
     /// When the client last sent anything (ms on [`crate::wire::clock::monotonic_millis`]'s clock); the keepalive timer
     /// closes sessions that stay silent too long.
     last_seen: AtomicU64,
+    /// The presence counts the presence timer last queued for this member
+    /// ([`crate::wire::protocol::RoomCounts::packed`], or `RoomCounts::NONE`): the timer sends a
+    /// room's counts only to members whose last ones differ. Written by that timer alone.
+    presence: AtomicU64,
 }
 
 impl Outbox {
@@ -166,6 +170,7 @@ impl Outbox {
             max_bytes,
             reason: OnceLock::new(),
             last_seen: AtomicU64::new(crate::wire::clock::monotonic_millis()),
+            presence: AtomicU64::new(crate::wire::protocol::RoomCounts::NONE),
         };
         (outbox, OutboxReceiver(()))
     }
@@ -235,6 +240,16 @@ impl Outbox {
     pub fn touch(&self) {
         self.last_seen
             .store(crate::wire::clock::monotonic_millis(), Ordering::Relaxed);
+    }
+
+    /// The packed counts the presence timer last queued here.
+    pub fn presence_sent(&self) -> u64 {
+        self.presence.load(Ordering::Relaxed)
+    }
+
+    /// Records the packed counts the presence timer just queued here.
+    pub fn set_presence_sent(&self, packed: u64) {
+        self.presence.store(packed, Ordering::Relaxed);
     }
 
     /// Milliseconds since the client last sent anything.
