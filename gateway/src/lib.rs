@@ -27,6 +27,8 @@
 //!   ([`moderation::registry`]).
 //! - [`fanout`] — a room's message from the broker to the members' sockets:
 //!   [`fanout::inbound`] (the one door from the broker: classify, count, stamp, in order),
+//!   [`fanout::gapfill`] (each room's last offset: repeats dropped, a gap in the node's
+//!   subscription filled from history before the messages after it),
 //!   [`fanout::write_window`] (`--write-window`: batches hot rooms only), [`fanout::hub`] (local rooms → members'
 //!   outboxes), [`fanout::outbox`] (bounded queue, hold and cut for gapless joins, direct writes).
 //! - [`broker`] — the seam to the cluster: `Broker` = [`broker::memory`] | [`broker::redis`],

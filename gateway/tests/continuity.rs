@@ -722,3 +722,54 @@ async fn rolling_drain_of_three_nodes_with_a_host_at_20_per_second_loses_nothing
         started.elapsed()
     );
 }
+
+/// Issue 21: a node whose subscription missed messages (here Redis dropped every subscriber
+/// connection, as a failover or a network cut would) fills the gap from history before the next
+/// message, so its members get every message once, in order, with no resume and no reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_fills_a_gap_in_its_subscription_from_history() {
+    let cluster = TestCluster::start(&["a", "b"], &[]).await;
+    let (redis, a, b) = (cluster.redis(), &cluster[0], &cluster[1]);
+    let (mut va, _) = join_with(a.client, "gap", "role=viewer&name=va").await;
+    let (mut vb, _) = join_with(b.client, "gap", "role=viewer&name=vb").await;
+    publish_n(a, "gap", 2).await;
+    assert_eq!(offsets(&mut va, 2).await, [1, 2]);
+    assert_eq!(offsets(&mut vb, 2).await, [1, 2]);
+    // Both nodes' subscriber connections dropped; publishes go on through the command
+    // connections (acknowledged, in history) while the subscribers reconnect.
+    let mut c = redis.connection().await.unwrap();
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(killed >= 2, "killed {killed} subscriber connections");
+    publish_n(a, "gap", 5).await;
+    // Once the subscriptions are back, the next message shows the gap and the nodes fill it.
+    eventually("both subscribers back", || async {
+        a.metric("gateway_redis_connected").await == 1.0
+            && b.metric("gateway_redis_connected").await == 1.0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    publish_n(a, "gap", 1).await;
+    assert_eq!(offsets(&mut va, 6).await, [3, 4, 5, 6, 7, 8]);
+    assert_eq!(offsets(&mut vb, 6).await, [3, 4, 5, 6, 7, 8]);
+    va.expect_no_message(Duration::from_millis(300)).await;
+    vb.expect_no_message(Duration::from_millis(300)).await;
+    for n in [a, b] {
+        assert!(
+            n.metric("gateway_gap_fills_total{result=\"filled\"}").await >= 1.0,
+            "node {} filled the gap",
+            n.id
+        );
+        assert_eq!(
+            n.metric("gateway_recoveries_total{result=\"complete\"}")
+                .await,
+            0.0,
+            "no member resumed"
+        );
+    }
+}

@@ -14,16 +14,18 @@
 //! here too, for the node's publishes and for wrapped plain payloads.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::fanout::gapfill::{Held, Missed, MissedSource, Sequences, Step};
 use crate::fanout::hub::Hub;
 use crate::fanout::write_window::{Batch, Offer, WriteWindow};
-use crate::metrics::{DropReason, Metrics, Source};
+use crate::metrics::{DropReason, GapFill, Metrics, Source};
 use crate::wire::frame::frame_text;
-use crate::wire::history::Stamp;
+use crate::wire::history::{Since, Stamp};
 use crate::wire::protocol::{self, BrokerPayload, RoomName};
 
 /// How far in the future a message's `ts` may be (clock skew between nodes) and still be sampled.
@@ -47,6 +49,23 @@ pub struct Inbound {
     pace: DeliveryPace,
     /// Batches the messages of hot rooms (`--write-window`).
     window: WriteWindow,
+    /// Each room's last offset handed out, and its gap being filled ([`crate::fanout::gapfill`]).
+    seq: Sequences,
+    /// Where gaps are read from, set once the node exists (without it a gap is handed out as is).
+    filler: OnceLock<Filler>,
+}
+
+/// What a gap fill needs: the history to read, the node's task tracker, and this handler.
+struct Filler {
+    source: Weak<dyn MissedSource>,
+    tracker: TaskTracker,
+    inbound: Weak<Inbound>,
+}
+
+impl std::fmt::Debug for Filler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Filler")
+    }
 }
 
 /// The node's recent rate of pushes (one push: one fan-out's messages to one member, one write
@@ -121,7 +140,27 @@ impl Inbound {
             },
             pace: DeliveryPace::new(crate::config::DIRECT_WRITE_MAX_RATE),
             window: WriteWindow::new(crate::config::WRITE_WINDOW),
+            seq: Sequences::default(),
+            filler: OnceLock::new(),
         }
+    }
+
+    /// Lets this handler fill gaps from `source`'s history, on `tracker`'s tasks.
+    pub fn set_missed_source(
+        self: &Arc<Self>,
+        source: Weak<dyn MissedSource>,
+        tracker: TaskTracker,
+    ) {
+        let _ = self.filler.set(Filler {
+            source,
+            tracker,
+            inbound: Arc::downgrade(self),
+        });
+    }
+
+    /// The node unsubscribed `room`: its next message starts a new sequence (no gap from the old).
+    pub fn forget(&self, room: &RoomName) {
+        self.seq.forget(room);
     }
 
     /// Sets the write window (`--write-window`, see [`WriteWindow`]).
@@ -158,6 +197,12 @@ impl Inbound {
             return;
         }
         let (frame, ts, stamp) = match protocol::classify_broker_payload(&room, &payload) {
+            BrokerPayload::Envelope {
+                ts,
+                stamp: Some(stamp),
+            } => {
+                return self.receive_numbered(room, payload, ts, stamp);
+            }
             BrokerPayload::Envelope { ts, stamp } => (payload, ts, stamp),
             BrokerPayload::Raw => {
                 if payload.len() > self.max_raw_payload {
@@ -175,6 +220,84 @@ impl Inbound {
             }
         };
         self.deliver(&room, frame, ts, stamp);
+    }
+
+    /// A numbered message: in order, a repeat (dropped), or past a gap this node fills first.
+    fn receive_numbered(&self, room: RoomName, payload: Bytes, ts: u64, stamp: Stamp) {
+        let mut released = Vec::new();
+        let held = Held {
+            frame: payload,
+            ts,
+            stamp,
+        };
+        let (step, this) = self.seq.observe(&room, held, &mut released);
+        for h in released {
+            self.deliver(&room, h.frame, h.ts, Some(h.stamp));
+        }
+        match step {
+            Step::Deliver | Step::Jump => {
+                if step == Step::Jump {
+                    self.metrics.gap_fill(GapFill::Overflow);
+                }
+                if let Some(h) = this {
+                    self.deliver(&room, h.frame, h.ts, Some(h.stamp));
+                }
+            }
+            Step::Duplicate => self.metrics.dropped(DropReason::Duplicate).increment(1),
+            Step::Held => {}
+            Step::Fill { fill, after } => self.start_fill(room, fill, after),
+        }
+    }
+
+    /// Reads `room`'s messages after offset `after` on a task, then hands out the missed and the
+    /// held ones ([`Sequences::filled`]).
+    fn start_fill(&self, room: RoomName, fill: u64, after: u64) {
+        let epoch = self.seq.epoch_text(&room);
+        let Some(f) = self.filler.get().filter(|_| epoch.is_some()) else {
+            self.finish_fill(&room, fill, None);
+            return;
+        };
+        let since = Since {
+            epoch: epoch.unwrap_or_default(),
+            offset: after,
+        };
+        let (source, inbound) = (f.source.clone(), f.inbound.clone());
+        f.tracker.spawn(async move {
+            let missed = match source.upgrade() {
+                Some(source) => source.missed(room.clone(), since.clone()).await,
+                None => None,
+            };
+            if let Some(inbound) = inbound.upgrade() {
+                inbound.finish_fill(&room, fill, missed);
+            }
+        });
+    }
+
+    fn finish_fill(&self, room: &RoomName, fill: u64, missed: Option<Missed>) {
+        let result = match &missed {
+            None => GapFill::Unreadable,
+            Some(m) if !m.complete => GapFill::TooLarge,
+            Some(_) => GapFill::Filled,
+        };
+        let epoch = self.seq.epoch_text(room).unwrap_or_default();
+        let mut stale = true;
+        self.seq.filled(
+            room,
+            fill,
+            missed,
+            |offset| Stamp::new(offset, &epoch),
+            |frame| match protocol::classify_broker_payload(room, frame) {
+                BrokerPayload::Envelope { ts, .. } => ts,
+                BrokerPayload::Raw => crate::wire::clock::unix_micros(),
+            },
+            |h| {
+                stale = false;
+                self.deliver(room, h.frame, h.ts, Some(h.stamp));
+            },
+        );
+        if !stale {
+            self.metrics.gap_fill(result);
+        }
     }
 
     /// Hands an encoded message frame published at `ts` (with its `stamp`, if it has one)

@@ -79,6 +79,8 @@ pub struct Metrics {
     pub delivered: Counter,
     /// See [`PRESENCE_UNCHANGED`].
     pub presence_unchanged: Counter,
+    /// See [`GAP_FILLS`]: filled, unreadable, too_large, overflow.
+    gap_fills: [Counter; 4],
     dropped: Arc<[Counter]>,
     /// See [`FANOUT_LATENCY`].
     pub fanout_latency: Histogram,
@@ -181,6 +183,8 @@ impl Metrics {
                 .map(|s| counter(MESSAGES_PUBLISHED, &[("source", s.label())])),
             delivered: counter(MESSAGES_DELIVERED, &[]),
             presence_unchanged: counter(PRESENCE_UNCHANGED, &[]),
+            gap_fills: ["filled", "unreadable", "too_large", "overflow"]
+                .map(|r| counter(GAP_FILLS, &[("result", r)])),
             dropped: DropReason::ALL
                 .iter()
                 .map(|r| counter(MESSAGES_DROPPED, &[("reason", r.label())]))
@@ -253,6 +257,11 @@ impl Metrics {
     /// The counter of messages published from `source`.
     pub fn published(&self, source: Source) -> &Counter {
         &self.published[source as usize]
+    }
+
+    /// Counts one gap in a room's offsets: 0 filled, 1 unreadable, 2 too large, 3 overflow.
+    pub fn gap_fill(&self, result: GapFill) {
+        self.gap_fills[result as usize].increment(1);
     }
 
     /// The counter of messages dropped for `reason`.
@@ -405,6 +414,11 @@ fn describe(r: &PrometheusRecorder) {
         MESSAGES_DELIVERED,
         None,
         "Message frames written to client sockets.",
+    );
+    d(
+        GAP_FILLS,
+        None,
+        "Gaps in a room's offsets seen by this node's subscription, by result.",
     );
     d(
         PRESENCE_UNCHANGED,

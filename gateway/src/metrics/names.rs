@@ -20,6 +20,12 @@ pub const MESSAGES_DELIVERED: &str = "gateway_messages_delivered_total";
 /// `presence` events the presence timer did not send because the member already had those
 /// counts (the room's counts did not change since).
 pub const PRESENCE_UNCHANGED: &str = "gateway_presence_unchanged_total";
+/// Gaps in a room's offsets this node saw in what its subscription brought, by `result`:
+/// `filled` from history, `unreadable` (history could not be read; handed out with the gap),
+/// `too_large` (history did not have them all: trimmed, more than `gapfill::MAX_FILL`, or over
+/// the read budget; left to the members' resume), `overflow` (more than `gapfill::MAX_HELD`
+/// arrived while reading).
+pub const GAP_FILLS: &str = "gateway_gap_fills_total";
 /// Messages or frames lost on purpose, by `reason`.
 pub const MESSAGES_DROPPED: &str = "gateway_messages_dropped_total";
 /// Publish time (`ts`) until this node queued the frame to every local member; one sample per
@@ -166,10 +172,13 @@ pub enum DropReason {
     /// A room's messages arrived faster than the node could fan them out: its write window
     /// already held `write_window::MAX_PENDING` messages.
     Overloaded,
+    /// A numbered message at or below the room's last offset this node handed out (a copy, or
+    /// one a gap fill already delivered from history).
+    Duplicate,
 }
 
 impl DropReason {
-    pub(super) const ALL: [DropReason; 7] = [
+    pub(super) const ALL: [DropReason; 8] = [
         Self::SlowConsumer,
         Self::BrokerUnavailable,
         Self::TooLarge,
@@ -177,6 +186,7 @@ impl DropReason {
         Self::NoMembers,
         Self::RateLimited,
         Self::Overloaded,
+        Self::Duplicate,
     ];
 
     /// The label value.
@@ -189,8 +199,23 @@ impl DropReason {
             Self::InvalidRoom => "invalid_room",
             Self::NoMembers => "no_members",
             Self::RateLimited => "rate_limited",
+            Self::Duplicate => "duplicate",
         }
     }
+}
+
+/// How a gap in a room's offsets ended: the `result` label of [`GAP_FILLS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GapFill {
+    /// Read from history and handed out in order.
+    Filled = 0,
+    /// History could not be read: handed out with the gap.
+    Unreadable = 1,
+    /// History did not have them all (trimmed, more than `gapfill::MAX_FILL`, over the read
+    /// budget): left to the members' resume.
+    TooLarge = 2,
+    /// More than `gapfill::MAX_HELD` arrived while reading: handed out with the gap.
+    Overflow = 3,
 }
 
 /// Where a published message came from: the `source` label of [`MESSAGES_PUBLISHED`].

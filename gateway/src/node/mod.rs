@@ -16,7 +16,9 @@ pub mod presence;
 pub mod presence_cache;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+
+use futures_util::future::BoxFuture;
 
 use serde_json::value::RawValue;
 use tokio::sync::Notify;
@@ -29,6 +31,7 @@ use crate::broker::redis::{RedisBroker, RedisSetup, RedisTimeouts};
 use crate::broker::redis_endpoint::Endpoint;
 use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
+use crate::fanout::gapfill::{Missed, MissedSource};
 use crate::fanout::hub::Hub;
 use crate::fanout::inbound::Inbound;
 use crate::fanout::outbox::Outbox;
@@ -36,7 +39,7 @@ use crate::fanout::write_window::WriteWindow;
 use crate::metrics::{DropReason, Metrics, Source, StateGauges};
 use crate::moderation::registry::Registry;
 use crate::node::presence_cache::PresenceCache;
-use crate::wire::history::{Ack, HistoryQuery, HistoryRead, KeyScope};
+use crate::wire::history::{Ack, HistoryQuery, HistoryRead, KeyScope, Recovery, Since};
 use crate::wire::protocol::{Message, Role, RoomName};
 
 /// Pause between two attempts of a failed history read.
@@ -112,6 +115,28 @@ impl Drop for SessionSlot {
     }
 }
 
+/// A gap in what this node's subscription brought is read from the room's history, as a resume
+/// would read it (up to [`crate::fanout::gapfill::MAX_FILL`] messages within the read's byte
+/// budget; more is reported as incomplete, with the room's position).
+impl MissedSource for Node {
+    fn missed(self: Arc<Self>, room: RoomName, since: Since) -> BoxFuture<'static, Option<Missed>> {
+        Box::pin(async move {
+            let query = HistoryQuery {
+                since: Some(since),
+                max_recovery: crate::fanout::gapfill::MAX_FILL as usize,
+                backlog: 0,
+                partial: false,
+            };
+            let read = self.history(&room, &query).await.ok()?;
+            Some(Missed {
+                position: read.offset,
+                complete: read.recovery == Some(Recovery::Complete),
+                frames: read.frames,
+            })
+        })
+    }
+}
+
 /// Why a session slot could not be reserved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlotError {
@@ -179,6 +204,8 @@ impl Node {
             auth,
             registry,
         });
+        let source: Weak<dyn MissedSource> = Arc::downgrade(&node) as Weak<Node>;
+        node.inbound.set_missed_source(source, node.tracker.clone());
         Ok(node)
     }
 
@@ -224,7 +251,10 @@ impl Node {
             tokio::select! {
                 _ = node.stop.cancelled() => {}
                 _ = tokio::time::sleep(node.config.unsubscribe_delay) => {
-                    node.hub.if_empty(&room, || node.broker.unsubscribe(&room));
+                    node.hub.if_empty(&room, || {
+                        node.broker.unsubscribe(&room);
+                        node.inbound.forget(&room);
+                    });
                 }
             }
         });

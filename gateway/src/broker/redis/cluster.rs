@@ -149,6 +149,9 @@ pub async fn serve(s: &Arc<Shared>, cancel: &CancellationToken, first: (u64, Clu
     // again at the next probe), and whether the last swap's overlap is still open.
     let mut moved: Vec<ShardState> = Vec::new();
     let mut overlapping = false;
+    // Shards with a new master whose rooms are not all subscribed yet: the publisher's commands
+    // for them stay fenced until they are (see `Commands::rooms_subscribed`).
+    let mut awaiting: Vec<ShardState> = Vec::new();
     loop {
         tokio::select! {
             biased;
@@ -167,9 +170,10 @@ pub async fn serve(s: &Arc<Shared>, cancel: &CancellationToken, first: (u64, Clu
                 if let Some(changed) = probe(s, &mut probes, &mut current).await {
                     s.commands
                         .add_stale(changed.iter().flat_map(|sh| sh.ranges.iter().copied()));
+                    merge_moved(&mut awaiting, changed.clone());
                     merge_moved(&mut moved, changed);
                 }
-                if s.commands.has_stale() {
+                if s.commands.needs_fresh() {
                     // The command connection is replaced too, by the publisher task.
                     s.commands.lost.notify_one();
                 }
@@ -182,9 +186,21 @@ pub async fn serve(s: &Arc<Shared>, cancel: &CancellationToken, first: (u64, Clu
                 }
                 take_lost(s, &mut current);
                 converge(s, &conn, &mut current).await;
+                if !awaiting.is_empty() && moved.is_empty() && subscribed_all(s, &current, &awaiting) {
+                    s.commands.rooms_subscribed();
+                    awaiting.clear();
+                }
             }
         }
     }
+}
+
+/// Whether every room of `shards` this node wants is subscribed on the current connection.
+fn subscribed_all(s: &Shared, current: &HashSet<RoomName>, shards: &[ShardState]) -> bool {
+    s.subs.lock().desired.iter().all(|room| {
+        let slot = slot_of(room);
+        !shards.iter().any(|sh| sh.owns(slot)) || current.contains(room)
+    })
 }
 
 /// Adds the shards of `changed` to `moved` (the later view of a shard wins).

@@ -122,7 +122,12 @@ pub struct Commands {
 #[derive(Debug, Default)]
 struct Fence {
     down: Vec<(u16, u16)>,
+    /// Shards with a new master, fenced until both the command connection in place is a fresh
+    /// one and this node's subscriber has their rooms subscribed on the new master: a publish
+    /// acknowledged before that would reach this node's own members only by a gap fill.
     stale: Vec<(u16, u16)>,
+    commands_fresh: bool,
+    rooms_subscribed: bool,
 }
 
 impl Fence {
@@ -131,6 +136,12 @@ impl Fence {
             .iter()
             .chain(&self.stale)
             .any(|(a, b)| (*a..=*b).contains(&slot))
+    }
+
+    fn lift_if_ready(&mut self) {
+        if self.commands_fresh && self.rooms_subscribed {
+            self.stale.clear();
+        }
     }
 }
 
@@ -155,25 +166,39 @@ impl Commands {
         self.fence().down = ranges;
     }
 
-    /// Cluster: slot ranges with a new master, fenced until a fresh connection is installed.
+    /// Cluster: slot ranges with a new master, fenced until a fresh connection is installed and
+    /// the subscriber says their rooms are subscribed ([`Commands::rooms_subscribed`]).
     pub fn add_stale(&self, ranges: impl IntoIterator<Item = (u16, u16)>) {
-        self.fence().stale.extend(ranges);
+        let mut f = self.fence();
+        f.stale.extend(ranges);
+        f.commands_fresh = false;
+        f.rooms_subscribed = false;
     }
 
-    /// Whether some slot ranges wait for a fresh connection.
-    pub fn has_stale(&self) -> bool {
-        !self.fence().stale.is_empty()
+    /// Whether the command connection in place predates a shard's new master.
+    pub fn needs_fresh(&self) -> bool {
+        let f = self.fence();
+        !f.stale.is_empty() && !f.commands_fresh
+    }
+
+    /// The subscriber has every room of the shards with a new master subscribed on them.
+    pub fn rooms_subscribed(&self) {
+        let mut f = self.fence();
+        f.rooms_subscribed = true;
+        f.lift_if_ready();
     }
 
     fn slot(&self) -> std::sync::MutexGuard<'_, Option<(u64, Conn)>> {
         self.current.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Puts connection `generation` in place. A fresh connection knows the current slot map:
-    /// the shards that had a new master are not fenced any more.
+    /// Puts connection `generation` in place. A fresh connection knows the current slot map.
     pub fn install(&self, generation: u64, conn: Conn) {
         *self.slot() = Some((generation, conn));
-        self.fence().stale.clear();
+        let mut f = self.fence();
+        f.commands_fresh = true;
+        f.lift_if_ready();
+        drop(f);
         self.set_up(true);
     }
 
@@ -329,11 +354,19 @@ mod tests {
 
     #[test]
     fn fenced_slots_fail_at_once() {
-        let f = Fence {
+        let mut f = Fence {
             down: vec![(0, 5460)],
             stale: vec![(10923, 16383)],
+            ..Fence::default()
         };
         assert!(f.holds(903) && f.holds(16000) && !f.holds(6000));
+        // A re-mastered shard opens only when both connections are ready for it.
+        f.commands_fresh = true;
+        f.lift_if_ready();
+        assert!(f.holds(16000));
+        f.rooms_subscribed = true;
+        f.lift_if_ready();
+        assert!(!f.holds(16000) && f.holds(903));
     }
 
     #[test]

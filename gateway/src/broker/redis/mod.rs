@@ -22,10 +22,11 @@
 //! channel in a Cluster) happen in one atomic step. `history.lua` reads a room's position and
 //! history for joining clients; `presence.lua` merges the nodes' counts.
 //!
-//! Messages published while a node's subscriber is disconnected are not delivered live by that
-//! node (Redis pub/sub keeps nothing); its members see a jump in offsets, and a client that
-//! resumes with `since` gets them from history (`/client.js` does so on a gap). Clients learn of
-//! the outage through `/readyz`, the `gateway_redis_connected` gauge and errors on their own
+//! Messages published while a node's subscriber is disconnected do not reach it (Redis pub/sub
+//! keeps nothing); the first one after the gap makes the node read the missed ones from history
+//! and hand them out first ([`crate::fanout::gapfill`]); only if that fails do members see a jump
+//! in offsets and resume with `since` (`/client.js` does so on a gap). Clients learn of the
+//! outage through `/readyz`, the `gateway_redis_connected` gauge and errors on their own
 //! publishes.
 
 mod cluster;
