@@ -19,7 +19,15 @@
 #   NODES [VIEWERS/16000, rounded up]  SHARDS [as NODES]  MEASURE [30s]  DRAIN [10s]
 #   HATCH [1500]      connections per second per generator
 #   BROKER [redis]    `memory`: one node on the in-process broker (the single-node reference;
-#                     VIEWERS must then fit one process's open files)
+#                     VIEWERS must then fit one process's open files); `cluster`: a Redis
+#                     Cluster of 3 masters + 3 replicas (`cluster-node-timeout` DOWN_AFTER,
+#                     `cluster-require-full-coverage no`); `sentinel`: a master, a replica and
+#                     three sentinels (`down-after-milliseconds` DOWN_AFTER)
+#   FAULT_AT          with `cluster` or `sentinel`: SIGKILL a master this many seconds into the
+#                     window (the master of the first room's slot, or the Sentinel master) and
+#                     report the failover: its duration as the nodes saw it, members closed,
+#                     reconnects, resumes, refused publishes (re-sent), lost
+#   DOWN_AFTER [2000] ms, the failure detection of `cluster` and `sentinel`
 #   PRESENCE [5s]     the nodes' --presence-interval
 #   EXPECT            extra --expect rules for the merge (lost==0 and duplicates==0 always)
 #   OUT [target/bench-audience]; GATEWAY_BIN, LOADTEST_BIN (default target/release/…, built
@@ -27,6 +35,9 @@
 #
 # Everything runs on this machine's loopback: 127.0.0.1 for the nodes and Redis, 127.0.S.1-4 as
 # generator S's source addresses.
+#
+# Failover at audience scale (issue 21), e.g.:
+#   VIEWERS=100000 ROOMS=1000 HOSTS=1 RATE=0.2 BROKER=cluster FAULT_AT=10 MEASURE=40s scripts/bench-audience.sh
 set -euo pipefail
 
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
@@ -44,6 +55,11 @@ rate="${RATE:-1}"
 size="${SIZE:-100}"
 rooms="${ROOMS:-1}"
 broker="${BROKER:-redis}"
+fault_at="${FAULT_AT:-}"
+down_after="${DOWN_AFTER:-2000}"
+case "$broker" in redis | memory | cluster | sentinel) ;; *) die "BROKER must be redis, memory, cluster or sentinel" ;; esac
+[ -z "$fault_at" ] || [ "$broker" = cluster ] || [ "$broker" = sentinel ] ||
+  die "FAULT_AT needs BROKER=cluster or BROKER=sentinel"
 per_node=16000
 if [ "$broker" = memory ]; then
   nodes=1
@@ -78,11 +94,13 @@ export NO_HAPROXY=1
 export GATEWAY_ARGS="${GATEWAY_ARGS:-} --presence-interval $presence"
 
 pids=()
+redis_pids=()
 cleanup() {
   local status=$?
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   deploy/local/cluster.sh stop >/dev/null 2>&1 || true
+  for p in "${redis_pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
   exit "$status"
 }
 trap cleanup EXIT
@@ -119,7 +137,67 @@ if [ "$broker" = memory ]; then
   done
   targets="ws://127.0.0.1:$port"
 else
-  log "redis and $nodes gateway nodes"
+  rdir="$out/redis"
+  mkdir -p "$rdir"
+  # Six server ports and their cluster-bus ports (+10000) all free, from BASE_PORT+300 on.
+  port_free() { ! ss -Htan "sport = :$1" | grep -q .; }
+  rport=$((BASE_PORT + 300))
+  while :; do
+    ok=1
+    for i in $(seq 0 12); do
+      port_free $((rport + i)) && port_free $((rport + i + 10000)) || { ok=0; break; }
+    done
+    [ "$ok" = 1 ] && break
+    rport=$((rport + 13))
+  done
+  # redis_start PORT ARGS...: one redis-server on loopback, recorded for cleanup and the fault.
+  redis_start() {
+    local port="$1"
+    shift
+    redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$rdir" \
+      --maxclients 4000 "$@" >"$rdir/$port.log" 2>&1 &
+    redis_pids+=($!)
+    echo "$!" >"$rdir/$port.pid"
+    for _ in $(seq 1 50); do
+      redis-cli -p "$port" ping >/dev/null 2>&1 && return 0
+      sleep 0.1
+    done
+    die "redis-server on $port did not start"
+  }
+  case "$broker" in
+    cluster)
+      log "a Redis Cluster: 3 masters + 3 replicas on $rport-$((rport + 5))"
+      addrs=()
+      for i in 0 1 2 3 4 5; do
+        redis_start $((rport + i)) --cluster-enabled yes \
+          --cluster-config-file "nodes-$((rport + i)).conf" --cluster-node-timeout "$down_after" \
+          --cluster-require-full-coverage no --repl-diskless-sync-delay 0
+        addrs+=("127.0.0.1:$((rport + i))")
+      done
+      redis-cli --cluster create "${addrs[@]}" --cluster-replicas 1 --cluster-yes \
+        >"$rdir/create.log" 2>&1 || die "redis-cli --cluster create failed ($rdir/create.log)"
+      for _ in $(seq 1 100); do
+        redis-cli -p "$rport" cluster info | grep -q cluster_state:ok && break
+        sleep 0.2
+      done
+      export REDIS_URL="redis+cluster://127.0.0.1:$rport,127.0.0.1:$((rport + 1)),127.0.0.1:$((rport + 2))"
+      ;;
+    sentinel)
+      log "Sentinel: a master on $rport, a replica on $((rport + 1)), sentinels on $((rport + 10))-$((rport + 12))"
+      redis_start "$rport"
+      redis_start $((rport + 1)) --replicaof 127.0.0.1 "$rport"
+      for i in 0 1 2; do
+        sp=$((rport + 10 + i))
+        printf 'port %s\nbind 127.0.0.1\nsentinel monitor gw 127.0.0.1 %s 2\nsentinel down-after-milliseconds gw %s\nsentinel failover-timeout gw 10000\n' \
+          "$sp" "$rport" "$down_after" >"$rdir/sentinel-$sp.conf"
+        redis-server "$rdir/sentinel-$sp.conf" --sentinel >"$rdir/$sp.log" 2>&1 &
+        redis_pids+=($!)
+      done
+      sleep 1
+      export REDIS_URL="redis+sentinel://127.0.0.1:$((rport + 10)),127.0.0.1:$((rport + 11)),127.0.0.1:$((rport + 12))/gw"
+      ;;
+  esac
+  log "${REDIS_URL:-redis} and $nodes gateway nodes"
   deploy/local/cluster.sh start "$nodes" >"$out/cluster.log"
   eval "$(deploy/local/cluster.sh env)"
   targets="$CLUSTER_NODES"
@@ -174,7 +252,53 @@ sleep $((start_at - $(date +%s) > 0 ? start_at - $(date +%s) : 0))
 gw_cpu0=$(for p in "${gw[@]}"; do cpu_s "$p"; done | sum)
 gen_cpu0=$(for p in "${gens[@]}"; do cpu_s "$p"; done | sum)
 window_s=$(awk -v m="$measure" 'BEGIN { sub(/s$/, "", m); print m + 0 }')
-sleep "$window_s"
+metric_sum() {
+  local total=0 i v
+  for i in $(seq 1 "$nodes"); do
+    v=$(curl -fsS "http://127.0.0.1:$((BASE_PORT + 90 + i))/metrics" 2>/dev/null |
+      awk -v m="$1" 'index($0, m) == 1 { s += $NF } END { printf "%d", s }' || true)
+    total=$((total + ${v:-0}))
+  done
+  echo "$total"
+}
+failover_s="" victim=""
+if [ -n "$fault_at" ]; then
+  sleep "$fault_at"
+  if [ "$broker" = cluster ]; then
+    slot=$(redis-cli -p "$rport" cluster keyslot "${prefix}-g0-0")
+    victim=$(redis-cli --json -p "$rport" cluster slots | python3 -c '
+import json, sys
+slot = int(sys.argv[1])
+for start, end, master, *_ in json.load(sys.stdin):
+    if start <= slot <= end:
+        print(master[1])
+' "$slot")
+  else
+    victim=$(redis-cli -p $((rport + 10)) sentinel get-master-addr-by-name gw | tail -1)
+  fi
+  [ -n "$victim" ] || die "no master found to kill"
+  log "SIGKILL the master on port $victim"
+  killed=$(date +%s.%N)
+  kill -9 "$(cat "$rdir/$victim.pid")"
+  # Lost on every node, then back on every node.
+  want=$([ "$broker" = cluster ] && echo $((3 * nodes)) || echo "$nodes")
+  series=$([ "$broker" = cluster ] && echo gateway_redis_shard_up || echo gateway_redis_connected)
+  for _ in $(seq 1 100); do [ "$(metric_sum "$series")" -lt "$want" ] && break; sleep 0.1; done
+  for _ in $(seq 1 600); do [ "$(metric_sum "$series")" -ge "$want" ] && break; sleep 0.1; done
+  failover_s=$(awk -v a="$killed" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+  log "the nodes had the broker back $failover_s s after the kill"
+  left=$((window_s - fault_at - ${failover_s%.*}))
+  [ "$left" -gt 0 ] && sleep "$left"
+else
+  sleep "$window_s"
+fi
+closed_broker_lost=0
+for i in $(seq 1 "$nodes"); do
+  v=$(curl -fsS "http://127.0.0.1:$((BASE_PORT + 90 + i))/metrics" 2>/dev/null |
+    awk '/^gateway_connections_closed_total\{/ && /reason="broker_lost"/ { s += $NF } END { printf "%d", s }' || true)
+  closed_broker_lost=$((closed_broker_lost + ${v:-0}))
+done
+moved=$(metric_sum 'gateway_redis_reconnects_total')
 gw_cpu1=$(for p in "${gw[@]}"; do cpu_s "$p"; done | sum)
 gen_cpu1=$(for p in "${gens[@]}"; do cpu_s "$p"; done | sum)
 
@@ -194,10 +318,10 @@ status=0
 
 python3 - "$out" "$members" "$joined_after" "$held" "$base_rss" "$all_rss" \
   "$gw_cpu0" "$gw_cpu1" "$gen_cpu0" "$gen_cpu1" "$window_s" "$spec" "$nodes" "$shards" \
-  "$broker" "${statuses[*]}" <<'PY' | tee "$out/result.txt"
+  "$broker" "${statuses[*]}" "$fault_at" "$failover_s" "$closed_broker_lost" "$moved" <<'PY' | tee "$out/result.txt"
 import json, sys
 (out, members, joined_after, held, base_rss, all_rss, g0, g1, c0, c1, window, spec, nodes,
- shards, broker, statuses) = sys.argv[1:]
+ shards, broker, statuses, fault_at, failover_s, closed_lost, moved) = sys.argv[1:]
 m = json.load(open(f"{out}/merged.json"))
 msg, lat, pr = m["messages"], m["latency_us"], m.get("presence", {})
 members, held = int(members), int(held)
@@ -227,6 +351,14 @@ if g.get("kib_per_member") is not None:
 if pr:
     print(f"  presence at the end: {pr['checked'] - pr['wrong']} of {pr['checked'] + pr['missing']} "
           f"members saw their room's exact counts ({pr['wrong']} wrong, {pr['missing']} without one)")
+if fault_at:
+    c, k = m["connections"], m["continuity"]
+    print(f"  failover: master SIGKILLed {fault_at} s into the window; the broker back on every node "
+          f"{failover_s} s later; members closed by the nodes (broker_lost) {closed_lost}; "
+          f"the nodes' Redis connections moved or remade {moved}")
+    print(f"    generators: reconnects {c['reconnects']}, closes {c['closes_by_code']}, resumes "
+          f"{k['resumes']} ({k['recovered']} recovered), publishes refused {msg['publish_errors']} "
+          f"{msg['errors_by_code']} and re-sent {k['resent']}, lost {msg['lost']}, gaps {msg['gaps']}")
 print(f"  verdict: {'PASS' if m['pass'] else 'FAIL'} ({', '.join(v['rule'] + ('' if v['pass'] else ' FAILED') for v in m['rules'])})")
 PY
 [ "$status" -eq 0 ] || die "the merged run failed its rules (see $out/merge.log)"

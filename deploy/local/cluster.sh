@@ -23,6 +23,8 @@
 #   HAPROXY_MAXCONN    HAProxy's maxconn (default 9000: two descriptors per client under the
 #                      machine's 20 000 open-file limit)
 #   NO_HAPROXY=1       start redis and the nodes only (load tests then target the nodes)
+#   REDIS_URL          use this broker (any --redis-url form: a Redis Cluster, Sentinel, TLS)
+#                      instead of starting a redis-server
 #
 # Installs redis-server and haproxy with apt-get when they are missing (as root, or with sudo).
 # Only processes whose pid this script recorded are ever signalled.
@@ -147,10 +149,17 @@ start() {
   # Descriptors: one per client on a node; the hard limit here is 20 000 per process.
   ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-  log "redis-server on 127.0.0.1:$redis_port"
-  spawn redis "$dir/redis.log" redis-server --port "$redis_port" --bind 127.0.0.1 \
-    --save "" --appendonly no --daemonize no --dir "$dir" --maxclients 1000
-  wait_for redis 10 redis_ok
+  local redis_url="${REDIS_URL:-}"
+  if [ -z "$redis_url" ]; then
+    log "redis-server on 127.0.0.1:$redis_port"
+    spawn redis "$dir/redis.log" redis-server --port "$redis_port" --bind 127.0.0.1 \
+      --save "" --appendonly no --daemonize no --dir "$dir" --maxclients 1000
+    wait_for redis 10 redis_ok
+    redis_url="redis://127.0.0.1:$redis_port"
+  else
+    log "broker: $redis_url (not started here)"
+  fi
+  echo "$redis_url" >"$dir/redis_url"
 
   local servers="" i
   for i in $(seq 1 "$n"); do
@@ -158,7 +167,7 @@ start() {
     log "gateway n$i on 127.0.0.1:$port (admin $admin)"
     # shellcheck disable=SC2086 # GATEWAY_ARGS is a list of flags
     spawn "node$i" "$dir/node$i.log" "$bin" --listen "127.0.0.1:$port" \
-      --admin-listen "127.0.0.1:$admin" --redis-url "redis://127.0.0.1:$redis_port" \
+      --admin-listen "127.0.0.1:$admin" --redis-url "$redis_url" \
       --node-id "n$i" --drain-seconds "$drain" ${GATEWAY_ARGS:-}
     servers+="    server n$i 127.0.0.1:$port check port $admin"$'\n'
   done
@@ -241,7 +250,7 @@ status() {
   done
   echo "load balancer: ws://127.0.0.1:$lb_port   (stats http://127.0.0.1:$stats_port/)"
   echo "nodes:        $(node_urls "$n")"
-  echo "redis:        redis://127.0.0.1:$redis_port"
+  echo "redis:        $(cat "$dir/redis_url" 2>/dev/null || echo "redis://127.0.0.1:$redis_port")"
 }
 
 node_urls() {
@@ -255,7 +264,7 @@ env_vars() {
   n=$(cat "$(nodes_file)" 2>/dev/null || echo 0)
   echo "CLUSTER_LB=ws://127.0.0.1:$lb_port"
   echo "CLUSTER_NODES=$(node_urls "$n")"
-  echo "CLUSTER_REDIS=redis://127.0.0.1:$redis_port"
+  echo "CLUSTER_REDIS=$(cat "$dir/redis_url" 2>/dev/null || echo "redis://127.0.0.1:$redis_port")"
   local i admins=""
   for i in $(seq 1 "$n"); do admins+="${admins:+,}http://127.0.0.1:$((base + 90 + i))"; done
   echo "CLUSTER_ADMIN=$admins"
