@@ -154,6 +154,56 @@ impl Broker {
         }
     }
 
+    /// `room`'s cluster-wide counts as the nodes last reported them (the in-process broker: this
+    /// node's, `local()`, this node being the whole cluster).
+    pub async fn room_counts(
+        &self,
+        room: &RoomName,
+        local: impl FnOnce() -> RoomCounts,
+    ) -> Result<RoomCounts, BrokerError> {
+        match self {
+            Self::Memory(_) => Ok(local()),
+            Self::Redis(b) => b.room_counts(room).await,
+        }
+    }
+
+    /// A page of the rooms with members, about `limit`, after `cursor` (`None`: from the
+    /// start), and the next page's cursor (`None`: done). The in-process broker pages this
+    /// node's rooms (`local()`) by name; Redis scans the presence hashes (see
+    /// [`redis::RoomsPage`]). A malformed cursor is [`BrokerError::Config`].
+    pub async fn rooms(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+        local: impl FnOnce() -> Vec<(RoomName, RoomCounts)>,
+    ) -> Result<redis::RoomsPage, BrokerError> {
+        match self {
+            Self::Memory(_) => {
+                let after = match cursor {
+                    None | Some("") => None,
+                    Some(c) => Some(
+                        RoomName::parse(c)
+                            .ok_or_else(|| BrokerError::Config("malformed cursor".into()))?,
+                    ),
+                };
+                let mut rooms: Vec<(RoomName, RoomCounts)> = local()
+                    .into_iter()
+                    .filter(|(r, c)| {
+                        c.hosts + c.viewers > 0 && after.as_ref().is_none_or(|a| r > a)
+                    })
+                    .collect();
+                rooms.sort_by(|a, b| a.0.cmp(&b.0));
+                let more = rooms.len() > limit;
+                rooms.truncate(limit);
+                let next = more
+                    .then(|| rooms.last().map(|(r, _)| r.to_string()))
+                    .flatten();
+                Ok((rooms, next))
+            }
+            Self::Redis(b) => b.rooms(cursor, limit).await,
+        }
+    }
+
     /// Connects the broker's control channel to the node's moderation queue.
     pub fn set_control(&self, tx: tokio::sync::mpsc::Sender<Bytes>) {
         match self {

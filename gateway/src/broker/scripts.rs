@@ -1,5 +1,6 @@
-//! The Lua scripts the Redis broker runs — `publish.lua`, `history.lua`, `presence.lua` and
-//! `ban.lua`, each a file beside this one — with their keys, their arguments and how their answers
+//! The Lua scripts the Redis broker runs — `publish.lua`, `history.lua`, `presence.lua`,
+//! `counts.lua` (the rooms API's read of one room's counts) and `ban.lua`, each a file beside this
+//! one — with their keys, their arguments and how their answers
 //! read. Every room key carries the room's hash tag (`{prefix}{<room>}:meta|hist|idem:<scoped key>`), so
 //! one script touches one cluster slot. How a script reaches Redis (`EVALSHA`, and `EVAL` when a
 //! server answers `NOSCRIPT`) is [`super::redis::conn`]'s one place.
@@ -40,6 +41,9 @@ pub static HISTORY: LazyLock<LuaScript> =
 /// Reports one node's counts of one room and returns the room's cluster-wide counts.
 pub static PRESENCE: LazyLock<LuaScript> =
     LazyLock::new(|| LuaScript::new(include_str!("presence.lua")));
+/// Reads a room's cluster-wide counts without reporting any (the rooms API).
+pub static COUNTS: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new(include_str!("counts.lua")));
 /// Stores one ban and keeps the user's ban hash alive exactly as long as its latest ban.
 pub static BAN: LazyLock<LuaScript> = LazyLock::new(|| LuaScript::new(include_str!("ban.lua")));
 

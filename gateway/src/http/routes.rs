@@ -8,6 +8,8 @@
 //! - `POST /api/users/{sub}/disconnect`, `POST /api/rooms/{room}/disconnect`, `/api/bans` —
 //!   moderation ([`crate::http::moderation`]).
 //! - `GET /api/rooms/{room}/messages?since=E:N&limit=L` — the room's history.
+//! - `GET /api/rooms?limit=N&cursor=C` and `GET /api/rooms/{room}/presence` — the rooms with
+//!   members cluster-wide and their counts, with the API key ([`rooms_api`]).
 //!
 //! Who may call the API is decided here too: a publish needs the API key (or an API opened on
 //! purpose) and is never accepted from a browser page of another site ([`browser_may_publish`]);
@@ -30,6 +32,7 @@ use serde_json::value::RawValue;
 use tracing::{debug, warn};
 
 use crate::auth::AuthError;
+use crate::broker::BrokerError;
 use crate::config::Config;
 use crate::http::assets;
 use crate::http::moderation as moderation_api;
@@ -92,6 +95,16 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<
                     "no such endpoint",
                 ))
             });
+        let status = match &result {
+            Ok(r) => r.status(),
+            Err(r) => r.status(),
+        };
+        node.metrics.http_request(status.as_u16());
+        result
+    } else if path == "/api/rooms"
+        || (path.starts_with("/api/rooms/") && path.ends_with("/presence"))
+    {
+        let result = rooms_api(&node, req, &path).await;
         let status = match &result {
             Ok(r) => r.status(),
             Err(r) => r.status(),
@@ -345,6 +358,84 @@ async fn upgrade(
     });
     let (parts, _) = response.into_parts();
     Ok(Response::from_parts(parts, Full::new(Bytes::new())))
+}
+
+/// Most rooms one page of `GET /api/rooms` asks for.
+const MAX_ROOMS_PAGE: usize = 1000;
+
+/// `GET /api/rooms?limit=N&cursor=C` — the rooms with members anywhere in the cluster and their
+/// counts, a page of about `limit` (default 100, at most 1000) and the next page's cursor (`null`
+/// when done) — and `GET /api/rooms/{room}/presence` — one room's counts. Both as the nodes last
+/// reported them (at most one `--presence-interval` old), with the API key; refused (403) on a
+/// node without `--api-key`.
+async fn rooms_api(
+    node: &Arc<Node>,
+    req: Request<Incoming>,
+    path: &str,
+) -> Result<Response<Body>, Refusal> {
+    if req.method() != Method::GET {
+        return Err(Refusal::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "use GET",
+        ));
+    }
+    if !node.config.api_key_required() {
+        return Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the rooms API needs --api-key on the node",
+        ));
+    }
+    check_api_key(&node.config, &req)?;
+    let failed = |e: BrokerError| match e {
+        BrokerError::Config(m) => Refusal::bad_request(m),
+        e => {
+            warn!(cause = %e, "rooms API read failed");
+            Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the cluster's broker is unavailable; retry later",
+            )
+        }
+    };
+    if let Some(room) = path
+        .strip_prefix("/api/rooms/")
+        .and_then(|r| r.strip_suffix("/presence"))
+    {
+        let room = parse_room(room)?;
+        let c = node
+            .broker
+            .room_counts(&room, || node.hub.counts(&room))
+            .await
+            .map_err(failed)?;
+        return Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({"room": room.as_str(), "hosts": c.hosts, "viewers": c.viewers}),
+        ));
+    }
+    let params = query_params(&req)?;
+    let limit = match param(&params, "limit") {
+        None | Some("") => 100,
+        Some(n) => n
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_ROOMS_PAGE).contains(n))
+            .ok_or_else(|| Refusal::bad_request(format!("limit must be 1 to {MAX_ROOMS_PAGE}")))?,
+    };
+    let (rooms, next) = node
+        .broker
+        .rooms(param(&params, "cursor"), limit, || node.hub.snapshot())
+        .await
+        .map_err(failed)?;
+    let rooms: Vec<serde_json::Value> = rooms
+        .iter()
+        .map(|(r, c)| serde_json::json!({"room": r.as_str(), "hosts": c.hosts, "viewers": c.viewers}))
+        .collect();
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"rooms": rooms, "cursor": next}),
+    ))
 }
 
 /// `GET /api/rooms/{room}/messages?since=E:N&limit=L`: the messages after `since` (all of them,

@@ -90,6 +90,14 @@ impl ClusterState {
         self.shards().iter().map(|s| s.up).collect()
     }
 
+    /// The first slot of each shard in the last view, by shard index (where to `SCAN` a shard).
+    pub fn first_slots(&self) -> Vec<u16> {
+        self.shards()
+            .iter()
+            .filter_map(|sh| sh.ranges.first().map(|r| r.0))
+            .collect()
+    }
+
     /// The index of the shard that owns `slot` in the last view (the hand-over's unit).
     pub fn shard_of_slot(&self, slot: u16) -> Option<usize> {
         self.shards().iter().position(|sh| sh.owns(slot))
@@ -272,7 +280,7 @@ async fn swap(
         }
     }))
     .await;
-    s.cluster.overlap.retire_old();
+    s.cluster.overlap.retire_old(|c, p| s.deliver(c, p));
     {
         // What the old connection confirmed and the fresh one did not (the changed shards'
         // rooms it could not subscribe yet) is not confirmed any more.
@@ -495,7 +503,10 @@ impl redis::aio::AsyncPushSender for PushTo {
             PushKind::SMessage => {
                 if let [Value::BulkString(channel), Value::BulkString(payload), ..] = &info.data[..]
                 {
-                    if s.cluster.overlap.admit(self.1, channel, payload) {
+                    if s.cluster
+                        .overlap
+                        .admit(self.1, channel, payload, |c, p| s.deliver(c, p))
+                    {
                         s.deliver(channel, payload);
                     }
                 }

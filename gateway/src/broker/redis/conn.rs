@@ -86,12 +86,13 @@ pub enum Conn {
 
 impl Conn {
     /// Runs `cmd`; in a Cluster on the master of `key`'s slot.
-    async fn run(&mut self, cmd: &Cmd, key: &str) -> redis::RedisResult<Value> {
+    /// Runs `cmd` on the server (in a Cluster, on the master of `slot`).
+    async fn run_at(&mut self, cmd: &Cmd, slot: u16) -> redis::RedisResult<Value> {
         match self {
             Self::Server(c) => cmd.query_async(c).await,
             Self::Cluster(c) => {
                 let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
-                    Route::with_key(key, SlotAddr::Master),
+                    Route::new(slot, SlotAddr::Master),
                 ));
                 c.route_command(cmd.clone(), route).await
             }
@@ -249,13 +250,19 @@ impl Commands {
     /// healthy shards' commands with it): when the subscriber's probe sees a shard with a new or
     /// returning master, the publisher task puts a fresh one in its place.
     pub async fn query(&self, cmd: &Cmd, key: &str) -> Result<Value, BrokerError> {
+        self.query_at(cmd, key_slot(key)).await
+    }
+
+    /// [`Commands::query`] on the master of `slot` (a Cluster; the one server otherwise): for
+    /// commands that name no key, such as `SCAN` of one shard.
+    pub async fn query_at(&self, cmd: &Cmd, slot: u16) -> Result<Value, BrokerError> {
         let Some((generation, mut conn)) = self.get() else {
             return Err(BrokerError::Unavailable);
         };
-        if matches!(conn, Conn::Cluster(_)) && self.fence().holds(key_slot(key)) {
+        if matches!(conn, Conn::Cluster(_)) && self.fence().holds(slot) {
             return Err(BrokerError::Unavailable);
         }
-        let answer = tokio::time::timeout(self.timeout, conn.run(cmd, key)).await;
+        let answer = tokio::time::timeout(self.timeout, conn.run_at(cmd, slot)).await;
         let (error, broken) = match answer {
             // A routed command's server error comes back as a value, not as an `Err`.
             Ok(Ok(Value::ServerError(e))) => classify(&redis::RedisError::from(e)),
@@ -304,7 +311,6 @@ impl Commands {
     }
 }
 
-/// What a failed command means: the caller's error, and whether the connection itself failed.
 /// The Cluster slot of `key`: CRC16 of its hash tag (the text between the first `{` and the
 /// next `}`, if not empty), else of the whole key.
 pub fn key_slot(key: &str) -> u16 {
@@ -323,6 +329,7 @@ pub fn key_slot(key: &str) -> u16 {
     crc16::State::<crc16::XMODEM>::calculate(tag) % 16384
 }
 
+/// What a failed command means: the caller's error, and whether the connection itself failed.
 fn classify(e: &redis::RedisError) -> (BrokerError, bool) {
     if e.code() == Some("NOSCRIPT") {
         return (BrokerError::NoScript, false);

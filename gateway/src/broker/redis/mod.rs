@@ -13,6 +13,8 @@
 //! - [`publisher`]: the task that keeps the command connection (and, under Sentinel, follows
 //!   the master the sentinels name);
 //! - [`reconnect`]: the one reconnect loop with capped, jittered backoff, shared by both tasks;
+//! - [`rooms`]: the rooms API's reads — rooms with members (a `SCAN` of the presence hashes,
+//!   shard after shard) and one room's counts (`counts.lua`);
 //! - [`witness`]: in an outage, asks the sentinels or the other Cluster nodes whether they lost
 //!   the master too (the hand-over's question: is this node cut off, or is every node?);
 //! - [`crate::broker::control`]: the control channel and the bans, on the same connections.
@@ -34,6 +36,7 @@ mod conn;
 mod overlap;
 mod publisher;
 mod reconnect;
+mod rooms;
 mod subscriber;
 mod witness;
 
@@ -93,6 +96,8 @@ pub struct RedisSetup {
     /// History bounds passed to the scripts.
     pub limits: HistoryLimits,
 }
+
+pub use self::rooms::RoomsPage;
 
 /// A node's Redis broker. Cheap to share: state lives in an `Arc`.
 #[derive(Debug)]
