@@ -103,7 +103,13 @@ pub enum Step {
 pub struct Sequences {
     rooms: Mutex<HashMap<RoomName, RoomSeq>>,
     next_fill: std::sync::atomic::AtomicU64,
+    /// Set when a new record brings the count to a multiple of [`PRUNE_EVERY`]: time for the
+    /// caller to [`Sequences::retain`] the rooms it still has.
+    prune_due: std::sync::atomic::AtomicBool,
 }
+
+/// New records between two checks for records of rooms the node left.
+pub const PRUNE_EVERY: usize = 1024;
 
 impl Sequences {
     fn rooms(&self) -> std::sync::MutexGuard<'_, HashMap<RoomName, RoomSeq>> {
@@ -128,6 +134,10 @@ impl Sequences {
                     filling: None,
                 },
             );
+            if rooms.len().is_multiple_of(PRUNE_EVERY) {
+                self.prune_due
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             return (Step::Deliver, Some(held));
         };
         if r.epoch != held.stamp.epoch {
@@ -239,6 +249,19 @@ impl Sequences {
     /// The node no longer receives `room` (unsubscribed): its next message starts afresh.
     pub fn forget(&self, room: &RoomName) {
         self.rooms().remove(room);
+    }
+
+    /// Whether records should be checked against the node's rooms (and clears the flag).
+    pub fn prune_due(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.prune_due.load(Relaxed) && self.prune_due.swap(false, Relaxed)
+    }
+
+    /// Keeps only the records of rooms `keep` says yes to (the node's rooms): a message that
+    /// raced the unsubscribe of its room leaves a record that [`Sequences::forget`] already ran
+    /// for.
+    pub fn retain(&self, keep: impl Fn(&RoomName) -> bool) {
+        self.rooms().retain(|r, _| keep(r));
     }
 
     /// Rooms with a record.
@@ -412,6 +435,28 @@ mod tests {
             fill_with(&s, fill, None).is_empty(),
             "the late fill is ignored"
         );
+    }
+
+    #[test]
+    fn records_of_rooms_the_node_left_can_be_dropped() {
+        let s = Sequences::default();
+        step(&s, 1);
+        let other = RoomName::parse("other").unwrap();
+        let mut released = Vec::new();
+        s.observe(&other, msg(1), &mut released);
+        assert_eq!(s.len(), 2);
+        s.retain(|r| r.as_str() == "r");
+        assert_eq!(s.len(), 1);
+        assert_eq!(step(&s, 2), Step::Deliver, "the kept record goes on");
+        // The caller is told to check once every PRUNE_EVERY new records.
+        assert!(!s.prune_due());
+        for i in 1..PRUNE_EVERY {
+            let room = RoomName::parse(&format!("x{i}")).unwrap();
+            s.observe(&room, msg(1), &mut released);
+        }
+        assert_eq!(s.len(), PRUNE_EVERY);
+        assert!(s.prune_due());
+        assert!(!s.prune_due(), "once");
     }
 
     #[test]

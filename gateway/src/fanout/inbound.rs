@@ -231,6 +231,11 @@ impl Inbound {
             stamp,
         };
         let (step, this) = self.seq.observe(&room, held, &mut released);
+        if self.seq.prune_due() {
+            // Records of rooms this node no longer has (a message that raced an unsubscribe).
+            self.seq
+                .retain(|r| self.hub.counts(r) != crate::wire::protocol::RoomCounts::default());
+        }
         for h in released {
             self.deliver(&room, h.frame, h.ts, Some(h.stamp));
         }
