@@ -241,6 +241,29 @@ impl Outcome {
         self.published.acked - all.len() as u64
     }
 
+    /// No member closed, every publish acknowledged, nothing lost, nothing twice.
+    fn assert_kept_and_complete(&self) {
+        assert!(
+            self.published.closes.is_empty() && self.received.closes.is_empty(),
+            "room {}: members closed ({:?}, {:?})",
+            self.room,
+            self.published.closes,
+            self.received.closes
+        );
+        assert_eq!(
+            self.published.acked, PUBLISHES,
+            "room {}: every publish acked",
+            self.room
+        );
+        assert_eq!(self.lost(), 0, "room {}: nothing lost", self.room);
+        assert_eq!(
+            self.live_duplicates(),
+            0,
+            "room {}: no message twice (two subscriber connections may overlap)",
+            self.room
+        );
+    }
+
     fn live_duplicates(&self) -> usize {
         let mut live = self.received.live.clone();
         live.sort();
@@ -305,6 +328,15 @@ async fn traffic_through(
         });
     }
     outcomes
+}
+
+/// The longest time any host waited from its first refused publish to its next ack.
+fn longest_publish_gap(outcomes: &[Outcome]) -> Option<Duration> {
+    outcomes
+        .iter()
+        .filter_map(|o| o.published.first_refused.zip(o.published.acked_again))
+        .map(|(a, b)| b - a)
+        .max()
 }
 
 fn print(kind: &str, outcomes: &[Outcome], failed: &dyn Fn(&str) -> bool) {
@@ -416,11 +448,7 @@ async fn a_cluster_master_failover_closes_no_member_and_loses_nothing() {
     }
     let failed = |r: &str| on_victim.iter().any(|v| v == r);
     print("cluster", &outcomes, &failed);
-    let gap = outcomes
-        .iter()
-        .filter_map(|o| o.published.first_refused.zip(o.published.acked_again))
-        .map(|(a, b)| b - a)
-        .max();
+    let gap = longest_publish_gap(&outcomes);
     println!(
         "cluster failover: shard back on both nodes within {failover:?} of the SIGKILL; longest publish gap {gap:?}"
     );
@@ -448,25 +476,7 @@ async fn a_cluster_master_failover_closes_no_member_and_loses_nothing() {
         "failover took {failover:?}"
     );
     for o in &outcomes {
-        assert!(
-            o.published.closes.is_empty() && o.received.closes.is_empty(),
-            "room {}: members closed ({:?}, {:?})",
-            o.room,
-            o.published.closes,
-            o.received.closes
-        );
-        assert_eq!(
-            o.published.acked, PUBLISHES,
-            "room {}: every publish acked",
-            o.room
-        );
-        assert_eq!(o.lost(), 0, "room {}: nothing lost", o.room);
-        assert_eq!(
-            o.live_duplicates(),
-            0,
-            "room {}: no message twice while two subscriber connections overlapped",
-            o.room
-        );
+        o.assert_kept_and_complete();
         if !failed(&o.room) {
             assert_eq!(
                 o.live_missing(),
@@ -513,11 +523,7 @@ async fn a_sentinel_failover_closes_no_member_and_loses_nothing() {
     .await;
     let failover = failover.unwrap();
     print("sentinel", &outcomes, &|_| true);
-    let gap = outcomes
-        .iter()
-        .filter_map(|o| o.published.first_refused.zip(o.published.acked_again))
-        .map(|(a, b)| b - a)
-        .max();
+    let gap = longest_publish_gap(&outcomes);
     println!(
         "sentinel failover: both nodes on the new master within {failover:?} of the SIGKILL; longest publish gap {gap:?}"
     );
@@ -526,19 +532,7 @@ async fn a_sentinel_failover_closes_no_member_and_loses_nothing() {
         "failover took {failover:?}"
     );
     for o in &outcomes {
-        assert!(
-            o.published.closes.is_empty() && o.received.closes.is_empty(),
-            "room {}: members closed ({:?}, {:?})",
-            o.room,
-            o.published.closes,
-            o.received.closes
-        );
-        assert_eq!(
-            o.published.acked, PUBLISHES,
-            "room {}: every publish acked",
-            o.room
-        );
-        assert_eq!(o.lost(), 0, "room {}: nothing lost", o.room);
+        o.assert_kept_and_complete();
     }
     for n in nodes {
         n.stop().await;

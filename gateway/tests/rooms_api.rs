@@ -199,3 +199,16 @@ async fn without_an_api_key_the_rooms_api_is_refused() {
     assert_eq!(status, 403, "{body}");
     assert_eq!(body["error"], "forbidden");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_away_the_rooms_api_answers_503() {
+    let mut cluster = TestCluster::start(&["a"], &flags()).await;
+    let addr = cluster[0].client;
+    let _m = cluster[0].join("stage", "viewer", "v").await;
+    cluster.redis_mut().kill();
+    for path in ["/api/rooms", "/api/rooms/stage/presence"] {
+        let (status, body) = get(addr, path, Some(BEARER)).await;
+        assert_eq!(status, 503, "{path}: {body}");
+        assert_eq!(body["error"], "unavailable");
+    }
+}

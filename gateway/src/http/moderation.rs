@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use crate::auth::claims::MAX_SUB_LEN;
 use crate::config::parse_duration;
-use crate::http::request::{check_api_key, decode_escapes, query_param, read_body, BodyError};
+use crate::http::request::{decode_escapes, query_param, read_body, require_api_key, BodyError};
 use crate::http::response::{json, Body, Refusal};
 use crate::metrics::HttpTimeout;
 use crate::moderation::control::{Command, Reason, ALL_ROOMS};
@@ -64,14 +64,7 @@ async fn serve(
     req: Request<Incoming>,
     target: Target,
 ) -> Result<Response<Body>, Refusal> {
-    if !node.config.api_key_required() {
-        return Err(Refusal::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "the moderation API needs --api-key on the node",
-        ));
-    }
-    check_api_key(&node.config, &req)?;
+    require_api_key(&node.config, &req, "moderation")?;
     let unavailable = |e: crate::broker::BrokerError| {
         warn!(cause = %e, "moderation command failed");
         Refusal::new(

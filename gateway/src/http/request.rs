@@ -130,6 +130,19 @@ pub fn check_api_key(config: &Config, req: &Request<Incoming>) -> Result<(), Ref
     }
 }
 
+/// For the APIs that exist only with a key (moderation, rooms): refused with 403 on a node
+/// without `--api-key` (fail closed: never open by default), 401 without the right key.
+pub fn require_api_key(config: &Config, req: &Request<Incoming>, api: &str) -> Result<(), Refusal> {
+    if !config.api_key_required() {
+        return Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("the {api} API needs --api-key on the node"),
+        ));
+    }
+    check_api_key(config, req)
+}
+
 /// The configured `--api-key` that `Authorization: Bearer KEY` names, if any. Every key is
 /// compared, each in constant time, so the time does not tell which one matched (or whether any).
 pub fn matching_api_key<'a>(config: &'a Config, req: &Request<Incoming>) -> Option<&'a str> {

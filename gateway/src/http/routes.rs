@@ -37,7 +37,7 @@ use crate::config::Config;
 use crate::http::assets;
 use crate::http::moderation as moderation_api;
 use crate::http::request::{
-    check_api_key, matching_api_key, param, query_params, read_body, BodyError,
+    check_api_key, matching_api_key, param, query_params, read_body, require_api_key, BodyError,
 };
 use crate::http::response::{json, Body, Refusal};
 use crate::metrics::{DropReason, HttpTimeout, RefuseReason, Source};
@@ -380,14 +380,7 @@ async fn rooms_api(
             "use GET",
         ));
     }
-    if !node.config.api_key_required() {
-        return Err(Refusal::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "the rooms API needs --api-key on the node",
-        ));
-    }
-    check_api_key(&node.config, &req)?;
+    require_api_key(&node.config, &req, "rooms")?;
     let failed = |e: BrokerError| match e {
         BrokerError::Config(m) => Refusal::bad_request(m),
         e => {

@@ -75,7 +75,7 @@ async fn once(
         .await?;
     *reported = now;
     let mut cache = HashMap::with_capacity(local.len());
-    let mut sends: Vec<Send> = Vec::new();
+    let mut sends: Vec<Frame> = Vec::new();
     let mut unchanged = 0u64;
     for ((room, mine), counts) in local.into_iter().zip(cluster) {
         // Only to members whose last counts differ (a new member, or the counts changed), framed
@@ -103,11 +103,11 @@ async fn once(
 }
 
 /// One member's presence frame and the packed counts it carries.
-type Send = (Bytes, Arc<Outbox>, u64);
+type Frame = (Bytes, Arc<Outbox>, u64);
 
 /// Queues the presence frames spread over [`pacing::window`] of the interval.
 /// A frame that could not be queued leaves the member's record alone, so the next tick tries again.
-async fn spread(node: &Node, sends: Vec<Send>) {
+async fn spread(node: &Node, sends: Vec<Frame>) {
     let (mut dropped, mut written) = (0u64, 0u64);
     let window = pacing::window(node.config.presence_interval);
     pacing::in_slices(

@@ -18,8 +18,10 @@
 //! - a slot moves (resharding): the old owner sends `SUNSUBSCRIBE` for the slot's channels; the
 //!   rooms still wanted are subscribed again, and the crate follows `MOVED` to the new owner;
 //! - a master fails over: every probe (`--redis-probe-interval`) reads the slot map
-//!   (`CLUSTER SLOTS`) and PINGs each shard's master; when a shard's master changed or came
-//!   back, the rooms of that shard are subscribed again on it.
+//!   (`CLUSTER SLOTS`) and PINGs each shard's master; when a shard has a new or returning
+//!   master, a fresh connection subscribes every room beside the old one, which is released
+//!   only then ([`swap`], make before break; [`Overlap`] lets each message through once and in
+//!   order), so the other shards' rooms miss nothing.
 //!
 //! Shards are numbered by the first slot they own (shard 0 holds slot 0), which does not change
 //! on a failover; the per-shard gauges use that index, never an address or a room.

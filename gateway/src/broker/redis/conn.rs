@@ -106,7 +106,8 @@ pub struct Commands {
     /// The connection and its generation, `None` while reconnecting. A std lock, held only to
     /// clone or swap the handle, never across an await.
     current: Mutex<Option<(u64, Conn)>>,
-    /// Wakes the publisher task: the connection failed, or (Cluster) the slot map changed.
+    /// Wakes the publisher task: the connection failed, or (Cluster) a shard has a new master
+    /// and a fresh connection must be put in place ([`Commands::needs_fresh`]).
     pub lost: Notify,
     /// Whether a connection is in place; read at scrape time and by `/readyz` (issue 15).
     up: AtomicBool,
