@@ -22,6 +22,13 @@
 //!   [`node::expiry`] (token deadlines), [`node::handover`] (4002 when this node alone lost a Redis shard),
 //!   [`node::drain`] (1012 over the drain window), [`node::pacing`]; [`node::moderation`] applies
 //!   the control channel's disconnects and checks bans.
+//! - [`hooks`] — room lifecycle webhooks, the delivery side: below [`node`] (which owns the
+//!   [`hooks::Dispatcher`] and wakes it, [`node::Node::lifecycle_appended`]), above
+//!   [`broker`] (its storage: each room's event stream, lease and the recovery index,
+//!   `broker/redis/hooks.rs`); imports only [`broker`], [`wire`], [`config`] and [`metrics`].
+//!   The dispatcher and its recovery sweep ([`hooks`]), one room's delivery task
+//!   ([`hooks::worker`]), the signed request ([`hooks::request`]), the storage seam with the
+//!   in-process queue ([`hooks::store`]).
 //! - [`moderation`] — the control channel's commands and the bans' storage
 //!   ([`moderation::control`]), sessions by user and room with their token deadlines
 //!   ([`moderation::registry`]).
@@ -66,6 +73,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod fanout;
+pub mod hooks;
 pub mod http;
 pub mod metrics;
 pub mod moderation;

@@ -301,6 +301,15 @@ impl Broker {
         }
     }
 
+    /// The Redis broker, for the webhooks' storage ([`redis::RedisBroker::hook_claim`] and
+    /// its siblings); `None` in process.
+    pub fn redis(&self) -> Option<&redis::RedisBroker> {
+        match self {
+            Self::Memory(_) => None,
+            Self::Redis(b) => Some(b),
+        }
+    }
+
     /// A short name for logs and `/readyz`.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -1,5 +1,6 @@
 //! The Lua scripts the Redis broker runs — `publish.lua`, `history.lua`, `presence.lua`,
-//! `counts.lua` (the rooms API's read of one room's counts) and `ban.lua`, each a file beside this
+//! `counts.lua` (the rooms API's read of one room's counts), `ban.lua` and the webhooks'
+//! `hook_claim.lua`, `hook_ack.lua` and `hook_release.lua`, each a file beside this
 //! one — with their keys, their arguments and how their answers
 //! read. Every room key carries the room's hash tag (`{prefix}{<room>}:meta|hist|idem:<scoped key>`), so
 //! one script touches one cluster slot. How a script reaches Redis (`EVALSHA`, and `EVAL` when a
@@ -46,6 +47,15 @@ pub static COUNTS: LazyLock<LuaScript> =
     LazyLock::new(|| LuaScript::new(include_str!("counts.lua")));
 /// Stores one ban and keeps the user's ban hash alive exactly as long as its latest ban.
 pub static BAN: LazyLock<LuaScript> = LazyLock::new(|| LuaScript::new(include_str!("ban.lua")));
+/// Takes or renews a node's lease on a room's webhooks and reads its oldest undelivered events.
+pub static HOOK_CLAIM: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new(include_str!("hook_claim.lua")));
+/// Removes one delivered (or dead-lettered) event, if the lease is still the node's.
+pub static HOOK_ACK: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new(include_str!("hook_ack.lua")));
+/// Releases a room's webhook lease unless undelivered events are left.
+pub static HOOK_RELEASE: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new(include_str!("hook_release.lua")));
 
 /// A key of `room`'s history: `{prefix}{<room>}:<suffix>`, hash-tagged by the room.
 pub fn room_key(prefix: &str, room: &RoomName, suffix: &str) -> String {

@@ -50,6 +50,10 @@ pub struct StateGauges {
     pub max_connections: usize,
     /// See [`REDIS_SHARD_UP`], by shard index (empty with the in-process broker).
     pub redis_shards: Vec<bool>,
+    /// See [`WEBHOOK_LEASES`].
+    pub webhook_leases: usize,
+    /// See [`WEBHOOK_OLDEST_PENDING`], in seconds.
+    pub webhook_oldest_pending: f64,
 }
 
 /// Pre-registered handles of every metric of one node. Cheap to clone (handles are `Arc`s).
@@ -117,6 +121,79 @@ pub struct Metrics {
     /// See [`CONTROL_RATE_LIMITED`].
     pub control_rate_limited: Counter,
     http_timeouts: [Counter; 3],
+    /// The webhook dispatcher's series.
+    pub webhooks: WebhookMetrics,
+    webhook_leases: Gauge,
+    webhook_oldest_pending: Gauge,
+}
+
+/// The webhook dispatcher's counters and histogram ([`crate::hooks`]).
+#[derive(Clone)]
+pub struct WebhookMetrics {
+    /// See [`WEBHOOK_EVENTS`]: delivered, dead_letter.
+    events: [Counter; 2],
+    /// See [`WEBHOOK_ATTEMPTS`], by [`WebhookAttempt`].
+    attempts: [Counter; 5],
+    /// See [`WEBHOOK_LAG`].
+    pub lag: Histogram,
+    /// See [`WEBHOOK_EVENTS_DROPPED`].
+    pub events_dropped: Counter,
+    /// See [`WEBHOOK_WAKEUPS_DROPPED`].
+    pub wakeups_dropped: Counter,
+}
+
+/// The `result` of one webhook request (see [`WEBHOOK_ATTEMPTS`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookAttempt {
+    /// 2xx.
+    Accepted = 0,
+    /// 4xx other than 408 and 429.
+    Refused = 1,
+    /// Any other status.
+    Failed = 2,
+    /// No answer within `--webhook-timeout`.
+    Timeout = 3,
+    /// No connection, TLS or I/O error.
+    Unreachable = 4,
+}
+
+impl WebhookAttempt {
+    /// Every result, in label order.
+    pub const ALL: [WebhookAttempt; 5] = [
+        Self::Accepted,
+        Self::Refused,
+        Self::Failed,
+        Self::Timeout,
+        Self::Unreachable,
+    ];
+
+    /// The `result` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Accepted => "accepted",
+            Self::Refused => "refused",
+            Self::Failed => "failed",
+            Self::Timeout => "timeout",
+            Self::Unreachable => "unreachable",
+        }
+    }
+}
+
+impl WebhookMetrics {
+    /// One request's result.
+    pub fn attempt(&self, result: WebhookAttempt) {
+        self.attempts[result as usize].increment(1);
+    }
+
+    /// An event every receiver accepted.
+    pub fn delivered(&self) {
+        self.events[0].increment(1);
+    }
+
+    /// An event moved to the dead letters.
+    pub fn dead_lettered(&self) {
+        self.events[1].increment(1);
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -142,6 +219,8 @@ impl Metrics {
                 Matcher::Full(HISTORY_READ_LATENCY.into()),
                 HISTORY_READ_BUCKETS,
             )
+            .expect("static buckets are not empty")
+            .set_buckets_for_metric(Matcher::Full(WEBHOOK_LAG.into()), WEBHOOK_LAG_BUCKETS)
             .expect("static buckets are not empty")
             .build_recorder();
         describe(&recorder);
@@ -221,6 +300,17 @@ impl Metrics {
             control_rate_limited: counter(CONTROL_RATE_LIMITED, &[]),
             http_timeouts: HttpTimeout::ALL
                 .map(|p| counter(HTTP_TIMEOUTS, &[("phase", p.label())])),
+            webhooks: WebhookMetrics {
+                events: ["delivered", "dead_letter"]
+                    .map(|r| counter(WEBHOOK_EVENTS, &[("result", r)])),
+                attempts: WebhookAttempt::ALL
+                    .map(|a| counter(WEBHOOK_ATTEMPTS, &[("result", a.label())])),
+                lag: histogram(WEBHOOK_LAG),
+                events_dropped: counter(WEBHOOK_EVENTS_DROPPED, &[]),
+                wakeups_dropped: counter(WEBHOOK_WAKEUPS_DROPPED, &[]),
+            },
+            webhook_leases: gauge(WEBHOOK_LEASES, &[]),
+            webhook_oldest_pending: gauge(WEBHOOK_OLDEST_PENDING, &[]),
             handle: recorder.handle(),
             recorder: Arc::new(recorder),
         }
@@ -314,6 +404,9 @@ impl Metrics {
         self.connections_viewer.set(state.viewers as f64);
         self.rooms.set(state.rooms as f64);
         self.max_connections.set(state.max_connections as f64);
+        self.webhook_leases.set(state.webhook_leases as f64);
+        self.webhook_oldest_pending
+            .set(state.webhook_oldest_pending);
         self.set_shards(&state.redis_shards);
         // The collector records through whichever recorder is current: this node's.
         metrics::with_local_recorder(&*self.recorder, || self.process.collect());
@@ -365,17 +458,26 @@ fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
 
 fn describe(r: &PrometheusRecorder) {
     let d = |name: &'static str, unit: Option<Unit>, help: &'static str| match name {
-        CONNECTIONS | ROOMS | BROKER_SUBSCRIPTIONS | REDIS_CONNECTED | REDIS_SHARD_UP
-        | REDIS_SHARDS | BUILD_INFO | MAX_CONNECTIONS => r.describe_gauge(
+        CONNECTIONS
+        | ROOMS
+        | BROKER_SUBSCRIPTIONS
+        | REDIS_CONNECTED
+        | REDIS_SHARD_UP
+        | REDIS_SHARDS
+        | BUILD_INFO
+        | MAX_CONNECTIONS
+        | WEBHOOK_LEASES
+        | WEBHOOK_OLDEST_PENDING => r.describe_gauge(
             KeyName::from_const_str(name),
             unit,
             SharedString::const_str(help),
         ),
-        FANOUT_LATENCY | FANOUT_RECIPIENTS | HISTORY_READ_LATENCY => r.describe_histogram(
-            KeyName::from_const_str(name),
-            unit,
-            SharedString::const_str(help),
-        ),
+        FANOUT_LATENCY | FANOUT_RECIPIENTS | HISTORY_READ_LATENCY | WEBHOOK_LAG => r
+            .describe_histogram(
+                KeyName::from_const_str(name),
+                unit,
+                SharedString::const_str(help),
+            ),
         _ => r.describe_counter(
             KeyName::from_const_str(name),
             unit,
@@ -517,5 +619,36 @@ fn describe(r: &PrometheusRecorder) {
         PUBLISH_DUPLICATES,
         None,
         "Publishes skipped as repeats of an idempotency key.",
+    );
+    d(
+        WEBHOOK_EVENTS,
+        None,
+        "Lifecycle events finished by this node's webhook dispatcher, by result.",
+    );
+    d(WEBHOOK_ATTEMPTS, None, "Webhook requests sent, by result.");
+    d(
+        WEBHOOK_LAG,
+        Some(Unit::Seconds),
+        "Lifecycle event time until every webhook receiver accepted it.",
+    );
+    d(
+        WEBHOOK_OLDEST_PENDING,
+        Some(Unit::Seconds),
+        "Age of the oldest event this node is delivering and not yet accepted.",
+    );
+    d(
+        WEBHOOK_LEASES,
+        None,
+        "Rooms whose webhooks this node is delivering (leases held).",
+    );
+    d(
+        WEBHOOK_EVENTS_DROPPED,
+        None,
+        "Lifecycle events lost before delivery (stream MAXLEN or memory bound).",
+    );
+    d(
+        WEBHOOK_WAKEUPS_DROPPED,
+        None,
+        "Room wake-ups dropped on a full wake queue (left to the sweep).",
     );
 }

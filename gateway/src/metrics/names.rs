@@ -325,3 +325,29 @@ pub const CLIENT_ERROR_CODES: &[&str] = &[
     "refresh_failed",
     "too_large",
 ];
+
+/// Room lifecycle events (webhooks) finished by this node, by `result`: `delivered` (every
+/// `--webhook-url` answered 2xx), `dead_letter` (refused with a 4xx other than 408/429
+/// `--webhook-dead-letter-after` times, malformed or too large: moved to the room's dead-letter
+/// stream).
+pub const WEBHOOK_EVENTS: &str = "gateway_webhook_events_total";
+/// Webhook requests sent, by `result`: `accepted` (2xx), `refused` (4xx other than 408 and
+/// 429), `failed` (any other status), `timeout` (`--webhook-timeout`), `unreachable` (no
+/// connection, TLS or I/O error).
+pub const WEBHOOK_ATTEMPTS: &str = "gateway_webhook_attempts_total";
+/// An event's `ts_ms` until every receiver accepted it (one sample per delivered event).
+pub const WEBHOOK_LAG: &str = "gateway_webhook_delivery_lag_seconds";
+/// Buckets of [`WEBHOOK_LAG`]: from a prompt delivery (tens of ms) to a receiver's long outage.
+pub const WEBHOOK_LAG_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+/// Age of the oldest event this node is delivering and has not had accepted yet (0 when none).
+pub const WEBHOOK_OLDEST_PENDING: &str = "gateway_webhook_oldest_pending_age_seconds";
+/// Rooms whose webhook lease this node holds (rooms it is delivering now).
+pub const WEBHOOK_LEASES: &str = "gateway_webhook_leases";
+/// Lifecycle events lost before delivery: trimmed by the event stream's `MAXLEN` (10 000
+/// undelivered per room) or, in process, by the memory bound.
+pub const WEBHOOK_EVENTS_DROPPED: &str = "gateway_webhook_events_dropped_total";
+/// Wake-ups of a room's delivery dropped because the wake queue was full; the room is found by
+/// the next sweep instead.
+pub const WEBHOOK_WAKEUPS_DROPPED: &str = "gateway_webhook_wakeups_dropped_total";

@@ -36,6 +36,7 @@ use crate::fanout::hub::Hub;
 use crate::fanout::inbound::Inbound;
 use crate::fanout::outbox::Outbox;
 use crate::fanout::write_window::WriteWindow;
+use crate::hooks::Dispatcher;
 use crate::metrics::{DropReason, Metrics, Source, StateGauges};
 use crate::moderation::registry::Registry;
 use crate::node::presence_cache::PresenceCache;
@@ -88,6 +89,8 @@ pub struct Node {
     pub auth: Option<Arc<Verifier>>,
     /// Sessions by id with their user, room and token deadline (moderation, expiry).
     pub registry: Registry,
+    /// The webhook dispatcher; `None` without `--webhook-url`.
+    pub hooks: Option<Arc<Dispatcher>>,
 }
 
 /// A publish the broker did not take.
@@ -188,6 +191,17 @@ impl Node {
             )?),
         };
         let registry = Registry::new(config.token_expiry_warning.as_millis() as u64);
+        let hooks = Dispatcher::new(
+            &config,
+            &broker,
+            metrics.clone(),
+            tracker.clone(),
+            stop.clone(),
+        )
+        .map_err(|e| BrokerError::Config(e.to_string()))?;
+        if let Some(h) = &hooks {
+            h.spawn();
+        }
         let node = Arc::new(Node {
             config,
             hub,
@@ -203,6 +217,7 @@ impl Node {
             presence: Default::default(),
             auth,
             registry,
+            hooks,
         });
         let source: Weak<dyn MissedSource> = Arc::downgrade(&node) as Weak<Node>;
         node.inbound.set_missed_source(source, node.tracker.clone());
@@ -314,6 +329,24 @@ impl Node {
         }
     }
 
+    /// The lifecycle scripts appended events to `room`'s event stream: wake its webhook
+    /// delivery (the node reaper calls it too, for a dead node's rooms). Does nothing without
+    /// `--webhook-url`; never blocks.
+    pub fn lifecycle_appended(&self, room: &RoomName) {
+        if let Some(h) = &self.hooks {
+            h.wake(room);
+        }
+    }
+
+    /// In process (no Redis, so no lifecycle script): records one lifecycle event of `room`
+    /// (its JSON without `id`) for the webhooks and wakes their delivery. With Redis the
+    /// scripts append to the stream and this only wakes. Nothing without `--webhook-url`.
+    pub fn lifecycle_in_process(&self, room: &RoomName, event: String) {
+        if let Some(h) = &self.hooks {
+            h.append_in_process(room, event);
+        }
+    }
+
     /// Reads `room`'s position and history (timed in the history read latency). A failed read
     /// is retried until `--redis-timeout` has passed: the first command on a connection that
     /// died unnoticed (Redis restarted) fails and hands it to be replaced, and a joining client is
@@ -358,6 +391,11 @@ impl Node {
             rooms,
             max_connections: self.config.max_connections,
             redis_shards: self.broker.shard_states(),
+            webhook_leases: self.hooks.as_ref().map_or(0, |h| h.leases()),
+            webhook_oldest_pending: self
+                .hooks
+                .as_ref()
+                .map_or(0.0, |h| h.oldest_pending().as_secs_f64()),
         }
     }
 

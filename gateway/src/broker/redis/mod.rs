@@ -15,6 +15,9 @@
 //! - [`reconnect`]: the one reconnect loop with capped, jittered backoff, shared by both tasks;
 //! - [`rooms`]: the rooms API's reads — rooms with members (a `SCAN` of the presence hashes,
 //!   shard after shard) and one room's counts (`counts.lua`);
+//! - [`hooks`]: the webhooks' storage — each room's event stream, lease and delivery state
+//!   (`hook_claim.lua`, `hook_ack.lua`, `hook_release.lua`) and the fixed-slot index of which
+//!   node instance looks after which rooms; the dispatcher is [`crate::hooks`];
 //! - [`witness`]: in an outage, asks the sentinels or the other Cluster nodes whether they lost
 //!   the master too (the hand-over's question: is this node cut off, or is every node?);
 //! - [`crate::broker::control`]: the control channel and the bans, on the same connections.
@@ -33,6 +36,7 @@
 
 mod cluster;
 mod conn;
+mod hooks;
 mod overlap;
 mod publisher;
 mod reconnect;
@@ -97,10 +101,13 @@ pub struct RedisSetup {
     pub limits: HistoryLimits,
 }
 
+pub use self::hooks::{Claim, Release, DEAD_LETTER_MAXLEN};
+pub use self::reconnect::Backoff;
 pub use self::rooms::RoomsPage;
 
-/// A node's Redis broker. Cheap to share: state lives in an `Arc`.
-#[derive(Debug)]
+/// A node's Redis broker. Cheap to share: state lives in an `Arc` (a clone is the same broker,
+/// e.g. the webhook dispatcher's handle on the storage).
+#[derive(Debug, Clone)]
 pub struct RedisBroker {
     pub(in crate::broker) shared: Arc<Shared>,
 }

@@ -113,7 +113,7 @@ impl RedisBroker {
 }
 
 /// `s` as a literal in a Redis glob pattern.
-fn glob_escape(s: &str) -> String {
+pub(super) fn glob_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         if matches!(c, '*' | '?' | '[' | ']' | '\\') {
