@@ -1,0 +1,824 @@
+//! Room lifecycle webhooks, the delivery side (issue 22, point 4; docs/protocol.md "Webhooks"):
+//! against real `redis-server`s (one, and a Cluster) and real HTTP receivers on 127.0.0.1:0 in
+//! this process. Events are produced as the lifecycle scripts produce them — an `XADD` of one
+//! field `e` to the room's stream — followed by the node's wake-up
+//! (`Node::lifecycle_appended`) or left to the node's recovery sweep.
+//!
+//! Each test checks what the receiver ACCEPTED (answered 2xx): each event exactly once, in
+//! order per room, signed with an HMAC the test computes itself.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Parser;
+use common::*;
+use gateway::metrics::Metrics;
+use gateway::node::Node;
+use gateway::wire::protocol::RoomName;
+use gateway::Config;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+const SECRET: &str = "whsec-test-0123456789";
+
+/// What the receiver answers to one request.
+#[derive(Debug, Clone, Copy)]
+enum Reply {
+    Status(u16),
+    /// Answers 200 only after this long (beyond the node's `--webhook-timeout`: a timeout).
+    Hang(Duration),
+}
+
+/// One request the receiver got.
+#[derive(Debug, Clone)]
+struct Got {
+    id: String,
+    header_id: String,
+    timestamp: String,
+    signature: String,
+    content_type: String,
+    body: Bytes,
+    at: Instant,
+    accepted: bool,
+}
+
+type Plan = Box<dyn FnMut(usize, &Value) -> Reply + Send>;
+
+/// A real HTTP receiver (hyper) on loopback that records every request and answers by its plan
+/// (given the number of requests before this one and the body).
+struct Receiver {
+    addr: SocketAddr,
+    log: Arc<Mutex<Vec<Got>>>,
+    /// The plan and how many requests it answered (arrivals, counted before a hang).
+    plan: Arc<Mutex<(usize, Plan)>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Receiver {
+    async fn start(plan: impl FnMut(usize, &Value) -> Reply + Send + 'static) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut r = Self {
+            addr: listener.local_addr().unwrap(),
+            log: Arc::default(),
+            plan: Arc::new(Mutex::new((0, Box::new(plan)))),
+            server: None,
+        };
+        r.serve(listener);
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/hooks", self.addr)
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
+        let (log, plan) = (self.log.clone(), self.plan.clone());
+        self.server = Some(tokio::spawn(async move {
+            // Connections live in this set: aborting the server drops them all (an outage).
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (log, plan) = (log.clone(), plan.clone());
+                conns.spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        handle(req, log.clone(), plan.clone())
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        }));
+    }
+
+    /// Takes the receiver down: no listener, every open connection closed.
+    fn stop(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.abort();
+        }
+    }
+
+    /// Brings it back on the same port.
+    async fn restart(&mut self) {
+        let deadline = Instant::now() + WAIT;
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "rebinding {}: {e}", self.addr);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        self.serve(listener);
+    }
+
+    fn set_plan(&self, plan: impl FnMut(usize, &Value) -> Reply + Send + 'static) {
+        self.plan.lock().unwrap().1 = Box::new(plan);
+    }
+
+    /// Every request, in arrival order.
+    fn log(&self) -> Vec<Got> {
+        let mut log = self.log.lock().unwrap().clone();
+        log.sort_by_key(|g| g.at);
+        log
+    }
+
+    /// Ids accepted, in arrival order.
+    fn accepted(&self) -> Vec<String> {
+        self.log()
+            .into_iter()
+            .filter(|g| g.accepted)
+            .map(|g| g.id)
+            .collect()
+    }
+
+    /// Waits until `n` requests were accepted, at most `limit`.
+    async fn wait_accepted(&self, n: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.accepted().len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} events accepted within {limit:?}",
+                self.accepted().len()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn handle(
+    req: Request<hyper::body::Incoming>,
+    log: Arc<Mutex<Vec<Got>>>,
+    plan: Arc<Mutex<(usize, Plan)>>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let at = Instant::now();
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let (header_id, timestamp, signature, content_type) = (
+        header("x-gateway-event-id"),
+        header("x-gateway-timestamp"),
+        header("x-gateway-signature"),
+        header("content-type"),
+    );
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let reply = {
+        let mut plan = plan.lock().unwrap();
+        let n = plan.0;
+        plan.0 += 1;
+        (plan.1)(n, &json)
+    };
+    // A hung request is logged on arrival, not accepted: its client gives up (a timeout) and
+    // the connection may be gone before the handler would end.
+    let (status, accepted) = match reply {
+        Reply::Status(s) => (s, (200..300).contains(&s)),
+        Reply::Hang(_) => (200, false),
+    };
+    log.lock().unwrap().push(Got {
+        id: json["id"].as_str().unwrap_or_default().to_string(),
+        header_id,
+        timestamp,
+        signature,
+        content_type,
+        body,
+        at,
+        accepted,
+    });
+    if let Reply::Hang(d) = reply {
+        tokio::time::sleep(d).await;
+    }
+    Ok(Response::builder()
+        .status(status)
+        .body(Full::new(Bytes::new()))
+        .unwrap())
+}
+
+/// `v1=<hex HMAC-SHA256(SECRET, "<timestamp>.<body>")>`, computed here, not by the gateway.
+fn expected_signature(timestamp: &str, body: &[u8]) -> String {
+    use aws_lc_rs::hmac;
+    let key = hmac::Key::new(hmac::HMAC_SHA256, SECRET.as_bytes());
+    let mut msg = format!("{timestamp}.").into_bytes();
+    msg.extend_from_slice(body);
+    let tag = hmac::sign(&key, &msg);
+    let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("v1={hex}")
+}
+
+/// Every request is signed, well-formed and carries its id in the header and the body.
+fn assert_signed(log: &[Got]) {
+    let now = gateway::wire::clock::unix_millis() / 1000;
+    for g in log {
+        assert_eq!(
+            g.signature,
+            expected_signature(&g.timestamp, &g.body),
+            "{g:?}"
+        );
+        assert_eq!(g.content_type, "application/json");
+        assert_eq!(g.header_id, g.id);
+        let ts: u64 = g.timestamp.parse().unwrap();
+        assert!(ts <= now && now - ts < 120, "timestamp {ts} is now");
+    }
+}
+
+/// Timer flags for tests: quick retries, leases and sweeps.
+fn hook_flags(url: &str) -> Vec<String> {
+    [
+        "--webhook-url",
+        url,
+        "--webhook-secret",
+        SECRET,
+        "--webhook-timeout",
+        "500ms",
+        "--webhook-retry-min",
+        "100ms",
+        "--webhook-retry-max",
+        "400ms",
+        "--webhook-lease",
+        "2s",
+        "--webhook-sweep-interval",
+        "200ms",
+        "--webhook-scan-interval",
+        "1s",
+    ]
+    .map(str::to_string)
+    .to_vec()
+}
+
+fn config(id: &str, redis_url: Option<&str>, url: &str, extra: &[&str]) -> Config {
+    let mut args = vec!["gateway".to_string(), "--node-id".into(), id.into()];
+    if let Some(r) = redis_url {
+        args.extend(["--redis-url".into(), r.into()]);
+    }
+    // Test defaults, each unless `extra` sets it.
+    for pair in hook_flags(url).chunks(2) {
+        if !extra.contains(&pair[0].as_str()) {
+            args.extend(pair.iter().cloned());
+        }
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let c = Config::try_parse_from(args).unwrap();
+    c.validate().unwrap();
+    c
+}
+
+/// A node without listeners (the library's `Node`, as `gateway::run` builds it), so that the
+/// test can call its wake-up as the lifecycle scripts' caller does. Stopped on drop.
+struct HookNode {
+    node: Arc<Node>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl HookNode {
+    async fn start(config: Config) -> Self {
+        let stop = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let metrics = Metrics::new(&config.node_id);
+        let node = Node::start(config, metrics, tracker.clone(), stop.clone(), None).unwrap();
+        let deadline = Instant::now() + WAIT;
+        while !node.broker.is_connected() {
+            assert!(Instant::now() < deadline, "broker never connected");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Self {
+            node,
+            stop,
+            tracker,
+        }
+    }
+
+    fn wake(&self, room: &str) {
+        self.node
+            .lifecycle_appended(&RoomName::parse(room).unwrap());
+    }
+
+    fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.node.render_metrics(), series)
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.tracker.close();
+        tokio::time::timeout(Duration::from_secs(5), self.tracker.wait())
+            .await
+            .expect("the node's tasks stop");
+    }
+}
+
+impl Drop for HookNode {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// One lifecycle event's JSON as the scripts write it (without `id`); `n` tells them apart.
+fn event(room: &str, n: usize) -> String {
+    serde_json::json!({
+        "type": if n % 2 == 0 { "member.joined" } else { "member.left" },
+        "room": room,
+        "ts_ms": gateway::wire::clock::unix_millis(),
+        "sub": format!("u{n}"),
+        "name": "Ann",
+        "role": "viewer",
+        "n": n,
+    })
+    .to_string()
+}
+
+/// `XADD {prefix}{room}:events MAXLEN ~ 10000 * e <event>`, as the lifecycle scripts append.
+async fn xadd<C: redis::aio::ConnectionLike>(conn: &mut C, room: &str, n: usize) {
+    let _: String = redis::cmd("XADD")
+        .arg(format!("gw:room:{{{room}}}:events"))
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(10_000)
+        .arg("*")
+        .arg("e")
+        .arg(event(room, n))
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
+/// Accepted events by room, each as its `n`, in the order the receiver accepted them.
+fn accepted_by_room(r: &Receiver) -> BTreeMap<String, Vec<u64>> {
+    let mut rooms: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for g in r.log().into_iter().filter(|g| g.accepted) {
+        let v: Value = serde_json::from_slice(&g.body).unwrap();
+        assert!(v["id"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}/", v["room"].as_str().unwrap())));
+        rooms
+            .entry(v["room"].as_str().unwrap().to_string())
+            .or_default()
+            .push(v["n"].as_u64().unwrap());
+    }
+    rooms
+}
+
+/// Each room's events `0..n` accepted exactly once each, in order, and every accepted id once.
+fn assert_once_in_order(r: &Receiver, rooms: &[String], n: u64) {
+    let by_room = accepted_by_room(r);
+    for room in rooms {
+        let got = by_room.get(room).cloned().unwrap_or_default();
+        assert_eq!(got, (0..n).collect::<Vec<_>>(), "room {room}");
+    }
+    assert_eq!(by_room.len(), rooms.len(), "no other room");
+    let mut ids = r.accepted();
+    let total = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), total, "an id accepted twice");
+}
+
+async fn no_undelivered_keys(conn: &mut redis::aio::MultiplexedConnection) {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("gw:room:{*}:events")
+        .query_async(conn)
+        .await
+        .unwrap();
+    assert!(keys.is_empty(), "streams left: {keys:?}");
+}
+
+/// A receiver that fails its first three attempts (503, then a timeout, then 500) and then
+/// accepts: each event is accepted exactly once, in order, every request signed, the retries
+/// spaced by the backoff; the node's metrics count the attempts and the delivery.
+#[tokio::test]
+async fn a_failing_receiver_gets_each_event_once_in_order_after_backoff() {
+    let redis = RedisServer::start().await;
+    let receiver = Receiver::start(|n, _| match n {
+        0 => Reply::Status(503),
+        1 => Reply::Hang(Duration::from_millis(1500)),
+        2 => Reply::Status(500),
+        _ => Reply::Status(204),
+    })
+    .await;
+    let node = HookNode::start(config("n1", Some(&redis.url()), &receiver.url(), &[])).await;
+    let mut conn = redis.connection().await.unwrap();
+    for n in 0..4 {
+        xadd(&mut conn, "r1", n).await;
+    }
+    node.wake("r1");
+    receiver.wait_accepted(4, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = receiver.log();
+    assert_eq!(log.len(), 7, "3 failures, 4 deliveries: {log:?}");
+    assert_signed(&log);
+    assert_once_in_order(&receiver, &["r1".to_string()], 4);
+    // The first event's three failed attempts, then its success: the same id each time.
+    assert!(log[..4].iter().all(|g| g.id == log[0].id), "{log:?}");
+    // Backoff: every retry waited at least half the first step (full jitter's floor) after the
+    // previous attempt ended; the timed-out attempt took the node's timeout.
+    let retry_min = Duration::from_millis(100);
+    assert!(log[1].at - log[0].at >= retry_min / 2);
+    assert!(log[2].at - log[1].at >= retry_min / 2);
+    assert!(
+        log[3].at - log[2].at >= retry_min / 2,
+        "spaced retries: {:?}",
+        log.iter().map(|g| g.at - log[0].at).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        node.metric("gateway_webhook_attempts_total{result=\"failed\"}"),
+        2.0
+    );
+    assert_eq!(
+        node.metric("gateway_webhook_attempts_total{result=\"timeout\"}"),
+        1.0
+    );
+    assert_eq!(
+        node.metric("gateway_webhook_attempts_total{result=\"accepted\"}"),
+        4.0
+    );
+    assert_eq!(
+        node.metric("gateway_webhook_events_total{result=\"delivered\"}"),
+        4.0
+    );
+    assert_eq!(
+        node.metric("gateway_webhook_delivery_lag_seconds_count"),
+        4.0
+    );
+    assert_eq!(node.metric("gateway_webhook_leases"), 0.0, "released");
+    no_undelivered_keys(&mut conn).await;
+    let lease: Option<String> = redis::cmd("GET")
+        .arg("gw:room:{r1}:hooklease")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(lease, None, "the lease is released once nothing is left");
+    node.stop().await;
+}
+
+/// Three nodes on one Redis, every one woken for every room (each runs a dispatcher): each
+/// event of 30 rooms is accepted exactly once across the cluster, in order per room — also
+/// while the receiver fails one request in five.
+#[tokio::test]
+async fn three_nodes_deliver_each_event_once_in_order() {
+    let redis = RedisServer::start().await;
+    let receiver = Receiver::start(|n, _| {
+        if n % 5 == 3 {
+            Reply::Status(503)
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
+    let mut nodes = Vec::new();
+    for id in ["a", "b", "c"] {
+        nodes.push(HookNode::start(config(id, Some(&redis.url()), &receiver.url(), &[])).await);
+    }
+    let rooms: Vec<String> = (0..30).map(|i| format!("room-{i}")).collect();
+    let mut conn = redis.connection().await.unwrap();
+    for n in 0..5 {
+        for room in &rooms {
+            xadd(&mut conn, room, n).await;
+            for node in &nodes {
+                node.wake(room);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    receiver.wait_accepted(150, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_signed(&receiver.log());
+    assert_once_in_order(&receiver, &rooms, 5);
+    let delivered: f64 = nodes
+        .iter()
+        .map(|n| n.metric("gateway_webhook_events_total{result=\"delivered\"}"))
+        .sum();
+    assert_eq!(delivered, 150.0, "each event delivered by one node");
+    no_undelivered_keys(&mut conn).await;
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+/// A node process SIGKILLed while it holds leases on rooms with undelivered events (its
+/// receiver failing): another node adopts its rooms once the dead node's heartbeat expires (the
+/// index, not the slow scan: the survivor's scan interval is a minute) and delivers every event,
+/// in order, within the documented bound (lease + 3 sweeps, here 2 s + 0.6 s, plus slack).
+#[tokio::test]
+async fn a_killed_nodes_rooms_are_delivered_by_another() {
+    let redis = RedisServer::start().await;
+    let receiver = Receiver::start(|_, _| Reply::Status(503)).await;
+    let flags = hook_flags(&receiver.url());
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut doomed = GatewayProcess::start("doomed", Some(&redis), &flags).await;
+    let rooms: Vec<String> = (0..6).map(|i| format!("k{i}")).collect();
+    let mut conn = redis.connection().await.unwrap();
+    for n in 0..3 {
+        for room in &rooms {
+            xadd(&mut conn, room, n).await;
+        }
+    }
+    // The process finds them with its first scans, leases them and fails to deliver.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut held = 0;
+        for room in &rooms {
+            let lease: Option<String> = redis::cmd("GET")
+                .arg(format!("gw:room:{{{room}}}:hooklease"))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            held += usize::from(lease.is_some_and(|l| l.starts_with("doomed-")));
+        }
+        if held == rooms.len() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the process leased {held} rooms");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!receiver.log().is_empty(), "it tried");
+    doomed.kill();
+    let killed = Instant::now();
+    receiver.set_plan(|_, _| Reply::Status(200));
+    let survivor = HookNode::start(config(
+        "survivor",
+        Some(&redis.url()),
+        &receiver.url(),
+        &["--webhook-scan-interval", "60s"],
+    ))
+    .await;
+    receiver.wait_accepted(18, Duration::from_secs(15)).await;
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(8), "recovered in {took:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_once_in_order(&receiver, &rooms, 3);
+    no_undelivered_keys(&mut conn).await;
+    survivor.stop().await;
+}
+
+/// The receiver goes away for 5 s (no listener, connections closed) while events keep coming,
+/// then returns: none lost, each accepted once, in order.
+#[tokio::test]
+async fn a_receiver_outage_loses_nothing() {
+    let redis = RedisServer::start().await;
+    let mut receiver = Receiver::start(|_, _| Reply::Status(200)).await;
+    let node = HookNode::start(config("n1", Some(&redis.url()), &receiver.url(), &[])).await;
+    let rooms: Vec<String> = (0..3).map(|i| format!("o{i}")).collect();
+    let mut conn = redis.connection().await.unwrap();
+    let mut n = 0;
+    let append = async |conn: &mut redis::aio::MultiplexedConnection, n: usize| {
+        for room in &rooms {
+            xadd(conn, room, n).await;
+            node.wake(room);
+        }
+    };
+    for _ in 0..3 {
+        append(&mut conn, n).await;
+        n += 1;
+    }
+    receiver.wait_accepted(9, Duration::from_secs(10)).await;
+    receiver.stop();
+    let down = Instant::now();
+    while down.elapsed() < Duration::from_secs(5) {
+        append(&mut conn, n).await;
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    receiver.restart().await;
+    let total = rooms.len() * n;
+    receiver.wait_accepted(total, Duration::from_secs(15)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_once_in_order(&receiver, &rooms, n as u64);
+    assert!(
+        node.metric("gateway_webhook_attempts_total{result=\"unreachable\"}") > 0.0,
+        "the outage was seen"
+    );
+    no_undelivered_keys(&mut conn).await;
+    node.stop().await;
+}
+
+/// On a Redis Cluster, rooms on every shard: each event accepted once, in order, with two
+/// nodes woken for every room; the safety scan goes shard after shard (one room is appended
+/// without a wake-up and found by the scan).
+#[tokio::test]
+async fn redis_cluster_rooms_on_every_shard_are_delivered_once() {
+    let cluster = ClusterTopology::start().await;
+    let receiver = Receiver::start(|_, _| Reply::Status(200)).await;
+    let a = HookNode::start(config("a", Some(&cluster.url()), &receiver.url(), &[])).await;
+    let b = HookNode::start(config("b", Some(&cluster.url()), &receiver.url(), &[])).await;
+    let rooms = rooms_per_shard(3);
+    let ports: Vec<String> = cluster
+        .nodes
+        .iter()
+        .map(|n| format!("redis://127.0.0.1:{}/", n.port))
+        .collect();
+    let client = redis::cluster::ClusterClient::new(ports).unwrap();
+    let mut conn = client.get_async_connection().await.unwrap();
+    for n in 0..4 {
+        for (i, room) in rooms.iter().enumerate() {
+            xadd(&mut conn, room, n).await;
+            if i != 0 {
+                a.wake(room);
+                b.wake(room);
+            }
+        }
+    }
+    receiver
+        .wait_accepted(rooms.len() * 4, Duration::from_secs(20))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_once_in_order(&receiver, &rooms, 4);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The in-process broker (no Redis): events held in memory, delivered by the one node in order.
+#[tokio::test]
+async fn in_process_events_are_delivered_in_order() {
+    let receiver = Receiver::start(|n, _| {
+        if n == 0 {
+            Reply::Status(502)
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
+    let node = HookNode::start(config("solo", None, &receiver.url(), &[])).await;
+    for n in 0..5 {
+        for room in ["m1", "m2"] {
+            node.node
+                .lifecycle_in_process(&RoomName::parse(room).unwrap(), event(room, n));
+        }
+    }
+    receiver.wait_accepted(10, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_signed(&receiver.log());
+    assert_once_in_order(&receiver, &["m1".into(), "m2".into()], 5);
+    node.stop().await;
+}
+
+/// A receiver that refuses an event with 400 every time: after `--webhook-dead-letter-after`
+/// attempts it goes to the room's dead-letter stream, and the room's next event is delivered.
+#[tokio::test]
+async fn a_refused_event_is_dead_lettered_and_the_room_goes_on() {
+    let redis = RedisServer::start().await;
+    let receiver = Receiver::start(|_, body| {
+        if body["n"] == 0 {
+            Reply::Status(400)
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
+    let node = HookNode::start(config(
+        "n1",
+        Some(&redis.url()),
+        &receiver.url(),
+        &["--webhook-dead-letter-after", "3"],
+    ))
+    .await;
+    let mut conn = redis.connection().await.unwrap();
+    for n in 0..2 {
+        xadd(&mut conn, "d1", n).await;
+    }
+    node.wake("d1");
+    receiver.wait_accepted(1, Duration::from_secs(10)).await;
+    let log = receiver.log();
+    assert_eq!(
+        log.iter().filter(|g| !g.accepted).count(),
+        3,
+        "three refusals"
+    );
+    let dead: Vec<redis::Value> = redis::cmd("XRANGE")
+        .arg("gw:room:{d1}:deadletter")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        node.metric("gateway_webhook_events_total{result=\"dead_letter\"}"),
+        1.0
+    );
+    node.stop().await;
+}
+
+/// Events trimmed by the stream's MAXLEN before delivery are counted as dropped.
+#[tokio::test]
+async fn events_trimmed_before_delivery_are_counted() {
+    let redis = RedisServer::start().await;
+    let receiver = Receiver::start(|_, _| Reply::Status(200)).await;
+    let mut conn = redis.connection().await.unwrap();
+    for n in 0..10 {
+        let _: String = redis::cmd("XADD")
+            .arg("gw:room:{t1}:events")
+            .arg("MAXLEN")
+            .arg(4)
+            .arg("*")
+            .arg("e")
+            .arg(event("t1", n))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let node = HookNode::start(config("n1", Some(&redis.url()), &receiver.url(), &[])).await;
+    node.wake("t1");
+    receiver.wait_accepted(4, Duration::from_secs(10)).await;
+    assert_eq!(
+        accepted_by_room(&receiver)["t1"],
+        vec![6, 7, 8, 9],
+        "the newest four"
+    );
+    assert_eq!(node.metric("gateway_webhook_events_dropped_total"), 6.0);
+    node.stop().await;
+}
+
+/// The Python verification example of docs/protocol.md ("Webhooks") run by `python3` against a
+/// real request the gateway signed: it accepts it, and refuses it tampered, re-signed with
+/// another secret, or too old.
+#[tokio::test]
+async fn the_python_example_in_the_docs_verifies_a_real_request() {
+    let receiver = Receiver::start(|_, _| Reply::Status(200)).await;
+    let node = HookNode::start(config("solo", None, &receiver.url(), &[])).await;
+    node.node
+        .lifecycle_in_process(&RoomName::parse("py").unwrap(), event("py", 0));
+    receiver.wait_accepted(1, Duration::from_secs(10)).await;
+    let got = receiver.log().remove(0);
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/protocol.md"),
+    )
+    .unwrap();
+    let section = doc
+        .split("\n## ")
+        .find(|s| s.lines().next().is_some_and(|h| h.contains("Webhooks")))
+        .expect("docs/protocol.md has a Webhooks section");
+    let code = section
+        .split("```python\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n```").next())
+        .expect("a python block in the Webhooks section");
+    let dir = scratch_dir("webhook-py");
+    std::fs::write(dir.join("body"), &got.body).unwrap();
+    let driver = format!(
+        r#"
+import sys, time
+body = open({body:?}, "rb").read()
+headers = {{"X-Gateway-Timestamp": {ts:?}, "X-Gateway-Signature": {sig:?}}}
+now = int({ts:?})
+assert verify(body, headers, [b"rotated-old-secret-00", {secret:?}.encode()], now=now), "genuine"
+assert not verify(body + b" ", headers, [{secret:?}.encode()], now=now), "tampered"
+assert not verify(body, headers, [b"another-secret-0123456"], now=now), "other secret"
+assert not verify(body, headers, [{secret:?}.encode()], now=now + 3600), "too old"
+print("ok")
+"#,
+        body = dir.join("body").to_string_lossy(),
+        ts = got.timestamp,
+        sig = got.signature,
+        secret = SECRET,
+    );
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(format!("{code}\n{driver}"))
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok",
+        "python: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    node.stop().await;
+}
+
+/// `--webhook-url` without `--webhook-secret`: the binary refuses to start, saying why.
+#[test]
+fn a_url_without_a_secret_refuses_to_start() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--webhook-url", "http://127.0.0.1:9/hooks"])
+        .env_remove("GATEWAY_WEBHOOK_SECRETS")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--webhook-secret"), "{err}");
+}
