@@ -339,7 +339,7 @@ impl Drop for HookNode {
 /// One lifecycle event's JSON as the scripts write it (without `id`); `n` tells them apart.
 fn event(room: &str, n: usize) -> String {
     serde_json::json!({
-        "type": if n % 2 == 0 { "member.joined" } else { "member.left" },
+        "type": if n.is_multiple_of(2) { "member.joined" } else { "member.left" },
         "room": room,
         "ts_ms": gateway::wire::clock::unix_millis(),
         "sub": format!("u{n}"),
