@@ -822,3 +822,120 @@ fn a_url_without_a_secret_refuses_to_start() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--webhook-secret"), "{err}");
 }
+
+/// `hook_release.lua` refuses to release a lease while the stream holds an event (one appended
+/// by another node while the holder was finishing is never stranded), refuses another
+/// instance's lease, and, with nothing left, removes the lease, the stream and its state.
+#[tokio::test]
+async fn release_refuses_while_events_are_left() {
+    let redis = RedisServer::start().await;
+    let receiver = Receiver::start(|_, _| Reply::Status(200)).await;
+    // A long scan interval and no wake-up: this node's dispatcher leaves the room alone.
+    let node = HookNode::start(config(
+        "n1",
+        Some(&redis.url()),
+        &receiver.url(),
+        &["--webhook-scan-interval", "60s"],
+    ))
+    .await;
+    let broker = node.node.broker.redis().unwrap();
+    let room = RoomName::parse("rel").unwrap();
+    let lease = Duration::from_secs(5);
+    let claim = broker.hook_claim("me", &room, lease, 10).await.unwrap();
+    assert!(claim.held && claim.events.is_empty());
+    let mut conn = redis.connection().await.unwrap();
+    xadd(&mut conn, "rel", 0).await; // appended while "me" was finishing
+    use gateway::broker::redis::Release;
+    assert_eq!(
+        broker.hook_release("other", &room, false).await.unwrap(),
+        Release::NotOurs
+    );
+    assert!(
+        !broker
+            .hook_claim("other", &room, lease, 1)
+            .await
+            .unwrap()
+            .held
+    );
+    assert_eq!(
+        broker.hook_release("me", &room, false).await.unwrap(),
+        Release::Pending,
+        "an event is left: the holder keeps the lease"
+    );
+    let claim = broker.hook_claim("me", &room, lease, 10).await.unwrap();
+    assert_eq!(claim.events.len(), 1);
+    let (id, _) = &claim.events[0];
+    assert!(!broker
+        .hook_ack("other", &room, id, lease, None)
+        .await
+        .unwrap());
+    assert!(broker.hook_ack("me", &room, id, lease, None).await.unwrap());
+    assert_eq!(
+        broker.hook_release("me", &room, false).await.unwrap(),
+        Release::Released
+    );
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("gw:room:{rel}:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(keys.is_empty(), "{keys:?}");
+    assert!(
+        receiver.log().is_empty(),
+        "the test drove the scripts itself"
+    );
+    node.stop().await;
+}
+
+/// A node that stops (its cancellation token) while its receiver fails releases its leases,
+/// leaves the undelivered events in Redis and marks its heartbeat expired (so that the index
+/// hands its rooms over at once): another node delivers them as soon as it looks (here its
+/// start-up scan), without waiting out the 30 s lease.
+#[tokio::test]
+async fn a_stopping_node_releases_its_leases_for_another() {
+    let redis = RedisServer::start().await;
+    let receiver = Receiver::start(|_, _| Reply::Status(503)).await;
+    let long = ["--webhook-lease", "30s", "--webhook-scan-interval", "60s"];
+    let first = HookNode::start(config("first", Some(&redis.url()), &receiver.url(), &long)).await;
+    let mut conn = redis.connection().await.unwrap();
+    for n in 0..3 {
+        xadd(&mut conn, "s1", n).await;
+    }
+    first.wake("s1");
+    eventually("first tries", || async { !receiver.log().is_empty() }).await;
+    assert_eq!(first.metric("gateway_webhook_leases"), 1.0);
+    let instance = first.node.hooks.as_ref().unwrap().instance.clone();
+    first.stop().await;
+    let dead: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+        .arg("gw:room:{_hooks}:instances")
+        .arg("-inf")
+        .arg(0)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(dead, vec![instance], "marked dead at shutdown");
+    let lease: Option<String> = redis::cmd("GET")
+        .arg("gw:room:{s1}:hooklease")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(lease, None, "released at shutdown");
+    let left: usize = redis::cmd("XLEN")
+        .arg("gw:room:{s1}:events")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(left, 3, "the undelivered events stay in Redis");
+    receiver.set_plan(|_, _| Reply::Status(200));
+    let started = Instant::now();
+    let second =
+        HookNode::start(config("second", Some(&redis.url()), &receiver.url(), &long)).await;
+    receiver.wait_accepted(3, Duration::from_secs(5)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "adopted at once, not after the 30 s lease: {:?}",
+        started.elapsed()
+    );
+    assert_once_in_order(&receiver, &["s1".into()], 3);
+    second.stop().await;
+}
