@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+mod webhooks;
+pub use webhooks::WebhookFlags;
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -348,69 +351,9 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_IDEMPOTENCY_TTL", value_parser = parse_duration, default_value = "5m")]
     pub idempotency_ttl: Duration,
 
-    /// URLs (http or https; repeat the flag or a comma list) that receive the room lifecycle
-    /// webhooks (`room.occupied`, `room.vacated`, `member.joined`, `member.left`; see
-    /// docs/protocol.md, Webhooks): each event POSTed to every URL, at least once, in order per
-    /// room. Without a URL no event is recorded and nothing is sent. Needs --webhook-secret.
-    #[arg(
-        long = "webhook-url",
-        env = "GATEWAY_WEBHOOK_URLS",
-        value_delimiter = ','
-    )]
-    pub webhook_urls: Vec<String>,
-
-    /// Secrets (comma list, each at least 16 bytes) of the webhooks' `X-Gateway-Signature`: the
-    /// first signs; list the next one first and the old one after it to rotate (receivers
-    /// accept either meanwhile). Required with --webhook-url: the node refuses to start without.
-    #[arg(
-        long = "webhook-secret",
-        env = "GATEWAY_WEBHOOK_SECRETS",
-        hide_env_values = true,
-        value_delimiter = ','
-    )]
-    pub webhook_secrets: Vec<Secret>,
-
-    /// Time one webhook request may take (connect, send, answer) before it counts as failed and
-    /// is retried.
-    #[arg(long, env = "GATEWAY_WEBHOOK_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
-    pub webhook_timeout: Duration,
-
-    /// First wait before a failed webhook is retried; each further failure doubles it (with
-    /// jitter) up to --webhook-retry-max.
-    #[arg(long, env = "GATEWAY_WEBHOOK_RETRY_MIN", value_parser = parse_duration, default_value = "500ms")]
-    pub webhook_retry_min: Duration,
-
-    /// Longest wait between two attempts of a failing webhook.
-    #[arg(long, env = "GATEWAY_WEBHOOK_RETRY_MAX", value_parser = parse_duration, default_value = "60s")]
-    pub webhook_retry_max: Duration,
-
-    /// Attempts after which an event that a receiver keeps refusing with a 4xx other than 408
-    /// and 429 (a request it will never take) goes to the room's dead-letter stream instead of
-    /// holding the room's later events back; 5xx, 408, 429, timeouts and refused connections are
-    /// retried for as long as it takes.
-    #[arg(long, env = "GATEWAY_WEBHOOK_DEAD_LETTER_AFTER", default_value_t = 5)]
-    pub webhook_dead_letter_after: u32,
-
-    /// Rooms whose webhooks one node delivers at the same time (each room's events one after
-    /// the other; more rooms wait their turn).
-    #[arg(long, env = "GATEWAY_WEBHOOK_CONCURRENCY", default_value_t = 64)]
-    pub webhook_concurrency: usize,
-
-    /// Lifetime of a node's lease on a room's webhooks in Redis (renewed while it delivers): a
-    /// node that dies is replaced within about this time plus three --webhook-sweep-interval.
-    #[arg(long, env = "GATEWAY_WEBHOOK_LEASE", value_parser = parse_duration, default_value = "10s")]
-    pub webhook_lease: Duration,
-
-    /// Interval of the recovery sweep: the node's heartbeat, the rooms of nodes whose heartbeat
-    /// expired, and this node's own leased rooms left without a delivery task.
-    #[arg(long, env = "GATEWAY_WEBHOOK_SWEEP_INTERVAL", value_parser = parse_duration, default_value = "2s")]
-    pub webhook_sweep_interval: Duration,
-
-    /// Interval of the safety scan: a `SCAN` of every room's event stream (shard after shard in
-    /// a Cluster) for undelivered events that no index points to (a lost wake-up, a full wake
-    /// queue).
-    #[arg(long, env = "GATEWAY_WEBHOOK_SCAN_INTERVAL", value_parser = parse_duration, default_value = "30s")]
-    pub webhook_scan_interval: Duration,
+    /// The room lifecycle webhooks' flags (`--webhook-*`).
+    #[command(flatten)]
+    pub webhooks: WebhookFlags,
 }
 
 /// Why a configuration was refused.
@@ -518,20 +461,7 @@ impl Config {
 
     /// Whether room lifecycle events are recorded and delivered: at least one `--webhook-url`.
     pub fn lifecycle_events(&self) -> bool {
-        self.webhook_urls().next().is_some()
-    }
-
-    /// The webhook URLs, blank entries skipped.
-    pub fn webhook_urls(&self) -> impl Iterator<Item = &str> {
-        self.webhook_urls
-            .iter()
-            .map(|u| u.trim())
-            .filter(|u| !u.is_empty())
-    }
-
-    /// The webhook secrets, the signing one first.
-    pub fn webhook_secrets(&self) -> impl Iterator<Item = &str> {
-        self.webhook_secrets.iter().map(|s| s.expose().trim())
+        self.webhooks.enabled()
     }
 
     /// The window over which draining closes clients.
@@ -652,7 +582,7 @@ impl Config {
         if self.jwt_hmac_secrets().any(|(_, s)| s.len() < 16) {
             return bad("--jwt-hmac-secret values must be at least 16 bytes");
         }
-        self.validate_webhooks()?;
+        self.webhooks.validate()?;
         if let Some(patterns) = &self.allow_anonymous_viewers {
             if self.auth != AuthMode::Jwt {
                 return bad("--allow-anonymous-viewers needs --auth jwt");
@@ -672,59 +602,6 @@ impl Config {
                      (the flag takes room patterns, not true/false)"
                 )));
             }
-        }
-        Ok(())
-    }
-}
-
-impl Config {
-    /// The webhook flags: a URL needs a secret (fail closed: unsigned events are never sent),
-    /// secrets are not blank and not short, URLs are http(s) with a host, timers are sane.
-    fn validate_webhooks(&self) -> Result<(), ConfigError> {
-        let bad = |m: String| Err(ConfigError::Invalid(m));
-        for url in self.webhook_urls() {
-            match reqwest::Url::parse(url) {
-                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
-                _ => return bad(format!("--webhook-url `{url}` is not an http(s) URL")),
-            }
-        }
-        if !self.webhook_secrets.is_empty() && self.webhook_secrets().any(|s| s.len() < 16) {
-            return bad("--webhook-secret values must be at least 16 bytes (none blank)".into());
-        }
-        if !self.lifecycle_events() {
-            return Ok(());
-        }
-        if self.webhook_secrets.is_empty() {
-            return bad(
-                "--webhook-url needs --webhook-secret: webhooks are always signed (the receiver \
-                 verifies X-Gateway-Signature)"
-                    .into(),
-            );
-        }
-        if self.webhook_timeout.is_zero()
-            || self.webhook_retry_min.is_zero()
-            || self.webhook_retry_max < self.webhook_retry_min
-        {
-            return bad(
-                "--webhook-timeout and --webhook-retry-min must not be zero, and \
-                 --webhook-retry-max must be at least --webhook-retry-min"
-                    .into(),
-            );
-        }
-        if self.webhook_concurrency == 0 || self.webhook_dead_letter_after == 0 {
-            return bad(
-                "--webhook-concurrency and --webhook-dead-letter-after must be at least 1".into(),
-            );
-        }
-        if self.webhook_lease < self.webhook_timeout * 2
-            || self.webhook_sweep_interval.is_zero()
-            || self.webhook_scan_interval < self.webhook_sweep_interval
-        {
-            return bad(
-                "--webhook-lease must be at least twice --webhook-timeout, \
-                 --webhook-sweep-interval not zero and --webhook-scan-interval at least the sweep"
-                    .into(),
-            );
         }
         Ok(())
     }
@@ -840,78 +717,6 @@ mod tests {
             !help.contains("redis-backoff-cap"),
             "a test knob, not an operator's"
         );
-    }
-
-    #[test]
-    fn webhooks_need_a_secret_and_sane_values() {
-        let parse = |extra: &[&str]| {
-            Config::try_parse_from([&["gateway"][..], extra].concat())
-                .map_err(|e| e.to_string())?
-                .validate()
-                .map_err(|e| e.to_string())
-        };
-        assert!(!Config::defaults().lifecycle_events(), "no URL, no events");
-        let e = parse(&["--webhook-url", "https://backend.example/hooks"]).unwrap_err();
-        assert!(e.contains("--webhook-secret"), "{e}");
-        let secret = ["--webhook-secret", "0123456789abcdef"];
-        let ok = |extra: &[&str]| parse(&[&secret[..], extra].concat());
-        ok(&["--webhook-url", "https://backend.example/hooks"]).unwrap();
-        ok(&[
-            "--webhook-url",
-            "http://10.0.0.7:8000/h,https://b.example/h",
-        ])
-        .unwrap();
-        let c = Config::parse_from([
-            "gateway",
-            "--webhook-url",
-            "http://a.example/h, https://b.example/h",
-            "--webhook-secret",
-            "0123456789abcdef,old-secret-0123456",
-        ]);
-        assert!(c.lifecycle_events());
-        assert_eq!(c.webhook_urls().count(), 2);
-        assert_eq!(c.webhook_secrets().next(), Some("0123456789abcdef"));
-        assert!(
-            !format!("{c:?}").contains("old-secret"),
-            "secrets are not printed"
-        );
-        for bad in [
-            &["--webhook-url", "ftp://a.example/h"][..],
-            &["--webhook-url", "backend/hooks"],
-            &[
-                "--webhook-url",
-                "https://a.example/h",
-                "--webhook-secret",
-                "short",
-            ],
-            &[
-                "--webhook-url",
-                "https://a.example/h",
-                "--webhook-timeout",
-                "0",
-            ],
-            &[
-                "--webhook-url",
-                "https://a.example/h",
-                "--webhook-retry-max",
-                "100ms",
-            ],
-            &[
-                "--webhook-url",
-                "https://a.example/h",
-                "--webhook-concurrency",
-                "0",
-            ],
-            &[
-                "--webhook-url",
-                "https://a.example/h",
-                "--webhook-lease",
-                "6s",
-            ],
-        ] {
-            assert!(ok(bad).is_err(), "{bad:?}");
-        }
-        assert!(parse(&["--webhook-secret", " "]).is_err(), "blank secret");
     }
 
     #[test]

@@ -76,14 +76,15 @@ pub struct Settings {
 
 impl Settings {
     fn from_config(c: &Config) -> Self {
+        let w = &c.webhooks;
         Self {
-            lease: c.webhook_lease,
-            retry_min: c.webhook_retry_min,
-            retry_max: c.webhook_retry_max,
-            dead_letter_after: c.webhook_dead_letter_after,
-            concurrency: c.webhook_concurrency,
-            sweep: c.webhook_sweep_interval,
-            scan: c.webhook_scan_interval,
+            lease: w.lease,
+            retry_min: w.retry_min,
+            retry_max: w.retry_max,
+            dead_letter_after: w.dead_letter_after,
+            concurrency: w.concurrency,
+            sweep: w.sweep_interval,
+            scan: w.scan_interval,
         }
     }
 }
@@ -143,12 +144,9 @@ impl Dispatcher {
         if !config.lifecycle_events() {
             return Ok(None);
         }
-        let secret = config.webhook_secrets().next().unwrap_or_default();
-        let sender = Sender::new(
-            config.webhook_urls().map(str::to_string).collect(),
-            secret,
-            config.webhook_timeout,
-        )?;
+        let w = &config.webhooks;
+        let secret = w.secrets().next().unwrap_or_default();
+        let sender = Sender::new(w.urls().map(str::to_string).collect(), secret, w.timeout)?;
         let store = match broker.redis() {
             Some(r) => Store::Redis(r.clone()),
             None => Store::Memory(Arc::default()),
