@@ -55,7 +55,8 @@
 //! - [`wire`] — the bottom: protocol types and encoding once to `Bytes` ([`wire::protocol`]), the
 //!   WebSocket frame both ways ([`wire::frame`]), close codes ([`wire::close`]), room positions and
 //!   history reads ([`wire::history`]), the one clock ([`wire::clock`]).
-//! - [`config`] — every flag and environment variable, defaults, validation; [`metrics`] — every
+//! - [`config`] — every flag and environment variable, defaults, validation (the webhooks'
+//!   `--webhook-*` in [`config::WebhookFlags`], `config/webhooks.rs`); [`metrics`] — every
 //!   metric name, label and bucket.
 //!
 //! # A message's way

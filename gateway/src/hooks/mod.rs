@@ -8,7 +8,8 @@
 //!   a room's later events wait behind a failing one, other rooms keep flowing;
 //! - a room is woken by [`Dispatcher::wake`] (the node calls it after its script appended
 //!   events: [`crate::node::Node::lifecycle_appended`]) through a bounded queue
-//!   ([`WAKE_QUEUE`]; a full queue drops the wake-up, counted, and the next sweep finds the room);
+//!   ([`WAKE_QUEUE`] rooms, each queued at most once; a full queue drops the wake-up, counted,
+//!   and the next sweep scans for the room);
 //! - only the holder of the room's lease in Redis delivers it; releasing refuses while events are
 //!   left, so an event appended meanwhile is never stranded ([`store`], `hook_release.lua`);
 //! - recovery ([`Dispatcher::run_sweep`]): every `--webhook-sweep-interval` the node renews its
@@ -89,9 +90,12 @@ impl Settings {
     }
 }
 
-/// A room with a task on this node.
+/// A room queued for, or with, a task on this node (one entry per room: a room is queued at
+/// most once however often it is woken).
 #[derive(Debug, Default)]
 struct Active {
+    /// Its task runs (false: queued).
+    running: bool,
     /// Woken again while its task ran: the task looks once more before it ends (a wake-up that
     /// raced the release would otherwise be lost).
     again: bool,
@@ -120,7 +124,8 @@ pub struct Dispatcher {
     wake_tx: mpsc::Sender<RoomName>,
     /// Taken by [`Dispatcher::run`].
     wake_rx: Mutex<Option<mpsc::Receiver<RoomName>>>,
-    /// Rooms with a task on this node. A std lock: held to look up or flip an entry, never
+    /// Rooms queued or with a task on this node: at most [`WAKE_QUEUE`] queued plus
+    /// `--webhook-concurrency` running. A std lock: held to look up or flip an entry, never
     /// across an `.await`.
     active: Mutex<HashMap<RoomName, Active>>,
     /// Bounds the room tasks (`--webhook-concurrency`).
@@ -182,11 +187,14 @@ impl Dispatcher {
     /// Asks for `room`'s events to be delivered. Never blocks: a full queue drops the wake-up
     /// (counted) and the next sweep scans for the room.
     pub fn wake(&self, room: &RoomName) {
-        if let Some(a) = self.active().get_mut(room) {
+        let mut active = self.active();
+        if let Some(a) = active.get_mut(room) {
             a.again = true;
             return;
         }
-        if self.wake_tx.try_send(room.clone()).is_err() {
+        if self.wake_tx.try_send(room.clone()).is_ok() {
+            active.insert(room.clone(), Active::default());
+        } else {
             self.metrics.webhooks.wakeups_dropped.increment(1);
             self.overflowed.store(true, Ordering::Relaxed);
         }
@@ -204,7 +212,7 @@ impl Dispatcher {
 
     /// Rooms this node is delivering (their leases are held).
     pub fn leases(&self) -> usize {
-        self.active().len()
+        self.active().values().filter(|a| a.running).count()
     }
 
     /// Age of the oldest event a task is delivering now.
@@ -241,22 +249,15 @@ impl Dispatcher {
                 _ = self.stop.cancelled() => break,
                 room = rx.recv() => match room { Some(r) => r, None => break },
             };
-            if let Some(a) = self.active().get_mut(&room) {
-                a.again = true;
-                continue;
-            }
             let permit = tokio::select! {
                 _ = self.stop.cancelled() => break,
                 p = self.permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             };
-            {
-                let mut active = self.active();
-                if let Some(a) = active.get_mut(&room) {
-                    a.again = true;
-                    continue;
-                }
-                active.insert(room.clone(), Active::default());
-            }
+            // The task about to start reads the stream: earlier wake-ups are covered.
+            *self.active().entry(room.clone()).or_default() = Active {
+                running: true,
+                ..Active::default()
+            };
             let me = self.clone();
             self.tracker.spawn(async move {
                 worker::run(me, room).await;
@@ -270,7 +271,7 @@ impl Dispatcher {
     /// this instance dead so that another node's next sweep adopts its rooms at once.
     async fn shut_down(&self) {
         let deadline = tokio::time::Instant::now() + crate::SHUTDOWN_GRACE / 3;
-        while !self.active().is_empty() && tokio::time::Instant::now() < deadline {
+        while self.leases() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         if let Store::Redis(r) = &self.store {
@@ -305,9 +306,7 @@ impl Dispatcher {
 
     fn wake_all(&self, rooms: impl IntoIterator<Item = RoomName>) {
         for room in rooms {
-            if !self.active().contains_key(&room) {
-                self.wake(&room);
-            }
+            self.wake(&room);
         }
     }
 
@@ -407,12 +406,15 @@ mod tests {
     }
 
     /// The wake queue is bounded: with nothing draining it, the wake-up after [`WAKE_QUEUE`]
-    /// is dropped, counted, and the next sweep is told to scan.
+    /// rooms is dropped, counted, and the next sweep is told to scan; a room already queued is
+    /// not queued twice.
     #[tokio::test]
     async fn a_full_wake_queue_drops_and_counts_and_asks_for_a_scan() {
         let d = dispatcher();
-        for i in 0..WAKE_QUEUE {
-            d.wake(&RoomName::parse(&format!("r{i}")).unwrap());
+        for _ in 0..3 {
+            for i in 0..WAKE_QUEUE {
+                d.wake(&RoomName::parse(&format!("r{i}")).unwrap());
+            }
         }
         assert!(!d.overflowed.load(Ordering::Relaxed));
         d.wake(&RoomName::parse("one-too-many").unwrap());
@@ -430,11 +432,18 @@ mod tests {
     async fn a_wake_of_an_active_room_marks_it_instead_of_queueing() {
         let d = dispatcher();
         let room = RoomName::parse("busy").unwrap();
-        d.active().insert(room.clone(), Active::default());
+        d.active().insert(
+            room.clone(),
+            Active {
+                running: true,
+                ..Active::default()
+            },
+        );
         for _ in 0..2 * WAKE_QUEUE {
             d.wake(&room);
         }
         assert!(!d.overflowed.load(Ordering::Relaxed));
+        assert_eq!(d.leases(), 1);
         assert!(!d.finish(&room), "woken meanwhile: look again");
         assert!(d.finish(&room));
         assert_eq!(d.leases(), 0);
