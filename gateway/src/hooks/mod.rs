@@ -12,7 +12,7 @@
 //!   and the next sweep scans for the room);
 //! - only the holder of the room's lease in Redis delivers it; releasing refuses while events are
 //!   left, so an event appended meanwhile is never stranded ([`store`], `hook_release.lua`);
-//! - recovery ([`Dispatcher::run_sweep`]): every `--webhook-sweep-interval` the node renews its
+//! - recovery (the dispatcher's sweep): every `--webhook-sweep-interval` the node renews its
 //!   heartbeat, adopts the rooms of instances whose heartbeat expired, and wakes its own indexed
 //!   rooms that have no task; every `--webhook-scan-interval` (and after a wake-up was dropped)
 //!   a `SCAN` of the event streams catches what no index points to;

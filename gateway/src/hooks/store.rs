@@ -137,6 +137,13 @@ impl MemoryEvents {
                 ..Claim::default()
             };
         };
+        if count == 0 {
+            // A renewal: the losses are reported with the next read, as in Redis.
+            return Claim {
+                held: true,
+                ..Claim::default()
+            };
+        }
         Claim {
             held: true,
             dropped: std::mem::take(&mut r.dropped),
@@ -207,6 +214,7 @@ mod tests {
         assert_eq!(m.len(), MEMORY_ROOM_EVENTS);
         m.append(&r, "overflow".into());
         assert_eq!(m.len(), MEMORY_ROOM_EVENTS, "bounded");
+        assert_eq!(m.claim(&r, 0).dropped, 0, "a renewal reads nothing");
         let c = m.claim(&r, 2);
         assert_eq!(c.dropped, 1, "the loss is counted once");
         assert_ne!(c.events[0].0, first, "the oldest went");
