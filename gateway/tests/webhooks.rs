@@ -435,14 +435,18 @@ async fn a_failing_receiver_gets_each_event_once_in_order_after_backoff() {
     assert!(log[..4].iter().all(|g| g.id == log[0].id), "{log:?}");
     // Backoff: every retry waited at least half the first step (full jitter's floor) after the
     // previous attempt ended; the timed-out attempt took the node's timeout.
-    let retry_min = Duration::from_millis(100);
-    assert!(log[1].at - log[0].at >= retry_min / 2);
-    assert!(log[2].at - log[1].at >= retry_min / 2);
+    let (retry_min, retry_max) = (Duration::from_millis(100), Duration::from_millis(400));
+    let timeout = Duration::from_millis(500);
+    let gaps: Vec<Duration> = log.windows(2).take(3).map(|w| w[1].at - w[0].at).collect();
+    assert!(gaps[0] >= retry_min / 2, "{gaps:?}");
     assert!(
-        log[3].at - log[2].at >= retry_min / 2,
-        "spaced retries: {:?}",
-        log.iter().map(|g| g.at - log[0].at).collect::<Vec<_>>()
+        gaps[1] >= timeout + retry_min / 2,
+        "the hung attempt timed out: {gaps:?}"
     );
+    assert!(gaps[2] >= retry_min / 2, "{gaps:?}");
+    // ... and never beyond the cap (plus the request's own time and scheduling slack).
+    assert!(gaps[0] < retry_max + Duration::from_millis(300), "{gaps:?}");
+    assert!(gaps[2] < retry_max + Duration::from_millis(300), "{gaps:?}");
     assert_eq!(
         node.metric("gateway_webhook_attempts_total{result=\"failed\"}"),
         2.0
