@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 mod webhooks;
-pub use webhooks::WebhookFlags;
+pub use webhooks::{WebhookFlags, WEBHOOK_WAKE_QUEUE};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

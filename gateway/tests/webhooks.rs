@@ -36,6 +36,8 @@ const SECRET: &str = "whsec-test-0123456789";
 #[derive(Debug, Clone, Copy)]
 enum Reply {
     Status(u16),
+    /// Accepts (200) after this long.
+    Slow(Duration),
     /// Answers 200 only after this long (beyond the node's `--webhook-timeout`: a timeout).
     Hang(Duration),
 }
@@ -197,6 +199,7 @@ async fn handle(
     // the connection may be gone before the handler would end.
     let (status, accepted) = match reply {
         Reply::Status(s) => (s, (200..300).contains(&s)),
+        Reply::Slow(_) => (200, true),
         Reply::Hang(_) => (200, false),
     };
     log.lock().unwrap().push(Got {
@@ -209,7 +212,7 @@ async fn handle(
         at,
         accepted,
     });
-    if let Reply::Hang(d) = reply {
+    if let Reply::Hang(d) | Reply::Slow(d) = reply {
         tokio::time::sleep(d).await;
     }
     Ok(Response::builder()
@@ -942,4 +945,42 @@ async fn a_stopping_node_releases_its_leases_for_another() {
     );
     assert_once_in_order(&receiver, &["s1".into()], 3);
     second.stop().await;
+}
+
+/// A full wake queue (shrunk to 2 rooms, one room delivered at a time, a slow receiver): the
+/// wake-ups that do not fit are dropped and counted, and the scan they trigger (not the
+/// periodic one: a minute here) finds every room; nothing is lost.
+#[tokio::test]
+async fn a_full_wake_queue_falls_back_to_the_scan() {
+    let redis = RedisServer::start().await;
+    let receiver = Receiver::start(|_, _| Reply::Slow(Duration::from_millis(50))).await;
+    let node = HookNode::start(config(
+        "n1",
+        Some(&redis.url()),
+        &receiver.url(),
+        &[
+            "--webhook-wake-queue",
+            "2",
+            "--webhook-concurrency",
+            "1",
+            "--webhook-scan-interval",
+            "60s",
+        ],
+    ))
+    .await;
+    // Past the start-up scan: only a dropped wake-up can trigger another.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rooms: Vec<String> = (0..12).map(|i| format!("q{i}")).collect();
+    let mut conn = redis.connection().await.unwrap();
+    for room in &rooms {
+        xadd(&mut conn, room, 0).await;
+        node.wake(room);
+    }
+    assert!(node.metric("gateway_webhook_wakeups_dropped_total") > 0.0);
+    receiver
+        .wait_accepted(rooms.len(), Duration::from_secs(10))
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_once_in_order(&receiver, &rooms, 1);
+    node.stop().await;
 }

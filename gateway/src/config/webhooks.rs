@@ -8,6 +8,9 @@ use clap::Args;
 
 use super::{parse_duration, ConfigError, Secret};
 
+/// Default of the hidden `--webhook-wake-queue`: rooms waiting to be woken.
+pub const WEBHOOK_WAKE_QUEUE: usize = 4096;
+
 /// The `--webhook-*` flags.
 #[derive(Debug, Clone, Args)]
 pub struct WebhookFlags {
@@ -82,6 +85,11 @@ pub struct WebhookFlags {
     /// queue).
     #[arg(long = "webhook-scan-interval", env = "GATEWAY_WEBHOOK_SCAN_INTERVAL", value_parser = parse_duration, default_value = "30s")]
     pub scan_interval: Duration,
+
+    /// Rooms the wake queue holds (a full queue drops the wake-up, counted, and the scan finds
+    /// the room). Hidden: only tests shrink it, to see the overflow's fallback.
+    #[arg(long = "webhook-wake-queue", default_value_t = WEBHOOK_WAKE_QUEUE, hide = true)]
+    pub wake_queue: usize,
 }
 
 impl WebhookFlags {
@@ -132,7 +140,7 @@ impl WebhookFlags {
                     .into(),
             );
         }
-        if self.concurrency == 0 || self.dead_letter_after == 0 {
+        if self.concurrency == 0 || self.dead_letter_after == 0 || self.wake_queue == 0 {
             return bad(
                 "--webhook-concurrency and --webhook-dead-letter-after must be at least 1".into(),
             );

@@ -38,7 +38,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::broker::Broker;
+use crate::broker::redis::RedisBroker;
+use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::wire::protocol::RoomName;
@@ -46,9 +47,10 @@ use crate::wire::protocol::RoomName;
 use self::request::Sender;
 use self::store::{MemoryEvents, Store};
 
-/// Rooms waiting to be woken; beyond it a wake-up is dropped (counted in
-/// `gateway_webhook_wakeups_dropped_total`) and the room is left to the sweep.
-pub const WAKE_QUEUE: usize = 4096;
+/// Rooms waiting to be woken (default of the hidden `--webhook-wake-queue`); beyond it a
+/// wake-up is dropped (counted in `gateway_webhook_wakeups_dropped_total`) and the room is left
+/// to the scan.
+pub const WAKE_QUEUE: usize = crate::config::WEBHOOK_WAKE_QUEUE;
 /// Events read per claim (one Redis round trip), delivered one after the other.
 pub const BATCH: usize = 32;
 /// Rooms adopted from dead instances, and own rooms checked, per sweep.
@@ -157,7 +159,7 @@ impl Dispatcher {
             None => Store::Memory(Arc::default()),
         };
         let settings = Settings::from_config(config);
-        let (wake_tx, wake_rx) = mpsc::channel(WAKE_QUEUE);
+        let (wake_tx, wake_rx) = mpsc::channel(w.wake_queue);
         Ok(Some(Arc::new(Self {
             instance: format!("{}-{:016x}", config.node_id, fastrand::u64(..)),
             store,
@@ -178,6 +180,7 @@ impl Dispatcher {
     pub fn spawn(self: &Arc<Self>) {
         self.tracker.spawn(self.clone().run());
         self.tracker.spawn(self.clone().run_sweep());
+        self.tracker.spawn(self.clone().run_scan());
     }
 
     fn active(&self) -> std::sync::MutexGuard<'_, HashMap<RoomName, Active>> {
@@ -310,27 +313,36 @@ impl Dispatcher {
         }
     }
 
-    /// The recovery sweep (see the module docs). The first scan runs at start, so that a node
-    /// finds what waited while no node ran.
+    /// Queues `room` like [`Dispatcher::wake`], but waits for room in the queue instead of
+    /// dropping the wake-up: the scan's pace is the dispatcher's.
+    async fn wake_paced(&self, room: RoomName) {
+        {
+            let mut active = self.active();
+            if let Some(a) = active.get_mut(&room) {
+                a.again = true;
+                return;
+            }
+            active.insert(room.clone(), Active::default());
+        }
+        if self.wake_tx.send(room.clone()).await.is_err() {
+            self.active().remove(&room);
+        }
+    }
+
+    /// The recovery sweep (see the module docs): heartbeat, adoption, own rooms every
+    /// `--webhook-sweep-interval`; in process, the rooms with waiting events.
     async fn run_sweep(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.settings.sweep);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut next_scan = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = self.stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let scan = tokio::time::Instant::now() >= next_scan
-                || self.overflowed.swap(false, Ordering::Relaxed);
-            if scan {
-                next_scan = tokio::time::Instant::now() + self.settings.scan;
-            }
             match &self.store {
                 Store::Memory(m) => self.wake_all(m.waiting()),
                 Store::Redis(r) => {
-                    let redis = r.clone();
-                    if let Err(e) = self.sweep_redis(&redis, scan).await {
+                    if let Err(e) = self.sweep_redis(r).await {
                         warn!(cause = %e, "webhooks: sweep failed; retrying next interval");
                     }
                 }
@@ -338,11 +350,7 @@ impl Dispatcher {
         }
     }
 
-    async fn sweep_redis(
-        &self,
-        r: &crate::broker::redis::RedisBroker,
-        scan: bool,
-    ) -> Result<(), crate::broker::BrokerError> {
+    async fn sweep_redis(&self, r: &RedisBroker) -> Result<(), BrokerError> {
         let s = &self.settings;
         let now = crate::wire::clock::unix_millis();
         // Expires only after every lease this instance could have renewed has expired, so that
@@ -359,18 +367,55 @@ impl Dispatcher {
         }
         self.wake_all(adopted);
         self.wake_all(r.hook_owned(&self.instance, SWEEP_ROOMS).await?);
-        if scan {
+        Ok(())
+    }
+
+    /// The safety scan, in its own task so that a long scan never delays the heartbeat: at
+    /// start, every `--webhook-scan-interval`, and at the next sweep tick after a wake-up was
+    /// dropped. It queues what it finds at the dispatcher's pace.
+    async fn run_scan(self: Arc<Self>) {
+        let Store::Redis(r) = &self.store else {
+            return;
+        };
+        let mut tick = tokio::time::interval(self.settings.sweep);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_scan = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let due = tokio::time::Instant::now() >= next_scan;
+            if !(due || self.overflowed.swap(false, Ordering::Relaxed)) {
+                continue;
+            }
+            next_scan = tokio::time::Instant::now() + self.settings.scan;
             let mut cursor = None;
             loop {
-                let (rooms, next) = r.hook_scan(cursor, SCAN_COUNT).await?;
-                self.wake_all(rooms);
-                match next {
-                    Some(c) if !self.stop.is_cancelled() => cursor = Some(c),
-                    _ => break,
+                let page = tokio::select! {
+                    _ = self.stop.cancelled() => return,
+                    page = r.hook_scan(cursor, SCAN_COUNT) => page,
+                };
+                match page {
+                    Ok((rooms, next)) => {
+                        for room in rooms {
+                            tokio::select! {
+                                _ = self.stop.cancelled() => return,
+                                _ = self.wake_paced(room) => {}
+                            }
+                        }
+                        match next {
+                            Some(c) => cursor = Some(c),
+                            None => break,
+                        }
+                    }
+                    Err(e) => {
+                        warn!(cause = %e, "webhooks: scan failed; retrying next interval");
+                        break;
+                    }
                 }
             }
         }
-        Ok(())
     }
 }
 
