@@ -31,9 +31,8 @@ enum Outcome {
 pub async fn run(d: Arc<Dispatcher>, room: RoomName) {
     let mut redis_backoff = Backoff::new(d.settings.retry_min, d.settings.retry_max);
     let mut indexed = false;
-    loop {
+    'room: loop {
         if d.stop.is_cancelled() {
-            let _ = d.store.release(&d.instance, &room, true).await;
             break;
         }
         let claim = match d
@@ -89,17 +88,15 @@ pub async fn run(d: Arc<Dispatcher>, room: RoomName) {
         for (id, event) in claim.events {
             match deliver(&d, &room, &id, &event).await {
                 Outcome::Done => {}
-                Outcome::Leave => {
-                    if d.stop.is_cancelled() {
-                        let _ = d.store.release(&d.instance, &room, true).await;
-                    }
-                    d.set_head(&room, None);
-                    d.active().remove(&room);
-                    return;
-                }
+                Outcome::Leave => break 'room,
             }
         }
         d.set_head(&room, None);
+    }
+    if d.stop.is_cancelled() {
+        // Shutdown: the undelivered events stay in Redis, and the room in this instance's
+        // index entry, which the dispatcher marks dead for another node to adopt.
+        let _ = d.store.release(&d.instance, &room, true).await;
     }
     d.active().remove(&room);
 }
