@@ -759,11 +759,11 @@ async fn events_trimmed_before_delivery_are_counted() {
     node.stop().await;
 }
 
-/// The Python verification example of docs/protocol.md ("Webhooks") run by `python3` against a
-/// real request the gateway signed: it accepts it, and refuses it tampered, re-signed with
-/// another secret, or too old.
+/// The verification examples of docs/protocol.md ("Webhooks"), Python (`python3`) and Node.js
+/// (`node`), run against a real request the gateway signed: each accepts it, and refuses it
+/// tampered, checked with another secret, or too old.
 #[tokio::test]
-async fn the_python_example_in_the_docs_verifies_a_real_request() {
+async fn the_docs_examples_verify_a_real_request() {
     let receiver = Receiver::start(|_, _| Reply::Status(200)).await;
     let node = HookNode::start(config("solo", None, &receiver.url(), &[])).await;
     node.node
@@ -810,6 +810,38 @@ print("ok")
     assert!(
         out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok",
         "python: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The Node.js example too (CI installs Node 20), on the same request, signed seconds ago.
+    let js = section
+        .split("```js\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n```").next())
+        .expect("a js block in the Webhooks section");
+    let driver = format!(
+        r#"
+const body = require("node:fs").readFileSync({body:?});
+const headers = {{ "x-gateway-timestamp": {ts:?}, "x-gateway-signature": {sig:?} }};
+if (!verify(body, headers, ["rotated-old-secret-00", {secret:?}])) throw new Error("genuine");
+if (verify(Buffer.concat([body, Buffer.from(" ")]), headers, [{secret:?}])) throw new Error("tampered");
+if (verify(body, headers, ["another-secret-0123456"])) throw new Error("other secret");
+if (verify(body, {{ ...headers, "x-gateway-timestamp": "1" }}, [{secret:?}])) throw new Error("old");
+console.log("ok");
+"#,
+        body = dir.join("body").to_string_lossy(),
+        ts = got.timestamp,
+        sig = got.signature,
+        secret = SECRET,
+    );
+    let out = std::process::Command::new("node")
+        .arg("-e")
+        .arg(format!("{js}\n{driver}"))
+        .output()
+        .expect("node");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok",
+        "node: {}\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
