@@ -52,6 +52,8 @@ pub struct MemoryBroker {
     pub(super) control: ControlSink,
     /// Bans, in memory (the in-process broker is the whole cluster).
     pub(super) bans: MemoryBans,
+    /// Member lists, in memory.
+    pub(super) roster: crate::broker::roster::RosterBook,
 }
 
 #[derive(Debug, Default)]
@@ -110,6 +112,7 @@ impl MemoryBroker {
             subscribed: Mutex::new(HashSet::new()),
             control: ControlSink::default(),
             bans: MemoryBans::default(),
+            roster: Default::default(),
             logs: Mutex::new(Logs::default()),
         }
     }

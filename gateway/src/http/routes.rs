@@ -213,6 +213,7 @@ async fn admit(node: &Node, req: &Request<Incoming>, room: &str) -> Result<Admis
             user: None,
             exp: None,
             publish: true,
+            list: false,
             resume,
         });
     };
@@ -225,6 +226,7 @@ async fn admit(node: &Node, req: &Request<Incoming>, room: &str) -> Result<Admis
                 user: None,
                 exp: None,
                 publish: false,
+                list: false,
                 resume,
             });
         }
@@ -252,6 +254,7 @@ async fn admit(node: &Node, req: &Request<Incoming>, room: &str) -> Result<Admis
         user: Some(identity.sub),
         exp: Some(identity.exp),
         publish: right.publish,
+        list: right.list,
         resume,
     })
 }

@@ -14,6 +14,7 @@ pub mod moderation;
 pub mod pacing;
 pub mod presence;
 pub mod presence_cache;
+pub mod roster;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -88,6 +89,14 @@ pub struct Node {
     pub auth: Option<Arc<Verifier>>,
     /// Sessions by id with their user, room and token deadline (moderation, expiry).
     pub registry: Registry,
+    /// This incarnation of the node: `--node-id`, a colon and a random boot nonce, so that a
+    /// node restarted with the same id never inherits a dead incarnation's counts and members
+    /// (the presence fields, roster entries and registry entry are the instance's).
+    pub instance: String,
+    /// This node's listed members ([`roster::LocalRoster`]).
+    pub roster: roster::LocalRoster,
+    /// `--list-rooms`, parsed once.
+    list_rooms: crate::auth::RoomPatterns,
 }
 
 /// A publish the broker did not take.
@@ -188,6 +197,9 @@ impl Node {
             )?),
         };
         let registry = Registry::new(config.token_expiry_warning.as_millis() as u64);
+        let instance = format!("{}:{:016x}", config.node_id, fastrand::u64(..));
+        let roster = roster::LocalRoster::new(config.list_max_members);
+        let list_rooms = config.list_patterns();
         let node = Arc::new(Node {
             config,
             hub,
@@ -203,10 +215,26 @@ impl Node {
             presence: Default::default(),
             auth,
             registry,
+            instance,
+            roster,
+            list_rooms,
         });
         let source: Weak<dyn MissedSource> = Arc::downgrade(&node) as Weak<Node>;
         node.inbound.set_missed_source(source, node.tracker.clone());
         Ok(node)
+    }
+
+    /// Whether a member of `room` is listed and sees the list (docs/protocol.md, "Member
+    /// lists"): the room matches `--list-rooms`, or the member's grant says `"list": true`.
+    pub fn lists(&self, room: &RoomName, grant_lists: bool) -> bool {
+        grant_lists || self.list_rooms.covers(room)
+    }
+
+    /// The presence scripts appended `room` lifecycle events to its `events` stream (see
+    /// [`Config::lifecycle_events`]): the webhook dispatcher's wake-up. Nothing waits on it yet;
+    /// the dispatcher wires in here.
+    pub fn lifecycle_appended(&self, room: &RoomName) {
+        let _ = room;
     }
 
     /// Reserves a session slot before the upgrade.
