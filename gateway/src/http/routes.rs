@@ -370,7 +370,9 @@ const MAX_ROOMS_PAGE: usize = 1000;
 /// counts, a page of about `limit` (default 100, at most 1000) and the next page's cursor (`null`
 /// when done) — and `GET /api/rooms/{room}/presence` — one room's counts. Both as the nodes last
 /// reported them (at most one `--presence-interval` old), with the API key; refused (403) on a
-/// node without `--api-key`.
+/// node without `--api-key`. A listing room's presence adds a page of its members
+/// (`?cursor=&limit=`, as the `members` command pages), `"listing":true`; others say
+/// `"listing":false` (and `"over_limit":true` above `--list-max-members`).
 async fn rooms_api(
     node: &Arc<Node>,
     req: Request<Incoming>,
@@ -400,25 +402,34 @@ async fn rooms_api(
         .and_then(|r| r.strip_suffix("/presence"))
     {
         let room = parse_room(room)?;
+        let params = query_params(&req)?;
+        let limit = page_limit(&params, crate::broker::roster::PAGE)?;
         let c = node
             .broker
             .room_counts(&room, || node.hub.counts(&room))
             .await
             .map_err(failed)?;
-        return Ok(json(
-            StatusCode::OK,
-            &serde_json::json!({"room": room.as_str(), "hosts": c.hosts, "viewers": c.viewers}),
-        ));
+        let mut body =
+            serde_json::json!({"room": room.as_str(), "hosts": c.hosts, "viewers": c.viewers});
+        // A room lists when it matches --list-rooms, or when grants put members on its list.
+        let page = node
+            .broker
+            .members(&room, param(&params, "cursor"), limit)
+            .await
+            .map_err(failed)?;
+        let listing = !page.over && (node.lists(&room, false) || page.version > 0);
+        body["listing"] = listing.into();
+        if listing {
+            body["v"] = page.version.into();
+            body["members"] = serde_json::json!(page.members);
+            body["cursor"] = serde_json::json!(page.cursor);
+        } else if page.over {
+            body["over_limit"] = true.into();
+        }
+        return Ok(json(StatusCode::OK, &body));
     }
     let params = query_params(&req)?;
-    let limit = match param(&params, "limit") {
-        None | Some("") => 100,
-        Some(n) => n
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=MAX_ROOMS_PAGE).contains(n))
-            .ok_or_else(|| Refusal::bad_request(format!("limit must be 1 to {MAX_ROOMS_PAGE}")))?,
-    };
+    let limit = page_limit(&params, 100)?;
     let (rooms, next) = node
         .broker
         .rooms(param(&params, "cursor"), limit, || node.hub.snapshot())
@@ -432,6 +443,18 @@ async fn rooms_api(
         StatusCode::OK,
         &serde_json::json!({"rooms": rooms, "cursor": next}),
     ))
+}
+
+/// The `limit` of a rooms API page: `default` when absent, else 1 to [`MAX_ROOMS_PAGE`].
+fn page_limit(params: &[(String, String)], default: usize) -> Result<usize, Refusal> {
+    match param(params, "limit") {
+        None | Some("") => Ok(default),
+        Some(n) => n
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_ROOMS_PAGE).contains(n))
+            .ok_or_else(|| Refusal::bad_request(format!("limit must be 1 to {MAX_ROOMS_PAGE}"))),
+    }
 }
 
 /// `GET /api/rooms/{room}/messages?since=E:N&limit=L`: the messages after `since` (all of them,

@@ -171,7 +171,7 @@ async fn once(node: &Node, state: &mut State, last: bool) -> Result<(), BrokerEr
             if let Some(diff) = fold(read.version, &read.batches, read.reset) {
                 let frame = frame_text(&protocol::members_diff(room, &diff));
                 for o in &outboxes {
-                    if o.push(frame.clone()).is_ok() {
+                    if o.push_message(frame.clone(), None, true).is_ok() {
                         node.metrics.members_diffs.increment(1);
                     }
                 }
