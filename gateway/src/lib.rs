@@ -10,7 +10,8 @@
 //! Folders by layer; a layer imports only the layers below it (and [`config`], [`metrics`]):
 //! - [`http`] — the top: the accept loop with its limits ([`http::server`]), the client port's
 //!   routes ([`http::routes`]: `/ws/{room}`, the page, `/api/rooms/{room}/messages`; admission by
-//!   token, room right and ban), the moderation routes ([`http::moderation`]), strict requests and
+//!   token, room right and ban), the moderation routes ([`http::moderation`]), the rooms API
+//!   ([`http::rooms`]: counts and member lists), strict requests and
 //!   the API key ([`http::request`]), plain responses ([`http::response`]), the page and the
 //!   JavaScript client ([`http::assets`]), the admin port ([`http::admin`]: `/metrics`,
 //!   `/healthz`, `/readyz`).

@@ -422,8 +422,11 @@ async fn lifecycle_events_are_appended_once_each_in_order_across_two_nodes() {
         nodes.push(TestNode::start(config).await);
     }
     let mut one = nodes[0].join("life", "host", "one").await;
-    list(&mut one).await;
     let deadline = Instant::now() + WAIT;
+    while list(&mut one).await.0.len() != 1 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut two = nodes[1].join("life", "viewer", "two").await;
     while list(&mut two).await.0.len() != 2 {
         assert!(Instant::now() < deadline);
@@ -495,8 +498,12 @@ async fn the_in_process_broker_lists_too() {
     let cluster =
         TestCluster::in_process("m1", &["--list-rooms", "*", "--presence-interval", "200ms"]).await;
     let mut a = cluster[0].join("solo", "host", "a").await;
-    let (got, _) = list(&mut a).await;
-    assert_eq!(got.len(), 1);
+    // Listed at the first tick after the join.
+    let deadline = Instant::now() + WAIT;
+    while list(&mut a).await.0.len() != 1 {
+        assert!(Instant::now() < deadline, "a never listed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let b = cluster[0].join("solo", "viewer", "b").await;
     let d = loop {
         let d = next_diff(&mut a, Duration::from_secs(2))
