@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::broker::roster::{fold, RoomTick, RosterWrite};
 use crate::broker::BrokerError;
@@ -125,8 +125,9 @@ async fn once(node: &Node, state: &mut State, last: bool) -> Result<(), BrokerEr
         }
         Err(e) => {
             // Counts still go (they expire on their own); roster writes wait for the registry.
+            // Not logged here: the tick's own failure is (throttled), and a Redis outage fails both.
             writes.retain(|r, _| state.registered.contains(r));
-            warn!(cause = %e, "node registry heartbeat failed");
+            debug!(cause = %e, "node registry heartbeat failed");
             Vec::new()
         }
     };
@@ -168,6 +169,10 @@ async fn once(node: &Node, state: &mut State, last: bool) -> Result<(), BrokerEr
         if let (Some(w), Some(read)) = (writes.get(room), &read) {
             let (outboxes, gone) = node.roster.written(w, read);
             roster_gone = gone;
+            if read.reset {
+                // The registry may have lost the room too: add it again before the rewrite.
+                state.registered.remove(room);
+            }
             if let Some(diff) = fold(read.version, &read.batches, read.reset) {
                 let frame = frame_text(&protocol::members_diff(room, &diff));
                 for o in &outboxes {

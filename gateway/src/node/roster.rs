@@ -147,7 +147,8 @@ impl LocalRoster {
     }
 
     /// Records the broker's answer to `write`: the changes written are clean (unless they changed
-    /// again meanwhile), members at 0 connections go, the version moves on. Returns the outboxes
+    /// again meanwhile), members at 0 connections go, the version moves on; after a `reset`
+    /// every member is written again. Returns the outboxes
     /// of the room's sessions that see the list, and whether the room is gone from this node
     /// (nothing left to list or send).
     pub fn written(&self, write: &Write, read: &RosterRead) -> (Vec<Arc<Outbox>>, bool) {
@@ -163,6 +164,13 @@ impl LocalRoster {
                     r.members.remove(sub);
                 }
             }
+        }
+        if read.reset {
+            // The roster may have been lost (Redis restarted empty): send every member's count
+            // again at the next tick. Counts are absolute, so where nothing was lost this
+            // changes nothing.
+            let keys: Vec<String> = r.members.keys().cloned().collect();
+            r.dirty.extend(keys);
         }
         r.version = Some(read.version);
         r.over = read.over;
@@ -263,6 +271,21 @@ mod tests {
         let (_, gone) = roster.written(&w, &read);
         assert!(!gone);
         assert_eq!(roster.writes()[0].changes[0].count, 1);
+        // A reset (the roster lost) writes every member again.
+        let reset = RosterRead {
+            version: 0,
+            reset: true,
+            ..RosterRead::default()
+        };
+        let w = roster.writes().remove(0);
+        roster.written(&w, &read);
+        assert!(roster.writes()[0].changes.is_empty());
+        roster.written(&roster.writes().remove(0), &reset);
+        assert_eq!(
+            roster.writes()[0].changes.len(),
+            1,
+            "rewritten after a reset"
+        );
         roster.leave(&room, 3, "client_closed");
         let w = roster.writes().remove(0);
         let (_, gone) = roster.written(&w, &read);
