@@ -524,3 +524,67 @@ async fn the_in_process_broker_lists_too() {
     assert_eq!(d["v"].as_u64().unwrap(), v + 1);
     assert_eq!(list(&mut a).await.0.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kicked_member_leaves_with_reason_kicked() {
+    let flags = jwt_flags(&["--list-rooms", "stage", "--presence-interval", "300ms"]);
+    let cluster = TestCluster::start(&["q1", "q2"], &flags).await;
+    cluster.redis().wait_numsub("gw:room:_control", 2).await;
+    let mut ann = join_as(&cluster[0], "stage", "ann").await;
+    let _bob = join_as(&cluster[1], "stage", "bob").await;
+    list_becomes(&mut ann, &["ann", "bob"]).await;
+    let auth = format!("Bearer {API_KEY}");
+    let (status, _) = http(
+        cluster[0].client,
+        "POST",
+        "/api/users/bob/disconnect",
+        &[("Authorization", &auth)],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 202);
+    let left = loop {
+        let d = next_diff(&mut ann, Duration::from_secs(3))
+            .await
+            .expect("bob leaves");
+        if let Some(l) = d["left"].as_array().and_then(|l| l.first().cloned()) {
+            break l;
+        }
+    };
+    assert_eq!(left, json!({"sub": "bob", "reason": "kicked"}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_roster_lost_in_redis_is_written_again_after_a_reset() {
+    let flags = ["--list-rooms", "stage", "--presence-interval", "200ms"];
+    let cluster = TestCluster::start(&["f1", "f2"], &flags).await;
+    let mut a = cluster[0].join("stage", "host", "a").await;
+    let _b = cluster[1].join("stage", "viewer", "b").await;
+    let deadline = Instant::now() + WAIT;
+    let before = loop {
+        let (got, _) = list(&mut a).await;
+        if got.len() == 2 {
+            break got;
+        }
+        assert!(Instant::now() < deadline, "{got:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Redis loses everything (a restart without persistence): the nodes' versions are ahead of
+    // the roster's, so they are told `reset`, and write their members again.
+    let mut conn = cluster.redis().connection().await.unwrap();
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    let d = next_diff(&mut a, Duration::from_secs(3))
+        .await
+        .expect("a reset");
+    assert_eq!(d["reset"], true, "{d}");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (got, _) = list(&mut a).await;
+        if got == before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{got:?}, wanted {before:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
