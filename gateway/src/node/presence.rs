@@ -37,7 +37,7 @@ use crate::node::pacing;
 use crate::node::roster::Write;
 use crate::node::Node;
 use crate::wire::frame::frame_text;
-use crate::wire::protocol::{self, RoomCounts, RoomName};
+use crate::wire::protocol::{self, DiffKind, RoomCounts, RoomName};
 
 /// What the timer remembers between ticks.
 #[derive(Debug, Default)]
@@ -174,7 +174,20 @@ async fn once(node: &Node, state: &mut State, last: bool) -> Result<(), BrokerEr
                 state.registered.remove(room);
             }
             if let Some(diff) = fold(read.version, &read.batches, read.reset) {
-                let frame = frame_text(&protocol::members_diff(room, &diff));
+                let kind = if diff.reset {
+                    DiffKind::Reset
+                } else if diff.over_limit {
+                    DiffKind::OverLimit
+                } else {
+                    DiffKind::Changes
+                };
+                let frame = frame_text(&protocol::members_diff(
+                    room,
+                    diff.v,
+                    kind,
+                    &diff.joined,
+                    &diff.left,
+                ));
                 for o in &outboxes {
                     if o.push_message(frame.clone(), None, true).is_ok() {
                         node.metrics.members_diffs.increment(1);

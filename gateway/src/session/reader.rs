@@ -389,7 +389,13 @@ impl Reader {
             .members(&self.room, cursor, crate::broker::roster::PAGE)
             .await;
         match page {
-            Ok(page) => self.send(protocol::members(&self.room, &page)),
+            Ok(page) => self.send(protocol::members(
+                &self.room,
+                page.version,
+                &page.members,
+                page.cursor.as_deref(),
+                page.over,
+            )),
             Err(crate::broker::BrokerError::Config(_)) => {
                 self.refuse("invalid_command", "malformed members cursor")
             }

@@ -190,7 +190,7 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValu
 const INVALID_KEY: &str = "key must be a string of 1-128 bytes without control characters";
 
 /// The longest `cursor` a `members` command may carry.
-const MAX_CURSOR_LEN: usize = 64;
+const MAX_CURSOR_LEN: usize = 160;
 
 /// Parses one text frame from a client. Text that is not JSON is chat; JSON must be a command.
 pub fn parse_command(text: &str) -> Result<ClientCommand<'_>, CommandError> {
@@ -224,7 +224,7 @@ pub fn parse_command(text: &str) -> Result<ClientCommand<'_>, CommandError> {
             },
             Some("members") => match cmd.cursor {
                 Some(c) if c.len() > MAX_CURSOR_LEN => {
-                    Err(CommandError::Invalid("cursor is at most 64 bytes"))
+                    Err(CommandError::Invalid("cursor is at most 160 bytes"))
                 }
                 cursor => Ok(ClientCommand::Members(cursor.filter(|c| !c.is_empty()))),
             },
@@ -503,36 +503,57 @@ pub fn presence_not_listing(room: &RoomName, hosts: u64, viewers: u64) -> Bytes 
     Bytes::from(v)
 }
 
-/// `{"type":"members","room":…,"v":…,"members":[…],"cursor":…}`: a page of the room's list
-/// (`"over_limit":true` and no members when the room is over `--list-max-members`).
-pub fn members(room: &RoomName, page: &crate::broker::roster::MembersPage) -> Bytes {
-    let mut v = serde_json::json!({
-        "type": "members",
-        "room": room.as_str(),
-        "v": page.version,
-        "members": page.members,
-        "cursor": page.cursor,
+/// `{"type":"members","room":…,"v":…,"members":[…],"cursor":…}`: a page of the room's list at
+/// roster version `v` (`"over_limit":true` and no members when the room is over
+/// `--list-max-members`). Generic over the member type so that this layer stays below the
+/// broker that owns it.
+pub fn members<M: Serialize>(
+    room: &RoomName,
+    v: u64,
+    members: &[M],
+    cursor: Option<&str>,
+    over_limit: bool,
+) -> Bytes {
+    let mut e = serde_json::json!({
+        "type": "members", "room": room.as_str(), "v": v, "members": members, "cursor": cursor,
     });
-    if page.over {
-        v["over_limit"] = true.into();
+    if over_limit {
+        e["over_limit"] = true.into();
     }
-    Bytes::from(serde_json::to_vec(&v).expect("events always serialize"))
+    Bytes::from(serde_json::to_vec(&e).expect("events always serialize"))
+}
+
+/// What a `members_diff` says besides its changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiffKind {
+    /// The changes (`joined`, `left`).
+    Changes,
+    /// `"reset":true`: re-read the list.
+    Reset,
+    /// `"over_limit":true`: the room stopped listing.
+    OverLimit,
 }
 
 /// `{"type":"members_diff","room":…,"v":…,"joined":[…],"left":[…]}`: the list's changes of one
-/// presence interval; `"reset":true` (re-read the list) or `"over_limit":true` (the room stopped
-/// listing) instead of changes.
-pub fn members_diff(room: &RoomName, diff: &crate::broker::roster::Diff) -> Bytes {
-    let mut v = serde_json::json!({"type": "members_diff", "room": room.as_str(), "v": diff.v});
-    if diff.reset {
-        v["reset"] = true.into();
-    } else if diff.over_limit {
-        v["over_limit"] = true.into();
-    } else {
-        v["joined"] = serde_json::json!(diff.joined);
-        v["left"] = serde_json::json!(diff.left);
+/// presence interval; `"reset":true` or `"over_limit":true` instead of changes (see
+/// [`DiffKind`]).
+pub fn members_diff<J: Serialize, L: Serialize>(
+    room: &RoomName,
+    v: u64,
+    kind: DiffKind,
+    joined: &[J],
+    left: &[L],
+) -> Bytes {
+    let mut e = serde_json::json!({"type": "members_diff", "room": room.as_str(), "v": v});
+    match kind {
+        DiffKind::Reset => e["reset"] = true.into(),
+        DiffKind::OverLimit => e["over_limit"] = true.into(),
+        DiffKind::Changes => {
+            e["joined"] = serde_json::json!(joined);
+            e["left"] = serde_json::json!(left);
+        }
     }
-    Bytes::from(serde_json::to_vec(&v).expect("events always serialize"))
+    Bytes::from(serde_json::to_vec(&e).expect("events always serialize"))
 }
 
 /// `{"type":"error","code":…,"message":…}`.
