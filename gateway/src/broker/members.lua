@@ -1,10 +1,10 @@
 -- Reads one page of a room's member list (the `members` command and the rooms API), without
 -- changing anything. KEYS[1] the room's listed members (member key -> member JSON), KEYS[2] the
--- roster version, KEYS[3] the over-the-bound flag; ARGV[1] the HSCAN cursor ('0' from the
+-- roster's epoch and version (hash: e, v), KEYS[3] the over-the-bound flag; ARGV[1] the HSCAN cursor ('0' from the
 -- start), ARGV[2] the page size (HSCAN's COUNT hint: a page may hold a few more or fewer).
 -- Returns {version, over (0/1), next cursor ('0': done), member JSON...}; a room over the bound
 -- lists nobody.
-local version = tonumber(redis.call('GET', KEYS[2]) or '0')
+local version = tonumber(redis.call('HGET', KEYS[2], 'v') or '0')
 if redis.call('EXISTS', KEYS[3]) == 1 then
   return {version, 1, '0'}
 end

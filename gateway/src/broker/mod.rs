@@ -179,15 +179,17 @@ impl Broker {
     }
 
     /// Renews `instance` in the node registry, records `rooms` as rooms it is about to write in,
-    /// and returns the instances that stopped renewing (the in-process broker has no others).
+    /// and returns whether the registry did not hold the instance (its first beat, or it was
+    /// reaped while it could not beat) and the instances that stopped renewing (the in-process
+    /// broker has no others).
     pub async fn beat(
         &self,
         instance: &str,
         rooms: &[RoomName],
         ttl: Duration,
-    ) -> Result<Vec<String>, BrokerError> {
+    ) -> Result<(bool, Vec<String>), BrokerError> {
         match self {
-            Self::Memory(_) => Ok(Vec::new()),
+            Self::Memory(_) => Ok((false, Vec::new())),
             Self::Redis(b) => b.beat(instance, rooms, ttl).await,
         }
     }

@@ -7,11 +7,11 @@
 -- KEYS[2] the instance's roster hash (member key -> connections on that instance);
 -- KEYS[3] the room's totals (member key -> connections cluster-wide);
 -- KEYS[4] the room's listed members (member key -> {"sub","name","role"} JSON);
--- KEYS[5] the roster version; KEYS[6] the change log (a list of batch JSONs, the last ARGV[11]);
+-- KEYS[5] the roster's epoch and version (hash: e, v); KEYS[6] the change log (a list of batch JSONs, the last ARGV[11]);
 -- KEYS[7] the over-the-bound flag; KEYS[8] the room's lifecycle event stream.
 -- ARGV[1] instance, ARGV[2] hosts, ARGV[3] viewers (negative: withdraw), ARGV[4] counts' time to
 -- live (ms), ARGV[5] '1' to append lifecycle events, ARGV[6] room, ARGV[7] '1' if the room lists,
--- ARGV[8] version seen last ('' none), ARGV[9] --list-max-members, ARGV[10] hysteresis percent,
+-- ARGV[8] epoch:version seen last ('' none), ARGV[9] --list-max-members, ARGV[10] hysteresis percent,
 -- ARGV[11] log length, ARGV[12] the roster keys' lifetime (ms), ARGV[13] '1' to reap the instance,
 -- then per changed member: key, connections on this instance now, member JSON, close reason.
 --
@@ -19,7 +19,9 @@
 -- stopped reporting are ignored and deleted once expired, and the whole key expires when no node
 -- reports any more.
 --
--- Returns {hosts, viewers, version, over (0/1), reset (0/1), events appended, batch JSON...}.
+-- Returns {hosts, viewers, version, over (0/1), reset (0/1), events appended, epoch (0 for a
+-- room that does not list), batch JSON...}. The epoch is made (from TIME) when a roster begins,
+-- so a node that remembers a lost roster's version is told `reset`, never a wrong "no change".
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local me, ttl = ARGV[1], tonumber(ARGV[4])
@@ -73,7 +75,7 @@ if before == 0 and after > 0 then
   event({type = 'room.occupied'})
 end
 
-local version, over, reset = 0, 0, 0
+local version, over, reset, epoch = 0, 0, 0, '0'
 local out = {}
 if ARGV[7] == '1' then
   local max, pct, cap, keep = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
@@ -120,7 +122,12 @@ if ARGV[7] == '1' then
   if reap then
     redis.call('DEL', KEYS[2])
   end
-  version = tonumber(redis.call('GET', KEYS[5]) or '0')
+  epoch = redis.call('HGET', KEYS[5], 'e')
+  if not epoch then
+    epoch = t[1] .. string.format('%06d', tonumber(t[2]))
+    redis.call('HSET', KEYS[5], 'e', epoch, 'v', 0)
+  end
+  version = tonumber(redis.call('HGET', KEYS[5], 'v'))
   local n = redis.call('HLEN', KEYS[3])
   local was_over = redis.call('EXISTS', KEYS[7]) == 1
   local batch = nil
@@ -152,20 +159,19 @@ if ARGV[7] == '1' then
     end
   end
   if batch then
-    version = redis.call('INCR', KEYS[5])
+    version = redis.call('HINCRBY', KEYS[5], 'v', 1)
     batch.v = version
     redis.call('RPUSH', KEYS[6], cjson.encode(batch))
     redis.call('LTRIM', KEYS[6], -cap, -1)
   end
-  if n > 0 then
-    for k = 2, 7 do
-      if redis.call('EXISTS', KEYS[k]) == 1 then redis.call('PEXPIRE', KEYS[k], keep) end
-    end
+  for k = 2, 7 do
+    if redis.call('EXISTS', KEYS[k]) == 1 then redis.call('PEXPIRE', KEYS[k], keep) end
   end
   if ARGV[8] ~= '' then
-    local seen = tonumber(ARGV[8])
+    local seen_epoch, seen = string.match(ARGV[8], '^(%d+):(%d+)$')
+    seen = tonumber(seen)
     local behind = version - seen
-    if seen > version or behind > redis.call('LLEN', KEYS[6]) then
+    if seen_epoch ~= epoch or seen > version or behind > redis.call('LLEN', KEYS[6]) then
       reset = 1
     elseif behind > 0 then
       out = redis.call('LRANGE', KEYS[6], -behind, -1)
@@ -176,7 +182,7 @@ end
 if before > 0 and after == 0 then
   event({type = 'room.vacated'})
 end
-local answer = {hosts, viewers, version, over, reset, appended}
+local answer = {hosts, viewers, version, over, reset, appended, epoch}
 for _, b in ipairs(out) do
   answer[#answer + 1] = b
 end

@@ -88,9 +88,9 @@ pub struct Batch {
 pub struct RosterWrite<'a> {
     /// The writing node instance (node id and boot nonce).
     pub instance: &'a str,
-    /// The version the node saw last (`None`: none yet — it gets the current version and no
-    /// batches).
-    pub last_seen: Option<u64>,
+    /// The roster epoch and version the node saw last (`None`: none yet — it gets the current
+    /// ones and no batches). Another epoch (the roster was lost and began again) is a `reset`.
+    pub last_seen: Option<(u64, u64)>,
     /// Its members whose counts changed since its last write.
     pub changes: &'a [Change],
     /// `--list-max-members`.
@@ -114,6 +114,9 @@ pub struct RoomTick<'a> {
 /// What a roster write answers.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct RosterRead {
+    /// The room's roster epoch (made when the roster began: a roster lost and begun again has
+    /// another) and version now.
+    pub epoch: u64,
     /// The room's roster version now.
     pub version: u64,
     /// Whether the room is over `--list-max-members` (not listing).
@@ -221,6 +224,8 @@ struct Room {
     totals: HashMap<String, u32>,
     /// The listed members by key, ordered for paging.
     members: BTreeMap<String, Member>,
+    /// Made when the room's roster began.
+    epoch: u64,
     version: u64,
     /// The last [`LOG_CAP`] batches.
     log: VecDeque<Batch>,
@@ -234,13 +239,20 @@ pub struct RosterBook {
     /// Room → roster; a room whose last member left is removed (bounded by the listing rooms
     /// with members, so by the node's connections).
     rooms: Mutex<HashMap<RoomName, Room>>,
+    /// The next roster's epoch.
+    next_epoch: std::sync::atomic::AtomicU64,
 }
 
 impl RosterBook {
     /// Applies one node's changes to `room` and answers as `roster.lua` does.
     pub fn write(&self, room: &RoomName, w: &RosterWrite<'_>) -> RosterRead {
         let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
-        let r = rooms.entry(room.clone()).or_default();
+        let r = rooms.entry(room.clone()).or_insert_with(|| Room {
+            epoch: 1 + self
+                .next_epoch
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            ..Room::default()
+        });
         let mut batch = Batch::default();
         for c in w.changes {
             let before = r.totals.get(&c.member.sub).copied().unwrap_or(0);
@@ -291,9 +303,8 @@ impl RosterBook {
         }
         let read = answer(r, w.last_seen);
         if r.totals.is_empty() {
-            // Nobody left to list: the next member starts a new roster, and every node that
-            // remembered a version gets `reset` (the version went back), which re-reads an empty
-            // list at worst.
+            // Nobody left to list: the next member starts a new roster (a new epoch), and a node
+            // that remembered the old one gets `reset`, which re-reads an empty list at worst.
             rooms.remove(room);
         }
         read
@@ -334,15 +345,20 @@ impl RosterBook {
 }
 
 /// The batches of `r` after `last_seen`, or `reset` when they are gone.
-fn answer(r: &Room, last_seen: Option<u64>) -> RosterRead {
+fn answer(r: &Room, last_seen: Option<(u64, u64)>) -> RosterRead {
     let mut read = RosterRead {
+        epoch: r.epoch,
         version: r.version,
         over: r.over,
         ..RosterRead::default()
     };
-    let Some(seen) = last_seen else {
+    let Some((epoch, seen)) = last_seen else {
         return read;
     };
+    if epoch != r.epoch {
+        read.reset = true;
+        return read;
+    }
     if seen == r.version {
         return read;
     }
@@ -376,11 +392,12 @@ mod tests {
     }
 
     fn write(book: &RosterBook, room: &RoomName, seen: Option<u64>, c: &[Change]) -> RosterRead {
+        let epoch = book.rooms.lock().unwrap().get(room).map_or(0, |r| r.epoch);
         book.write(
             room,
             &RosterWrite {
                 instance: "n1:x",
-                last_seen: seen,
+                last_seen: seen.map(|v| (epoch, v)),
                 changes: c,
                 max_members: 3,
                 events: false,
@@ -469,9 +486,22 @@ mod tests {
     fn an_empty_room_is_forgotten() {
         let book = RosterBook::default();
         let room = RoomName::parse("r").unwrap();
-        write(&book, &room, None, &[change("a", 1)]);
+        let first = write(&book, &room, None, &[change("a", 1)]);
         write(&book, &room, Some(1), &[change("a", 0)]);
         assert!(book.rooms.lock().unwrap().is_empty());
+        // The next roster has another epoch: a node that remembers the old one is told `reset`,
+        // even where the versions happen to match.
+        let w = RosterWrite {
+            instance: "n1:x",
+            last_seen: Some((first.epoch, 1)),
+            changes: &[change("b", 1)],
+            max_members: 3,
+            events: false,
+        };
+        let again = book.write(&room, &w);
+        assert_eq!(again.version, 1);
+        assert_ne!(again.epoch, first.epoch);
+        assert!(again.reset);
     }
 
     #[test]

@@ -47,6 +47,8 @@ struct State {
     reported: HashMap<RoomName, Option<Instant>>,
     /// Rooms in this instance's room set in the registry.
     registered: HashSet<RoomName>,
+    /// Whether the registry has answered a heartbeat of this instance yet.
+    beaten: bool,
 }
 
 /// Runs the presence timer until the node stops, then withdraws this node's reports and members.
@@ -119,7 +121,17 @@ async fn once(node: &Node, state: &mut State, last: bool) -> Result<(), BrokerEr
         .collect();
     let ttl = node.config.presence_ttl();
     let dead = match node.broker.beat(&node.instance, &fresh, ttl).await {
-        Ok(dead) => {
+        Ok((unknown, dead)) if unknown && state.beaten => {
+            // Reaped while it could not beat (a pause, a partition): its counts, members and
+            // room set are gone. Register and write everything again from the next tick on.
+            warn!(instance = %node.instance, "this node was reaped as dead; writing its members again");
+            state.registered.clear();
+            node.roster.rewrite_all();
+            writes.clear();
+            dead
+        }
+        Ok((_, dead)) => {
+            state.beaten = true;
             state.registered.extend(fresh);
             dead
         }

@@ -35,10 +35,18 @@ struct Room {
     dirty: HashSet<String>,
     /// Sessions that see the list: session id → (outbox, member key).
     sessions: HashMap<u64, (Arc<Outbox>, String)>,
-    /// The roster version this node saw last (`None`: none yet).
-    version: Option<u64>,
+    /// The roster epoch and version this node saw last (`None`: none yet).
+    version: Option<(u64, u64)>,
     /// Whether the room was over `--list-max-members` at the last tick.
     over: bool,
+}
+
+impl Room {
+    /// Marks every member to be written again.
+    fn rewrite(&mut self) {
+        let keys: Vec<String> = self.members.keys().cloned().collect();
+        self.dirty.extend(keys);
+    }
 }
 
 /// One room's roster write of a tick, taken by [`LocalRoster::writes`].
@@ -46,8 +54,8 @@ struct Room {
 pub struct Write {
     /// The room.
     pub room: RoomName,
-    /// The version seen last.
-    pub last_seen: Option<u64>,
+    /// The epoch and version seen last.
+    pub last_seen: Option<(u64, u64)>,
     /// The changed members with their counts now.
     pub changes: Vec<Change>,
 }
@@ -169,10 +177,9 @@ impl LocalRoster {
             // The roster may have been lost (Redis restarted empty): send every member's count
             // again at the next tick. Counts are absolute, so where nothing was lost this
             // changes nothing.
-            let keys: Vec<String> = r.members.keys().cloned().collect();
-            r.dirty.extend(keys);
+            r.rewrite();
         }
-        r.version = Some(read.version);
+        r.version = Some((read.epoch, read.version));
         r.over = read.over;
         let outboxes = r.sessions.values().map(|(o, _)| o.clone()).collect();
         let gone = r.sessions.is_empty() && r.members.is_empty() && r.dirty.is_empty();
@@ -180,6 +187,12 @@ impl LocalRoster {
             rooms.remove(&write.room);
         }
         (outboxes, gone)
+    }
+
+    /// Marks every member of every room to be written again (this instance was reaped while it
+    /// could not reach the registry: its entries are gone).
+    pub fn rewrite_all(&self) {
+        self.lock().values_mut().for_each(Room::rewrite);
     }
 
     /// Whether `room` was over `--list-max-members` at the last tick.
@@ -261,7 +274,7 @@ mod tests {
         roster.leave(&room, 1, "kicked");
         roster.leave(&room, 2, "client_closed");
         let w = roster.writes().remove(0);
-        assert_eq!(w.last_seen, Some(1));
+        assert_eq!(w.last_seen, Some((0, 1)));
         assert_eq!(
             (w.changes[0].count, w.changes[0].reason),
             (0, "client_closed")

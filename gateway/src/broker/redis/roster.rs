@@ -88,7 +88,11 @@ impl RedisBroker {
                     }
                     Some(w) => {
                         cmd.arg("1")
-                            .arg(w.last_seen.map(|v| v.to_string()).unwrap_or_default())
+                            .arg(
+                                w.last_seen
+                                    .map(|(e, v)| format!("{e}:{v}"))
+                                    .unwrap_or_default(),
+                            )
                             .arg(w.max_members)
                             .arg(HYSTERESIS_PERCENT)
                             .arg(LOG_CAP)
@@ -145,23 +149,28 @@ impl RedisBroker {
     }
 
     /// Renews `instance` in the registry (for three presence intervals), adds `rooms` to its
-    /// room set, and returns the instances whose entries expired.
+    /// room set, and returns whether the registry did not hold the instance (first beat, or
+    /// reaped meanwhile) and the instances whose entries expired.
     pub(in crate::broker) async fn beat(
         &self,
         instance: &str,
         rooms: &[RoomName],
         ttl: Duration,
-    ) -> Result<Vec<String>, BrokerError> {
+    ) -> Result<(bool, Vec<String>), BrokerError> {
         let s = &self.shared;
         let keys = scripts::registry_keys(&s.naming.prefix, instance);
-        s.commands
+        let answer: Vec<Value> = s
+            .commands
             .eval(&scripts::REGISTRY, &keys, |cmd| {
                 cmd.arg(instance).arg(ttl.as_millis() as u64).arg(keep(ttl));
                 for r in rooms {
                     cmd.arg(r.as_str());
                 }
             })
-            .await
+            .await?;
+        let mut it = answer.into_iter();
+        let added = it.next().as_ref().and_then(int) == Some(1);
+        Ok((added, it.filter_map(|v| text(&v)).collect()))
     }
 
     /// Removes `rooms` from `instance`'s room set (after its withdrawal from them).
@@ -258,11 +267,11 @@ impl RedisBroker {
 /// Reads `presence.lua`'s answer.
 fn parse_tick(values: Vec<Value>, lists: bool) -> Option<(RoomCounts, Option<RosterRead>)> {
     let mut it = values.into_iter();
-    let mut head = [0u64; 6];
+    let mut head = [0u64; 7];
     for h in &mut head {
         *h = int(&it.next()?)?;
     }
-    let [hosts, viewers, version, over, reset, events] = head;
+    let [hosts, viewers, version, over, reset, events, epoch] = head;
     let counts = RoomCounts { hosts, viewers };
     let (over, reset) = (over == 1, reset == 1);
     let batches: Vec<Batch> = it
@@ -270,6 +279,7 @@ fn parse_tick(values: Vec<Value>, lists: bool) -> Option<(RoomCounts, Option<Ros
         .filter_map(|j| serde_json::from_str(&j).ok())
         .collect();
     let read = lists.then_some(RosterRead {
+        epoch,
         version,
         over,
         batches,
