@@ -523,6 +523,9 @@ async fn the_in_process_broker_lists_too() {
     assert_eq!(d["left"][0]["reason"], "client_closed");
     assert_eq!(d["v"].as_u64().unwrap(), v + 1);
     assert_eq!(list(&mut a).await.0.len(), 1);
+    assert_eq!(cluster[0].metric("gateway_list_members").await, 1.0);
+    assert!(cluster[0].metric("gateway_members_diffs_total").await >= 2.0);
+    assert!(cluster[0].metric("gateway_members_commands_total").await >= 2.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,6 +50,8 @@ pub struct StateGauges {
     pub max_connections: usize,
     /// See [`REDIS_SHARD_UP`], by shard index (empty with the in-process broker).
     pub redis_shards: Vec<bool>,
+    /// See [`LIST_MEMBERS`].
+    pub list_members: usize,
 }
 
 /// Pre-registered handles of every metric of one node. Cheap to clone (handles are `Arc`s).
@@ -80,7 +82,7 @@ pub struct Metrics {
     /// See [`PRESENCE_UNCHANGED`].
     pub presence_unchanged: Counter,
     /// See [`LIST_MEMBERS`].
-    pub list_members: Gauge,
+    list_members: Gauge,
     /// See [`LIST_OVERFLOW`].
     pub list_overflow: Counter,
     /// See [`MEMBERS_DIFFS`].
@@ -329,6 +331,7 @@ impl Metrics {
         self.connections_viewer.set(state.viewers as f64);
         self.rooms.set(state.rooms as f64);
         self.max_connections.set(state.max_connections as f64);
+        self.list_members.set(state.list_members as f64);
         self.set_shards(&state.redis_shards);
         // The collector records through whichever recorder is current: this node's.
         metrics::with_local_recorder(&*self.recorder, || self.process.collect());
@@ -443,7 +446,7 @@ fn describe(r: &PrometheusRecorder) {
     d(
         LIST_MEMBERS,
         None,
-        "Members this node lists across its listing rooms, as of the last presence tick.",
+        "Members this node lists across its listing rooms.",
     );
     d(
         LIST_OVERFLOW,

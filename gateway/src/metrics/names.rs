@@ -20,8 +20,8 @@ pub const MESSAGES_DELIVERED: &str = "gateway_messages_delivered_total";
 /// `presence` events the presence timer did not send because the member already had those
 /// counts (the room's counts did not change since).
 pub const PRESENCE_UNCHANGED: &str = "gateway_presence_unchanged_total";
-/// Members this node lists across its listing rooms, as of the last presence tick (member
-/// lists, docs/protocol.md).
+/// Entries this node lists across its listing rooms (member lists, docs/protocol.md), read at
+/// scrape time; an entry whose member left stays until the next tick has written the leave.
 pub const LIST_MEMBERS: &str = "gateway_list_members";
 /// Members not listed because their room already lists `--list-max-members` from this node.
 pub const LIST_OVERFLOW: &str = "gateway_list_overflow_total";

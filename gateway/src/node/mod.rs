@@ -386,6 +386,7 @@ impl Node {
             rooms,
             max_connections: self.config.max_connections,
             redis_shards: self.broker.shard_states(),
+            list_members: self.roster.size(),
         }
     }
 

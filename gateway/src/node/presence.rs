@@ -245,7 +245,6 @@ async fn once(node: &Node, state: &mut State, last: bool) -> Result<(), BrokerEr
         }
         cache.insert(room.clone(), (cluster, *mine));
     }
-    node.metrics.list_members.set(node.roster.size() as f64);
     if !forget.is_empty()
         && node
             .broker
