@@ -108,10 +108,11 @@ async fn once(node: &Node, state: &mut State, last: bool) -> Result<(), BrokerEr
         .into_iter()
         .map(|w| (w.room.clone(), w))
         .collect();
-    for room in writes.keys() {
-        if !counts.iter().any(|(r, _)| r == room) {
-            counts.push((room.clone(), None));
-        }
+    // A listing room this node neither reports nor withdraws (a member came and went between two
+    // ticks) still gets its roster write.
+    let counted: HashSet<RoomName> = counts.iter().map(|(r, _)| r.clone()).collect();
+    for room in writes.keys().filter(|r| !counted.contains(*r)) {
+        counts.push((room.clone(), None));
     }
     // Registry first: a room joins this instance's room set before its first write.
     let fresh: Vec<RoomName> = counts
