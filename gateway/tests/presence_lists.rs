@@ -107,6 +107,15 @@ async fn join_as(node: &TestNode, room: &str, sub: &str) -> WsClient {
 async fn three_nodes_share_one_list_batched_per_tick_and_deduplicated_by_sub() {
     let flags = jwt_flags(&["--list-rooms", "stage", "--presence-interval", "1s"]);
     let cluster = TestCluster::start(&["l1", "l2", "l3"], &flags).await;
+    // Hashes as hash tables even when small, so that HSCAN pages them as it pages big rooms.
+    let mut conn = cluster.redis().connection().await.unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("hash-max-listpack-entries")
+        .arg(0)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     let mut a = join_as(&cluster[0], "stage", "ann").await;
     let mut b = join_as(&cluster[1], "stage", "bob").await;
     let mut c = join_as(&cluster[2], "stage", "cat").await;
@@ -170,6 +179,27 @@ async fn three_nodes_share_one_list_batched_per_tick_and_deduplicated_by_sub() {
         "joins of one tick in one frame: {frames:?}"
     );
     list_becomes(&mut b, &["ann", "bob", "cat", "dan", "eve", "syn"]).await;
+    // The rooms API pages the same list, one member at a time.
+    let (mut cursor, mut pages, mut paged) = (String::new(), 0, BTreeSet::new());
+    loop {
+        let path = format!("/api/rooms/stage/presence?limit=1&cursor={cursor}");
+        let headers = [("Authorization", "Bearer moderator-key-123")];
+        let (status, body) = http(cluster[2].client, "GET", &path, &headers, b"")
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+        let p: Value = serde_json::from_slice(&body).unwrap();
+        pages += 1;
+        for sub in subs(&p, "members") {
+            assert!(paged.insert(sub), "listed twice: {p}");
+        }
+        match p["cursor"].as_str() {
+            Some(c) => cursor = c.to_string(),
+            None => break,
+        }
+    }
+    assert_eq!(paged.len(), 6, "{paged:?}");
+    assert!(pages >= 3, "{pages} pages of one member");
 
     // Ann's second connection, on another node: one entry, no diff about her.
     let mut ann2 = join_as(&cluster[1], "stage", "ann").await;
