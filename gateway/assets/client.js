@@ -211,6 +211,8 @@ function pageOrigin() {
  * @property {number} [refreshBefore] ms before the token's `exp` to refresh it, but never before
  *   half its remaining lifetime has passed; default 60000. The server's `expiring` event also
  *   triggers one.
+ * @property {boolean} [members] keep the room's member list (rooms that list it to this member);
+ *   default false
  * @property {number} [backlog] the last N messages of the room on the first join (the server
  *   caps N at its `--max-backlog`); default 0
  * @property {{epoch: string, offset: number}} [since] resume from a position saved earlier
@@ -230,7 +232,13 @@ function pageOrigin() {
  *   the room's history was lost while connected). Reload the room's state.
  * - `ack` — `{key, offset, epoch, id, duplicate}`: a publish with a `key` was published (or had
  *   been, `duplicate`); an `error` with that `key` means it was not.
- * - `presence` — `{room, hosts, viewers}`, cluster-wide counts: after `welcome`, then whenever they change.
+ * - `presence` — `{room, hosts, viewers, listing?}`, cluster-wide counts: after `welcome`, then
+ *   whenever they change (`listing: false`: a listing room over its bound).
+ * - `members` — with the `members` option, the room's member list (docs/protocol.md, section 12):
+ *   `{listing: true, members: [{sub, name, role}], v, joined, left}` after the list was read
+ *   (on every join, and again after a `reset`) and after each change (`joined`, `left`: that
+ *   change's entries), or `{listing: false, over_limit}` when the room does not list to this
+ *   member or is over its bound. Also {@link RoomClient#members}.
  * - `error` — `{code, message}`: the server refused a command; the connection stays open.
  * - `pong` — `{ts}`, the answer to {@link RoomClient#ping}.
  * - `refreshed` — `{exp}`: the server accepted a refreshed token.
@@ -334,6 +342,14 @@ export class RoomClient {
   get position() {
     return this.#epoch === null ? null : { epoch: this.#epoch, offset: this.#offset };
   }
+  /**
+   * The room's members as `[{sub, name, role}]` sorted by `sub` (with the `members` option, once
+   * read), or null: not read yet, or the room does not list them to this member.
+   */
+  get members() {
+    return this.#list === null ? null : [...this.#list.values()].sort((a, b) => (a.sub < b.sub ? -1 : 1));
+  }
+
   /** The node of the current connection, or null when not `open`. */
   get node() {
     return this.#state === 'open' ? this.#welcome.node : null;
@@ -341,7 +357,7 @@ export class RoomClient {
 
   /**
    * Subscribes `fn` to events of `type`.
-   * @param {'state'|'welcome'|'message'|'recovery'|'ack'|'presence'|'error'|'pong'|'refreshed'|'expiring'} type
+   * @param {'state'|'welcome'|'message'|'recovery'|'ack'|'presence'|'members'|'error'|'pong'|'refreshed'|'expiring'} type
    * @param {(event: any) => void} fn
    * @returns {() => void} unsubscribes
    */
@@ -525,6 +541,71 @@ export class RoomClient {
   /** The `exp` of the token the current connection was opened with. */
   #tokenExp = null;
 
+  /** The member list by `sub` (null: not read, or not listed), its version, and while a read
+   * is under way the pages so far and the diffs that arrived meanwhile. */
+  #list = null;
+  #listV = 0;
+  #reading = null;
+
+  /** Starts reading the list from its first page (diffs that arrive meanwhile wait). */
+  #readMembers() {
+    this.#reading = { pages: new Map(), v: null, diffs: [] };
+    this.#send('{"type":"members"}');
+  }
+
+  /** A `members` page, an `error` `not_listed`, or a `members_diff`; true when handled here. */
+  #onMembers(event) {
+    if (event.type === 'error' && event.code === 'not_listed' && this.#reading) {
+      this.#reading = null;
+      this.#list = null;
+      this.#emit('members', { listing: false, over_limit: false });
+      return true;
+    }
+    if (event.type === 'members' && this.#reading) {
+      const r = this.#reading;
+      if (event.over_limit) {
+        this.#reading = null;
+        this.#list = null;
+        this.#emit('members', { listing: false, over_limit: true });
+        return true;
+      }
+      if (r.v === null) r.v = event.v;
+      for (const m of event.members) r.pages.set(m.sub, m);
+      if (event.cursor !== null) {
+        this.#send(JSON.stringify({ type: 'members', cursor: event.cursor }));
+        return true;
+      }
+      this.#reading = null;
+      this.#list = r.pages;
+      this.#listV = r.v;
+      this.#emit('members', { listing: true, members: this.members, v: this.#listV, joined: [], left: [] });
+      for (const d of r.diffs) this.#onMembers(d);
+      return true;
+    }
+    if (event.type !== 'members_diff') return false;
+    if (this.#reading) {
+      this.#reading.diffs.push(event);
+      return true;
+    }
+    if (event.reset) {
+      this.#readMembers();
+      return true;
+    }
+    if (event.over_limit) {
+      this.#list = null;
+      this.#emit('members', { listing: false, over_limit: true });
+      return true;
+    }
+    if (this.#list === null || event.v <= this.#listV) return true;
+    for (const m of event.joined ?? []) this.#list.set(m.sub, m);
+    for (const l of event.left ?? []) this.#list.delete(l.sub);
+    this.#listV = event.v;
+    this.#emit('members', {
+      listing: true, members: this.members, v: event.v, joined: event.joined ?? [], left: event.left ?? [],
+    });
+    return true;
+  }
+
   #receive(data) {
     this.#lastReceived = Date.now();
     this.#pingSent = false;
@@ -551,11 +632,13 @@ export class RoomClient {
       // The URL without its token: state events end up in logs and on pages.
       const url = roomUrl(this.#urls[this.#index], this.#room, { role: this.#role, name: this.#name });
       this.#setState('open', { url, node: event.node, rejoined });
+      if (this.#opts.members) this.#readMembers();
       return;
     }
     if (event.type === 'refreshed') this.#scheduleRefresh(event.exp);
     if (event.type === 'expiring') this.refresh();
     if (event.type === 'message' && !this.#track(event)) return;
+    if (this.#opts.members && this.#onMembers(event)) return;
     this.#emit(event.type, event);
   }
 

@@ -62,6 +62,7 @@ function join() {
     room,
     ...(pageToken ? { role: null, getToken: () => pageToken } : { role, name }),
     backlog: BACKLOG,
+    members: true,
   });
   backlogUntil = null;
   client.on('welcome', (w) => {
@@ -75,6 +76,7 @@ function join() {
     $('viewers').textContent = p.viewers;
     $('stats').classList.remove('stale');
   });
+  client.on('members', showMembers);
   client.on('message', onMessage);
   client.on('error', (e) => note(`The server refused that: ${e.message}`, 'bad'));
 
@@ -84,6 +86,25 @@ function join() {
   $('live').hidden = false;
   document.title = `${room} · Live rooms`;
   client.connect();
+}
+
+/** Shows the room's member list (rooms that list it; docs/protocol.md, section 12). */
+function showMembers(e) {
+  $('members-card').hidden = false;
+  $('members-note').hidden = e.listing || !e.over_limit;
+  const list = $('members');
+  list.replaceChildren();
+  if (!e.listing) {
+    $('members-card').hidden = !e.over_limit;
+    $('members-count').textContent = '';
+    return;
+  }
+  $('members-count').textContent = `(${e.members.length})`;
+  for (const m of e.members) {
+    const li = document.createElement('li');
+    li.textContent = `${m.name ?? m.sub} · ${m.role}`;
+    list.append(li);
+  }
 }
 
 /** Shows who the page joined as: role, name and (with a token) the user id it was admitted as. */

@@ -241,6 +241,21 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_PRESENCE_INTERVAL", value_parser = parse_duration, default_value = "5s")]
     pub presence_interval: Duration,
 
+    /// Rooms that list their members (comma list of names and prefixes ending in `*`, as in
+    /// grants; `*` alone is every room). A member of such a room is listed (its `sub`, `name`,
+    /// role), gets the list with the `members` command and its changes as one `members_diff` per
+    /// `--presence-interval`. With token auth a grant with `"list": true` lists its holder in that
+    /// room too. Default: none (rooms report counts only). See docs/protocol.md, "Member lists".
+    #[arg(long, env = "GATEWAY_LIST_ROOMS", value_delimiter = ',')]
+    pub list_rooms: Vec<String>,
+
+    /// Most distinct members a room lists: above it the room stops listing (members get one
+    /// `members_diff` with `"over_limit":true`, `members` answers `over_limit`, `presence` carries
+    /// `"listing":false`) until it is back to 90 % of this number, when it lists again (a
+    /// `members_diff` with `"reset":true`).
+    #[arg(long, env = "GATEWAY_LIST_MAX_MEMBERS", default_value_t = 5_000)]
+    pub list_max_members: usize,
+
     /// Publishes per second one connection may make (token bucket, bursts up to the same number).
     /// An excess publish gets an `error` event `rate_limited`; a connection refused more than
     /// 10 × this number (at least 20) times within 10 s is closed with 1008. 0 disables the limit.
@@ -421,6 +436,11 @@ impl Config {
             .map(|p| crate::auth::RoomPatterns::new(p.iter().map(|p| p.trim())))
     }
 
+    /// The room patterns that list their members (`--list-rooms`).
+    pub fn list_patterns(&self) -> crate::auth::RoomPatterns {
+        crate::auth::RoomPatterns::new(self.list_rooms.iter().map(|p| p.as_str()))
+    }
+
     /// Whether the HTTP API requires a key.
     pub fn api_key_required(&self) -> bool {
         self.api_keys().next().is_some()
@@ -502,6 +522,18 @@ impl Config {
         }
         if self.redis_backoff_cap < Duration::from_millis(100) {
             return bad("--redis-backoff-cap must be at least the first wait, 100ms");
+        }
+        if !self
+            .list_rooms
+            .iter()
+            .map(|p| p.trim())
+            .filter(|p| !p.is_empty())
+            .all(crate::auth::valid_pattern)
+        {
+            return bad("--list-rooms takes room names and prefixes ending in *");
+        }
+        if self.list_max_members == 0 {
+            return bad("--list-max-members must be at least 1");
         }
         if self.presence_interval < Duration::from_millis(100) {
             return bad("--presence-interval must be at least 100ms");

@@ -10,7 +10,8 @@
 //! Folders by layer; a layer imports only the layers below it (and [`config`], [`metrics`]):
 //! - [`http`] — the top: the accept loop with its limits ([`http::server`]), the client port's
 //!   routes ([`http::routes`]: `/ws/{room}`, the page, `/api/rooms/{room}/messages`; admission by
-//!   token, room right and ban), the moderation routes ([`http::moderation`]), strict requests and
+//!   token, room right and ban), the moderation routes ([`http::moderation`]), the rooms API
+//!   ([`http::rooms`]: counts and member lists), strict requests and
 //!   the API key ([`http::request`]), plain responses ([`http::response`]), the page and the
 //!   JavaScript client ([`http::assets`]), the admin port ([`http::admin`]: `/metrics`,
 //!   `/healthz`, `/readyz`).
@@ -18,7 +19,8 @@
 //!   [`session::reader`] (frames → commands, limits) and [`session::writer`] (drains what the
 //!   socket did not take at once, batching).
 //! - [`node`] — the node ([`node::Node`]: publish path, delayed unsubscribe, session slots) and
-//!   its timers: [`node::presence`] (with [`node::presence_cache`]), [`node::keepalive`],
+//!   its timers: [`node::presence`] (counts, member lists, the node registry and reaping, with
+//!   [`node::presence_cache`] and [`node::roster`], this node's listed members), [`node::keepalive`],
 //!   [`node::expiry`] (token deadlines), [`node::handover`] (4002 when this node alone lost a Redis shard),
 //!   [`node::drain`] (1012 over the drain window), [`node::pacing`]; [`node::moderation`] applies
 //!   the control channel's disconnects and checks bans.
@@ -43,13 +45,15 @@
 //!   master vs a Redis Cluster with slot routing; `subscriber.rs` and `cluster.rs` (sharded
 //!   pub/sub, shard probes, a fresh connection made before the old one goes when a shard gets
 //!   a new master, with `overlap.rs` letting each message through once meanwhile);
-//!   `publisher.rs`; `reconnect.rs`, the one backoff loop;
+//!   `publisher.rs`; `reconnect.rs`, the one backoff loop; `rooms.rs`, the rooms API's reads;
+//!   `roster.rs`, the presence tick's script per room, member-list pages and the node registry;
 //!   `witness.rs`, who else lost a master: the hand-over's question),
-//!   [`broker::subscriptions`] (desired vs confirmed, the one diff), [`broker::control`] (the
+//!   [`broker::subscriptions`] (desired vs confirmed, the one diff), [`broker::roster`] (member
+//!   lists' types, the per-tick fold into one diff, the in-process roster), [`broker::control`] (the
 //!   control channel and bans in Redis) and [`broker::redis_endpoint`] (URL forms and TLS). The
 //!   Redis broker numbers, records and publishes a room's messages in one atomic step
-//!   ([`broker::scripts`]: `publish.lua`, `history.lua`, `presence.lua`, `ban.lua`, run by
-//!   `EVALSHA`).
+//!   ([`broker::scripts`]: `publish.lua`, `history.lua`, `presence.lua` (counts, member lists and
+//!   lifecycle events), `members.lua`, `registry.lua`, `counts.lua`, `ban.lua`, run by `EVALSHA`).
 //! - [`auth`] — token verification: keys (HMAC, PEM, [`auth::jwks`]), [`auth::claims`] and grants,
 //!   [`auth::patterns`] (room patterns of grants and anonymous viewers).
 //! - [`wire`] — the bottom: protocol types and encoding once to `Bytes` ([`wire::protocol`]), the

@@ -154,6 +154,15 @@ fn command_parser_classifies_every_input_consistently() {
                         assert_eq!(v["token"], *token, "{input}");
                     }
                 }
+                Ok(ClientCommand::Members(cursor)) => {
+                    assert!(is_json);
+                    if let Ok(v) = &parsed {
+                        assert_eq!(v["type"], "members", "{input}");
+                        if let Some(c) = &cursor {
+                            assert_eq!(v["cursor"], **c, "{input}");
+                        }
+                    }
+                }
                 Ok(ClientCommand::Ping) => {
                     assert!(is_json);
                     if let Ok(v) = &parsed {

@@ -41,6 +41,10 @@ pub struct Grant {
     /// Defaults to true for hosts, false for viewers.
     #[serde(default)]
     pub publish: Option<bool>,
+    /// Lists its holder in the room and lets it see the member list (docs/protocol.md, "Member
+    /// lists"); rooms matching `--list-rooms` list every member anyway.
+    #[serde(default)]
+    pub list: bool,
 }
 
 /// The role a grant gives.
@@ -60,6 +64,8 @@ pub struct Right {
     pub role: Role,
     /// Whether its publishes are accepted.
     pub publish: bool,
+    /// Whether the grant says `"list": true`.
+    pub list: bool,
 }
 
 /// A verified user: who, until when, and with which rights.
@@ -123,10 +129,12 @@ impl Identity {
                 GrantRole::Host => Right {
                     role: Role::Host,
                     publish: g.publish.unwrap_or(true),
+                    list: g.list,
                 },
                 GrantRole::Viewer => Right {
                     role: Role::Viewer,
                     publish: g.publish.unwrap_or(false),
+                    list: g.list,
                 },
             })
     }
@@ -153,7 +161,7 @@ mod tests {
             "rooms": [
                 {"room": "quiz-7", "role": "host"},
                 {"room": "public-*", "role": "viewer"},
-                {"room": "chat-*", "role": "viewer", "publish": true},
+                {"room": "chat-*", "role": "viewer", "publish": true, "list": true},
                 {"room": "*", "role": "host"}
             ]
         }))
@@ -161,20 +169,23 @@ mod tests {
         let host = Right {
             role: Role::Host,
             publish: true,
+            list: false,
         };
         assert_eq!(id.right(&room("quiz-7")), Some(host));
         assert_eq!(
             id.right(&room("public-1")),
             Some(Right {
                 role: Role::Viewer,
-                publish: false
+                publish: false,
+                list: false
             })
         );
         assert_eq!(
             id.right(&room("chat-x")),
             Some(Right {
                 role: Role::Viewer,
-                publish: true
+                publish: true,
+                list: true
             })
         );
         assert_eq!(id.right(&room("other")), Some(host), "* is every room");

@@ -27,7 +27,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use crate::config::{split_kid, AuthMode, Config};
 pub use claims::{Identity, Right};
 use jwks::Jwks;
-pub use patterns::RoomPatterns;
+pub use patterns::{valid_pattern, RoomPatterns};
 
 /// Longest token accepted, in bytes: far above any real token, small enough that a hostile one
 /// costs nothing to refuse.

@@ -23,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::wire::history::{
     frame_tail, Ack, HistoryLimits, HistoryQuery, HistoryRead, Recovery, META_TTL,
 };
-use crate::wire::protocol::RoomName;
+use crate::wire::protocol::{RoomCounts, RoomName};
 
 /// Most idempotency keys remembered at once; beyond, the oldest are forgotten early.
 pub const MAX_KEYS: usize = 100_000;
@@ -52,6 +52,11 @@ pub struct MemoryBroker {
     pub(super) control: ControlSink,
     /// Bans, in memory (the in-process broker is the whole cluster).
     pub(super) bans: MemoryBans,
+    /// Member lists, in memory.
+    pub(super) roster: crate::broker::roster::RosterBook,
+    /// Rooms occupied as far as the lifecycle events go (`room.occupied` sent, `room.vacated`
+    /// not yet): bounded by the rooms with members, as the node's counts are.
+    occupied: Mutex<HashSet<RoomName>>,
 }
 
 #[derive(Debug, Default)]
@@ -97,6 +102,43 @@ struct Entry {
 }
 
 impl MemoryBroker {
+    /// One presence tick of `room` in process: the roster write of a room that lists, and
+    /// with `events` the room's lifecycle events as `presence.lua` appends them (section 12.6 of
+    /// docs/protocol.md): `room.occupied` when the node first reports members, the members'
+    /// events, `room.vacated` at its withdrawal (`counts` `None`, after `--unsubscribe-delay`).
+    pub(super) fn tick(
+        &self,
+        room: &RoomName,
+        counts: Option<RoomCounts>,
+        write: Option<&crate::broker::roster::RosterWrite<'_>>,
+        events: bool,
+    ) -> (RoomCounts, Option<crate::broker::roster::RosterRead>) {
+        let mut read = write.map(|w| self.roster.write(room, w));
+        if events {
+            let mut made = read
+                .as_mut()
+                .map(|r| std::mem::take(&mut r.in_process))
+                .unwrap_or_default();
+            let mut occupied = self.occupied.lock().unwrap_or_else(|e| e.into_inner());
+            let lifecycle = |kind: &str| {
+                serde_json::json!({"type": kind, "room": room.as_str(),
+                    "ts_ms": crate::wire::clock::unix_millis()})
+                .to_string()
+            };
+            if counts.is_some() && occupied.insert(room.clone()) {
+                made.insert(0, lifecycle("room.occupied"));
+            } else if counts.is_none() && occupied.remove(room) {
+                made.push(lifecycle("room.vacated"));
+            }
+            if !made.is_empty() {
+                let r = read.get_or_insert_with(Default::default);
+                r.events = made.len() as u64;
+                r.in_process = made;
+            }
+        }
+        (counts.unwrap_or_default(), read)
+    }
+
     /// A broker handing what is published to `inbound`.
     pub fn new(
         inbound: Arc<dyn crate::broker::Receiver>,
@@ -110,6 +152,8 @@ impl MemoryBroker {
             subscribed: Mutex::new(HashSet::new()),
             control: ControlSink::default(),
             bans: MemoryBans::default(),
+            roster: Default::default(),
+            occupied: Mutex::default(),
             logs: Mutex::new(Logs::default()),
         }
     }

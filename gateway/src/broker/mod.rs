@@ -19,6 +19,7 @@ pub mod control;
 pub mod memory;
 pub mod redis;
 pub mod redis_endpoint;
+pub mod roster;
 pub mod scripts;
 pub mod subscriptions;
 
@@ -139,18 +140,89 @@ impl Broker {
         }
     }
 
-    /// Reports this node's local counts of `rooms`, withdraws its counts of `gone`, and returns
-    /// the cluster-wide counts of `rooms` in order. The in-process broker is the whole cluster.
-    pub async fn presence(
+    /// One presence tick of node instance `instance`: per room, its counts (or their
+    /// withdrawal) and, for a room that lists, its roster changes; per room the cluster-wide
+    /// counts and the roster's answer (the batches after the version seen last). The in-process
+    /// broker is the whole cluster: the counts are the node's, the roster its [`roster::RosterBook`]
+    /// (no lifecycle events: they are for webhooks, which need Redis).
+    pub async fn tick(
         &self,
-        node_id: &str,
-        rooms: &[(RoomName, RoomCounts)],
-        gone: &[RoomName],
+        instance: &str,
+        rooms: &[roster::RoomTick<'_>],
         ttl: Duration,
-    ) -> Result<Vec<RoomCounts>, BrokerError> {
+        events: bool,
+    ) -> Vec<redis::TickAnswer> {
         match self {
-            Self::Memory(_) => Ok(rooms.iter().map(|(_, c)| *c).collect()),
-            Self::Redis(b) => b.presence(node_id, rooms, gone, ttl).await,
+            Self::Memory(b) => rooms
+                .iter()
+                .map(|t| Ok(b.tick(t.room, t.counts, t.roster.as_ref(), events)))
+                .collect(),
+            Self::Redis(b) => b.tick(instance, rooms, ttl, events).await,
+        }
+    }
+
+    /// A page of `room`'s member list after `cursor` (`None`: from the start), about `limit`
+    /// members. A malformed cursor is [`BrokerError::Config`].
+    pub async fn members(
+        &self,
+        room: &RoomName,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<roster::MembersPage, BrokerError> {
+        match self {
+            Self::Memory(b) => Ok(b.roster.members(room, cursor, limit)),
+            Self::Redis(b) => b.members(room, cursor, limit).await,
+        }
+    }
+
+    /// Renews `instance` in the node registry, records `rooms` as rooms it is about to write in,
+    /// and returns whether the registry did not hold the instance (its first beat, or it was
+    /// reaped while it could not beat) and the instances that stopped renewing (the in-process
+    /// broker has no others).
+    pub async fn beat(
+        &self,
+        instance: &str,
+        rooms: &[RoomName],
+        ttl: Duration,
+    ) -> Result<(bool, Vec<String>), BrokerError> {
+        match self {
+            Self::Memory(_) => Ok((false, Vec::new())),
+            Self::Redis(b) => b.beat(instance, rooms, ttl).await,
+        }
+    }
+
+    /// Removes `rooms` from `instance`'s room set, after its withdrawal from them.
+    pub async fn forget_rooms(
+        &self,
+        instance: &str,
+        rooms: &[RoomName],
+    ) -> Result<(), BrokerError> {
+        match self {
+            Self::Memory(_) => Ok(()),
+            Self::Redis(b) => b.forget_rooms(instance, rooms).await,
+        }
+    }
+
+    /// Removes `instance` from the node registry (a clean stop).
+    pub async fn forget_instance(&self, instance: &str) -> Result<(), BrokerError> {
+        match self {
+            Self::Memory(_) => Ok(()),
+            Self::Redis(b) => b.forget_instance(instance).await,
+        }
+    }
+
+    /// Reaps the dead `instance` if this node wins its lock; returns the rooms reaped and the
+    /// lifecycle events appended in each.
+    pub async fn reap(
+        &self,
+        instance: &str,
+        ttl: Duration,
+        max_members: usize,
+        events: bool,
+    ) -> Result<Vec<(RoomName, u64)>, BrokerError> {
+        match self {
+            Self::Memory(_) => Ok(Vec::new()),
+            Self::Redis(b) => b.reap(instance, ttl, max_members, events).await,
         }
     }
 

@@ -1,7 +1,8 @@
-//! The Lua scripts the Redis broker runs — `publish.lua`, `history.lua`, `presence.lua`,
-//! `counts.lua` (the rooms API's read of one room's counts), `ban.lua` and the webhooks'
-//! `hook_claim.lua`, `hook_ack.lua` and `hook_release.lua`, each a file beside this
-//! one — with their keys, their arguments and how their answers
+//! The Lua scripts the Redis broker runs — `publish.lua`, `history.lua`, `presence.lua` (counts,
+//! member lists and lifecycle events of one room), `members.lua` (a page of a room's list),
+//! `registry.lua` (the node registry's heartbeat), `counts.lua` (the rooms API's read of one
+//! room's counts), `ban.lua` and the webhooks' `hook_claim.lua`, `hook_ack.lua` and
+//! `hook_release.lua`, each a file beside this one — with their keys, their arguments and how their answers
 //! read. Every room key carries the room's hash tag (`{prefix}{<room>}:meta|hist|idem:<scoped key>`), so
 //! one script touches one cluster slot. How a script reaches Redis (`EVALSHA`, and `EVAL` when a
 //! server answers `NOSCRIPT`) is [`super::redis::conn`]'s one place.
@@ -39,12 +40,20 @@ pub static PUBLISH: LazyLock<LuaScript> =
 /// Reads a room's position and history for a joining or resuming client.
 pub static HISTORY: LazyLock<LuaScript> =
     LazyLock::new(|| LuaScript::new(include_str!("history.lua")));
-/// Reports one node's counts of one room and returns the room's cluster-wide counts.
+/// Reports one node instance's counts and listed members of one room (or reaps a dead
+/// instance's), appends lifecycle events, and returns the room's cluster-wide counts and the
+/// list's changes.
 pub static PRESENCE: LazyLock<LuaScript> =
     LazyLock::new(|| LuaScript::new(include_str!("presence.lua")));
 /// Reads a room's cluster-wide counts without reporting any (the rooms API).
 pub static COUNTS: LazyLock<LuaScript> =
     LazyLock::new(|| LuaScript::new(include_str!("counts.lua")));
+/// Reads one page of a room's member list.
+pub static MEMBERS: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new(include_str!("members.lua")));
+/// The node registry's heartbeat: renews an instance, records its rooms, names the dead.
+pub static REGISTRY: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new(include_str!("registry.lua")));
 /// Stores one ban and keeps the user's ban hash alive exactly as long as its latest ban.
 pub static BAN: LazyLock<LuaScript> = LazyLock::new(|| LuaScript::new(include_str!("ban.lua")));
 /// Takes or renews a node's lease on a room's webhooks and reads its oldest undelivered events.
@@ -60,6 +69,35 @@ pub static HOOK_RELEASE: LazyLock<LuaScript> =
 /// A key of `room`'s history: `{prefix}{<room>}:<suffix>`, hash-tagged by the room.
 pub fn room_key(prefix: &str, room: &RoomName, suffix: &str) -> String {
     format!("{prefix}{{{room}}}:{suffix}")
+}
+
+/// The roster keys of `room` after its presence hash in `presence.lua` (KEYS[2..8]): the
+/// instance's roster hash, the totals, the listed members, the version, the change log, the
+/// over-the-bound flag and the lifecycle event stream — all hash-tagged by the room.
+pub fn roster_keys(prefix: &str, room: &RoomName, instance: &str) -> [String; 7] {
+    [
+        room_key(prefix, room, &format!("roster:i:{instance}")),
+        room_key(prefix, room, "roster:n"),
+        room_key(prefix, room, "roster:m"),
+        room_key(prefix, room, "roster:v"),
+        room_key(prefix, room, "roster:log"),
+        room_key(prefix, room, "roster:over"),
+        room_key(prefix, room, "events"),
+    ]
+}
+
+/// The node registry (a sorted set of instances by heartbeat expiry) and an instance's room set,
+/// in one fixed slot (`{registry}`), apart from the rooms' slots.
+pub fn registry_keys(prefix: &str, instance: &str) -> [String; 2] {
+    [
+        format!("{prefix}{{registry}}:nodes"),
+        format!("{prefix}{{registry}}:rooms:{instance}"),
+    ]
+}
+
+/// The reaping lock of a dead instance (`SET NX PX`), in the registry's slot.
+pub fn reap_lock_key(prefix: &str, instance: &str) -> String {
+    format!("{prefix}{{registry}}:reap:{instance}")
 }
 
 /// The keys of `publish.lua`: the room's meta and stream, and the idempotency `key`'s — already

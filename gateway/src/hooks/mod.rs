@@ -116,8 +116,9 @@ pub enum HookError {
 /// One node's webhook dispatcher (see the module docs).
 #[derive(Debug)]
 pub struct Dispatcher {
-    /// This node instance's id in leases and the index: `--node-id` plus a random suffix, so
-    /// that a restarted node never mistakes its predecessor's leases for its own.
+    /// This node instance's id in leases and the index ([`crate::node::Node::instance`]:
+    /// `--node-id` plus a random suffix, so that a restarted node never mistakes its
+    /// predecessor's leases for its own).
     pub instance: String,
     store: Store,
     sender: Sender,
@@ -143,6 +144,7 @@ impl Dispatcher {
     /// without a `--webhook-url` (nothing recorded, nothing sent).
     pub fn new(
         config: &Config,
+        instance: &str,
         broker: &Broker,
         metrics: Metrics,
         tracker: TaskTracker,
@@ -161,7 +163,7 @@ impl Dispatcher {
         let settings = Settings::from_config(config);
         let (wake_tx, wake_rx) = mpsc::channel(w.wake_queue);
         Ok(Some(Arc::new(Self {
-            instance: format!("{}-{:016x}", config.node_id, fastrand::u64(..)),
+            instance: instance.to_string(),
             store,
             sender,
             permits: Arc::new(Semaphore::new(settings.concurrency)),
@@ -445,9 +447,16 @@ mod tests {
             metrics.clone(),
             config.history_limits(),
         ));
-        Dispatcher::new(&config, &broker, metrics, TaskTracker::new(), stop)
-            .unwrap()
-            .expect("a URL turns webhooks on")
+        Dispatcher::new(
+            &config,
+            "n1:test",
+            &broker,
+            metrics,
+            TaskTracker::new(),
+            stop,
+        )
+        .unwrap()
+        .expect("a URL turns webhooks on")
     }
 
     /// The wake queue is bounded: with nothing draining it, the wake-up after [`WAKE_QUEUE`]

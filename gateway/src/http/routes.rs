@@ -9,7 +9,7 @@
 //!   moderation ([`crate::http::moderation`]).
 //! - `GET /api/rooms/{room}/messages?since=E:N&limit=L` — the room's history.
 //! - `GET /api/rooms?limit=N&cursor=C` and `GET /api/rooms/{room}/presence` — the rooms with
-//!   members cluster-wide and their counts, with the API key ([`rooms_api`]).
+//!   members cluster-wide and their counts, with the API key ([`crate::http::rooms`]).
 //!
 //! Who may call the API is decided here too: a publish needs the API key (or an API opened on
 //! purpose) and is never accepted from a browser page of another site ([`browser_may_publish`]);
@@ -32,14 +32,14 @@ use serde_json::value::RawValue;
 use tracing::{debug, warn};
 
 use crate::auth::AuthError;
-use crate::broker::BrokerError;
 use crate::config::Config;
 use crate::http::assets;
 use crate::http::moderation as moderation_api;
 use crate::http::request::{
-    check_api_key, matching_api_key, param, query_params, read_body, require_api_key, BodyError,
+    check_api_key, matching_api_key, param, query_params, read_body, BodyError,
 };
 use crate::http::response::{json, Body, Refusal};
+use crate::http::rooms as rooms_api;
 use crate::metrics::{DropReason, HttpTimeout, RefuseReason, Source};
 use crate::node::{Node, SlotError};
 use crate::session::{self, Admission, Resume};
@@ -104,7 +104,7 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<
     } else if path == "/api/rooms"
         || (path.starts_with("/api/rooms/") && path.ends_with("/presence"))
     {
-        let result = rooms_api(&node, req, &path).await;
+        let result = rooms_api::serve(&node, req, &path).await;
         let status = match &result {
             Ok(r) => r.status(),
             Err(r) => r.status(),
@@ -143,7 +143,7 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<
     Ok(response.unwrap_or_else(Refusal::into_response))
 }
 
-fn parse_room(raw: &str) -> Result<RoomName, Refusal> {
+pub(crate) fn parse_room(raw: &str) -> Result<RoomName, Refusal> {
     if raw == crate::broker::control::CONTROL_ROOM {
         return Err(Refusal::bad_request(
             "the room name _control is reserved for the control channel",
@@ -213,6 +213,7 @@ async fn admit(node: &Node, req: &Request<Incoming>, room: &str) -> Result<Admis
             user: None,
             exp: None,
             publish: true,
+            list: false,
             resume,
         });
     };
@@ -225,6 +226,7 @@ async fn admit(node: &Node, req: &Request<Incoming>, room: &str) -> Result<Admis
                 user: None,
                 exp: None,
                 publish: false,
+                list: false,
                 resume,
             });
         }
@@ -252,6 +254,7 @@ async fn admit(node: &Node, req: &Request<Incoming>, room: &str) -> Result<Admis
         user: Some(identity.sub),
         exp: Some(identity.exp),
         publish: right.publish,
+        list: right.list,
         resume,
     })
 }
@@ -358,77 +361,6 @@ async fn upgrade(
     });
     let (parts, _) = response.into_parts();
     Ok(Response::from_parts(parts, Full::new(Bytes::new())))
-}
-
-/// Most rooms one page of `GET /api/rooms` asks for.
-const MAX_ROOMS_PAGE: usize = 1000;
-
-/// `GET /api/rooms?limit=N&cursor=C` — the rooms with members anywhere in the cluster and their
-/// counts, a page of about `limit` (default 100, at most 1000) and the next page's cursor (`null`
-/// when done) — and `GET /api/rooms/{room}/presence` — one room's counts. Both as the nodes last
-/// reported them (at most one `--presence-interval` old), with the API key; refused (403) on a
-/// node without `--api-key`.
-async fn rooms_api(
-    node: &Arc<Node>,
-    req: Request<Incoming>,
-    path: &str,
-) -> Result<Response<Body>, Refusal> {
-    if req.method() != Method::GET {
-        return Err(Refusal::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "use GET",
-        ));
-    }
-    require_api_key(&node.config, &req, "rooms")?;
-    let failed = |e: BrokerError| match e {
-        BrokerError::Config(m) => Refusal::bad_request(m),
-        e => {
-            warn!(cause = %e, "rooms API read failed");
-            Refusal::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "the cluster's broker is unavailable; retry later",
-            )
-        }
-    };
-    if let Some(room) = path
-        .strip_prefix("/api/rooms/")
-        .and_then(|r| r.strip_suffix("/presence"))
-    {
-        let room = parse_room(room)?;
-        let c = node
-            .broker
-            .room_counts(&room, || node.hub.counts(&room))
-            .await
-            .map_err(failed)?;
-        return Ok(json(
-            StatusCode::OK,
-            &serde_json::json!({"room": room.as_str(), "hosts": c.hosts, "viewers": c.viewers}),
-        ));
-    }
-    let params = query_params(&req)?;
-    let limit = match param(&params, "limit") {
-        None | Some("") => 100,
-        Some(n) => n
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=MAX_ROOMS_PAGE).contains(n))
-            .ok_or_else(|| Refusal::bad_request(format!("limit must be 1 to {MAX_ROOMS_PAGE}")))?,
-    };
-    let (rooms, next) = node
-        .broker
-        .rooms(param(&params, "cursor"), limit, || node.hub.snapshot())
-        .await
-        .map_err(failed)?;
-    let rooms: Vec<serde_json::Value> = rooms
-        .iter()
-        .map(|(r, c)| serde_json::json!({"room": r.as_str(), "hosts": c.hosts, "viewers": c.viewers}))
-        .collect();
-    Ok(json(
-        StatusCode::OK,
-        &serde_json::json!({"rooms": rooms, "cursor": next}),
-    ))
 }
 
 /// `GET /api/rooms/{room}/messages?since=E:N&limit=L`: the messages after `since` (all of them,

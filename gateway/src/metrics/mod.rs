@@ -54,6 +54,8 @@ pub struct StateGauges {
     pub webhook_leases: usize,
     /// See [`WEBHOOK_OLDEST_PENDING`], in seconds.
     pub webhook_oldest_pending: f64,
+    /// See [`LIST_MEMBERS`].
+    pub list_members: usize,
 }
 
 /// Pre-registered handles of every metric of one node. Cheap to clone (handles are `Arc`s).
@@ -83,6 +85,16 @@ pub struct Metrics {
     pub delivered: Counter,
     /// See [`PRESENCE_UNCHANGED`].
     pub presence_unchanged: Counter,
+    /// See [`LIST_MEMBERS`].
+    list_members: Gauge,
+    /// See [`LIST_OVERFLOW`].
+    pub list_overflow: Counter,
+    /// See [`MEMBERS_DIFFS`].
+    pub members_diffs: Counter,
+    /// See [`MEMBERS_COMMANDS`].
+    pub members_commands: Counter,
+    /// See [`ROSTER_REAPS`].
+    pub roster_reaps: Counter,
     /// See [`GAP_FILLS`]: filled, unreadable, too_large, overflow.
     gap_fills: [Counter; 4],
     dropped: Arc<[Counter]>,
@@ -262,6 +274,11 @@ impl Metrics {
                 .map(|s| counter(MESSAGES_PUBLISHED, &[("source", s.label())])),
             delivered: counter(MESSAGES_DELIVERED, &[]),
             presence_unchanged: counter(PRESENCE_UNCHANGED, &[]),
+            list_members: gauge(LIST_MEMBERS, &[]),
+            list_overflow: counter(LIST_OVERFLOW, &[]),
+            members_diffs: counter(MEMBERS_DIFFS, &[]),
+            members_commands: counter(MEMBERS_COMMANDS, &[]),
+            roster_reaps: counter(ROSTER_REAPS, &[]),
             gap_fills: ["filled", "unreadable", "too_large", "overflow"]
                 .map(|r| counter(GAP_FILLS, &[("result", r)])),
             dropped: DropReason::ALL
@@ -407,6 +424,7 @@ impl Metrics {
         self.webhook_leases.set(state.webhook_leases as f64);
         self.webhook_oldest_pending
             .set(state.webhook_oldest_pending);
+        self.list_members.set(state.list_members as f64);
         self.set_shards(&state.redis_shards);
         // The collector records through whichever recorder is current: this node's.
         metrics::with_local_recorder(&*self.recorder, || self.process.collect());
@@ -526,6 +544,27 @@ fn describe(r: &PrometheusRecorder) {
         PRESENCE_UNCHANGED,
         None,
         "Presence events not sent: the member already had the room's counts.",
+    );
+    d(
+        LIST_MEMBERS,
+        None,
+        "Members this node lists across its listing rooms.",
+    );
+    d(
+        LIST_OVERFLOW,
+        None,
+        "Members not listed: their room already lists --list-max-members from this node.",
+    );
+    d(
+        MEMBERS_DIFFS,
+        None,
+        "members_diff events queued to listing members.",
+    );
+    d(MEMBERS_COMMANDS, None, "members commands answered.");
+    d(
+        ROSTER_REAPS,
+        None,
+        "Dead node instances this node reaped (counts and listed members removed).",
     );
     d(
         MESSAGES_DROPPED,

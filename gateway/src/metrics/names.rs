@@ -20,6 +20,18 @@ pub const MESSAGES_DELIVERED: &str = "gateway_messages_delivered_total";
 /// `presence` events the presence timer did not send because the member already had those
 /// counts (the room's counts did not change since).
 pub const PRESENCE_UNCHANGED: &str = "gateway_presence_unchanged_total";
+/// Entries this node lists across its listing rooms (member lists, docs/protocol.md), read at
+/// scrape time; an entry whose member left stays until the next tick has written the leave.
+pub const LIST_MEMBERS: &str = "gateway_list_members";
+/// Members not listed because their room already lists `--list-max-members` from this node.
+pub const LIST_OVERFLOW: &str = "gateway_list_overflow_total";
+/// `members_diff` events queued to members (one per listing member per tick with changes).
+pub const MEMBERS_DIFFS: &str = "gateway_members_diffs_total";
+/// `members` commands answered (refusals not included: they count as client errors).
+pub const MEMBERS_COMMANDS: &str = "gateway_members_commands_total";
+/// Dead node instances this node reaped from the registry (their counts and listed members
+/// removed, members left with `node_lost`).
+pub const ROSTER_REAPS: &str = "gateway_roster_reaps_total";
 /// Gaps in a room's offsets this node saw in what its subscription brought, by `result`:
 /// `filled` from history, `unreadable` (history could not be read; handed out with the gap),
 /// `too_large` (history did not have them all: trimmed, more than `gapfill::MAX_FILL`, or over

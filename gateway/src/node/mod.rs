@@ -14,6 +14,7 @@ pub mod moderation;
 pub mod pacing;
 pub mod presence;
 pub mod presence_cache;
+pub mod roster;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -91,6 +92,14 @@ pub struct Node {
     pub registry: Registry,
     /// The webhook dispatcher; `None` without `--webhook-url`.
     pub hooks: Option<Arc<Dispatcher>>,
+    /// This incarnation of the node: `--node-id`, a colon and a random boot nonce, so that a
+    /// node restarted with the same id never inherits a dead incarnation's counts and members
+    /// (the presence fields, roster entries and registry entry are the instance's).
+    pub instance: String,
+    /// This node's listed members ([`roster::LocalRoster`]).
+    pub roster: roster::LocalRoster,
+    /// `--list-rooms`, parsed once.
+    list_rooms: crate::auth::RoomPatterns,
 }
 
 /// A publish the broker did not take.
@@ -191,8 +200,10 @@ impl Node {
             )?),
         };
         let registry = Registry::new(config.token_expiry_warning.as_millis() as u64);
+        let instance = format!("{}:{:016x}", config.node_id, fastrand::u64(..));
         let hooks = Dispatcher::new(
             &config,
+            &instance,
             &broker,
             metrics.clone(),
             tracker.clone(),
@@ -202,6 +213,8 @@ impl Node {
         if let Some(h) = &hooks {
             h.spawn();
         }
+        let roster = roster::LocalRoster::new(config.list_max_members);
+        let list_rooms = config.list_patterns();
         let node = Arc::new(Node {
             config,
             hub,
@@ -218,10 +231,19 @@ impl Node {
             auth,
             registry,
             hooks,
+            instance,
+            roster,
+            list_rooms,
         });
         let source: Weak<dyn MissedSource> = Arc::downgrade(&node) as Weak<Node>;
         node.inbound.set_missed_source(source, node.tracker.clone());
         Ok(node)
+    }
+
+    /// Whether a member of `room` is listed and sees the list (docs/protocol.md, "Member
+    /// lists"): the room matches `--list-rooms`, or the member's grant says `"list": true`.
+    pub fn lists(&self, room: &RoomName, grant_lists: bool) -> bool {
+        grant_lists || self.list_rooms.covers(room)
     }
 
     /// Reserves a session slot before the upgrade.
@@ -396,6 +418,7 @@ impl Node {
                 .hooks
                 .as_ref()
                 .map_or(0.0, |h| h.oldest_pending().as_secs_f64()),
+            list_members: self.roster.size(),
         }
     }
 

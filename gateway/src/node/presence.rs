@@ -2,9 +2,19 @@
 //! to the broker, get the cluster-wide counts back, and send a `presence` event (encoded once per
 //! room) to each member whose last one from this timer differs — a member that joined since, or
 //! every member when the counts changed. A room whose counts stay the same costs its members
-//! nothing (issue 22): no frame, no syscall, one compare per member. Rooms whose last local member left are withdrawn, so leaves
-//! show within one interval; a node that dies stops renewing its reports, which expire after
+//! nothing (issue 22): no frame, no syscall, one compare per member. A room whose last local
+//! member left is reported with zero counts for `--unsubscribe-delay`, then withdrawn (the
+//! `room.vacated` debounce); a node that dies stops renewing its reports, which expire after
 //! three intervals.
+//!
+//! Member lists ride on the same tick, in the same script call per room: the node's listed
+//! members that changed since the last tick ([`crate::node::roster`]) go with its counts, and the
+//! list's changes cluster-wide since the version the node saw last come back, folded into one
+//! `members_diff` per room (encoded once) for the members that see the list. The tick also
+//! renews the node instance in the registry (rooms are added to its room set before the first
+//! write into them, and removed after the withdrawal from them) and reaps the instances that
+//! stopped renewing (see `broker/redis/roster.rs`): their members leave with `node_lost` within
+//! three intervals and one tick of the death.
 //!
 //! The frames of one round go out in slices of 500 members spread over a quarter of the interval
 //! (at most 1 s), not in one burst: a change shows on every member within 1¼ intervals.
@@ -14,28 +24,44 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
-use tracing::warn;
+use tracing::{debug, warn};
 
+use crate::broker::roster::{fold, RoomTick, RosterWrite};
+use crate::broker::BrokerError;
 use crate::fanout::outbox::{Outbox, PushError, Pushed};
 use crate::metrics::DropReason;
 use crate::node::pacing;
+use crate::node::roster::Write;
 use crate::node::Node;
 use crate::wire::frame::frame_text;
-use crate::wire::protocol::{self, RoomName};
+use crate::wire::protocol::{self, DiffKind, RoomCounts, RoomName};
 
-/// Runs the presence timer until the node stops, then withdraws this node's reports.
+/// What the timer remembers between ticks.
+#[derive(Debug, Default)]
+struct State {
+    /// Rooms this node reported counts of, with the moment their last local member left (`None`
+    /// while they have members).
+    reported: HashMap<RoomName, Option<Instant>>,
+    /// Rooms in this instance's room set in the registry.
+    registered: HashSet<RoomName>,
+    /// Whether the registry has answered a heartbeat of this instance yet.
+    beaten: bool,
+}
+
+/// Runs the presence timer until the node stops, then withdraws this node's reports and members.
 pub async fn run(node: Arc<Node>) {
     let mut tick = tokio::time::interval(node.config.presence_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut reported: HashSet<RoomName> = HashSet::new();
+    let mut state = State::default();
     let mut failures = 0u64;
     loop {
         tokio::select! {
             _ = node.stopping().cancelled() => break,
             _ = tick.tick() => {
-                match once(&node, &mut reported).await {
+                match once(&node, &mut state, false).await {
                     Ok(()) => failures = 0,
                     Err(e) => {
                         failures += 1;
@@ -47,59 +73,225 @@ pub async fn run(node: Arc<Node>) {
             }
         }
     }
-    // Leave no counts behind for the TTL to clean up.
-    let gone: Vec<RoomName> = reported.into_iter().collect();
-    if !gone.is_empty() {
-        let _ = node
-            .broker
-            .presence(&node.config.node_id, &[], &gone, node.config.presence_ttl())
-            .await;
+    // Leave no counts or members behind for the TTL and the reaper to clean up.
+    node.roster.leave_all("shutdown");
+    if once(&node, &mut state, true).await.is_ok() {
+        let _ = node.broker.forget_instance(&node.instance).await;
     }
 }
 
-async fn once(
-    node: &Node,
-    reported: &mut HashSet<RoomName>,
-) -> Result<(), crate::broker::BrokerError> {
-    let local = node.hub.snapshot();
-    let now: HashSet<RoomName> = local.iter().map(|(r, _)| r.clone()).collect();
-    let gone: Vec<RoomName> = reported.difference(&now).cloned().collect();
-    let cluster = node
-        .broker
-        .presence(
-            &node.config.node_id,
-            &local,
-            &gone,
-            node.config.presence_ttl(),
-        )
-        .await?;
-    *reported = now;
+/// One tick; `last` withdraws every room (the node stops).
+async fn once(node: &Node, state: &mut State, last: bool) -> Result<(), BrokerError> {
+    let local = if last {
+        Vec::new()
+    } else {
+        node.hub.snapshot()
+    };
+    let now = Instant::now();
+    // Counts per room: the local ones, zero for a room emptied less than --unsubscribe-delay
+    // ago, `None` (withdraw) after that.
+    let mut counts: Vec<(RoomName, Option<RoomCounts>)> = Vec::new();
+    let live: HashSet<&RoomName> = local.iter().map(|(r, _)| r).collect();
+    for (room, emptied) in state.reported.iter_mut() {
+        if live.contains(room) {
+            *emptied = None;
+            continue;
+        }
+        let since = *emptied.get_or_insert(now);
+        let keep = !last && now.duration_since(since) < node.config.unsubscribe_delay;
+        counts.push((room.clone(), keep.then(RoomCounts::default)));
+    }
+    counts.extend(local.iter().map(|(r, c)| (r.clone(), Some(*c))));
+    let mut writes: HashMap<RoomName, Write> = node
+        .roster
+        .writes()
+        .into_iter()
+        .map(|w| (w.room.clone(), w))
+        .collect();
+    // A listing room this node neither reports nor withdraws (a member came and went between two
+    // ticks) still gets its roster write.
+    let counted: HashSet<RoomName> = counts.iter().map(|(r, _)| r.clone()).collect();
+    for room in writes.keys().filter(|r| !counted.contains(*r)) {
+        counts.push((room.clone(), None));
+    }
+    // Registry first: a room joins this instance's room set before its first write.
+    let fresh: Vec<RoomName> = counts
+        .iter()
+        .filter(|(r, c)| (c.is_some() || writes.contains_key(r)) && !state.registered.contains(r))
+        .map(|(r, _)| r.clone())
+        .collect();
+    let ttl = node.config.presence_ttl();
+    let dead = match node.broker.beat(&node.instance, &fresh, ttl).await {
+        Ok((unknown, dead)) if unknown && state.beaten => {
+            // Reaped while it could not beat (a pause, a partition): its counts, members and
+            // room set are gone. Register and write everything again from the next tick on.
+            warn!(instance = %node.instance, "this node was reaped as dead; writing its members again");
+            state.registered.clear();
+            node.roster.rewrite_all();
+            writes.clear();
+            dead
+        }
+        Ok((_, dead)) => {
+            state.beaten = true;
+            state.registered.extend(fresh);
+            dead
+        }
+        Err(e) => {
+            // Counts still go (they expire on their own); roster writes wait for the registry.
+            // Not logged here: the tick's own failure is (throttled), and a Redis outage fails both.
+            writes.retain(|r, _| state.registered.contains(r));
+            debug!(cause = %e, "node registry heartbeat failed");
+            Vec::new()
+        }
+    };
+    let events = node.config.lifecycle_events();
+    let max_members = node.config.list_max_members;
+    let ticks: Vec<RoomTick<'_>> = counts
+        .iter()
+        .map(|(room, c)| RoomTick {
+            room,
+            counts: *c,
+            roster: writes.get(room).map(|w| RosterWrite {
+                instance: &node.instance,
+                last_seen: w.last_seen,
+                changes: &w.changes,
+                max_members,
+                events,
+            }),
+        })
+        .collect();
+    let answers = node.broker.tick(&node.instance, &ticks, ttl, events).await;
+    let local: HashMap<RoomName, RoomCounts> = local.into_iter().collect();
     let mut cache = HashMap::with_capacity(local.len());
     let mut sends: Vec<Frame> = Vec::new();
     let mut unchanged = 0u64;
-    for ((room, mine), counts) in local.into_iter().zip(cluster) {
+    let mut forget = Vec::new();
+    let mut failed = None;
+    for ((room, reported), answer) in counts.iter().zip(answers) {
+        let (cluster, mut read) = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                failed = Some(e);
+                continue;
+            }
+        };
+        if let Some(r) = read.as_mut().filter(|r| r.events > 0) {
+            if r.in_process.is_empty() {
+                node.lifecycle_appended(room);
+            }
+            for event in r.in_process.drain(..) {
+                node.lifecycle_in_process(room, event);
+            }
+        }
+        let mut roster_gone = true;
+        if let (Some(w), Some(read)) = (writes.get(room), &read) {
+            let (outboxes, gone) = node.roster.written(w, read);
+            roster_gone = gone;
+            if read.reset {
+                // The registry may have lost the room too: add it again before the rewrite.
+                state.registered.remove(room);
+            }
+            if let Some(diff) = fold(read.version, &read.batches, read.reset) {
+                let kind = if diff.reset {
+                    DiffKind::Reset
+                } else if diff.over_limit {
+                    DiffKind::OverLimit
+                } else {
+                    DiffKind::Changes
+                };
+                let frame = frame_text(&protocol::members_diff(
+                    room,
+                    diff.v,
+                    kind,
+                    &diff.joined,
+                    &diff.left,
+                ));
+                for o in &outboxes {
+                    if o.push_message(frame.clone(), None, true).is_ok() {
+                        node.metrics.members_diffs.increment(1);
+                    }
+                }
+            }
+        }
+        match reported {
+            None => {
+                state.reported.remove(room);
+                if roster_gone {
+                    forget.push(room.clone());
+                }
+                continue;
+            }
+            Some(_) => {
+                state.reported.entry(room.clone()).or_insert(None);
+            }
+        }
+        let Some(mine) = local.get(room) else {
+            continue;
+        };
         // Only to members whose last counts differ (a new member, or the counts changed), framed
         // once per room: every member gets the same bytes, each in one plain `send`.
-        let packed = counts.packed();
+        let packed = cluster.packed();
+        let over = node.roster.is_over(room);
         let mut frame: Option<Bytes> = None;
-        for outbox in node.hub.outboxes(&room) {
+        for outbox in node.hub.outboxes(room) {
             if outbox.presence_sent() == packed {
                 unchanged += 1;
                 continue;
             }
             let frame = frame
                 .get_or_insert_with(|| {
-                    frame_text(&protocol::presence(&room, counts.hosts, counts.viewers))
+                    frame_text(&if over {
+                        protocol::presence_not_listing(room, cluster.hosts, cluster.viewers)
+                    } else {
+                        protocol::presence(room, cluster.hosts, cluster.viewers)
+                    })
                 })
                 .clone();
             sends.push((frame, outbox, packed));
         }
-        cache.insert(room, (counts, mine));
+        cache.insert(room.clone(), (cluster, *mine));
     }
-    node.presence.replace(cache);
-    node.metrics.presence_unchanged.increment(unchanged);
-    spread(node, sends).await;
-    Ok(())
+    if !forget.is_empty()
+        && node
+            .broker
+            .forget_rooms(&node.instance, &forget)
+            .await
+            .is_ok()
+    {
+        for r in &forget {
+            state.registered.remove(r);
+        }
+    }
+    if !last {
+        node.presence.replace(cache);
+        node.metrics.presence_unchanged.increment(unchanged);
+        spread(node, sends).await;
+        reap(node, dead, events).await;
+    }
+    failed.map_or(Ok(()), Err)
+}
+
+/// Reaps the instances the registry named as dead (one node wins each one's lock).
+async fn reap(node: &Node, dead: Vec<String>, events: bool) {
+    let ttl = node.config.presence_ttl();
+    for instance in dead.iter().filter(|i| **i != node.instance) {
+        match node
+            .broker
+            .reap(instance, ttl, node.config.list_max_members, events)
+            .await
+        {
+            Ok(rooms) if !rooms.is_empty() => {
+                node.metrics.roster_reaps.increment(1);
+                for (room, appended) in rooms {
+                    if appended > 0 {
+                        node.lifecycle_appended(&room);
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => warn!(instance = %instance, cause = %e, "reaping a dead node failed"),
+        }
+    }
 }
 
 /// One member's presence frame and the packed counts it carries.

@@ -29,6 +29,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
+use crate::broker::roster::Member;
 use crate::fanout::outbox::Outbox;
 use crate::metrics::RecoveryResult;
 use crate::node::{Node, SessionSlot};
@@ -59,6 +60,8 @@ pub struct Admission {
     pub exp: Option<u64>,
     /// Whether the client's publishes are accepted.
     pub publish: bool,
+    /// Whether its grant for the room says `"list": true` (see [`Node::lists`]).
+    pub list: bool,
     /// What it asks of the room's history.
     pub resume: Resume,
 }
@@ -150,9 +153,29 @@ async fn join(
         user,
         exp,
         publish,
+        list,
         resume,
     } = admission;
     let conn_id = format!("{}-{}", cfg.node_id, slot.id);
+    // Listed before the catch-up, so that the member is in the next tick's write.
+    let listed = node.lists(&room, list) && {
+        let listed = node.roster.join(
+            &room,
+            slot.id,
+            Member {
+                sub: user
+                    .as_deref()
+                    .map_or_else(|| format!("conn:{conn_id}"), str::to_string),
+                name: name.as_deref().map(str::to_string),
+                role: role.as_str().to_string(),
+            },
+            outbox.clone(),
+        );
+        if !listed {
+            node.metrics.list_overflow.increment(1);
+        }
+        listed
+    };
 
     node.registry
         .register(slot.id, room.clone(), user.clone(), exp, outbox.clone());
@@ -170,7 +193,8 @@ async fn join(
     .await;
 
     let reader = reader::Reader::new(node.clone(), outbox.clone(), room.clone(), role, name)
-        .with_access(slot.id, user, publish);
+        .with_access(slot.id, user, publish)
+        .with_list(listed);
     let writer = writer::Writer::new(node.clone(), outbox, rx);
     Some(Live {
         node,
@@ -194,6 +218,8 @@ impl Live {
         };
         let node = &self.node;
         node.registry.unregister(self.slot.id);
+        node.roster
+            .leave(&self.room, self.slot.id, reason.left_reason());
         node.leave(&self.room, self.slot.id, self.role);
         node.metrics.closed(reason).increment(1);
         // Boxed: the timer is only alive while closing, not in every idle session's task.

@@ -46,6 +46,8 @@ struct Access {
     user: Option<Arc<str>>,
     /// Whether publishes are accepted; a refresh may change it.
     publish: bool,
+    /// Whether the member is listed and sees the list ([`Node::lists`]).
+    listed: bool,
 }
 
 /// A token bucket of publishes per connection, with a count of refusals for closing abusers.
@@ -94,6 +96,7 @@ impl Reader {
                 session: 0,
                 user: None,
                 publish: true,
+                listed: false,
             },
         }
     }
@@ -104,7 +107,14 @@ impl Reader {
             session,
             user,
             publish,
+            listed: false,
         };
+        self
+    }
+
+    /// Sets whether the member sees the room's list (the `members` command).
+    pub fn with_list(mut self, listed: bool) -> Self {
+        self.access.listed = listed;
         self
     }
 }
@@ -283,6 +293,10 @@ impl Reader {
             Ok(ClientCommand::Publish(data, key)) => self.publish(data, key.as_deref()).await,
             Ok(ClientCommand::Chat(text)) => self.publish(&protocol::chat_data(text), None).await,
             Ok(ClientCommand::Ping) => self.send(protocol::pong()),
+            Ok(ClientCommand::Members(cursor)) => {
+                // Boxed: a Redis round trip, alive only while it runs.
+                Box::pin(self.members(cursor.as_deref())).await
+            }
             Ok(ClientCommand::Refresh(token)) => {
                 // Boxed for the same reason as a publish: verification may wait for a JWKS
                 // fetch and a ban check, and an idle reader task should stay small.
@@ -357,6 +371,36 @@ impl Reader {
         }
         node.registry.extend(self.access.session, identity.exp);
         let _ = self.outbox.push(protocol::refreshed(identity.exp));
+    }
+
+    /// Answers a `members` command with a page of the room's list; counted against
+    /// `--max-control-rate` like every command but a publish.
+    async fn members(&mut self, cursor: Option<&str>) {
+        if !self.access.listed {
+            return self.refuse(
+                "not_listed",
+                "this room does not list its members to you (see --list-rooms and the grant's list)",
+            );
+        }
+        self.node.metrics.members_commands.increment(1);
+        let page = self
+            .node
+            .broker
+            .members(&self.room, cursor, crate::broker::roster::PAGE)
+            .await;
+        match page {
+            Ok(page) => self.send(protocol::members(
+                &self.room,
+                page.version,
+                &page.members,
+                page.cursor.as_deref(),
+                page.over,
+            )),
+            Err(crate::broker::BrokerError::Config(_)) => {
+                self.refuse("invalid_command", "malformed members cursor")
+            }
+            Err(_) => self.refuse("unavailable", "the member list cannot be read right now"),
+        }
     }
 
     /// Publishes `data`; with an idempotency `key`, answers `ack` (or an `error` carrying the key).

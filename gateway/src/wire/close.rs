@@ -141,6 +141,21 @@ impl CloseReason {
     }
 }
 
+impl CloseReason {
+    /// The `reason` of a member that left a listing room because its last connection ended so
+    /// (docs/protocol.md, "Member lists"): `client_closed` (the client closed, or its socket
+    /// ended), `kicked`, `banned`, `token_expired`, `forbidden`, `shutdown` (its node drained),
+    /// `broker_lost`, `slow_consumer`, `idle_timeout`, `rate_limited` and `protocol_error` (any
+    /// broken frame); `node_lost` is the reaper's, for a node that died.
+    pub fn left_reason(self) -> &'static str {
+        match self {
+            Self::ClientClosed | Self::Eof | Self::IoError => "client_closed",
+            Self::ProtocolError | Self::InvalidUtf8 | Self::TooLarge => "protocol_error",
+            other => other.label(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -126,6 +126,9 @@ pub enum ClientCommand<'a> {
     Ping,
     /// `{"type":"refresh","token":…}`: a new token for this connection (same `sub`).
     Refresh(Cow<'a, str>),
+    /// `{"type":"members","cursor":…}`: a page of the room's member list (`cursor` absent, null
+    /// or `""`: the first page).
+    Members(Option<Cow<'a, str>>),
 }
 
 impl PartialEq for ClientCommand<'_> {
@@ -135,6 +138,7 @@ impl PartialEq for ClientCommand<'_> {
             (Self::Chat(a), Self::Chat(b)) => a == b,
             (Self::Ping, Self::Ping) => true,
             (Self::Refresh(a), Self::Refresh(b)) => a == b,
+            (Self::Members(a), Self::Members(b)) => a == b,
             _ => false,
         }
     }
@@ -174,6 +178,9 @@ struct RawCommand<'a> {
     /// The publish's idempotency key; anything but a string is refused.
     #[serde(borrow, default)]
     key: Option<&'a RawValue>,
+    /// The page cursor of a `members` command.
+    #[serde(borrow, default)]
+    cursor: Option<Cow<'a, str>>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -181,6 +188,9 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValu
 }
 
 const INVALID_KEY: &str = "key must be a string of 1-128 bytes without control characters";
+
+/// The longest `cursor` a `members` command may carry.
+const MAX_CURSOR_LEN: usize = 160;
 
 /// Parses one text frame from a client. Text that is not JSON is chat; JSON must be a command.
 pub fn parse_command(text: &str) -> Result<ClientCommand<'_>, CommandError> {
@@ -211,6 +221,12 @@ pub fn parse_command(text: &str) -> Result<ClientCommand<'_>, CommandError> {
             Some("refresh") => match cmd.token {
                 Some(token) => Ok(ClientCommand::Refresh(token)),
                 None => Err(CommandError::Invalid("refresh needs a \"token\" field")),
+            },
+            Some("members") => match cmd.cursor {
+                Some(c) if c.len() > MAX_CURSOR_LEN => {
+                    Err(CommandError::Invalid("cursor is at most 160 bytes"))
+                }
+                cursor => Ok(ClientCommand::Members(cursor.filter(|c| !c.is_empty()))),
             },
             _ => Err(CommandError::Unknown),
         },
@@ -476,6 +492,68 @@ pub fn presence(room: &RoomName, hosts: u64, viewers: u64) -> Bytes {
         hosts,
         viewers,
     })
+}
+
+/// `{"type":"presence",…,"listing":false}`: the counts of a listing room that is over
+/// `--list-max-members` (it reports counts only).
+pub fn presence_not_listing(room: &RoomName, hosts: u64, viewers: u64) -> Bytes {
+    let mut v = presence(room, hosts, viewers).to_vec();
+    v.pop();
+    v.extend_from_slice(br#","listing":false}"#);
+    Bytes::from(v)
+}
+
+/// `{"type":"members","room":…,"v":…,"members":[…],"cursor":…}`: a page of the room's list at
+/// roster version `v` (`"over_limit":true` and no members when the room is over
+/// `--list-max-members`). Generic over the member type so that this layer stays below the
+/// broker that owns it.
+pub fn members<M: Serialize>(
+    room: &RoomName,
+    v: u64,
+    members: &[M],
+    cursor: Option<&str>,
+    over_limit: bool,
+) -> Bytes {
+    let mut e = serde_json::json!({
+        "type": "members", "room": room.as_str(), "v": v, "members": members, "cursor": cursor,
+    });
+    if over_limit {
+        e["over_limit"] = true.into();
+    }
+    Bytes::from(serde_json::to_vec(&e).expect("events always serialize"))
+}
+
+/// What a `members_diff` says besides its changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiffKind {
+    /// The changes (`joined`, `left`).
+    Changes,
+    /// `"reset":true`: re-read the list.
+    Reset,
+    /// `"over_limit":true`: the room stopped listing.
+    OverLimit,
+}
+
+/// `{"type":"members_diff","room":…,"v":…,"joined":[…],"left":[…]}`: the list's changes of one
+/// presence interval; `"reset":true` or `"over_limit":true` instead of changes (see
+/// [`DiffKind`]).
+pub fn members_diff<J: Serialize, L: Serialize>(
+    room: &RoomName,
+    v: u64,
+    kind: DiffKind,
+    joined: &[J],
+    left: &[L],
+) -> Bytes {
+    let mut e = serde_json::json!({"type": "members_diff", "room": room.as_str(), "v": v});
+    match kind {
+        DiffKind::Reset => e["reset"] = true.into(),
+        DiffKind::OverLimit => e["over_limit"] = true.into(),
+        DiffKind::Changes => {
+            e["joined"] = serde_json::json!(joined);
+            e["left"] = serde_json::json!(left);
+        }
+    }
+    Bytes::from(serde_json::to_vec(&e).expect("events always serialize"))
 }
 
 /// `{"type":"error","code":…,"message":…}`.

@@ -8,6 +8,7 @@
 //! - `auth`: the test secret and API key, signed tokens, the flags that turn JWT auth on.
 //! - `resume`: viewers that reconnect with `since`, and delivery-resumption probes.
 //! - `topology`: a Redis Cluster and a Sentinel set-up, built from `redis`'s launcher.
+//! - `webhook`: a webhook receiver (real HTTP server) with a failure plan, the expected signature.
 //!
 //! Each binary imports `common::*`. Imports point one way: `node` uses `redis`, `ws` and `http`;
 //! `resume` uses `ws`; `topology` uses `redis`; `redis`, `ws` and `http` use only this file (`WAIT`, `free_port`).
@@ -21,6 +22,7 @@ mod node;
 mod redis;
 mod resume;
 mod topology;
+mod webhook;
 mod ws;
 
 use std::time::{Duration, Instant};
@@ -31,6 +33,7 @@ pub use self::node::*;
 pub use self::redis::*;
 pub use self::resume::*;
 pub use self::topology::*;
+pub use self::webhook::*;
 pub use self::ws::*;
 
 /// How long a test waits for something that should happen.

@@ -18,6 +18,8 @@
 //! - [`hooks`]: the webhooks' storage — each room's event stream, lease and delivery state
 //!   (`hook_claim.lua`, `hook_ack.lua`, `hook_release.lua`) and the fixed-slot index of which
 //!   node instance looks after which rooms; the dispatcher is [`crate::hooks`];
+//! - [`roster`]: the presence tick (counts, member lists and lifecycle events in one script per
+//!   room), a page of a room's list, and the node registry with the reaping of dead instances;
 //! - [`witness`]: in an outage, asks the sentinels or the other Cluster nodes whether they lost
 //!   the master too (the hand-over's question: is this node cut off, or is every node?);
 //! - [`crate::broker::control`]: the control channel and the bans, on the same connections.
@@ -25,7 +27,8 @@
 //! Publishing runs `publish.lua`: the room's next offset, its epoch, the history append (a stream
 //! per room), the idempotency key and the `PUBLISH` (`SPUBLISH` on the room's hash-tagged
 //! channel in a Cluster) happen in one atomic step. `history.lua` reads a room's position and
-//! history for joining clients; `presence.lua` merges the nodes' counts.
+//! history for joining clients; `presence.lua` merges the nodes' counts and
+//! member lists.
 //!
 //! Messages published while a node's subscriber is disconnected do not reach it (Redis pub/sub
 //! keeps nothing); the first one after the gap makes the node read the missed ones from history
@@ -41,6 +44,7 @@ mod overlap;
 mod publisher;
 mod reconnect;
 mod rooms;
+mod roster;
 mod subscriber;
 mod witness;
 
@@ -50,7 +54,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::future::join_all;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -65,12 +68,7 @@ use super::BrokerError;
 use crate::broker::control::{ControlSink, CONTROL_ROOM};
 use crate::metrics::Metrics;
 use crate::wire::history::{Ack, HistoryLimits, HistoryQuery, HistoryRead};
-use crate::wire::protocol::RoomCounts;
 use crate::wire::protocol::RoomName;
-
-/// Presence scripts in flight together (a multiplexed connection pipelines them; a Cluster
-/// connection sends each to its room's slot).
-const PRESENCE_BATCH: usize = 256;
 
 /// The timing of the Redis connections (flags `--redis-timeout`, `--redis-probe-interval` and
 /// the hidden `--redis-backoff-cap`, which tests shorten to wait out an outage quickly).
@@ -104,6 +102,7 @@ pub struct RedisSetup {
 pub use self::hooks::{Claim, Release, DEAD_LETTER_MAXLEN};
 pub use self::reconnect::Backoff;
 pub use self::rooms::RoomsPage;
+pub use self::roster::TickAnswer;
 
 /// A node's Redis broker. Cheap to share: state lives in an `Arc` (a clone is the same broker,
 /// e.g. the webhook dispatcher's handle on the storage).
@@ -245,42 +244,6 @@ impl RedisBroker {
             })
             .await?;
         scripts::parse_history_answer(answer)
-    }
-
-    /// Reports this node's local counts of `rooms` (and withdraws its counts of `gone` rooms,
-    /// with negative counts) and returns the cluster-wide counts of `rooms`, in order: one
-    /// `presence.lua` per room, [`PRESENCE_BATCH`] of them in flight together.
-    pub(super) async fn presence(
-        &self,
-        node_id: &str,
-        rooms: &[(RoomName, RoomCounts)],
-        gone: &[RoomName],
-        ttl: Duration,
-    ) -> Result<Vec<RoomCounts>, BrokerError> {
-        let s = &self.shared;
-        let ttl_ms = ttl.as_millis() as u64;
-        let reports = rooms
-            .iter()
-            .map(|(r, c)| (r, c.hosts as i64, c.viewers as i64));
-        let withdrawals = gone.iter().map(|r| (r, -1i64, -1i64));
-        let all: Vec<(&RoomName, i64, i64)> = reports.chain(withdrawals).collect();
-        let mut out = Vec::with_capacity(all.len());
-        for chunk in all.chunks(PRESENCE_BATCH) {
-            let calls = chunk.iter().map(|(room, hosts, viewers)| async move {
-                let keys = [s.naming.presence_key(room)];
-                s.commands
-                    .eval::<(u64, u64)>(&scripts::PRESENCE, &keys, |cmd| {
-                        cmd.arg(node_id).arg(*hosts).arg(*viewers).arg(ttl_ms);
-                    })
-                    .await
-            });
-            for counts in join_all(calls).await {
-                let (hosts, viewers) = counts?;
-                out.push(RoomCounts { hosts, viewers });
-            }
-        }
-        out.truncate(rooms.len());
-        Ok(out)
     }
 
     /// Rooms subscribed and confirmed (the control channel, subscribed like a room, is not one).
