@@ -137,7 +137,7 @@ for ports in "$P1 $A1" "$P2 $A2" "$P3 $A3"; do
   i=$((i + 1))
   read -r port admin <<<"$ports"
   NO_COLOR=1 start "n$i" "$BIN" --node-id "n$i" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
-    --redis-url "redis://127.0.0.1:$REDIS/" --drain-seconds 2 --presence-interval 1s
+    --redis-url "redis://127.0.0.1:$REDIS/" --drain-seconds 2 --presence-interval 1s --list-rooms 'concert-*'
   NODES_JSON+=("{\"id\":\"n$i\",\"pid\":${PIDS[-1]},\"client\":\"127.0.0.1:$port\",\"admin\":\"127.0.0.1:$admin\"}")
 done
 for admin in "$A1" "$A2" "$A3"; do wait_http "http://127.0.0.1:$admin/readyz"; done

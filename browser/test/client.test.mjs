@@ -177,6 +177,38 @@ describe('RoomClient', () => {
     assert.equal(states[1].rejoined, false);
   });
 
+  it('keeps the member list: paged read, diffs during the read, versions, reset and the bound', () => {
+    const { c } = client({ members: true });
+    const seen = [];
+    c.on('members', (e) => seen.push(e));
+    c.connect();
+    latest().welcome();
+    assert.deepEqual(latest().sent, ['{"type":"members"}']);
+    latest().serverSend({ type: 'members', room: 'r', v: 4, members: [{ sub: 'a', name: 'Ann', role: 'host' }], cursor: '7' });
+    assert.deepEqual(latest().sent.slice(1), ['{"type":"members","cursor":"7"}'], 'follows the cursor');
+    // Diffs that arrive during the read wait for it; one the pages already include is skipped.
+    latest().serverSend({ type: 'members_diff', room: 'r', v: 4, joined: [{ sub: 'old', role: 'viewer' }] });
+    latest().serverSend({ type: 'members_diff', room: 'r', v: 5, joined: [{ sub: 'c', role: 'viewer' }], left: [{ sub: 'a', reason: 'client_closed' }] });
+    assert.equal(seen.length, 0, 'nothing before the read ends');
+    latest().serverSend({ type: 'members', room: 'r', v: 5, members: [{ sub: 'b', role: 'viewer' }], cursor: null });
+    assert.deepEqual(c.members.map((m) => m.sub), ['b', 'c']);
+    assert.equal(seen.length, 2);
+    assert.deepEqual(seen[0].members.map((m) => m.sub), ['a', 'b']);
+    assert.deepEqual(seen[1].left, [{ sub: 'a', reason: 'client_closed' }]);
+    // An old diff changes nothing; a newer one applies.
+    latest().serverSend({ type: 'members_diff', room: 'r', v: 5, left: [{ sub: 'b', reason: 'kicked' }] });
+    latest().serverSend({ type: 'members_diff', room: 'r', v: 6, left: [{ sub: 'c', reason: 'node_lost' }] });
+    assert.deepEqual(c.members.map((m) => m.sub), ['b']);
+    // Reset: read again from the first page.
+    latest().serverSend({ type: 'members_diff', room: 'r', v: 9, reset: true });
+    assert.equal(latest().sent[latest().sent.length - 1], '{"type":"members"}');
+    latest().serverSend({ type: 'members', room: 'r', v: 9, members: [{ sub: 'z', role: 'viewer' }], cursor: null });
+    assert.deepEqual(c.members.map((m) => m.sub), ['z']);
+    // Over the bound: not listing.
+    latest().serverSend({ type: 'members_diff', room: 'r', v: 10, over_limit: true });
+    assert.deepEqual(seen[seen.length - 1], { listing: false, over_limit: true });
+  });
+
   it('publishes JSON commands, text included', () => {
     const { c } = client();
     c.connect();

@@ -184,6 +184,21 @@ describe('live room in headless Chromium', { timeout: 180_000 }, () => {
     await expectCounts(viewer, 1, 1);
   });
 
+  it('lists both members on both pages (the room lists its members: --list-rooms)', async () => {
+    for (const page of [host, viewer]) {
+      await page.waitForFunction(
+        () => {
+          const items = [...document.querySelectorAll('#members li')].map((li) => li.textContent).sort();
+          return !document.querySelector('#members-card').hidden
+            && document.querySelector('#members-count').textContent === '(2)'
+            && items.join('|') === 'Hana · host|Vic · viewer';
+        },
+        null,
+        { timeout: WAIT },
+      );
+    }
+  });
+
   it("shows the host's broadcast on the viewer page, on stage and in the feed", async () => {
     const text = 'Welcome everyone, the show starts in five minutes!';
     await say(host, text);
