@@ -18,7 +18,8 @@
 //! - [`member`] — a goose user's identity across connections (seat, schedule, sequence
 //!   numbers); [`book`] — its books (ledgers, resume position, unacknowledged publishes);
 //!   [`session`] — one connection's task, which feeds them; [`api`] — the HTTP API publishers.
-//! - [`ws`] — the client side of the wire contract: connect, frames, events.
+//! - [`ws`] — the client side of the wire contract: connect, frames, events; its `ws/scan.rs`
+//!   reads the gateway's `message` events without a full JSON parse.
 //! - [`ledger`] — gap, duplicate and reorder detection per publisher.
 //! - [`stats`] — histograms, counters and the per-second timeline; [`probe`] — the generator
 //!   watching itself; [`live`] — the live line.

@@ -69,8 +69,10 @@ pub struct End {
 /// The owner's handle on a running connection.
 #[derive(Debug)]
 pub struct Conn {
-    /// Ask the connection to close (1000).
-    pub cancel: CancellationToken,
+    /// Send (or drop) to ask the connection to close (1000). A oneshot, not a cancellation
+    /// token: the connection's task looks at it on every wake-up, and a token's look takes a
+    /// lock.
+    pub cancel: oneshot::Sender<()>,
     /// Cancelled by the connection when it ends, whatever the cause.
     pub done: CancellationToken,
     /// The task; yields how it ended.
@@ -81,7 +83,7 @@ pub struct Conn {
 
 /// Starts a connection's task on an upgraded socket; `resuming` when it asked for `since=`.
 pub fn spawn(shared: Arc<Shared>, member: Arc<Member>, rows: Rows, ws: Ws, resuming: bool) -> Conn {
-    let cancel = CancellationToken::new();
+    let (cancel, cancelled) = oneshot::channel();
     let done = CancellationToken::new();
     let (joined_tx, joined_rx) = oneshot::channel();
     let session = Session {
@@ -99,7 +101,7 @@ pub fn spawn(shared: Arc<Shared>, member: Arc<Member>, rows: Rows, ws: Ws, resum
         presence_checked: false,
         recovered_upto: None,
     };
-    let task = tokio::spawn(session.run(ws, cancel.clone(), done.clone()));
+    let task = tokio::spawn(session.run(ws, cancelled, done.clone()));
     Conn {
         cancel,
         done,
@@ -135,27 +137,37 @@ struct Session {
 const RETRY_PACE: Duration = Duration::from_millis(100);
 
 impl Session {
-    async fn run(mut self, mut ws: Ws, cancel: CancellationToken, done: CancellationToken) -> End {
+    async fn run(
+        mut self,
+        mut ws: Ws,
+        mut cancelled: oneshot::Receiver<()>,
+        done: CancellationToken,
+    ) -> End {
         let _done = done.drop_guard();
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
         let mut window_gone = false;
         let mut decided = false;
+        // One timer for every deadline of the connection (the end of the drain, the window
+        // start, the next retry, the next publish), kept across frames: made afresh in every
+        // round of the loop, each received message registered and removed several timer
+        // entries (a lock each).
+        let timer = sleep_until(far.into());
+        tokio::pin!(timer);
+        let mut armed: Option<Instant> = None;
         let end = loop {
-            let decide_at = match (decided, self.window) {
-                (false, Some(w)) => Some(w.start),
-                _ => None,
-            };
-            let publish_at = self.next_publish_at();
+            let next = self.next_deadline(decided);
+            if next != armed {
+                timer.as_mut().reset(next.unwrap_or(far).into());
+                armed = next;
+            }
             tokio::select! {
                 biased;
                 // Boxed: the close handshake runs once, and inline its future would enlarge every
                 // connection's task for the whole run.
-                _ = cancel.cancelled() => {
+                // Sent or dropped: the owner wants the connection closed.
+                _ = &mut cancelled => {
                     self.check_presence();
                     break Box::pin(self.close(&mut ws)).await
-                }
-                _ = sleep_until(self.window.map_or(far, |w| w.drain_end).into()), if !self.presence_checked && self.window.is_some() => {
-                    self.check_presence();
                 }
                 r = self.window_rx.changed(), if self.window.is_none() && !window_gone => {
                     match r {
@@ -163,38 +175,28 @@ impl Session {
                         Err(_) => window_gone = true,
                     }
                 }
-                _ = sleep_until(decide_at.unwrap_or(far).into()), if decide_at.is_some() => {
-                    self.decide();
-                    decided = true;
-                }
-                _ = sleep_until(self.retry_at.unwrap_or(far).into()), if self.retry_at.is_some() => {
-                    let retry = self.member.book().next_retry();
-                    self.retry_at = retry.as_ref().map(|_| Instant::now() + RETRY_PACE);
-                    if let Some(frame) = retry {
-                        if let Err(end) = self.resend(&mut ws, vec![frame]).await {
-                            break end;
-                        }
-                    }
-                }
-                _ = sleep_until(publish_at.map(|(at, _)| at).unwrap_or(far).into()), if publish_at.is_some() => {
-                    let (at, k) = publish_at.expect("guarded");
-                    if let Err(end) = self.publish(&mut ws, at, k).await {
+                _ = &mut timer, if armed.is_some() => {
+                    // A fired timer stays fired until it is set again.
+                    armed = None;
+                    if let Err(end) = self.on_deadlines(&mut ws, &mut decided).await {
                         break end;
                     }
                 }
                 frame = ws.next() => match frame {
                     Some(Ok(Message::Text(text))) => {
                         if let Some(resend) = self.on_text(text.as_str()) {
-                            if let Err(end) = self.resend(&mut ws, resend).await {
+                            if let Err(end) = Box::pin(self.resend(&mut ws, resend)).await {
                                 break end;
                             }
                         }
                     }
                     Some(Ok(Message::Close(frame))) => {
                         // tungstenite has queued the reply; let it go out and see the end.
-                        let _ = tokio::time::timeout(CLOSE_GRACE, async {
+                        // Boxed, as every future that runs rarely: inline, each would enlarge
+                        // every connection's task for the whole run.
+                        let _ = Box::pin(tokio::time::timeout(CLOSE_GRACE, async {
                             while let Some(Ok(_)) = ws.next().await {}
-                        })
+                        }))
                         .await;
                         break self.end(
                             false,
@@ -210,6 +212,49 @@ impl Session {
         };
         self.finish();
         end
+    }
+
+    /// The earliest of the connection's deadlines: the end of the drain (to judge presence),
+    /// the window start (to decide whether the member is measured), the next retry and the
+    /// next publish.
+    fn next_deadline(&self, decided: bool) -> Option<Instant> {
+        let w = self.window;
+        [
+            w.filter(|_| !self.presence_checked).map(|w| w.drain_end),
+            w.filter(|_| !decided).map(|w| w.start),
+            self.retry_at,
+            self.next_publish_at().map(|(at, _)| at),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Does what is due, in this order: judge presence at the end of the drain, decide at the
+    /// window start, send the next retry, publish.
+    async fn on_deadlines(&mut self, ws: &mut Ws, decided: &mut bool) -> Result<(), End> {
+        let now = Instant::now();
+        let Some(w) = self.window else { return Ok(()) };
+        if !self.presence_checked && now >= w.drain_end {
+            self.check_presence();
+        }
+        if !*decided && now >= w.start {
+            self.decide();
+            *decided = true;
+        }
+        if self.retry_at.is_some_and(|at| now >= at) {
+            let retry = self.member.book().next_retry();
+            self.retry_at = retry.as_ref().map(|_| Instant::now() + RETRY_PACE);
+            if let Some(frame) = retry {
+                Box::pin(self.resend(ws, vec![frame])).await?;
+            }
+        }
+        // Boxed: most members never publish, and inline the publish would enlarge every
+        // connection's task.
+        if let Some((at, k)) = self.next_publish_at().filter(|(at, _)| now >= *at) {
+            Box::pin(self.publish(ws, at, k)).await?;
+        }
+        Ok(())
     }
 
     /// Sends again the publishes that had no ack when the previous connection ended.
@@ -421,12 +466,10 @@ impl Session {
     fn on_message(&mut self, ts: u64, stamp: Stamp) {
         let now_unix = unix_micros();
         let now = Instant::now();
-        let shared = self.shared.clone();
-        let stats = &shared.stats;
         let Some(w) = self.window else {
             // Our run id but no window yet: another generator of the run started publishing
             // before this one fixed its window (a --start-at in the past), or a stray.
-            Stats::add(&stats.foreign, 1);
+            Stats::add(&self.shared.stats.foreign, 1);
             return;
         };
         // A window message can come a little before this generator's own window start (another
@@ -434,6 +477,9 @@ impl Session {
         if self.member.book().measured.is_none() {
             self.decide();
         }
+        // Borrowed, not an `Arc` clone: every worker thread touching one shared count per
+        // message costs more than the rest of this bookkeeping.
+        let stats = &self.shared.stats;
         if now > w.drain_end {
             Stats::add(&stats.after_drain, 1);
             return;
