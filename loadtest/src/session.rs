@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::book::Refusal;
 use crate::ledger::{Arrival, Ledger};
+use crate::lists::{key_hash, Verdict, View};
 use crate::member::Member;
 use crate::plan::{unix_micros, Window};
 use crate::shared::Shared;
@@ -100,6 +101,7 @@ pub fn spawn(shared: Arc<Shared>, member: Arc<Member>, rows: Rows, ws: Ws, resum
         presence: None,
         presence_checked: false,
         recovered_upto: None,
+        lists: None,
     };
     let task = tokio::spawn(session.run(ws, cancelled, done.clone()));
     Conn {
@@ -130,6 +132,23 @@ struct Session {
     presence: Option<(u64, u64)>,
     /// Whether this connection's presence was judged (once, at the end of the drain).
     presence_checked: bool,
+    /// Its view of the room's list, with `--lists` (boxed: off by default, and inline it would
+    /// enlarge every connection's task).
+    lists: Option<Box<Listing>>,
+}
+
+/// A connection's member-list check: its view, and its list key's hash in the truth.
+struct Listing {
+    view: View,
+    key: u64,
+}
+
+/// What a frame calls for: publishes to send again (after a resume's welcome), a `members`
+/// command.
+#[derive(Default)]
+struct Out {
+    resend: Vec<String>,
+    command: Option<String>,
 }
 
 /// Publishes refused as `rate_limited` or `unavailable` go out again one per this interval (10 per second, half
@@ -184,8 +203,8 @@ impl Session {
                 }
                 frame = ws.next() => match frame {
                     Some(Ok(Message::Text(text))) => {
-                        if let Some(resend) = self.on_text(text.as_str()) {
-                            if let Err(end) = Box::pin(self.resend(&mut ws, resend)).await {
+                        if let Some(out) = self.on_text(text.as_str()) {
+                            if let Err(end) = Box::pin(self.send_out(&mut ws, out)).await {
                                 break end;
                             }
                         }
@@ -269,6 +288,19 @@ impl Session {
             return Err(self.end(false, None, e.to_string()));
         }
         Stats::add(&self.shared.stats.resent, n);
+        Ok(())
+    }
+
+    /// Sends what a frame called for.
+    async fn send_out(&mut self, ws: &mut Ws, out: Out) -> Result<(), End> {
+        if !out.resend.is_empty() {
+            self.resend(ws, out.resend).await?;
+        }
+        if let Some(frame) = out.command {
+            if let Err(e) = ws.send(Message::text(frame)).await {
+                return Err(self.end(false, None, e.to_string()));
+            }
+        }
         Ok(())
     }
 
@@ -361,19 +393,44 @@ impl Session {
             .push(row);
     }
 
-    /// Handles one server frame; returns the frames to send again after a resume's welcome.
-    fn on_text(&mut self, text: &str) -> Option<Vec<String>> {
+    /// Handles one server frame; returns what it calls for (publishes to send again after a
+    /// resume's welcome, a `members` command).
+    fn on_text(&mut self, text: &str) -> Option<Out> {
         match ws::parse_event(text) {
             Some(Event::Welcome {
                 position,
                 recovered,
+                list_key,
             }) if self.welcomed_at.is_none() => {
                 self.welcomed_at = Some(Instant::now());
                 self.shared.stats.connected.fetch_add(1, Ordering::Relaxed);
                 if let Some(tx) = self.joined.take() {
                     let _ = tx.send(self.started.elapsed());
                 }
-                return self.on_welcome(position, recovered);
+                let command = self.on_list_key(list_key.as_deref());
+                let resend = self.on_welcome(position, recovered).unwrap_or_default();
+                return (command.is_some() || !resend.is_empty())
+                    .then_some(Out { resend, command });
+            }
+            Some(Event::Members(page)) => {
+                let l = self.lists.as_mut()?;
+                let mut rereads = 0;
+                let read = l.view.on_page(*page, &mut rereads);
+                Stats::add(&self.shared.stats.lists_rereads, rereads);
+                return read.map(|r| Out {
+                    command: Some(View::command(&r)),
+                    ..Out::default()
+                });
+            }
+            Some(Event::MembersDiff(diff)) => {
+                let l = self.lists.as_mut()?;
+                let mut rereads = 0;
+                let read = l.view.on_diff(*diff, &mut rereads);
+                Stats::add(&self.shared.stats.lists_rereads, rereads);
+                return read.map(|r| Out {
+                    command: Some(View::command(&r)),
+                    ..Out::default()
+                });
             }
             Some(Event::Message {
                 ts,
@@ -405,6 +462,11 @@ impl Session {
             }
             Some(Event::Error { code, key }) => {
                 self.shared.stats.error_events.add(&code);
+                if code == "not_listed" {
+                    if let Some(l) = self.lists.as_mut() {
+                        l.view.not_listed();
+                    }
+                }
                 // `rate_limited` and `unavailable` go out again at the retry pace (and at once
                 // after a reconnect's welcome); any other refusal is final (Book::on_refused).
                 if let Some(k) = key {
@@ -441,6 +503,30 @@ impl Session {
             Stats::add(&stats.resumes_incomplete, 1);
         }
         (!w.resend.is_empty()).then_some(w.resend)
+    }
+
+    /// After the welcome: tells the webhook receiver the member's list key, and with `--lists`
+    /// enters it in the truth and starts reading the list (the `members` command to send).
+    fn on_list_key(&mut self, key: Option<&str>) -> Option<String> {
+        let room = &self.shared.plan.rooms[self.member.slot.room];
+        if let Some(hooks) = &self.shared.hooks {
+            hooks.expect(&room.name, key);
+        }
+        if !self.shared.opts.lists || !self.before_drain_end() {
+            return None;
+        }
+        let h = key_hash(key?);
+        self.shared.truth.join(self.member.slot.room, h);
+        self.lists = Some(Box::new(Listing {
+            view: View::start(),
+            key: h,
+        }));
+        Some(View::command(&None))
+    }
+
+    /// Whether the drain has not ended (the truth is the rooms' members at its end).
+    fn before_drain_end(&self) -> bool {
+        self.window.is_none_or(|w| Instant::now() < w.drain_end)
     }
 
     /// Follows the room's numbering: where to resume, and duplicates or reorders by offset.
@@ -556,6 +642,22 @@ impl Session {
         }
         self.presence_checked = true;
         let stats = &self.shared.stats;
+        if let Some(l) = &self.lists {
+            let room = self.member.slot.room;
+            let (hosts, viewers) = self.shared.plan.rooms[room].size;
+            let truth =
+                (!self.shared.plan.shard.is_split()).then(|| self.shared.truth.fingerprint(room));
+            let counter = match l.view.judge(hosts + viewers, truth) {
+                Verdict::Right => &stats.lists_checked,
+                Verdict::Wrong => {
+                    Stats::add(&stats.lists_checked, 1);
+                    &stats.lists_wrong
+                }
+                Verdict::Missing => &stats.lists_missing,
+                Verdict::NotListing => &stats.lists_over_limit,
+            };
+            Stats::add(counter, 1);
+        }
         match self.presence {
             None => Stats::add(&stats.presence_missing, 1),
             Some(seen) => {
@@ -574,6 +676,11 @@ impl Session {
         }
         if self.welcomed_at.is_some() {
             self.shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some(l) = &self.lists {
+            if self.before_drain_end() {
+                self.shared.truth.leave(self.member.slot.room, l.key);
+            }
         }
     }
 }

@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::either::Either;
 
+use crate::lists::{key_hash, Diff, Page};
 use crate::spec::Role;
 
 mod scan;
@@ -289,7 +290,14 @@ pub enum Event {
         position: Option<Position>,
         /// `recovered`, present only after `since=`.
         recovered: Option<bool>,
+        /// The connection's member-list key: `user` when not null, else `conn:<connection_id>`
+        /// (docs/protocol.md 12.1).
+        list_key: Option<String>,
     },
+    /// A `members` page (boxed: rare, and inline it would enlarge every event).
+    Members(Box<Page>),
+    /// A `members_diff`.
+    MembersDiff(Box<Diff>),
     /// A `message` with the gateway's publish stamp; `stamp` is `None` when its data is not ours.
     Message {
         /// The gateway's `ts`.
@@ -348,6 +356,39 @@ struct Incoming<'a> {
     hosts: Option<u64>,
     #[serde(default)]
     viewers: Option<u64>,
+    #[serde(borrow, default)]
+    user: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    connection_id: Option<Cow<'a, str>>,
+    #[serde(default)]
+    v: Option<u64>,
+    #[serde(borrow, default)]
+    members: Option<Vec<Entry<'a>>>,
+    #[serde(borrow, default)]
+    joined: Option<Vec<Entry<'a>>>,
+    #[serde(borrow, default)]
+    left: Option<Vec<Entry<'a>>>,
+    #[serde(borrow, default)]
+    cursor: Option<&'a RawValue>,
+    #[serde(default)]
+    reset: Option<bool>,
+    #[serde(default)]
+    over_limit: Option<bool>,
+}
+
+/// A member-list entry: only its key is read.
+#[derive(Deserialize)]
+struct Entry<'a> {
+    #[serde(borrow)]
+    sub: Cow<'a, str>,
+}
+
+fn hashes(entries: Option<Vec<Entry<'_>>>) -> Vec<u64> {
+    entries
+        .unwrap_or_default()
+        .iter()
+        .map(|e| key_hash(&e.sub))
+        .collect()
 }
 
 /// Reads one text frame from the server; `None` when it is not an event at all. A `message`
@@ -371,7 +412,29 @@ pub(crate) fn parse_event_full(text: &str) -> Option<Event> {
         "welcome" => Event::Welcome {
             position,
             recovered: e.recovered,
+            list_key: match (e.user, e.connection_id) {
+                (Some(u), _) => Some(u.into_owned()),
+                (None, Some(c)) => Some(format!("conn:{c}")),
+                (None, None) => None,
+            },
         },
+        "members" => Event::Members(Box::new(Page {
+            v: e.v.unwrap_or(0),
+            keys: hashes(e.members),
+            cursor: e
+                .cursor
+                .map(|c| c.get())
+                .filter(|c| *c != "null")
+                .map(str::to_string),
+            over_limit: e.over_limit.unwrap_or(false),
+        })),
+        "members_diff" => Event::MembersDiff(Box::new(Diff {
+            v: e.v.unwrap_or(0),
+            joined: hashes(e.joined),
+            left: hashes(e.left),
+            reset: e.reset.unwrap_or(false),
+            over_limit: e.over_limit.unwrap_or(false),
+        })),
         "message" => Event::Message {
             ts: e.ts.unwrap_or(0),
             stamp: e.data.and_then(|d| serde_json::from_str(d.get()).ok()),
@@ -450,7 +513,8 @@ mod tests {
             ),
             Some(Event::Welcome {
                 position: None,
-                recovered: None
+                recovered: None,
+                list_key: Some("conn:n1-1".into()),
             })
         );
         assert_eq!(
@@ -462,8 +526,57 @@ mod tests {
                     epoch: "ab1".into(),
                     offset: 40
                 }),
-                recovered: Some(false)
+                recovered: Some(false),
+                list_key: Some("conn:n1-1".into()),
             })
+        );
+        match parse_event(
+            r#"{"type":"welcome","node":"n1","room":"r","role":"viewer","connection_id":"n1-2","name":"Ann","user":"u7"}"#,
+        ) {
+            Some(Event::Welcome { list_key, .. }) => assert_eq!(list_key.as_deref(), Some("u7")),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            parse_event(
+                r#"{"type":"members","room":"show","v":12,"members":[{"sub":"user-42","name":"Ann","role":"host"}],"cursor":"17"}"#
+            ),
+            Some(Event::Members(Box::new(Page {
+                v: 12,
+                keys: vec![key_hash("user-42")],
+                cursor: Some("\"17\"".into()),
+                over_limit: false,
+            })))
+        );
+        assert_eq!(
+            parse_event(
+                r#"{"type":"members","room":"show","v":3,"members":[],"cursor":null,"over_limit":true}"#
+            ),
+            Some(Event::Members(Box::new(Page {
+                v: 3,
+                keys: vec![],
+                cursor: None,
+                over_limit: true,
+            })))
+        );
+        assert_eq!(
+            parse_event(
+                r#"{"type":"members_diff","room":"show","v":13,"joined":[{"sub":"user-7","name":"Bo","role":"viewer"}],"left":[{"sub":"user-9","reason":"client_closed"}]}"#
+            ),
+            Some(Event::MembersDiff(Box::new(Diff {
+                v: 13,
+                joined: vec![key_hash("user-7")],
+                left: vec![key_hash("user-9")],
+                reset: false,
+                over_limit: false,
+            })))
+        );
+        assert_eq!(
+            parse_event(r#"{"type":"members_diff","room":"show","v":14,"reset":true}"#),
+            Some(Event::MembersDiff(Box::new(Diff {
+                v: 14,
+                reset: true,
+                ..Diff::default()
+            })))
         );
         assert_eq!(
             parse_event(r#"{"type":"error","code":"rate_limited","message":"slow down"}"#),
