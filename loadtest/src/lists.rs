@@ -76,9 +76,9 @@ pub struct Page {
     pub over_limit: bool,
 }
 
-/// A connection's view of its room's list.
+/// Where a view is.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum View {
+pub enum State {
     /// Reading pages: the first page's version, what the pages held so far, the diffs that
     /// came meanwhile (and whether some had to be dropped).
     Reading {
@@ -102,6 +102,33 @@ pub enum View {
     NotListing,
 }
 
+impl State {
+    fn reading() -> Self {
+        State::Reading {
+            v: None,
+            fp: Fingerprint::default(),
+            diffs: Vec::new(),
+            overflowed: false,
+        }
+    }
+}
+
+/// A connection's view of its room's list.
+///
+/// A `members_diff` folds every change since the node's previous frame for the room: it holds
+/// the changes after the previous frame's `v` up to its own. A fingerprint cannot apply a change
+/// twice harmlessly (a list keyed by member can), so a frame applies only when it starts where
+/// the view is — the previous frame's `v` is the view's version; a frame that straddles the
+/// version a read gave (it holds changes the pages already had) means a re-read. In a room that
+/// settles, the view catches up within a frame or two.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct View {
+    /// Where it is.
+    pub state: State,
+    /// The last frame's `v` that was processed (not buffered): where the next frame starts.
+    prev: Option<u64>,
+}
+
 /// What a view needs sent: a `members` command with this cursor (raw JSON, `null` first).
 pub type Read = Option<String>;
 
@@ -121,11 +148,9 @@ pub enum Verdict {
 impl View {
     /// A view that starts reading; send `{"type":"members","cursor":null}`.
     pub fn start() -> Self {
-        View::Reading {
-            v: None,
-            fp: Fingerprint::default(),
-            diffs: Vec::new(),
-            overflowed: false,
+        View {
+            state: State::reading(),
+            prev: None,
         }
     }
 
@@ -137,27 +162,30 @@ impl View {
         )
     }
 
+    fn reread(&mut self, rereads: &mut u64) -> Option<Read> {
+        *rereads += 1;
+        self.state = State::reading();
+        Some(None)
+    }
+
     /// A page came; returns the next read to ask for, if any. Counts a re-read in `rereads`.
     pub fn on_page(&mut self, page: Page, rereads: &mut u64) -> Option<Read> {
-        let View::Reading {
+        let State::Reading {
             v,
             fp,
             diffs,
             overflowed,
-        } = self
+        } = &mut self.state
         else {
             return None; // a page nobody asked for
         };
         if page.over_limit {
-            *self = View::NotListing;
+            self.state = State::NotListing;
             return None;
         }
         if v.is_some_and(|v0| v0 != page.v) {
             // The roster changed between pages: what the pages hold is no snapshot.
-            *rereads += 1;
-            *v = None;
-            *fp = Fingerprint::default();
-            return Some(None);
+            return self.reread(rereads);
         }
         *v = Some(page.v);
         for k in page.keys {
@@ -167,12 +195,11 @@ impl View {
             return Some(page.cursor);
         }
         if *overflowed {
-            *rereads += 1;
-            *self = View::start();
-            return Some(None);
+            self.prev = None;
+            return self.reread(rereads);
         }
         let (v0, fp0, pending) = (page.v, *fp, std::mem::take(diffs));
-        *self = View::Holding { v: v0, fp: fp0 };
+        self.state = State::Holding { v: v0, fp: fp0 };
         for d in pending {
             if let Some(read) = self.on_diff(d, rereads) {
                 return Some(read);
@@ -183,55 +210,57 @@ impl View {
 
     /// A `members_diff` came; returns the read to start, if it calls for one.
     pub fn on_diff(&mut self, diff: Diff, rereads: &mut u64) -> Option<Read> {
-        match self {
-            View::Reading {
-                diffs, overflowed, ..
-            } => {
-                if diffs.len() >= MAX_BUFFERED_DIFFS {
-                    diffs.clear();
-                    *overflowed = true;
-                } else if !*overflowed {
-                    diffs.push(diff);
-                }
-                None
+        if let State::Reading {
+            diffs, overflowed, ..
+        } = &mut self.state
+        {
+            if diffs.len() >= MAX_BUFFERED_DIFFS {
+                diffs.clear();
+                *overflowed = true;
+            } else if !*overflowed {
+                diffs.push(diff);
             }
-            _ if diff.reset => {
-                *rereads += 1;
-                *self = View::start();
-                Some(None)
-            }
-            _ if diff.over_limit => {
-                *self = View::NotListing;
-                None
-            }
-            View::Holding { v, fp } => {
-                if diff.v > *v {
-                    for k in diff.joined {
-                        fp.add(k);
-                    }
-                    for k in diff.left {
-                        fp.remove(k);
-                    }
-                    *v = diff.v;
-                }
-                None
-            }
-            // Lists again after over_limit only with a reset, above.
-            View::NotListing => None,
+            return None;
         }
+        let prev = self.prev.replace(diff.v);
+        if diff.reset {
+            return self.reread(rereads);
+        }
+        if diff.over_limit {
+            self.state = State::NotListing;
+            return None;
+        }
+        let State::Holding { v, fp } = &mut self.state else {
+            return None; // lists again after over_limit only with a reset, above
+        };
+        if diff.v <= *v {
+            return None; // the pages had it
+        }
+        if prev != Some(*v) {
+            // It holds changes from before the view's version too.
+            return self.reread(rereads);
+        }
+        for k in diff.joined {
+            fp.add(k);
+        }
+        for k in diff.left {
+            fp.remove(k);
+        }
+        *v = diff.v;
+        None
     }
 
     /// The gateway said `not_listed`.
     pub fn not_listed(&mut self) {
-        *self = View::NotListing;
+        self.state = State::NotListing;
     }
 
     /// Judges the view against the room's member count and, when known, its fingerprint.
     pub fn judge(&self, count: u64, truth: Option<Fingerprint>) -> Verdict {
-        match self {
-            View::Reading { .. } => Verdict::Missing,
-            View::NotListing => Verdict::NotListing,
-            View::Holding { fp, .. } => {
+        match &self.state {
+            State::Reading { .. } => Verdict::Missing,
+            State::NotListing => Verdict::NotListing,
+            State::Holding { fp, .. } => {
                 let right = fp.count == count && truth.is_none_or(|t| t == *fp);
                 if right {
                     Verdict::Right
@@ -356,8 +385,8 @@ mod tests {
         assert_eq!(view.on_diff(diff(6, &["d"], &["a"]), &mut rereads), None);
         assert_eq!(view.on_page(page(5, &["c"], None), &mut rereads), None);
         assert_eq!(
-            view,
-            View::Holding {
+            view.state,
+            State::Holding {
                 v: 6,
                 fp: fp(&["b", "c", "d"])
             }
@@ -371,6 +400,38 @@ mod tests {
         assert_eq!(view.judge(4, None), Verdict::Wrong);
         assert_eq!(view.judge(3, Some(fp(&["c", "d", "f"]))), Verdict::Wrong);
         assert_eq!(rereads, 0);
+    }
+
+    #[test]
+    fn a_frame_that_straddles_the_reads_version_reads_again() {
+        let mut rereads = 0;
+        let mut view = View::start();
+        // Read at v8; the first frame (v10) may hold changes from before v8, already paged.
+        view.on_page(page(8, &["a", "b"], None), &mut rereads);
+        assert_eq!(
+            view.on_diff(diff(10, &["b", "c"], &[]), &mut rereads),
+            Some(None)
+        );
+        assert_eq!(rereads, 1);
+        view.on_page(page(10, &["a", "b", "c"], None), &mut rereads);
+        // The next frame starts at v10, where the view is: it applies.
+        assert_eq!(view.on_diff(diff(12, &["d"], &["a"]), &mut rereads), None);
+        assert_eq!(view.judge(3, Some(fp(&["b", "c", "d"]))), Verdict::Right);
+        // A read that lands inside the next frame (v13 of 12..14): a frame ending at the read's
+        // version is skipped but tells where the next one starts.
+        view.on_diff(
+            Diff {
+                v: 13,
+                reset: true,
+                ..Diff::default()
+            },
+            &mut rereads,
+        );
+        view.on_page(page(14, &["b", "c", "d", "e"], None), &mut rereads);
+        assert_eq!(view.on_diff(diff(14, &["e"], &[]), &mut rereads), None);
+        assert_eq!(view.on_diff(diff(15, &["f"], &[]), &mut rereads), None);
+        assert_eq!(view.judge(5, None), Verdict::Right);
+        assert_eq!(rereads, 2);
     }
 
     #[test]
@@ -393,7 +454,7 @@ mod tests {
         };
         assert_eq!(view.on_diff(reset, &mut rereads), Some(None));
         assert_eq!(rereads, 2);
-        assert!(matches!(view, View::Reading { v: None, .. }));
+        assert!(matches!(view.state, State::Reading { v: None, .. }));
         // A reset buffered during a read applies after it: a third read.
         view.on_diff(
             Diff {
@@ -455,13 +516,13 @@ mod tests {
         view.on_page(page(1, &["a"], Some("1")), &mut rereads);
         for i in 0..=MAX_BUFFERED_DIFFS as u64 {
             view.on_diff(diff(2 + i, &["x"], &[]), &mut rereads);
-            if let View::Reading { diffs, .. } = &view {
+            if let State::Reading { diffs, .. } = &view.state {
                 assert!(diffs.len() <= MAX_BUFFERED_DIFFS);
             }
         }
         assert!(matches!(
-            &view,
-            View::Reading {
+            &view.state,
+            State::Reading {
                 overflowed: true,
                 ..
             }

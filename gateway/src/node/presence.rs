@@ -191,7 +191,10 @@ async fn once(node: &Node, state: &mut State, last: bool) -> Result<(), BrokerEr
                 // The registry may have lost the room too: add it again before the rewrite.
                 state.registered.remove(room);
             }
-            if let Some(diff) = fold(read.version, &read.batches, read.reset) {
+            // The node's first write in the room reads no batches (it has seen no version), yet
+            // its members may have paged the list at an older version before it: they re-read.
+            let first = w.last_seen.is_none();
+            if let Some(diff) = fold(read.version, &read.batches, read.reset || first) {
                 let kind = if diff.reset {
                     DiffKind::Reset
                 } else if diff.over_limit {
