@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::book::Refusal;
 use crate::ledger::{Arrival, Ledger};
-use crate::lists::{key_hash, Verdict, View};
+use crate::lists::{key_hash, Read, Verdict, View};
 use crate::member::Member;
 use crate::plan::{unix_micros, Window};
 use crate::shared::Shared;
@@ -413,24 +413,10 @@ impl Session {
                     .then_some(Out { resend, command });
             }
             Some(Event::Members(page)) => {
-                let l = self.lists.as_mut()?;
-                let mut rereads = 0;
-                let read = l.view.on_page(*page, &mut rereads);
-                Stats::add(&self.shared.stats.lists_rereads, rereads);
-                return read.map(|r| Out {
-                    command: Some(View::command(&r)),
-                    ..Out::default()
-                });
+                return self.on_list(|view, rereads| view.on_page(*page, rereads));
             }
             Some(Event::MembersDiff(diff)) => {
-                let l = self.lists.as_mut()?;
-                let mut rereads = 0;
-                let read = l.view.on_diff(*diff, &mut rereads);
-                Stats::add(&self.shared.stats.lists_rereads, rereads);
-                return read.map(|r| Out {
-                    command: Some(View::command(&r)),
-                    ..Out::default()
-                });
+                return self.on_list(|view, rereads| view.on_diff(*diff, rereads));
             }
             Some(Event::Message {
                 ts,
@@ -503,6 +489,18 @@ impl Session {
             Stats::add(&stats.resumes_incomplete, 1);
         }
         (!w.resend.is_empty()).then_some(w.resend)
+    }
+
+    /// Feeds the list view (with `--lists`) a page or a diff; the `members` command it calls for.
+    fn on_list(&mut self, feed: impl FnOnce(&mut View, &mut u64) -> Option<Read>) -> Option<Out> {
+        let l = self.lists.as_mut()?;
+        let mut rereads = 0;
+        let read = feed(&mut l.view, &mut rereads);
+        Stats::add(&self.shared.stats.lists_rereads, rereads);
+        read.map(|r| Out {
+            command: Some(View::command(&r)),
+            ..Out::default()
+        })
     }
 
     /// After the welcome: tells the webhook receiver the member's list key, and with `--lists`
