@@ -402,6 +402,7 @@ fn webhook_figures(r: &hooks::Receiver) -> summary::WebhookCheck {
         out_of_order: j.out_of_order,
         unexpected: j.unexpected,
         ignored: Stats::get(&c.foreign) + Stats::get(&c.overflow),
+        unseen: j.unseen,
         rooms: j.rooms,
         keys: j.keys,
     }

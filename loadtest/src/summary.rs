@@ -204,6 +204,10 @@ pub struct WebhookCheck {
     pub unexpected: u64,
     /// Events for other rooms, unreadable, or over the receiver's bound: not judged.
     pub ignored: u64,
+    /// Keys no member here saw welcomed, with exactly one joined then one left (a connection
+    /// whose welcome never reached the generator): not judged.
+    #[serde(default)]
+    pub unseen: u64,
     /// Rooms judged.
     pub rooms: u64,
     /// Member keys judged.

@@ -208,9 +208,10 @@ fn lists_and_webhooks_add_up_across_a_node_kill() {
     assert_eq!(w["rooms"], 20, "{w}");
     // 120 members, and a second key for each member of the killed node.
     assert!(w["keys"].as_u64().unwrap() > 120, "{w}");
-    // Per room: occupied, vacated; per key: joined, left.
+    // Per room at least occupied and vacated (a room whose members were all on the killed node
+    // may be vacated at the reap and occupied again by their reconnects); per key joined, left.
     let events = 2 * 20 + 2 * w["keys"].as_u64().unwrap();
-    assert_eq!(w["received"].as_u64().unwrap(), events, "{w}");
+    assert!(w["received"].as_u64().unwrap() >= events, "{w}");
     assert!(stdout.contains("lists at the end: 120 of 120"), "{stdout}");
     assert!(took < Duration::from_secs(60), "{took:?}");
 }

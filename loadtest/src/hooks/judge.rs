@@ -18,6 +18,10 @@ pub struct Judged {
     /// Events that break the alternation, a second join of a per-connection key, or member
     /// events for keys this generator never saw welcomed.
     pub unexpected: u64,
+    /// Keys no member here was welcomed with whose events are one `member.joined` then one
+    /// `member.left`: a connection the gateway took but whose welcome never reached the
+    /// generator (its node died, or the attempt timed out, in between). Not judged.
+    pub unseen: u64,
     /// Rooms judged.
     pub rooms: u64,
     /// Keys judged.
@@ -92,7 +96,13 @@ pub fn judge(r: &Record) -> Judged {
             }
         }
         // Keys nobody here was welcomed with.
-        out.unexpected += by_key.values().map(|v| v.len() as u64).sum::<u64>();
+        for kinds in by_key.values() {
+            if kinds[..] == [Kind::Joined, Kind::Left] {
+                out.unseen += 1;
+            } else {
+                out.unexpected += kinds.len() as u64;
+            }
+        }
     }
     out
 }
@@ -162,9 +172,11 @@ mod tests {
                 hook(4, Left, Some("conn:a")),
                 hook(5, Joined, Some("conn:a")), // a connection key joins once
                 hook(6, Left, Some("conn:a")),
-                hook(7, Joined, Some("conn:x")), // not ours
-                hook(8, Left, Some("u")),        // left before joined
-                                                 // conn:b never leaves; no vacated; conn:c nothing at all
+                hook(7, Joined, Some("conn:x")), // not ours, and unfinished
+                hook(7, Joined, Some("conn:y")), // not ours: a welcome that never came
+                hook(7, Left, Some("conn:y")),
+                hook(8, Left, Some("u")), // left before joined
+                                          // conn:b never leaves; no vacated; conn:c nothing at all
             ],
             &["conn:a", "conn:b", "conn:c", "u"],
         );
@@ -174,6 +186,7 @@ mod tests {
         assert_eq!(j.missing, 4);
         // conn:a's second join, conn:x's join, u's stray left.
         assert_eq!(j.unexpected, 3);
+        assert_eq!(j.unseen, 1);
     }
 
     #[test]

@@ -140,6 +140,7 @@ impl Summary {
             w.out_of_order += pw.out_of_order;
             w.unexpected += pw.unexpected;
             w.ignored += pw.ignored;
+            w.unseen += pw.unseen;
             w.rooms += pw.rooms;
             w.keys += pw.keys;
             let h = &mut out.histograms;

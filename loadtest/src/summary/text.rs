@@ -105,8 +105,8 @@ impl Summary {
         if w.enabled {
             let _ = writeln!(
                 o,
-                "webhooks: {} received ({} bad signatures, {} duplicates, {} ignored); {} rooms and {} members judged: {} missing, {} out of order, {} unexpected",
-                w.received, w.bad_signature, w.duplicates, w.ignored, w.rooms, w.keys, w.missing, w.out_of_order, w.unexpected
+                "webhooks: {} received ({} bad signatures, {} duplicates, {} ignored); {} rooms and {} members judged: {} missing, {} out of order, {} unexpected ({} unseen connections)",
+                w.received, w.bad_signature, w.duplicates, w.ignored, w.rooms, w.keys, w.missing, w.out_of_order, w.unexpected, w.unseen
             );
         }
         let _ = writeln!(
