@@ -539,3 +539,48 @@ async fn a_roster_lost_in_redis_is_written_again_after_a_reset() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A member that pages the list before its node's first write in the room holds a version the
+/// node will never give batches from (it has seen none): that write sends it a `reset`, and its
+/// re-read holds what changed meanwhile (found by the load tester's `--lists` across a node kill).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_first_write_in_a_room_resets_the_members_that_paged_before_it() {
+    let redis = RedisServer::start().await;
+    let fast = TestNode::start(test_config(
+        "f1",
+        Some(&redis),
+        &["--list-rooms", "stage", "--presence-interval", "100ms"],
+    ))
+    .await;
+    let slow = TestNode::start(test_config(
+        "s1",
+        Some(&redis),
+        &["--list-rooms", "stage", "--presence-interval", "3s"],
+    ))
+    .await;
+    let mut ann = fast.join("stage", "viewer", "ann").await;
+    let deadline = Instant::now() + WAIT;
+    while list(&mut ann).await.0.len() != 1 {
+        assert!(Instant::now() < deadline, "ann never listed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Bob pages before his node wrote him: ann only.
+    let mut bob = slow.join("stage", "viewer", "bob").await;
+    let (paged, v) = list(&mut bob).await;
+    assert_eq!(paged.len(), 1, "{paged:?}");
+    // A change after bob's page, written by the fast node.
+    let _cat = fast.join("stage", "viewer", "cat").await;
+    let deadline = Instant::now() + WAIT;
+    while list(&mut ann).await.0.len() != 2 {
+        assert!(Instant::now() < deadline, "cat never listed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The slow node's first write: bob is told to read again, not left at his page's version.
+    let diff = next_diff(&mut bob, Duration::from_secs(6))
+        .await
+        .expect("a members_diff at the slow node's first write");
+    assert_eq!(diff["reset"], true, "{diff}");
+    assert!(diff["v"].as_u64().unwrap() > v, "{diff}");
+    let (again, _) = list(&mut bob).await;
+    assert_eq!(again.len(), 3, "ann, bob and cat: {again:?}");
+}

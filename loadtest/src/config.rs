@@ -109,6 +109,37 @@ pub struct Options {
     #[arg(long, env = "LOADTEST_NO_RESUME")]
     pub no_resume: bool,
 
+    /// Check member lists: each member reads its room's list after its welcome (`members`, paged)
+    /// and follows `members_diff`, and its view is judged at the end of the drain against the
+    /// room's members (`list-wrong`). The gateway must list the run's rooms (`--list-rooms`, or
+    /// grants with `"list": true`); a room over the gateway's bound is counted, not judged.
+    #[arg(long, env = "LOADTEST_LISTS")]
+    pub lists: bool,
+
+    /// Run a webhook receiver on ADDR (e.g. 0.0.0.0:9900; any address, the gateway must reach
+    /// it): it verifies each request's signature with --webhook-secret, deduplicates by `id`, and
+    /// judges the rooms' lifecycle events at the end (`webhook-missing`, `webhook-duplicates`…).
+    /// Start the gateway with `--webhook-url http://THIS_HOST:PORT/hooks`.
+    #[arg(long, env = "LOADTEST_WEBHOOK_LISTEN", value_name = "ADDR")]
+    pub webhook_listen: Option<std::net::SocketAddr>,
+
+    /// The secret(s) the gateway signs webhooks with (its --webhook-secret), comma-separated: a
+    /// request signed by any of them is accepted. Required with --webhook-listen.
+    #[arg(
+        long,
+        env = "LOADTEST_WEBHOOK_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub webhook_secret: Option<String>,
+
+    /// How long the receiver waits at the end of the run for the last events (members' leaves
+    /// come a presence tick after their close, `room.vacated` after the gateway's
+    /// --unsubscribe-delay); it stops earlier once every expected event is in and nothing new
+    /// came for 2 s.
+    #[arg(long, env = "LOADTEST_WEBHOOK_GRACE", value_parser = parse_duration, default_value = "10s")]
+    pub webhook_grace: Duration,
+
     /// Do not reconnect after an unexpected close. By default members reconnect as the protocol
     /// says: at once (with jitter) after 1012, with backoff after 4000, 4001 and an abnormal close,
     /// never after 1000 or 1002/1007/1008/1009.
@@ -414,6 +445,14 @@ impl Options {
 
     /// Checks what clap cannot.
     pub fn validate(&self) -> Result<(), String> {
+        if self.webhook_listen.is_some()
+            && self
+                .webhook_secret
+                .as_deref()
+                .is_none_or(|s| s.split(',').all(|s| s.trim().is_empty()))
+        {
+            return Err("--webhook-listen needs --webhook-secret (the gateway's webhook secret): unsigned requests are refused".into());
+        }
         let shard = self.resolved_shard()?;
         if shard.is_split() && self.room_prefix.is_none() {
             return Err(

@@ -18,7 +18,12 @@
 //! - [`member`] — a goose user's identity across connections (seat, schedule, sequence
 //!   numbers); [`book`] — its books (ledgers, resume position, unacknowledged publishes);
 //!   [`session`] — one connection's task, which feeds them; [`api`] — the HTTP API publishers.
-//! - [`ws`] — the client side of the wire contract: connect, frames, events.
+//! - [`ws`] — the client side of the wire contract: connect, frames, events; its `ws/scan.rs`
+//!   reads the gateway's `message` events without a full JSON parse.
+//! - [`lists`] — the member-list check (`--lists`): a connection's view of its room's list as a
+//!   count and a fingerprint, and the truth it is judged against (plain values, below [`ws`]).
+//! - [`hooks`] — the webhook receiver (`--webhook-listen`): signature, deduplication, the
+//!   rooms' events; its `hooks/judge.rs` judges them at the end of the run.
 //! - [`ledger`] — gap, duplicate and reorder detection per publisher.
 //! - [`stats`] — histograms, counters and the per-second timeline; [`probe`] — the generator
 //!   watching itself; [`live`] — the live line.
@@ -30,7 +35,9 @@ pub mod api;
 pub mod book;
 pub mod conductor;
 pub mod config;
+pub mod hooks;
 pub mod ledger;
+pub mod lists;
 pub mod live;
 pub mod member;
 pub mod personas;
@@ -253,8 +260,24 @@ pub async fn run(mut goose_config: GooseConfiguration, opts: Options) -> anyhow:
         deliver_row: format!("deliver 1/{}", opts.deliver_sample),
         usage: Mutex::new(None),
         start_rss_mib: probe::rss_mib(),
+        truth: lists::Truth::default(),
+        hooks: None,
         opts,
     };
+    shared.truth = lists::Truth::new(shared.plan.rooms.len());
+    let hooks_stop = tokio_util::sync::CancellationToken::new();
+    let _stop_hooks = hooks_stop.clone().drop_guard();
+    if let Some(addr) = shared.opts.webhook_listen {
+        let secret = shared.opts.webhook_secret.clone().unwrap_or_default();
+        let receiver = Arc::new(hooks::Receiver::new(&secret, &prefix, shared.opts.lists));
+        let local = receiver
+            .clone()
+            .serve(addr, hooks_stop.clone())
+            .await
+            .with_context(|| format!("--webhook-listen {addr}"))?;
+        eprintln!("loadtest: webhook receiver on http://{local}/");
+        shared.hooks = Some(receiver);
+    }
     if shared.opts.api_publish_rate > 0.0 {
         shared.http = Some(api::client(&shared, tls)?);
     }
@@ -294,6 +317,9 @@ pub async fn run(mut goose_config: GooseConfiguration, opts: Options) -> anyhow:
         Err(e) => return Err(e.into()),
     };
 
+    if let Some(hooks) = &shared.hooks {
+        hooks.settle(shared.opts.webhook_grace).await;
+    }
     let mut summary = collect(&shared);
     summary.judge(&shared.opts.rules);
     let outcome = publish(
@@ -361,6 +387,25 @@ pub fn merge(
     };
     merged.judge(&rules);
     publish(&merged, json_file, html)
+}
+
+/// The webhook receiver's counters and the judge's findings.
+fn webhook_figures(r: &hooks::Receiver) -> summary::WebhookCheck {
+    let c = &r.counters;
+    let j = r.judge();
+    summary::WebhookCheck {
+        enabled: true,
+        received: Stats::get(&c.received),
+        bad_signature: Stats::get(&c.bad_signature),
+        duplicates: Stats::get(&c.duplicates),
+        missing: j.missing,
+        out_of_order: j.out_of_order,
+        unexpected: j.unexpected,
+        ignored: Stats::get(&c.foreign) + Stats::get(&c.overflow),
+        unseen: j.unseen,
+        rooms: j.rooms,
+        keys: j.keys,
+    }
 }
 
 fn p99(h: &hdrhistogram::Histogram<u64>) -> u64 {
@@ -518,6 +563,18 @@ pub fn collect(shared: &Shared) -> Summary {
             wrong: Stats::get(&s.presence_wrong),
             missing: Stats::get(&s.presence_missing),
         },
+        lists: summary::ListsCheck {
+            checked: Stats::get(&s.lists_checked),
+            wrong: Stats::get(&s.lists_wrong),
+            missing: Stats::get(&s.lists_missing),
+            over_limit: Stats::get(&s.lists_over_limit),
+            rereads: Stats::get(&s.lists_rereads),
+        },
+        webhooks: shared
+            .hooks
+            .as_deref()
+            .map(webhook_figures)
+            .unwrap_or_default(),
         generator: summary::Generator {
             cpu_percent: usage.map(|u| (u.cpu_percent * 10.0).round() / 10.0),
             cpu_s: usage.map(|u| u.cpu_seconds),

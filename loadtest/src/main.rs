@@ -62,6 +62,14 @@ fn exit(r: anyhow::Result<Outcome>) -> ExitCode {
     }
 }
 
+/// mimalloc, as the gateway: a generator holds tens of thousands of members' small, long-lived
+/// allocations (task cells, socket buffers, books) and frees one or more small ones per received
+/// message; against the system allocator it cut the generator's resident memory per member and
+/// its CPU per message (docs/benchmarks.md, "Audience scale"). Built with `no_thp`, as the
+/// gateway's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().collect();

@@ -34,6 +34,18 @@ pub enum Metric {
     Reordered,
     /// Members whose last `presence` at the end was not their room's size (or none came).
     PresenceWrong,
+    /// Members whose list view at the end was wrong or unread (`--lists`).
+    ListWrong,
+    /// Expected webhook events that never came.
+    WebhookMissing,
+    /// Webhook events received more than once.
+    WebhookDuplicates,
+    /// Webhook events after a later one of their room.
+    WebhookOutOfOrder,
+    /// Webhook events out of turn or for unknown members.
+    WebhookUnexpected,
+    /// Webhook requests with a bad signature.
+    WebhookBadSignature,
     /// (connect errors + unexpected closes + publish errors) / (connect attempts + publishes), %.
     ErrorRate,
     /// End-to-end latency percentile (in per cent, e.g. 99.9), microseconds.
@@ -158,6 +170,12 @@ impl FromStr for Rule {
             "duplicates" => Metric::Duplicates,
             "reordered" => Metric::Reordered,
             "presence-wrong" => Metric::PresenceWrong,
+            "list-wrong" => Metric::ListWrong,
+            "webhook-missing" => Metric::WebhookMissing,
+            "webhook-duplicates" => Metric::WebhookDuplicates,
+            "webhook-out-of-order" => Metric::WebhookOutOfOrder,
+            "webhook-unexpected" => Metric::WebhookUnexpected,
+            "webhook-bad-signature" => Metric::WebhookBadSignature,
             "error-rate" => Metric::ErrorRate,
             "max" => Metric::LatencyMax,
             "generator-lag" => Metric::GeneratorLag,
@@ -172,7 +190,7 @@ impl FromStr for Rule {
             }
             other => {
                 return Err(format!(
-                    "`{s}`: unknown metric `{other}` (lost, loss, delivered, connect-errors, closes, publish-errors, unsent, duplicates, reordered, presence-wrong, error-rate, p50…p99.9, max, generator-lag)"
+                    "`{s}`: unknown metric `{other}` (lost, loss, delivered, connect-errors, closes, publish-errors, unsent, duplicates, reordered, presence-wrong, list-wrong, webhook-missing, webhook-duplicates, webhook-out-of-order, webhook-unexpected, webhook-bad-signature, error-rate, p50…p99.9, max, generator-lag)"
                 ))
             }
         };
@@ -232,6 +250,18 @@ pub struct Observations {
     pub reordered: u64,
     /// Members whose last `presence` at the end was wrong or missing.
     pub presence_wrong: u64,
+    /// Members whose list view at the end was wrong or unread.
+    pub list_wrong: u64,
+    /// Expected webhook events that never came.
+    pub webhook_missing: u64,
+    /// Repeated webhook events.
+    pub webhook_duplicates: u64,
+    /// Webhook events out of their room's order.
+    pub webhook_out_of_order: u64,
+    /// Webhook events out of turn or for unknown members.
+    pub webhook_unexpected: u64,
+    /// Webhook requests with a bad signature.
+    pub webhook_bad_signature: u64,
     /// End-to-end latency, µs.
     pub latency: Histogram<u64>,
     /// The generator's timer lag p99, µs (the worst generator's when merged).
@@ -258,6 +288,12 @@ impl Default for Observations {
             duplicates: 0,
             reordered: 0,
             presence_wrong: 0,
+            list_wrong: 0,
+            webhook_missing: 0,
+            webhook_duplicates: 0,
+            webhook_out_of_order: 0,
+            webhook_unexpected: 0,
+            webhook_bad_signature: 0,
             latency: Histogram::new(3).expect("3 significant digits is valid"),
             generator_lag_p99: 0,
             complete: false,
@@ -304,6 +340,12 @@ impl Rule {
             Metric::Duplicates => o.duplicates as f64,
             Metric::Reordered => o.reordered as f64,
             Metric::PresenceWrong => o.presence_wrong as f64,
+            Metric::ListWrong => o.list_wrong as f64,
+            Metric::WebhookMissing => o.webhook_missing as f64,
+            Metric::WebhookDuplicates => o.webhook_duplicates as f64,
+            Metric::WebhookOutOfOrder => o.webhook_out_of_order as f64,
+            Metric::WebhookUnexpected => o.webhook_unexpected as f64,
+            Metric::WebhookBadSignature => o.webhook_bad_signature as f64,
             Metric::ErrorRate => o.error_rate_percent(),
             Metric::Latency(q) => {
                 if lat.is_empty() {

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::book::Refusal;
 use crate::ledger::{Arrival, Ledger};
+use crate::lists::{key_hash, Read, Verdict, View};
 use crate::member::Member;
 use crate::plan::{unix_micros, Window};
 use crate::shared::Shared;
@@ -69,8 +70,10 @@ pub struct End {
 /// The owner's handle on a running connection.
 #[derive(Debug)]
 pub struct Conn {
-    /// Ask the connection to close (1000).
-    pub cancel: CancellationToken,
+    /// Send (or drop) to ask the connection to close (1000). A oneshot, not a cancellation
+    /// token: the connection's task looks at it on every wake-up, and a token's look takes a
+    /// lock.
+    pub cancel: oneshot::Sender<()>,
     /// Cancelled by the connection when it ends, whatever the cause.
     pub done: CancellationToken,
     /// The task; yields how it ended.
@@ -81,7 +84,7 @@ pub struct Conn {
 
 /// Starts a connection's task on an upgraded socket; `resuming` when it asked for `since=`.
 pub fn spawn(shared: Arc<Shared>, member: Arc<Member>, rows: Rows, ws: Ws, resuming: bool) -> Conn {
-    let cancel = CancellationToken::new();
+    let (cancel, cancelled) = oneshot::channel();
     let done = CancellationToken::new();
     let (joined_tx, joined_rx) = oneshot::channel();
     let session = Session {
@@ -98,8 +101,9 @@ pub fn spawn(shared: Arc<Shared>, member: Arc<Member>, rows: Rows, ws: Ws, resum
         presence: None,
         presence_checked: false,
         recovered_upto: None,
+        lists: None,
     };
-    let task = tokio::spawn(session.run(ws, cancel.clone(), done.clone()));
+    let task = tokio::spawn(session.run(ws, cancelled, done.clone()));
     Conn {
         cancel,
         done,
@@ -128,6 +132,23 @@ struct Session {
     presence: Option<(u64, u64)>,
     /// Whether this connection's presence was judged (once, at the end of the drain).
     presence_checked: bool,
+    /// Its view of the room's list, with `--lists` (boxed: off by default, and inline it would
+    /// enlarge every connection's task).
+    lists: Option<Box<Listing>>,
+}
+
+/// A connection's member-list check: its view, and its list key's hash in the truth.
+struct Listing {
+    view: View,
+    key: u64,
+}
+
+/// What a frame calls for: publishes to send again (after a resume's welcome), a `members`
+/// command.
+#[derive(Default)]
+struct Out {
+    resend: Vec<String>,
+    command: Option<String>,
 }
 
 /// Publishes refused as `rate_limited` or `unavailable` go out again one per this interval (10 per second, half
@@ -135,27 +156,37 @@ struct Session {
 const RETRY_PACE: Duration = Duration::from_millis(100);
 
 impl Session {
-    async fn run(mut self, mut ws: Ws, cancel: CancellationToken, done: CancellationToken) -> End {
+    async fn run(
+        mut self,
+        mut ws: Ws,
+        mut cancelled: oneshot::Receiver<()>,
+        done: CancellationToken,
+    ) -> End {
         let _done = done.drop_guard();
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
         let mut window_gone = false;
         let mut decided = false;
+        // One timer for every deadline of the connection (the end of the drain, the window
+        // start, the next retry, the next publish), kept across frames: made afresh in every
+        // round of the loop, each received message registered and removed several timer
+        // entries (a lock each).
+        let timer = sleep_until(far.into());
+        tokio::pin!(timer);
+        let mut armed: Option<Instant> = None;
         let end = loop {
-            let decide_at = match (decided, self.window) {
-                (false, Some(w)) => Some(w.start),
-                _ => None,
-            };
-            let publish_at = self.next_publish_at();
+            let next = self.next_deadline(decided);
+            if next != armed {
+                timer.as_mut().reset(next.unwrap_or(far).into());
+                armed = next;
+            }
             tokio::select! {
                 biased;
                 // Boxed: the close handshake runs once, and inline its future would enlarge every
                 // connection's task for the whole run.
-                _ = cancel.cancelled() => {
+                // Sent or dropped: the owner wants the connection closed.
+                _ = &mut cancelled => {
                     self.check_presence();
                     break Box::pin(self.close(&mut ws)).await
-                }
-                _ = sleep_until(self.window.map_or(far, |w| w.drain_end).into()), if !self.presence_checked && self.window.is_some() => {
-                    self.check_presence();
                 }
                 r = self.window_rx.changed(), if self.window.is_none() && !window_gone => {
                     match r {
@@ -163,38 +194,28 @@ impl Session {
                         Err(_) => window_gone = true,
                     }
                 }
-                _ = sleep_until(decide_at.unwrap_or(far).into()), if decide_at.is_some() => {
-                    self.decide();
-                    decided = true;
-                }
-                _ = sleep_until(self.retry_at.unwrap_or(far).into()), if self.retry_at.is_some() => {
-                    let retry = self.member.book().next_retry();
-                    self.retry_at = retry.as_ref().map(|_| Instant::now() + RETRY_PACE);
-                    if let Some(frame) = retry {
-                        if let Err(end) = self.resend(&mut ws, vec![frame]).await {
-                            break end;
-                        }
-                    }
-                }
-                _ = sleep_until(publish_at.map(|(at, _)| at).unwrap_or(far).into()), if publish_at.is_some() => {
-                    let (at, k) = publish_at.expect("guarded");
-                    if let Err(end) = self.publish(&mut ws, at, k).await {
+                _ = &mut timer, if armed.is_some() => {
+                    // A fired timer stays fired until it is set again.
+                    armed = None;
+                    if let Err(end) = self.on_deadlines(&mut ws, &mut decided).await {
                         break end;
                     }
                 }
                 frame = ws.next() => match frame {
                     Some(Ok(Message::Text(text))) => {
-                        if let Some(resend) = self.on_text(text.as_str()) {
-                            if let Err(end) = self.resend(&mut ws, resend).await {
+                        if let Some(out) = self.on_text(text.as_str()) {
+                            if let Err(end) = Box::pin(self.send_out(&mut ws, out)).await {
                                 break end;
                             }
                         }
                     }
                     Some(Ok(Message::Close(frame))) => {
                         // tungstenite has queued the reply; let it go out and see the end.
-                        let _ = tokio::time::timeout(CLOSE_GRACE, async {
+                        // Boxed, as every future that runs rarely: inline, each would enlarge
+                        // every connection's task for the whole run.
+                        let _ = Box::pin(tokio::time::timeout(CLOSE_GRACE, async {
                             while let Some(Ok(_)) = ws.next().await {}
-                        })
+                        }))
                         .await;
                         break self.end(
                             false,
@@ -212,6 +233,49 @@ impl Session {
         end
     }
 
+    /// The earliest of the connection's deadlines: the end of the drain (to judge presence),
+    /// the window start (to decide whether the member is measured), the next retry and the
+    /// next publish.
+    fn next_deadline(&self, decided: bool) -> Option<Instant> {
+        let w = self.window;
+        [
+            w.filter(|_| !self.presence_checked).map(|w| w.drain_end),
+            w.filter(|_| !decided).map(|w| w.start),
+            self.retry_at,
+            self.next_publish_at().map(|(at, _)| at),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Does what is due, in this order: judge presence at the end of the drain, decide at the
+    /// window start, send the next retry, publish.
+    async fn on_deadlines(&mut self, ws: &mut Ws, decided: &mut bool) -> Result<(), End> {
+        let now = Instant::now();
+        let Some(w) = self.window else { return Ok(()) };
+        if !self.presence_checked && now >= w.drain_end {
+            self.check_presence();
+        }
+        if !*decided && now >= w.start {
+            self.decide();
+            *decided = true;
+        }
+        if self.retry_at.is_some_and(|at| now >= at) {
+            let retry = self.member.book().next_retry();
+            self.retry_at = retry.as_ref().map(|_| Instant::now() + RETRY_PACE);
+            if let Some(frame) = retry {
+                Box::pin(self.resend(ws, vec![frame])).await?;
+            }
+        }
+        // Boxed: most members never publish, and inline the publish would enlarge every
+        // connection's task.
+        if let Some((at, k)) = self.next_publish_at().filter(|(at, _)| now >= *at) {
+            Box::pin(self.publish(ws, at, k)).await?;
+        }
+        Ok(())
+    }
+
     /// Sends again the publishes that had no ack when the previous connection ended.
     async fn resend(&mut self, ws: &mut Ws, frames: Vec<String>) -> Result<(), End> {
         let n = frames.len() as u64;
@@ -224,6 +288,19 @@ impl Session {
             return Err(self.end(false, None, e.to_string()));
         }
         Stats::add(&self.shared.stats.resent, n);
+        Ok(())
+    }
+
+    /// Sends what a frame called for.
+    async fn send_out(&mut self, ws: &mut Ws, out: Out) -> Result<(), End> {
+        if !out.resend.is_empty() {
+            self.resend(ws, out.resend).await?;
+        }
+        if let Some(frame) = out.command {
+            if let Err(e) = ws.send(Message::text(frame)).await {
+                return Err(self.end(false, None, e.to_string()));
+            }
+        }
         Ok(())
     }
 
@@ -316,19 +393,30 @@ impl Session {
             .push(row);
     }
 
-    /// Handles one server frame; returns the frames to send again after a resume's welcome.
-    fn on_text(&mut self, text: &str) -> Option<Vec<String>> {
+    /// Handles one server frame; returns what it calls for (publishes to send again after a
+    /// resume's welcome, a `members` command).
+    fn on_text(&mut self, text: &str) -> Option<Out> {
         match ws::parse_event(text) {
             Some(Event::Welcome {
                 position,
                 recovered,
+                list_key,
             }) if self.welcomed_at.is_none() => {
                 self.welcomed_at = Some(Instant::now());
                 self.shared.stats.connected.fetch_add(1, Ordering::Relaxed);
                 if let Some(tx) = self.joined.take() {
                     let _ = tx.send(self.started.elapsed());
                 }
-                return self.on_welcome(position, recovered);
+                let command = self.on_list_key(list_key.as_deref());
+                let resend = self.on_welcome(position, recovered).unwrap_or_default();
+                return (command.is_some() || !resend.is_empty())
+                    .then_some(Out { resend, command });
+            }
+            Some(Event::Members(page)) => {
+                return self.on_list(|view, rereads| view.on_page(*page, rereads));
+            }
+            Some(Event::MembersDiff(diff)) => {
+                return self.on_list(|view, rereads| view.on_diff(*diff, rereads));
             }
             Some(Event::Message {
                 ts,
@@ -360,6 +448,11 @@ impl Session {
             }
             Some(Event::Error { code, key }) => {
                 self.shared.stats.error_events.add(&code);
+                if code == "not_listed" {
+                    if let Some(l) = self.lists.as_mut() {
+                        l.view.not_listed();
+                    }
+                }
                 // `rate_limited` and `unavailable` go out again at the retry pace (and at once
                 // after a reconnect's welcome); any other refusal is final (Book::on_refused).
                 if let Some(k) = key {
@@ -398,6 +491,42 @@ impl Session {
         (!w.resend.is_empty()).then_some(w.resend)
     }
 
+    /// Feeds the list view (with `--lists`) a page or a diff; the `members` command it calls for.
+    fn on_list(&mut self, feed: impl FnOnce(&mut View, &mut u64) -> Option<Read>) -> Option<Out> {
+        let l = self.lists.as_mut()?;
+        let mut rereads = 0;
+        let read = feed(&mut l.view, &mut rereads);
+        Stats::add(&self.shared.stats.lists_rereads, rereads);
+        read.map(|r| Out {
+            command: Some(View::command(&r)),
+            ..Out::default()
+        })
+    }
+
+    /// After the welcome: tells the webhook receiver the member's list key, and with `--lists`
+    /// enters it in the truth and starts reading the list (the `members` command to send).
+    fn on_list_key(&mut self, key: Option<&str>) -> Option<String> {
+        let room = &self.shared.plan.rooms[self.member.slot.room];
+        if let Some(hooks) = &self.shared.hooks {
+            hooks.expect(&room.name, key);
+        }
+        if !self.shared.opts.lists || !self.before_drain_end() {
+            return None;
+        }
+        let h = key_hash(key?);
+        self.shared.truth.join(self.member.slot.room, h);
+        self.lists = Some(Box::new(Listing {
+            view: View::start(),
+            key: h,
+        }));
+        Some(View::command(&None))
+    }
+
+    /// Whether the drain has not ended (the truth is the rooms' members at its end).
+    fn before_drain_end(&self) -> bool {
+        self.window.is_none_or(|w| Instant::now() < w.drain_end)
+    }
+
     /// Follows the room's numbering: where to resume, and duplicates or reorders by offset.
     fn on_position(&mut self, p: Position) {
         let out = self.member.book().on_position(p, self.recovered_upto);
@@ -421,12 +550,10 @@ impl Session {
     fn on_message(&mut self, ts: u64, stamp: Stamp) {
         let now_unix = unix_micros();
         let now = Instant::now();
-        let shared = self.shared.clone();
-        let stats = &shared.stats;
         let Some(w) = self.window else {
             // Our run id but no window yet: another generator of the run started publishing
             // before this one fixed its window (a --start-at in the past), or a stray.
-            Stats::add(&stats.foreign, 1);
+            Stats::add(&self.shared.stats.foreign, 1);
             return;
         };
         // A window message can come a little before this generator's own window start (another
@@ -434,6 +561,9 @@ impl Session {
         if self.member.book().measured.is_none() {
             self.decide();
         }
+        // Borrowed, not an `Arc` clone: every worker thread touching one shared count per
+        // message costs more than the rest of this bookkeeping.
+        let stats = &self.shared.stats;
         if now > w.drain_end {
             Stats::add(&stats.after_drain, 1);
             return;
@@ -510,6 +640,22 @@ impl Session {
         }
         self.presence_checked = true;
         let stats = &self.shared.stats;
+        if let Some(l) = &self.lists {
+            let room = self.member.slot.room;
+            let (hosts, viewers) = self.shared.plan.rooms[room].size;
+            let truth =
+                (!self.shared.plan.shard.is_split()).then(|| self.shared.truth.fingerprint(room));
+            let counter = match l.view.judge(hosts + viewers, truth) {
+                Verdict::Right => &stats.lists_checked,
+                Verdict::Wrong => {
+                    Stats::add(&stats.lists_checked, 1);
+                    &stats.lists_wrong
+                }
+                Verdict::Missing => &stats.lists_missing,
+                Verdict::NotListing => &stats.lists_over_limit,
+            };
+            Stats::add(counter, 1);
+        }
         match self.presence {
             None => Stats::add(&stats.presence_missing, 1),
             Some(seen) => {
@@ -528,6 +674,11 @@ impl Session {
         }
         if self.welcomed_at.is_some() {
             self.shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some(l) = &self.lists {
+            if self.before_drain_end() {
+                self.shared.truth.leave(self.member.slot.room, l.key);
+            }
         }
     }
 }

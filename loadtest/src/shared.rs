@@ -5,6 +5,8 @@
 use std::sync::Arc;
 
 use crate::config::Options;
+use crate::hooks::Receiver;
+use crate::lists::Truth;
 use crate::plan::{Plan, Schedule};
 use crate::stats::Stats;
 use crate::token::Tokens;
@@ -40,4 +42,8 @@ pub struct Shared {
     /// The process's resident memory before its first connection, MiB: the base of the memory
     /// per member.
     pub start_rss_mib: Option<f64>,
+    /// The member-list truth: this generator's connected members of each room (`--lists`).
+    pub truth: Truth,
+    /// The webhook receiver (`--webhook-listen`).
+    pub hooks: Option<Arc<Receiver>>,
 }

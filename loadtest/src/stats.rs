@@ -464,6 +464,17 @@ pub struct Stats {
     pub presence_wrong: AtomicU64,
     /// Members connected at the end of the run that never received a `presence`.
     pub presence_missing: AtomicU64,
+
+    /// Members whose list view was judged at the end of the drain (`--lists`).
+    pub lists_checked: AtomicU64,
+    /// Of those, whose view differed from the room's members.
+    pub lists_wrong: AtomicU64,
+    /// Members whose list read had not finished by the end of the drain.
+    pub lists_missing: AtomicU64,
+    /// Members whose room was not listing (`over_limit`, `not_listed`): not judged.
+    pub lists_over_limit: AtomicU64,
+    /// Reads of the list started again (pages of different versions, `reset`).
+    pub lists_rereads: AtomicU64,
 }
 
 impl Stats {

@@ -168,6 +168,52 @@ pub struct PresenceCheck {
     pub missing: u64,
 }
 
+/// The members' view of their rooms' lists at the end of the drain (`--lists`): count and
+/// fingerprint against the room's members (the plan's count; the fingerprint of the generator's
+/// own members when the run has one shard).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ListsCheck {
+    /// Members whose view was compared.
+    pub checked: u64,
+    /// Of those, whose view was wrong.
+    pub wrong: u64,
+    /// Members whose read had not finished.
+    pub missing: u64,
+    /// Members whose room was not listing (over the gateway's bound): not judged.
+    pub over_limit: u64,
+    /// Reads started again (pages of different versions, `reset`).
+    pub rereads: u64,
+}
+
+/// What the webhook receiver (`--webhook-listen`) took and found.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WebhookCheck {
+    /// Whether a receiver ran (any generator's, when merged).
+    pub enabled: bool,
+    /// Requests with a valid signature.
+    pub received: u64,
+    /// Requests refused for their signature (401).
+    pub bad_signature: u64,
+    /// Repeats of an event id.
+    pub duplicates: u64,
+    /// Expected events that never came (rooms' occupied/vacated, members' joined/left).
+    pub missing: u64,
+    /// Events after a later one of their room.
+    pub out_of_order: u64,
+    /// Events out of turn, or for keys no member here was welcomed with.
+    pub unexpected: u64,
+    /// Events for other rooms, unreadable, or over the receiver's bound: not judged.
+    pub ignored: u64,
+    /// Keys no member here saw welcomed, with exactly one joined then one left (a connection
+    /// whose welcome never reached the generator): not judged.
+    #[serde(default)]
+    pub unseen: u64,
+    /// Rooms judged.
+    pub rooms: u64,
+    /// Member keys judged.
+    pub keys: u64,
+}
+
 /// The generator's own health.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Generator {
@@ -300,6 +346,12 @@ pub struct Summary {
     /// The members' view of their rooms' counts at the end (absent in older summaries).
     #[serde(default)]
     pub presence: PresenceCheck,
+    /// The members' view of their rooms' lists (absent in older summaries).
+    #[serde(default)]
+    pub lists: ListsCheck,
+    /// The webhook receiver's figures (absent in older summaries).
+    #[serde(default)]
+    pub webhooks: WebhookCheck,
     /// End to end: intended send time (payload) → received, µs.
     pub latency_us: LatencySummary,
     /// Gateway publish stamp → received, µs (the fan-out part).
@@ -334,6 +386,8 @@ impl Default for Summary {
             messages: Messages::default(),
             continuity: Continuity::default(),
             presence: PresenceCheck::default(),
+            lists: ListsCheck::default(),
+            webhooks: WebhookCheck::default(),
             latency_us: LatencySummary::default(),
             fanout_us: LatencySummary::default(),
             publish_lag_us: LatencySummary::default(),
@@ -431,6 +485,12 @@ impl Summary {
             duplicates: self.messages.duplicates,
             reordered: self.messages.reordered,
             presence_wrong: self.presence.wrong + self.presence.missing,
+            list_wrong: self.lists.wrong + self.lists.missing,
+            webhook_missing: self.webhooks.missing,
+            webhook_duplicates: self.webhooks.duplicates,
+            webhook_out_of_order: self.webhooks.out_of_order,
+            webhook_unexpected: self.webhooks.unexpected,
+            webhook_bad_signature: self.webhooks.bad_signature,
             latency: self.histograms.latency_us.clone(),
             generator_lag_p99: self.generator.timer_lag_us.p99,
             complete: self.run.complete,

@@ -229,7 +229,7 @@ async fn attempt(
             format!("closed_before_welcome_{code}")
         }
         Err(_) => {
-            conn.cancel.cancel();
+            let _ = conn.cancel.send(());
             let _ = (&mut conn.task).await;
             "welcome_timeout".to_string()
         }
@@ -338,7 +338,9 @@ pub async fn tick(user: &mut GooseUser, shared: &Arc<Shared>) -> TransactionResu
         }
     }
     let rows = inner.rows.clone();
-    flush_rows(user, shared, &rows).await?;
+    // Boxed here and below: goose's recording futures are large, and inline they would make
+    // every member's tick that big while it waits.
+    Box::pin(flush_rows(user, shared, &rows)).await?;
 
     if inner.conn.as_ref().is_some_and(|c| c.task.is_finished()) {
         let conn = inner.conn.take().expect("checked");
@@ -349,9 +351,9 @@ pub async fn tick(user: &mut GooseUser, shared: &Arc<Shared>) -> TransactionResu
             welcomed: true,
             lived: Duration::ZERO,
         });
-        flush_rows(user, shared, &rows).await?;
+        Box::pin(flush_rows(user, shared, &rows)).await?;
         if !end.requested {
-            record_close(user, shared, &end).await?;
+            Box::pin(record_close(user, shared, &end)).await?;
             inner.failures = 0;
             inner.retry_at = if shared.opts.no_reconnect {
                 None
@@ -394,7 +396,7 @@ pub async fn leave(user: &mut GooseUser, shared: &Arc<Shared>) -> TransactionRes
     let state = state(user)?;
     let mut inner = state.0.lock().await;
     if let Some(conn) = inner.conn.take() {
-        conn.cancel.cancel();
+        let _ = conn.cancel.send(());
         let mut task = conn.task;
         match tokio::time::timeout(Duration::from_secs(3), &mut task).await {
             Ok(Ok(end)) if !end.requested => record_close(user, shared, &end).await?,

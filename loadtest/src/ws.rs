@@ -15,12 +15,21 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Error as WsError;
-use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::either::Either;
 
+use crate::lists::{key_hash, Diff, Page};
 use crate::spec::Role;
 
+mod scan;
+
+/// A connection's byte stream: plain TCP, or TLS over it. The TLS state is boxed: inline (as
+/// tokio-tungstenite's `MaybeTlsStream` holds it) every plain connection's task would carry a
+/// rustls connection's size for the whole run.
+pub type Stream = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
+
 /// An open client connection.
-pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub type Ws = WebSocketStream<Stream>;
 
 /// Why a connection attempt failed: a short label for counting, and the detail for logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,12 +115,13 @@ fn handshake_error(e: WsError) -> ConnectError {
 }
 
 /// Buffers sized for small frames: tungstenite's 128 KiB default read buffer would cost 2.4 GiB
-/// at 19 000 connections. 4 KiB holds dozens of the load tester's messages per read; a larger
-/// frame still arrives whole (the buffer grows for it), and the read buffer was the largest
-/// part of an idle member's memory at 8 KiB.
+/// at 19 000 connections. After a client handshake tungstenite keeps the handshake's 4 KiB
+/// buffer as the read buffer whatever this says; this bounds each read, whose first step zeroes
+/// that much of the buffer: 2 KiB (half of it) still holds several of the load tester's
+/// messages per read, and a larger frame still arrives whole (the buffer grows for it).
 fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(2 * 1024)
         .write_buffer_size(0)
         .max_message_size(Some(1 << 20))
 }
@@ -180,19 +190,15 @@ pub async fn connect(
                 .map_err(|_| ConnectError::new("bad_token", "token is not a header value"))?;
             request.headers_mut().insert("authorization", value);
         }
-        let connector = if url.starts_with("wss://") {
-            Connector::Rustls(dialer.tls.clone())
+        let stream = if url.starts_with("wss://") {
+            Either::Right(Box::new(tls_handshake(dialer, &request, stream).await?))
         } else {
-            Connector::Plain
+            Either::Left(stream)
         };
-        let (ws, _response) = tokio_tungstenite::client_async_tls_with_config(
-            request,
-            stream,
-            Some(ws_config()),
-            Some(connector),
-        )
-        .await
-        .map_err(handshake_error)?;
+        let (ws, _response) =
+            tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config()))
+                .await
+                .map_err(handshake_error)?;
         Ok(ws)
     };
     match tokio::time::timeout(timeout, attempt).await {
@@ -203,6 +209,26 @@ pub async fn connect(
             format!("no upgrade within {timeout:?}"),
         )),
     }
+}
+
+/// The TLS handshake for `wss://`, with the name in the request's URL.
+async fn tls_handshake(
+    dialer: &Dialer,
+    request: &tokio_tungstenite::tungstenite::handshake::client::Request,
+    stream: TcpStream,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ConnectError> {
+    let host = request.uri().host().unwrap_or_default();
+    // rustls takes IPv6 addresses without their brackets.
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let name = rustls_pki_types::ServerName::try_from(host.to_string())
+        .map_err(|_| ConnectError::new("tls", format!("invalid DNS name: {host}")))?;
+    tokio_rustls::TlsConnector::from(dialer.tls.clone())
+        .connect(name, stream)
+        .await
+        .map_err(|e| handshake_error(WsError::Io(e)))
 }
 
 /// The fields the load tester puts in every message's `data`.
@@ -264,7 +290,14 @@ pub enum Event {
         position: Option<Position>,
         /// `recovered`, present only after `since=`.
         recovered: Option<bool>,
+        /// The connection's member-list key: `user` when not null, else `conn:<connection_id>`
+        /// (docs/protocol.md 12.1).
+        list_key: Option<String>,
     },
+    /// A `members` page (boxed: rare, and inline it would enlarge every event).
+    Members(Box<Page>),
+    /// A `members_diff`.
+    MembersDiff(Box<Diff>),
     /// A `message` with the gateway's publish stamp; `stamp` is `None` when its data is not ours.
     Message {
         /// The gateway's `ts`.
@@ -323,10 +356,50 @@ struct Incoming<'a> {
     hosts: Option<u64>,
     #[serde(default)]
     viewers: Option<u64>,
+    #[serde(borrow, default)]
+    user: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    connection_id: Option<Cow<'a, str>>,
+    #[serde(default)]
+    v: Option<u64>,
+    #[serde(borrow, default)]
+    members: Option<Vec<Entry<'a>>>,
+    #[serde(borrow, default)]
+    joined: Option<Vec<Entry<'a>>>,
+    #[serde(borrow, default)]
+    left: Option<Vec<Entry<'a>>>,
+    #[serde(borrow, default)]
+    cursor: Option<&'a RawValue>,
+    #[serde(default)]
+    reset: Option<bool>,
+    #[serde(default)]
+    over_limit: Option<bool>,
 }
 
-/// Reads one text frame from the server; `None` when it is not an event at all.
+/// A member-list entry: only its key is read.
+#[derive(Deserialize)]
+struct Entry<'a> {
+    #[serde(borrow)]
+    sub: Cow<'a, str>,
+}
+
+fn hashes(entries: Option<Vec<Entry<'_>>>) -> Vec<u64> {
+    entries
+        .unwrap_or_default()
+        .iter()
+        .map(|e| key_hash(&e.sub))
+        .collect()
+}
+
+/// Reads one text frame from the server; `None` when it is not an event at all. A `message`
+/// event in the gateway's own form is read by a scan for the fields the load tester needs
+/// (`ws/scan.rs`); anything else, or anything the scan is not sure of, by the full parse.
 pub fn parse_event(text: &str) -> Option<Event> {
+    scan::message(text).or_else(|| parse_event_full(text))
+}
+
+/// [`parse_event`] by a full `serde` parse of the frame.
+pub(crate) fn parse_event_full(text: &str) -> Option<Event> {
     let e: Incoming<'_> = serde_json::from_str(text).ok()?;
     let position = match (&e.epoch, e.offset) {
         (Some(epoch), Some(offset)) => Some(Position {
@@ -339,7 +412,29 @@ pub fn parse_event(text: &str) -> Option<Event> {
         "welcome" => Event::Welcome {
             position,
             recovered: e.recovered,
+            list_key: match (e.user, e.connection_id) {
+                (Some(u), _) => Some(u.into_owned()),
+                (None, Some(c)) => Some(format!("conn:{c}")),
+                (None, None) => None,
+            },
         },
+        "members" => Event::Members(Box::new(Page {
+            v: e.v.unwrap_or(0),
+            keys: hashes(e.members),
+            cursor: e
+                .cursor
+                .map(|c| c.get())
+                .filter(|c| *c != "null")
+                .map(str::to_string),
+            over_limit: e.over_limit.unwrap_or(false),
+        })),
+        "members_diff" => Event::MembersDiff(Box::new(Diff {
+            v: e.v.unwrap_or(0),
+            joined: hashes(e.joined),
+            left: hashes(e.left),
+            reset: e.reset.unwrap_or(false),
+            over_limit: e.over_limit.unwrap_or(false),
+        })),
         "message" => Event::Message {
             ts: e.ts.unwrap_or(0),
             stamp: e.data.and_then(|d| serde_json::from_str(d.get()).ok()),
@@ -418,7 +513,8 @@ mod tests {
             ),
             Some(Event::Welcome {
                 position: None,
-                recovered: None
+                recovered: None,
+                list_key: Some("conn:n1-1".into()),
             })
         );
         assert_eq!(
@@ -430,8 +526,57 @@ mod tests {
                     epoch: "ab1".into(),
                     offset: 40
                 }),
-                recovered: Some(false)
+                recovered: Some(false),
+                list_key: Some("conn:n1-1".into()),
             })
+        );
+        match parse_event(
+            r#"{"type":"welcome","node":"n1","room":"r","role":"viewer","connection_id":"n1-2","name":"Ann","user":"u7"}"#,
+        ) {
+            Some(Event::Welcome { list_key, .. }) => assert_eq!(list_key.as_deref(), Some("u7")),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            parse_event(
+                r#"{"type":"members","room":"show","v":12,"members":[{"sub":"user-42","name":"Ann","role":"host"}],"cursor":"17"}"#
+            ),
+            Some(Event::Members(Box::new(Page {
+                v: 12,
+                keys: vec![key_hash("user-42")],
+                cursor: Some("\"17\"".into()),
+                over_limit: false,
+            })))
+        );
+        assert_eq!(
+            parse_event(
+                r#"{"type":"members","room":"show","v":3,"members":[],"cursor":null,"over_limit":true}"#
+            ),
+            Some(Event::Members(Box::new(Page {
+                v: 3,
+                keys: vec![],
+                cursor: None,
+                over_limit: true,
+            })))
+        );
+        assert_eq!(
+            parse_event(
+                r#"{"type":"members_diff","room":"show","v":13,"joined":[{"sub":"user-7","name":"Bo","role":"viewer"}],"left":[{"sub":"user-9","reason":"client_closed"}]}"#
+            ),
+            Some(Event::MembersDiff(Box::new(Diff {
+                v: 13,
+                joined: vec![key_hash("user-7")],
+                left: vec![key_hash("user-9")],
+                reset: false,
+                over_limit: false,
+            })))
+        );
+        assert_eq!(
+            parse_event(r#"{"type":"members_diff","room":"show","v":14,"reset":true}"#),
+            Some(Event::MembersDiff(Box::new(Diff {
+                v: 14,
+                reset: true,
+                ..Diff::default()
+            })))
         );
         assert_eq!(
             parse_event(r#"{"type":"error","code":"rate_limited","message":"slow down"}"#),

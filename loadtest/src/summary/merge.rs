@@ -125,6 +125,24 @@ impl Summary {
             out.presence.checked += p.presence.checked;
             out.presence.wrong += p.presence.wrong;
             out.presence.missing += p.presence.missing;
+            let (l, pl) = (&mut out.lists, &p.lists);
+            l.checked += pl.checked;
+            l.wrong += pl.wrong;
+            l.missing += pl.missing;
+            l.over_limit += pl.over_limit;
+            l.rereads += pl.rereads;
+            let (w, pw) = (&mut out.webhooks, &p.webhooks);
+            w.enabled |= pw.enabled;
+            w.received += pw.received;
+            w.bad_signature += pw.bad_signature;
+            w.duplicates += pw.duplicates;
+            w.missing += pw.missing;
+            w.out_of_order += pw.out_of_order;
+            w.unexpected += pw.unexpected;
+            w.ignored += pw.ignored;
+            w.unseen += pw.unseen;
+            w.rooms += pw.rooms;
+            w.keys += pw.keys;
             let h = &mut out.histograms;
             let ph = &p.histograms;
             for (a, b) in [

@@ -88,6 +88,27 @@ impl Summary {
                 pr.missing
             );
         }
+        let li = &self.lists;
+        if li.checked + li.missing + li.over_limit > 0 {
+            let _ = writeln!(
+                o,
+                "lists at the end: {} of {} members held their room's exact list ({} wrong, {} unread; {} rooms over the bound, not judged; {} re-reads)",
+                li.checked - li.wrong,
+                li.checked + li.missing,
+                li.wrong,
+                li.missing,
+                li.over_limit,
+                li.rereads
+            );
+        }
+        let w = &self.webhooks;
+        if w.enabled {
+            let _ = writeln!(
+                o,
+                "webhooks: {} received ({} bad signatures, {} duplicates, {} ignored); {} rooms and {} members judged: {} missing, {} out of order, {} unexpected ({} unseen connections)",
+                w.received, w.bad_signature, w.duplicates, w.ignored, w.rooms, w.keys, w.missing, w.out_of_order, w.unexpected, w.unseen
+            );
+        }
         let _ = writeln!(
             o,
             "latency end to end: p50 {:.2} ms, p90 {:.2}, p99 {:.2}, p99.9 {:.2}, max {:.2} ({} samples)",
