@@ -233,13 +233,15 @@ impl Session {
         end
     }
 
-    /// The earliest of the connection's deadlines: the end of the drain (to judge presence),
-    /// the window start (to decide whether the member is measured), the next retry and the
-    /// next publish.
+    /// The earliest of the connection's deadlines: the end of the drain (to judge presence,
+    /// once welcomed: before, there is nothing to judge, and a passed deadline would fire in
+    /// every round), the window start (to decide whether the member is measured), the next
+    /// retry and the next publish.
     fn next_deadline(&self, decided: bool) -> Option<Instant> {
         let w = self.window;
+        let judge = !self.presence_checked && self.welcomed_at.is_some();
         [
-            w.filter(|_| !self.presence_checked).map(|w| w.drain_end),
+            w.filter(|_| judge).map(|w| w.drain_end),
             w.filter(|_| !decided).map(|w| w.start),
             self.retry_at,
             self.next_publish_at().map(|(at, _)| at),
