@@ -168,7 +168,11 @@ fn lists_and_webhooks_add_up_across_a_node_kill() {
         .args(["--summary-file", summary.to_str().unwrap()])
         .args(["--expect", "list-wrong==0", "--expect", "lost==0"])
         .args(["--expect", "webhook-missing==0"])
-        .args(["--expect", "webhook-duplicates==0"])
+        // At least once: an event the killed node had delivered but not yet acknowledged is
+        // sent again by the node that adopts the room — at most one per room it was
+        // delivering (20 rooms); a lease race would duplicate far more. The receiver drops
+        // them by id, and `missing` stays 0.
+        .args(["--expect", "webhook-duplicates<=20"])
         .args(["--expect", "webhook-out-of-order==0"])
         .args(["--expect", "webhook-unexpected==0"])
         .args(["--expect", "webhook-bad-signature==0"])
