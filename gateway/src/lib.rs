@@ -47,13 +47,15 @@
 //!   a new master, with `overlap.rs` letting each message through once meanwhile);
 //!   `publisher.rs`; `reconnect.rs`, the one backoff loop; `rooms.rs`, the rooms API's reads;
 //!   `roster.rs`, the presence tick's script per room, member-list pages and the node registry;
+//!   `hooks.rs`, the webhooks' storage (each room's event stream, lease, the recovery index);
 //!   `witness.rs`, who else lost a master: the hand-over's question),
 //!   [`broker::subscriptions`] (desired vs confirmed, the one diff), [`broker::roster`] (member
 //!   lists' types, the per-tick fold into one diff, the in-process roster), [`broker::control`] (the
 //!   control channel and bans in Redis) and [`broker::redis_endpoint`] (URL forms and TLS). The
 //!   Redis broker numbers, records and publishes a room's messages in one atomic step
 //!   ([`broker::scripts`]: `publish.lua`, `history.lua`, `presence.lua` (counts, member lists and
-//!   lifecycle events), `members.lua`, `registry.lua`, `counts.lua`, `ban.lua`, run by `EVALSHA`).
+//!   lifecycle events), `members.lua`, `registry.lua`, `counts.lua`, `ban.lua` and the webhooks'
+//!   `hook_claim.lua`, `hook_ack.lua`, `hook_release.lua`, run by `EVALSHA`).
 //! - [`auth`] — token verification: keys (HMAC, PEM, [`auth::jwks`]), [`auth::claims`] and grants,
 //!   [`auth::patterns`] (room patterns of grants and anonymous viewers).
 //! - [`wire`] — the bottom: protocol types and encoding once to `Bytes` ([`wire::protocol`]), the
