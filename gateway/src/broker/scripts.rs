@@ -181,22 +181,27 @@ pub fn parse_history_answer(answer: redis::Value) -> Result<HistoryRead, BrokerE
         .ok_or_else(|| BrokerError::Failed("unexpected history answer".into()))
 }
 
+/// A script's string answer (bulk or simple), as UTF-8.
+pub(crate) fn reply_text(v: &redis::Value) -> Option<String> {
+    match v {
+        redis::Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        redis::Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// A script's integer answer, or a string of digits.
+pub(crate) fn reply_int(v: &redis::Value) -> Option<u64> {
+    match v {
+        redis::Value::Int(n) => u64::try_from(*n).ok(),
+        other => reply_text(other)?.parse().ok(),
+    }
+}
+
 /// Parses `history.lua`'s answer.
 fn parse_history(values: Vec<redis::Value>) -> Option<HistoryRead> {
     use redis::Value;
-    fn text(v: &Value) -> Option<String> {
-        match v {
-            Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-            Value::SimpleString(s) => Some(s.clone()),
-            _ => None,
-        }
-    }
-    fn int(v: &Value) -> Option<u64> {
-        match v {
-            Value::Int(n) => u64::try_from(*n).ok(),
-            other => text(other)?.parse().ok(),
-        }
-    }
+    let (text, int) = (reply_text, reply_int);
     let mut it = values.into_iter();
     let epoch = text(&it.next()?)?;
     let offset = int(&it.next()?)?;

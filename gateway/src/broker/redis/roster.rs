@@ -21,7 +21,7 @@ use super::RedisBroker;
 use crate::broker::roster::{
     Batch, MembersPage, RoomTick, RosterRead, HYSTERESIS_PERCENT, LOG_CAP,
 };
-use crate::broker::scripts;
+use crate::broker::scripts::{self, reply_int as int, reply_text as text};
 use crate::broker::BrokerError;
 use crate::wire::protocol::{RoomCounts, RoomName};
 
@@ -293,19 +293,4 @@ fn parse_tick(values: Vec<Value>, lists: bool) -> Option<(RoomCounts, Option<Ros
         ..RosterRead::default()
     }));
     Some((counts, read))
-}
-
-fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        _ => None,
-    }
-}
-
-fn int(v: &Value) -> Option<u64> {
-    match v {
-        Value::Int(n) => u64::try_from(*n).ok(),
-        other => text(other)?.parse().ok(),
-    }
 }
