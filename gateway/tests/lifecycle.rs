@@ -1,7 +1,8 @@
 //! Room lifecycle webhooks end to end (issue 22, point 4): real members join and leave listing
 //! rooms on real nodes (in this process, and as child processes that are SIGKILLed), the
 //! presence scripts produce the events once per cluster, and the webhook dispatcher delivers
-//! them to a real receiver that fails, times out and goes away. Each test checks what the
+//! them to a real receiver that fails, times out and goes away (on one Redis, and on a Redis
+//! Cluster with a room on every shard). Each test checks what the
 //! receiver ACCEPTED: every event exactly once, in order per room, signed. The delivery side
 //! alone (events appended by hand) is `webhooks.rs`'s.
 
@@ -208,4 +209,42 @@ async fn the_in_process_broker_sends_the_same_events() {
     assert_eq!(kinds(&events), TWO_MEMBERS_COME_AND_GO, "{events:#?}");
     assert_once_in_order(&events);
     assert_signed(&receiver.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_of_rooms_on_every_shard_of_a_redis_cluster_arrive_once_in_order() {
+    let topology = ClusterTopology::start().await;
+    let receiver = Receiver::start(|_, _| Reply::Status(200)).await;
+    let f = flags("room-*", &receiver);
+    let f: Vec<&str> = f.iter().map(String::as_str).collect();
+    let c1 = TestNode::start(test_config_url("c1", &topology.url(), &f)).await;
+    let c2 = TestNode::start(test_config_url("c2", &topology.url(), &f)).await;
+    // One room in each master's slots: each room's scripts and stream live on its own shard.
+    let rooms = rooms_per_shard(1);
+    let mut n = 0;
+    for room in &rooms {
+        let a = c1.join(room, "host", "a").await;
+        n += 2;
+        receiver.wait_accepted(n, Duration::from_secs(10)).await;
+        let b = c2.join(room, "viewer", "b").await;
+        n += 1;
+        receiver.wait_accepted(n, WAIT).await;
+        b.close().await;
+        a.close().await;
+        n += 3;
+        receiver.wait_accepted(n, WAIT).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let events = accepted_events(&receiver);
+    assert_eq!(events.len(), 6 * rooms.len(), "{events:#?}");
+    assert_once_in_order(&events);
+    assert_signed(&receiver.log());
+    for room in &rooms {
+        let of: Vec<Value> = events
+            .iter()
+            .filter(|e| e["room"] == room.as_str())
+            .cloned()
+            .collect();
+        assert_eq!(kinds(&of), TWO_MEMBERS_COME_AND_GO, "{room}: {of:#?}");
+    }
 }
