@@ -210,8 +210,14 @@ async fn once(node: &Node, state: &mut State, last: bool) -> Result<(), BrokerEr
                     &diff.left,
                 ));
                 for o in &outboxes {
-                    if o.push_message(frame.clone(), None, true).is_ok() {
-                        node.metrics.members_diffs.increment(1);
+                    match o.push_message(frame.clone(), None, true) {
+                        Ok(_) => node.metrics.members_diffs.increment(1),
+                        // The session closes as a slow consumer (it re-reads the list when it
+                        // is back); counted like a refused presence frame.
+                        Err(PushError::Full) => {
+                            node.metrics.dropped(DropReason::SlowConsumer).increment(1)
+                        }
+                        Err(_) => {}
                     }
                 }
             }
