@@ -36,22 +36,23 @@ local function event(e)
     appended = appended + 1
   end
 end
--- The room is occupied while any instance has a live field (one with zero counts included: a
--- node keeps its field for --unsubscribe-delay after its last member left, the vacated event's
--- debounce). This instance's field counts before the change even if it expired (a node that was
--- cut off, or the dead instance being reaped), so that each transition is seen once.
-local function fields(also)
+-- For the lifecycle events the room is occupied while any instance has a field in its hash (one
+-- with zero counts included: a node keeps its field for --unsubscribe-delay after its last member
+-- left, the vacated event's debounce), expired ones included until a script removes them (below,
+-- or the reaper's run): vacated when the last field goes, occupied when the first comes. Counting
+-- only live fields here made a member joining another node between a dead node's expiry and its
+-- reaping send a second `room.occupied` with no `room.vacated` between.
+local function fields()
   local n = 0
   local all = redis.call('HGETALL', KEYS[1])
   for i = 1, #all, 2 do
-    local exp = string.match(all[i + 1], '^%d+ %d+ (%d+)$')
-    if exp and (tonumber(exp) > now or all[i] == also) then
+    if string.match(all[i + 1], '^%d+ %d+ %d+$') then
       n = n + 1
     end
   end
   return n
 end
-local before = fields(me)
+local before = fields()
 if tonumber(ARGV[2]) >= 0 and not reap then
   redis.call('HSET', KEYS[1], me, ARGV[2] .. ' ' .. ARGV[3] .. ' ' .. (now + ttl))
   -- Twice the fields' lifetime: a dead instance's expired field stays for its reaper to see.
