@@ -71,6 +71,49 @@ fi
 log "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 
+# What the stages after the Rust tests need, made while clippy and the test build run rather than
+# after them: the release binaries (a cargo profile's directory has a lock of its own, so the two
+# builds run side by side, and each one's single-crate stretches leave a core the other fills) and
+# the Docker test's Debian root filesystems (downloads and unpacking). Both are waited for before
+# the tests run, so no test shares the cores with a build. Their output goes to
+# target/background/*.log, printed if they fail.
+background=()
+mkdir -p target/background
+in_background() {
+  local name=$1
+  shift
+  log "in the background: $name (target/background/$name.log)"
+  "$@" >"target/background/$name.log" 2>&1 &
+  background+=("$name:$!")
+}
+wait_background() {
+  local job name pid failed=0
+  for job in "${background[@]}"; do
+    name=${job%%:*}
+    pid=${job#*:}
+    if wait "$pid"; then
+      log "background $name done"
+    else
+      printf 'error: background %s failed; its log:\n' "$name" >&2
+      tail -n 60 "target/background/$name.log" >&2
+      failed=1
+    fi
+  done
+  background=()
+  [ "$failed" -eq 0 ] || exit 1
+}
+stop_background() {
+  local job
+  for job in "${background[@]}"; do
+    kill "${job#*:}" 2>/dev/null || true
+  done
+}
+trap stop_background EXIT
+if [ "${1:-}" != "--rust-only" ]; then
+  in_background release-build cargo build --release --locked -p gateway -p loadtest
+  in_background docker-rootfs as_root env "PATH=$PATH" scripts/docker-test.sh --prepare
+fi
+
 log "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
@@ -78,10 +121,14 @@ cargo clippy --workspace --all-targets -- -D warnings
 # the real-Redis failover tier at most two at a time); plain cargo test where nextest is missing.
 if cargo nextest --version >/dev/null 2>&1; then
   log "cargo nextest run --workspace (and the doc tests)"
+  cargo nextest run --workspace --no-run
+  wait_background
   cargo nextest run --workspace
   cargo test --workspace --doc
 else
   log "cargo test --workspace (cargo-nextest not installed)"
+  cargo test --workspace --no-run
+  wait_background
   cargo test --workspace
 fi
 

@@ -384,11 +384,20 @@ def derive_image(tools: Tools, tag: str, dockerfile: str):
     print(f"{tag}: from {SERVICES_BASE}")
 
 
-def build_base_images(tools: Tools):
+def prepare_rootfs():
+    """The base images' root filesystems (directories under CACHE), without a Docker engine:
+    what `scripts/docker-test.sh --prepare` makes while the Rust build runs (scripts/test.sh)."""
+    if not have("debootstrap"):
+        print("apt-get install debootstrap")
+        apt_install("debootstrap")
     debootstrap_rootfs("builder", "busybox-static,ca-certificates")
     debootstrap_rootfs("services", "busybox-static,redis-server,haproxy,prometheus")
     runtime_rootfs()
     services_extras()
+
+
+def build_base_images(tools: Tools):
+    prepare_rootfs()
     import_image(BUILDER_IMAGE, CACHE / "rootfs-builder")
     import_image(RUNTIME_IMAGE, CACHE / "rootfs-runtime")
     import_image(SERVICES_BASE, CACHE / "rootfs-services")
