@@ -71,19 +71,21 @@ fi
 log "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 
-# What the stages after the Rust tests need, made while clippy and the test build run rather than
-# after them: the release binaries (a cargo profile's directory has a lock of its own, so the two
-# builds run side by side, and each one's single-crate stretches leave a core the other fills), the
-# deployment checks' tools and the Docker test's Debian root filesystems (downloads, unpacking).
-# All are waited for before the tests run, so no test shares the cores with a build. Their output
-# goes to target/background/*.log, printed if they fail.
+# What the stages after the Rust tests need, made while clippy, the test build and the Rust tests
+# run rather than after them: the release binaries (a cargo profile's directory has a lock of its
+# own, so the two builds run side by side) and, in one job, the deployment checks' tools and the
+# Docker test's Debian root filesystems (downloads, unpacking). They run at the lowest priority
+# (`nice -n 19`): they take what the foreground leaves — the single-crate stretches of the debug
+# builds, and the Rust tests, which mostly wait on sockets and timers — and the tests' own threads
+# get the cores whenever they want them. Waited for after the Rust tests; their output goes to
+# target/background/*.log, printed if they fail.
 background=()
 mkdir -p target/background
 in_background() {
   local name=$1
   shift
   log "in the background: $name (target/background/$name.log)"
-  "$@" >"target/background/$name.log" 2>&1 &
+  nice -n 19 "$@" >"target/background/$name.log" 2>&1 &
   background+=("$name:$!")
 }
 wait_background() {
@@ -117,7 +119,7 @@ stop_background() {
 trap stop_background EXIT
 if [ "${1:-}" != "--rust-only" ]; then
   in_background release-build cargo build --release --locked -p gateway -p loadtest
-  in_background outside-tools prepare_outside_tools
+  in_background outside-tools bash -c "$(declare -f as_root die prepare_outside_tools); prepare_outside_tools"
 fi
 
 log "cargo clippy --workspace --all-targets -- -D warnings"
@@ -127,16 +129,13 @@ cargo clippy --workspace --all-targets -- -D warnings
 # the real-Redis failover tier at most two at a time); plain cargo test where nextest is missing.
 if cargo nextest --version >/dev/null 2>&1; then
   log "cargo nextest run --workspace (and the doc tests)"
-  cargo nextest run --workspace --no-run
-  wait_background
   cargo nextest run --workspace
   cargo test --workspace --doc
 else
   log "cargo test --workspace (cargo-nextest not installed)"
-  cargo test --workspace --no-run
-  wait_background
   cargo test --workspace
 fi
+wait_background
 
 if [ "${1:-}" = "--rust-only" ]; then
   log "Rust checks passed (--rust-only: browser, load and deployment tests skipped)"
