@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::sleep_until;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -47,9 +47,36 @@ pub enum Row {
     Deliver(Duration),
     /// An `error` event from the gateway.
     Error(String),
+    /// A connection attempt's TCP + upgrade (`WS connect`): how long, and on failure the cause
+    /// and the HTTP status.
+    Connect {
+        /// How long the attempt took.
+        took: Duration,
+        /// `None` when it succeeded.
+        error: Option<String>,
+        /// The HTTP status (101 on success).
+        status: Option<u16>,
+    },
+    /// A close the load tester did not ask for (`WS close`).
+    Close {
+        /// How long the connection lived.
+        lived: Duration,
+        /// The close code (1006 when the socket ended without one).
+        code: u16,
+        /// `closed CODE[: REASON]`.
+        reason: String,
+    },
+    /// Upgrade → welcome (`WS join`), or why it failed.
+    Join {
+        /// From the start of the attempt.
+        took: Duration,
+        /// `None` when the welcome arrived.
+        error: Option<String>,
+    },
 }
 
-/// Rows waiting for the goose user; a std `Mutex` since it is only pushed to and swapped out.
+/// Rows waiting for the goose user (shared by every connection of its members); a std `Mutex`
+/// since it is only pushed to and swapped out.
 pub type Rows = Arc<Mutex<Vec<Row>>>;
 
 /// How a connection ended.
@@ -83,7 +110,15 @@ pub struct Conn {
 }
 
 /// Starts a connection's task on an upgraded socket; `resuming` when it asked for `since=`.
-pub fn spawn(shared: Arc<Shared>, member: Arc<Member>, rows: Rows, ws: Ws, resuming: bool) -> Conn {
+/// `wake` is notified when it ends (the owning goose user waits on one for all its members).
+pub fn spawn(
+    shared: Arc<Shared>,
+    member: Arc<Member>,
+    rows: Rows,
+    ws: Ws,
+    resuming: bool,
+    wake: Arc<Notify>,
+) -> Conn {
     let (cancel, cancelled) = oneshot::channel();
     let done = CancellationToken::new();
     let (joined_tx, joined_rx) = oneshot::channel();
@@ -103,12 +138,30 @@ pub fn spawn(shared: Arc<Shared>, member: Arc<Member>, rows: Rows, ws: Ws, resum
         recovered_upto: None,
         lists: None,
     };
-    let task = tokio::spawn(session.run(ws, cancelled, done.clone()));
+    let ended = Ended {
+        done: done.clone(),
+        wake,
+    };
+    let task = tokio::spawn(session.run(ws, cancelled, ended));
     Conn {
         cancel,
         done,
         task,
         joined: Some(joined_rx),
+    }
+}
+
+/// Marks a connection's end, however its task ends (a panic included): cancels its `done` and
+/// wakes its owner.
+struct Ended {
+    done: CancellationToken,
+    wake: Arc<Notify>,
+}
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.done.cancel();
+        self.wake.notify_one();
     }
 }
 
@@ -156,13 +209,8 @@ struct Out {
 const RETRY_PACE: Duration = Duration::from_millis(100);
 
 impl Session {
-    async fn run(
-        mut self,
-        mut ws: Ws,
-        mut cancelled: oneshot::Receiver<()>,
-        done: CancellationToken,
-    ) -> End {
-        let _done = done.drop_guard();
+    async fn run(mut self, mut ws: Ws, mut cancelled: oneshot::Receiver<()>, ended: Ended) -> End {
+        let _ended = ended;
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
         let mut window_gone = false;
         let mut decided = false;
