@@ -19,8 +19,10 @@
 //! - [`member`] — a member's identity across connections (seat, schedule, sequence
 //!   numbers); [`book`] — its books (ledgers, resume position, unacknowledged publishes);
 //!   [`session`] — one connection's task, which feeds them; [`api`] — the HTTP API publishers.
-//! - [`ws`] — the client side of the wire contract: connect, frames, events; its `ws/scan.rs`
-//!   reads the gateway's `message` events without a full JSON parse.
+//! - [`ws`] — the client side of the wire contract: connect, frames, events; `ws/handshake.rs`
+//!   is the client upgrade (request, `101` check), `ws/socket.rs` an established connection's
+//!   frames (read unmasked, written masked, small buffers), `ws/scan.rs` reads the gateway's
+//!   `message` events without a full JSON parse.
 //! - [`lists`] — the member-list check (`--lists`): a connection's view of its room's list as a
 //!   count and a fingerprint, and the truth it is judged against (plain values, below [`ws`]).
 //! - [`hooks`] — the webhook receiver (`--webhook-listen`): signature, deduplication, the

@@ -12,13 +12,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::sleep_until;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::book::Refusal;
@@ -28,7 +24,7 @@ use crate::member::Member;
 use crate::plan::{unix_micros, Window};
 use crate::shared::Shared;
 use crate::stats::Stats;
-use crate::ws::{self, Event, Position, Stamp, Ws};
+use crate::ws::{self, Event, Frame, Position, Stamp, Ws};
 
 /// How long a close handshake may take before the socket is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -250,28 +246,25 @@ impl Session {
                     }
                 }
                 frame = ws.next() => match frame {
-                    Some(Ok(Message::Text(text))) => {
-                        if let Some(out) = self.on_text(text.as_str()) {
+                    Some(Ok(Frame::Text)) => {
+                        if let Some(out) = self.on_text(ws.text()) {
                             if let Err(end) = Box::pin(self.send_out(&mut ws, out)).await {
                                 break end;
                             }
                         }
                     }
-                    Some(Ok(Message::Close(frame))) => {
-                        // tungstenite has queued the reply; let it go out and see the end.
+                    Some(Ok(Frame::Close(frame))) => {
+                        // The reply is on its way; let it go out and see the end.
                         // Boxed, as every future that runs rarely: inline, each would enlarge
                         // every connection's task for the whole run.
                         let _ = Box::pin(tokio::time::timeout(CLOSE_GRACE, async {
                             while let Some(Ok(_)) = ws.next().await {}
                         }))
                         .await;
-                        break self.end(
-                            false,
-                            frame.as_ref().map(|f| u16::from(f.code)),
-                            frame.map(|f| f.reason.to_string()).unwrap_or_default(),
-                        );
+                        let (code, reason) = frame.unzip();
+                        break self.end(false, code, reason.unwrap_or_default());
                     }
-                    Some(Ok(_)) => {} // pings are answered by tungstenite; pongs, binary: ignored
+                    Some(Ok(Frame::Other)) => {} // pings are answered by the socket; pongs, binary: ignored
                     Some(Err(e)) => break self.end(false, None, e.to_string()),
                     None => break self.end(false, None, "connection ended".into()),
                 },
@@ -330,9 +323,7 @@ impl Session {
     async fn resend(&mut self, ws: &mut Ws, frames: Vec<String>) -> Result<(), End> {
         let n = frames.len() as u64;
         for f in frames {
-            if let Err(e) = ws.feed(Message::text(f)).await {
-                return Err(self.end(false, None, e.to_string()));
-            }
+            ws.feed(&f);
         }
         if let Err(e) = ws.flush().await {
             return Err(self.end(false, None, e.to_string()));
@@ -347,7 +338,7 @@ impl Session {
             self.resend(ws, out.resend).await?;
         }
         if let Some(frame) = out.command {
-            if let Err(e) = ws.send(Message::text(frame)).await {
+            if let Err(e) = ws.send(&frame).await {
                 return Err(self.end(false, None, e.to_string()));
             }
         }
@@ -365,16 +356,7 @@ impl Session {
     }
 
     async fn close(&mut self, ws: &mut Ws) -> End {
-        let frame = CloseFrame {
-            code: CloseCode::Normal,
-            reason: "".into(),
-        };
-        let _ = tokio::time::timeout(CLOSE_GRACE, async {
-            if ws.close(Some(frame)).await.is_ok() {
-                while let Some(Ok(_)) = ws.next().await {}
-            }
-        })
-        .await;
+        let _ = tokio::time::timeout(CLOSE_GRACE, ws.close(1000)).await;
         self.end(true, Some(1000), String::new())
     }
 
@@ -405,7 +387,7 @@ impl Session {
         if !self.shared.opts.no_resume && self.member.book().remember(k, frame.clone()) {
             Stats::add(&self.shared.stats.unacked_dropped, 1);
         }
-        let result = ws.send(Message::text(frame)).await;
+        let result = ws.send(&frame).await;
         let lag = Instant::now().saturating_duration_since(at);
         let stats = &self.shared.stats;
         match result {
