@@ -133,6 +133,7 @@ pub fn spawn(
         presence_checked: false,
         recovered_upto: None,
         lists: None,
+        member_decided: false,
     };
     let ended = Ended {
         done: done.clone(),
@@ -184,6 +185,9 @@ struct Session {
     /// Its view of the room's list, with `--lists` (boxed: off by default, and inline it would
     /// enlarge every connection's task).
     lists: Option<Box<Listing>>,
+    /// The member's books say whether it is measured (decided once per member, never undone):
+    /// the message path need not lock them to look.
+    member_decided: bool,
 }
 
 /// A connection's member-list check: its view, and its list key's hash in the truth.
@@ -590,8 +594,11 @@ impl Session {
         };
         // A window message can come a little before this generator's own window start (another
         // generator's clock runs ahead): decide now, before the ledger counts it.
-        if self.member.book().measured.is_none() {
-            self.decide();
+        if !self.member_decided {
+            if self.member.book().measured.is_none() {
+                self.decide();
+            }
+            self.member_decided = true;
         }
         // Borrowed, not an `Arc` clone: every worker thread touching one shared count per
         // message costs more than the rest of this bookkeeping.

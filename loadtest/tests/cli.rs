@@ -69,6 +69,17 @@ struct Run {
     took: Duration,
 }
 
+impl Run {
+    /// Checks the exit code, showing the output when it is not `code`.
+    fn exited(&self, code: i32) {
+        assert_eq!(
+            self.code, code,
+            "stdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
+    }
+}
+
 /// Runs `loadtest` with `args` (and a short run's phases, a summary file), `env` set and
 /// nothing inherited from this process's environment.
 async fn loadtest(args: &[&str], env: &[(&str, &str)]) -> Run {
@@ -121,11 +132,7 @@ async fn loadtest(args: &[&str], env: &[(&str, &str)]) -> Run {
 async fn a_run_in_which_nobody_joined_fails_without_rules() {
     let target = closed_port();
     let run = loadtest(&["--target", &target, "--rooms", "1x1x2"], &[]).await;
-    assert_eq!(
-        run.code, 1,
-        "stdout:\n{}\nstderr:\n{}",
-        run.stdout, run.stderr
-    );
+    run.exited(1);
     assert!(
         run.stdout
             .contains("rule FAIL joined>0 — no member ever joined"),
@@ -162,11 +169,7 @@ async fn a_refused_target_is_passed_over_at_once() {
     )
     .await;
     node.stop().await;
-    assert_eq!(
-        run.code, 0,
-        "stdout:\n{}\nstderr:\n{}",
-        run.stdout, run.stderr
-    );
+    run.exited(0);
     let s = run.summary.unwrap();
     let c = &s["connections"];
     assert!(
@@ -219,11 +222,7 @@ async fn members_batched_in_goose_users_keep_every_rule() {
     )
     .await;
     node.stop().await;
-    assert_eq!(
-        run.code, 0,
-        "stdout:\n{}\nstderr:\n{}",
-        run.stdout, run.stderr
-    );
+    run.exited(0);
     assert!(
         run.stderr
             .contains("40 connections, 4 goose users of up to 16 members"),
@@ -291,11 +290,7 @@ async fn the_gateway_secret_variable_mints_tokens() {
         )],
     )
     .await;
-    assert_eq!(
-        run.code, 0,
-        "stdout:\n{}\nstderr:\n{}",
-        run.stdout, run.stderr
-    );
+    run.exited(0);
     assert_eq!(run.summary.unwrap()["connections"]["joined"], 3);
 
     // The deprecated name still works, and says so.
@@ -315,11 +310,7 @@ async fn the_gateway_secret_variable_mints_tokens() {
     )
     .await;
     node.stop().await;
-    assert_eq!(
-        run.code, 0,
-        "stdout:\n{}\nstderr:\n{}",
-        run.stdout, run.stderr
-    );
+    run.exited(0);
     assert!(run.stderr.contains("deprecated"), "{}", run.stderr);
 }
 
@@ -339,11 +330,7 @@ async fn members_presence_is_checked_against_the_whole_runs_rooms() {
         &[],
     )
     .await;
-    assert_eq!(
-        run.code, 0,
-        "stdout:\n{}\nstderr:\n{}",
-        run.stdout, run.stderr
-    );
+    run.exited(0);
     let s = run.summary.unwrap();
     assert_eq!(
         (
@@ -388,11 +375,7 @@ async fn members_presence_is_checked_against_the_whole_runs_rooms() {
     )
     .await;
     node.stop().await;
-    assert_eq!(
-        run.code, 1,
-        "stdout:\n{}\nstderr:\n{}",
-        run.stdout, run.stderr
-    );
+    run.exited(1);
     let s = run.summary.unwrap();
     assert_eq!(s["presence"]["checked"], 3);
     assert_eq!(s["presence"]["wrong"], 3);
