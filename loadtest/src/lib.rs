@@ -18,7 +18,8 @@
 //! - [`shared`] — what every user of the process shares; [`conductor`] — the window's timers.
 //! - [`member`] — a member's identity across connections (seat, schedule, sequence
 //!   numbers); [`book`] — its books (ledgers, resume position, unacknowledged publishes);
-//!   [`session`] — one connection's task, which feeds them; [`api`] — the HTTP API publishers.
+//!   [`session`] — one connection's task, which feeds them; [`row`] — what connections and
+//!   attempts leave for goose's rows; [`api`] — the HTTP API publishers.
 //! - [`ws`] — the client side of the wire contract: connect, frames, events; `ws/handshake.rs`
 //!   is the client upgrade (request, `101` check), `ws/socket.rs` an established connection's
 //!   frames (read unmasked, written masked, small buffers), `ws/scan.rs` reads the gateway's
@@ -47,6 +48,7 @@ pub mod personas;
 pub mod plan;
 pub mod probe;
 pub mod report;
+pub mod row;
 pub mod rules;
 pub mod session;
 pub mod shared;

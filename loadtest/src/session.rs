@@ -9,7 +9,7 @@
 //! connection left off.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch, Notify};
@@ -22,58 +22,13 @@ use crate::ledger::{Arrival, Ledger};
 use crate::lists::{key_hash, Read, Verdict, View};
 use crate::member::Member;
 use crate::plan::{unix_micros, Window};
+use crate::row::{Row, Rows};
 use crate::shared::Shared;
 use crate::stats::Stats;
 use crate::ws::{self, Event, Frame, Position, Stamp, Ws};
 
 /// How long a close handshake may take before the socket is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
-
-/// Something for the owning goose user to record as a row in goose's reports.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Row {
-    /// A publish was written (or failed to be): how far behind its schedule.
-    Publish {
-        /// Written − intended.
-        lag: Duration,
-        /// Why the write failed.
-        error: Option<String>,
-    },
-    /// A sampled delivery: its end-to-end latency.
-    Deliver(Duration),
-    /// An `error` event from the gateway.
-    Error(String),
-    /// A connection attempt's TCP + upgrade (`WS connect`): how long, and on failure the cause
-    /// and the HTTP status.
-    Connect {
-        /// How long the attempt took.
-        took: Duration,
-        /// `None` when it succeeded.
-        error: Option<String>,
-        /// The HTTP status (101 on success).
-        status: Option<u16>,
-    },
-    /// A close the load tester did not ask for (`WS close`).
-    Close {
-        /// How long the connection lived.
-        lived: Duration,
-        /// The close code (1006 when the socket ended without one).
-        code: u16,
-        /// `closed CODE[: REASON]`.
-        reason: String,
-    },
-    /// Upgrade → welcome (`WS join`), or why it failed.
-    Join {
-        /// From the start of the attempt.
-        took: Duration,
-        /// `None` when the welcome arrived.
-        error: Option<String>,
-    },
-}
-
-/// Rows waiting for the goose user (shared by every connection of its members); a std `Mutex`
-/// since it is only pushed to and swapped out.
-pub type Rows = Arc<Mutex<Vec<Row>>>;
 
 /// How a connection ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -27,7 +27,8 @@ use tokio::sync::{Mutex as AsyncMutex, Notify};
 use crate::config::TokenIn;
 use crate::member::Member;
 use crate::plan::Role;
-use crate::session::{self, Conn, End, Row, Rows};
+use crate::row::{Row, Rows};
+use crate::session::{self, Conn, End};
 use crate::shared::Shared;
 use crate::stats::Stats;
 use crate::target::Target;
@@ -446,7 +447,7 @@ impl Batch {
     }
 }
 
-/// The repeated transaction: serves every member of the batch until [`TICK`] has passed or the
+/// The repeated transaction: serves every member of the batch until `TICK` (30 s) has passed or the
 /// run ended, turning their rows into goose rows as they come.
 pub async fn tick(user: &mut GooseUser, shared: &Arc<Shared>) -> TransactionResult {
     let state = state(user)?;
