@@ -447,8 +447,8 @@ impl Batch {
     }
 }
 
-/// The repeated transaction: serves every member of the batch until `TICK` (30 s) has passed or the
-/// run ended, turning their rows into goose rows as they come.
+/// The repeated transaction: serves every member of the batch until `TICK` (30 s) has passed or
+/// the run ended, turning their rows into goose rows as they come.
 pub async fn tick(user: &mut GooseUser, shared: &Arc<Shared>) -> TransactionResult {
     let state = state(user)?;
     let mut guard = state.0.lock().await;
