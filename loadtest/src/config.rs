@@ -10,6 +10,15 @@ use crate::rules::Rule;
 pub use crate::spec::{AddrRange, RoomGroup, Shard};
 use crate::target::ResolveOverride;
 
+/// From this many members in a generator, `--members-per-user 0` puts [`AUTO_BATCH`] members in
+/// each goose user.
+pub const AUTO_BATCH_FROM: usize = 1_000;
+/// Members per goose user chosen at scale: a goose user's ~8 KiB shared 16 ways is ~0.5 KiB per
+/// member, while a batch's tick stays a small loop.
+pub const AUTO_BATCH: usize = 16;
+/// Most members one goose user may carry: its tick scans them on each wake-up.
+pub const MAX_BATCH: usize = 1_024;
+
 /// Options of the live-rooms simulation. Every one has a `LOADTEST_…` environment variable too.
 #[derive(Debug, Clone, clap::Args)]
 #[command(next_help_heading = "Live rooms (loadtest)")]
@@ -84,6 +93,19 @@ pub struct Options {
     /// Longest a connection attempt may take, from TCP connect to the welcome frame.
     #[arg(long, env = "LOADTEST_CONNECT_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
     pub connect_timeout: Duration,
+
+    /// Members each goose user carries, each with its own connection: 0 chooses (1 below 1 000
+    /// members in this generator, so small runs keep one goose user per member; 16 from 1 000
+    /// on). A goose user costs ~8 KiB of its own, so at scale several members share one.
+    /// --increase-rate (-r) still counts members per second; goose's user count becomes the
+    /// number of batches.
+    #[arg(
+        long,
+        env = "LOADTEST_MEMBERS_PER_USER",
+        default_value_t = 0,
+        value_name = "N"
+    )]
+    pub members_per_user: usize,
 
     /// Source addresses to bind, round robin over connections: a comma-separated list of IPv4
     /// addresses or ranges, such as `127.0.0.2-127.0.0.9`. Each address has its own ~28 000
@@ -393,6 +415,16 @@ impl Options {
             .sum()
     }
 
+    /// Members per goose user for a generator of `population` members (`--members-per-user`,
+    /// or the automatic choice).
+    pub fn batch_size(&self, population: usize) -> usize {
+        match self.members_per_user {
+            0 if population >= AUTO_BATCH_FROM => AUTO_BATCH,
+            0 => 1,
+            k => k,
+        }
+    }
+
     /// This generator's shard: `--shard`, else JOB_COMPLETION_INDEX with `--shards`, else 0/1.
     pub fn resolved_shard(&self) -> Result<Shard, String> {
         self.shard_from(std::env::var("JOB_COMPLETION_INDEX").ok())
@@ -445,6 +477,12 @@ impl Options {
 
     /// Checks what clap cannot.
     pub fn validate(&self) -> Result<(), String> {
+        if self.members_per_user > MAX_BATCH {
+            return Err(format!(
+                "--members-per-user {}: at most {MAX_BATCH}",
+                self.members_per_user
+            ));
+        }
         if self.webhook_listen.is_some()
             && self
                 .webhook_secret

@@ -13,13 +13,17 @@
 //!   [`token`] — minted or file tokens for `--auth jwt` gateways.
 //! - [`plan`] — the population (seats, this shard's share), rooms' ledgers, and the phases.
 //! - [`personas`] — host and viewer as goose scenarios; [`user`] — a goose user's life
-//!   (join, tick, leave) and reconnect policy.
+//!   (join, tick, leave) with its batch of members (`--members-per-user`), and the reconnect
+//!   policy.
 //! - [`shared`] — what every user of the process shares; [`conductor`] — the window's timers.
-//! - [`member`] — a goose user's identity across connections (seat, schedule, sequence
+//! - [`member`] — a member's identity across connections (seat, schedule, sequence
 //!   numbers); [`book`] — its books (ledgers, resume position, unacknowledged publishes);
-//!   [`session`] — one connection's task, which feeds them; [`api`] — the HTTP API publishers.
-//! - [`ws`] — the client side of the wire contract: connect, frames, events; its `ws/scan.rs`
-//!   reads the gateway's `message` events without a full JSON parse.
+//!   [`session`] — one connection's task, which feeds them; [`row`] — what connections and
+//!   attempts leave for goose's rows; [`api`] — the HTTP API publishers.
+//! - [`ws`] — the client side of the wire contract: connect, frames, events; `ws/handshake.rs`
+//!   is the client upgrade (request, `101` check), `ws/socket.rs` an established connection's
+//!   frames (read unmasked, written masked, small buffers), `ws/scan.rs` reads the gateway's
+//!   `message` events without a full JSON parse.
 //! - [`lists`] — the member-list check (`--lists`): a connection's view of its room's list as a
 //!   count and a fingerprint, and the truth it is judged against (plain values, below [`ws`]).
 //! - [`hooks`] — the webhook receiver (`--webhook-listen`): signature, deduplication, the
@@ -44,6 +48,7 @@ pub mod personas;
 pub mod plan;
 pub mod probe;
 pub mod report;
+pub mod row;
 pub mod rules;
 pub mod session;
 pub mod shared;
@@ -119,6 +124,52 @@ fn spawn_watchdog(shared: Arc<Shared>) {
             }
         }
     });
+}
+
+/// How members are put in goose users.
+struct Batching {
+    /// Members per goose user.
+    size: usize,
+    /// Between two members' first attempts within one user.
+    interval: Duration,
+}
+
+/// Puts up to `--members-per-user` members of one role in each goose user, and translates goose's
+/// user count and hatch rate so that the members and the member hatch rate asked for are what
+/// happens: goose starts `ceil(hosts / K) + ceil(viewers / K)` users at `rate / K` per second,
+/// and each user starts its members one `1 / rate` apart.
+fn batching(
+    goose_config: &mut GooseConfiguration,
+    opts: &Options,
+    hosts: usize,
+    viewers: usize,
+) -> anyhow::Result<Batching> {
+    let population = hosts + viewers;
+    let size = opts.batch_size(population);
+    goose_config.users = Some(hosts.div_ceil(size) + viewers.div_ceil(size));
+    // --increase-time spreads the users over a time: the members keep that pace too.
+    let over = goose_config
+        .increase_time
+        .as_deref()
+        .and_then(goose::util::parse_timespan)
+        .filter(|s| *s > 0);
+    let interval = match over {
+        Some(secs) => Duration::from_secs(secs as u64) / population.max(1) as u32,
+        None => {
+            let rate: f64 = goose_config
+                .increase_rate
+                .as_deref()
+                .or(Some("1"))
+                .and_then(|r| r.trim().parse().ok())
+                .filter(|r: &f64| *r > 0.0 && r.is_finite())
+                .ok_or_else(|| UsageError("--increase-rate: a rate above 0".into()))?;
+            if size > 1 {
+                goose_config.increase_rate = Some(format!("{}", rate / size as f64));
+            }
+            Duration::from_secs_f64(1.0 / rate)
+        }
+    };
+    Ok(Batching { size, interval })
 }
 
 /// FNV-1a of the room prefix: the run id every shard of a distributed run derives alike.
@@ -235,7 +286,7 @@ pub async fn run(mut goose_config: GooseConfiguration, opts: Options) -> anyhow:
         .into());
     }
     match goose_config.users {
-        None => goose_config.users = Some(population),
+        None => {}
         Some(u) if u == population => {}
         Some(u) => {
             return Err(UsageError(format!(
@@ -244,6 +295,7 @@ pub async fn run(mut goose_config: GooseConfiguration, opts: Options) -> anyhow:
             .into())
         }
     }
+    let batch = batching(&mut goose_config, &opts, hosts, viewers)?;
     let mut shared = Shared {
         schedule: Schedule::new(population, opts.settle, opts.measure, opts.drain)
             .with_start_at(opts.start_at),
@@ -262,6 +314,8 @@ pub async fn run(mut goose_config: GooseConfiguration, opts: Options) -> anyhow:
         start_rss_mib: probe::rss_mib(),
         truth: lists::Truth::default(),
         hooks: None,
+        members_per_user: batch.size,
+        hatch_interval: batch.interval,
         opts,
     };
     shared.truth = lists::Truth::new(shared.plan.rooms.len());
@@ -283,8 +337,10 @@ pub async fn run(mut goose_config: GooseConfiguration, opts: Options) -> anyhow:
     }
     let shared = Arc::new(shared);
     eprintln!(
-        "loadtest: {} rooms, {hosts} hosts, {viewers} viewers ({population} connections{}) → {}; run {run_id:08x}, rooms {prefix}-*",
+        "loadtest: {} rooms, {hosts} hosts, {viewers} viewers ({population} connections, {} goose users of up to {} members{}) → {}; run {run_id:08x}, rooms {prefix}-*",
         shared.plan.rooms.len(),
+        hosts.div_ceil(batch.size) + viewers.div_ceil(batch.size),
+        batch.size,
         if shard.is_split() {
             format!(", shard {shard}")
         } else {
@@ -303,11 +359,17 @@ pub async fn run(mut goose_config: GooseConfiguration, opts: Options) -> anyhow:
         .set_client_builder_without_cookies(
             goose::client::GooseClientBuilder::new().without_cookies(),
         )?;
+    let k = batch.size;
     if hosts > 0 {
-        attack = attack.register_scenario(personas::scenario(&shared, Role::Host, hosts)?);
+        attack =
+            attack.register_scenario(personas::scenario(&shared, Role::Host, hosts.div_ceil(k))?);
     }
     if viewers > 0 {
-        attack = attack.register_scenario(personas::scenario(&shared, Role::Viewer, viewers)?);
+        attack = attack.register_scenario(personas::scenario(
+            &shared,
+            Role::Viewer,
+            viewers.div_ceil(k),
+        )?);
     }
     spawn_watchdog(shared.clone());
     live::spawn(shared.clone(), population);

@@ -1,4 +1,4 @@
-//! A goose user's identity, which outlives its connections: its seat (room, role, rate,
+//! A member's identity, which outlives its connections (a goose user carries one or several): its seat (room, role, rate,
 //! publisher id), its publish schedule and next sequence number, and its [`Book`]. Adds its books
 //! to the run's totals once, when it leaves.
 
@@ -12,12 +12,13 @@ use crate::shared::Shared;
 use crate::stats::Stats;
 use crate::ws::Position;
 
-/// A goose user's identity, which outlives its connections.
+/// A member's identity, which outlives its connections.
 #[derive(Debug)]
 pub struct Member {
     /// Room, role, rate and publisher id.
     pub slot: Slot,
-    /// Shard key for the histograms (the goose user index).
+    /// Shard key for the histograms (unique in the generator: the goose user index times the
+    /// batch size, plus the member's place in its batch).
     pub key: usize,
     /// The publish schedule; `None` for a member that never publishes.
     pub cadence: Option<Cadence>,

@@ -9,16 +9,12 @@
 //! connection left off.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::sleep_until;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::book::Refusal;
@@ -26,31 +22,13 @@ use crate::ledger::{Arrival, Ledger};
 use crate::lists::{key_hash, Read, Verdict, View};
 use crate::member::Member;
 use crate::plan::{unix_micros, Window};
+use crate::row::{Row, Rows};
 use crate::shared::Shared;
 use crate::stats::Stats;
-use crate::ws::{self, Event, Position, Stamp, Ws};
+use crate::ws::{self, Event, Frame, Position, Stamp, Ws};
 
 /// How long a close handshake may take before the socket is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
-
-/// Something for the owning goose user to record as a row in goose's reports.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Row {
-    /// A publish was written (or failed to be): how far behind its schedule.
-    Publish {
-        /// Written − intended.
-        lag: Duration,
-        /// Why the write failed.
-        error: Option<String>,
-    },
-    /// A sampled delivery: its end-to-end latency.
-    Deliver(Duration),
-    /// An `error` event from the gateway.
-    Error(String),
-}
-
-/// Rows waiting for the goose user; a std `Mutex` since it is only pushed to and swapped out.
-pub type Rows = Arc<Mutex<Vec<Row>>>;
 
 /// How a connection ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,7 +61,15 @@ pub struct Conn {
 }
 
 /// Starts a connection's task on an upgraded socket; `resuming` when it asked for `since=`.
-pub fn spawn(shared: Arc<Shared>, member: Arc<Member>, rows: Rows, ws: Ws, resuming: bool) -> Conn {
+/// `wake` is notified when it ends (the owning goose user waits on one for all its members).
+pub fn spawn(
+    shared: Arc<Shared>,
+    member: Arc<Member>,
+    rows: Rows,
+    ws: Ws,
+    resuming: bool,
+    wake: Arc<Notify>,
+) -> Conn {
     let (cancel, cancelled) = oneshot::channel();
     let done = CancellationToken::new();
     let (joined_tx, joined_rx) = oneshot::channel();
@@ -102,13 +88,32 @@ pub fn spawn(shared: Arc<Shared>, member: Arc<Member>, rows: Rows, ws: Ws, resum
         presence_checked: false,
         recovered_upto: None,
         lists: None,
+        member_decided: false,
     };
-    let task = tokio::spawn(session.run(ws, cancelled, done.clone()));
+    let ended = Ended {
+        done: done.clone(),
+        wake,
+    };
+    let task = tokio::spawn(session.run(ws, cancelled, ended));
     Conn {
         cancel,
         done,
         task,
         joined: Some(joined_rx),
+    }
+}
+
+/// Marks a connection's end, however its task ends (a panic included): cancels its `done` and
+/// wakes its owner.
+struct Ended {
+    done: CancellationToken,
+    wake: Arc<Notify>,
+}
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.done.cancel();
+        self.wake.notify_one();
     }
 }
 
@@ -135,6 +140,9 @@ struct Session {
     /// Its view of the room's list, with `--lists` (boxed: off by default, and inline it would
     /// enlarge every connection's task).
     lists: Option<Box<Listing>>,
+    /// The member's books say whether it is measured (decided once per member, never undone):
+    /// the message path need not lock them to look.
+    member_decided: bool,
 }
 
 /// A connection's member-list check: its view, and its list key's hash in the truth.
@@ -156,13 +164,8 @@ struct Out {
 const RETRY_PACE: Duration = Duration::from_millis(100);
 
 impl Session {
-    async fn run(
-        mut self,
-        mut ws: Ws,
-        mut cancelled: oneshot::Receiver<()>,
-        done: CancellationToken,
-    ) -> End {
-        let _done = done.drop_guard();
+    async fn run(mut self, mut ws: Ws, mut cancelled: oneshot::Receiver<()>, ended: Ended) -> End {
+        let _ended = ended;
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
         let mut window_gone = false;
         let mut decided = false;
@@ -202,28 +205,25 @@ impl Session {
                     }
                 }
                 frame = ws.next() => match frame {
-                    Some(Ok(Message::Text(text))) => {
-                        if let Some(out) = self.on_text(text.as_str()) {
+                    Some(Ok(Frame::Text)) => {
+                        if let Some(out) = self.on_text(ws.text()) {
                             if let Err(end) = Box::pin(self.send_out(&mut ws, out)).await {
                                 break end;
                             }
                         }
                     }
-                    Some(Ok(Message::Close(frame))) => {
-                        // tungstenite has queued the reply; let it go out and see the end.
+                    Some(Ok(Frame::Close(frame))) => {
+                        // The reply is on its way; let it go out and see the end.
                         // Boxed, as every future that runs rarely: inline, each would enlarge
                         // every connection's task for the whole run.
                         let _ = Box::pin(tokio::time::timeout(CLOSE_GRACE, async {
                             while let Some(Ok(_)) = ws.next().await {}
                         }))
                         .await;
-                        break self.end(
-                            false,
-                            frame.as_ref().map(|f| u16::from(f.code)),
-                            frame.map(|f| f.reason.to_string()).unwrap_or_default(),
-                        );
+                        let (code, reason) = frame.unzip();
+                        break self.end(false, code, reason.unwrap_or_default());
                     }
-                    Some(Ok(_)) => {} // pings are answered by tungstenite; pongs, binary: ignored
+                    Some(Ok(Frame::Other)) => {} // pings are answered by the socket; pongs, binary: ignored
                     Some(Err(e)) => break self.end(false, None, e.to_string()),
                     None => break self.end(false, None, "connection ended".into()),
                 },
@@ -282,9 +282,7 @@ impl Session {
     async fn resend(&mut self, ws: &mut Ws, frames: Vec<String>) -> Result<(), End> {
         let n = frames.len() as u64;
         for f in frames {
-            if let Err(e) = ws.feed(Message::text(f)).await {
-                return Err(self.end(false, None, e.to_string()));
-            }
+            ws.feed(&f);
         }
         if let Err(e) = ws.flush().await {
             return Err(self.end(false, None, e.to_string()));
@@ -299,7 +297,7 @@ impl Session {
             self.resend(ws, out.resend).await?;
         }
         if let Some(frame) = out.command {
-            if let Err(e) = ws.send(Message::text(frame)).await {
+            if let Err(e) = ws.send(&frame).await {
                 return Err(self.end(false, None, e.to_string()));
             }
         }
@@ -317,16 +315,7 @@ impl Session {
     }
 
     async fn close(&mut self, ws: &mut Ws) -> End {
-        let frame = CloseFrame {
-            code: CloseCode::Normal,
-            reason: "".into(),
-        };
-        let _ = tokio::time::timeout(CLOSE_GRACE, async {
-            if ws.close(Some(frame)).await.is_ok() {
-                while let Some(Ok(_)) = ws.next().await {}
-            }
-        })
-        .await;
+        let _ = tokio::time::timeout(CLOSE_GRACE, ws.close(1000)).await;
         self.end(true, Some(1000), String::new())
     }
 
@@ -357,7 +346,7 @@ impl Session {
         if !self.shared.opts.no_resume && self.member.book().remember(k, frame.clone()) {
             Stats::add(&self.shared.stats.unacked_dropped, 1);
         }
-        let result = ws.send(Message::text(frame)).await;
+        let result = ws.send(&frame).await;
         let lag = Instant::now().saturating_duration_since(at);
         let stats = &self.shared.stats;
         match result {
@@ -560,8 +549,11 @@ impl Session {
         };
         // A window message can come a little before this generator's own window start (another
         // generator's clock runs ahead): decide now, before the ledger counts it.
-        if self.member.book().measured.is_none() {
-            self.decide();
+        if !self.member_decided {
+            if self.member.book().measured.is_none() {
+                self.decide();
+            }
+            self.member_decided = true;
         }
         // Borrowed, not an `Arc` clone: every worker thread touching one shared count per
         // message costs more than the rest of this bookkeeping.

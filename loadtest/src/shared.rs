@@ -46,4 +46,9 @@ pub struct Shared {
     pub truth: Truth,
     /// The webhook receiver (`--webhook-listen`).
     pub hooks: Option<Arc<Receiver>>,
+    /// Members each goose user carries (`--members-per-user`, resolved).
+    pub members_per_user: usize,
+    /// Between two members' first attempts in one goose user: one over the member hatch rate,
+    /// so that members start at the rate asked for whatever the batch size.
+    pub hatch_interval: std::time::Duration,
 }

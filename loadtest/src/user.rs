@@ -1,52 +1,80 @@
-//! A goose user's life around its connection: `join` (on start) takes a seat and connects,
-//! `tick` (repeated) turns the connection's rows into goose rows and reconnects after an
-//! unexpected close, `leave` (on stop) closes. A connection tries the targets in turn from the
-//! next in the round robin, and backs off only when every one of them failed. Every transaction
-//! but a connection attempt returns within about a second so goose can stop users between
-//! transactions.
+//! A goose user's life around its members' connections. A goose user carries a batch of
+//! members (`--members-per-user`: one in small runs, 16 at scale, so that goose's own ~8 KiB per
+//! user is shared): `join` (on start) takes their seats and starts their first attempts, one
+//! every member-hatch interval; `tick` (repeated) turns their connections' rows into goose rows,
+//! notices closes, and reconnects each member after an unexpected close; `leave` (on stop)
+//! closes them all. Each member keeps its own rules, as when it was a goose user of its own:
+//! its attempts run beside the others' (a slow attempt delays no other member), with its own
+//! backoff and retry time. An attempt tries the targets in turn from the next in the round
+//! robin, and backs off only when every one of them failed. A `tick` returns within 30 s, at
+//! once when the run ends, so goose can stop users between transactions.
 //!
 //! Goose rows (method `WS`): `connect` (TCP + upgrade; failures carry the cause and HTTP status),
 //! `join` (upgrade → welcome), `publish` (how far behind schedule each publish was written),
 //! `deliver 1/N` (end-to-end latency of every Nth received message), `close` (unexpected closes,
 //! the close code as status), `error` (`error` events, the code as message).
 
+use std::future::Future;
 use std::net::Ipv4Addr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use goose::prelude::*;
-use tokio::sync::Mutex as AsyncMutex;
+use tokio::sync::{Mutex as AsyncMutex, Notify};
 
 use crate::config::TokenIn;
 use crate::member::Member;
 use crate::plan::Role;
-use crate::session::{self, Conn, End, Row, Rows};
+use crate::row::{Row, Rows};
+use crate::session::{self, Conn, End};
 use crate::shared::Shared;
 use crate::stats::Stats;
 use crate::target::Target;
 use crate::{token, ws};
 
-/// Longest a `tick` waits before returning to goose, while the member's connection lives. Each
-/// return costs goose's bookkeeping of a transaction (~5 µs): at 1 s that was a quarter of a
-/// 16 000-member generator's CPU (docs/benchmarks.md, "Audience scale"). The tick also returns
-/// when the connection ends and when the run ends, so nothing waits for it.
+/// Longest a `tick` waits before returning to goose. Each return costs goose's bookkeeping of a
+/// transaction (~5 µs): at 1 s that was a quarter of a 16 000-member generator's CPU
+/// (docs/benchmarks.md, "Audience scale"). The tick also returns when the run ends, so nothing
+/// waits for it.
 const TICK: Duration = Duration::from_secs(30);
-/// Longest a member without a connection waits before its next look (its retry time rules).
+/// A member's first retry when its first attempt failed and the backoff has no delay to give.
 const RETRY_TICK: Duration = Duration::from_secs(1);
 
 /// Goose session data: cloned out of the user, then locked for the transaction. A tokio mutex
 /// since it is held across awaits; only this user's transactions ever lock it, one at a time.
 #[derive(Clone)]
-pub struct UserState(Arc<AsyncMutex<Inner>>);
+pub struct UserState(Arc<AsyncMutex<Batch>>);
 
-struct Inner {
-    member: Arc<Member>,
+/// A connection attempt under way, with its member's index in the batch.
+type Attempt = Pin<Box<dyn Future<Output = (usize, Result<Conn, ()>)> + Send>>;
+
+/// The members of one goose user.
+struct Batch {
+    /// At most `--members-per-user`, fixed at `join`.
+    seats: Vec<Seat>,
+    /// Rows of every member's connections and attempts, for goose.
     rows: Rows,
+    /// Notified by each connection when it ends.
+    wake: Arc<Notify>,
+    /// Attempts under way (boxed: a connect future is several KiB, and only an attempting
+    /// member should pay for one). At most one per seat.
+    attempts: FuturesUnordered<Attempt>,
+}
+
+/// One member of a batch.
+struct Seat {
+    member: Arc<Member>,
     conn: Option<Conn>,
-    /// When to try again after an unexpected close; `None`: do not.
+    /// When to try again after an unexpected close or a failed attempt; `None`: do not.
     retry_at: Option<Instant>,
     /// Consecutive failed attempts, for the backoff.
     failures: u32,
+    /// An attempt of this member is in [`Batch::attempts`].
+    attempting: bool,
+    /// Its first attempt has not ended yet (the window waits for every member's).
+    first: bool,
 }
 
 /// What to do after a close the load tester did not ask for, as `docs/protocol.md` section 7
@@ -65,36 +93,52 @@ pub fn reconnect_delay(code: Option<u16>, failures: u32) -> Option<Duration> {
     }
 }
 
-/// `on_start`: take a seat of `role`, connect, and count the first attempt.
+/// `on_start`: take up to `--members-per-user` seats of `role` and start their first attempts,
+/// member `i` of the batch `i` member-hatch intervals after the first (goose starts batches at
+/// the member rate divided by the batch size, so members start at the member rate).
 pub async fn join(user: &mut GooseUser, shared: &Arc<Shared>, role: Role) -> TransactionResult {
-    let Some(slot) = shared.plan.take(role) else {
+    let k = shared.members_per_user;
+    let mut seats = Vec::with_capacity(k);
+    for i in 0..k {
+        let Some(slot) = shared.plan.take(role) else {
+            break;
+        };
+        seats.push(Seat {
+            member: Arc::new(Member::new(slot, user.weighted_users_index * k + i)),
+            conn: None,
+            retry_at: None,
+            failures: 0,
+            attempting: true,
+            first: true,
+        });
+    }
+    if seats.is_empty() {
         return Err(Box::new(TransactionError::Custom(format!(
             "no free {} seat: more goose users than members",
             role.as_str()
         ))));
-    };
-    let member = Arc::new(Member::new(slot, user.weighted_users_index));
-    let rows: Rows = Arc::default();
-    let conn = connect(user, shared, &member, &rows).await;
-    let mut inner = Inner {
-        member,
-        rows,
-        retry_at: None,
-        failures: 0,
-        conn: None,
-    };
-    match conn {
-        Ok(c) => inner.conn = Some(c),
-        Err(()) => {
-            inner.failures = 1;
-            inner.retry_at = (!shared.opts.no_reconnect)
-                .then(|| Instant::now() + reconnect_delay(None, 0).unwrap_or(RETRY_TICK));
-        }
     }
-    user.set_session_data(UserState(Arc::new(AsyncMutex::new(inner))));
-    if let Some(window) = shared.schedule.first_attempt_done() {
-        crate::conductor::spawn_conductor(shared.clone(), window);
+    let batch = Batch {
+        rows: Rows::default(),
+        wake: Arc::new(Notify::new()),
+        attempts: FuturesUnordered::new(),
+        seats,
+    };
+    let start = tokio::time::Instant::now();
+    for (i, seat) in batch.seats.iter().enumerate() {
+        let at = start + shared.hatch_interval * i as u32;
+        let connect = connect(
+            shared.clone(),
+            seat.member.clone(),
+            batch.rows.clone(),
+            batch.wake.clone(),
+        );
+        batch.attempts.push(Box::pin(async move {
+            tokio::time::sleep_until(at).await;
+            (i, connect.await)
+        }));
     }
+    user.set_session_data(UserState(Arc::new(AsyncMutex::new(batch))));
     Ok(())
 }
 
@@ -103,16 +147,16 @@ pub async fn join(user: &mut GooseUser, shared: &Arc<Shared>, role: Role) -> Tra
 /// one without waiting out a backoff; only when every target failed in a row does the caller
 /// back off (`reconnect_delay`). With one target, that is one attempt, as before.
 async fn connect(
-    user: &mut GooseUser,
-    shared: &Arc<Shared>,
-    member: &Arc<Member>,
-    rows: &Rows,
+    shared: Arc<Shared>,
+    member: Arc<Member>,
+    rows: Rows,
+    wake: Arc<Notify>,
 ) -> Result<Conn, ()> {
     let (first, bind) = shared.plan.route_index();
     let targets = &shared.plan.targets;
     for k in 0..targets.len() {
         let target = &targets[(first + k) % targets.len()];
-        if let Ok(conn) = attempt(user, shared, member, rows, target, bind).await {
+        if let Ok(conn) = attempt(&shared, &member, &rows, &wake, target, bind).await {
             return Ok(conn);
         }
         if shared
@@ -126,12 +170,16 @@ async fn connect(
     Err(())
 }
 
+fn push(rows: &Rows, row: Row) {
+    rows.lock().unwrap_or_else(|p| p.into_inner()).push(row);
+}
+
 /// One connection attempt to `target`, recorded as `WS connect` and `WS join` rows.
 async fn attempt(
-    user: &mut GooseUser,
     shared: &Arc<Shared>,
     member: &Arc<Member>,
     rows: &Rows,
+    wake: &Arc<Notify>,
     target: &Target,
     bind: Option<Ipv4Addr>,
 ) -> Result<Conn, ()> {
@@ -183,30 +231,34 @@ async fn attempt(
             Ok(ok) => ok,
             Err(e) => {
                 stats.connect_errors.add(&e.cause);
-                let _ = user
-                    .record_custom_request_duration(
-                        "WS",
-                        "connect",
-                        started.elapsed(),
-                        false,
-                        e.status,
-                        Some(&e.cause),
-                    )
-                    .await;
                 log::debug!("connect {}: {} ({})", target.url, e.cause, e.detail);
+                push(
+                    rows,
+                    Row::Connect {
+                        took: started.elapsed(),
+                        error: Some(e.cause),
+                        status: e.status,
+                    },
+                );
                 return Err(());
             }
         };
     stats.connect.record(member.key, took.as_micros() as u64);
-    let _ = user
-        .record_custom_request_duration("WS", "connect", took, true, Some(101), None)
-        .await;
+    push(
+        rows,
+        Row::Connect {
+            took,
+            error: None,
+            status: Some(101),
+        },
+    );
     let mut conn = session::spawn(
         shared.clone(),
         member.clone(),
         rows.clone(),
         socket,
         since.is_some(),
+        wake.clone(),
     );
     let joined = conn
         .joined
@@ -218,9 +270,7 @@ async fn attempt(
             let took = started.elapsed();
             stats.join.record(member.key, took.as_micros() as u64);
             Stats::add(&stats.joined, 1);
-            let _ = user
-                .record_custom_request_duration("WS", "join", took, true, None, None)
-                .await;
+            push(rows, Row::Join { took, error: None });
             return Ok(conn);
         }
         Ok(Err(_)) => {
@@ -235,16 +285,13 @@ async fn attempt(
         }
     };
     stats.connect_errors.add(&failure);
-    let _ = user
-        .record_custom_request_duration(
-            "WS",
-            "join",
-            started.elapsed(),
-            false,
-            None,
-            Some(&failure),
-        )
-        .await;
+    push(
+        rows,
+        Row::Join {
+            took: started.elapsed(),
+            error: Some(failure),
+        },
+    );
     Err(())
 }
 
@@ -262,47 +309,32 @@ fn state(user: &GooseUser) -> Result<UserState, Box<TransactionError>> {
 async fn flush_rows(user: &mut GooseUser, shared: &Shared, rows: &Rows) -> TransactionResult {
     let taken = std::mem::take(&mut *rows.lock().unwrap_or_else(|p| p.into_inner()));
     for row in taken {
-        match row {
+        let (name, took, ok, status, error) = match &row {
             Row::Publish { lag, error } => {
-                user.record_custom_request_duration(
-                    "WS",
-                    "publish",
-                    lag,
-                    error.is_none(),
-                    None,
-                    error.as_deref(),
-                )
-                .await?
+                ("publish", *lag, error.is_none(), None, error.as_deref())
             }
-            Row::Deliver(latency) => {
-                user.record_custom_request_duration(
-                    "WS",
-                    &shared.deliver_row,
-                    latency,
-                    true,
-                    None,
-                    None,
-                )
-                .await?
-            }
-            Row::Error(code) => {
-                user.record_custom_request_duration(
-                    "WS",
-                    "error",
-                    Duration::ZERO,
-                    false,
-                    None,
-                    Some(&code),
-                )
-                .await?
-            }
-        }
+            Row::Deliver(latency) => (shared.deliver_row.as_str(), *latency, true, None, None),
+            Row::Error(code) => ("error", Duration::ZERO, false, None, Some(code.as_str())),
+            Row::Connect {
+                took,
+                error,
+                status,
+            } => ("connect", *took, error.is_none(), *status, error.as_deref()),
+            Row::Join { took, error } => ("join", *took, error.is_none(), None, error.as_deref()),
+            Row::Close {
+                lived,
+                code,
+                reason,
+            } => ("close", *lived, false, Some(*code), Some(reason.as_str())),
+        };
+        user.record_custom_request_duration("WS", name, took, ok, status, error)
+            .await?;
     }
     Ok(())
 }
 
-/// Counts and records a close the load tester did not ask for.
-async fn record_close(user: &mut GooseUser, shared: &Shared, end: &End) -> TransactionResult {
+/// Counts a close the load tester did not ask for, and queues its row.
+fn closed(shared: &Shared, rows: &Rows, end: &End) {
     let code = end.code.unwrap_or(1006);
     shared.stats.closes.add(&code.to_string());
     let reason = if end.reason.is_empty() {
@@ -311,109 +343,179 @@ async fn record_close(user: &mut GooseUser, shared: &Shared, end: &End) -> Trans
         format!("closed {code}: {}", end.reason)
     };
     log::debug!("member closed unexpectedly: {reason}");
-    user.record_custom_request_duration("WS", "close", end.lived, false, Some(code), Some(&reason))
-        .await
+    push(
+        rows,
+        Row::Close {
+            lived: end.lived,
+            code,
+            reason,
+        },
+    );
 }
 
-/// The repeated transaction.
-pub async fn tick(user: &mut GooseUser, shared: &Arc<Shared>) -> TransactionResult {
-    let state = state(user)?;
-    let mut inner = state.0.lock().await;
-    match &inner.conn {
-        Some(conn) => {
-            let done = conn.done.clone();
-            tokio::select! {
-                _ = tokio::time::sleep(TICK) => {}
-                _ = done.cancelled() => {}
-                _ = shared.schedule.ended.cancelled() => {}
-            }
-        }
-        None => {
-            let wait = inner
-                .retry_at
-                .map(|at| at.saturating_duration_since(Instant::now()))
-                .unwrap_or(RETRY_TICK)
-                .min(RETRY_TICK);
-            tokio::time::sleep(wait).await;
-        }
-    }
-    let rows = inner.rows.clone();
-    // Boxed here and below: goose's recording futures are large, and inline they would make
-    // every member's tick that big while it waits.
-    Box::pin(flush_rows(user, shared, &rows)).await?;
-
-    if inner.conn.as_ref().is_some_and(|c| c.task.is_finished()) {
-        let conn = inner.conn.take().expect("checked");
-        let end = conn.task.await.unwrap_or_else(|e| End {
-            requested: false,
-            code: None,
-            reason: format!("connection task failed: {e}"),
-            welcomed: true,
-            lived: Duration::ZERO,
-        });
-        Box::pin(flush_rows(user, shared, &rows)).await?;
-        if !end.requested {
-            Box::pin(record_close(user, shared, &end)).await?;
-            inner.failures = 0;
-            inner.retry_at = if shared.opts.no_reconnect {
-                None
-            } else {
-                reconnect_delay(end.code, 0).map(|d| Instant::now() + d)
-            };
-        }
-    }
-
-    let before_drain_end = shared
-        .schedule
-        .window()
-        .is_none_or(|w| Instant::now() < w.drain_end);
-    if inner.conn.is_none() && inner.retry_at.is_some_and(|at| Instant::now() >= at) {
-        if !before_drain_end {
-            inner.retry_at = None;
-            return Ok(());
-        }
-        Stats::add(&shared.stats.reconnects, 1);
-        let member = inner.member.clone();
-        // Boxed: the connect future (TCP, TLS, upgrade, over every target) is several KiB, and
-        // inline it would make every idle member's tick that big for the whole run.
-        match Box::pin(connect(user, shared, &member, &rows)).await {
+impl Batch {
+    /// An attempt of member `i` ended: keep its connection, or set its retry time.
+    fn attempted(&mut self, shared: &Arc<Shared>, i: usize, result: Result<Conn, ()>) {
+        let seat = &mut self.seats[i];
+        seat.attempting = false;
+        match result {
             Ok(conn) => {
-                inner.conn = Some(conn);
-                inner.failures = 0;
-                inner.retry_at = None;
+                seat.conn = Some(conn);
+                seat.failures = 0;
+                seat.retry_at = None;
+            }
+            Err(()) if seat.first => {
+                seat.failures = 1;
+                seat.retry_at = (!shared.opts.no_reconnect)
+                    .then(|| Instant::now() + reconnect_delay(None, 0).unwrap_or(RETRY_TICK));
             }
             Err(()) => {
-                inner.failures += 1;
-                inner.retry_at = reconnect_delay(None, inner.failures).map(|d| Instant::now() + d);
+                seat.failures += 1;
+                seat.retry_at = reconnect_delay(None, seat.failures).map(|d| Instant::now() + d);
+            }
+        }
+        if std::mem::take(&mut seat.first) {
+            if let Some(window) = shared.schedule.first_attempt_done() {
+                crate::conductor::spawn_conductor(shared.clone(), window);
             }
         }
     }
-    Ok(())
-}
 
-/// `on_stop`: close the connection and account for what the schedule could not send.
-pub async fn leave(user: &mut GooseUser, shared: &Arc<Shared>) -> TransactionResult {
-    let state = state(user)?;
-    let mut inner = state.0.lock().await;
-    if let Some(conn) = inner.conn.take() {
-        let _ = conn.cancel.send(());
-        let mut task = conn.task;
-        match tokio::time::timeout(Duration::from_secs(3), &mut task).await {
-            Ok(Ok(end)) if !end.requested => record_close(user, shared, &end).await?,
-            Ok(_) => {}
-            Err(_) => task.abort(),
+    /// Collects the connections that ended; an end the load tester did not ask for is counted
+    /// and sets the member's retry time by its close code.
+    async fn reap(&mut self, shared: &Shared) {
+        for seat in &mut self.seats {
+            if !seat
+                .conn
+                .as_ref()
+                .is_some_and(|c| c.done.is_cancelled() || c.task.is_finished())
+            {
+                continue;
+            }
+            let conn = seat.conn.take().expect("checked");
+            let end = conn.task.await.unwrap_or_else(|e| End {
+                requested: false,
+                code: None,
+                reason: format!("connection task failed: {e}"),
+                welcomed: true,
+                lived: Duration::ZERO,
+            });
+            if !end.requested {
+                closed(shared, &self.rows, &end);
+                seat.failures = 0;
+                seat.retry_at = if shared.opts.no_reconnect {
+                    None
+                } else {
+                    reconnect_delay(end.code, 0).map(|d| Instant::now() + d)
+                };
+            }
         }
     }
-    let rows = inner.rows.clone();
-    flush_rows(user, shared, &rows).await?;
-    inner.member.account(shared);
-    if let (Some(cadence), Some(w)) = (inner.member.cadence, shared.schedule.window()) {
-        let scheduled = cadence.scheduled(w.measure());
-        let sent = inner
-            .member
-            .next_seq
-            .load(std::sync::atomic::Ordering::Relaxed);
-        Stats::add(&shared.stats.unsent, scheduled.saturating_sub(sent));
+
+    /// Starts the attempts whose time has come (none after the drain's end).
+    fn start_due(&mut self, shared: &Arc<Shared>) {
+        let now = Instant::now();
+        let before_drain_end = shared.schedule.window().is_none_or(|w| now < w.drain_end);
+        for (i, seat) in self.seats.iter_mut().enumerate() {
+            if seat.conn.is_some() || seat.attempting || seat.retry_at.is_none_or(|at| now < at) {
+                continue;
+            }
+            if !before_drain_end {
+                seat.retry_at = None;
+                continue;
+            }
+            Stats::add(&shared.stats.reconnects, 1);
+            seat.attempting = true;
+            let connect = connect(
+                shared.clone(),
+                seat.member.clone(),
+                self.rows.clone(),
+                self.wake.clone(),
+            );
+            self.attempts
+                .push(Box::pin(async move { (i, connect.await) }));
+        }
+    }
+
+    /// The earliest retry time of a member without a connection or an attempt.
+    fn next_retry(&self) -> Option<Instant> {
+        self.seats
+            .iter()
+            .filter(|s| s.conn.is_none() && !s.attempting)
+            .filter_map(|s| s.retry_at)
+            .min()
+    }
+}
+
+/// The repeated transaction: serves every member of the batch until `TICK` (30 s) has passed or
+/// the run ended, turning their rows into goose rows as they come.
+pub async fn tick(user: &mut GooseUser, shared: &Arc<Shared>) -> TransactionResult {
+    let state = state(user)?;
+    let mut guard = state.0.lock().await;
+    let batch = &mut *guard;
+    let wake = batch.wake.clone();
+    let until = Instant::now() + TICK;
+    loop {
+        batch.reap(shared).await;
+        batch.start_due(shared);
+        // Boxed: goose's recording futures are large, and inline they would make every
+        // batch's tick that big while it waits.
+        Box::pin(flush_rows(user, shared, &batch.rows)).await?;
+        if Instant::now() >= until || shared.schedule.ended.is_cancelled() {
+            return Ok(());
+        }
+        let wake_at = batch.next_retry().map_or(until, |at| at.min(until));
+        let attempted = tokio::select! {
+            _ = tokio::time::sleep_until(wake_at.into()) => None,
+            _ = wake.notified() => None,
+            _ = shared.schedule.ended.cancelled() => None,
+            Some(done) = batch.attempts.next(), if !batch.attempts.is_empty() => Some(done),
+        };
+        if let Some((i, result)) = attempted {
+            batch.attempted(shared, i, result);
+        }
+    }
+}
+
+/// `on_stop`: close every member's connection and account for what the schedule could not send.
+pub async fn leave(user: &mut GooseUser, shared: &Arc<Shared>) -> TransactionResult {
+    let state = state(user)?;
+    let mut guard = state.0.lock().await;
+    let batch = &mut *guard;
+    // An attempt still under way is dropped: its connection, if it had one, closes itself.
+    batch.attempts.clear();
+    let closing = batch
+        .seats
+        .iter_mut()
+        .filter_map(|s| s.conn.take())
+        .map(|conn| async move {
+            let _ = conn.cancel.send(());
+            let mut task = conn.task;
+            match tokio::time::timeout(Duration::from_secs(3), &mut task).await {
+                Ok(Ok(end)) if !end.requested => Some(end),
+                Ok(_) => None,
+                Err(_) => {
+                    task.abort();
+                    None
+                }
+            }
+        });
+    for end in futures_util::future::join_all(closing)
+        .await
+        .into_iter()
+        .flatten()
+    {
+        closed(shared, &batch.rows, &end);
+    }
+    flush_rows(user, shared, &batch.rows).await?;
+    for seat in &batch.seats {
+        let member = &seat.member;
+        member.account(shared);
+        if let (Some(cadence), Some(w)) = (member.cadence, shared.schedule.window()) {
+            let scheduled = cadence.scheduled(w.measure());
+            let sent = member.next_seq.load(std::sync::atomic::Ordering::Relaxed);
+            Stats::add(&shared.stats.unsent, scheduled.saturating_sub(sent));
+        }
     }
     Ok(())
 }

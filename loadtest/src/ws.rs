@@ -1,6 +1,7 @@
 //! The WebSocket client side of the wire contract (`docs/protocol.md`): opening a connection
-//! (from a chosen source address, over TLS for `wss://`, with a token), naming why an attempt
-//! failed, encoding a publish and reading the server's events. No accounting here;
+//! (from a chosen source address, over TLS for `wss://`, with a token; the upgrade itself in
+//! `ws/handshake.rs`), naming why an attempt failed, encoding a publish and reading the server's
+//! events. The frames of an open connection are `ws/socket.rs`'s. No accounting here;
 //! `session.rs` owns that.
 
 use std::borrow::Cow;
@@ -12,16 +13,16 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::net::{TcpSocket, TcpStream};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Error as WsError;
-use tokio_tungstenite::WebSocketStream;
 use tokio_util::either::Either;
 
 use crate::lists::{key_hash, Diff, Page};
 use crate::spec::Role;
 
+mod handshake;
 mod scan;
+mod socket;
+
+pub use socket::{Frame, Socket, MAX_MESSAGE};
 
 /// A connection's byte stream: plain TCP, or TLS over it. The TLS state is boxed: inline (as
 /// tokio-tungstenite's `MaybeTlsStream` holds it) every plain connection's task would carry a
@@ -29,7 +30,7 @@ mod scan;
 pub type Stream = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
 /// An open client connection.
-pub type Ws = WebSocketStream<Stream>;
+pub type Ws = Socket;
 
 /// Why a connection attempt failed: a short label for counting, and the detail for logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,46 +85,16 @@ fn refusal_code(body: Option<&[u8]>) -> Option<String> {
         .then_some(r.error)
 }
 
-fn handshake_error(e: WsError) -> ConnectError {
-    match e {
-        WsError::Http(resp) => {
-            let status = resp.status().as_u16();
-            let cause = match refusal_code(resp.body().as_deref()) {
-                Some(code) => format!("http_{status}_{code}"),
-                None => format!("http_{status}"),
-            };
-            ConnectError {
-                cause,
-                status: Some(status),
-                detail: format!("upgrade refused with HTTP {status}"),
-            }
-        }
-        // rustls reports a refused certificate through tokio-rustls as an I/O error.
-        WsError::Io(e)
-            if e.get_ref()
-                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some()) =>
-        {
-            ConnectError::new("tls", e.to_string())
-        }
-        WsError::Io(e) => ConnectError::new(io_cause(&e), e.to_string()),
-        WsError::ConnectionClosed | WsError::AlreadyClosed => {
-            ConnectError::new("eof", "closed during the handshake")
-        }
-        WsError::Tls(e) => ConnectError::new("tls", e.to_string()),
-        other => ConnectError::new("handshake", other.to_string()),
+/// Names an I/O failure of an attempt; rustls reports a refused certificate through
+/// tokio-rustls as an I/O error.
+fn io_error(e: io::Error) -> ConnectError {
+    if e.get_ref()
+        .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
+    {
+        ConnectError::new("tls", e.to_string())
+    } else {
+        ConnectError::new(io_cause(&e), e.to_string())
     }
-}
-
-/// Buffers sized for small frames: tungstenite's 128 KiB default read buffer would cost 2.4 GiB
-/// at 19 000 connections. After a client handshake tungstenite keeps the handshake's 4 KiB
-/// buffer as the read buffer whatever this says; this bounds each read, whose first step zeroes
-/// that much of the buffer: 2 KiB (half of it) still holds several of the load tester's
-/// messages per read, and a larger frame still arrives whole (the buffer grows for it).
-fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(2 * 1024)
-        .write_buffer_size(0)
-        .max_message_size(Some(1 << 20))
 }
 
 /// The upgrade URL for a member: role and name, then `since=EPOCH:OFFSET` when resuming and
@@ -181,25 +152,16 @@ pub async fn connect(
             .await
             .map_err(|e| ConnectError::new(io_cause(&e), format!("connect {addr}: {e}")))?;
         let _ = stream.set_nodelay(true);
-        let mut request = url
-            .into_client_request()
-            .map_err(|e| ConnectError::new("bad_url", e.to_string()))?;
-        if let Some(t) = bearer {
-            let value = format!("Bearer {t}")
-                .parse()
-                .map_err(|_| ConnectError::new("bad_token", "token is not a header value"))?;
-            request.headers_mut().insert("authorization", value);
-        }
-        let stream = if url.starts_with("wss://") {
-            Either::Right(Box::new(tls_handshake(dialer, &request, stream).await?))
+        let uri: hyper::Uri = url
+            .parse()
+            .map_err(|e| ConnectError::new("bad_url", format!("{url}: {e}")))?;
+        let mut stream = if url.starts_with("wss://") {
+            Either::Right(Box::new(tls_handshake(dialer, &uri, stream).await?))
         } else {
             Either::Left(stream)
         };
-        let (ws, _response) =
-            tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config()))
-                .await
-                .map_err(handshake_error)?;
-        Ok(ws)
+        let read = handshake::upgrade(&mut stream, &uri, bearer).await?;
+        Ok(Socket::new(stream, read))
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(Ok(ws)) => Ok((ws, started.elapsed())),
@@ -214,10 +176,10 @@ pub async fn connect(
 /// The TLS handshake for `wss://`, with the name in the request's URL.
 async fn tls_handshake(
     dialer: &Dialer,
-    request: &tokio_tungstenite::tungstenite::handshake::client::Request,
+    uri: &hyper::Uri,
     stream: TcpStream,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ConnectError> {
-    let host = request.uri().host().unwrap_or_default();
+    let host = uri.host().unwrap_or_default();
     // rustls takes IPv6 addresses without their brackets.
     let host = host
         .strip_prefix('[')
@@ -228,7 +190,7 @@ async fn tls_handshake(
     tokio_rustls::TlsConnector::from(dialer.tls.clone())
         .connect(name, stream)
         .await
-        .map_err(|e| handshake_error(WsError::Io(e)))
+        .map_err(io_error)
 }
 
 /// The fields the load tester puts in every message's `data`.

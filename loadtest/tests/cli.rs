@@ -69,6 +69,17 @@ struct Run {
     took: Duration,
 }
 
+impl Run {
+    /// Checks the exit code, showing the output when it is not `code`.
+    fn exited(&self, code: i32) {
+        assert_eq!(
+            self.code, code,
+            "stdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
+    }
+}
+
 /// Runs `loadtest` with `args` (and a short run's phases, a summary file), `env` set and
 /// nothing inherited from this process's environment.
 async fn loadtest(args: &[&str], env: &[(&str, &str)]) -> Run {
@@ -121,11 +132,7 @@ async fn loadtest(args: &[&str], env: &[(&str, &str)]) -> Run {
 async fn a_run_in_which_nobody_joined_fails_without_rules() {
     let target = closed_port();
     let run = loadtest(&["--target", &target, "--rooms", "1x1x2"], &[]).await;
-    assert_eq!(
-        run.code, 1,
-        "stdout:\n{}\nstderr:\n{}",
-        run.stdout, run.stderr
-    );
+    run.exited(1);
     assert!(
         run.stdout
             .contains("rule FAIL joined>0 — no member ever joined"),
@@ -162,11 +169,7 @@ async fn a_refused_target_is_passed_over_at_once() {
     )
     .await;
     node.stop().await;
-    assert_eq!(
-        run.code, 0,
-        "stdout:\n{}\nstderr:\n{}",
-        run.stdout, run.stderr
-    );
+    run.exited(0);
     let s = run.summary.unwrap();
     let c = &s["connections"];
     assert!(
@@ -192,6 +195,71 @@ async fn a_refused_target_is_passed_over_at_once() {
         run.stdout
     );
     assert!(run.stdout.contains("KiB per member"), "{}", run.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_batched_in_goose_users_keep_every_rule() {
+    let node = Node::start(&["--presence-interval", "200ms"]).await;
+    // 2 hosts and 38 viewers, 16 to a goose user: batches of 2, 16, 16 and 6. Half the members
+    // start at a refusing target, and 20 members/s start over ~2 s.
+    let targets = format!("{},{}", closed_port(), node.url());
+    let run = loadtest(
+        &[
+            "--target",
+            &targets,
+            "--rooms",
+            "1x2x38@2/0",
+            "--members-per-user",
+            "16",
+            "-r",
+            "20",
+            "--expect",
+            "lost==0",
+            "--expect",
+            "presence-wrong==0",
+        ],
+        &[],
+    )
+    .await;
+    node.stop().await;
+    run.exited(0);
+    assert!(
+        run.stderr
+            .contains("40 connections, 4 goose users of up to 16 members"),
+        "{}",
+        run.stderr
+    );
+    // Settle, window and drain take 2.3 s; the members' ramp at 20/s another 1.95 s at least
+    // (at goose's unchanged rate the 4 users, and so every member, would start within 0.2 s).
+    assert!(
+        run.took >= Duration::from_millis(4_200),
+        "members started faster than -r 20: {:?}",
+        run.took
+    );
+    let s = run.summary.unwrap();
+    let c = &s["connections"];
+    assert_eq!(c["joined"], 40, "{c}");
+    assert_eq!(c["members_from_start"], 40, "{c}");
+    assert_eq!(
+        c["reconnects"], 0,
+        "refused targets passed over at once: {c}"
+    );
+    assert!(
+        c["errors_by_cause"]["refused"].as_u64().unwrap() >= 10,
+        "{c}"
+    );
+    let m = &s["messages"];
+    let expected = m["expected"].as_u64().unwrap();
+    // 2 hosts at 2/s for 1 s, each message to 40 members (the window is 1 s: 2 or so each).
+    assert!(expected >= 40 * 2, "{m}");
+    assert_eq!(m["delivered"].as_u64().unwrap(), expected, "{m}");
+    assert_eq!(m["lost"], 0, "{m}");
+    assert_eq!(
+        (&s["presence"]["checked"], &s["presence"]["wrong"]),
+        (&Value::from(40), &Value::from(0)),
+        "{}",
+        s["presence"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -222,11 +290,7 @@ async fn the_gateway_secret_variable_mints_tokens() {
         )],
     )
     .await;
-    assert_eq!(
-        run.code, 0,
-        "stdout:\n{}\nstderr:\n{}",
-        run.stdout, run.stderr
-    );
+    run.exited(0);
     assert_eq!(run.summary.unwrap()["connections"]["joined"], 3);
 
     // The deprecated name still works, and says so.
@@ -246,11 +310,7 @@ async fn the_gateway_secret_variable_mints_tokens() {
     )
     .await;
     node.stop().await;
-    assert_eq!(
-        run.code, 0,
-        "stdout:\n{}\nstderr:\n{}",
-        run.stdout, run.stderr
-    );
+    run.exited(0);
     assert!(run.stderr.contains("deprecated"), "{}", run.stderr);
 }
 
@@ -270,11 +330,7 @@ async fn members_presence_is_checked_against_the_whole_runs_rooms() {
         &[],
     )
     .await;
-    assert_eq!(
-        run.code, 0,
-        "stdout:\n{}\nstderr:\n{}",
-        run.stdout, run.stderr
-    );
+    run.exited(0);
     let s = run.summary.unwrap();
     assert_eq!(
         (
@@ -319,11 +375,7 @@ async fn members_presence_is_checked_against_the_whole_runs_rooms() {
     )
     .await;
     node.stop().await;
-    assert_eq!(
-        run.code, 1,
-        "stdout:\n{}\nstderr:\n{}",
-        run.stdout, run.stderr
-    );
+    run.exited(1);
     let s = run.summary.unwrap();
     assert_eq!(s["presence"]["checked"], 3);
     assert_eq!(s["presence"]["wrong"], 3);
