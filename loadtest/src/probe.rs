@@ -1,7 +1,8 @@
 //! The generator watching itself, so that a slow generator is never mistaken for a slow gateway:
 //! a 10 ms timer whose oversleep is the runtime's scheduling delay, and the process's CPU time
 //! and peak memory from `/proc/self`, and the machine's load average from `/proc/loadavg`. Its
-//! CPU time over the window and drain, divided by the messages it received meanwhile, is its
+//! CPU time from the end of the ramp (the conductor starts it when every member has made its
+//! first attempt) through the drain, divided by the messages it received meanwhile, is its
 //! cost per message; its resident memory's growth over the run, divided by the members it
 //! simulates, its cost per member.
 
@@ -15,7 +16,7 @@ use crate::stats::Stats;
 
 const PERIOD: Duration = Duration::from_millis(10);
 
-/// CPU used by the generator over the window and drain.
+/// CPU used by the generator from the end of the ramp through the drain.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Usage {
     /// CPU seconds / wall seconds × 100 (200 = two cores busy).
