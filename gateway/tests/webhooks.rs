@@ -596,6 +596,8 @@ console.log("ok");
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    // Kept when an assertion above failed, for a look at the request.
+    let _ = std::fs::remove_dir_all(&dir);
     node.stop().await;
 }
 
