@@ -110,6 +110,26 @@ prepare_outside_tools() {
   scripts/check-deploy.sh --prepare
   as_root env "PATH=$PATH" scripts/docker-test.sh --prepare
 }
+# A check started beside the next one (its output in target/background/NAME.log), and the wait
+# for it: its output goes to this log then, whether it passed or not.
+beside() {
+  local name=$1
+  shift
+  "$@" >"target/background/$name.log" 2>&1 &
+  background+=("$name:$!")
+}
+wait_beside() {
+  local job name pid failed=0
+  for job in "${background[@]}"; do
+    name=${job%%:*}
+    pid=${job#*:}
+    wait "$pid" || failed=1
+    log "output of $name, started beside:"
+    cat "target/background/$name.log"
+    [ "$failed" -eq 0 ] || die "$name failed"
+  done
+  background=()
+}
 stop_background() {
   local job
   for job in "${background[@]}"; do
@@ -155,11 +175,16 @@ scripts/browser-test.sh
 log "smoke load test through HAProxy (scripts/loadtest-smoke.sh)"
 scripts/loadtest-smoke.sh
 
+# Two pairs of checks run side by side below: each check has ports and directories of its own,
+# and each pair is light enough on two cores (the TLS runs have 44 members, the shards 84; the
+# deployment checks' traffic overlaps the Docker test's engine start, images and compose up).
+# The one started beside prints its output when it has finished; either failing fails the run.
+log "distributed load test: two shards and a merge (scripts/loadtest-shards.sh), beside the next"
+beside shards scripts/loadtest-shards.sh
+
 log "load tester over TLS through HAProxy, and its HTML report in Chromium (scripts/loadtest-tls.sh)"
 scripts/loadtest-tls.sh
-
-log "distributed load test: two shards and a merge (scripts/loadtest-shards.sh)"
-scripts/loadtest-shards.sh
+wait_beside
 
 # Audience scale, CI-sized (issue 23; the 100 000-viewer runs are in docs/benchmarks.md): one room
 # of 20 000 viewers and 2 hosts at 1 msg/s over 2 nodes on Redis, two generators merged; the
@@ -168,11 +193,12 @@ log "audience scale: 20 000 viewers in one room over 2 nodes (scripts/bench-audi
 VIEWERS=20000 MEASURE=20s DRAIN=8s HATCH=2000 BASE_PORT=26000 OUT=target/scale-ci \
   EXPECT="presence-wrong==0" scripts/bench-audience.sh
 
-log "deployment checks against real tools and a live cluster (scripts/check-deploy.sh)"
-scripts/check-deploy.sh
+log "deployment checks against real tools and a live cluster (scripts/check-deploy.sh), beside the next"
+beside check-deploy scripts/check-deploy.sh
 
 # Root: it starts its own dockerd (and restores the host's firewall and forwarding state after).
 log "the image and the compose cluster in a real Docker engine, with load and faults (scripts/docker-test.sh)"
 as_root env "PATH=$PATH" scripts/docker-test.sh
+wait_beside
 
 log "all checks passed"
