@@ -88,16 +88,26 @@ in_background() {
   nice -n 19 "$@" >"target/background/$name.log" 2>&1 &
   background+=("$name:$!")
 }
-wait_background() {
-  local job name pid failed=0
+# Waits for every job started by in_background or beside. `wait_jobs quiet`: a job's log is
+# printed (its last 60 lines) only when it failed; `wait_jobs show`: always, whole (a check that
+# ran beside another). Any failure fails the run once all are waited for.
+wait_jobs() {
+  local show=$1 job name pid ok failed=0
   for job in "${background[@]}"; do
     name=${job%%:*}
     pid=${job#*:}
-    if wait "$pid"; then
+    ok=1
+    wait "$pid" || ok=0
+    if [ "$show" = show ]; then
+      log "output of $name, started beside:"
+      cat "target/background/$name.log"
+    elif [ "$ok" -eq 1 ]; then
       log "background $name done"
     else
-      printf 'error: background %s failed; its log:\n' "$name" >&2
       tail -n 60 "target/background/$name.log" >&2
+    fi
+    if [ "$ok" -eq 0 ]; then
+      printf 'error: %s failed\n' "$name" >&2
       failed=1
     fi
   done
@@ -117,18 +127,6 @@ beside() {
   shift
   "$@" >"target/background/$name.log" 2>&1 &
   background+=("$name:$!")
-}
-wait_beside() {
-  local job name pid failed=0
-  for job in "${background[@]}"; do
-    name=${job%%:*}
-    pid=${job#*:}
-    wait "$pid" || failed=1
-    log "output of $name, started beside:"
-    cat "target/background/$name.log"
-    [ "$failed" -eq 0 ] || die "$name failed"
-  done
-  background=()
 }
 stop_background() {
   local job
@@ -155,7 +153,7 @@ else
   log "cargo test --workspace (cargo-nextest not installed)"
   cargo test --workspace
 fi
-wait_background
+wait_jobs quiet
 
 if [ "${1:-}" = "--rust-only" ]; then
   log "Rust checks passed (--rust-only: browser, load and deployment tests skipped)"
@@ -184,7 +182,7 @@ beside shards scripts/loadtest-shards.sh
 
 log "load tester over TLS through HAProxy, and its HTML report in Chromium (scripts/loadtest-tls.sh)"
 scripts/loadtest-tls.sh
-wait_beside
+wait_jobs show
 
 # Audience scale, CI-sized (issue 23; the 100 000-viewer runs are in docs/benchmarks.md): one room
 # of 20 000 viewers and 2 hosts at 1 msg/s over 2 nodes on Redis, two generators merged; the
@@ -199,6 +197,6 @@ beside check-deploy scripts/check-deploy.sh
 # Root: it starts its own dockerd (and restores the host's firewall and forwarding state after).
 log "the image and the compose cluster in a real Docker engine, with load and faults (scripts/docker-test.sh)"
 as_root env "PATH=$PATH" scripts/docker-test.sh
-wait_beside
+wait_jobs show
 
 log "all checks passed"
