@@ -120,8 +120,8 @@ prepare_outside_tools() {
   scripts/check-deploy.sh --prepare
   as_root env "PATH=$PATH" scripts/docker-test.sh --prepare
 }
-# A check started beside the next one (its output in target/background/NAME.log), and the wait
-# for it: its output goes to this log then, whether it passed or not.
+# A check started beside the next one, its output in target/background/NAME.log until
+# `wait_jobs show` prints it, whether it passed or not.
 beside() {
   local name=$1
   shift
