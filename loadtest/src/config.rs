@@ -571,6 +571,19 @@ mod tests {
     }
 
     #[test]
+    fn members_per_user_is_bounded_and_chosen_by_population() {
+        let max = MAX_BATCH.to_string();
+        assert!(opts(&["--members-per-user", &max]).validate().is_ok());
+        let over = (MAX_BATCH + 1).to_string();
+        let err = opts(&["--members-per-user", &over]).validate().unwrap_err();
+        assert!(err.contains("--members-per-user"), "{err}");
+        let auto = opts(&[]);
+        assert_eq!(auto.batch_size(AUTO_BATCH_FROM - 1), 1);
+        assert_eq!(auto.batch_size(AUTO_BATCH_FROM), AUTO_BATCH);
+        assert_eq!(opts(&["--members-per-user", "3"]).batch_size(1), 3);
+    }
+
+    #[test]
     fn shards_from_flags_or_the_job_index() {
         let o = opts(&["--shard", "1/4"]);
         assert_eq!(o.shard_from(None).unwrap(), Shard { index: 1, total: 4 });
