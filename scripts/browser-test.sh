@@ -13,6 +13,8 @@
 # target/browser/. Every process it starts is stopped on exit; any failure exits non-zero.
 #
 # Usage: scripts/browser-test.sh        (BROWSER_TEST_SKIP_BUILD=1 to reuse target/release/gateway)
+#        scripts/browser-test.sh --prepare  (only the tools and `npm ci`: scripts/test.sh runs it
+#                                            during the Rust build, so the tests need no apt-get)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -70,36 +72,46 @@ wait_http() {
   return 1
 }
 
-log "tools"
-missing=()
-[ -x "$CHROMIUM" ] || missing+=(chromium)
-command -v redis-server >/dev/null || missing+=(redis-server)
-command -v haproxy >/dev/null || missing+=(haproxy)
-command -v curl >/dev/null || missing+=(curl)
-if [ "${#missing[@]}" -gt 0 ]; then
-  if [ "$(id -u)" -ne 0 ]; then
-    echo "missing ${missing[*]}: install them, or run as root to let this script use apt-get" >&2
-    exit 1
+# Chromium, the servers and curl (apt-get as root when missing), Node.js 20+, and the page's npm
+# packages.
+tools() {
+  log "tools"
+  missing=()
+  [ -x "$CHROMIUM" ] || missing+=(chromium)
+  command -v redis-server >/dev/null || missing+=(redis-server)
+  command -v haproxy >/dev/null || missing+=(haproxy)
+  command -v curl >/dev/null || missing+=(curl)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+      echo "missing ${missing[*]}: install them, or run as root to let this script use apt-get" >&2
+      exit 1
+    fi
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
   fi
-  apt-get update -q
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
-fi
-command -v node >/dev/null && command -v npm >/dev/null || { echo "Node.js 20+ and npm are required" >&2; exit 1; }
-node -e 'process.exit(+process.versions.node.split(".")[0] >= 20 ? 0 : 1)' || {
-  echo "Node.js 20+ is required, found $(node --version)" >&2
-  exit 1
+  command -v node >/dev/null && command -v npm >/dev/null || { echo "Node.js 20+ and npm are required" >&2; exit 1; }
+  node -e 'process.exit(+process.versions.node.split(".")[0] >= 20 ? 0 : 1)' || {
+    echo "Node.js 20+ is required, found $(node --version)" >&2
+    exit 1
+  }
+  "$CHROMIUM" --version
+  echo "node $(node --version), $(redis-server --version | cut -d' ' -f1-3), $(haproxy -v | head -n1 | cut -d' ' -f1-3)"
+
+  # Again only when the lock file changed since (npm ci starts from an empty node_modules).
+  if [ ! -f browser/node_modules/.package-lock.json ] ||
+    [ browser/package-lock.json -nt browser/node_modules/.package-lock.json ]; then
+    log "npm ci (browser/)"
+    (cd browser && npm ci --no-audit --no-fund --loglevel=error)
+  fi
 }
-"$CHROMIUM" --version
-echo "node $(node --version), $(redis-server --version | cut -d' ' -f1-3), $(haproxy -v | head -n1 | cut -d' ' -f1-3)"
+tools
+[ "${1:-}" != --prepare ] || exit 0
 
 mkdir -p "$OUT/logs"
 rm -f "$OUT"/*.png "$OUT"/logs/*.log
 
 log "client unit tests"
 node --test browser/test/client.test.mjs
-
-log "npm ci (browser/)"
-(cd browser && npm ci --no-audit --no-fund --loglevel=error)
 
 if [ "${BROWSER_TEST_SKIP_BUILD:-0}" != 1 ] || [ ! -x "$BIN" ]; then
   # The same package set as the load tests' builds, so that the one release build serves all

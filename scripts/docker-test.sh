@@ -10,7 +10,8 @@
 #   scripts/docker-test.sh -k partition           # one check (with the cluster it needs)
 #   KEEP_WORK=1 scripts/docker-test.sh            # keep target/docker-test/run (logs, summaries)
 #   DOCKER_TEST_FRESH=1 ...                       # rebuild the cached debootstrap root filesystems
-#   scripts/docker-test.sh --prepare              # only make those root filesystems (no engine;
+#   scripts/docker-test.sh --prepare              # only install the tools (docker.io, Compose v2)
+#                                                 # and make those root filesystems (no engine;
 #                                                 # scripts/test.sh runs it during the Rust build)
 #   DOCKER_TEST_REQUIRE_NO_LOSS=0 ...             # report the loss across faults, not require none
 #   LOAD_ROOMS=20x1x20 ...                        # the load (loadtest --rooms)
@@ -26,6 +27,6 @@ if ! "$PY" -c 'import pytest' 2>/dev/null; then
 fi
 cd "$ROOT/scripts/deploytest"
 if [[ "${1:-}" == "--prepare" ]]; then
-  exec "$PY" -c 'import engine; engine.prepare_rootfs()'
+  exec "$PY" -c 'import engine; engine.Tools(); engine.prepare_rootfs()'
 fi
 exec "$PY" -m pytest test_docker.py "$@"

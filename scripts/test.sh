@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The one command that checks the workspace: installs what the tests need on Debian (redis-server,
-# with apt-get, when it is missing), then formatting, lints and every test: the Rust unit and
-# integration tests, the browser tests, the load tests (smoke, TLS, shards, a 20 000-viewer room),
-# the deployment checks and the containers for real (image, compose cluster, load and faults in
-# Docker).
-# `scripts/test.sh --rust-only` stops after the Rust tests (the quick loop while coding).
+# with apt-get, when it is missing), then formatting, lints and every test: the browser tests, the
+# load tests (smoke, TLS, shards, a 20 000-viewer room), the deployment checks and the containers
+# for real (image, compose cluster, load and faults in Docker), and the Rust unit and integration
+# tests last (the order that keeps two cores busy: see "The order" below).
+# `scripts/test.sh --rust-only` runs only clippy and the Rust tests (the quick loop while coding).
 #
 # Run it from anywhere, as root or as a user with sudo. The integration tests start their own
 # redis-server on a free port; they find it on PATH or through the REDIS_SERVER variable (then
@@ -13,7 +13,8 @@ set -euo pipefail
 
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
 
-log() { printf '==> %s\n' "$*"; }
+# Each step with the seconds since the start, so that a run's log shows where its time went.
+log() { printf '==> [%4d s] %s\n' "$SECONDS" "$*"; }
 die() {
   printf 'error: %s\n' "$*" >&2
   exit 1
@@ -71,31 +72,48 @@ fi
 log "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 
-# What the stages after the Rust tests need, made while clippy, the test build and the Rust tests
-# run rather than after them: the release binaries (a cargo profile's directory has a lock of its
-# own, so the two builds run side by side) and, in one job, the deployment checks' tools and the
-# Docker test's Debian root filesystems (downloads, unpacking). They run at the lowest priority
-# (`nice -n 19`): they take what the foreground leaves — the single-crate stretches of the debug
-# builds, and the Rust tests, which mostly wait on sockets and timers — and the tests' own threads
-# get the cores whenever they want them. Waited for after the Rust tests; their output goes to
-# target/background/*.log, printed if they fail.
+# Jobs beside the foreground, each with its output in target/background/NAME.log. Two kinds:
+# `in_background` for builds and installs (stopped when the run fails), `beside` for a check that
+# runs beside the next ones (waited for, never killed, when the run fails: the Docker test must
+# stop its engine and restore the host's firewall).
 background=()
 mkdir -p target/background
+# `in_background [--low] NAME CMD...`: --low runs it at the lowest priority (`nice -n 19`), so
+# that it takes only what the foreground leaves.
 in_background() {
+  local nice=0
+  if [ "$1" = --low ]; then
+    nice=19
+    shift
+  fi
   local name=$1
   shift
   log "in the background: $name (target/background/$name.log)"
-  nice -n 19 "$@" >"target/background/$name.log" 2>&1 &
-  background+=("$name:$!")
+  nice -n "$nice" "$@" >"target/background/$name.log" 2>&1 &
+  background+=("$name:$!:build")
 }
-# Waits for every job started by in_background or beside. `wait_jobs quiet`: a job's log is
-# printed (its last 60 lines) only when it failed; `wait_jobs show`: always, whole (a check that
-# ran beside another). Any failure fails the run once all are waited for.
+# `beside NAME CMD...`: a check started beside the next ones; `wait_jobs show` prints its output,
+# whether it passed or not.
+beside() {
+  local name=$1
+  shift
+  "$@" >"target/background/$name.log" 2>&1 &
+  background+=("$name:$!:check")
+}
+# `wait_jobs quiet|show [NAME...]` waits for the named jobs (all when none is named). quiet: a
+# job's log is printed (its last 60 lines) only when it failed; show: always, whole. Any failure
+# fails the run once all of them are waited for.
 wait_jobs() {
-  local show=$1 job name pid ok failed=0
+  local show=$1 job name pid ok failed=0 rest=()
+  shift
   for job in "${background[@]}"; do
     name=${job%%:*}
     pid=${job#*:}
+    pid=${pid%%:*}
+    if [ "$#" -gt 0 ] && [[ " $* " != *" $name "* ]]; then
+      rest+=("$job")
+      continue
+    fi
     ok=1
     wait "$pid" || ok=0
     if [ "$show" = show ]; then
@@ -111,92 +129,115 @@ wait_jobs() {
       failed=1
     fi
   done
-  background=()
+  background=("${rest[@]}")
   [ "$failed" -eq 0 ] || exit 1
 }
-# One job, since both may call apt-get: the deployment checks' tools (a failing PyPI attempt at
-# actionlint alone waits ~35 s for GitHub) and the Docker test's root filesystems.
-prepare_outside_tools() {
-  scripts/check-deploy.sh --prepare
-  as_root env "PATH=$PATH" scripts/docker-test.sh --prepare
-}
-# A check started beside the next one, its output in target/background/NAME.log until
-# `wait_jobs show` prints it, whether it passed or not.
-beside() {
-  local name=$1
-  shift
-  "$@" >"target/background/$name.log" 2>&1 &
-  background+=("$name:$!")
-}
 stop_background() {
-  local job
+  local job pid
   for job in "${background[@]}"; do
-    kill "${job#*:}" 2>/dev/null || true
+    pid=${job#*:}
+    case $job in
+      *:build) kill "${pid%%:*}" 2>/dev/null || true ;;
+      *:check) wait "${pid%%:*}" 2>/dev/null || true ;;
+    esac
   done
 }
 trap stop_background EXIT
-if [ "${1:-}" != "--rust-only" ]; then
-  in_background release-build cargo build --release --locked -p gateway -p loadtest
-  in_background outside-tools bash -c "$(declare -f as_root die prepare_outside_tools); prepare_outside_tools"
+
+# The Rust tests: every test in its own process, all binaries side by side (.config/nextest.toml:
+# four at a time, the real-Redis failover tier at most two at a time); plain cargo test where
+# nextest is missing.
+have_nextest() { cargo nextest --version >/dev/null 2>&1; }
+build_tests() {
+  if have_nextest; then
+    cargo nextest run --workspace --no-run
+  else
+    cargo test --workspace --no-run
+  fi
+}
+rust_tests() {
+  if have_nextest; then
+    log "cargo nextest run --workspace (and the doc tests)"
+    cargo nextest run --workspace
+    cargo test --workspace --doc
+  else
+    log "cargo test --workspace (cargo-nextest not installed)"
+    cargo test --workspace
+  fi
+}
+
+if [ "${1:-}" = "--rust-only" ]; then
+  log "cargo clippy --workspace --all-targets -- -D warnings"
+  cargo clippy --workspace --all-targets -- -D warnings
+  rust_tests
+  log "Rust checks passed (--rust-only: browser, load and deployment tests skipped)"
+  exit 0
 fi
+
+# The order keeps both cores busy on a 2-core machine, and the checks that measure time away from
+# any compiler at normal priority:
+# 1. clippy, with the release build and the outside tools beside it at normal priority (the
+#    release binaries are what the load, browser and deployment checks wait for; the tools are
+#    downloads and unpacking: the deployment checks' tools, the Docker test's Debian root
+#    filesystems, Chromium and the page's npm packages, so that no check calls apt-get later);
+# 2. the test build at the lowest priority, in the time the checks below leave idle (they
+#    mostly wait on sockets, timers and faults they inject);
+# 3. the browser, load and deployment checks, the Docker test beside them;
+# 4. the Rust tests, alone.
+# Background output goes to target/background/*.log, printed when a job fails.
+prepare_outside_tools() {
+  scripts/check-deploy.sh --prepare
+  as_root env "PATH=$PATH" scripts/docker-test.sh --prepare
+  as_root env "PATH=$PATH" scripts/browser-test.sh --prepare
+}
+in_background release-build cargo build --release --locked -p gateway -p loadtest
+in_background outside-tools bash -c "$(declare -f as_root die prepare_outside_tools); prepare_outside_tools"
 
 log "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
-# Every test in its own process, all binaries side by side (.config/nextest.toml: four at a time,
-# the real-Redis failover tier at most two at a time); plain cargo test where nextest is missing.
-if cargo nextest --version >/dev/null 2>&1; then
-  log "cargo nextest run --workspace (and the doc tests)"
-  cargo nextest run --workspace
-  cargo test --workspace --doc
-else
-  log "cargo test --workspace (cargo-nextest not installed)"
-  cargo test --workspace
-fi
-wait_jobs quiet
-
-if [ "${1:-}" = "--rust-only" ]; then
-  log "Rust checks passed (--rust-only: browser, load and deployment tests skipped)"
-  exit 0
-fi
+in_background --low test-build bash -c "$(declare -f have_nextest build_tests); build_tests"
+wait_jobs quiet release-build outside-tools
 
 # The load tests below run the generator on the same two cores as the gateways, HAProxy and
 # Redis it measures: its own-saturation verdict (generator-kept-up) is judged at 100 ms of timer
 # lag there rather than the 25 ms meant for a generator with cores of its own.
 export LOADTEST_MAX_GENERATOR_LAG="${LOADTEST_MAX_GENERATOR_LAG:-100ms}"
 
-# The tests that need real outside tools; each installs what it needs when missing and stops
-# every process it started.
+# The Docker test spends its ~3 minutes mostly waiting (the engine, images, compose up, a
+# baseline load, a 15 s partition and a 10 s Redis pause, each with its recovery) and has ports
+# and networks of its own: it runs beside the browser and load tests, whose own pairs are light
+# (the TLS runs have 44 members, the shards 84). Root: it starts its own dockerd (and restores
+# the host's firewall and forwarding state after). The one started beside prints its output when
+# it has finished; either failing fails the run.
+log "the image and the compose cluster in a real Docker engine, with load and faults (scripts/docker-test.sh), beside the next"
+beside docker as_root env "PATH=$PATH" scripts/docker-test.sh
+
 log "browser tests in headless Chromium (scripts/browser-test.sh)"
 scripts/browser-test.sh
 
 log "smoke load test through HAProxy (scripts/loadtest-smoke.sh)"
 scripts/loadtest-smoke.sh
 
-# Two pairs of checks run side by side below: each check has ports and directories of its own,
-# and each pair is light enough on two cores (the TLS runs have 44 members, the shards 84; the
-# deployment checks' traffic overlaps the Docker test's engine start, images and compose up).
-# The one started beside prints its output when it has finished; either failing fails the run.
 log "distributed load test: two shards and a merge (scripts/loadtest-shards.sh), beside the next"
 beside shards scripts/loadtest-shards.sh
 
 log "load tester over TLS through HAProxy, and its HTML report in Chromium (scripts/loadtest-tls.sh)"
 scripts/loadtest-tls.sh
-wait_jobs show
+
+log "deployment checks against real tools and a live cluster (scripts/check-deploy.sh)"
+scripts/check-deploy.sh
+wait_jobs show docker shards
 
 # Audience scale, CI-sized (issue 23; the 100 000-viewer runs are in docs/benchmarks.md): one room
 # of 20 000 viewers and 2 hosts at 1 msg/s over 2 nodes on Redis, two generators merged; the
-# verdict needs nothing lost or duplicated and every member's presence exact.
+# verdict needs nothing lost or duplicated and every member's presence exact. Alone: it keeps
+# both cores busy.
 log "audience scale: 20 000 viewers in one room over 2 nodes (scripts/bench-audience.sh)"
 VIEWERS=20000 MEASURE=20s DRAIN=8s HATCH=2000 BASE_PORT=26000 OUT=target/scale-ci \
   EXPECT="presence-wrong==0" scripts/bench-audience.sh
 
-log "deployment checks against real tools and a live cluster (scripts/check-deploy.sh), beside the next"
-beside check-deploy scripts/check-deploy.sh
-
-# Root: it starts its own dockerd (and restores the host's firewall and forwarding state after).
-log "the image and the compose cluster in a real Docker engine, with load and faults (scripts/docker-test.sh)"
-as_root env "PATH=$PATH" scripts/docker-test.sh
-wait_jobs show
+wait_jobs quiet test-build
+rust_tests
 
 log "all checks passed"
