@@ -207,17 +207,19 @@ export LOADTEST_MAX_GENERATOR_LAG="${LOADTEST_MAX_GENERATOR_LAG:-100ms}"
 # The Docker test spends its ~3 minutes mostly waiting (the engine, images, compose up, a
 # baseline load, a 15 s partition and a 10 s Redis pause, each with its recovery) and has ports
 # and networks of its own: it runs beside the browser and load tests, whose own pairs are light
-# (the TLS runs have 44 members, the shards 84). Root: it starts its own dockerd (and restores
-# the host's firewall and forwarding state after). The one started beside prints its output when
-# it has finished; either failing fails the run.
+# (the TLS runs have 44 members, the shards 84). The smoke test, the heaviest of them (10 000
+# deliveries a second through three nodes), goes first: beside the engine's start, the images
+# and the baseline load, before the faults' reconnects. Root: it starts its own dockerd (and
+# restores the host's firewall and forwarding state after). The one started beside prints its
+# output when it has finished; either failing fails the run.
 log "the image and the compose cluster in a real Docker engine, with load and faults (scripts/docker-test.sh), beside the next"
 beside docker as_root env "PATH=$PATH" scripts/docker-test.sh
 
-log "browser tests in headless Chromium (scripts/browser-test.sh)"
-scripts/browser-test.sh
-
 log "smoke load test through HAProxy (scripts/loadtest-smoke.sh)"
 scripts/loadtest-smoke.sh
+
+log "browser tests in headless Chromium (scripts/browser-test.sh)"
+scripts/browser-test.sh
 
 log "distributed load test: two shards and a merge (scripts/loadtest-shards.sh), beside the next"
 beside shards scripts/loadtest-shards.sh
