@@ -18,6 +18,7 @@
 #                     hosts each
 #   NODES [VIEWERS/16000, rounded up]  SHARDS [as NODES]  MEASURE [30s]  DRAIN [10s]
 #   HATCH [1500]      connections per second per generator
+#   GEN_THREADS [1]   each generator's --threads (0: one per core)
 #   BROKER [redis]    `memory`: one node on the in-process broker (the single-node reference;
 #                     VIEWERS must then fit one process's open files); `cluster`: a Redis
 #                     Cluster of 3 masters + 3 replicas (`cluster-node-timeout` DOWN_AFTER,
@@ -209,6 +210,10 @@ else
   spec="${rooms}x${hosts}x$((viewers / rooms))@${rate}/0"
 fi
 members=$((viewers + hosts * rooms))
+# One worker thread per generator (GEN_THREADS, 0 for one per core): the generators and the nodes
+# share the machine's cores, and a multi-threaded generator spends ~15 % more CPU per message
+# waking its idle threads (docs/benchmarks.md, "The generator's own cost").
+threads="${GEN_THREADS:-1}"
 # The window starts once every member can have joined at the hatch rate, with room to spare.
 ramp=$(((members / shards + hatch - 1) / hatch))
 start_at=$(($(date +%s) + ramp + 15))
@@ -224,7 +229,7 @@ for s in $(seq 0 $((shards - 1))); do
   net=$((s + 1))
   "$loadtest" --target "$targets" --rooms "$spec" --message-size "$size" \
     --shard "$s/$shards" --room-prefix "$prefix" --start-at "$start_at" \
-    --bind "127.0.$net.1-127.0.$net.4" -r "$hatch" \
+    --bind "127.0.$net.1-127.0.$net.4" -r "$hatch" --threads "$threads" \
     --measure "$measure" --drain "$drain" --live-interval 10s --deliver-sample 1000 \
     --summary-file "$out/summary-$s.json" --no-print-metrics \
     >"$out/generator-$s.log" 2>&1 &

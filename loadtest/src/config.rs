@@ -18,6 +18,8 @@ pub const AUTO_BATCH_FROM: usize = 1_000;
 pub const AUTO_BATCH: usize = 16;
 /// Most members one goose user may carry: its tick scans them on each wake-up.
 pub const MAX_BATCH: usize = 1_024;
+/// Most worker threads `--threads` may ask for.
+pub const MAX_THREADS: usize = 256;
 
 /// Options of the live-rooms simulation. Every one has a `LOADTEST_…` environment variable too.
 #[derive(Debug, Clone, clap::Args)]
@@ -106,6 +108,13 @@ pub struct Options {
         value_name = "N"
     )]
     pub members_per_user: usize,
+
+    /// Worker threads of the generator's runtime: 0, one per core. Several generators on one
+    /// machine (`--shard`, one per core) are cheapest with 1 each: a multi-threaded runtime
+    /// wakes its idle threads for every burst of reads, ~15 % of the CPU per message at
+    /// audience scale on two cores (docs/benchmarks.md, "The generator's own cost").
+    #[arg(long, env = "LOADTEST_THREADS", default_value_t = 0, value_name = "N")]
+    pub threads: usize,
 
     /// Source addresses to bind, round robin over connections: a comma-separated list of IPv4
     /// addresses or ranges, such as `127.0.0.2-127.0.0.9`. Each address has its own ~28 000
@@ -477,6 +486,9 @@ impl Options {
 
     /// Checks what clap cannot.
     pub fn validate(&self) -> Result<(), String> {
+        if self.threads > MAX_THREADS {
+            return Err(format!("--threads {}: at most {MAX_THREADS}", self.threads));
+        }
         if self.members_per_user > MAX_BATCH {
             return Err(format!(
                 "--members-per-user {}: at most {MAX_BATCH}",
@@ -581,6 +593,9 @@ mod tests {
         assert_eq!(auto.batch_size(AUTO_BATCH_FROM - 1), 1);
         assert_eq!(auto.batch_size(AUTO_BATCH_FROM), AUTO_BATCH);
         assert_eq!(opts(&["--members-per-user", "3"]).batch_size(1), 3);
+        assert!(opts(&["--threads", "256"]).validate().is_ok());
+        let err = opts(&["--threads", "257"]).validate().unwrap_err();
+        assert!(err.contains("--threads 257"), "{err}");
     }
 
     #[test]

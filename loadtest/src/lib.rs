@@ -487,6 +487,11 @@ pub fn collect(shared: &Shared) -> Summary {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
+    // The runtime's worker threads (`--threads`): a generator can use at most this many cores.
+    let threads = tokio::runtime::Handle::try_current()
+        .map(|h| h.metrics().num_workers())
+        .unwrap_or(cores);
+    let usable = threads.clamp(1, cores);
     let histograms = Histograms {
         latency_us: s.e2e.merged(),
         fanout_us: s.fanout.merged(),
@@ -523,9 +528,9 @@ pub fn collect(shared: &Shared) -> Summary {
         }
     }
     if let Some(u) = usage {
-        if u.cpu_percent > 90.0 * cores as f64 {
+        if u.cpu_percent > 90.0 * usable as f64 {
             reasons.push(format!(
-                "it used {:.0}% CPU of {cores} cores",
+                "it used {:.0}% CPU of the {usable} core(s) its {threads} thread(s) can use",
                 u.cpu_percent
             ));
         }
@@ -645,6 +650,7 @@ pub fn collect(shared: &Shared) -> Summary {
                 .zip(shared.start_rss_mib)
                 .map(|(peak, start)| (peak - start).max(0.0)),
             cores,
+            threads,
             peak_rss_mib: probe::peak_rss_mib().map(|m| m.round()),
             load_average: probe::load_average(),
             bottleneck: !reasons.is_empty(),

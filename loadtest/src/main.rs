@@ -70,8 +70,7 @@ fn exit(r: anyhow::Result<Outcome>) -> ExitCode {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("merge") {
         args.remove(1);
@@ -84,5 +83,17 @@ async fn main() -> ExitCode {
         ));
     }
     let cli = Cli::parse_from(args);
-    exit(loadtest::run(cli.goose, cli.options).await)
+    // `--threads` (0: one per core); an out-of-range value is refused by the run's checks.
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if cli.options.threads > 0 {
+        runtime.worker_threads(cli.options.threads.min(loadtest::config::MAX_THREADS));
+    }
+    match runtime.build() {
+        Ok(rt) => exit(rt.block_on(loadtest::run(cli.goose, cli.options))),
+        Err(e) => {
+            eprintln!("loadtest: cannot start the runtime: {e}");
+            ExitCode::from(3)
+        }
+    }
 }

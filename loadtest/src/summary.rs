@@ -223,6 +223,9 @@ pub struct Generator {
     pub cpu_percent: Option<f64>,
     /// Cores available (summed over generators).
     pub cores: usize,
+    /// The runtime's worker threads, `--threads` (summed over generators).
+    #[serde(default)]
+    pub threads: usize,
     /// Peak resident memory, MiB (the largest generator's).
     pub peak_rss_mib: Option<f64>,
     /// CPU seconds used over the window and drain (summed over generators).

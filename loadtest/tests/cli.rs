@@ -156,6 +156,7 @@ async fn a_refused_target_is_passed_over_at_once() {
     let node = Node::start(&[]).await;
     // Every member's round robin starts at one of the two; half start at the refusing one.
     let targets = format!("{},{}", closed_port(), node.url());
+    // On one worker thread (`--threads 1`), which the summary states.
     let run = loadtest(
         &[
             "--target",
@@ -164,6 +165,8 @@ async fn a_refused_target_is_passed_over_at_once() {
             "1x1x5@5/0",
             "--expect",
             "lost==0",
+            "--threads",
+            "1",
         ],
         &[],
     )
@@ -185,6 +188,12 @@ async fn a_refused_target_is_passed_over_at_once() {
 
     // The generator's own cost, in the JSON and the printout.
     let g = &s["generator"];
+    assert_eq!(g["threads"], 1, "{g}");
+    assert!(
+        run.stdout.contains(", 1 threads (load average"),
+        "{}",
+        run.stdout
+    );
     assert!(g["received"].as_u64().unwrap() > 0, "{g}");
     assert!(g["cpu_us_per_message"].as_f64().unwrap() > 0.0, "{g}");
     assert!(g["kib_per_member"].as_f64().unwrap() >= 0.0, "{g}");

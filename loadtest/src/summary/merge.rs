@@ -72,7 +72,7 @@ impl Summary {
         let mut timeline: BTreeMap<u64, Point> = BTreeMap::new();
         let mut reasons = Vec::new();
         let mut notes = Vec::new();
-        let (mut cpu, mut cores) = (None::<f64>, 0usize);
+        let (mut cpu, mut cores, mut threads) = (None::<f64>, 0usize, 0usize);
         for p in parts {
             let r = &mut out.run;
             r.hosts += p.run.hosts;
@@ -162,6 +162,7 @@ impl Summary {
                 cpu = Some(cpu.unwrap_or(0.0) + c);
             }
             cores += pg.cores;
+            threads += pg.threads;
             g.peak_rss_mib = max_opt(g.peak_rss_mib, pg.peak_rss_mib);
             g.cpu_s = add_opt(g.cpu_s, pg.cpu_s);
             g.received += pg.received;
@@ -208,6 +209,7 @@ impl Summary {
         }
         out.generator.cpu_percent = cpu.map(|c| (c * 10.0).round() / 10.0);
         out.generator.cores = cores;
+        out.generator.threads = threads;
         out.generator.reasons = reasons;
         out.generator.notes = notes;
         out.rooms = rooms.into_values().collect();

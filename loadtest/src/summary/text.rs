@@ -130,11 +130,12 @@ impl Summary {
         let g = &self.generator;
         let _ = writeln!(
             o,
-            "generator: timer lag p99 {:.2} ms, max {:.2} ms; CPU {}% of {} cores (load average {}); peak RSS {} MiB{}",
+            "generator: timer lag p99 {:.2} ms, max {:.2} ms; CPU {}% of {} cores, {} threads (load average {}); peak RSS {} MiB{}",
             ms(g.timer_lag_us.p99),
             ms(g.timer_lag_us.max),
             g.cpu_percent.map(|c| format!("{c:.0}")).unwrap_or("?".into()),
             g.cores,
+            g.threads,
             g.load_average
                 .map(|c| format!("{c:.1}"))
                 .unwrap_or("?".into()),
