@@ -90,7 +90,7 @@ in_background() {
   shift
   log "in the background: $name (target/background/$name.log)"
   nice -n "$nice" "$@" >"target/background/$name.log" 2>&1 &
-  background+=("$name:$!:build")
+  background+=("$name:build:$!")
 }
 # `beside NAME CMD...`: a check started beside the next ones; `wait_jobs show` prints its output,
 # whether it passed or not.
@@ -98,24 +98,26 @@ beside() {
   local name=$1
   shift
   "$@" >"target/background/$name.log" 2>&1 &
-  background+=("$name:$!:check")
+  background+=("$name:check:$!")
 }
-# `wait_jobs quiet|show [NAME...]` waits for the named jobs (all when none is named). quiet: a
-# job's log is printed (its last 60 lines) only when it failed; show: always, whole. Any failure
-# fails the run once all of them are waited for.
+# Jobs are NAME:KIND:PID. `wait_jobs quiet|show [NAME...]` waits for the named jobs (all when
+# none is named; a name not started is an error). quiet: a job's log is printed (its last 60
+# lines) only when it failed; show: always, whole. Any failure fails the run once all of them are
+# waited for.
 wait_jobs() {
-  local show=$1 job name pid ok failed=0 rest=()
+  local show=$1 job name ok failed=0 rest=() want
   shift
+  for want in "$@"; do
+    [[ " ${background[*]%%:*} " == *" $want "* ]] || die "wait_jobs: no job named $want"
+  done
   for job in "${background[@]}"; do
     name=${job%%:*}
-    pid=${job#*:}
-    pid=${pid%%:*}
     if [ "$#" -gt 0 ] && [[ " $* " != *" $name "* ]]; then
       rest+=("$job")
       continue
     fi
     ok=1
-    wait "$pid" || ok=0
+    wait "${job##*:}" || ok=0
     if [ "$show" = show ]; then
       log "output of $name, started beside:"
       cat "target/background/$name.log"
@@ -132,13 +134,19 @@ wait_jobs() {
   background=("${rest[@]}")
   [ "$failed" -eq 0 ] || exit 1
 }
+# On the way out of a failed run: builds and installs are stopped; a check running beside is
+# waited for (it cleans up after itself) and the end of its log printed.
 stop_background() {
-  local job pid
+  local job name
   for job in "${background[@]}"; do
-    pid=${job#*:}
+    name=${job%%:*}
     case $job in
-      *:build) kill "${pid%%:*}" 2>/dev/null || true ;;
-      *:check) wait "${pid%%:*}" 2>/dev/null || true ;;
+      *:build:*) kill "${job##*:}" 2>/dev/null || true ;;
+      *:check:*)
+        printf '==> waiting for %s, started beside\n' "$name" >&2
+        wait "${job##*:}" 2>/dev/null || true
+        tail -n 30 "target/background/$name.log" >&2
+        ;;
     esac
   done
 }
@@ -185,10 +193,12 @@ fi
 # 3. the browser, load and deployment checks, the Docker test beside them;
 # 4. the Rust tests, alone.
 # Background output goes to target/background/*.log, printed when a job fails.
+# The browser test's tools as the user who runs this (its `npm ci` writes browser/node_modules
+# in the checkout; apt-get, when something is missing, needs root as the browser test itself does).
 prepare_outside_tools() {
   scripts/check-deploy.sh --prepare
   as_root env "PATH=$PATH" scripts/docker-test.sh --prepare
-  as_root env "PATH=$PATH" scripts/browser-test.sh --prepare
+  scripts/browser-test.sh --prepare
 }
 in_background release-build cargo build --release --locked -p gateway -p loadtest
 in_background outside-tools bash -c "$(declare -f as_root die prepare_outside_tools); prepare_outside_tools"

@@ -12,18 +12,26 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 
+/// Refusals `list` takes before it fails: 10 s of pauses, under the 50 refusals in 10 s after
+/// which the gateway closes a connection (1008).
+const MAX_REFUSALS: u32 = 25;
+
 /// The whole list as `c` reads it with `members` commands (following the cursor), and the
 /// version of the last page. A command refused by `--max-control-rate` (5 a second, bursts of
-/// 10: polling loops on a slow machine reach it) is sent again after a pause, as a client does.
+/// 10: polling loops on a slow machine reach it) is sent again after a pause, as a client does,
+/// at most [`MAX_REFUSALS`] times.
 async fn list(c: &mut WsClient) -> (BTreeSet<String>, u64) {
     let mut subs = BTreeSet::new();
     let mut cursor = Value::Null;
+    let mut refusals = 0;
     loop {
         c.send_text(&json!({"type": "members", "cursor": cursor}).to_string())
             .await;
-        let page = members_reply(c).await;
+        let page = c.next_of_any(&["members", "error"]).await;
         if page["type"] == "error" {
             assert_eq!(page["code"], "rate_limited", "{page}");
+            refusals += 1;
+            assert!(refusals <= MAX_REFUSALS, "members refused {refusals} times");
             tokio::time::sleep(Duration::from_millis(400)).await;
             continue;
         }
@@ -37,20 +45,6 @@ async fn list(c: &mut WsClient) -> (BTreeSet<String>, u64) {
         cursor = page["cursor"].clone();
         if cursor.is_null() {
             return (subs, page["v"].as_u64().unwrap());
-        }
-    }
-}
-
-/// The answer to a `members` command: its page, or an `error` (other events skipped).
-async fn members_reply(c: &mut WsClient) -> Value {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let v = c
-            .next_json_within(deadline.saturating_duration_since(Instant::now()))
-            .await
-            .expect("an answer to members in time");
-        if v["type"] == "members" || v["type"] == "error" {
-            return v;
         }
     }
 }

@@ -18,8 +18,9 @@ pub const AUTO_BATCH_FROM: usize = 1_000;
 pub const AUTO_BATCH: usize = 16;
 /// Most members one goose user may carry: its tick scans them on each wake-up.
 pub const MAX_BATCH: usize = 1_024;
-/// Most worker threads `--threads` may ask for.
-pub const MAX_THREADS: usize = 256;
+/// Most worker threads `--threads` may ask for: a guard against a mistyped count, far above
+/// any machine's cores (0, the default, takes them all).
+pub const MAX_THREADS: usize = 4_096;
 
 /// Options of the live-rooms simulation. Every one has a `LOADTEST_…` environment variable too.
 #[derive(Debug, Clone, clap::Args)]
@@ -109,7 +110,8 @@ pub struct Options {
     )]
     pub members_per_user: usize,
 
-    /// Worker threads of the generator's runtime: 0, one per core. Several generators on one
+    /// Worker threads of the generator's runtime (at most 4 096): 0, one per core (or tokio's
+    /// TOKIO_WORKER_THREADS). Several generators on one
     /// machine (`--shard`, one per core) are cheapest with 1 each: a multi-threaded runtime
     /// wakes its idle threads for every burst of reads, ~15 % of the CPU per message at
     /// audience scale on two cores (docs/benchmarks.md, "The generator's own cost").
@@ -593,9 +595,15 @@ mod tests {
         assert_eq!(auto.batch_size(AUTO_BATCH_FROM - 1), 1);
         assert_eq!(auto.batch_size(AUTO_BATCH_FROM), AUTO_BATCH);
         assert_eq!(opts(&["--members-per-user", "3"]).batch_size(1), 3);
-        assert!(opts(&["--threads", "256"]).validate().is_ok());
-        let err = opts(&["--threads", "257"]).validate().unwrap_err();
-        assert!(err.contains("--threads 257"), "{err}");
+    }
+
+    #[test]
+    fn threads_are_bounded() {
+        let max = MAX_THREADS.to_string();
+        assert!(opts(&["--threads", &max]).validate().is_ok());
+        let over = (MAX_THREADS + 1).to_string();
+        let err = opts(&["--threads", &over]).validate().unwrap_err();
+        assert!(err.contains(&format!("--threads {over}")), "{err}");
     }
 
     #[test]

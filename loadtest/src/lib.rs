@@ -487,11 +487,10 @@ pub fn collect(shared: &Shared) -> Summary {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    // The runtime's worker threads (`--threads`): a generator can use at most this many cores.
+    // The runtime's worker threads (`--threads`).
     let threads = tokio::runtime::Handle::try_current()
         .map(|h| h.metrics().num_workers())
         .unwrap_or(cores);
-    let usable = threads.clamp(1, cores);
     let histograms = Histograms {
         latency_us: s.e2e.merged(),
         fanout_us: s.fanout.merged(),
@@ -527,13 +526,8 @@ pub fn collect(shared: &Shared) -> Summary {
             ));
         }
     }
-    if let Some(u) = usage {
-        if u.cpu_percent > 90.0 * usable as f64 {
-            reasons.push(format!(
-                "it used {:.0}% CPU of the {usable} core(s) its {threads} thread(s) can use",
-                u.cpu_percent
-            ));
-        }
+    if let Some(reason) = usage.and_then(|u| probe::cpu_saturated(u.cpu_percent, threads, cores)) {
+        reasons.push(reason);
     }
     let rooms = shared
         .plan

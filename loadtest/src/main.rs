@@ -83,11 +83,12 @@ fn main() -> ExitCode {
         ));
     }
     let cli = Cli::parse_from(args);
-    // `--threads` (0: one per core); an out-of-range value is refused by the run's checks.
+    // `--threads` (0: one per core). Out of range, the default runtime starts and the run's
+    // checks refuse the value (exit 2) before any connection — without spawning the threads.
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
-    if cli.options.threads > 0 {
-        runtime.worker_threads(cli.options.threads.min(loadtest::config::MAX_THREADS));
+    if (1..=loadtest::config::MAX_THREADS).contains(&cli.options.threads) {
+        runtime.worker_threads(cli.options.threads);
     }
     match runtime.build() {
         Ok(rt) => exit(rt.block_on(loadtest::run(cli.goose, cli.options))),

@@ -41,6 +41,17 @@ pub fn cpu_seconds() -> Option<f64> {
     Some((utime + stime) / 100.0)
 }
 
+/// Why the generator was its own bottleneck by CPU, if it was: over 90 % of the cores its
+/// `threads` worker threads can use (at most `cores`; one thread can use one core).
+pub fn cpu_saturated(cpu_percent: f64, threads: usize, cores: usize) -> Option<String> {
+    let usable = threads.clamp(1, cores.max(1));
+    (cpu_percent > 90.0 * usable as f64).then(|| {
+        format!(
+            "it used {cpu_percent:.0}% CPU of the {usable} core(s) its {threads} thread(s) can use"
+        )
+    })
+}
+
 /// A `kB` line of `/proc/self/status`, in MiB.
 fn status_mib(field: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -100,6 +111,19 @@ pub fn spawn(stats: Arc<Stats>, until: Instant) -> JoinHandle<Option<Usage>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_saturation_counts_the_cores_its_threads_can_use() {
+        // One thread on two cores: saturated at 90 % of one core, not of two.
+        let one = cpu_saturated(95.0, 1, 2).expect("one thread at 95 %");
+        assert!(one.contains("of the 1 core(s) its 1 thread(s)"), "{one}");
+        assert_eq!(cpu_saturated(85.0, 1, 2), None);
+        // One per core: 90 % of both.
+        assert_eq!(cpu_saturated(150.0, 2, 2), None);
+        assert!(cpu_saturated(185.0, 2, 2).is_some());
+        // More threads than cores use no more than the cores.
+        assert!(cpu_saturated(185.0, 8, 2).is_some());
+    }
 
     #[test]
     fn reads_its_own_process() {

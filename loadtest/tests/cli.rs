@@ -404,6 +404,7 @@ async fn invalid_option_combinations_exit_2() {
             "different secrets",
         ),
         (vec!["--users", "7"], "--users 7"),
+        (vec!["--threads", "4097"], "--threads 4097"),
     ] {
         let mut all = vec!["--target", &target];
         all.extend(args.iter().copied());

@@ -80,14 +80,19 @@ impl WsClient {
 
     /// The next event of `kind`, skipping others (presence, etc.).
     pub async fn next_of(&mut self, kind: &str) -> Value {
+        self.next_of_any(&[kind]).await
+    }
+
+    /// The next event of any of `kinds` (a command's answer or its `error`), skipping others.
+    pub async fn next_of_any(&mut self, kinds: &[&str]) -> Value {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let v = self
                 .next_json_within(left)
                 .await
-                .unwrap_or_else(|| panic!("no {kind} event in time"));
-            if v["type"] == kind {
+                .unwrap_or_else(|| panic!("no {} event in time", kinds.join(" or ")));
+            if kinds.iter().any(|k| v["type"] == *k) {
                 return v;
             }
         }
