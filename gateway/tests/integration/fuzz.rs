@@ -3,11 +3,9 @@
 //! classifier, the frame decoder over a real socket, and a live node fed garbage by many clients.
 //! Each asserts what must hold for every input, not only that nothing panics.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use gateway::wire::frame::{DecodeError, Decoder};
 use gateway::wire::protocol::{self, BrokerPayload, ClientCommand, RoomName};
 use serde_json::Value;

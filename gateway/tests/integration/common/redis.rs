@@ -255,15 +255,6 @@ impl RedisProcess {
     }
 }
 
-/// Waits until `127.0.0.1:port` accepts TCP connections.
-pub async fn wait_port(port: u16) {
-    let deadline = Instant::now() + WAIT;
-    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on port {port}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The common arguments of a throw-away loopback redis-server on `port`.
 pub fn redis_args(port: u16, extra: &[&str]) -> Vec<String> {
     let mut a: Vec<String> = [

@@ -6,12 +6,10 @@
 //! receiver ACCEPTED: every event exactly once, in order per room, signed. The delivery side
 //! alone (events appended by hand) is `webhooks.rs`'s.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 /// The accepted events, parsed, in arrival order.

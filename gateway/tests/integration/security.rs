@@ -4,12 +4,10 @@
 //! on the code before issue 20: the node started with the API open, or answered 200/202, or kept
 //! the connection open.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use gateway::Listeners;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};

@@ -1,8 +1,6 @@
 //! Refusals before the upgrade and on the HTTP API: room names, roles, names, API key, methods.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_room_role_or_name_is_refused_with_400_before_the_upgrade() {

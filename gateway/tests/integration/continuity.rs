@@ -2,13 +2,11 @@
 //! keys, the history API, and resuming after drops, drains, node kills and a Redis that lost
 //! everything — with real Redis, real nodes, and real gateway processes where a process must die.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
@@ -397,7 +395,7 @@ async fn the_documented_script_publishes_from_a_stock_client() {
     let mut conn = redis.connection().await.unwrap();
     let sha: String = redis::cmd("SCRIPT")
         .arg("LOAD")
-        .arg(include_str!("../src/broker/publish.lua"))
+        .arg(include_str!("../../src/broker/publish.lua"))
         .query_async(&mut conn)
         .await
         .unwrap();

@@ -16,12 +16,10 @@
 //! That a node really cut off still hands over is `redis_outage.rs`'s
 //! `a_node_without_redis_hands_its_clients_over_with_4002`.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 

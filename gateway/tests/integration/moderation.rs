@@ -3,11 +3,9 @@
 //! reserved, the in-process broker moderates a single node, and the control channel is
 //! subscribed again after a Redis restart.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 async fn api(node: &TestNode, method: &str, path: &str, body: Value) -> (u16, Value) {

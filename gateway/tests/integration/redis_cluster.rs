@@ -4,13 +4,11 @@
 //! publishes. Delivery must resume by itself, and no subscription may be lost — the cases other
 //! clients are known to get wrong (node-redis #2902 and #3311, ioredis #1987).
 
-mod common;
-
 use std::collections::HashMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use redis::Value;
 use serde_json::json;
 

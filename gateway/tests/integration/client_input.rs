@@ -1,11 +1,9 @@
 //! What a client may send, and what happens when it breaks the rules: error events that keep the
 //! connection, close codes that end it.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,12 +4,10 @@
 //! a real Redis Cluster (the scan goes shard after shard), and on the in-process broker; with the
 //! API key only.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 const KEY: &str = "rooms-api-key-123";

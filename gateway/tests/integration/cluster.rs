@@ -1,11 +1,9 @@
 //! Three gateway nodes on one real `redis-server`: fan-out across nodes from every publish source,
 //! subscription only where members are, and unsubscribe after the last member leaves.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,11 +1,9 @@
 //! Overload and bad input, each limit with its documented result: slow consumers, connection
 //! cap, publish rate, Origin allow-list, idle clients, oversized Redis payloads.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

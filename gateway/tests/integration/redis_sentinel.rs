@@ -4,13 +4,11 @@
 //! and a SIGKILL of the master — with no restart: cross-node delivery resumes within a measured
 //! bound, and `/readyz` is red while there is no master.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use redis::Value;
 
 const MASTER: &str = "mymaster";

@@ -2,11 +2,9 @@
 //! stay up, say they are not ready, keep local fan-out, refuse publishes clearly, and resume
 //! cross-node delivery by themselves after Redis returns.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use gateway::Config;
 use serde_json::json;
 
@@ -280,7 +278,7 @@ async fn a_node_without_redis_hands_its_clients_over_with_4002() {
 async fn a_redis_that_lost_its_scripts_gets_them_again_and_publishes_go_through() {
     let redis = RedisServer::start().await;
     let (n1, n2, mut a, mut b) = setup(&redis).await;
-    let sha = redis::Script::new(include_str!("../src/broker/publish.lua"))
+    let sha = redis::Script::new(include_str!("../../src/broker/publish.lua"))
         .get_hash()
         .to_string();
     let cached = || async {

@@ -7,14 +7,12 @@
 //! Each test checks what the receiver ACCEPTED (answered 2xx): each event exactly once, in
 //! order per room, signed with an HMAC the test computes itself.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use clap::Parser;
-use common::*;
 use gateway::metrics::Metrics;
 use gateway::node::Node;
 use gateway::wire::protocol::RoomName;

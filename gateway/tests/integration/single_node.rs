@@ -1,10 +1,8 @@
 //! One node with no Redis at all: the in-process broker serves rooms, chat and the HTTP API.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 // In process with the in-process broker and loopback sockets only, so on tokio's paused clock:

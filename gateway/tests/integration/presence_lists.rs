@@ -4,12 +4,10 @@
 //! `node_lost` within the documented bound, the `--list-max-members` bound and its hysteresis,
 //! rooms that do not list. The lifecycle events these lists produce are `lifecycle.rs`'s.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 /// Refusals `list` takes before it fails: 10 s of pauses, under the 50 refusals in 10 s after

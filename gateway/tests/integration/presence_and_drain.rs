@@ -2,11 +2,9 @@
 //! node that died, and a graceful drain on SIGTERM; and the production drain window's spacing,
 //! in process on tokio's paused clock.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 /// Reads presence events until one shows `hosts`/`viewers` (within `limit`).

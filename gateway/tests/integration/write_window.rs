@@ -6,12 +6,10 @@
 //! read), in order, none lost. The rule is `fanout/write_window.rs`'s; the last test checks it to
 //! the millisecond on tokio's paused clock, which the window's clock follows.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use gateway::fanout::write_window::{
     Batch, Offer, WriteWindow, BATCH_FROM, FLUSH_AT, MAX_PENDING, RATE_BUCKET,
 };

@@ -3,13 +3,11 @@
 //! certificate (the server requires one), deliver across nodes, and refuse a server whose
 //! certificate the CA did not sign.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 fn openssl(dir: &Path, args: &[&str]) {

@@ -4,12 +4,10 @@
 //! the code before: a room kept every large message its count allowed, a read returned as much
 //! as the outbox took (or, over HTTP, everything), and keys were shared by a room's publishers.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 /// A stream entry as `XRANGE` answers it: its id and its fields.
@@ -322,7 +320,7 @@ async fn resume_read(
     page: bool,
 ) -> Vec<redis::Value> {
     redis::cmd("EVAL")
-        .arg(include_str!("../src/broker/history.lua"))
+        .arg(include_str!("../../src/broker/history.lua"))
         .arg(2)
         .arg("gw:room:{deep}:meta")
         .arg("gw:room:{deep}:hist")

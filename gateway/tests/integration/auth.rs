@@ -3,13 +3,11 @@
 //! refresh and expiry on the open socket; anonymous viewers; tokens never reach the logs.
 //! Kick and ban live in `moderation.rs`.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -1,5 +1,5 @@
-//! Test harness shared by every integration test binary. Everything talks to real processes and
-//! sockets on loopback; nothing is mocked.
+//! Test harness shared by every module of the integration tests. Everything talks to real
+//! processes and sockets on loopback; nothing is mocked.
 //!
 //! - `redis`: one launcher for every `redis-server` topology (single, Sentinel, Cluster, TLS).
 //! - `node`: gateway nodes in this process (`TestNode`, `TestCluster`) or as child processes.
@@ -10,11 +10,9 @@
 //! - `topology`: a Redis Cluster and a Sentinel set-up, built from `redis`'s launcher.
 //! - `webhook`: a webhook receiver (real HTTP server) with a failure plan, the expected signature.
 //!
-//! Each binary imports `common::*`. Imports point one way: `node` uses `redis`, `ws` and `http`;
-//! `resume` uses `ws`; `topology` uses `redis`; `redis`, `ws` and `http` use only this file (`WAIT`, `free_port`).
-
-#![allow(dead_code)] // each test binary uses a different part of the harness
-#![allow(unused_imports)] // … and so of the re-exports below
+//! Each test module imports `crate::common::*`. Imports point one way: `node` uses `redis`, `ws`
+//! and `http`; `resume` uses `ws`; `topology` uses `redis`; `redis`, `ws` and `http` use only this
+//! file (`WAIT`, `free_port`). One binary uses all of it: what no test uses is a warning.
 
 mod auth;
 mod http;
