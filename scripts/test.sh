@@ -152,10 +152,21 @@ stop_background() {
 }
 trap stop_background EXIT
 
-# The Rust tests: every test in its own process, all binaries side by side (.config/nextest.toml:
-# four at a time, the real-Redis failover tier at most two at a time); plain cargo test where
-# nextest is missing.
+# The Rust tests: every test in its own process, six at a time (.config/nextest.toml: the
+# real-Redis failover tier at most three at a time, and first); plain cargo test where nextest is
+# missing.
 have_nextest() { cargo nextest --version >/dev/null 2>&1; }
+# Clippy's lints in the test build itself: clippy-driver compiles the workspace's crates (what
+# `cargo clippy` does with `cargo check`: the same wrapper, the same lints, `-D warnings`), so the
+# dependencies are built once for the lints and the tests instead of once checked and once built
+# (`cargo clippy --workspace --all-targets` was ~220 CPU-s of a fresh CI run on two cores). The
+# test build covers the same targets as `--all-targets` (libraries, binaries, tests, examples;
+# the workspace has no benches). The tests run with the same variables, so nothing is rebuilt.
+export_lints() {
+  export RUSTC_WORKSPACE_WRAPPER
+  RUSTC_WORKSPACE_WRAPPER="$(rustc --print sysroot)/bin/clippy-driver"
+  export CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__"
+}
 build_tests() {
   if have_nextest; then
     cargo nextest run --workspace --no-run
@@ -186,12 +197,13 @@ fi
 
 # The order keeps both cores busy on a 2-core machine, and the checks that measure time away from
 # any compiler at normal priority:
-# 1. clippy, with the release build and the outside tools beside it at normal priority (the
-#    release binaries are what the load, browser and deployment checks wait for; the tools are
-#    downloads and unpacking: the deployment checks' tools, the Docker test's Debian root
-#    filesystems, Chromium and the page's npm packages, so that no check calls apt-get later);
-# 2. the test build at the lowest priority, in the time the checks below leave idle (they
-#    mostly wait on sockets, timers and faults they inject);
+# 1. the release build and the outside tools at normal priority (the release binaries are what
+#    the load, browser and deployment checks wait for; the tools are downloads and unpacking: the
+#    deployment checks' tools, the Docker test's Debian root filesystems, Chromium and the page's
+#    npm packages, so that no check calls apt-get later);
+# 2. beside them from the start, the test build with clippy's lints (above) at the lowest
+#    priority: it takes what the release build leaves, then the time the checks below leave idle
+#    (they mostly wait on sockets, timers and faults they inject);
 # 3. the smoke test alone; then the Docker test (~3 minutes, mostly waiting on its engine and
 #    the faults it injects) beside the browser, TLS, shards and deployment checks and, once they
 #    are done, the Rust tests; then the 20 000-viewer run alone.
@@ -205,11 +217,8 @@ prepare_outside_tools() {
 }
 in_background release-build cargo build --release --locked -p gateway -p loadtest
 in_background outside-tools bash -c "$(declare -f as_root die prepare_outside_tools); prepare_outside_tools"
-
-log "cargo clippy --workspace --all-targets -- -D warnings"
-cargo clippy --workspace --all-targets -- -D warnings
-
-in_background --low test-build bash -c "$(declare -f have_nextest build_tests); build_tests"
+in_background --low test-build bash -c \
+  "$(declare -f have_nextest export_lints build_tests); export_lints; build_tests"
 wait_jobs quiet release-build outside-tools
 
 # The load tests below run the generator on the same two cores as the gateways, HAProxy and
@@ -249,8 +258,13 @@ wait_jobs show shards
 # sockets, timers and real Redis failovers; the Docker test on a partition and a Redis pause under
 # a light load). At niceness 5, so that the Docker test's load generator, judged on its own timer
 # lag, comes first when both want a core.
+log "waiting for the test build (with clippy's lints, -D warnings)"
 wait_jobs quiet test-build
-rust_tests 5
+# In a subshell: the release builds of the checks after must not see clippy-driver.
+(
+  export_lints
+  rust_tests 5
+)
 wait_jobs show docker
 
 # Audience scale, CI-sized (issue 23; the 100 000-viewer runs are in docs/benchmarks.md): one room

@@ -51,6 +51,28 @@ struct State {
     beaten: bool,
 }
 
+/// Reports, with zero counts, a room about to be withdrawn (or not reported) whose roster write
+/// still has members of this node: they joined after the hub's snapshot of this tick, so the
+/// snapshot did not count them but the roster write that follows it has their joins. Withdrawn
+/// there, the room's `member.joined` would be appended before its `room.occupied` (which came at
+/// the next tick), against the order section 12.6 of docs/protocol.md promises; reported, the
+/// script appends `room.occupied` first, and the next tick's snapshot has their counts. A write
+/// whose members all left again (count 0) leaves the room withdrawn: its `member.left` events go
+/// in the same script, before `room.vacated`.
+fn report_written_members(
+    counts: &mut [(RoomName, Option<RoomCounts>)],
+    writes: &HashMap<RoomName, Write>,
+) {
+    for (room, c) in counts.iter_mut() {
+        let present = writes
+            .get(room)
+            .is_some_and(|w| w.changes.iter().any(|change| change.count > 0));
+        if c.is_none() && present {
+            *c = Some(RoomCounts::default());
+        }
+    }
+}
+
 /// Runs the presence timer until the node stops, then withdraws this node's reports and members.
 pub async fn run(node: Arc<Node>) {
     let mut tick = tokio::time::interval(node.config.presence_interval);
@@ -113,6 +135,9 @@ async fn once(node: &Node, state: &mut State, last: bool) -> Result<(), BrokerEr
     let counted: HashSet<RoomName> = counts.iter().map(|(r, _)| r.clone()).collect();
     for room in writes.keys().filter(|r| !counted.contains(*r)) {
         counts.push((room.clone(), None));
+    }
+    if !last {
+        report_written_members(&mut counts, &writes);
     }
     // Registry first: a room joins this instance's room set before its first write.
     let fresh: Vec<RoomName> = counts
@@ -332,5 +357,67 @@ async fn spread(node: &Node, sends: Vec<Frame>) {
         node.metrics
             .dropped(DropReason::SlowConsumer)
             .increment(dropped);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::roster::{Change, Member};
+
+    fn write(room: &RoomName, counts: &[u32]) -> Write {
+        Write {
+            room: room.clone(),
+            last_seen: None,
+            changes: counts
+                .iter()
+                .enumerate()
+                .map(|(i, &count)| Change {
+                    member: Member {
+                        sub: format!("m{i}"),
+                        name: None,
+                        role: "viewer".into(),
+                    },
+                    count,
+                    reason: "client_closed",
+                })
+                .collect(),
+        }
+    }
+
+    /// The race the in-process lifecycle test hit once in ~60 runs under load: a member joined
+    /// between the hub's snapshot and the roster's writes, and the room went with no counts, so
+    /// its `member.joined` came before `room.occupied`.
+    #[test]
+    fn a_room_whose_write_has_members_is_reported_not_withdrawn() {
+        let room = |s: &str| RoomName::parse(s).unwrap();
+        let three = RoomCounts {
+            hosts: 1,
+            viewers: 2,
+        };
+        let mut counts = vec![
+            (room("joined-after-snapshot"), None),
+            (room("came-and-went"), None),
+            (room("emptied-long-ago"), None),
+            (room("counted"), Some(three)),
+        ];
+        let writes: HashMap<RoomName, Write> = [
+            write(&room("joined-after-snapshot"), &[1]),
+            write(&room("came-and-went"), &[0, 0]),
+            write(&room("counted"), &[1]),
+        ]
+        .into_iter()
+        .map(|w| (w.room.clone(), w))
+        .collect();
+        report_written_members(&mut counts, &writes);
+        assert_eq!(
+            counts,
+            vec![
+                (room("joined-after-snapshot"), Some(RoomCounts::default())),
+                (room("came-and-went"), None),
+                (room("emptied-long-ago"), None),
+                (room("counted"), Some(three)),
+            ]
+        );
     }
 }
