@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The one command that checks the workspace: installs what the tests need on Debian (redis-server,
 # with apt-get, when it is missing), then formatting, lints and every test: the browser tests, the
-# load tests (smoke, TLS, shards, a 20 000-viewer room), the deployment checks and the containers
-# for real (image, compose cluster, load and faults in Docker), and the Rust unit and integration
-# tests last (the order that keeps two cores busy: see "The order" below).
+# load tests (smoke, TLS, shards, a 20 000-viewer room), the deployment checks, the containers for
+# real (image, compose cluster, load and faults in Docker) and the Rust unit and integration tests
+# (the order that keeps two cores busy: see "The order" below).
 # `scripts/test.sh --rust-only` runs only clippy and the Rust tests (the quick loop while coding).
 #
 # Run it from anywhere, as root or as a user with sudo. The integration tests start their own

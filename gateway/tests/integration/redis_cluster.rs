@@ -4,176 +4,11 @@
 //! publishes. Delivery must resume by itself, and no subscription may be lost — the cases other
 //! clients are known to get wrong (node-redis #2902 and #3311, ioredis #1987).
 
-use std::collections::HashMap;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
 use redis::Value;
 use serde_json::json;
-
-/// A port whose cluster bus port (+10000) is free too.
-fn cluster_port() -> u16 {
-    loop {
-        let p = fastrand::u16(20000..40000);
-        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
-        if free(p) && free(p + 10000) {
-            return p;
-        }
-    }
-}
-
-struct Cluster {
-    nodes: Vec<RedisProcess>,
-    dir: std::path::PathBuf,
-}
-
-impl Cluster {
-    async fn start() -> Self {
-        let dir = scratch_dir("cluster");
-        let mut nodes = Vec::new();
-        for _ in 0..6 {
-            let port = cluster_port();
-            let conf = format!("nodes-{port}.conf");
-            let args = redis_args(
-                port,
-                &[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    &conf,
-                    "--cluster-node-timeout",
-                    "1000",
-                    "--repl-diskless-sync-delay",
-                    "0",
-                    "--dir",
-                    dir.to_str().unwrap(),
-                ],
-            );
-            nodes.push(RedisProcess::start(port, args).await);
-        }
-        let addrs: Vec<String> = nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
-            .collect();
-        let out = Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
-            .args(&addrs)
-            .args(["--cluster-replicas", "1", "--cluster-yes"])
-            .output()
-            .expect("redis-cli must be installed (scripts/test.sh installs redis-tools)");
-        assert!(
-            out.status.success(),
-            "cluster create: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        let c = Self { nodes, dir };
-        c.wait_ok().await;
-        c
-    }
-
-    async fn wait_ok(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        'outer: loop {
-            assert!(Instant::now() < deadline, "cluster never became ok");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            for n in self.nodes.iter().filter(|n| n.running()) {
-                match redis_at(n.port, &["CLUSTER", "INFO"]).await {
-                    Ok(v) if text(&v).contains("cluster_state:ok") => {}
-                    _ => continue 'outer,
-                }
-                // A replica that never synced cannot take over: wait for every link.
-                match redis_at(n.port, &["INFO", "replication"]).await {
-                    Ok(v) if text(&v).contains("role:master") => {}
-                    Ok(v) if text(&v).contains("master_link_status:up") => {}
-                    _ => continue 'outer,
-                }
-            }
-            return;
-        }
-    }
-
-    fn url(&self) -> String {
-        format!(
-            "redis+cluster://127.0.0.1:{},127.0.0.1:{}",
-            self.nodes[0].port, self.nodes[1].port
-        )
-    }
-
-    fn any_port(&self) -> u16 {
-        self.nodes.iter().find(|n| n.running()).unwrap().port
-    }
-
-    /// (port, node id) of the master owning `slot`.
-    async fn master_of(&self, slot: u16) -> (u16, String) {
-        let slots = redis_at(self.any_port(), &["CLUSTER", "SLOTS"])
-            .await
-            .unwrap();
-        let Value::Array(entries) = slots else {
-            panic!()
-        };
-        for e in entries {
-            let Value::Array(f) = e else { continue };
-            let (Value::Int(a), Value::Int(b), Value::Array(m)) = (&f[0], &f[1], &f[2]) else {
-                continue;
-            };
-            if (*a as u16..=*b as u16).contains(&slot) {
-                let Value::Int(port) = m[1] else { panic!() };
-                return (port as u16, text(&m[2]));
-            }
-        }
-        panic!("slot {slot} unowned")
-    }
-
-    fn kill_port(&mut self, port: u16) {
-        self.nodes
-            .iter_mut()
-            .find(|n| n.port == port)
-            .unwrap()
-            .kill();
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for n in &mut self.nodes {
-            n.kill();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn text(v: &Value) -> String {
-    match v {
-        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-        Value::SimpleString(s) | Value::VerbatimString { text: s, .. } => s.clone(),
-        other => format!("{other:?}"),
-    }
-}
-
-fn slot(room: &str) -> u16 {
-    crc16::State::<crc16::XMODEM>::calculate(room.as_bytes()) % 16384
-}
-
-/// Two rooms per shard (shards split the slots in thirds after `--cluster create`).
-fn rooms_on_every_shard() -> Vec<String> {
-    let mut per_third: HashMap<u16, Vec<String>> = HashMap::new();
-    for i in 0.. {
-        let r = format!("room-{i}");
-        let third = slot(&r) / 5462;
-        let v = per_third.entry(third).or_default();
-        if v.len() < 2 {
-            v.push(r);
-        }
-        if per_third.values().map(Vec::len).sum::<usize>() == 6 {
-            break;
-        }
-    }
-    let mut rooms: Vec<String> = per_third.into_values().flatten().collect();
-    rooms.sort();
-    rooms
-}
 
 async fn shard_numsub(port: u16, channel: &str) -> i64 {
     match redis_at(port, &["PUBSUB", "SHARDNUMSUB", channel]).await {
@@ -192,7 +27,7 @@ struct Room {
 }
 
 /// Three nodes on the cluster; `probe` overrides the Redis probe interval.
-async fn start_nodes(cluster: &Cluster, probe: Option<Duration>) -> Vec<TestNode> {
+async fn start_nodes(cluster: &ClusterTopology, probe: Option<Duration>) -> Vec<TestNode> {
     let mut nodes = Vec::new();
     for i in 1..=3 {
         let mut config = test_config_url(
@@ -233,9 +68,9 @@ async fn join_rooms(nodes: &[TestNode], names: &[String]) -> Vec<Room> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_fails_over_and_delivery_resumes() {
-    let mut cluster = Cluster::start().await;
+    let mut cluster = ClusterTopology::start_requiring_full_coverage().await;
     let nodes = start_nodes(&cluster, None).await;
-    let names = rooms_on_every_shard();
+    let names = rooms_per_shard(2);
     let mut rooms = join_rooms(&nodes, &names).await;
     for n in &nodes {
         assert_eq!(n.metric("gateway_redis_shards").await, 3.0);
@@ -247,7 +82,7 @@ async fn a_master_fails_over_and_delivery_resumes() {
     }
     // Every room's channel is subscribed once per node that has members, on its shard.
     for r in &rooms {
-        let (port, _) = cluster.master_of(slot(&r.name)).await;
+        let port = cluster.master_of(room_slot(&r.name)).await;
         assert_eq!(
             shard_numsub(port, &format!("gw:room:{{{}}}", r.name)).await,
             2
@@ -255,7 +90,7 @@ async fn a_master_fails_over_and_delivery_resumes() {
     }
 
     let victim_room = 0;
-    let (victim, _) = cluster.master_of(slot(&rooms[victim_room].name)).await;
+    let victim = cluster.master_of(room_slot(&rooms[victim_room].name)).await;
     let killed = Instant::now();
     cluster.kill_port(victim);
     eventually("/readyz red while a shard is down", || async {
@@ -292,7 +127,7 @@ async fn a_master_fails_over_and_delivery_resumes() {
 }
 
 /// Moves `slot` from master `from` to master `to` the way `redis-cli --cluster reshard` does.
-async fn move_slot(cluster: &Cluster, slot: u16, from: (u16, String), to: (u16, String)) {
+async fn move_slot(cluster: &ClusterTopology, slot: u16, from: (u16, String), to: (u16, String)) {
     let s = slot.to_string();
     redis_at(to.0, &["CLUSTER", "SETSLOT", &s, "IMPORTING", &from.1])
         .await
@@ -308,7 +143,7 @@ async fn move_slot(cluster: &Cluster, slot: u16, from: (u16, String), to: (u16, 
         if keys.is_empty() {
             break;
         }
-        let keys: Vec<String> = keys.iter().map(text).collect();
+        let keys: Vec<String> = keys.iter().map(value_text).collect();
         let port = to.0.to_string();
         let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
         args.extend(keys.iter().map(String::as_str));
@@ -326,21 +161,21 @@ async fn move_slot(cluster: &Cluster, slot: u16, from: (u16, String), to: (u16, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_moves_under_a_publishing_host_and_no_subscription_is_lost() {
-    let cluster = Cluster::start().await;
+    let cluster = ClusterTopology::start_requiring_full_coverage().await;
     // A probe far beyond the test's bounds: only the server's SUNSUBSCRIBE can tell the nodes
     // that the slot moved, so this tests that path (the probe would also repair it, later).
     let nodes = start_nodes(&cluster, Some(Duration::from_secs(60))).await;
-    let names = rooms_on_every_shard();
+    let names = rooms_per_shard(2);
     let mut rooms = join_rooms(&nodes, &names).await;
     let moving = rooms.remove(0);
     let channel = format!("gw:room:{{{}}}", moving.name);
-    let slot = slot(&moving.name);
-    let from = cluster.master_of(slot).await;
+    let slot = room_slot(&moving.name);
+    let from = cluster.master_entry(slot).await;
     let to = {
         // Any other master.
         let mut to = None;
         for r in &rooms {
-            let m = cluster.master_of(self::slot(&r.name)).await;
+            let m = cluster.master_entry(room_slot(&r.name)).await;
             if m.0 != from.0 {
                 to = Some(m);
                 break;
@@ -432,7 +267,7 @@ async fn a_slot_moves_under_a_publishing_host_and_no_subscription_is_lost() {
 /// (`gw:room:{_control}`, one fixed slot).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_resume_and_moderation_work_on_a_cluster() {
-    let cluster = Cluster::start().await;
+    let cluster = ClusterTopology::start_requiring_full_coverage().await;
     let mut nodes = Vec::new();
     for i in 1..=3 {
         let config = test_config_url(
@@ -443,7 +278,7 @@ async fn history_resume_and_moderation_work_on_a_cluster() {
         nodes.push(TestNode::start(config).await);
     }
     let auth = ("Authorization", "Bearer cluster-key-1");
-    for name in rooms_on_every_shard() {
+    for name in rooms_per_shard(2) {
         let mut host = nodes[0].join(&name, "host", "h").await;
         let mut viewer = nodes[1].join(&name, "viewer", "v").await;
         for i in 1..=3 {

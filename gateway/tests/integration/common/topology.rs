@@ -3,8 +3,7 @@
 //! Sentinel set-up ([`SentinelTopology`]: a master, a replica, three sentinels with
 //! `down-after-milliseconds` 1000). Every process on loopback, killed on drop.
 //!
-//! Not here: gateway nodes (`node`). (`redis_cluster.rs` and `redis_sentinel.rs` still carry
-//! their own copies of these two, from before this file.)
+//! Not here: gateway nodes (`node`).
 
 use std::collections::HashMap;
 use std::process::Command;
@@ -66,7 +65,19 @@ pub struct ClusterTopology {
 }
 
 impl ClusterTopology {
+    /// With `cluster-require-full-coverage no`: the healthy shards keep serving while one shard
+    /// has no master (what docs/operations.md recommends).
     pub async fn start() -> Self {
+        Self::launch(false).await
+    }
+
+    /// With Redis's default `cluster-require-full-coverage yes`: while one shard has no master,
+    /// every shard answers CLUSTERDOWN (the harsher case `redis_cluster.rs` recovers from).
+    pub async fn start_requiring_full_coverage() -> Self {
+        Self::launch(true).await
+    }
+
+    async fn launch(full_coverage: bool) -> Self {
         let dir = scratch_dir("cluster");
         let mut nodes = Vec::new();
         for _ in 0..6 {
@@ -81,11 +92,8 @@ impl ClusterTopology {
                     &conf,
                     "--cluster-node-timeout",
                     "1000",
-                    // Healthy shards keep serving while one shard's slots have no master (the
-                    // default `yes` answers CLUSTERDOWN on every shard until the failover ends);
-                    // docs/operations.md recommends it.
                     "--cluster-require-full-coverage",
-                    "no",
+                    if full_coverage { "yes" } else { "no" },
                     "--repl-diskless-sync-delay",
                     "0",
                     "--dir",
@@ -146,6 +154,11 @@ impl ClusterTopology {
 
     /// The port of the master that owns `slot`.
     pub async fn master_of(&self, slot: u16) -> u16 {
+        self.master_entry(slot).await.0
+    }
+
+    /// The port and node id of the master that owns `slot`.
+    pub async fn master_entry(&self, slot: u16) -> (u16, String) {
         let port = self.nodes.iter().find(|n| n.running()).unwrap().port;
         let Value::Array(entries) = redis_at(port, &["CLUSTER", "SLOTS"]).await.unwrap() else {
             panic!("CLUSTER SLOTS")
@@ -157,7 +170,7 @@ impl ClusterTopology {
             };
             if (*a as u16..=*b as u16).contains(&slot) {
                 let Value::Int(port) = m[1] else { panic!() };
-                return port as u16;
+                return (port as u16, value_text(&m[2]));
             }
         }
         panic!("slot {slot} unowned")
@@ -248,7 +261,7 @@ impl SentinelTopology {
     }
 
     /// Until the replica is in sync and every sentinel knows the replica and the other two.
-    async fn wait_settled(&self) {
+    pub async fn wait_settled(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         'outer: loop {
             assert!(Instant::now() < deadline, "sentinels never settled");
