@@ -12,6 +12,7 @@
 //! operation under it is a map lookup or a non-blocking queue push.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
@@ -32,6 +33,11 @@ struct Room {
     members: HashMap<u64, Member>,
     hosts: u64,
     viewers: u64,
+    /// The room's latest presence frame, for members with a presence rider due
+    /// ([`crate::fanout::outbox::Rider`]).
+    presence_rider: Option<Bytes>,
+    /// When the room's last fan-out ran ([`crate::wire::clock::monotonic_millis`]; 0: never).
+    last_fanout_ms: AtomicU64,
 }
 
 /// What one fan-out did, in deliveries (one message to one member).
@@ -46,6 +52,10 @@ pub struct Fanout {
     /// Deliveries dropped because an outbox was full (those members are being closed as slow
     /// consumers).
     pub dropped: usize,
+    /// Riders (presence events, pings) that went out or were queued with the messages.
+    pub riders: usize,
+    /// Of those, presence events the sockets took at once.
+    pub presence_written: usize,
 }
 
 /// The local rooms of one node.
@@ -176,14 +186,39 @@ impl Hub {
         let mut out = Fanout::default();
         if let Some(r) = rooms.get(room) {
             out.members = r.members.len();
+            // 0 means never: a fan-out in the clock's first millisecond counts as at 1.
+            r.last_fanout_ms.store(
+                crate::wire::clock::monotonic_millis().max(1),
+                Ordering::Relaxed,
+            );
+            let presence = r.presence_rider.as_ref();
             for m in r.members.values() {
-                let p = m.outbox.push_messages(msgs, direct);
+                let p = m.outbox.push_messages(msgs, direct, presence);
                 out.written += p.written;
                 out.queued += p.queued;
                 out.dropped += p.dropped;
+                out.riders += p.riders;
+                out.presence_written += p.presence_written;
             }
         }
         out
+    }
+
+    /// Sets the presence frame that members of `room` with a presence rider due get with their
+    /// next message (see [`crate::fanout::outbox::Rider`]).
+    pub fn set_presence_rider(&self, room: &RoomName, frame: Bytes) {
+        let mut rooms = self.rooms.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = rooms.get_mut(room) {
+            r.presence_rider = Some(frame);
+        }
+    }
+
+    /// Whether `room` had a fan-out within the last `within_ms` before `now_ms` (on
+    /// [`crate::wire::clock::monotonic_millis`]'s clock): a room whose members' riders are
+    /// likely to go out with a message soon.
+    pub fn is_busy(&self, room: &RoomName, now_ms: u64, within_ms: u64) -> bool {
+        let rooms = self.rooms.read().unwrap_or_else(|e| e.into_inner());
+        rooms.get(room).is_some_and(|r| busy(r, now_ms, within_ms))
     }
 
     /// The outboxes of `room`'s local members (a snapshot; cheap `Arc` clones).
@@ -197,18 +232,65 @@ impl Hub {
 
     /// Calls `f` with every local member's outbox (under the read lock: `f` must not block).
     pub fn for_each_outbox(&self, mut f: impl FnMut(&Arc<Outbox>)) {
+        self.for_each_outbox_busy(0, 0, |o, _| f(o));
+    }
+
+    /// Calls `f` with every local member's outbox and whether its room had a fan-out within the
+    /// last `within_ms` before `now_ms` (see [`Hub::is_busy`]); under the read lock: `f` must not
+    /// block.
+    pub fn for_each_outbox_busy(
+        &self,
+        now_ms: u64,
+        within_ms: u64,
+        mut f: impl FnMut(&Arc<Outbox>, bool),
+    ) {
         let rooms = self.rooms.read().unwrap_or_else(|e| e.into_inner());
         for r in rooms.values() {
+            let busy = busy(r, now_ms, within_ms);
             for m in r.members.values() {
-                f(&m.outbox);
+                f(&m.outbox, busy);
             }
         }
     }
 }
 
+fn busy(room: &Room, now_ms: u64, within_ms: u64) -> bool {
+    let last = room.last_fanout_ms.load(Ordering::Relaxed);
+    last > 0 && now_ms.saturating_sub(last) <= within_ms
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fanout::outbox::{Outgoing, Rider};
+
+    #[tokio::test]
+    async fn a_fanout_marks_the_room_busy_and_takes_the_rooms_presence_rider_along() {
+        let hub = hub();
+        let room = RoomName::parse("r").unwrap();
+        let (a, mut ra) = Outbox::new(8, 1024);
+        let a = Arc::new(a);
+        hub.join(&room, 1, Role::Viewer, a.clone(), || {});
+        let now = crate::wire::clock::monotonic_millis();
+        assert!(!hub.is_busy(&room, now, 500), "no fan-out yet");
+        let presence = Bytes::from_static(b"presence");
+        hub.set_presence_rider(&room, presence.clone());
+        assert!(a.defer(Rider::Presence));
+        let out = hub.fanout(&room, &[(Bytes::from_static(b"m"), None)], true);
+        assert_eq!((out.queued, out.riders), (1, 1));
+        let now = crate::wire::clock::monotonic_millis();
+        assert!(hub.is_busy(&room, now, 500));
+        assert!(!hub.is_busy(&room, now + 600, 500));
+        let mut busy = Vec::new();
+        hub.for_each_outbox_busy(now + 600, 1000, |_, b| busy.push(b));
+        assert_eq!(busy, [true]);
+        let mut batch = Vec::new();
+        ra.recv_batch(&a, &mut batch, 8).await;
+        match &batch[0] {
+            Outgoing::Framed(b, true) => assert_eq!(b.as_ptr(), presence.as_ptr()),
+            other => panic!("{other:?}"),
+        }
+    }
 
     fn hub() -> Hub {
         Hub::new()
@@ -259,7 +341,8 @@ mod tests {
                 members: 2,
                 written: 0,
                 queued: 1,
-                dropped: 1
+                dropped: 1,
+                ..Default::default()
             }
         );
         assert!(b.is_closing());

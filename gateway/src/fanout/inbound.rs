@@ -363,7 +363,11 @@ impl Inbound {
             }
             m.fanout_recipients.record(out.members as f64);
         }
-        m.delivered.increment(out.written as u64);
+        m.delivered
+            .increment((out.written + out.presence_written) as u64);
+        if out.riders > 0 {
+            m.riders.increment(out.riders as u64);
+        }
     }
 }
 

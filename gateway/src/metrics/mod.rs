@@ -85,6 +85,8 @@ pub struct Metrics {
     pub delivered: Counter,
     /// See [`PRESENCE_UNCHANGED`].
     pub presence_unchanged: Counter,
+    /// See [`RIDERS`].
+    pub riders: Counter,
     /// See [`LIST_MEMBERS`].
     list_members: Gauge,
     /// See [`LIST_OVERFLOW`].
@@ -274,6 +276,7 @@ impl Metrics {
                 .map(|s| counter(MESSAGES_PUBLISHED, &[("source", s.label())])),
             delivered: counter(MESSAGES_DELIVERED, &[]),
             presence_unchanged: counter(PRESENCE_UNCHANGED, &[]),
+            riders: counter(RIDERS, &[]),
             list_members: gauge(LIST_MEMBERS, &[]),
             list_overflow: counter(LIST_OVERFLOW, &[]),
             members_diffs: counter(MEMBERS_DIFFS, &[]),
@@ -544,6 +547,11 @@ fn describe(r: &PrometheusRecorder) {
         PRESENCE_UNCHANGED,
         None,
         "Presence events not sent: the member already had the room's counts.",
+    );
+    d(
+        RIDERS,
+        None,
+        "Presence events and pings sent in the same write as a room message.",
     );
     d(
         LIST_MEMBERS,

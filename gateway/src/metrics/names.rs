@@ -20,6 +20,10 @@ pub const MESSAGES_DELIVERED: &str = "gateway_messages_delivered_total";
 /// `presence` events the presence timer did not send because the member already had those
 /// counts (the room's counts did not change since).
 pub const PRESENCE_UNCHANGED: &str = "gateway_presence_unchanged_total";
+/// `presence` events and keepalive Pings that went out in the same write as a member's next room
+/// message (or were queued with it) instead of in a write of their own (riders, see
+/// `fanout/outbox/rider.rs`).
+pub const RIDERS: &str = "gateway_riders_total";
 /// Entries this node lists across its listing rooms (member lists, docs/protocol.md), read at
 /// scrape time; an entry whose member left stays until the next tick has written the leave.
 pub const LIST_MEMBERS: &str = "gateway_list_members";

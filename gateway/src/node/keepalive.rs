@@ -5,13 +5,15 @@
 //!
 //! One node-wide timer instead of one per session: an idle session owns no timer, which keeps a
 //! quiet viewer's memory small, and a ping round costs one queue push per session, spread over
-//! a short window ([`crate::node::pacing`]) rather than all at once.
+//! a short window ([`crate::node::pacing`]) rather than all at once. A member of a room that had
+//! a fan-out within the last half window gets its Ping with its next room message, in the same
+//! write ([`Rider::Ping`]); those still due half a window after the round get it on its own.
 
 use std::sync::Arc;
 
 use tracing::debug;
 
-use crate::fanout::outbox::Outgoing;
+use crate::fanout::outbox::{Outgoing, Rider};
 use crate::node::pacing;
 use crate::node::Node;
 use crate::wire::close::CloseReason;
@@ -27,14 +29,20 @@ pub async fn run(node: Arc<Node>) {
             _ = node.stopping().cancelled() => return,
             _ = tick.tick() => {
                 let now = crate::wire::clock::monotonic_millis();
-                let mut sessions = Vec::new();
-                node.hub.for_each_outbox(|o| sessions.push(o.clone()));
-                let mut closed = 0usize;
                 let window = pacing::window(every);
-                pacing::in_slices(&sessions, window, node.stopping(), |outbox| {
+                let ride = window / 2;
+                let mut sessions = Vec::new();
+                node.hub.for_each_outbox_busy(now, ride.as_millis() as u64, |o, busy| {
+                    sessions.push((o.clone(), busy))
+                });
+                let mut closed = 0usize;
+                let mut riding = Vec::new();
+                pacing::in_slices(&sessions, window, node.stopping(), |(outbox, busy)| {
                     if outbox.silent_for_ms(now) >= idle_ms {
                         outbox.close(CloseReason::IdleTimeout);
                         closed += 1;
+                    } else if *busy && outbox.defer(Rider::Ping) {
+                        riding.push(outbox.clone());
                     } else {
                         let _ = outbox.push_item(Outgoing::Ping);
                     }
@@ -42,6 +50,20 @@ pub async fn run(node: Arc<Node>) {
                 .await;
                 if closed > 0 {
                     debug!(sessions = sessions.len(), closed, "keepalive round");
+                }
+                drop(sessions);
+                if !riding.is_empty() {
+                    // The pings that did not ride with a message meanwhile go out on their own.
+                    tokio::select! {
+                        _ = node.stopping().cancelled() => return,
+                        _ = tokio::time::sleep(ride) => {}
+                    }
+                    pacing::in_slices(&riding, ride, node.stopping(), |outbox| {
+                        if outbox.take_due(Rider::Ping) {
+                            let _ = outbox.push_item(Outgoing::Ping);
+                        }
+                    })
+                    .await;
                 }
             }
         }

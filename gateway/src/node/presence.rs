@@ -17,7 +17,10 @@
 //! three intervals and one tick of the death.
 //!
 //! The frames of one round go out in slices of 500 members spread over a quarter of the interval
-//! (at most 1 s), not in one burst: a change shows on every member within 1¼ intervals.
+//! (at most 1 s), not in one burst: a change shows on every member within 1¼ intervals. In a room
+//! that had a fan-out within the last half of that window, the frame rides with each member's
+//! next message instead ([`Rider::Presence`]); those still due after half the window are pushed,
+//! spread over the other half.
 //!
 //! The latest cluster-wide counts go to the node's [`crate::node::presence_cache::PresenceCache`], so that a client that joins
 //! between two ticks gets a sensible `presence` right after its `welcome`.
@@ -31,7 +34,7 @@ use tracing::{debug, warn};
 
 use crate::broker::roster::{fold, RoomTick, RosterWrite};
 use crate::broker::BrokerError;
-use crate::fanout::outbox::{Outbox, PushError, Pushed};
+use crate::fanout::outbox::{Outbox, PushError, Pushed, Rider};
 use crate::metrics::DropReason;
 use crate::node::pacing;
 use crate::node::roster::Write;
@@ -189,6 +192,9 @@ async fn once(node: &Node, state: &mut State, last: bool) -> Result<(), BrokerEr
     let local: HashMap<RoomName, RoomCounts> = local.into_iter().collect();
     let mut cache = HashMap::with_capacity(local.len());
     let mut sends: Vec<Frame> = Vec::new();
+    let mut riding: Vec<Frame> = Vec::new();
+    let ride = pacing::window(node.config.presence_interval) / 2;
+    let now_ms = crate::wire::clock::monotonic_millis();
     let mut unchanged = 0u64;
     let mut forget = Vec::new();
     let mut failed = None;
@@ -264,9 +270,13 @@ async fn once(node: &Node, state: &mut State, last: bool) -> Result<(), BrokerEr
         };
         // Only to members whose last counts differ (a new member, or the counts changed), framed
         // once per room: every member gets the same bytes, each in one plain `send`.
+        // In a room with traffic the frame rides with each member's next message (see
+        // `fanout/outbox/rider.rs`); the room's rider frame is set before any member is deferred.
         let packed = cluster.packed();
         let over = node.roster.is_over(room);
+        let busy = node.hub.is_busy(room, now_ms, ride.as_millis() as u64);
         let mut frame: Option<Bytes> = None;
+        let mut rider_set = false;
         for outbox in node.hub.outboxes(room) {
             if outbox.presence_sent() == packed {
                 unchanged += 1;
@@ -281,6 +291,17 @@ async fn once(node: &Node, state: &mut State, last: bool) -> Result<(), BrokerEr
                     })
                 })
                 .clone();
+            if busy {
+                if !rider_set {
+                    node.hub.set_presence_rider(room, frame.clone());
+                    rider_set = true;
+                }
+                if outbox.defer(Rider::Presence) {
+                    outbox.set_presence_sent(packed);
+                    riding.push((frame, outbox, packed));
+                    continue;
+                }
+            }
             sends.push((frame, outbox, packed));
         }
         cache.insert(room.clone(), (cluster, *mine));
@@ -299,7 +320,7 @@ async fn once(node: &Node, state: &mut State, last: bool) -> Result<(), BrokerEr
     if !last {
         node.presence.replace(cache);
         node.metrics.presence_unchanged.increment(unchanged);
-        spread(node, sends).await;
+        tokio::join!(spread(node, sends), flush_riders(node, riding, ride));
         reap(node, dead, events).await;
     }
     failed.map_or(Ok(()), Err)
@@ -331,11 +352,34 @@ async fn reap(node: &Node, dead: Vec<String>, events: bool) {
 /// One member's presence frame and the packed counts it carries.
 type Frame = (Bytes, Arc<Outbox>, u64);
 
+/// Waits `ride` (half the [`pacing::window`]) for the deferred presence frames to go out with
+/// their members' next messages, then pushes those still due, spread over the other half.
+async fn flush_riders(node: &Node, riding: Vec<Frame>, ride: std::time::Duration) {
+    if riding.is_empty() {
+        return;
+    }
+    tokio::select! {
+        _ = node.stopping().cancelled() => return,
+        _ = tokio::time::sleep(ride) => {}
+    }
+    let left: Vec<Frame> = riding
+        .into_iter()
+        .filter(|(_, outbox, _)| outbox.take_due(Rider::Presence))
+        .collect();
+    push_spread(node, left, ride, false).await;
+}
+
 /// Queues the presence frames spread over [`pacing::window`] of the interval.
 /// A frame that could not be queued leaves the member's record alone, so the next tick tries again.
 async fn spread(node: &Node, sends: Vec<Frame>) {
-    let (mut dropped, mut written) = (0u64, 0u64);
     let window = pacing::window(node.config.presence_interval);
+    push_spread(node, sends, window, true).await;
+}
+
+/// Pushes presence frames spread over `window`; `record` notes each member's counts (a deferred
+/// frame's were noted when it was deferred).
+async fn push_spread(node: &Node, sends: Vec<Frame>, window: std::time::Duration, record: bool) {
+    let (mut dropped, mut written) = (0u64, 0u64);
     pacing::in_slices(
         &sends,
         window,
@@ -344,7 +388,9 @@ async fn spread(node: &Node, sends: Vec<Frame>) {
             Err(PushError::Full) => dropped += 1,
             Err(_) => {}
             Ok(pushed) => {
-                outbox.set_presence_sent(*packed);
+                if record {
+                    outbox.set_presence_sent(*packed);
+                }
                 if matches!(pushed, Pushed::Written) {
                     written += 1;
                 }

@@ -299,7 +299,7 @@ mod tests {
                 let msgs: Vec<_> = (i..i + n)
                     .map(|k| (crate::wire::frame::frame_text(&payload(k)), None))
                     .collect();
-                let p = outbox.push_messages(&msgs, true);
+                let p = outbox.push_messages(&msgs, true, None);
                 assert_eq!((p.covered, p.dropped), (0, 0));
                 assert_eq!(p.written + p.queued, n);
                 written += p.written;

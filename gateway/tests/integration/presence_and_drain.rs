@@ -256,3 +256,83 @@ async fn the_production_drain_spreads_its_1012s_evenly_over_the_window_on_paused
         .unwrap()
         .unwrap();
 }
+
+/// Riders (docs/protocol.md, section 2, `presence`): in a room with traffic, a presence change
+/// and a keepalive Ping go out in the same write as a member's next message — they arrive in
+/// one read with it — and nothing is lost or reordered; a quiet room's member still gets its Ping
+/// on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_room_with_traffic_presence_and_pings_ride_with_its_messages() {
+    let node = TestNode::start(test_config(
+        "rd",
+        None,
+        &[
+            "--presence-interval",
+            "400ms",
+            "--ping-interval",
+            "1s",
+            "--idle-timeout",
+            "30s",
+            "--max-publish-rate",
+            "0",
+        ],
+    ))
+    .await;
+    let mut host = node.join("busy", "host", "h").await;
+    let mut viewer = RawWs::connect(node.client, "/ws/busy?role=viewer").await;
+    let mut quiet = RawWs::connect(node.client, "/ws/still?role=viewer").await;
+    const N: u64 = 120;
+    let publisher = tokio::spawn(async move {
+        for i in 0..N {
+            host.publish(json!(i)).await;
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        host
+    });
+    // A second viewer joins mid-run: the counts change under traffic.
+    let late = tokio::spawn({
+        let url = node.ws_url("busy", "role=viewer&name=late");
+        async move {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            let mut c = WsClient::connect(&url).await;
+            c.next_of("welcome").await;
+            c
+        }
+    });
+    let (mut presence_rode, mut ping_rode) = (false, false);
+    let mut data = Vec::new();
+    while data.len() < N as usize {
+        let frames = viewer.read_together().await;
+        assert!(!frames.is_empty(), "the connection ended after {data:?}");
+        let json = |(op, p): &(u8, Vec<u8>)| {
+            (*op == 1).then(|| serde_json::from_slice::<serde_json::Value>(p).unwrap())
+        };
+        for (k, f) in frames.iter().enumerate() {
+            let next_is_message = frames
+                .get(k + 1)
+                .and_then(json)
+                .is_some_and(|v| v["type"] == "message");
+            match json(f) {
+                Some(v) if v["type"] == "message" => data.push(v["data"].as_u64().unwrap()),
+                Some(v) if v["type"] == "presence" && v["viewers"] == 2 => {
+                    presence_rode |= next_is_message;
+                }
+                _ if f.0 == 0x9 => ping_rode |= next_is_message,
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(data, (0..N).collect::<Vec<_>>(), "every message, in order");
+    assert!(presence_rode, "the new counts never rode with a message");
+    assert!(ping_rode, "no Ping rode with a message");
+    assert!(node.metric("gateway_riders_total").await >= 2.0);
+    // The quiet room had no message: its member's Ping came on its own.
+    let ping = loop {
+        let (op, _) = quiet.read_frame().await.expect("connection open");
+        if op == 0x9 {
+            break op;
+        }
+    };
+    assert_eq!(ping, 0x9);
+    drop((publisher.await.unwrap(), late.await.unwrap()));
+}

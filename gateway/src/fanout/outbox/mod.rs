@@ -31,12 +31,14 @@
 //!
 //! Split by concern: `queue` (the bounded queue: pushes, direct or queued, and the writer's
 //! draining side), `hold` (holding pushes while a joining session catches up, and the cut),
-//! `direct` (the non-blocking writes a push makes to an idle socket). The frames themselves are
+//! `direct` (the non-blocking writes a push makes to an idle socket), `rider` (presence events
+//! and pings that wait for the next room message to go out in its write). The frames themselves are
 //! built by [`crate::wire::frame`].
 
 mod direct;
 mod hold;
 mod queue;
+mod rider;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,6 +54,7 @@ use crate::wire::history::Stamp;
 pub use direct::send_vectored;
 pub use queue::OutboxReceiver;
 use queue::Queue;
+pub use rider::Rider;
 
 /// One item of the queue.
 #[derive(Debug)]
@@ -119,6 +122,10 @@ pub struct PushedMany {
     pub covered: usize,
     /// Dropped: the outbox was full, and the session is closing as a slow consumer.
     pub dropped: usize,
+    /// Riders (see [`Outbox::defer`]) that went out, or were queued, with these messages.
+    pub riders: usize,
+    /// Of those, presence events the socket took at once (delivered text frames).
+    pub presence_written: usize,
 }
 
 /// A session's queue, shared (in an `Arc`) by the hub, the reader and the writer.
@@ -163,6 +170,7 @@ impl Outbox {
                 writing: true,
                 held: None,
                 cut: None,
+                due: 0,
             }),
             ready: Notify::new(),
             socket: OnceLock::new(),
@@ -189,7 +197,7 @@ impl Outbox {
         stamp: Option<Stamp>,
         direct: bool,
     ) -> Result<Pushed, PushError> {
-        let out = self.push_messages(&[(frame, stamp)], direct);
+        let out = self.push_messages(&[(frame, stamp)], direct, None);
         match out {
             PushedMany { written: 1, .. } => Ok(Pushed::Written),
             PushedMany { queued: 1, .. } => Ok(Pushed::Queued),

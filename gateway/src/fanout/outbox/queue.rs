@@ -9,6 +9,7 @@ use bytes::Bytes;
 
 use super::direct::{write_frames, write_now, Direct, Written, WRITE_FRAMES};
 use super::hold::{covered, Held};
+use super::rider;
 use super::{Outbox, Outgoing, PushError, Pushed, PushedMany};
 use crate::wire::close::CloseReason;
 use crate::wire::history::Stamp;
@@ -26,6 +27,8 @@ pub(super) struct Queue {
     pub(super) held: Option<Box<Held>>,
     /// What the history covered: live messages at or below it are not queued again.
     pub(super) cut: Option<Stamp>,
+    /// Riders due ([`super::rider::Rider`] bits): they go out with the next room message.
+    pub(super) due: u8,
 }
 
 /// The draining side, owned by the session's writer (kept as a type so that only the writer
@@ -45,7 +48,15 @@ impl Outbox {
     /// choice when the node writes at a rate one thread's direct writes could not keep up with.
     /// A full outbox drops the rest (counted in [`PushedMany::dropped`]) and closes the session
     /// as a slow consumer; a closing session takes nothing (all counts 0).
-    pub fn push_messages(&self, msgs: &[(Bytes, Option<Stamp>)], direct: bool) -> PushedMany {
+    ///
+    /// Riders due on this outbox ([`Outbox::defer`]) go first, in the same write as the first
+    /// message: the Ping, and the presence event when the room has one (`presence`).
+    pub fn push_messages(
+        &self,
+        msgs: &[(Bytes, Option<Stamp>)],
+        direct: bool,
+        presence: Option<&Bytes>,
+    ) -> PushedMany {
         let mut out = PushedMany::default();
         if self.is_closing() {
             return out;
@@ -74,6 +85,64 @@ impl Outbox {
             _ => None,
         };
         let mut rest = msgs;
+        let mut riders_queued = false;
+        let riders = rider::take(&mut q.due, presence);
+        if !riders.is_empty() {
+            // The riders and the first message (unless the history covered it) in one write.
+            let mut frames: ArrayVec<(Bytes, bool), 3> = riders.into_iter().collect();
+            let n_riders = frames.len();
+            if let Some(((frame, stamp), after)) = rest.split_first() {
+                if covered(&mut q.cut, *stamp) {
+                    out.covered += 1;
+                } else {
+                    frames.push((frame.clone(), true));
+                }
+                rest = after;
+            }
+            let mut whole = 0;
+            let mut sent = 0;
+            if let Some(s) = socket {
+                let bufs: ArrayVec<&[u8], 3> = frames.iter().map(|(f, _)| &f[..]).collect();
+                match write_frames(s, &bufs) {
+                    Written::Frames(w, b) => (whole, sent) = (w, b),
+                    Written::Failed => {
+                        drop(q);
+                        self.close(CloseReason::IoError);
+                        return PushedMany::default();
+                    }
+                }
+                if whole < frames.len() {
+                    socket = None;
+                }
+            }
+            out.riders = n_riders;
+            out.presence_written = frames[..whole.min(n_riders)]
+                .iter()
+                .filter(|(_, text)| *text)
+                .count();
+            out.written += whole.saturating_sub(n_riders);
+            for (i, (frame, text)) in frames.iter().enumerate().skip(whole) {
+                let frame = if i == whole && sent > 0 {
+                    frame.slice(sent..)
+                } else {
+                    frame.clone()
+                };
+                if q.items.len() >= self.max_frames || q.bytes + frame.len() > self.max_bytes {
+                    let lead_left = frames.len() > n_riders && i <= n_riders;
+                    out.dropped = rest.len() + usize::from(lead_left);
+                    q.writing |= riders_queued || out.queued > 0;
+                    drop(q);
+                    self.close(CloseReason::SlowConsumer);
+                    return out;
+                }
+                q.bytes += frame.len();
+                q.items.push_back(Outgoing::Framed(frame, *text));
+                riders_queued = true;
+                if i >= n_riders {
+                    out.queued += 1;
+                }
+            }
+        }
         while !rest.is_empty() {
             // Up to WRITE_FRAMES frames the history did not cover, for one write (on the stack,
             // uninitialised until used: this runs once per member per message).
@@ -123,7 +192,7 @@ impl Outbox {
                 let frame = &rest[k].0;
                 if q.items.len() >= self.max_frames || q.bytes + frame.len() > self.max_bytes {
                     out.dropped = rest.len() - k;
-                    q.writing |= out.queued > 0;
+                    q.writing |= riders_queued || out.queued > 0;
                     drop(q);
                     self.close(CloseReason::SlowConsumer);
                     return out;
@@ -135,7 +204,7 @@ impl Outbox {
             }
             rest = &rest[taken..];
         }
-        if out.queued > 0 {
+        if out.queued > 0 || riders_queued {
             q.writing = true;
             drop(q);
             self.ready.notify_one();
