@@ -39,7 +39,8 @@
 //!   [`fanout::gapfill`] (each room's last offset: repeats dropped, a gap in the node's
 //!   subscription filled from history before the messages after it),
 //!   [`fanout::write_window`] (`--write-window`: batches hot rooms only), [`fanout::hub`] (local rooms → members'
-//!   outboxes), [`fanout::outbox`] (bounded queue, hold and cut for gapless joins, direct writes).
+//!   outboxes), [`fanout::outbox`] (bounded queue, hold and cut for gapless joins, direct writes, riders:
+//!   presence and pings that go out with the next room message).
 //! - [`broker`] — the seam to the cluster: `Broker` = [`broker::memory`] | [`broker::redis`],
 //!   one Redis broker over a transport seam (`redis/conn.rs`: one server or a Sentinel-managed
 //!   master vs a Redis Cluster with slot routing; `subscriber.rs` and `cluster.rs` (sharded
