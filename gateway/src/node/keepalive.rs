@@ -52,19 +52,18 @@ pub async fn run(node: Arc<Node>) {
                     debug!(sessions = sessions.len(), closed, "keepalive round");
                 }
                 drop(sessions);
-                if !riding.is_empty() {
-                    // The pings that did not ride with a message meanwhile go out on their own.
-                    tokio::select! {
-                        _ = node.stopping().cancelled() => return,
-                        _ = tokio::time::sleep(ride) => {}
-                    }
-                    pacing::in_slices(&riding, ride, node.stopping(), |outbox| {
-                        if outbox.take_due(Rider::Ping) {
-                            let _ = outbox.push_item(Outgoing::Ping);
-                        }
-                    })
-                    .await;
-                }
+                // The pings that did not ride with a message meanwhile go out on their own.
+                pacing::leftovers(
+                    riding,
+                    ride,
+                    ride,
+                    node.stopping(),
+                    |outbox| outbox.take_due(Rider::Ping),
+                    |outbox| {
+                        let _ = outbox.push_item(Outgoing::Ping);
+                    },
+                )
+                .await;
             }
         }
     }

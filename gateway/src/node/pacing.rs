@@ -39,9 +39,91 @@ pub async fn in_slices<T>(
     }
 }
 
+/// The second half of a round whose frames may ride with room messages
+/// ([`crate::fanout::outbox::Rider`]): waits `wait` for them to go out with their members' next
+/// messages, then calls `f` on each item `still_due` says was not taken, in slices spread over
+/// `window`; stops early when `stop` is cancelled.
+pub async fn leftovers<T>(
+    items: Vec<T>,
+    wait: Duration,
+    window: Duration,
+    stop: &CancellationToken,
+    still_due: impl Fn(&T) -> bool,
+    f: impl FnMut(&T),
+) {
+    if items.is_empty() {
+        return;
+    }
+    tokio::select! {
+        _ = stop.cancelled() => return,
+        _ = tokio::time::sleep(wait) => {}
+    }
+    let left: Vec<T> = items.into_iter().filter(|i| still_due(i)).collect();
+    in_slices(&left, window, stop, f).await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fanout::outbox::{Outbox, Rider};
+    use bytes::Bytes;
+    use std::sync::Arc;
+
+    #[tokio::test(start_paused = true)]
+    async fn leftovers_are_the_riders_no_message_took_pushed_after_the_wait() {
+        let outboxes: Vec<Arc<Outbox>> = (0..3).map(|_| Arc::new(Outbox::new(8, 1024).0)).collect();
+        for o in &outboxes {
+            assert!(o.defer(Rider::Presence));
+        }
+        let start = tokio::time::Instant::now();
+        let stop = CancellationToken::new();
+        let presence = Bytes::from_static(b"p");
+        let pushed = std::sync::Mutex::new(Vec::new());
+        let flushed = leftovers(
+            outboxes.clone(),
+            Duration::from_millis(500),
+            Duration::from_millis(500),
+            &stop,
+            |o| o.take_due(Rider::Presence),
+            |o| {
+                pushed
+                    .lock()
+                    .unwrap()
+                    .push((Arc::as_ptr(o), start.elapsed()))
+            },
+        );
+        let message = async {
+            // A message reaches the second member during the wait: its presence rides with it.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let out = outboxes[1].push_messages(
+                &[(Bytes::from_static(b"m"), None)],
+                true,
+                Some(&presence),
+            );
+            assert_eq!(out.riders, 1);
+        };
+        tokio::join!(flushed, message);
+        let pushed = pushed.into_inner().unwrap();
+        let who: Vec<_> = pushed.iter().map(|(p, _)| *p).collect();
+        assert_eq!(who, [Arc::as_ptr(&outboxes[0]), Arc::as_ptr(&outboxes[2])]);
+        assert!(pushed
+            .iter()
+            .all(|(_, at)| *at == Duration::from_millis(500)));
+        // Cancelled during the wait: nothing is pushed.
+        assert!(outboxes[0].defer(Rider::Ping));
+        stop.cancel();
+        let mut called = false;
+        leftovers(
+            vec![outboxes[0].clone()],
+            Duration::from_millis(500),
+            Duration::ZERO,
+            &stop,
+            |_| true,
+            |_| called = true,
+        )
+        .await;
+        assert!(!called);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn slices_are_spread_over_the_window() {

@@ -353,33 +353,31 @@ async fn reap(node: &Node, dead: Vec<String>, events: bool) {
 type Frame = (Bytes, Arc<Outbox>, u64);
 
 /// Waits `ride` (half the [`pacing::window`]) for the deferred presence frames to go out with
-/// their members' next messages, then pushes those still due, spread over the other half.
+/// their members' next messages, then pushes those still due, spread over the other half (their
+/// members' counts were recorded when they were deferred).
 async fn flush_riders(node: &Node, riding: Vec<Frame>, ride: std::time::Duration) {
-    if riding.is_empty() {
-        return;
-    }
-    tokio::select! {
-        _ = node.stopping().cancelled() => return,
-        _ = tokio::time::sleep(ride) => {}
-    }
-    let left: Vec<Frame> = riding
-        .into_iter()
-        .filter(|(_, outbox, _)| outbox.take_due(Rider::Presence))
-        .collect();
-    push_spread(node, left, ride, false).await;
+    let (mut dropped, mut written) = (0u64, 0u64);
+    pacing::leftovers(
+        riding,
+        ride,
+        ride,
+        node.stopping(),
+        |(_, outbox, _)| outbox.take_due(Rider::Presence),
+        |(frame, outbox, _)| match outbox.push_message(frame.clone(), None, true) {
+            Err(PushError::Full) => dropped += 1,
+            Ok(Pushed::Written) => written += 1,
+            _ => {}
+        },
+    )
+    .await;
+    count(node, written, dropped);
 }
 
 /// Queues the presence frames spread over [`pacing::window`] of the interval.
 /// A frame that could not be queued leaves the member's record alone, so the next tick tries again.
 async fn spread(node: &Node, sends: Vec<Frame>) {
-    let window = pacing::window(node.config.presence_interval);
-    push_spread(node, sends, window, true).await;
-}
-
-/// Pushes presence frames spread over `window`; `record` notes each member's counts (a deferred
-/// frame's were noted when it was deferred).
-async fn push_spread(node: &Node, sends: Vec<Frame>, window: std::time::Duration, record: bool) {
     let (mut dropped, mut written) = (0u64, 0u64);
+    let window = pacing::window(node.config.presence_interval);
     pacing::in_slices(
         &sends,
         window,
@@ -388,9 +386,7 @@ async fn push_spread(node: &Node, sends: Vec<Frame>, window: std::time::Duration
             Err(PushError::Full) => dropped += 1,
             Err(_) => {}
             Ok(pushed) => {
-                if record {
-                    outbox.set_presence_sent(*packed);
-                }
+                outbox.set_presence_sent(*packed);
                 if matches!(pushed, Pushed::Written) {
                     written += 1;
                 }
@@ -398,6 +394,11 @@ async fn push_spread(node: &Node, sends: Vec<Frame>, window: std::time::Duration
         },
     )
     .await;
+    count(node, written, dropped);
+}
+
+/// Counts presence frames written at once (delivered) and refused by a full outbox.
+fn count(node: &Node, written: u64, dropped: u64) {
     node.metrics.delivered.increment(written);
     if dropped > 0 {
         node.metrics
