@@ -269,9 +269,9 @@ async fn once(node: &Node, state: &mut State, last: bool) -> Result<(), BrokerEr
             continue;
         };
         // Only to members whose last counts differ (a new member, or the counts changed), framed
-        // once per room: every member gets the same bytes, each in one plain `send`.
-        // In a room with traffic the frame rides with each member's next message (see
-        // `fanout/outbox/rider.rs`); the room's rider frame is set before any member is deferred.
+        // once per room: every member gets the same bytes. In a room with traffic they ride with
+        // each member's next message (`fanout/outbox/rider.rs`; the room's rider frame is set
+        // before any member is deferred), else each goes in one plain `send`.
         let packed = cluster.packed();
         let over = node.roster.is_over(room);
         let busy = node.hub.is_busy(room, now_ms, ride.as_millis() as u64);

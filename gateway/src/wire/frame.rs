@@ -198,6 +198,10 @@ impl<S: AsRef<TcpStream>> Decoder<S> {
     }
 }
 
+/// A whole server Ping without payload (FIN, opcode 9, unmasked), for a Ping that rides in a
+/// vectored write with a room message (`fanout/outbox/rider.rs`).
+pub const PING_FRAME: [u8; 2] = [0x80 | opcode::PING, 0];
+
 /// Formats the header of an unmasked server frame into `head`; returns its length (2–10 bytes).
 pub fn frame_head(head: &mut [u8; 16], opcode: OpCode, payload: &[u8]) -> usize {
     fastwebsockets::Frame::new(true, opcode, None, Payload::Borrowed(payload)).fmt_head(head)
@@ -225,6 +229,13 @@ pub fn append_frame(buf: &mut Vec<u8>, opcode: OpCode, payload: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ping_frame_is_what_the_framer_makes() {
+        let mut framed = Vec::new();
+        append_frame(&mut framed, OpCode::Ping, b"");
+        assert_eq!(framed, PING_FRAME);
+    }
 
     fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
         let mut f = vec![first];

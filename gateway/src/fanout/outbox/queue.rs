@@ -37,6 +37,12 @@ pub(super) struct Queue {
 pub struct OutboxReceiver(pub(super) ());
 
 impl Outbox {
+    /// Whether one more item of `len` bytes fits a queue (or the held buffer) of `items` items and
+    /// `bytes` bytes: the frame and byte bounds every push checks.
+    fn fits(&self, items: usize, bytes: usize, len: usize) -> bool {
+        items < self.max_frames && bytes + len <= self.max_bytes
+    }
+
     /// Sends room messages (each a whole text frame made by [`crate::wire::frame::frame_text`], with its stamp; in
     /// order) without waiting: when the outbox is idle, written at once — one `send` for one
     /// message, one vectored `sendmsg` for several, the shared bytes themselves — else queued;
@@ -64,8 +70,7 @@ impl Outbox {
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(held) = q.held.as_mut() {
             for (k, (frame, stamp)) in msgs.iter().enumerate() {
-                if held.items.len() >= self.max_frames || held.bytes + frame.len() > self.max_bytes
-                {
+                if !self.fits(held.items.len(), held.bytes, frame.len()) {
                     drop(q);
                     self.close(CloseReason::SlowConsumer);
                     out.dropped = msgs.len() - k;
@@ -89,7 +94,7 @@ impl Outbox {
         let riders = rider::take(&mut q.due, presence);
         if !riders.is_empty() {
             // The riders and the first message (unless the history covered it) in one write.
-            let mut frames: ArrayVec<(Bytes, bool), 3> = riders.into_iter().collect();
+            let mut frames = riders;
             let n_riders = frames.len();
             if let Some(((frame, stamp), after)) = rest.split_first() {
                 if covered(&mut q.cut, *stamp) {
@@ -127,7 +132,7 @@ impl Outbox {
                 } else {
                     frame.clone()
                 };
-                if q.items.len() >= self.max_frames || q.bytes + frame.len() > self.max_bytes {
+                if !self.fits(q.items.len(), q.bytes, frame.len()) {
                     let lead_left = frames.len() > n_riders && i <= n_riders;
                     out.dropped = rest.len() + usize::from(lead_left);
                     q.writing |= riders_queued || out.queued > 0;
@@ -190,7 +195,7 @@ impl Outbox {
             }
             for &k in &owners[first_queued..n] {
                 let frame = &rest[k].0;
-                if q.items.len() >= self.max_frames || q.bytes + frame.len() > self.max_bytes {
+                if !self.fits(q.items.len(), q.bytes, frame.len()) {
                     out.dropped = rest.len() - k;
                     q.writing |= riders_queued || out.queued > 0;
                     drop(q);
@@ -224,7 +229,7 @@ impl Outbox {
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(held) = q.held.as_mut() {
             let len = item.len();
-            if held.items.len() >= self.max_frames || held.bytes + len > self.max_bytes {
+            if !self.fits(held.items.len(), held.bytes, len) {
                 drop(q);
                 self.close(CloseReason::SlowConsumer);
                 return Err(PushError::Full);
@@ -252,7 +257,7 @@ impl Outbox {
             _ => item,
         };
         let len = item.len();
-        if q.items.len() >= self.max_frames || q.bytes + len > self.max_bytes {
+        if !self.fits(q.items.len(), q.bytes, len) {
             drop(q);
             self.close(CloseReason::SlowConsumer);
             return Err(PushError::Full);

@@ -17,9 +17,7 @@ use arrayvec::ArrayVec;
 use bytes::Bytes;
 
 use super::Outbox;
-
-/// A keepalive Ping, framed (FIN, opcode 9, no payload; server frames are unmasked).
-pub(super) const PING_FRAME: &[u8] = &[0x89, 0x00];
+use crate::wire::frame::PING_FRAME;
 
 /// A frame that may ride with the next room message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,8 +37,9 @@ impl Rider {
     }
 }
 
-/// The riders one push takes along, framed, in the order they go out: presence, then Ping.
-pub(super) type Riders = ArrayVec<(Bytes, bool), 2>;
+/// The riders one push takes along, framed (and whether each is a text frame), in the order they
+/// go out: presence, then Ping; with room for the message they ride with.
+pub(super) type Riders = ArrayVec<(Bytes, bool), 3>;
 
 impl Outbox {
     /// Marks `rider` due: the next [`Outbox::push_messages`] takes it along. Returns false (and
@@ -79,7 +78,7 @@ pub(super) fn take(due: &mut u8, presence: Option<&Bytes>) -> Riders {
         *due &= !Rider::Presence.bit();
     }
     if *due & Rider::Ping.bit() != 0 {
-        out.push((Bytes::from_static(PING_FRAME), false));
+        out.push((Bytes::from_static(&PING_FRAME), false));
         *due &= !Rider::Ping.bit();
     }
     out
@@ -135,7 +134,7 @@ mod tests {
             }
         );
         assert!(!outbox.take_due(Rider::Presence) && !outbox.take_due(Rider::Ping));
-        let want = [&presence[..], PING_FRAME, &msg[..]].concat();
+        let want = [&presence[..], &PING_FRAME, &msg[..]].concat();
         let mut got = vec![0u8; want.len()];
         client.read_exact(&mut got).await.unwrap();
         assert_eq!(got, want);
